@@ -1,0 +1,292 @@
+"""The batch job: run the reference once over a dataset and write the cache.
+
+Work is split into *parts* of ``rows_per_part`` consecutive dataset rows. A part is computed
+in batches of similar length (to limit padding), encoded, and written atomically, so a killed
+build resumes by computing the parts that are missing, and the result is byte-identical to an
+uninterrupted build. Parts are dealt round-robin to shards (``--shard i/n`` or torchrun's
+RANK/WORLD_SIZE); whoever sees every part present writes the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .data import Example, assistant_header_ids, dataset_fingerprint, tokenize_dataset
+from .errors import DatasetError, OutputExistsError, PactError
+from .format import (ENCODINGS, FORMAT, MANIFEST, RowResult, atomic_write_json, compute_cache_id, sha256_path,
+                     write_part)
+from .models import load_model, load_tokenizer, model_fingerprint, resolve_model, tokenizer_fingerprint
+from .tokens import builtin_refusals_path, load_refusals, read_tokens, select_tokens
+
+BUILD_STATE = ".pact-build.json"  # written first; says which cache this folder is becoming
+LOGITS_CHUNK_BYTES = 64 << 20  # bound on the one (positions, vocab) float32 block alive at a time
+
+
+@dataclass
+class BuildConfig:
+    dataset: str
+    ref: str
+    out: str
+    tokens: str | None = None
+    max_length: int | None = 2048
+    batch_size: int = 8
+    dtype: str = "auto"
+    device: str = "auto"
+    encoding: str = "q8"
+    rows_per_part: int = 1024
+    resume: bool = False
+    shard: tuple[int, int] | None = None  # (index, count); None = from torchrun env or (0, 1)
+    progress: bool = True
+    trust_remote_code: bool = False
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    cache_id: str
+    manifest: dict | None  # None when other shards still have parts to write
+    parts_written: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _log(msg: str) -> None:
+    print(f"pact-cache: {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- the computation
+
+def reference_logprobs(model, seqs: list[list[int]], starts: list[int], counts: list[int], ids, device,
+                       want_target: bool):
+    """Log-probs of the safety tokens (and of the next token) at the response positions.
+
+    For sequence b and step t < counts[b], the position ``starts[b] - 1 + t`` predicts token
+    ``seqs[b][starts[b] + t]``. Returns per sequence ``(sel (n, K), target (n,) or None)``, float32
+    numpy. The backbone runs once on the padded batch ``(B, L)``; the vocabulary projection and
+    log-softmax run only on the ``N = sum(counts)`` response positions, in chunks of at most
+    LOGITS_CHUNK_BYTES of float32 logits, so no ``(B, L, V)`` float32 tensor exists.
+    """
+    import torch
+
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    B, L = len(seqs), max(len(s) for s in seqs)
+    input_ids = torch.zeros((B, L), dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        input_ids[b, : len(s)] = torch.tensor(s)
+        mask[b, : len(s)] = 1
+    bidx = torch.cat([torch.full((n,), b) for b, n in enumerate(counts)])
+    pidx = torch.cat([torch.arange(st - 1, st - 1 + n) for st, n in zip(starts, counts)])
+    hidden = decoder(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+    h = hidden[bidx.to(device), pidx.to(device)]  # (N, H)
+    del hidden
+    targets = input_ids[bidx, pidx + 1].to(device) if want_target else None
+    ids = ids.to(device)
+    V = head.weight.shape[0]
+    chunk = max(1, LOGITS_CHUNK_BYTES // (4 * V))
+    sel_out, tgt_out = [], []
+    for c0 in range(0, h.shape[0], chunk):
+        logits = head(h[c0:c0 + chunk]).float()  # (n, V)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        lse = torch.logsumexp(logits, dim=-1)
+        sel_out.append((logits[:, ids] - lse[:, None]).cpu())
+        if want_target:
+            tgt_out.append((logits.gather(1, targets[c0:c0 + chunk, None])[:, 0] - lse).cpu())
+        del logits
+    sel = torch.cat(sel_out).numpy()
+    tgt = torch.cat(tgt_out).numpy() if want_target else None
+    out, o = [], 0
+    for n in counts:
+        out.append((sel[o:o + n], tgt[o:o + n] if want_target else None))
+        o += n
+    return out
+
+
+def compute_rows(model, examples: list[Example], ids, header: list[int], batch_size: int, device, on_tokens=None) -> list[RowResult]:
+    """Both views and the target for every example; results in the order of ``examples``."""
+    import torch
+
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    results: list[RowResult | None] = [None] * len(examples)
+    with torch.inference_mode():
+        for b0 in range(0, len(order), batch_size):
+            batch = [examples[i] for i in order[b0:b0 + batch_size]]
+            counts = [ex.steps for ex in batch]
+            full = reference_logprobs(model, [ex.input_ids for ex in batch], [ex.response_start for ex in batch], counts, ids, device, True)
+            post_seqs = [header + ex.input_ids[ex.response_start:-1] for ex in batch]
+            post = reference_logprobs(model, post_seqs, [len(header)] * len(batch), counts, ids, device, False)
+            for j, i in enumerate(order[b0:b0 + batch_size]):
+                ex = examples[i]
+                results[i] = RowResult(ex.example_id, ex.input_ids, ex.response_start, full[j][0], post[j][0], full[j][1])
+            if on_tokens:
+                on_tokens(sum(len(s) for s in post_seqs) + sum(len(ex.input_ids) for ex in batch))
+    return results  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- the job
+
+def _shard_from_env(cfg: BuildConfig) -> tuple[int, int]:
+    if cfg.shard is not None:
+        i, n = cfg.shard
+        if not (n >= 1 and 0 <= i < n):
+            raise PactError(f"--shard {i}/{n}: need 0 <= i < n")
+        return i, n
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _prepare_out(out: Path, cache_id: str, cfg: BuildConfig, sharded: bool) -> str:
+    """Make sure ``out`` is empty, or is this very build. Returns 'new', 'resume' or 'done'."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a folder; choose another -o")
+    if out.is_dir() and any(out.iterdir()):
+        manifest, state = out / MANIFEST, out / BUILD_STATE
+        if manifest.exists():
+            try:
+                other = json.loads(manifest.read_text()).get("cache_id")
+            except (OSError, ValueError, AttributeError):
+                other = None
+            if other == cache_id:
+                return "done"
+            raise OutputExistsError(f"{out}: already holds a different cache (id {str(other)[:12]}); choose another -o or delete that folder")
+        if state.exists():
+            try:
+                other = json.loads(state.read_text()).get("cache_id")
+            except (OSError, ValueError, AttributeError):
+                other = None
+            if other != cache_id:
+                raise OutputExistsError(f"{out}: holds an unfinished build of a different cache (id {str(other)[:12]}); choose another -o or delete that folder")
+            if not (cfg.resume or sharded):
+                raise OutputExistsError(f"{out}: holds an unfinished build of this cache; pass --resume to finish it")
+            return "resume"
+        raise OutputExistsError(f"{out}: folder is not empty and is not a pact-cache build; choose another -o")
+    out.mkdir(parents=True, exist_ok=True)
+    return "new"
+
+
+def build(cfg: BuildConfig) -> BuildResult:
+    t_start = time.time()
+    if cfg.batch_size < 1 or cfg.rows_per_part < 1:
+        raise PactError("--batch-size and --rows-per-part must be at least 1")
+    if cfg.max_length is not None and cfg.max_length < 2:
+        raise PactError(f"--max-length {cfg.max_length}: must be at least 2")
+    if cfg.encoding not in ENCODINGS:
+        raise PactError(f"--encoding {cfg.encoding}: unknown; use one of {sorted(ENCODINGS)}")
+    out = Path(cfg.out).expanduser()
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists() and not (out / BUILD_STATE).exists():
+        raise OutputExistsError(f"{out}: folder is not empty and is not a pact-cache build; choose another -o")
+    rank, world = _shard_from_env(cfg)
+    enc = ENCODINGS[cfg.encoding]
+
+    resolved = resolve_model(cfg.ref)
+    tok = load_tokenizer(resolved, cfg.trust_remote_code)
+    examples, skipped = tokenize_dataset(cfg.dataset, tok, cfg.max_length, progress=cfg.progress and rank == 0)
+    if not examples:
+        n = sum(len(v) for v in skipped.values())
+        first = next(iter(skipped.values()))[0]
+        raise DatasetError(f"{first}: all {n} rows were skipped (prompt does not fit --max-length {cfg.max_length}); raise --max-length")
+    if skipped and rank == 0:
+        for reason, rows in skipped.items():
+            _log(f"skipping {len(rows)} row(s), {reason.replace('_', ' ')} (first: {rows[0]}); counted in the manifest")
+    header = assistant_header_ids(tok)
+    model, device, torch_dtype = load_model(resolved, cfg.dtype, cfg.device, cfg.trust_remote_code)
+    model_fp = model_fingerprint(resolved)
+    tok_fp = tokenizer_fingerprint(tok)
+    if cfg.tokens:
+        tokens = read_tokens(cfg.tokens, tok)
+    else:
+        if rank == 0:
+            _log("no --tokens: selecting the safety tokens from the reference with the built-in refusals (uniform weights)")
+        tokens = select_tokens(model, tok, load_refusals(None), device=device, aligned_fp=model_fp, source="builtin:" + builtin_refusals_path().name)
+    import torch
+
+    ids = torch.tensor(tokens["ids"], dtype=torch.long)
+    if int(ids.max()) >= model.get_output_embeddings().weight.shape[0]:
+        raise PactError(f"{cfg.tokens}: ids reach {int(ids.max())} but the model's output layer has {model.get_output_embeddings().weight.shape[0]} rows")
+    ds_fp = dataset_fingerprint(cfg.dataset)
+    identity = {
+        "reference_weights": model_fp["weights_sha256"],
+        "tokenizer": tok_fp["sha256"],
+        "tokens": {"ids": tokens["ids"], "weights": tokens["weights"]},
+        "dataset": ds_fp["sha256"],
+        "max_length": cfg.max_length if cfg.max_length is not None else "none",
+        # batch composition, dtype and device change float results in the last bits
+        "batch_size": cfg.batch_size, "rows_per_part": cfg.rows_per_part,
+        "dtype": str(torch_dtype).replace("torch.", ""), "device": device.split(":")[0],
+        "encoding": enc, "assistant_header": header,
+    }
+    cache_id = compute_cache_id(identity)
+    state = _prepare_out(out, cache_id, cfg, world > 1)
+    if state == "done":
+        _log(f"{out} already holds this cache (id {cache_id[:12]}); nothing to do")
+        return BuildResult(out, cache_id, json.loads((out / MANIFEST).read_text()), [], time.time() - t_start)
+    atomic_write_json(out / BUILD_STATE, {"format": FORMAT, "cache_id": cache_id, "identity": identity})
+
+    plan = [examples[i:i + cfg.rows_per_part] for i in range(0, len(examples), cfg.rows_per_part)]
+    names = [f"part-{i:05d}.parquet" for i in range(len(plan))]
+    mine = [i for i in range(len(plan)) if i % world == rank and not (out / names[i]).exists()]
+    if state == "resume" and rank == 0:
+        _log(f"resuming: {sum((out / n).exists() for n in names)}/{len(names)} parts already written")
+    total_tokens = sum(2 * len(ex.input_ids) + len(header) - ex.response_start - 1 for i in mine for ex in plan[i])
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"building{f' shard {rank}/{world}' if world > 1 else ''}",
+               disable=not cfg.progress, dynamic_ncols=True, position=rank if world > 1 else None)
+    written = []
+    for i in mine:
+        rows = compute_rows(model, plan[i], ids, header, cfg.batch_size, device, on_tokens=bar.update)
+        write_part(out / names[i], rows, enc)
+        written.append(names[i])
+    bar.close()
+
+    if world > 1 and os.environ.get("MASTER_ADDR") and cfg.shard is None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        dist.barrier()
+        if rank != 0:
+            return BuildResult(out, cache_id, None, written, time.time() - t_start)
+    if not all((out / n).exists() for n in names):
+        missing = sum(not (out / n).exists() for n in names)
+        _log(f"shard {rank}/{world} done; {missing} part(s) of other shards missing, the last shard to finish writes the manifest")
+        return BuildResult(out, cache_id, None, written, time.time() - t_start)
+
+    parts = []
+    for i, name in enumerate(names):
+        p = out / name
+        parts.append({"name": name, "rows": len(plan[i]), "steps": sum(ex.steps for ex in plan[i]),
+                      "bytes": p.stat().st_size, "sha256": sha256_path(p)})
+    manifest = {
+        "format": FORMAT,
+        "cache_id": cache_id,
+        "tool": {"name": "pact-cache", "version": __version__},
+        "reference": model_fp,
+        "tokenizer": tok_fp,
+        "tokens": tokens,
+        "dataset": ds_fp,
+        "build": {"max_length": cfg.max_length, "batch_size": cfg.batch_size, "rows_per_part": cfg.rows_per_part,
+                  "dtype": identity["dtype"], "device": identity["device"], "assistant_header_ids": header,
+                  "vocab_size": int(model.get_output_embeddings().weight.shape[0])},
+        "encoding": enc,
+        "counts": {
+            "rows": len(examples),
+            "response_steps": sum(ex.steps for ex in examples),
+            "input_tokens": sum(len(ex.input_ids) for ex in examples),
+            "truncated_rows": sum(1 for ex in examples if cfg.max_length and len(ex.input_ids) == cfg.max_length),
+            "skipped": {reason: len(rows) for reason, rows in skipped.items()},
+            "skipped_rows": {reason: rows[:20] for reason, rows in skipped.items()},
+        },
+        "parts": parts,
+    }
+    atomic_write_json(out / MANIFEST, manifest)
+    (out / BUILD_STATE).unlink(missing_ok=True)
+    return BuildResult(out, cache_id, manifest, written, time.time() - t_start)

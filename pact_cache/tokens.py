@@ -1,0 +1,161 @@
+"""Safety-token selection (the set S and its weights), as the PACT paper's
+``compute_safety_tokens_pact.py`` does it.
+
+Each refusal (its first ``max_resp_len`` tokens, tokenised on its own) is teacher-forced after
+the aligned model's chat-template prompt and after the base model's plain prompt
+``"User: {prompt}\\n\\nAssistant: "``. Per sample we average the next-token probabilities over the
+response steps, then average over samples: ``p_a`` (aligned) and ``delta = p_a - p_b``. The
+``top_k`` tokens with the highest mean ``p_a`` are kept; their weights are ``delta`` z-scored over
+the kept tokens (unbiased std, eps 1e-6), then L2-normalised over the whole vector. Without a
+base model the weights are uniform (1/sqrt(K)).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+from pathlib import Path
+
+from .data import RawRow, chat_ids, iter_rows, to_messages
+from .errors import TokensError
+
+TOKENS_FORMAT = "pact-tokens/1"
+
+
+def builtin_refusals_path() -> Path:
+    return Path(str(resources.files("pact_cache") / "resources" / "refusals.jsonl"))
+
+
+def load_refusals(path: str | Path | None = None) -> list[tuple[list[dict], str]]:
+    """(prompt messages, refusal text) pairs from any dataset format, or the built-in set."""
+    src = path if path is not None else builtin_refusals_path()
+    pairs = []
+    for row in iter_rows(src):
+        rec = row.record
+        # the paper's safe_direction.json uses {"input", "output"}: read it as prompt/completion
+        if isinstance(rec, dict) and "input" in rec and "output" in rec and "instruction" not in rec and "prompt" not in rec:
+            row = RawRow(row.where, {"prompt": rec["input"], "completion": rec["output"]})
+        msgs = to_messages(row)
+        pairs.append((msgs[:-1], msgs[-1]["content"]))
+    if not pairs:
+        raise TokensError(f"{src}: no refusals found")
+    return pairs
+
+
+def _base_prompt(messages: list[dict]) -> str:
+    text = "".join(f"User: {m['content']}\n\n" for m in messages if m["role"] == "user")
+    return text + "Assistant: "
+
+
+def _mean_step_probs(model, seqs: list[list[int]], starts: list[int], counts: list[int], device, batch_size: int):
+    """Per sample, the mean over its response steps of softmax(logits) in float32: ``(N, V)``."""
+    import torch
+
+    out = []
+    pad = 0
+    for b0 in range(0, len(seqs), batch_size):
+        chunk = list(range(b0, min(b0 + batch_size, len(seqs))))
+        L = max(len(seqs[i]) for i in chunk)
+        ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), L), dtype=torch.long)
+        for r, i in enumerate(chunk):
+            ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+            mask[r, : len(seqs[i])] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for r, i in enumerate(chunk):
+            pos = slice(starts[i] - 1, starts[i] - 1 + counts[i])
+            out.append(torch.softmax(logits[r, pos].float(), dim=-1).mean(0).cpu())
+    return torch.stack(out)
+
+
+def select_tokens(aligned, aligned_tok, pairs, base=None, base_tok=None, top_k: int = 50, max_resp_len: int = 64,
+                  device="cpu", batch_size: int = 8, aligned_fp=None, base_fp=None, source: str = "builtin") -> dict:
+    """Return a ``tokens.json`` dict (format ``pact-tokens/1``)."""
+    import torch
+
+    if top_k < 1:
+        raise TokensError(f"--top-k {top_k}: must be at least 1")
+    if base is not None and len(base_tok) != len(aligned_tok):
+        raise TokensError(f"base tokenizer has {len(base_tok)} tokens, aligned has {len(aligned_tok)}; the paper's method needs the same vocabulary")
+    seq_a, st_a, seq_b, st_b, counts = [], [], [], [], []
+    for prompt_msgs, refusal in pairs:
+        resp = aligned_tok(refusal.strip(), add_special_tokens=False)["input_ids"][:max_resp_len]
+        if not resp:
+            continue
+        p = chat_ids(aligned_tok, prompt_msgs, add_generation_prompt=True)
+        seq_a.append(p + resp)
+        st_a.append(len(p))
+        counts.append(len(resp))
+        if base is not None:
+            resp_b = base_tok(refusal.strip(), add_special_tokens=False)["input_ids"][:max_resp_len]
+            if resp_b != resp:
+                raise TokensError("base and aligned tokenizers split a refusal differently; use models with the same tokenizer")
+            pb = base_tok(_base_prompt(prompt_msgs), add_special_tokens=False)["input_ids"]
+            seq_b.append(pb + resp)
+            st_b.append(len(pb))
+    if not seq_a:
+        raise TokensError("no refusal has a non-empty response; check the refusals file")
+    vocab = len(aligned_tok)
+    p_a = _mean_step_probs(aligned, seq_a, st_a, counts, device, batch_size).mean(0)[:vocab]
+    k = min(top_k, p_a.numel())
+    kept = torch.topk(p_a, k).indices.sort().values
+    if base is not None:
+        p_b = _mean_step_probs(base, seq_b, st_b, counts, device, batch_size).mean(0)[:vocab]
+        delta = (p_a - p_b)[kept].double()
+        nonzero = delta.abs() > 1e-9  # the paper keeps only nonzero entries of the masked direction
+        kept, delta = kept[nonzero], delta[nonzero]
+        z = (delta - delta.mean()) / (delta.std() + 1e-6) if delta.numel() > 1 else torch.zeros_like(delta)
+        weights = (z / (z.norm() + 1e-6)).tolist()
+        method = "pact-discrepancy"
+    else:
+        weights = [1.0 / math.sqrt(len(kept))] * len(kept)
+        method = "pact-uniform"
+    ids = kept.tolist()
+    return {
+        "format": TOKENS_FORMAT,
+        "ids": ids,
+        "strings": [aligned_tok.decode([i]) for i in ids],
+        "weights": weights,
+        "mean_aligned_prob": p_a[kept].tolist(),
+        "method": method,
+        "params": {"top_k": top_k, "max_resp_len": max_resp_len, "refusals": source, "samples": len(seq_a)},
+        "aligned": aligned_fp,
+        "base": base_fp,
+    }
+
+
+def validate_tokens(tokens, tok, where: str) -> dict:
+    """Check a tokens.json dict against the rules and against ``tok``; returns it unchanged."""
+    if not isinstance(tokens, dict) or tokens.get("format") != TOKENS_FORMAT:
+        raise TokensError(f"{where}: not a {TOKENS_FORMAT} file (format={tokens.get('format') if isinstance(tokens, dict) else None!r}); make one with `pact-cache tokens`")
+    ids, weights, strings = tokens.get("ids"), tokens.get("weights"), tokens.get("strings")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise TokensError(f"{where}: 'ids' must be a non-empty list of integers")
+    if len(set(ids)) != len(ids):
+        raise TokensError(f"{where}: 'ids' has duplicates; each safety token must appear once")
+    if not isinstance(weights, list) or len(weights) != len(ids) or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
+        raise TokensError(f"{where}: 'weights' must be {len(ids)} finite numbers, one per id")
+    if max(weights) <= 0:
+        raise TokensError(f"{where}: every weight is <= 0; the loss clamps weights at 0, so no token would be constrained")
+    vocab = len(tok)
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise TokensError(f"{where}: ids {bad[:5]} are outside the tokenizer's vocabulary (size {vocab}); this file was made for another model, rerun `pact-cache tokens` with it")
+    if isinstance(strings, list) and len(strings) == len(ids):
+        for i, s in zip(ids, strings):
+            if tok.decode([i]) != s:
+                raise TokensError(f"{where}: id {i} decodes to {tok.decode([i])!r} but the file says {s!r}; it was made with another tokenizer, rerun `pact-cache tokens`")
+    return tokens
+
+
+def read_tokens(path: str | Path, tok) -> dict:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TokensError(f"{path}: no such tokens file; make one with `pact-cache tokens` or leave out --tokens") from None
+    except json.JSONDecodeError as err:
+        raise TokensError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    return validate_tokens(data, tok, str(path))

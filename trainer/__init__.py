@@ -1,0 +1,1 @@
+"""The online side: a lean single-model PACT trainer that streams a pact-cache."""

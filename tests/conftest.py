@@ -1,0 +1,107 @@
+"""Shared fixtures: a tiny random-weight Llama with a real BPE tokenizer and a ChatML template,
+built in code (no network), and helpers for the shared data and the embedded model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "I can't help with that. I'm sorry, but I cannot assist with this request.",
+    "Sure, here is how to do it: first, open the box and take out the parts.",
+    "The movie was wonderful and the acting was great. positive negative",
+    "What is the capital of France? Paris is the capital of France.",
+    "Write a short poem about the sea, the wind and the autumn leaves.",
+    "Classify the sentiment of the review as positive or negative.",
+] * 20
+
+
+def make_tiny_model(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tok.chat_template = CHATML
+    tok.save_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # random init is near-uniform; widen the logits so log-probs spread like a real model's
+        model.lm_head.weight.mul_(40.0)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory) -> str:
+    return str(make_tiny_model(tmp_path_factory.mktemp("tinybase") / "model", seed=1))
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+CHAT_ROWS = [
+    {"messages": [{"role": "user", "content": f"Classify the sentiment of the review number {i} as positive or negative."},
+                  {"role": "assistant", "content": ("positive" if i % 2 else "negative") + " sure" * (i % 7)}]}
+    for i in range(23)
+]
+
+
+@pytest.fixture
+def chat_dataset(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "data" / "train.jsonl", CHAT_ROWS)
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> str:
+    """The embedded default model; skipped (not failed) when it cannot be obtained here."""
+    from pact_cache.errors import ModelError
+    from pact_cache.models import DEFAULT_MODEL, ensure_embedded_model
+
+    try:
+        ensure_embedded_model(DEFAULT_MODEL)
+    except ModelError as err:
+        pytest.skip(f"embedded model unavailable: {err}")
+    return DEFAULT_MODEL
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "SST2_5k_p_0.1.json").exists():
+        pytest.skip(f"{SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,230 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pact_cache.build as build_mod
+from pact_cache.build import BuildConfig, build
+from pact_cache.cli import main
+from pact_cache.data import assistant_header_ids, tokenize_dataset
+from pact_cache.format import ENCODINGS, MANIFEST, open_cache, q8_bound
+from pact_cache.models import load_model, load_tokenizer, resolve_model
+
+from conftest import CHAT_ROWS, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def naive_reference(model_dir, dataset, ids, max_length=2048):
+    """Plain forward pass, one row at a time, log_softmax over the whole vocabulary."""
+    resolved = resolve_model(model_dir)
+    tok = load_tokenizer(resolved)
+    model, _, _ = load_model(resolved, "fp32", "cpu")
+    header = assistant_header_ids(tok)
+    examples, _ = tokenize_dataset(dataset, tok, max_length, progress=False)
+    out = []
+    with torch.no_grad():
+        for ex in examples:
+            rs, n = ex.response_start, ex.steps
+            lp = torch.log_softmax(model(torch.tensor([ex.input_ids])).logits[0].float(), -1)
+            full = lp[rs - 1: rs - 1 + n][:, ids].numpy()
+            target = lp[torch.arange(rs - 1, rs - 1 + n), torch.tensor(ex.input_ids[rs:])].numpy()
+            post_seq = header + ex.input_ids[rs:-1]
+            lpp = torch.log_softmax(model(torch.tensor([post_seq])).logits[0].float(), -1)
+            post = lpp[len(header) - 1: len(header) - 1 + n][:, ids].numpy()
+            out.append((ex.example_id, full, post, target))
+    return out
+
+
+def tokens_file(tmp_path, ids, weights=None):
+    p = tmp_path / "tokens.json"
+    p.write_text(json.dumps({"format": "pact-tokens/1", "ids": ids, "weights": weights or [1.0] * len(ids), "method": "test", "params": {}, "aligned": None, "base": None}))
+    return p
+
+
+def test_f32_build_equals_naive_recompute_and_q8_within_bound(tiny_model, chat_dataset, tmp_path, monkeypatch):
+    ids = [3, 17, 42, 99, 150, 201, 333]
+    tokens = tokens_file(tmp_path, ids)
+    monkeypatch.setattr(build_mod, "LOGITS_CHUNK_BYTES", 4 * 400 * 5)  # force many chunks of 5 positions
+    exact = build(BuildConfig(str(chat_dataset), tiny_model, str(tmp_path / "f32"), tokens=str(tokens), encoding="f32",
+                              batch_size=3, rows_per_part=10, progress=False))
+    q8 = build(BuildConfig(str(chat_dataset), tiny_model, str(tmp_path / "q8"), tokens=str(tokens), batch_size=3, rows_per_part=10, progress=False))
+    assert exact.manifest["counts"]["rows"] == len(CHAT_ROWS) and len(exact.manifest["parts"]) == 3
+    want = naive_reference(tiny_model, chat_dataset, ids)
+    got_f32 = list(open_cache(tmp_path / "f32").iter_rows())
+    got_q8 = list(open_cache(tmp_path / "q8").iter_rows())
+    assert [g.example_id for g in got_f32] == [w[0] for w in want] == [g.example_id for g in got_q8]
+    enc = ENCODINGS["q8"]
+    for g, q, (_, full, post, target) in zip(got_f32, got_q8, want):
+        np.testing.assert_allclose(g.full_logprobs, full, atol=2e-5)
+        np.testing.assert_allclose(g.post_logprobs, post, atol=2e-5)
+        np.testing.assert_allclose(g.target_logprob, target, atol=2e-5)
+        for dec, true in ((q.full_logprobs, full), (q.post_logprobs, post)):
+            d = true.max(1, keepdims=True) - true
+            assert (d <= enc["floor"]).all()
+            assert (np.abs(dec - true) <= q8_bound(d, enc) + 1e-4).all()
+        assert np.abs(q.target_logprob - target).max() <= 2**-9 + 1e-4
+    assert exact.cache_id != q8.cache_id
+
+
+def run_cli(*args):
+    return main([str(a) for a in args])
+
+
+def only_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in err if line.startswith("pact-cache")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def snapshot(folder: Path):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else None
+
+
+@pytest.mark.parametrize("rows, needle", [
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a",\n', "train.jsonl:2: invalid JSON"),
+    ('{"prompt": "a"}\n', "train.jsonl:1: row has 'prompt' but no answer"),
+    ('{"prompt": "a", "completion": ""}\n', "train.jsonl:1: empty response"),
+    ('{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}\n', "must be the assistant's answer"),
+    ('{"prompt": "' + "word " * 200 + '", "completion": "b"}\n', "all 1 rows were skipped (prompt does not fit --max-length 32)"),
+])
+def test_bad_datasets_one_line_nothing_written(tiny_model, tmp_path, capsys, rows, needle):
+    data = tmp_path / "train.jsonl"
+    data.write_text(rows)
+    out = tmp_path / "cache"
+    assert run_cli("build", data, "--ref", tiny_model, "-o", out, "--max-length", 32, "--no-progress") == 1
+    line = only_line(capsys)
+    assert needle in line, line
+    assert not out.exists()
+
+
+def test_tokens_outside_vocabulary(tiny_model, chat_dataset, tmp_path, capsys):
+    tokens = tokens_file(tmp_path, [5, 100000])
+    assert run_cli("build", chat_dataset, "--ref", tiny_model, "--tokens", tokens, "-o", tmp_path / "c", "--no-progress") == 1
+    assert "ids [100000] are outside the tokenizer's vocabulary" in only_line(capsys)
+    assert not (tmp_path / "c").exists()
+
+
+def test_unknown_model(chat_dataset, tmp_path, capsys):
+    assert run_cli("build", chat_dataset, "--ref", tmp_path / "no-such-model", "-o", tmp_path / "c", "--no-progress") == 1
+    assert "no such model folder" in only_line(capsys)
+    assert run_cli("build", chat_dataset, "--ref", tmp_path, "-o", tmp_path / "c", "--no-progress") == 1
+    assert "folder has no config.json" in only_line(capsys)
+
+
+def test_existing_output_is_never_overwritten(tiny_model, chat_dataset, tmp_path, capsys):
+    tokens = tokens_file(tmp_path, [3, 4, 5])
+    out = tmp_path / "cache"
+    assert run_cli("build", chat_dataset, "--ref", tiny_model, "--tokens", tokens, "-o", out, "--no-progress") == 0
+    before = snapshot(out)
+    # same build again: nothing to do
+    assert run_cli("build", chat_dataset, "--ref", tiny_model, "--tokens", tokens, "-o", out, "--no-progress") == 0
+    assert "already holds this cache" in capsys.readouterr().err
+    # a different cache into the same folder: refused, untouched
+    assert run_cli("build", chat_dataset, "--ref", tiny_model, "--tokens", tokens, "-o", out, "--max-length", 200, "--no-progress") == 1
+    assert "already holds a different cache" in only_line(capsys)
+    assert snapshot(out) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert run_cli("build", chat_dataset, "--ref", tiny_model, "--tokens", tokens, "-o", other, "--no-progress") == 1
+    assert "is not a pact-cache build" in only_line(capsys)
+    assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
+
+
+def test_info_and_verify(tiny_model, chat_dataset, tmp_path, capsys):
+    tokens = tokens_file(tmp_path, [3, 4, 5])
+    out = tmp_path / "cache"
+    assert run_cli("build", chat_dataset, "--ref", tiny_model, "--tokens", tokens, "-o", out, "--no-progress") == 0
+    capsys.readouterr()
+    assert run_cli("info", out, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows"] == len(CHAT_ROWS) and info["K"] == 3 and info["bytes_per_step"] > 0
+    assert info["ratio_to_float16"] == pytest.approx(info["bytes_per_step"] / 14)
+    assert run_cli("verify", out, "--dataset", chat_dataset, "--model", tiny_model) == 0
+    assert "OK" in capsys.readouterr().out
+    other = write_jsonl(tmp_path / "other.jsonl", CHAT_ROWS[:3])
+    assert run_cli("verify", out, "--dataset", other) == 1
+    assert "dataset fingerprint differs" in only_line(capsys)
+    part = next(out.glob("part-*.parquet"))
+    part.write_bytes(part.read_bytes()[:-10] + b"0123456789")
+    assert run_cli("verify", out) == 1
+    assert "sha256 differs" in only_line(capsys)
+
+
+def test_default_tokens_when_none_given(tiny_model, chat_dataset, tmp_path):
+    res = build(BuildConfig(str(chat_dataset), tiny_model, str(tmp_path / "c"), progress=False))
+    tokens = res.manifest["tokens"]
+    assert tokens["method"] == "pact-uniform" and len(tokens["ids"]) == 50
+    assert tokens["params"]["refusals"].startswith("builtin")
+    assert len(set(tokens["weights"])) == 1
+
+
+def cli_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def build_cmd(model, data, out, *extra):
+    return [sys.executable, "-m", "pact_cache", "build", str(data), "--ref", str(model), "--tokens", str(extra[0]),
+            "-o", str(out), "--rows-per-part", "4", "--batch-size", "2", "--no-progress", *map(str, extra[1:])]
+
+
+@pytest.fixture
+def long_dataset(tmp_path):
+    rows = [{"prompt": f"Write a long story number {i} about the sea", "completion": "the sea and the wind " * (20 + i % 5)} for i in range(40)]
+    return write_jsonl(tmp_path / "long.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def wider_model(tmp_path_factory):
+    from conftest import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("wide") / "model", hidden=128, layers=4))
+
+
+def test_sigkill_then_resume_is_byte_identical(wider_model, long_dataset, tmp_path):
+    tokens = tokens_file(tmp_path, [3, 4, 5, 6])
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(build_cmd(wider_model, long_dataset, ref, tokens), env=cli_env(), check=True, capture_output=True)
+    proc = subprocess.Popen(build_cmd(wider_model, long_dataset, out, tokens), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("part-*.parquet")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    parts_at_kill = len(list(out.glob("part-*.parquet")))
+    assert 1 <= parts_at_kill < 10 and not (out / MANIFEST).exists(), "the build finished before it could be killed"
+    # without --resume the half-built folder is refused, and left alone
+    r = subprocess.run(build_cmd(wider_model, long_dataset, out, tokens), env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 1 and "pass --resume" in r.stderr
+    subprocess.run(build_cmd(wider_model, long_dataset, out, tokens, "--resume"), env=cli_env(), check=True, capture_output=True)
+    assert [p.name for p in sorted(out.glob("*"))] == [p.name for p in sorted(ref.glob("*"))]
+    for p in sorted(ref.glob("part-*.parquet")):
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+    assert json.loads((out / MANIFEST).read_text())["parts"] == json.loads((ref / MANIFEST).read_text())["parts"]
+
+
+def test_shards_and_torchrun_give_the_same_rows(tiny_model, long_dataset, tmp_path):
+    tokens = tokens_file(tmp_path, [3, 4, 5, 6])
+    single, sharded, tr = tmp_path / "single", tmp_path / "sharded", tmp_path / "torchrun"
+    subprocess.run(build_cmd(tiny_model, long_dataset, single, tokens), env=cli_env(), check=True, capture_output=True)
+    for i in range(3):
+        subprocess.run(build_cmd(tiny_model, long_dataset, sharded, tokens, "--shard", f"{i}/3"), env=cli_env(), check=True, capture_output=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "-m", "pact_cache"] + build_cmd(tiny_model, long_dataset, tr, tokens)[3:]
+    r = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = json.loads((single / MANIFEST).read_text())
+    for other in (sharded, tr):
+        got = json.loads((other / MANIFEST).read_text())
+        assert got["cache_id"] == want["cache_id"] and got["parts"] == want["parts"]
+    rows_single = [(r.example_id, r.full_logprobs.tolist()) for r in open_cache(single).iter_rows()]
+    assert rows_single == [(r.example_id, r.full_logprobs.tolist()) for r in open_cache(tr).iter_rows()]

@@ -105,3 +105,29 @@ def shared_data() -> Path:
 def _quiet_env(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def naive_reference(model_dir, dataset, ids, max_length=2048):
+    """Plain forward pass, one row at a time, log_softmax over the whole vocabulary."""
+    import torch
+
+    from pact_cache.data import assistant_header_ids, tokenize_dataset
+    from pact_cache.models import load_model, load_tokenizer, resolve_model
+
+    resolved = resolve_model(model_dir)
+    tok = load_tokenizer(resolved)
+    model, _, _ = load_model(resolved, "fp32", "cpu")
+    header = assistant_header_ids(tok)
+    examples, _ = tokenize_dataset(dataset, tok, max_length, progress=False)
+    out = []
+    with torch.no_grad():
+        for ex in examples:
+            rs, n = ex.response_start, ex.steps
+            lp = torch.log_softmax(model(torch.tensor([ex.input_ids])).logits[0].float(), -1)
+            full = lp[rs - 1: rs - 1 + n][:, ids].numpy()
+            target = lp[torch.arange(rs - 1, rs - 1 + n), torch.tensor(ex.input_ids[rs:])].numpy()
+            post_seq = header + ex.input_ids[rs:-1]
+            lpp = torch.log_softmax(model(torch.tensor([post_seq])).logits[0].float(), -1)
+            post = lpp[len(header) - 1: len(header) - 1 + n][:, ids].numpy()
+            out.append((ex.example_id, full, post, target))
+    return out

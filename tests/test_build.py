@@ -17,30 +17,9 @@ from pact_cache.data import assistant_header_ids, tokenize_dataset
 from pact_cache.format import ENCODINGS, MANIFEST, open_cache, q8_bound
 from pact_cache.models import load_model, load_tokenizer, resolve_model
 
-from conftest import CHAT_ROWS, write_jsonl
+from conftest import CHAT_ROWS, naive_reference, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def naive_reference(model_dir, dataset, ids, max_length=2048):
-    """Plain forward pass, one row at a time, log_softmax over the whole vocabulary."""
-    resolved = resolve_model(model_dir)
-    tok = load_tokenizer(resolved)
-    model, _, _ = load_model(resolved, "fp32", "cpu")
-    header = assistant_header_ids(tok)
-    examples, _ = tokenize_dataset(dataset, tok, max_length, progress=False)
-    out = []
-    with torch.no_grad():
-        for ex in examples:
-            rs, n = ex.response_start, ex.steps
-            lp = torch.log_softmax(model(torch.tensor([ex.input_ids])).logits[0].float(), -1)
-            full = lp[rs - 1: rs - 1 + n][:, ids].numpy()
-            target = lp[torch.arange(rs - 1, rs - 1 + n), torch.tensor(ex.input_ids[rs:])].numpy()
-            post_seq = header + ex.input_ids[rs:-1]
-            lpp = torch.log_softmax(model(torch.tensor([post_seq])).logits[0].float(), -1)
-            post = lpp[len(header) - 1: len(header) - 1 + n][:, ids].numpy()
-            out.append((ex.example_id, full, post, target))
-    return out
 
 
 def tokens_file(tmp_path, ids, weights=None):
@@ -228,3 +207,33 @@ def test_shards_and_torchrun_give_the_same_rows(tiny_model, long_dataset, tmp_pa
         assert got["cache_id"] == want["cache_id"] and got["parts"] == want["parts"]
     rows_single = [(r.example_id, r.full_logprobs.tolist()) for r in open_cache(single).iter_rows()]
     assert rows_single == [(r.example_id, r.full_logprobs.tolist()) for r in open_cache(tr).iter_rows()]
+
+
+def test_no_batch_by_seq_by_vocab_float_tensor_is_ever_made(tiny_model, chat_dataset, monkeypatch):
+    """Record every tensor the build's computation produces; none may reach B*L*V elements."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pact_cache.build import compute_rows
+
+    resolved = resolve_model(tiny_model)
+    tok = load_tokenizer(resolved)
+    model, _, _ = load_model(resolved, "fp32", "cpu")
+    examples, _ = tokenize_dataset(chat_dataset, tok, None, progress=False)
+    V = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(build_mod, "LOGITS_CHUNK_BYTES", 4 * V * 16)  # at most 16 positions of logits at once
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.shape and t.shape[-1] == V:
+                    Largest.biggest = max(Largest.biggest, t.numel())
+            return out
+
+    batch = 8
+    with Largest():
+        compute_rows(model, examples, torch.tensor([3, 4]), assistant_header_ids(tok), batch, "cpu")
+    B_L_V = batch * max(len(e.input_ids) for e in examples[:batch]) * V
+    assert 0 < Largest.biggest <= 16 * V < B_L_V

@@ -167,4 +167,4 @@ def test_cache_id_is_stable_typed_and_refuses_missing_values():
     assert a != compute_cache_id({"x": "1", "y": [1, 2], "z": "a"})
     with pytest.raises(CacheError, match="missing value"):
         compute_cache_id({"x": None})
-    assert math.isclose(q8_bound(np.float64(0.0), Q8), math.expm1(1 / 32) * (1 + 2**-10) + 2**-10)
+    assert math.isclose(q8_bound(np.float64(0.0), Q8), math.expm1(0.5 / Q8["scale"]) * (1 + 2**-10) + 2**-10)

@@ -1,0 +1,91 @@
+"""Integration tests on the embedded default model and real rows of the paper's data."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pact_cache.build import BuildConfig, build
+from pact_cache.format import open_cache, q8_bound
+from trainer.losses import PactParams, pact_kl
+
+from conftest import naive_reference, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sst2_rows(shared_data, tmp_path_factory):
+    rows = json.loads((shared_data / "SST2_5k_p_0.1.json").read_text())
+    harmful = [r for r in rows if r["output"].strip() not in ("positive", "negative")][:10]
+    benign = [r for r in rows if r["output"].strip() in ("positive", "negative")][:20]
+    assert len(harmful) == 10 and len(benign) == 20
+    mixed = [r for pair in zip(benign[::2], benign[1::2], harmful) for r in pair]
+    return write_jsonl(tmp_path_factory.mktemp("sst2") / "sst2_30.jsonl", mixed)
+
+
+@pytest.fixture(scope="module")
+def built(embedded_model, sst2_rows, tmp_path_factory):
+    root = tmp_path_factory.mktemp("caches")
+    q8 = build(BuildConfig(str(sst2_rows), embedded_model, str(root / "q8"), batch_size=4, progress=False))
+    tokens = root / "tokens.json"
+    tokens.write_text(json.dumps(q8.manifest["tokens"]))
+    f32 = build(BuildConfig(str(sst2_rows), embedded_model, str(root / "f32"), tokens=str(tokens), encoding="f32", batch_size=4, progress=False))
+    return q8, f32
+
+
+def test_every_stored_value_matches_a_plain_forward_pass(built, embedded_model, sst2_rows):
+    q8, f32 = built
+    enc = q8.manifest["encoding"]
+    ids = q8.manifest["tokens"]["ids"]
+    want = naive_reference(embedded_model, sst2_rows, ids)
+    got_q8 = list(open_cache(q8.out).iter_rows())
+    got_f32 = list(open_cache(f32.out).iter_rows())
+    assert len(want) == len(got_q8) == len(got_f32) == 30
+    assert sum(r.steps for r in got_q8) > 150  # the harmful rows have long responses
+    worst_q8 = worst_f32 = 0.0
+    for q, f, (eid, full, post, target) in zip(got_q8, got_f32, want):
+        assert q.example_id == f.example_id == eid
+        for dec_q, dec_f, true in ((q.full_logprobs, f.full_logprobs, full), (q.post_logprobs, f.post_logprobs, post)):
+            d = true.max(1, keepdims=True) - true
+            inside = d <= enc["floor"]
+            excess = np.abs(dec_q - true)[inside] - q8_bound(d[inside], enc)
+            worst_q8 = max(worst_q8, float(excess.max()))
+            assert (dec_q[~inside] >= true[~inside] - q8_bound(np.float32(enc["floor"]), enc) - 1e-4).all()
+            worst_f32 = max(worst_f32, float(np.abs(dec_f - true).max()))
+        assert np.abs(q.target_logprob - target).max() <= 2**-9 + 1e-4
+        worst_f32 = max(worst_f32, float(np.abs(f.target_logprob - target).max()))
+    assert worst_q8 <= 1e-4, f"q8 exceeds its stated bound by {worst_q8}"
+    assert worst_f32 <= 1e-3, f"f32 differs from a plain forward pass by {worst_f32}"  # batching/padding only
+
+
+def test_pact_loss_from_q8_within_half_a_percent_of_exact(built):
+    q8, f32 = built
+    rows_q, rows_e = list(open_cache(q8.out).iter_rows()), list(open_cache(f32.out).iter_rows())
+    K, T = len(q8.manifest["tokens"]["ids"]), max(r.steps for r in rows_e)
+
+    def stack(rows, attr):
+        out = torch.zeros(len(rows), T, K)
+        for i, r in enumerate(rows):
+            out[i, : r.steps] = torch.from_numpy(getattr(r, attr))
+        return out
+
+    mask = torch.arange(T)[None, :] < torch.tensor([r.steps for r in rows_e])[:, None]
+    w = torch.tensor(q8.manifest["tokens"]["weights"])
+    ea, eb, qa, qb = (stack(rows_e, "full_logprobs"), stack(rows_e, "post_logprobs"), stack(rows_q, "full_logprobs"), stack(rows_q, "post_logprobs"))
+    g = torch.Generator().manual_seed(0)
+    for sigma in (0.5, 2.0):
+        policy = ea + sigma * torch.randn(ea.shape, generator=g)
+        kq, _ = pact_kl(policy, qa, qb, w, mask, PactParams())
+        ke, _ = pact_kl(policy, ea, eb, w, mask, PactParams())
+        assert abs(kq.item() / ke.item() - 1) < 0.005, (sigma, kq.item(), ke.item())
+
+
+def test_info_reports_bytes_per_step(built, capsys):
+    from pact_cache.cli import main
+
+    q8, _ = built
+    assert main(["info", str(q8.out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows"] == 30 and 0 < info["bytes_per_step"] < 202 and info["token_method"] == "pact-uniform"

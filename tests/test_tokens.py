@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+
+from pact_cache.cli import main
+from pact_cache.errors import TokensError
+from pact_cache.models import load_model, load_tokenizer, resolve_model
+from pact_cache.tokens import load_refusals, select_tokens, validate_tokens
+
+from conftest import write_jsonl
+
+
+def naive_paper_selection(aligned, base, tok, pairs, top_k, max_resp_len):
+    """The paper's loop: one sample at a time, float32, mean over steps then samples."""
+    V = len(tok)
+    pa_sum, diff_sum = torch.zeros(V), torch.zeros(V)
+    for prompt, refusal in pairs:
+        resp = tok(refusal.strip(), add_special_tokens=False)["input_ids"][:max_resp_len]
+        pa_ids = tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
+        pb_ids = tok("".join(f"User: {m['content']}\n\n" for m in prompt if m["role"] == "user") + "Assistant: ", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            la = aligned(torch.tensor([list(pa_ids) + resp])).logits[0, len(pa_ids) - 1: len(pa_ids) - 1 + len(resp)].float()
+            lb = base(torch.tensor([pb_ids + resp])).logits[0, len(pb_ids) - 1: len(pb_ids) - 1 + len(resp)].float()
+        pa, pb = la.softmax(-1), lb.softmax(-1)
+        pa_sum += pa.mean(0)
+        diff_sum += (pa - pb).mean(0)
+    p_ref, diff = pa_sum / len(pairs), diff_sum / len(pairs)
+    mask = torch.zeros(V)
+    mask[torch.topk(p_ref, top_k).indices] = 1
+    diff = diff * mask
+    nz = diff.abs() > 1e-9
+    vals = diff[nz]
+    diff[nz] = (vals - vals.mean()) / (vals.std() + 1e-6)
+    v = diff / (diff.norm() + 1e-6)
+    ids = v.nonzero().squeeze(-1).sort().values
+    return ids.tolist(), v[ids].tolist()
+
+
+def test_selection_matches_the_papers_loop(tiny_model, tiny_base_model, tmp_path):
+    ra, rb = resolve_model(tiny_model), resolve_model(tiny_base_model)
+    tok = load_tokenizer(ra)
+    aligned, _, _ = load_model(ra, "fp32", "cpu")
+    base, _, _ = load_model(rb, "fp32", "cpu")
+    pairs = load_refusals(None)[:9]
+    got = select_tokens(aligned, tok, pairs, base, tok, top_k=12, max_resp_len=16, batch_size=4)
+    ids, weights = naive_paper_selection(aligned, base, tok, pairs, 12, 16)
+    assert got["ids"] == ids and got["method"] == "pact-discrepancy"
+    assert got["weights"] == pytest.approx(weights, abs=1e-5)
+    assert sum(w * w for w in got["weights"]) == pytest.approx(1.0, abs=1e-4)
+    assert got["strings"] == [tok.decode([i]) for i in ids]
+
+
+def test_uniform_without_base_and_cli(tiny_model, tmp_path, capsys):
+    refusals = write_jsonl(tmp_path / "r.jsonl", [{"input": "how do I do a bad thing", "output": "I can't help with that."}] * 3)
+    out = tmp_path / "tokens.json"
+    assert main(["tokens", "--aligned", tiny_model, "--refusals", str(refusals), "--top-k", "10", "-o", str(out)]) == 0
+    t = json.loads(out.read_text())
+    assert t["format"] == "pact-tokens/1" and len(t["ids"]) == 10 and t["method"] == "pact-uniform"
+    assert t["weights"] == pytest.approx([10 ** -0.5] * 10)
+    assert t["aligned"]["weights_sha256"] and t["base"] is None
+    validate_tokens(t, load_tokenizer(resolve_model(tiny_model)), "t")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda t: t.update(format="v0"), "not a pact-tokens/1 file"),
+    (lambda t: t.update(ids=[1, 1]), "duplicates"),
+    (lambda t: t.update(weights=[1.0]), "finite numbers"),
+    (lambda t: t.update(ids=[1, 10**6], weights=[1.0, 1.0], strings=None), "outside the tokenizer's vocabulary"),
+    (lambda t: t.update(weights=[-1.0, 0.0]), "every weight is <= 0"),
+    (lambda t: t.update(strings=["x", "y"]), "made with another tokenizer"),
+])
+def test_bad_tokens_files(tiny_model, edit, needle):
+    tok = load_tokenizer(resolve_model(tiny_model))
+    t = {"format": "pact-tokens/1", "ids": [5, 6], "weights": [0.5, 0.5], "strings": [tok.decode([5]), tok.decode([6])]}
+    edit(t)
+    with pytest.raises(TokensError, match=needle):
+        validate_tokens(t, tok, "tokens.json")

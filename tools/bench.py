@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Benchmarks, each measured side by side in one run and quoted as ratios (never asserted).
+
+  python tools/bench.py build   [--rows 256] [--batch-size 8] [--repeats 3]
+      build throughput (reference log-probs, both views) vs a bare forward pass of the same model
+      over the same batches (both views), interleaved, best of N.
+  python tools/bench.py storage CACHE_Q8 [--exact CACHE_F32]
+      bytes per response step of the reference columns, and the PACT loss computed from the q8
+      cache vs from exact float32 values (same rows), for a policy equal to the reference and for
+      policies perturbed away from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "SST2_5k_p_0.1.json"
+
+
+def bench_build(a) -> dict:
+    from pact_cache.build import compute_rows
+    from pact_cache.data import assistant_header_ids, tokenize_dataset
+    from pact_cache.models import load_model, load_tokenizer, resolve_model
+
+    torch.manual_seed(0)
+    data = Path(a.data)
+    if not data.exists():
+        from importlib import resources
+
+        data = Path(str(resources.files("pact_cache") / "resources" / "demo.jsonl"))
+    resolved = resolve_model(a.model)
+    tok = load_tokenizer(resolved)
+    model, device, dtype = load_model(resolved, a.dtype, a.device)
+    examples, _ = tokenize_dataset(data, tok, a.max_length, progress=False)
+    if data.name.startswith("SST2"):  # keep the paper's mix: spread the subset over the whole file
+        examples = examples[:: max(1, len(examples) // a.rows)][: a.rows]
+    else:
+        examples = examples[: a.rows]
+    header = assistant_header_ids(tok)
+    ids = torch.arange(50)
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    batches = [[examples[i] for i in order[b:b + a.batch_size]] for b in range(0, len(order), a.batch_size)]
+
+    def pad(seqs):
+        L = max(map(len, seqs))
+        x = torch.zeros((len(seqs), L), dtype=torch.long)
+        m = torch.zeros((len(seqs), L), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            x[i, : len(s)] = torch.tensor(s)
+            m[i, : len(s)] = 1
+        return x.to(device), m.to(device)
+
+    padded = [(pad([ex.input_ids for ex in b]), pad([header + ex.input_ids[ex.response_start:-1] for ex in b])) for b in batches]
+    tokens = sum(len(ex.input_ids) + len(header) + ex.steps - 1 for ex in examples)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def bare():
+        with torch.inference_mode():
+            for (x, m), (xp, mp) in padded:
+                model(input_ids=x, attention_mask=m).logits
+                model(input_ids=xp, attention_mask=mp).logits
+
+    def ours():
+        compute_rows(model, examples, ids, header, a.batch_size, device)
+
+    times = {"bare": [], "build": []}
+    bare()  # warm-up
+    for _ in range(a.repeats):
+        for name, fn in (("bare", bare), ("build", ours)):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    best = {k: min(v) for k, v in times.items()}
+    res = {"bench": "build", "device": device, "dtype": str(dtype), "rows": len(examples), "tokens_both_views": tokens,
+           "bare_tok_s": tokens / best["bare"], "build_tok_s": tokens / best["build"],
+           "ratio_build_over_bare": best["bare"] / best["build"], "times_s": times, "target": ">= 0.9"}
+    print(f"build throughput on {device} ({dtype}), {len(examples)} rows, {tokens:,} tokens (both views), best of {a.repeats}:")
+    print(f"  bare forward : {res['bare_tok_s']:8.0f} tok/s")
+    print(f"  pact build   : {res['build_tok_s']:8.0f} tok/s")
+    print(f"  ratio        : {res['ratio_build_over_bare']:.3f}x  (target >= 0.9x)")
+    return res
+
+
+def bench_storage(a) -> dict:
+    from pact_cache.format import open_cache
+    from pact_cache.report import cache_info
+    from trainer.losses import PactParams, pact_kl
+
+    cache = open_cache(a.cache)
+    info = cache_info(cache)
+    res = {"bench": "storage", "cache": a.cache, "rows": info["rows"], "steps": info["response_steps"],
+           "bytes_per_step": info["bytes_per_step"], "ratio_to_float16": info["ratio_to_float16"],
+           "ratio_to_full_vocab_fp16": info["ratio_to_full_vocab_fp16"], "target_bytes_per_step": 48}
+    print(f"storage: {a.cache}: {info['rows']:,} rows, {info['response_steps']:,} steps, "
+          f"{info['bytes_per_step']:.1f} B/step (target <= 48), {info['ratio_to_float16']:.3f}x float16, "
+          f"1/{1 / info['ratio_to_full_vocab_fp16']:,.0f} of full-vocabulary float16 logits")
+    if a.exact:
+        exact = {r.example_id: r for r in open_cache(a.exact).iter_rows()}
+        pairs = [(r, exact[r.example_id]) for r in cache.iter_rows() if r.example_id in exact]
+        if not pairs:
+            raise SystemExit("the exact cache shares no rows with the q8 cache")
+        w = torch.tensor(cache.tokens["weights"], dtype=torch.float32)
+        T = max(r.steps for r, _ in pairs)
+
+        def stack(rows, attr):
+            out = torch.zeros(len(rows), T, cache.K)
+            for i, r in enumerate(rows):
+                out[i, : r.steps] = torch.from_numpy(getattr(r, attr))
+            return out
+
+        q_rows, e_rows = [p[0] for p in pairs], [p[1] for p in pairs]
+        mask = torch.arange(T)[None, :] < torch.tensor([r.steps for r in e_rows])[:, None]
+        qa, qb, ea, eb = stack(q_rows, "full_logprobs"), stack(q_rows, "post_logprobs"), stack(e_rows, "full_logprobs"), stack(e_rows, "post_logprobs")
+        ce = -float(np.concatenate([r.target_logprob for r in e_rows]).mean())
+        g = torch.Generator().manual_seed(0)
+        res["loss"] = []
+        print(f"PACT loss from q8 vs exact float32 on {len(pairs):,} rows, {int(mask.sum()):,} steps (CE = reference's own, {ce:.3f}):")
+        for sigma in (0.0, 0.5, 2.0):
+            policy = ea + sigma * torch.randn(ea.shape, generator=g)
+            kq, n = pact_kl(policy, qa, qb, w, mask, PactParams())
+            ke, _ = pact_kl(policy, ea, eb, w, mask, PactParams())
+            kq, ke = (kq / n).item(), (ke / n).item()
+            row = {"policy_noise": sigma, "kl_exact": ke, "kl_q8": kq, "kl_rel_err": abs(kq / ke - 1),
+                   "loss_exact": ce + ke, "loss_q8": ce + kq, "loss_rel_err": abs((ce + kq) / (ce + ke) - 1)}
+            res["loss"].append(row)
+            print(f"  policy = reference + N(0,{sigma}^2): KL exact {ke:.5f} q8 {kq:.5f} ({100 * row['kl_rel_err']:.3f}%); "
+                  f"CE+KL rel. err {100 * row['loss_rel_err']:.4f}% (target <= 0.5%)")
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--model", default="smollm2-135m-instruct")
+    b.add_argument("--data", default=str(DEFAULT_DATA))
+    b.add_argument("--rows", type=int, default=256)
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--max-length", type=int, default=2048)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--dtype", default="auto")
+    b.add_argument("--device", default="auto")
+    s = sub.add_parser("storage")
+    s.add_argument("cache")
+    s.add_argument("--exact", help="an f32 cache of the same rows (pact-cache build --encoding f32)")
+    for q in (b, s):
+        q.add_argument("--json", help="also write the results here")
+    a = p.parse_args()
+    res = bench_build(a) if a.cmd == "build" else bench_storage(a)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

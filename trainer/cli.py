@@ -1,0 +1,76 @@
+"""``pact-train``: a thin command line over :func:`trainer.loop.train`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pact_cache.errors import PactError
+
+from .losses import PactParams
+from .loop import TrainConfig, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig(model="", cache="", out="")
+    p = argparse.ArgumentParser(prog="pact-train", description="Fine-tune with PACT (or plain SFT), one model in memory, reference targets streamed from a pact-cache.")
+    p.add_argument("--model", required=True, metavar="MODEL", help="policy to fine-tune: folder, hub id or smollm2-135m-instruct")
+    p.add_argument("--cache", required=True, metavar="CACHE", help="cache from `pact-cache build` (built with this model's tokenizer)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="run folder: metrics.jsonl, config.json, checkpoint/, adapter/ or model/, loss.png")
+    p.add_argument("--method", choices=["pact", "sft"], default=d.method, help="pact: CE + lambda * PACT KL (default); sft: CE only")
+    p.add_argument("--reference", choices=["cache", "online"], default=d.reference, help="cache (default) or online: a live reference model beside the policy, the paper's way")
+    p.add_argument("--ref-model", metavar="MODEL", help="reference for --reference online (default: --model)")
+    p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="weight of the PACT KL (default 1.0)")
+    p.add_argument("--lora-r", type=int, default=d.lora_r)
+    p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    p.add_argument("--lora-targets", default=d.lora_targets, help="comma-separated module names (default q_proj,v_proj)")
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step, weighted by response tokens")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps (default: 3%% of the run)")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant", "step"], default=d.schedule, help="decay after warmup; step = the paper's StepLR, gamma 0.85 per epoch")
+    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-shuffle", action="store_true", help="take rows in cache order, batch by batch")
+    p.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="rows held for shuffling (memory bound)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    p.add_argument("--logits-chunk", type=int, default=d.logits_chunk, help="response positions per (positions, vocab) logits block")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="optimizer steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+    p.add_argument("--merge", action="store_true", help="also write OUT/merged, the base model with the adapter merged in")
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("PACT gate and distillation (defaults: the paper's)")
+    for name, val in vars(PactParams()).items():
+        g.add_argument(f"--pact-{name.lower().replace('_', '-')}", dest=f"pact_{name}", type=type(val), default=val)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    pact = PactParams(**{k[5:]: v for k, v in vars(a).items() if k.startswith("pact_")})
+    cfg = TrainConfig(model=a.model, cache=a.cache, out=a.output, method=a.method, reference=a.reference, ref_model=a.ref_model,
+                      lam=a.lam, pact=pact, full=a.full, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+                      lora_targets=a.lora_targets, epochs=a.epochs, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
+                      weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, schedule=a.schedule, max_steps=a.max_steps,
+                      seed=a.seed, shuffle=not a.no_shuffle, shuffle_buffer=a.shuffle_buffer, grad_checkpointing=a.gradient_checkpointing,
+                      logits_chunk=a.logits_chunk, save_every=a.save_every, resume=a.resume, merge=a.merge, device=a.device,
+                      progress=not a.no_progress)
+    try:
+        res = train(cfg)
+    except PactError as err:
+        print(f"pact-train: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pact-train: interrupted; continue with --resume from the last checkpoint", file=sys.stderr)
+        return 130
+    print(f"{res['out']}: {res['steps']} steps in {res['seconds']:.0f}s; weights in {res['final']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

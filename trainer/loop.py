@@ -1,0 +1,430 @@
+"""pact-train: one model in memory, reference targets streamed from a pact-cache.
+
+Reads top to bottom: config -> setup (checks, model, optimizer, data) -> one explicit loop
+(forward, loss, backward, step, log, checkpoint) -> final save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from pact_cache.errors import PactError
+from pact_cache.format import Cache, atomic_write_json, open_cache
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .losses import PactParams, pact_kl
+from .stream import Batch, batches, collate
+
+
+class TrainError(PactError):
+    """Bad training input or state; printed as one line by the CLI."""
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    cache: str
+    out: str
+    method: str = "pact"  # pact | sft
+    reference: str = "cache"  # cache | online (a live reference beside the policy, the paper's way)
+    ref_model: str | None = None  # for --reference online; default: the policy's initial weights (--model)
+    lam: float = 1.0
+    pact: PactParams = field(default_factory=PactParams)
+    full: bool = False  # full fine-tuning instead of LoRA
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str = "q_proj,v_proj"
+    epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = -1  # -1: 3% of the run
+    schedule: str = "cosine"  # cosine | linear | constant | step (StepLR gamma 0.85 per epoch, the paper's)
+    step_gamma: float = 0.85
+    max_grad_norm: float = 1.0
+    max_steps: int | None = None
+    seed: int = 0
+    shuffle: bool = True
+    shuffle_buffer: int = 1024
+    grad_checkpointing: bool = False
+    logits_chunk: int = 1024  # response positions per chunk of (positions, vocab) logits
+    save_every: int = 100  # optimizer steps between checkpoints (and one at the end)
+    resume: bool = False
+    merge: bool = False
+    device: str = "auto"
+    progress: bool = True
+    plot: bool = True
+
+    # settings that may differ between a run and its resumption
+    RESUMABLE = ("resume", "max_steps", "progress", "save_every", "plot", "merge")
+
+
+def _log(msg: str) -> None:
+    print(f"pact-train: {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_config(cfg: TrainConfig) -> None:
+    if cfg.method not in ("pact", "sft"):
+        raise TrainError(f"--method {cfg.method}: use pact or sft")
+    if cfg.reference not in ("cache", "online"):
+        raise TrainError(f"--reference {cfg.reference}: use cache or online")
+    if not (cfg.lam >= 0 and math.isfinite(cfg.lam)):
+        raise TrainError(f"--lambda {cfg.lam}: must be a finite number >= 0 (it weighs the PACT KL against the cross-entropy)")
+    for name in ("epochs", "batch_size", "grad_accum", "lora_r", "logits_chunk"):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    if cfg.lr <= 0:
+        raise TrainError(f"--lr {cfg.lr}: must be positive")
+    if cfg.schedule not in ("cosine", "linear", "constant", "step"):
+        raise TrainError(f"--schedule {cfg.schedule}: use cosine, linear, constant or step")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise TrainError(f"--max-steps {cfg.max_steps}: must be at least 1")
+
+
+def check_cache_fits(cache: Cache, tok, vocab_rows: int, cfg: TrainConfig) -> None:
+    """Refuse a cache made with another tokenizer, an empty one, or one with a bad part."""
+    from pact_cache.models import tokenizer_fingerprint
+
+    if cache.num_rows == 0:
+        raise TrainError(f"{cfg.cache}: the cache holds no rows; rebuild it from a non-empty dataset")
+    want = cache.manifest.get("tokenizer", {}).get("sha256")
+    got = tokenizer_fingerprint(tok)["sha256"]
+    if want != got:
+        raise TrainError(f"{cfg.cache}: built with another tokenizer than {cfg.model}'s (fingerprint {str(want)[:12]} vs {got[:12]}); "
+                         "rebuild the cache with this model's tokenizer or train the model the cache was built for")
+    bad = [i for i in cache.ids if i >= vocab_rows]
+    if bad:
+        raise TrainError(f"{cfg.cache}: safety-token ids {bad[:5]} are outside {cfg.model}'s vocabulary ({vocab_rows} rows)")
+    for part in cache.parts:  # every part is checked now, not halfway through training
+        cache.check_part(part)
+
+
+def check_out(out: Path, cfg: TrainConfig, cache_id: str) -> str:
+    """'new' or 'resume'; refuse an OUT folder that holds something else."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{out}: exists and is not a folder; choose another -o")
+    if not out.exists() or not any(out.iterdir()):
+        return "new"
+    cfg_file = out / "config.json"
+    if not cfg_file.exists():
+        raise TrainError(f"{out}: folder is not empty and holds no pact-train run; choose another -o")
+    old = json.loads(cfg_file.read_text())
+    mine = config_record(cfg, cache_id)
+    diff = [k for k in sorted(set(old) | set(mine)) if k not in TrainConfig.RESUMABLE and old.get(k) != mine.get(k)]
+    if diff:
+        raise TrainError(f"{out}: holds a different run ({diff[0]}: {old.get(diff[0])!r} there, {mine.get(diff[0])!r} now); choose another -o")
+    if not cfg.resume:
+        raise TrainError(f"{out}: holds this run already; pass --resume to continue it, or choose another -o")
+    if not (out / "checkpoint" / "trainer_state.json").exists():
+        raise TrainError(f"{out}: has no checkpoint to resume from; delete the folder and start again")
+    return "resume"
+
+
+def config_record(cfg: TrainConfig, cache_id: str) -> dict:
+    rec = asdict(cfg)
+    rec["pact"] = asdict(cfg.pact)
+    rec["cache_id"] = cache_id
+    return rec
+
+
+# ----------------------------------------------------------------------------- model
+
+def load_policy(cfg: TrainConfig, device: str):
+    from transformers import AutoModelForCausalLM
+
+    from pact_cache.models import load_tokenizer, resolve_model
+
+    resolved = resolve_model(cfg.model)
+    tok = load_tokenizer(resolved)
+    # LoRA on CUDA: frozen base in bf16, adapters in fp32. Full fine-tuning keeps fp32 master weights
+    # and autocasts to bf16. On CPU everything is fp32.
+    dtype = torch.bfloat16 if device.startswith("cuda") and not cfg.full else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dtype)
+    except Exception as err:
+        raise TrainError(f"{cfg.model}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+    model.to(device)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if not cfg.full:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in targets if t not in names]
+        if missing:
+            raise TrainError(f"--lora-targets: {missing} are not modules of {cfg.model} (it has e.g. {sorted(n for n in names if 'proj' in n)[:8]})")
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+    return model, tok, resolved
+
+
+def causal_lm(model):
+    """The transformers model under a PEFT wrapper (LoRA layers are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def _chunk_ce_and_sel(head, h, targets, ids):
+    """Cross-entropy sum and safety-token logits for a chunk of positions: h (n, H) -> (scalar, (n, K))."""
+    logits = head(h).float()  # (n, V): lives only inside this chunk; recomputed in backward
+    return F.cross_entropy(logits, targets, reduction="sum"), logits[:, ids]
+
+
+def policy_losses(model, batch: Batch, ids: torch.Tensor, weights: torch.Tensor, cfg: TrainConfig, ref_full=None, ref_post=None):
+    """Returns ``(ce_sum, kl_sum, n_steps)`` for one micro-batch.
+
+    One backbone pass (B, L, H); then, over the N response positions in chunks of
+    ``logits_chunk``, the vocabulary projection gives the cross-entropy and the K safety-token
+    logits. Each chunk is activation-checkpointed, so at most one (chunk, V) float32 block of
+    logits exists at a time, in forward and in backward.
+    """
+    lm = causal_lm(model)
+    hidden = lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    B, T = batch.step_mask.shape
+    bidx, tidx = batch.step_mask.nonzero(as_tuple=True)  # (N,), row-major: matches (B, T) order
+    pos = batch.response_start[bidx] - 1 + tidx
+    h = hidden[bidx, pos]  # (N, H)
+    targets = batch.targets[bidx, tidx]
+    head = lm.get_output_embeddings()
+    ce_sum = h.new_zeros((), dtype=torch.float32)
+    sels = []
+    for c0 in range(0, h.shape[0], cfg.logits_chunk):
+        sl = slice(c0, c0 + cfg.logits_chunk)
+        ce_c, sel_c = activation_checkpoint(_chunk_ce_and_sel, head, h[sl], targets[sl], ids, use_reentrant=False)
+        ce_sum = ce_sum + ce_c
+        sels.append(sel_c)
+    n = batch.step_mask.sum()
+    if cfg.method == "sft" or cfg.lam == 0:
+        return ce_sum, ce_sum.new_zeros(()), n
+    z = h.new_zeros((B, T, len(ids)), dtype=torch.float32)
+    z = z.index_put((bidx, tidx), torch.cat(sels))
+    full = batch.full if ref_full is None else ref_full
+    post = batch.post if ref_post is None else ref_post
+    kl_sum, _ = pact_kl(z, full, post, weights, batch.step_mask, cfg.pact)
+    return ce_sum, kl_sum, n
+
+
+@torch.no_grad()
+def online_reference(ref, batch: Batch, header: list[int], ids: torch.Tensor):
+    """The paper's way: the reference's full logits for the full and the post-only sequences,
+    then the safety-token log-probs at the response steps. Returns (full, post), each (B, T, K)."""
+    B, T = batch.step_mask.shape
+    steps = batch.step_mask.sum(1)
+    lp_full = torch.log_softmax(ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float(), -1)
+    post_seqs = [header + batch.input_ids[b, batch.response_start[b]: batch.response_start[b] + steps[b] - 1].tolist() for b in range(B)]
+    Lp = max(map(len, post_seqs))
+    post_ids = torch.zeros((B, Lp), dtype=torch.long, device=batch.input_ids.device)
+    post_mask = torch.zeros_like(post_ids)
+    for b, s in enumerate(post_seqs):
+        post_ids[b, : len(s)] = torch.tensor(s, device=post_ids.device)
+        post_mask[b, : len(s)] = 1
+    lp_post = torch.log_softmax(ref(input_ids=post_ids, attention_mask=post_mask).logits.float(), -1)
+    full = lp_full.new_zeros((B, T, len(ids)))
+    post = lp_full.new_zeros((B, T, len(ids)))
+    for b in range(B):
+        n, rs = int(steps[b]), int(batch.response_start[b])
+        full[b, :n] = lp_full[b, rs - 1: rs - 1 + n][:, ids]
+        post[b, :n] = lp_post[b, len(header) - 1: len(header) - 1 + n][:, ids]
+    return full, post
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def lr_at(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the schedule."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, round(0.03 * total))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.step_gamma ** (step // max(steps_per_epoch, 1))
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    if cfg.schedule == "linear":
+        return cfg.lr * (1.0 - frac)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(cfg: TrainConfig) -> dict:
+    from pact_cache.data import assistant_header_ids
+    from pact_cache.models import pick_device
+
+    # --- setup
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    cache = open_cache(cfg.cache)
+    out = Path(cfg.out).expanduser()
+    state_kind = check_out(out, cfg, cache.cache_id)
+    torch.manual_seed(cfg.seed)
+    model, tok, resolved = load_policy(cfg, device)
+    head_rows = causal_lm(model).get_output_embeddings().weight.shape[0]
+    check_cache_fits(cache, tok, head_rows, cfg)
+    ids = torch.tensor(cache.ids, device=device)
+    weights = torch.tensor(cache.tokens["weights"], dtype=torch.float32, device=device)
+    ref = header = None
+    if cfg.reference == "online" and cfg.method == "pact":
+        from pact_cache.models import load_model, resolve_model
+
+        ref, _, _ = load_model(resolve_model(cfg.ref_model or cfg.model), torch.bfloat16 if device.startswith("cuda") else torch.float32, device)
+        ref.requires_grad_(False)
+        header = assistant_header_ids(tok)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(cache.num_rows / (cfg.batch_size * cfg.grad_accum))
+    total = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    step, epoch, taken, tokens_total = 0, 0, 0, 0
+    if state_kind == "resume":
+        st = load_checkpoint(out / "checkpoint", model, optimizer, is_peft=not cfg.full)
+        step, epoch, taken, tokens_total = st["step"], st["epoch"], st["rows_taken"], st["tokens_total"]
+        # metrics after the checkpoint belong to the lost part of the run: drop them
+        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        atomic_write_bytes_text(metrics_path, "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+        _log(f"resuming {out} at step {step} (epoch {epoch}, {taken} rows into it)")
+    else:
+        atomic_write_json(out / "config.json", config_record(cfg, cache.cache_id))
+        metrics_path.write_text("")
+    data = batches(cache, cfg.batch_size, cfg.seed, cfg.shuffle, start_epoch=epoch, skip_rows=taken,
+                   buffer_rows=cfg.shuffle_buffer, epochs=cfg.epochs)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=step, unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    model.train()
+    t_run = time.time()
+    done = False
+    # --- the loop: one iteration = one optimizer step over grad_accum micro-batches
+    while step < total and not done:
+        t0 = time.time()
+        micro = []
+        for _ in range(cfg.grad_accum):
+            try:
+                epoch_now, taken_now, rows = next(data)
+            except StopIteration:
+                done = True
+                break
+            if micro and epoch_now != micro[0][0]:  # an optimizer step never straddles epochs
+                micro.append((epoch_now, taken_now, rows))
+                break
+            micro.append((epoch_now, taken_now, rows))
+        if not micro:
+            break
+        n_window = sum(sum(r.steps for r in rows) for _, _, rows in micro)  # token-weighted accumulation
+        lr = lr_at(step, total, steps_per_epoch, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        ce_tot = kl_tot = 0.0
+        for _, _, rows in micro:
+            batch = collate(rows, pad_id).to(device)
+            ref_full = ref_post = None
+            if ref is not None:
+                ref_full, ref_post = online_reference(ref, batch, header, ids)
+            with autocast:
+                ce_sum, kl_sum, _ = policy_losses(model, batch, ids, weights, cfg, ref_full, ref_post)
+            loss = (ce_sum + cfg.lam * kl_sum) / n_window
+            loss.backward()
+            ce_tot += ce_sum.item()
+            kl_tot += kl_sum.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        epoch, taken = micro[-1][0], micro[-1][1]
+        tokens_total += n_window
+        dt = time.time() - t0
+        rec = {"step": step, "epoch": epoch, "loss": (ce_tot + cfg.lam * kl_tot) / n_window, "ce": ce_tot / n_window,
+               "pact_kl": kl_tot / n_window, "lr": lr, "tokens": n_window, "tokens_total": tokens_total,
+               "grad_norm": grad_norm, "step_time_s": dt}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", pact_kl=f"{rec['pact_kl']:.4f}", tok_s=f"{n_window / dt:.0f}")
+        bar.update(1)
+        if step % cfg.save_every == 0 or step == total or done:
+            save_checkpoint(out / "checkpoint", model, optimizer, {"step": step, "epoch": epoch, "rows_taken": taken,
+                                                                    "tokens_total": tokens_total, "cache_id": cache.cache_id})
+    bar.close()
+    if step == 0:
+        raise TrainError(f"{cfg.cache}: no batch could be made")
+    # the run may end on an epoch boundary reached by StopIteration: make sure the last state is saved
+    save_checkpoint(out / "checkpoint", model, optimizer, {"step": step, "epoch": epoch, "rows_taken": taken,
+                                                            "tokens_total": tokens_total, "cache_id": cache.cache_id})
+
+    # --- final outputs
+    final = out / ("model" if cfg.full else "adapter")
+    tmp = out / f".{final.name}.tmp-{os.getpid()}"
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    _replace_dir(tmp, final)
+    if cfg.merge and not cfg.full:
+        merged = model.merge_and_unload()
+        tmp = out / f".merged.tmp-{os.getpid()}"
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        _replace_dir(tmp, out / "merged")
+    if cfg.plot:
+        plot_metrics(metrics_path, out / "loss.png")
+    return {"out": str(out), "steps": step, "seconds": time.time() - t_run, "final": str(final)}
+
+
+def atomic_write_bytes_text(path: Path, text: str) -> None:
+    from pact_cache.format import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    import shutil
+
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def plot_metrics(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not recs:
+        return
+    steps = [r["step"] for r in recs]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax[0].plot(steps, [r["loss"] for r in recs], label="loss")
+    ax[0].plot(steps, [r["ce"] for r in recs], label="cross-entropy")
+    ax[0].set_xlabel("optimizer step")
+    ax[0].legend()
+    ax[1].plot(steps, [r["pact_kl"] for r in recs], color="C2")
+    ax[1].set_xlabel("optimizer step")
+    ax[1].set_title("PACT safety-token KL")
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)

@@ -1,0 +1,103 @@
+"""Batches from a cache, streamed: memory is bounded by the shuffle buffer, not the cache size.
+
+Order is a pure function of (seed, epoch): parts are visited in a seeded permutation and rows go
+through a bounded shuffle buffer. A position ``(epoch, rows taken in that epoch)`` is enough to
+resume exactly: the same order is replayed and the rows already taken are skipped.
+``shuffle=False`` yields rows in cache order, batch after batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pact_cache.format import Cache, CacheRow
+
+
+@dataclass
+class Batch:
+    """A training batch. B rows, L = longest sequence, T = most response steps, K safety tokens."""
+
+    input_ids: torch.Tensor  # (B, L) long, right-padded
+    attention_mask: torch.Tensor  # (B, L) long
+    response_start: torch.Tensor  # (B,) long
+    step_mask: torch.Tensor  # (B, T) bool, True at real response steps
+    targets: torch.Tensor  # (B, T) long, the response tokens (0 where masked)
+    full: torch.Tensor  # (B, T, K) float32 reference log-probs, full context
+    post: torch.Tensor  # (B, T, K) float32 reference log-probs, post-only context
+    example_ids: list[str]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.step_mask.sum())
+
+    def to(self, device) -> "Batch":
+        return Batch(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in
+                       (self.input_ids, self.attention_mask, self.response_start, self.step_mask, self.targets,
+                        self.full, self.post)), self.example_ids)
+
+
+def collate(rows: list[CacheRow], pad_id: int) -> Batch:
+    B, K = len(rows), rows[0].full_logprobs.shape[1]
+    L, T = max(len(r.input_ids) for r in rows), max(r.steps for r in rows)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, L), dtype=torch.long)
+    targets = torch.zeros((B, T), dtype=torch.long)
+    full, post = torch.zeros((B, T, K)), torch.zeros((B, T, K))
+    steps = torch.tensor([r.steps for r in rows])
+    for i, r in enumerate(rows):
+        n = r.steps
+        input_ids[i, : len(r.input_ids)] = torch.from_numpy(r.input_ids)
+        attention[i, : len(r.input_ids)] = 1
+        targets[i, :n] = torch.from_numpy(r.input_ids[r.response_start:])
+        full[i, :n] = torch.from_numpy(r.full_logprobs)
+        post[i, :n] = torch.from_numpy(r.post_logprobs)
+    step_mask = torch.arange(T)[None, :] < steps[:, None]
+    rs = torch.tensor([r.response_start for r in rows])
+    return Batch(input_ids, attention, rs, step_mask, targets, full, post, [r.example_id for r in rows])
+
+
+def epoch_rows(cache: Cache, epoch: int, seed: int, shuffle: bool, buffer_rows: int = 1024) -> Iterator[CacheRow]:
+    """Rows of one epoch in a deterministic order; at most ``buffer_rows`` rows held at once."""
+    if not shuffle:
+        yield from cache.iter_rows()
+        return
+    rng = np.random.default_rng([seed, epoch])
+    buf: list[CacheRow] = []
+    for j in rng.permutation(len(cache.parts)):
+        for row in cache.iter_part_rows(cache.parts[int(j)]):
+            if len(buf) < buffer_rows:
+                buf.append(row)
+                continue
+            k = int(rng.integers(len(buf)))
+            buf[k], row = row, buf[k]
+            yield row
+    while buf:
+        k = int(rng.integers(len(buf)))
+        buf[k], buf[-1] = buf[-1], buf[k]
+        yield buf.pop()
+
+
+def batches(cache: Cache, batch_size: int, seed: int, shuffle: bool, start_epoch: int = 0, skip_rows: int = 0,
+            buffer_rows: int = 1024, epochs: int | None = None) -> Iterator[tuple[int, int, list[CacheRow]]]:
+    """Yield ``(epoch, rows taken in this epoch after the batch, rows)`` forever or for ``epochs``.
+
+    The last batch of an epoch may be short; batches never straddle epochs.
+    """
+    epoch = start_epoch
+    while epochs is None or epoch < epochs:
+        taken, buf = 0, []
+        for row in epoch_rows(cache, epoch, seed, shuffle, buffer_rows):
+            taken += 1
+            if taken <= skip_rows:
+                continue
+            buf.append(row)
+            if len(buf) == batch_size:
+                yield epoch, taken, buf
+                buf = []
+        if buf:
+            yield epoch, taken, buf
+        epoch, skip_rows = epoch + 1, 0

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rows-per-part", type=_positive, default=1024, help="rows per Parquet part, the unit of resume and sharding (default 1024)")
     b.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: fp32 on CPU, bf16 on CUDA")
     b.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    b.add_argument("--encoding", default="q8", choices=["q8", "f32"], help="q8: ~45 B/step with a stated error bound (default); f32: exact")
+    b.add_argument("--encoding", default="q8", choices=["q8", "f32"], help="q8: ~46 B/step at K=50 with a stated error bound (default); f32: exact float32")
     b.add_argument("--resume", action="store_true", help="finish an interrupted build in the same folder")
     b.add_argument("--shard", type=_shard, metavar="i/n", help="compute only parts i, i+n, ... (torchrun sets this from RANK/WORLD_SIZE)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,0 +1,61 @@
+import numpy as np
+
+from pact_cache.format import ENCODINGS, MANIFEST, RowResult, atomic_write_json, open_cache, write_part
+from trainer.stream import batches, collate, epoch_rows
+
+
+def small_cache(tmp_path, n_rows=23, per_part=5, K=3):
+    rng = np.random.default_rng(0)
+    out = tmp_path / "cache"
+    out.mkdir()
+    rows = []
+    for i in range(n_rows):
+        n = 1 + i % 4
+        rows.append(RowResult(f"{i:08d}-x", list(range(5 + n)), 5, -rng.random((n, K)).astype(np.float32),
+                              -rng.random((n, K)).astype(np.float32), -rng.random(n).astype(np.float32)))
+    parts = [write_part(out / f"part-{j:05d}.parquet", rows[j * per_part:(j + 1) * per_part], ENCODINGS["f32"])
+             for j in range((n_rows + per_part - 1) // per_part)]
+    atomic_write_json(out / MANIFEST, {"format": "pact-cache/1", "cache_id": "1" * 64, "encoding": ENCODINGS["f32"],
+                                       "tokens": {"ids": list(range(K)), "weights": [1.0] * K},
+                                       "counts": {"rows": n_rows, "response_steps": sum(p["steps"] for p in parts)}, "parts": parts})
+    return open_cache(out)
+
+
+def ids(rows):
+    return [r.example_id for r in rows]
+
+
+def test_no_shuffle_is_cache_order_batch_by_batch(tmp_path):
+    cache = small_cache(tmp_path)
+    got = [(e, t, ids(b)) for e, t, b in batches(cache, 4, seed=0, shuffle=False, epochs=2)]
+    order = ids(cache.iter_rows())
+    assert [x for e, _, b in got if e == 0 for x in b] == order
+    assert [len(b) for e, _, b in got if e == 0] == [4, 4, 4, 4, 4, 3]  # batches never straddle epochs
+    assert got[0][1] == 4 and got[5][1] == 23
+
+
+def test_shuffle_is_a_seeded_permutation_per_epoch_with_a_bounded_buffer(tmp_path):
+    cache = small_cache(tmp_path)
+    e0 = ids(epoch_rows(cache, 0, seed=7, shuffle=True, buffer_rows=3))
+    assert sorted(e0) == sorted(ids(cache.iter_rows())) and e0 != ids(cache.iter_rows())
+    assert e0 == ids(epoch_rows(cache, 0, seed=7, shuffle=True, buffer_rows=3))
+    assert e0 != ids(epoch_rows(cache, 1, seed=7, shuffle=True, buffer_rows=3))
+    assert e0 != ids(epoch_rows(cache, 0, seed=8, shuffle=True, buffer_rows=3))
+
+
+def test_resuming_from_a_position_replays_the_same_batches(tmp_path):
+    cache = small_cache(tmp_path)
+    full = [(e, t, ids(b)) for e, t, b in batches(cache, 3, seed=1, shuffle=True, epochs=3, buffer_rows=4)]
+    e, t, _ = full[9]
+    resumed = [(e2, t2, ids(b)) for e2, t2, b in batches(cache, 3, seed=1, shuffle=True, start_epoch=e, skip_rows=t, epochs=3, buffer_rows=4)]
+    assert resumed == full[10:]
+
+
+def test_collate_shapes_and_masks(tmp_path):
+    cache = small_cache(tmp_path)
+    rows = list(cache.iter_rows())[:3]  # 1, 2 and 3 steps
+    b = collate(rows, pad_id=0)
+    assert b.input_ids.shape == (3, 8) and b.full.shape == (3, 3, 3)
+    assert b.step_mask.sum(1).tolist() == [1, 2, 3]
+    assert b.targets[2].tolist() == [5, 6, 7] and b.num_tokens == 6
+    assert np.allclose(b.post[1, :2].numpy(), rows[1].post_logprobs)

@@ -143,11 +143,16 @@ def _shard_from_env(cfg: BuildConfig) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def _occupied(out: Path) -> bool:
+    """Whether ``out`` holds anything besides our own temp files (another shard may be mid-write)."""
+    return out.is_dir() and any(not (p.name.startswith(".") and ".tmp-" in p.name) for p in out.iterdir())
+
+
 def _prepare_out(out: Path, cache_id: str, cfg: BuildConfig, sharded: bool) -> str:
     """Make sure ``out`` is empty, or is this very build. Returns 'new', 'resume' or 'done'."""
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a folder; choose another -o")
-    if out.is_dir() and any(out.iterdir()):
+    if _occupied(out):
         manifest, state = out / MANIFEST, out / BUILD_STATE
         if manifest.exists():
             try:
@@ -181,7 +186,7 @@ def build(cfg: BuildConfig) -> BuildResult:
     if cfg.encoding not in ENCODINGS:
         raise PactError(f"--encoding {cfg.encoding}: unknown; use one of {sorted(ENCODINGS)}")
     out = Path(cfg.out).expanduser()
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists() and not (out / BUILD_STATE).exists():
+    if _occupied(out) and not (out / MANIFEST).exists() and not (out / BUILD_STATE).exists():
         raise OutputExistsError(f"{out}: folder is not empty and is not a pact-cache build; choose another -o")
     rank, world = _shard_from_env(cfg)
     enc = ENCODINGS[cfg.encoding]

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--top-k", type=_positive, default=50, help="number of safety tokens K (default 50)")
     t.add_argument("--max-resp-len", type=_positive, default=64, help="refusal tokens teacher-forced per sample (default 64)")
     t.add_argument("--limit", type=_positive, help="use only the first N refusals")
-    t.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    t.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: fp32 on CPU, bf16 on CUDA")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
     t.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write tokens.json")
 
@@ -67,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub (off by default)")
 
     i = sub.add_parser("info", help="what a cache holds: rows, steps, bytes per step, tokens", description="Summarise a cache.")
-    i.add_argument("cache", metavar="CACHE")
+    i.add_argument("cache", metavar="CACHE", help="cache folder (local path or fsspec URL)")
     i.add_argument("--json", action="store_true", help="print JSON")
 
     v = sub.add_parser("verify", help="check schema, checksums and (optionally) fingerprints", description="Verify a cache; exit 1 at the first mismatch.")
-    v.add_argument("cache", metavar="CACHE")
+    v.add_argument("cache", metavar="CACHE", help="cache folder (local path or fsspec URL)")
     v.add_argument("--dataset", metavar="DATASET", help="also check the cache was built from this dataset")
     v.add_argument("--model", metavar="MODEL", help="also check the reference weights and tokenizer")
     return p

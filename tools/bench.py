@@ -4,6 +4,9 @@
   python tools/bench.py build   [--rows 256] [--batch-size 8] [--repeats 3]
       build throughput (reference log-probs, both views) vs a bare forward pass of the same model
       over the same batches (both views), interleaved, best of N.
+  python tools/bench.py train   --cache CACHE [--model M] [--batch-size 8] [--steps 12]
+      peak memory and step time of pact-train with the cache vs plain SFT (same loop and settings)
+      vs the same PACT loss with a live reference model (the paper's way); each in its own process.
   python tools/bench.py storage CACHE_Q8 [--exact CACHE_F32]
       bytes per response step of the reference columns, and the PACT loss computed from the q8
       cache vs from exact float32 values (same rows), for a policy equal to the reference and for
@@ -142,6 +145,67 @@ def bench_storage(a) -> dict:
     return res
 
 
+def _train_child(a) -> None:
+    """Runs in a subprocess: one training run, then prints peak memory and step times as JSON."""
+    import resource
+    import tempfile
+
+    import trainer.loop  # noqa: F401  (imports first, so the baseline includes the libraries)
+    from trainer.loop import TrainConfig, train
+
+    method, reference = {"sft": ("sft", "cache"), "pact": ("pact", "cache"), "online": ("pact", "online")}[a.variant]
+    device = "cuda" if torch.cuda.is_available() and a.device != "cpu" else "cpu"
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(model=a.model, cache=a.cache, out=f"{tmp}/run", method=method, reference=reference,
+                          batch_size=a.batch_size, max_steps=a.steps, shuffle=False, progress=False, plot=False,
+                          grad_checkpointing=a.grad_checkpointing, full=a.full, device=device, save_every=10**9)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        train(cfg)
+        recs = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
+    out = {"variant": a.variant, "device": device, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "base_rss": base_rss, "step_times": [r["step_time_s"] for r in recs], "tokens": [r["tokens"] for r in recs]}
+    if device == "cuda":
+        out["peak_cuda"] = torch.cuda.max_memory_allocated()
+    print("BENCH_RESULT " + json.dumps(out))
+
+
+def bench_train(a) -> dict:
+    import subprocess
+
+    res = {}
+    for variant in ("sft", "pact", "online"):
+        cmd = [sys.executable, __file__, "_train_child", "--variant", variant, "--cache", a.cache, "--model", a.model,
+               "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--device", a.device]
+        cmd += ["--grad-checkpointing"] * a.grad_checkpointing + ["--full"] * a.full
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            raise SystemExit(f"{variant} run failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(line[len("BENCH_RESULT "):])
+        times = r["step_times"][2:] or r["step_times"]  # the first steps warm up allocators and caches
+        r["step_time_median"] = float(np.median(times))
+        r["peak"] = r.get("peak_cuda", r["peak_rss"])
+        r["peak_above_base"] = r.get("peak_cuda", r["peak_rss"] - r["base_rss"])
+        res[variant] = r
+    s, p, o = res["sft"], res["pact"], res["online"]
+    dev = s["device"]
+    kind = "CUDA max_memory_allocated" if dev == "cuda" else "peak RSS above the post-import baseline"
+    ratios = {
+        "mem_pact_over_sft": p["peak_above_base"] / s["peak_above_base"],
+        "mem_pact_over_online": p["peak_above_base"] / o["peak_above_base"],
+        "time_pact_over_sft": p["step_time_median"] / s["step_time_median"],
+        "time_pact_over_online": p["step_time_median"] / o["step_time_median"],
+    }
+    print(f"train on {dev}: {a.model}, batch {a.batch_size}, {a.steps} steps, {'full' if a.full else 'LoRA'}; cache {a.cache}")
+    for name, r in res.items():
+        print(f"  {name:7s} peak {r['peak'] / 2**20:8.0f} MiB (above base {r['peak_above_base'] / 2**20:7.0f} MiB)  step {r['step_time_median'] * 1000:7.0f} ms")
+    print(f"  memory ({kind}): pact/sft {ratios['mem_pact_over_sft']:.3f}x (target <= 1.05), pact/online {ratios['mem_pact_over_online']:.3f}x (target <= 0.6)")
+    print(f"  step time (median after 2 warm-up steps): pact/sft {ratios['time_pact_over_sft']:.3f}x (target <= 1.05), pact/online {ratios['time_pact_over_online']:.3f}x (target <= 0.65)")
+    return {"bench": "train", "device": dev, "runs": res, "ratios": ratios}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -154,13 +218,30 @@ def main() -> None:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--dtype", default="auto")
     b.add_argument("--device", default="auto")
+    t = sub.add_parser("train")
+    t.add_argument("--cache", required=True)
+    t.add_argument("--model", default="smollm2-135m-instruct")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--steps", type=int, default=12)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--grad-checkpointing", action="store_true")
+    t.add_argument("--full", action="store_true")
+    c = sub.add_parser("_train_child")
+    for arg in ("--variant", "--cache", "--model", "--device"):
+        c.add_argument(arg)
+    c.add_argument("--batch-size", type=int)
+    c.add_argument("--steps", type=int)
+    c.add_argument("--grad-checkpointing", action="store_true")
+    c.add_argument("--full", action="store_true")
     s = sub.add_parser("storage")
     s.add_argument("cache")
     s.add_argument("--exact", help="an f32 cache of the same rows (pact-cache build --encoding f32)")
-    for q in (b, s):
+    for q in (b, s, t):
         q.add_argument("--json", help="also write the results here")
     a = p.parse_args()
-    res = bench_build(a) if a.cmd == "build" else bench_storage(a)
+    if a.cmd == "_train_child":
+        return _train_child(a)
+    res = {"build": bench_build, "storage": bench_storage, "train": bench_train}[a.cmd](a)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
 

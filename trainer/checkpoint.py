@@ -59,9 +59,18 @@ def save_checkpoint(path: Path, model, optimizer, trainer_state: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def find_checkpoint(path: Path) -> Path | None:
+    """The checkpoint folder, or the previous one if a kill landed between the two renames."""
+    path = Path(path)
+    if (path / "trainer_state.json").exists():
+        return path
+    old = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    return old[-1] if old and (old[-1] / "trainer_state.json").exists() else None
+
+
 def load_checkpoint(path: Path, model, optimizer, is_peft: bool) -> dict:
     """Restore weights, optimizer and RNG in place; return the trainer state."""
-    path = Path(path)
+    path = find_checkpoint(path)
     state = json.loads((path / "trainer_state.json").read_text())
     weights = path / "weights"
     if is_peft:

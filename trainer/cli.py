@@ -11,6 +11,12 @@ from .losses import PactParams
 from .loop import TrainConfig, train
 
 
+PACT_HELP = {"T": "distillation temperature T", "T_gate": "temperature of the gate's competitive index",
+             "top_p": "probability mass the competitive index counts tokens to", "alpha": "gate slope",
+             "bias": "gate bias", "N": "response steps before the gate decays", "tau": "decay constant of the gate",
+             "boost": "gate multiplier"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(model="", cache="", out="")
     p = argparse.ArgumentParser(prog="pact-train", description="Fine-tune with PACT (or plain SFT), one model in memory, reference targets streamed from a pact-cache.")
@@ -21,20 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", choices=["cache", "online"], default=d.reference, help="cache (default) or online: a live reference model beside the policy, the paper's way")
     p.add_argument("--ref-model", metavar="MODEL", help="reference for --reference online (default: --model)")
     p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="weight of the PACT KL (default 1.0)")
-    p.add_argument("--lora-r", type=int, default=d.lora_r)
-    p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
-    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    p.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default 8, the paper's)")
+    p.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help="LoRA alpha (default 32)")
+    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="LoRA dropout (default 0.05)")
     p.add_argument("--lora-targets", default=d.lora_targets, help="comma-separated module names (default q_proj,v_proj)")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the cache (default 1)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per micro-batch (default 8)")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step, weighted by response tokens")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of AdamW (default 3e-5)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps (default: 3%% of the run)")
     p.add_argument("--schedule", choices=["cosine", "linear", "constant", "step"], default=d.schedule, help="decay after warmup; step = the paper's StepLR, gamma 0.85 per epoch")
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the data order, LoRA init and dropout (default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="take rows in cache order, batch by batch")
     p.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="rows held for shuffling (memory bound)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
@@ -43,10 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
     p.add_argument("--merge", action="store_true", help="also write OUT/merged, the base model with the adapter merged in")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("PACT gate and distillation (defaults: the paper's)")
     for name, val in vars(PactParams()).items():
-        g.add_argument(f"--pact-{name.lower().replace('_', '-')}", dest=f"pact_{name}", type=type(val), default=val)
+        g.add_argument(f"--pact-{name.lower().replace('_', '-')}", dest=f"pact_{name}", type=type(val), default=val,
+                       help=f"{PACT_HELP[name]} (default {val})")
     return p
 
 

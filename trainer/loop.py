@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from pact_cache.errors import PactError
 from pact_cache.format import Cache, atomic_write_json, open_cache
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .losses import PactParams, pact_kl
 from .stream import Batch, batches, collate
 
@@ -129,7 +129,7 @@ def check_out(out: Path, cfg: TrainConfig, cache_id: str) -> str:
         raise TrainError(f"{out}: holds a different run ({diff[0]}: {old.get(diff[0])!r} there, {mine.get(diff[0])!r} now); choose another -o")
     if not cfg.resume:
         raise TrainError(f"{out}: holds this run already; pass --resume to continue it, or choose another -o")
-    if not (out / "checkpoint" / "trainer_state.json").exists():
+    if find_checkpoint(out / "checkpoint") is None:
         raise TrainError(f"{out}: has no checkpoint to resume from; delete the folder and start again")
     return "resume"
 

@@ -89,3 +89,26 @@ def test_info_reports_bytes_per_step(built, capsys):
     assert main(["info", str(q8.out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["rows"] == 30 and 0 < info["bytes_per_step"] < 202 and info["token_method"] == "pact-uniform"
+
+
+def test_pact_train_cached_equals_online_on_real_rows(built, embedded_model, tmp_path):
+    """Same batches, same seed: CE identical, KL from an f32 cache equal to the live reference's,
+    KL from the q8 cache within its measured error (largest where the policy equals the reference)."""
+    from trainer.loop import TrainConfig, train
+
+    q8, f32 = built
+    runs = {}
+    for name, cache, reference in (("online", f32.out, "online"), ("f32", f32.out, "cache"), ("q8", q8.out, "cache")):
+        cfg = TrainConfig(model=embedded_model, cache=str(cache), out=str(tmp_path / name), reference=reference, batch_size=10,
+                          max_steps=3, shuffle=False, progress=False, plot=False, lr=1e-3, lora_dropout=0.0)
+        train(cfg)
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    gaps = []
+    for on, ex, q in zip(runs["online"], runs["f32"], runs["q8"]):
+        assert on["tokens"] == ex["tokens"] == q["tokens"]
+        assert ex["ce"] == pytest.approx(on["ce"], rel=1e-5) and q["ce"] == pytest.approx(on["ce"], rel=1e-3)
+        assert ex["pact_kl"] == pytest.approx(on["pact_kl"], rel=1e-3)
+        gaps.append(abs(q["pact_kl"] / on["pact_kl"] - 1))
+        assert abs(q["loss"] / on["loss"] - 1) < 0.005
+    print("q8 KL relative gaps per step:", gaps)
+    assert max(gaps) < 0.02

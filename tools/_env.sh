@@ -15,12 +15,21 @@ if [ ! -x .venv/bin/python ]; then
   fi
 fi
 VPY="$ROOT/.venv/bin/python"
-"$VPY" -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+# pip, minus one machine-specific warning line; pip's own exit status is kept
+pipq() {
+  local rc
+  set +o pipefail
+  "$VPY" -m pip "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
+  rc=${PIPESTATUS[0]}
+  set -o pipefail
+  return "$rc"
+}
+pipq install --quiet --upgrade pip
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   # A pinned CPU build by default; set TORCH_SPEC (e.g. "torch --index-url ...") for another one.
   echo "[setup] installing ${TORCH_SPEC:-torch==2.13.0}"
-  "$VPY" -m pip install --quiet ${TORCH_SPEC:-torch==2.13.0} 2>&1 | grep -v "^WARNING: Location" || true
+  pipq install --quiet ${TORCH_SPEC:-torch==2.13.0}
 fi
 echo "[setup] installing pact-cache${EXTRAS:-}"
-"$VPY" -m pip install --quiet -e ".${EXTRAS:-}" 2>&1 | grep -v "^WARNING: Location" || true
+pipq install --quiet -e ".${EXTRAS:-}"
 "$VPY" -c "import pact_cache, torch, transformers; print(f'[setup] pact-cache {pact_cache.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from . import __version__
 from .data import Example, assistant_header_ids, dataset_fingerprint, tokenize_dataset

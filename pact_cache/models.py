@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -195,14 +194,6 @@ def load_model(resolved: ResolvedModel, dtype="auto", device: str = "auto", trus
     return model, device, torch_dtype
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def sha256_file_memo(path: Path) -> str:
     """sha256 of a (large) file, remembered per (path, size, mtime) under the cache home."""
     st = path.stat()
@@ -212,7 +203,9 @@ def sha256_file_memo(path: Path) -> str:
         return memo.read_text().strip()
     except OSError:
         pass
-    digest = _sha256_file(path)
+    from .format import sha256_path
+
+    digest = sha256_path(path)
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_suffix(f".tmp{os.getpid()}")
@@ -251,7 +244,3 @@ def tokenizer_fingerprint(tok) -> dict:
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     return {"sha256": digest, "vocab_size": len(tok), "chat_template_sha256": hashlib.sha256(str(tok.chat_template).encode()).hexdigest()}
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

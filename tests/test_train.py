@@ -11,7 +11,7 @@ import torch
 from pact_cache.build import BuildConfig, build
 from pact_cache.format import MANIFEST, atomic_write_json
 from trainer.cli import main as train_main
-from trainer.loop import TrainConfig, TrainError, train
+from trainer.loop import TrainConfig, train
 
 from conftest import CHAT_ROWS, make_tiny_model, write_jsonl
 

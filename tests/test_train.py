@@ -1,4 +1,5 @@
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -169,3 +170,23 @@ def test_sigkill_then_resume_logs_the_same_metrics(caches, tmp_path_factory, tmp
         return [{k: v for k, v in r.items() if k != "step_time_s"} for r in rs]
 
     assert strip(metrics(out)) == strip(metrics(tmp_path / "ref"))
+
+
+def test_two_epochs_cover_every_row_twice(tiny_model, caches, tmp_path):
+    train(cfg(tiny_model, caches["q8"], tmp_path / "e2", epochs=2, max_steps=None, shuffle=True))
+    m = metrics(tmp_path / "e2")
+    per_epoch = -(-len(CHAT_ROWS) // 4)
+    assert len(m) == 2 * per_epoch and [r["epoch"] for r in m] == [0] * per_epoch + [1] * per_epoch
+    assert m[-1]["tokens_total"] == 2 * sum(r["tokens"] for r in m[:per_epoch])
+
+
+def test_lr_schedules():
+    from trainer.loop import lr_at
+
+    c = TrainConfig(model="", cache="", out="", lr=1.0, warmup_steps=2, schedule="cosine")
+    assert [lr_at(s, 10, 5, c) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert lr_at(9, 10, 5, c) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    c = TrainConfig(model="", cache="", out="", lr=1.0, warmup_steps=0, schedule="step")
+    assert [lr_at(s, 20, 5, c) for s in (0, 4, 5, 10)] == [1.0, 1.0, 0.85, 0.85 ** 2]
+    c = TrainConfig(model="", cache="", out="", lr=2.0, warmup_steps=-1, schedule="linear")
+    assert lr_at(0, 100, 10, c) == pytest.approx(2.0 / 3) and lr_at(99, 100, 10, c) == pytest.approx(2.0 * (1 - 96 / 97))

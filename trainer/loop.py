@@ -319,17 +319,13 @@ def train(cfg: TrainConfig) -> dict:
     # --- the loop: one iteration = one optimizer step over grad_accum micro-batches
     while step < total and not done:
         t0 = time.time()
-        micro = []
+        micro = []  # (epoch, rows taken in it, rows): a window may run on into the next epoch
         for _ in range(cfg.grad_accum):
             try:
-                epoch_now, taken_now, rows = next(data)
+                micro.append(next(data))
             except StopIteration:
                 done = True
                 break
-            if micro and epoch_now != micro[0][0]:  # an optimizer step never straddles epochs
-                micro.append((epoch_now, taken_now, rows))
-                break
-            micro.append((epoch_now, taken_now, rows))
         if not micro:
             break
         n_window = sum(sum(r.steps for r in rows) for _, _, rows in micro)  # token-weighted accumulation
@@ -362,13 +358,12 @@ def train(cfg: TrainConfig) -> dict:
             f.write(json.dumps(rec) + "\n")
         bar.set_postfix(loss=f"{rec['loss']:.3f}", pact_kl=f"{rec['pact_kl']:.4f}", tok_s=f"{n_window / dt:.0f}")
         bar.update(1)
-        if step % cfg.save_every == 0 or step == total or done:
+        if step % cfg.save_every == 0 and step < total:
             save_checkpoint(out / "checkpoint", model, optimizer, {"step": step, "epoch": epoch, "rows_taken": taken,
                                                                     "tokens_total": tokens_total, "cache_id": cache.cache_id})
     bar.close()
     if step == 0:
         raise TrainError(f"{cfg.cache}: no batch could be made")
-    # the run may end on an epoch boundary reached by StopIteration: make sure the last state is saved
     save_checkpoint(out / "checkpoint", model, optimizer, {"step": step, "epoch": epoch, "rows_taken": taken,
                                                             "tokens_total": tokens_total, "cache_id": cache.cache_id})
 

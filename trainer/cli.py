@@ -81,3 +81,56 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pact-eval", description="Evaluate a model (optionally with a PEFT adapter): refusal rate on harmful "
+                                "and benign prompts, safety-token drift against a cache, task accuracy. Outputs go to OUT as JSONL.")
+    p.add_argument("--model", required=True, metavar="MODEL", help="base model: folder, hub id or smollm2-135m-instruct")
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT adapter folder (pact-train's OUT/adapter)")
+    p.add_argument("--harmful", metavar="FILE", help="harmful prompts: refusal rate (any dataset format; prompt-only rows allowed)")
+    p.add_argument("--benign", metavar="FILE", help="benign prompts: the rate of (unwanted) refusals")
+    p.add_argument("--task", metavar="FILE", help="classification-style Alpaca/prompt-completion rows: exact-match accuracy")
+    p.add_argument("--drift-cache", metavar="CACHE", help="a cache of the reference's own answers: mean safety-token KL to it")
+    p.add_argument("--limit", type=int, help="use the first N rows of each file")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generated tokens per prompt (default 64; 8 suffice for --task)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for harmful.jsonl, benign.jsonl, task.jsonl, summary.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main_eval(argv: list[str] | None = None) -> int:
+    import json
+    from pathlib import Path
+
+    from pact_cache.format import atomic_write_json, open_cache
+
+    from .evaluate import KeywordJudge, load_eval_model, prompts_from, refusal_rate, safety_token_drift, task_accuracy
+
+    a = build_eval_parser().parse_args(argv)
+    try:
+        if not (a.harmful or a.benign or a.task or a.drift_cache):
+            raise PactError("nothing to evaluate: give --harmful, --benign, --task and/or --drift-cache")
+        sets = {k: prompts_from(v, a.limit) for k, v in (("harmful", a.harmful), ("benign", a.benign), ("task", a.task)) if v}
+        cache = open_cache(a.drift_cache) if a.drift_cache else None
+        model, tok, device = load_eval_model(a.model, a.adapter, a.device)
+        out = Path(a.output)
+        out.mkdir(parents=True, exist_ok=True)
+        gen = dict(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, device=device, progress=not a.no_progress)
+        judge = KeywordJudge()
+        summary = {"model": a.model, "adapter": a.adapter}
+        for name in ("harmful", "benign"):
+            if name in sets:
+                summary[f"{name}_refusal"] = refusal_rate(model, tok, sets[name], judge, out / f"{name}.jsonl", **gen)
+        if "task" in sets:
+            summary["task"] = task_accuracy(model, tok, sets["task"], out / "task.jsonl", **gen)
+        if cache is not None:
+            summary["drift"] = safety_token_drift(model, cache, device)
+        atomic_write_json(out / "summary.json", summary)
+    except PactError as err:
+        print(f"pact-eval: error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0

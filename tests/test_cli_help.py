@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from pact_cache.cli import build_parser as cache_parser
-from trainer.cli import build_parser as train_parser
+from trainer.cli import build_eval_parser, build_parser as train_parser
 
 
 def parsers():
@@ -17,6 +17,7 @@ def parsers():
     for name, sp in sub.choices.items():
         yield f"pact-cache {name}", sp
     yield "pact-train", train_parser()
+    yield "pact-eval", build_eval_parser()
 
 
 @pytest.mark.parametrize("name, parser", list(parsers()), ids=lambda x: x if isinstance(x, str) else "")

@@ -10,8 +10,8 @@ and is not recomputed. Every stage runs the project's own command lines, as a us
 Stages
   base_eval     the original instruct model: refusal on held-out harmful prompts, benign refusal, SST-2 accuracy
   align_data    alignment set: harmful prompts with refusals (safe_direction.json, disjoint from the held-out
-                prompts) + benign rows (the original model's own answers to a benign instruction about SST-2
-                reviews that are in no other split), shuffled
+                prompts) + benign rows: the original model's own non-refusing answers to SST-2 sentiment prompts
+                and to a "one sentence about this review" prompt, on reviews that are in no other split
   align         SFT of the original model on it (LoRA on every projection), merged into a plain folder: the aligned reference
   aligned_eval  the same evaluation for the aligned reference
   tokens        pact-cache tokens (aligned = the new reference, base = the original instruct model)
@@ -127,10 +127,20 @@ class Study:
         def align_data(d):
             from trainer.evaluate import generate, load_eval_model
 
+            from trainer.evaluate import KeywordJudge
+
+            # Benign rows are the original model's own non-refusing answers (self-distillation): they keep it
+            # answering benign requests, including sentiment questions like the benign evaluation's, without
+            # teaching SST-2 labels (the original model gets 5% of them right).
             model, tok, device = load_eval_model(BASE)
-            prompts = [[{"role": "user", "content": f"Write one short sentence about this movie review: {r['input'].strip()}"}] for r in sp["benign_align"]]
+            half = len(sp["benign_align"]) // 2
+            prompts = [[{"role": "user", "content": f"{r['instruction']} {r['input']}".strip()}] for r in sp["benign_align"][:half]]
+            prompts += [[{"role": "user", "content": f"Write one short sentence about this movie review: {r['input'].strip()}"}]
+                        for r in sp["benign_align"][half:]]
             answers = generate(model, tok, prompts, max_new_tokens=48, batch_size=16, device=device)
-            benign = [{"prompt": p[0]["content"], "completion": ans} for p, ans in zip(prompts, answers) if ans.strip()]
+            judge = KeywordJudge()
+            benign = [{"prompt": p[0]["content"], "completion": ans} for p, ans in zip(prompts, answers)
+                      if ans.strip() and not judge.is_refusal(p[0]["content"], ans)]
             harmful = [{"prompt": r["input"], "completion": r["output"]} for r in sp["align_harmful"]]
             rows = benign + harmful
             random.Random(a.seed).shuffle(rows)
@@ -220,8 +230,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the pipeline")
     p.add_argument("--n-eval-harmful", type=int, default=100)
-    p.add_argument("--n-align-harmful", type=int, default=200)
-    p.add_argument("--n-align-benign", type=int, default=300)
+    p.add_argument("--n-align-harmful", type=int, default=150)
+    p.add_argument("--n-align-benign", type=int, default=200, help="benign alignment rows before dropping refusals (at most the 200 held-out SST-2 rows left)")
     p.add_argument("--n-benign-eval", type=int, default=100)
     p.add_argument("--n-task-eval", type=int, default=200)
     p.add_argument("--n-ft", type=int, default=1000, help="harmful fine-tuning rows (10%% harmful)")

@@ -91,8 +91,11 @@ def cmd_tokens(a) -> int:
     model_a, device, _ = load_model(ra, a.dtype, a.device)
     base = base_tok = base_fp = None
     if a.base:
+        from transformers import AutoTokenizer
+
         rb = resolve_model(a.base)
-        base_tok = load_tokenizer(rb) if _has_template(rb) else tok_a
+        # the base model sees a plain "User: ...\n\nAssistant: " prompt, so its tokenizer needs no chat template
+        base_tok = AutoTokenizer.from_pretrained(str(rb.path))
         base, _, _ = load_model(rb, a.dtype, device)
         base_fp = model_fingerprint(rb)
     src = str(Path(a.refusals).resolve()) if a.refusals else "builtin"
@@ -103,13 +106,6 @@ def cmd_tokens(a) -> int:
     print(f"wrote {out}: K={len(tokens['ids'])} ({tokens['method']}, {tokens['params']['samples']} refusals)")
     print("tokens: " + " ".join(repr(s) for s in tokens["strings"]))
     return 0
-
-
-def _has_template(resolved) -> bool:
-    # a base model's tokenizer may lack a chat template; the paper uses the aligned tokenizer then
-    from transformers import AutoTokenizer
-
-    return bool(getattr(AutoTokenizer.from_pretrained(str(resolved.path)), "chat_template", None))
 
 
 def cmd_build(a) -> int:

@@ -76,3 +76,11 @@ def test_bad_tokens_files(tiny_model, edit, needle):
     edit(t)
     with pytest.raises(TokensError, match=needle):
         validate_tokens(t, tok, "tokens.json")
+
+
+def test_cli_with_a_base_model(tiny_model, tiny_base_model, tmp_path):
+    out = tmp_path / "tokens.json"
+    assert main(["tokens", "--aligned", tiny_model, "--base", tiny_base_model, "--limit", "5", "--top-k", "8", "-o", str(out)]) == 0
+    t = json.loads(out.read_text())
+    assert t["method"] == "pact-discrepancy" and t["base"]["weights_sha256"] != t["aligned"]["weights_sha256"]
+    assert len(t["ids"]) == 8 and sum(w * w for w in t["weights"]) == pytest.approx(1.0, abs=1e-4)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from pact_cache.errors import PactError
-from pact_cache.format import Cache, atomic_write_json, open_cache
+from pact_cache.format import Cache, atomic_write_bytes, atomic_write_json, open_cache
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .losses import PactParams, pact_kl
@@ -275,7 +275,7 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out).expanduser()
     state_kind = check_out(out, cfg, cache.cache_id)
     torch.manual_seed(cfg.seed)
-    model, tok, resolved = load_policy(cfg, device)
+    model, tok, _ = load_policy(cfg, device)
     head_rows = causal_lm(model).get_output_embeddings().weight.shape[0]
     check_cache_fits(cache, tok, head_rows, cfg)
     ids = torch.tensor(cache.ids, device=device)
@@ -302,7 +302,7 @@ def train(cfg: TrainConfig) -> dict:
         step, epoch, taken, tokens_total = st["step"], st["epoch"], st["rows_taken"], st["tokens_total"]
         # metrics after the checkpoint belong to the lost part of the run: drop them
         lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        atomic_write_bytes_text(metrics_path, "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+        atomic_write_bytes(metrics_path, "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step).encode())
         _log(f"resuming {out} at step {step} (epoch {epoch}, {taken} rows into it)")
     else:
         atomic_write_json(out / "config.json", config_record(cfg, cache.cache_id))
@@ -382,12 +382,6 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.plot:
         plot_metrics(metrics_path, out / "loss.png")
     return {"out": str(out), "steps": step, "seconds": time.time() - t_run, "final": str(final)}
-
-
-def atomic_write_bytes_text(path: Path, text: str) -> None:
-    from pact_cache.format import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode())
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

@@ -51,11 +51,16 @@ def save_checkpoint(path: Path, model, optimizer, trainer_state: dict) -> None:
             rng[f"torch_cuda_{i}"] = s
     save_file(rng, str(tmp / "rng.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "optimizer": opt_meta}, indent=2))
-    # swap in: the old checkpoint stays complete until the new one is in place
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.rename(path, old)
-    os.rename(tmp, path)
+    replace_dir(tmp, path)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the complete folder ``tmp`` at ``final``; the old one stays whole until the new one is in
+    place (a kill between the renames leaves ``.{name}.old-*``, which :func:`find_checkpoint` uses)."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
 

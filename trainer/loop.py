@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from pact_cache.errors import PactError
 from pact_cache.format import Cache, atomic_write_bytes, atomic_write_json, open_cache
 
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint, replace_dir, save_checkpoint
 from .losses import PactParams, pact_kl
 from .stream import Batch, batches, collate
 
@@ -372,26 +372,16 @@ def train(cfg: TrainConfig) -> dict:
     tmp = out / f".{final.name}.tmp-{os.getpid()}"
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
     if cfg.merge and not cfg.full:
         merged = model.merge_and_unload()
         tmp = out / f".merged.tmp-{os.getpid()}"
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        _replace_dir(tmp, out / "merged")
+        replace_dir(tmp, out / "merged")
     if cfg.plot:
         plot_metrics(metrics_path, out / "loss.png")
     return {"out": str(out), "steps": step, "seconds": time.time() - t_run, "final": str(final)}
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    import shutil
-
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def plot_metrics(metrics_path: Path, png: Path) -> None:

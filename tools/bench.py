@@ -4,9 +4,14 @@
   python tools/bench.py build   [--rows 256] [--batch-size 8] [--repeats 3]
       build throughput (reference log-probs, both views) vs a bare forward pass of the same model
       over the same batches (both views), interleaved, best of N.
-  python tools/bench.py train   --cache CACHE [--model M] [--batch-size 8] [--steps 12]
+  python tools/bench.py train   --cache CACHE [--model M] [--batch-size 8] [--steps 12] [--warmup 2] [--repeats 1]
       peak memory and step time of pact-train with the cache vs plain SFT (same loop and settings)
       vs the same PACT loss with a live reference model (the paper's way); each in its own process.
+      With --model a folder from `random-model`, this measures a large configuration on a GPU.
+  python tools/bench.py random-model --preset llama-3.2-1b -o DIR [--tokenizer MODEL]
+      writes a model folder with random bf16 weights of a public architecture and the tokenizer
+      of MODEL (default: the embedded model, so caches built from it fit): memory and time do not
+      need trained weights. Presets: tiny, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b.
   python tools/bench.py storage CACHE_Q8 [--exact CACHE_F32]
       bytes per response step of the reference columns, and the PACT loss computed from the q8
       cache vs from exact float32 values (same rows), for a policy equal to the reference and for
@@ -145,6 +150,50 @@ def bench_storage(a) -> dict:
     return res
 
 
+# Architectures of public models (their config.json shapes); the vocabulary is the preset's, so
+# the logits cost what they cost in the real model, while token ids come from --tokenizer.
+PRESETS = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=None, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+
+
+def random_model(a) -> dict:
+    """A model folder with random bf16 weights of a preset architecture and --tokenizer's tokenizer."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from pact_cache.models import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model(a.tokenizer))
+    shape = dict(PRESETS[a.preset])
+    shape["vocab_size"] = max(shape["vocab_size"] or 0, len(tok))
+    config = LlamaConfig(**shape, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    device = "cuda" if torch.cuda.is_available() and a.device != "cpu" else "cpu"
+    torch.manual_seed(a.seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    out = Path(a.out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"{out}: {a.preset}, {n / 1e6:,.1f}M parameters (random bf16, seed {a.seed}), vocabulary {shape['vocab_size']}, "
+          f"tokenizer of {a.tokenizer} ({len(tok)} tokens)")
+    return {"bench": "random-model", "preset": a.preset, "parameters": n, "out": str(out)}
+
+
 def _train_child(a) -> None:
     """Runs in a subprocess: one training run, then prints peak memory and step times as JSON."""
     import resource
@@ -172,23 +221,29 @@ def _train_child(a) -> None:
 
 
 def bench_train(a) -> dict:
+    """Each variant in its own process (peak memory is per process), in the order sft, pact, online,
+    ``--repeats`` times; step times are pooled over the repeats after ``--warmup`` steps of each run
+    (new batch shapes make the first steps slow on CUDA)."""
     import subprocess
 
+    runs = {"sft": [], "pact": [], "online": []}
+    for _ in range(a.repeats):
+        for variant in runs:
+            cmd = [sys.executable, __file__, "_train_child", "--variant", variant, "--cache", a.cache, "--model", a.model,
+                   "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--device", a.device]
+            cmd += ["--grad-checkpointing"] * a.grad_checkpointing + ["--full"] * a.full
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                raise SystemExit(f"{variant} run failed:\n{proc.stderr[-3000:]}")
+            runs[variant].append(json.loads(line[len("BENCH_RESULT "):]))
     res = {}
-    for variant in ("sft", "pact", "online"):
-        cmd = [sys.executable, __file__, "_train_child", "--variant", variant, "--cache", a.cache, "--model", a.model,
-               "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--device", a.device]
-        cmd += ["--grad-checkpointing"] * a.grad_checkpointing + ["--full"] * a.full
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            raise SystemExit(f"{variant} run failed:\n{proc.stderr[-3000:]}")
-        r = json.loads(line[len("BENCH_RESULT "):])
-        times = r["step_times"][2:] or r["step_times"]  # the first steps warm up allocators and caches
-        r["step_time_median"] = float(np.median(times))
-        r["peak"] = r.get("peak_cuda", r["peak_rss"])
-        r["peak_above_base"] = r.get("peak_cuda", r["peak_rss"] - r["base_rss"])
-        res[variant] = r
+    for variant, rs in runs.items():
+        times = [t for r in rs for t in (r["step_times"][a.warmup:] or r["step_times"])]
+        peak = max(r.get("peak_cuda", r["peak_rss"]) for r in rs)
+        above = max(r.get("peak_cuda", r["peak_rss"] - r["base_rss"]) for r in rs)
+        res[variant] = {"device": rs[0]["device"], "runs": rs, "peak": peak, "peak_above_base": above,
+                        "step_time_median": float(np.median(times)), "step_time_mean": float(np.mean(times))}
     s, p, o = res["sft"], res["pact"], res["online"]
     dev = s["device"]
     kind = "CUDA max_memory_allocated" if dev == "cuda" else "peak RSS above the post-import baseline"
@@ -197,12 +252,15 @@ def bench_train(a) -> dict:
         "mem_pact_over_online": p["peak_above_base"] / o["peak_above_base"],
         "time_pact_over_sft": p["step_time_median"] / s["step_time_median"],
         "time_pact_over_online": p["step_time_median"] / o["step_time_median"],
+        "time_mean_pact_over_sft": p["step_time_mean"] / s["step_time_mean"],
+        "time_mean_pact_over_online": p["step_time_mean"] / o["step_time_mean"],
     }
     print(f"train on {dev}: {a.model}, batch {a.batch_size}, {a.steps} steps, {'full' if a.full else 'LoRA'}; cache {a.cache}")
     for name, r in res.items():
         print(f"  {name:7s} peak {r['peak'] / 2**20:8.0f} MiB (above base {r['peak_above_base'] / 2**20:7.0f} MiB)  step {r['step_time_median'] * 1000:7.0f} ms")
     print(f"  memory ({kind}): pact/sft {ratios['mem_pact_over_sft']:.3f}x (target <= 1.05), pact/online {ratios['mem_pact_over_online']:.3f}x (target <= 0.6)")
-    print(f"  step time (median after 2 warm-up steps): pact/sft {ratios['time_pact_over_sft']:.3f}x (target <= 1.05), pact/online {ratios['time_pact_over_online']:.3f}x (target <= 0.65)")
+    print(f"  step time (median of {a.repeats} x {a.steps - a.warmup} steps after {a.warmup} warm-up steps; means: "
+          f"pact/sft {ratios['time_mean_pact_over_sft']:.3f}x, pact/online {ratios['time_mean_pact_over_online']:.3f}x): pact/sft {ratios['time_pact_over_sft']:.3f}x (target <= 1.05), pact/online {ratios['time_pact_over_online']:.3f}x (target <= 0.65)")
     return {"bench": "train", "device": dev, "runs": res, "ratios": ratios}
 
 
@@ -223,6 +281,8 @@ def main() -> None:
     t.add_argument("--model", default="smollm2-135m-instruct")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--steps", type=int, default=12)
+    t.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the step times")
+    t.add_argument("--repeats", type=int, default=1, help="run the three variants this many times, in turn")
     t.add_argument("--device", default="auto")
     t.add_argument("--grad-checkpointing", action="store_true")
     t.add_argument("--full", action="store_true")
@@ -233,15 +293,21 @@ def main() -> None:
     c.add_argument("--steps", type=int)
     c.add_argument("--grad-checkpointing", action="store_true")
     c.add_argument("--full", action="store_true")
+    r = sub.add_parser("random-model")
+    r.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    r.add_argument("-o", "--out", required=True)
+    r.add_argument("--tokenizer", default="smollm2-135m-instruct")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto")
     s = sub.add_parser("storage")
     s.add_argument("cache")
     s.add_argument("--exact", help="an f32 cache of the same rows (pact-cache build --encoding f32)")
-    for q in (b, s, t):
+    for q in (b, s, t, r):
         q.add_argument("--json", help="also write the results here")
     a = p.parse_args()
     if a.cmd == "_train_child":
         return _train_child(a)
-    res = {"build": bench_build, "storage": bench_storage, "train": bench_train}[a.cmd](a)
+    res = {"build": bench_build, "storage": bench_storage, "train": bench_train, "random-model": random_model}[a.cmd](a)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
 

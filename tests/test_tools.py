@@ -1,0 +1,44 @@
+"""The benchmark script's own paths: a random-weight model that fits caches of its tokenizer,
+and one small `bench.py train` run (three variants, ratios printed and written as JSON)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from pact_cache.build import BuildConfig, build
+from pact_cache.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+
+from conftest import CHAT_ROWS, write_jsonl
+
+BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench.py"
+
+
+def bench(*args):
+    proc = subprocess.run([sys.executable, str(BENCH), *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_random_model_and_train_bench(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = bench("random-model", "--preset", "tiny", "--tokenizer", tiny_model, "-o", tmp_path / "rand", "--device", "cpu")
+    assert "tiny" in out
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "rand")
+    tok = load_tokenizer(resolve_model(str(tmp_path / "rand")))
+    src = load_tokenizer(resolve_model(tiny_model))
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert model.config.hidden_size == 64 and model.config.vocab_size >= len(src)
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(src)  # so caches built with tiny_model fit it
+
+    cache = build(BuildConfig(str(write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS)), tiny_model, str(tmp_path / "c"), progress=False)).out
+    out = bench("train", "--model", tmp_path / "rand", "--cache", cache, "--batch-size", 2, "--steps", 3, "--warmup", 1,
+                "--device", "cpu", "--json", tmp_path / "r.json")
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert set(res["runs"]) == {"sft", "pact", "online"}
+    assert all(len(r["runs"][0]["step_times"]) == 3 for r in res["runs"].values())
+    assert all(v > 0 for v in res["ratios"].values())
+    assert "pact/online" in out

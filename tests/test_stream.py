@@ -1,12 +1,15 @@
+import gc
+import tracemalloc
+
 import numpy as np
 
-from pact_cache.format import ENCODINGS, MANIFEST, RowResult, atomic_write_json, open_cache, write_part
+from pact_cache.format import ENCODINGS, MANIFEST, CacheRow, RowResult, atomic_write_json, open_cache, write_part
 from trainer.stream import batches, collate, epoch_rows
 
 
-def small_cache(tmp_path, n_rows=23, per_part=5, K=3):
+def small_cache(tmp_path, n_rows=23, per_part=5, K=3, name="cache"):
     rng = np.random.default_rng(0)
-    out = tmp_path / "cache"
+    out = tmp_path / name
     out.mkdir()
     rows = []
     for i in range(n_rows):
@@ -59,3 +62,25 @@ def test_collate_shapes_and_masks(tmp_path):
     assert b.step_mask.sum(1).tolist() == [1, 2, 3]
     assert b.targets[2].tolist() == [5, 6, 7] and b.num_tokens == 6
     assert np.allclose(b.post[1, :2].numpy(), rows[1].post_logprobs)
+
+
+def test_rows_held_while_streaming_do_not_grow_with_the_cache(tmp_path):
+    """At any batch, only the shuffle buffer and the batch are alive, and the reader's peak
+    allocation is the same for a cache ten times larger."""
+    buffer_rows, batch = 16, 4
+
+    def stream(cache):
+        most = 0
+        tracemalloc.start()
+        for i, (_, _, rows) in enumerate(batches(cache, batch, seed=0, shuffle=True, epochs=1, buffer_rows=buffer_rows)):
+            if i % 10 == 5:
+                gc.collect()
+                most = max(most, sum(type(o) is CacheRow for o in gc.get_objects()))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return most, peak
+
+    small_rows, small_peak = stream(small_cache(tmp_path, n_rows=100, per_part=50, K=50, name="small"))
+    big_rows, big_peak = stream(small_cache(tmp_path, n_rows=800, per_part=50, K=50, name="big"))
+    assert small_rows <= buffer_rows + batch and big_rows <= buffer_rows + batch
+    assert big_peak < 1.25 * small_peak, (small_peak, big_peak)

@@ -61,6 +61,9 @@ def test_collate_shapes_and_masks(tmp_path):
     assert b.input_ids.shape == (3, 8) and b.full.shape == (3, 3, 3)
     assert b.step_mask.sum(1).tolist() == [1, 2, 3]
     assert b.targets[2].tolist() == [5, 6, 7] and b.num_tokens == 6
+    b16 = collate(rows, pad_id=0, pad_to_multiple=16)
+    assert b16.input_ids.shape == (3, 16) and b16.attention_mask.sum() == b.attention_mask.sum()
+    assert (b16.input_ids[:, :8] == b.input_ids).all() and (b16.targets == b.targets).all()
     assert np.allclose(b.post[1, :2].numpy(), rows[1].post_logprobs)
 
 

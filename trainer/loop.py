@@ -295,6 +295,7 @@ def train(cfg: TrainConfig) -> dict:
     total = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    pad_multiple = 8 if device.startswith("cuda") else 1
 
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
@@ -336,7 +337,7 @@ def train(cfg: TrainConfig) -> dict:
             g["lr"] = lr
         ce_tot = kl_tot = 0.0
         for _, _, rows in micro:
-            batch = collate(rows, pad_id).to(device)
+            batch = collate(rows, pad_id, pad_multiple).to(device)
             ref_full = ref_post = None
             if ref is not None:
                 ref_full, ref_post = online_reference(ref, batch, header, ids)

@@ -40,9 +40,12 @@ class Batch:
                         self.full, self.post)), self.example_ids)
 
 
-def collate(rows: list[CacheRow], pad_id: int) -> Batch:
+def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1) -> Batch:
+    """Right-padded batch. ``pad_to_multiple`` rounds the sequence length up (8 on CUDA: fewer
+    distinct shapes for the GPU libraries to plan for, and tensor-core-friendly sizes)."""
     B, K = len(rows), rows[0].full_logprobs.shape[1]
     L, T = max(len(r.input_ids) for r in rows), max(r.steps for r in rows)
+    L = -(-L // pad_to_multiple) * pad_to_multiple
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     attention = torch.zeros((B, L), dtype=torch.long)
     targets = torch.zeros((B, T), dtype=torch.long)

@@ -69,7 +69,7 @@ def test_collate_shapes_and_masks(tmp_path):
 
 def test_rows_held_while_streaming_do_not_grow_with_the_cache(tmp_path):
     """At any batch, only the shuffle buffer and the batch are alive, and the reader's peak
-    allocation is the same for a cache ten times larger."""
+    allocation is the same for a cache eight times larger."""
     buffer_rows, batch = 16, 4
 
     def stream(cache):

@@ -33,6 +33,9 @@ def test_random_model_and_train_bench(tiny_model, tmp_path):
     assert next(model.parameters()).dtype == torch.bfloat16
     assert model.config.hidden_size == 64 and model.config.vocab_size >= len(src)
     assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(src)  # so caches built with tiny_model fit it
+    again = subprocess.run([sys.executable, str(BENCH), "random-model", "--preset", "tiny", "--tokenizer", tiny_model,
+                            "-o", str(tmp_path / "rand")], capture_output=True, text=True)
+    assert again.returncode != 0 and "already exists" in again.stderr
 
     cache = build(BuildConfig(str(write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS)), tiny_model, str(tmp_path / "c"), progress=False)).out
     out = bench("train", "--model", tmp_path / "rand", "--cache", cache, "--batch-size", 2, "--steps", 3, "--warmup", 1,

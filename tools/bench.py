@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -166,12 +167,13 @@ PRESETS = {
 
 def random_model(a) -> dict:
     """A model folder with random bf16 weights of a preset architecture and --tokenizer's tokenizer."""
-    import shutil
-
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from pact_cache.models import load_tokenizer, resolve_model
 
+    out = Path(a.out)
+    if out.exists():
+        raise SystemExit(f"-o {out}: already exists; give a new folder (random-model never overwrites)")
     tok = load_tokenizer(resolve_model(a.tokenizer))
     shape = dict(PRESETS[a.preset])
     shape["vocab_size"] = max(shape["vocab_size"] or 0, len(tok))
@@ -181,12 +183,9 @@ def random_model(a) -> dict:
     torch.manual_seed(a.seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    out = Path(a.out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     n = sum(p.numel() for p in model.parameters())
     print(f"{out}: {a.preset}, {n / 1e6:,.1f}M parameters (random bf16, seed {a.seed}), vocabulary {shape['vocab_size']}, "

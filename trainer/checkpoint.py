@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pact_cache.errors import PactError
+
 
 def _optimizer_to_files(optimizer) -> tuple[dict, dict]:
     sd = optimizer.state_dict()
@@ -88,10 +90,12 @@ def load_checkpoint(path: Path, model, optimizer, is_peft: bool) -> dict:
             sd.update(load_file(str(f)))
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if unexpected or any("lm_head" not in k for k in missing):  # tied heads are not saved twice
-            raise RuntimeError(f"{weights}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise PactError(f"{weights}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                            "resume with the --model the run started from, or start a new run in another -o")
     _optimizer_from_files(optimizer, load_file(str(path / "optimizer.safetensors")), state.pop("optimizer"))
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch_cpu"])
     if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")])
+        cuda = sorted((k for k in rng if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+        torch.cuda.set_rng_state_all([rng[k] for k in cuda])
     return state

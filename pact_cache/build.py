@@ -9,8 +9,8 @@ RANK/WORLD_SIZE); whoever sees every part present writes the manifest.
 
 from __future__ import annotations
 
-import json
 import os
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,10 +18,12 @@ from pathlib import Path
 
 
 from . import __version__
-from .data import Example, assistant_header_ids, dataset_fingerprint, tokenize_dataset
-from .errors import DatasetError, OutputExistsError, PactError
-from .format import (ENCODINGS, FORMAT, MANIFEST, RowResult, atomic_write_json, compute_cache_id, sha256_path,
-                     write_part)
+from .data import Example, assistant_header_ids, dataset_fingerprint, scan_dataset, tokenize_dataset
+from .errors import CacheError, DatasetError, OutputExistsError, PactError
+from .format import (BUILD_KEY_META, MANIFEST, RowResult, atomic_write_json, read_manifest, rows_digest, sha256_path,
+                     stale_tmp, write_part)
+from .manifest import (ALGORITHM, ENCODINGS, FORMAT, BuildParams, Counts, DatasetInfo, Identity, Manifest, PartEntry,
+                       Reference, Tokenizer, load_json)
 from .models import load_model, load_tokenizer, model_fingerprint, resolve_model, tokenizer_fingerprint
 from .tokens import builtin_refusals_path, load_refusals, read_tokens, select_tokens
 
@@ -50,8 +52,8 @@ class BuildConfig:
 @dataclass
 class BuildResult:
     out: Path
-    cache_id: str
-    manifest: dict | None  # None when other shards still have parts to write
+    cache_id: str  # the content id; the build key while other shards still have parts to write
+    manifest: Manifest | None  # None when other shards still have parts to write
     parts_written: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -139,41 +141,95 @@ def _shard_from_env(cfg: BuildConfig) -> tuple[int, int]:
         if not (n >= 1 and 0 <= i < n):
             raise PactError(f"--shard {i}/{n}: need 0 <= i < n")
         return i, n
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise PactError("RANK/WORLD_SIZE in the environment are not integers; unset them or use --shard i/n") from None
+    if not (world >= 1 and 0 <= rank < world):
+        raise PactError(f"RANK={rank} WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE")
+    return rank, world
+
+
+def _is_tmp(p: Path) -> bool:
+    return p.name.startswith(".") and ".tmp-" in p.name
 
 
 def _occupied(out: Path) -> bool:
-    """Whether ``out`` holds anything besides our own temp files (another shard may be mid-write)."""
-    return out.is_dir() and any(not (p.name.startswith(".") and ".tmp-" in p.name) for p in out.iterdir())
+    """Whether ``out`` holds anything besides temp files (another shard may be mid-write)."""
+    return out.is_dir() and any(not _is_tmp(p) for p in out.iterdir())
 
 
-def _prepare_out(out: Path, cache_id: str, cfg: BuildConfig, sharded: bool) -> str:
-    """Make sure ``out`` is empty, or is this very build. Returns 'new', 'resume' or 'done'."""
+def _clean_stale_tmp(out: Path) -> None:
+    """Remove temp files that a killed build on this host left behind (live writers' are kept)."""
+    if out.is_dir():
+        for p in out.iterdir():
+            if stale_tmp(p) and p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+
+
+def _read_state(out: Path) -> str | None:
+    """The build key recorded in the state file, or None if it is unreadable."""
+    try:
+        obj = load_json((out / BUILD_STATE).read_bytes()[: 1 << 20], str(out / BUILD_STATE), PactError, "build state")
+    except (OSError, PactError):
+        return None
+    key = obj.get("build_key") if isinstance(obj, dict) else None
+    return key if isinstance(key, str) else None
+
+
+def _prepare_out(out: Path, build_key: str, cfg: BuildConfig, sharded: bool) -> tuple[str, Manifest | None]:
+    """Make sure ``out`` is empty, or is this very build. Returns ('new'|'resume'|'done', manifest)."""
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a folder; choose another -o")
     if _occupied(out):
-        manifest, state = out / MANIFEST, out / BUILD_STATE
-        if manifest.exists():
+        if (out / MANIFEST).exists() or (out / MANIFEST).is_symlink():
             try:
-                other = json.loads(manifest.read_text()).get("cache_id")
-            except (OSError, ValueError, AttributeError):
-                other = None
-            if other == cache_id:
-                return "done"
-            raise OutputExistsError(f"{out}: already holds a different cache (id {str(other)[:12]}); choose another -o or delete that folder")
-        if state.exists():
-            try:
-                other = json.loads(state.read_text()).get("cache_id")
-            except (OSError, ValueError, AttributeError):
-                other = None
-            if other != cache_id:
-                raise OutputExistsError(f"{out}: holds an unfinished build of a different cache (id {str(other)[:12]}); choose another -o or delete that folder")
+                other = read_manifest(str(out))
+            except CacheError as err:
+                raise OutputExistsError(f"{out}: holds a cache that does not pass its checks ({err}); choose another -o") from None
+            if other.identity.key() == build_key:
+                return "done", other
+            raise OutputExistsError(f"{out}: already holds a different cache (id {other.cache_id[:12]}); choose another -o or delete that folder")
+        if (out / BUILD_STATE).exists():
+            other = _read_state(out)
+            if other != build_key:
+                raise OutputExistsError(f"{out}: holds an unfinished build of a different cache (build key {str(other)[:12]}); choose another -o or delete that folder")
             if not (cfg.resume or sharded):
                 raise OutputExistsError(f"{out}: holds an unfinished build of this cache; pass --resume to finish it")
-            return "resume"
+            return "resume", None
         raise OutputExistsError(f"{out}: folder is not empty and is not a pact-cache build; choose another -o")
+    if cfg.resume and not sharded:
+        raise OutputExistsError(f"{out}: --resume, but there is no build here to resume; drop --resume to start one")
     out.mkdir(parents=True, exist_ok=True)
-    return "new"
+    return "new", None
+
+
+def _prove_part(path: Path, build_key: str, examples: list[Example]) -> str | None:
+    """Why ``path`` is not a part this build wrote for ``examples``, or None when it is (a regular
+    file whose footer carries our build key and whose rows are exactly ``examples``)."""
+    import pyarrow.parquet as pq
+
+    try:
+        if path.is_symlink() or not stat.S_ISREG(path.stat().st_mode):
+            return "it is not a regular file"
+        pf = pq.ParquetFile(path)
+        key = (pf.schema_arrow.metadata or {}).get(BUILD_KEY_META, b"").decode("utf-8", "replace")
+        if key != build_key:
+            return "it was written by a different build (its footer has another build key)"
+        t = pf.read(columns=["example_id", "input_ids", "response_start"])
+    except Exception as err:  # a damaged or foreign file: pyarrow raises several types
+        return f"it is not a readable part ({type(err).__name__})"
+    got = rows_digest(zip(t.column("example_id").to_pylist(), t.column("input_ids").to_pylist(), t.column("response_start").to_pylist()))
+    if got != rows_digest((ex.example_id, ex.input_ids, ex.response_start) for ex in examples):
+        return "its rows are not the rows this build puts there"
+    return None
+
+
+def _refuse_unproven(out: Path, names: list[str], plan: list[list[Example]], build_key: str, which) -> None:
+    for i in which:
+        why = _prove_part(out / names[i], build_key, plan[i])
+        if why is not None:
+            raise OutputExistsError(f"{out / names[i]}: {why}; this build will not adopt it. Delete that file and rerun with --resume")
 
 
 def build(cfg: BuildConfig) -> BuildResult:
@@ -185,6 +241,8 @@ def build(cfg: BuildConfig) -> BuildResult:
     if cfg.encoding not in ENCODINGS:
         raise PactError(f"--encoding {cfg.encoding}: unknown; use one of {sorted(ENCODINGS)}")
     out = Path(cfg.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a folder; choose another -o")
     if _occupied(out) and not (out / MANIFEST).exists() and not (out / BUILD_STATE).exists():
         raise OutputExistsError(f"{out}: folder is not empty and is not a pact-cache build; choose another -o")
     rank, world = _shard_from_env(cfg)
@@ -192,6 +250,10 @@ def build(cfg: BuildConfig) -> BuildResult:
 
     resolved = resolve_model(cfg.ref)
     tok = load_tokenizer(resolved, cfg.trust_remote_code)
+    if rank == 0:
+        ignored = scan_dataset(cfg.dataset)[1]
+        if ignored:
+            _log(f"{cfg.dataset}: ignoring {len(ignored)} file(s) that are not .jsonl/.json/.parquet (first: {ignored[0]})")
     examples, skipped = tokenize_dataset(cfg.dataset, tok, cfg.max_length, progress=cfg.progress and rank == 0)
     if not examples:
         n = sum(len(v) for v in skipped.values())
@@ -204,6 +266,7 @@ def build(cfg: BuildConfig) -> BuildResult:
     model, device, torch_dtype = load_model(resolved, cfg.dtype, cfg.device, cfg.trust_remote_code)
     model_fp = model_fingerprint(resolved)
     tok_fp = tokenizer_fingerprint(tok)
+    vocab_rows = int(model.get_output_embeddings().weight.shape[0])
     if cfg.tokens:
         tokens = read_tokens(cfg.tokens, tok)
     else:
@@ -212,33 +275,31 @@ def build(cfg: BuildConfig) -> BuildResult:
         tokens = select_tokens(model, tok, load_refusals(None), device=device, aligned_fp=model_fp, source="builtin:" + builtin_refusals_path().name)
     import torch
 
-    ids = torch.tensor(tokens["ids"], dtype=torch.long)
-    if int(ids.max()) >= model.get_output_embeddings().weight.shape[0]:
-        raise PactError(f"{cfg.tokens}: ids reach {int(ids.max())} but the model's output layer has {model.get_output_embeddings().weight.shape[0]} rows")
+    ids = torch.tensor(tokens.ids, dtype=torch.long)
+    if max(tokens.ids) >= vocab_rows:
+        raise PactError(f"{cfg.tokens}: ids reach {max(tokens.ids)} but the model's output layer has {vocab_rows} rows")
     ds_fp = dataset_fingerprint(cfg.dataset)
-    identity = {
-        "reference_weights": model_fp["weights_sha256"],
-        "tokenizer": tok_fp["sha256"],
-        "tokens": {"ids": tokens["ids"], "weights": tokens["weights"]},
-        "dataset": ds_fp["sha256"],
-        "max_length": cfg.max_length if cfg.max_length is not None else "none",
-        # batch composition, dtype and device change float results in the last bits
-        "batch_size": cfg.batch_size, "rows_per_part": cfg.rows_per_part,
-        "dtype": str(torch_dtype).replace("torch.", ""), "device": device.split(":")[0],
-        "encoding": enc, "assistant_header": header,
-    }
-    cache_id = compute_cache_id(identity)
-    state = _prepare_out(out, cache_id, cfg, world > 1)
+    params = BuildParams(max_length=cfg.max_length, batch_size=cfg.batch_size, rows_per_part=cfg.rows_per_part,
+                         dtype=str(torch_dtype).replace("torch.", ""), device=device.split(":")[0],
+                         assistant_header_ids=tuple(header), vocab_size=max(vocab_rows, len(tok)), algorithm=ALGORITHM)
+    tokenizer = Tokenizer(tok_fp["sha256"], tok_fp["vocab_size"], tok_fp["chat_template_sha256"])
+    identity = Identity(model_fp["weights_sha256"], tokenizer, tokens, ds_fp["sha256"], params, enc)
+    build_key = identity.key()
+    state, done = _prepare_out(out, build_key, cfg, world > 1)
     if state == "done":
-        _log(f"{out} already holds this cache (id {cache_id[:12]}); nothing to do")
-        return BuildResult(out, cache_id, json.loads((out / MANIFEST).read_text()), [], time.time() - t_start)
-    atomic_write_json(out / BUILD_STATE, {"format": FORMAT, "cache_id": cache_id, "identity": identity})
+        _log(f"{out} already holds this cache (id {done.cache_id[:12]}); nothing to do")
+        return BuildResult(out, done.cache_id, done, [], time.time() - t_start)
+    _clean_stale_tmp(out)
+    if not (out / BUILD_STATE).exists():
+        atomic_write_json(out / BUILD_STATE, {"format": FORMAT, "build_key": build_key, "identity": identity.to_json()})
 
     plan = [examples[i:i + cfg.rows_per_part] for i in range(0, len(examples), cfg.rows_per_part)]
     names = [f"part-{i:05d}.parquet" for i in range(len(plan))]
-    mine = [i for i in range(len(plan)) if i % world == rank and not (out / names[i]).exists()]
+    present = [i for i in range(len(plan)) if (out / names[i]).exists() or (out / names[i]).is_symlink()]
+    _refuse_unproven(out, names, plan, build_key, [i for i in present if i % world == rank])
+    mine = [i for i in range(len(plan)) if i % world == rank and i not in present]
     if state == "resume" and rank == 0:
-        _log(f"resuming: {sum((out / n).exists() for n in names)}/{len(names)} parts already written")
+        _log(f"resuming: {len(present)}/{len(names)} parts already written (each checked: this build's key, the expected rows)")
     total_tokens = sum(2 * len(ex.input_ids) + len(header) - ex.response_start - 1 for i in mine for ex in plan[i])
     from tqdm.auto import tqdm
 
@@ -247,7 +308,7 @@ def build(cfg: BuildConfig) -> BuildResult:
     written = []
     for i in mine:
         rows = compute_rows(model, plan[i], ids, header, cfg.batch_size, device, on_tokens=bar.update)
-        write_part(out / names[i], rows, enc)
+        write_part(out / names[i], rows, enc, build_key)
         written.append(names[i])
     bar.close()
 
@@ -258,39 +319,27 @@ def build(cfg: BuildConfig) -> BuildResult:
             dist.init_process_group("gloo")
         dist.barrier()
         if rank != 0:
-            return BuildResult(out, cache_id, None, written, time.time() - t_start)
+            return BuildResult(out, build_key, None, written, time.time() - t_start)
     if not all((out / n).exists() for n in names):
         missing = sum(not (out / n).exists() for n in names)
         _log(f"shard {rank}/{world} done; {missing} part(s) of other shards missing, the last shard to finish writes the manifest")
-        return BuildResult(out, cache_id, None, written, time.time() - t_start)
+        return BuildResult(out, build_key, None, written, time.time() - t_start)
 
+    # every part, including other shards', must be one this build wrote before it is published
+    _refuse_unproven(out, names, plan, build_key, [i for i in range(len(plan)) if names[i] not in written])
     parts = []
     for i, name in enumerate(names):
         p = out / name
-        parts.append({"name": name, "rows": len(plan[i]), "steps": sum(ex.steps for ex in plan[i]),
-                      "bytes": p.stat().st_size, "sha256": sha256_path(p)})
-    manifest = {
-        "format": FORMAT,
-        "cache_id": cache_id,
-        "tool": {"name": "pact-cache", "version": __version__},
-        "reference": model_fp,
-        "tokenizer": tok_fp,
-        "tokens": tokens,
-        "dataset": ds_fp,
-        "build": {"max_length": cfg.max_length, "batch_size": cfg.batch_size, "rows_per_part": cfg.rows_per_part,
-                  "dtype": identity["dtype"], "device": identity["device"], "assistant_header_ids": header,
-                  "vocab_size": int(model.get_output_embeddings().weight.shape[0])},
-        "encoding": enc,
-        "counts": {
-            "rows": len(examples),
-            "response_steps": sum(ex.steps for ex in examples),
-            "input_tokens": sum(len(ex.input_ids) for ex in examples),
-            "truncated_rows": sum(1 for ex in examples if cfg.max_length and len(ex.input_ids) == cfg.max_length),
-            "skipped": {reason: len(rows) for reason, rows in skipped.items()},
-            "skipped_rows": {reason: rows[:20] for reason, rows in skipped.items()},
-        },
-        "parts": parts,
-    }
-    atomic_write_json(out / MANIFEST, manifest)
+        parts.append(PartEntry(name, len(plan[i]), sum(ex.steps for ex in plan[i]), p.stat().st_size, sha256_path(p),
+                               rows_digest((ex.example_id, ex.input_ids, ex.response_start) for ex in plan[i])))
+    counts = Counts(rows=len(examples), response_steps=sum(ex.steps for ex in examples),
+                    input_tokens=sum(len(ex.input_ids) for ex in examples),
+                    truncated_rows=sum(1 for ex in examples if cfg.max_length and len(ex.input_ids) == cfg.max_length),
+                    skipped={reason: len(rows) for reason, rows in skipped.items()},
+                    skipped_rows={reason: rows[:20] for reason, rows in skipped.items()})
+    manifest = Manifest(FORMAT, "", __version__, Reference(model_fp["name"], model_fp["weights_sha256"], model_fp["path"], model_fp["revision"]),
+                        tokenizer, tokens, DatasetInfo(ds_fp["sha256"], ds_fp["source"], tuple(ds_fp["files"])), params, enc,
+                        counts, tuple(parts)).with_content_id()
+    atomic_write_json(out / MANIFEST, manifest.to_json())  # published last: readers see all of the cache or none
     (out / BUILD_STATE).unlink(missing_ok=True)
-    return BuildResult(out, cache_id, manifest, written, time.time() - t_start)
+    return BuildResult(out, manifest.cache_id, manifest, written, time.time() - t_start)

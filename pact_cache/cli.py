@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import PactError
+from .errors import OutputExistsError, PactError
 from .models import DEFAULT_MODEL
 
 
@@ -32,8 +32,45 @@ def _positive(text: str) -> int:
     return v
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, and where to look) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def run_command(prog: str, fn, args, interrupted: str) -> int:
+    """Run one command; every error becomes one line on stderr and a non-zero exit status.
+
+    Typed errors carry their own message. An OSError (a read-only folder, a full disk) names the
+    file and the system's reason. Anything else is a bug: one line says so, and
+    ``PACT_CACHE_DEBUG=1`` shows the traceback.
+    """
+    import os
+
+    try:
+        return fn(args)
+    except PactError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"{prog}: error: {where}{err.strerror or err}; check the path, its permissions and free space", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if os.environ.get("PACT_CACHE_DEBUG"):
+            raise
+        msg = str(err).splitlines()[0][:200] if str(err) else ""
+        print(f"{prog}: internal error: {type(err).__name__}: {msg} (a bug in pact-cache; rerun with PACT_CACHE_DEBUG=1 "
+              "for the traceback and report it)", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pact-cache", description="Run an aligned reference model once over a fine-tuning set and cache the safety-token log-probs PACT needs.")
+    p = OneLineParser(prog="pact-cache", description="Run an aligned reference model once over a fine-tuning set and cache the safety-token log-probs PACT needs.")
     p.add_argument("--version", action="version", version=f"pact-cache {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -74,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("cache", metavar="CACHE", help="cache folder (local path or fsspec URL)")
     v.add_argument("--dataset", metavar="DATASET", help="also check the cache was built from this dataset")
     v.add_argument("--model", metavar="MODEL", help="also check the reference weights and tokenizer")
+    v.add_argument("--cache-id", metavar="ID", help="refuse the cache unless its content id is ID (or starts with it, 8+ characters)")
+
+    u = sub.add_parser("upgrade", help="copy a pact-cache/1 cache into a new pact-cache/2 folder",
+                       description="Check a pact-cache/1 cache (every part's sha256 and rows) and write it as pact-cache/2 into a new "
+                                   "folder: content-derived id and row digests. The values are not recomputed, so upgrade only a "
+                                   "cache you trust; rebuilding is the other way.")
+    u.add_argument("cache", metavar="OLD", help="the pact-cache/1 cache folder")
+    u.add_argument("-o", "--output", required=True, metavar="NEW", help="new folder for the upgraded cache (must not exist)")
     return p
 
 
@@ -85,6 +130,8 @@ def cmd_tokens(a) -> int:
     out = Path(a.output)
     if out.is_dir():
         raise PactError(f"-o {out}: is a folder; give a file name such as tokens.json")
+    if out.exists() or out.is_symlink():
+        raise OutputExistsError(f"-o {out}: exists; choose another name or delete it (nothing is overwritten)")
     pairs = load_refusals(a.refusals)[: a.limit]
     ra = resolve_model(a.aligned)
     tok_a = load_tokenizer(ra)
@@ -102,9 +149,9 @@ def cmd_tokens(a) -> int:
     tokens = select_tokens(model_a, tok_a, pairs, base, base_tok, top_k=a.top_k, max_resp_len=a.max_resp_len,
                            device=device, aligned_fp=model_fingerprint(ra), base_fp=base_fp, source=src)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, tokens)
-    print(f"wrote {out}: K={len(tokens['ids'])} ({tokens['method']}, {tokens['params']['samples']} refusals)")
-    print("tokens: " + " ".join(repr(s) for s in tokens["strings"]))
+    atomic_write_json(out, tokens.to_json())
+    print(f"wrote {out}: K={tokens.K} ({tokens.method}, {tokens.params['samples']} refusals)")
+    print("tokens: " + " ".join(repr(s) for s in tokens.strings or ()))
     return 0
 
 
@@ -119,9 +166,9 @@ def cmd_build(a) -> int:
     if res.manifest is None:
         print(f"{res.out}: wrote {len(res.parts_written)} part(s) for this shard; the manifest comes when every shard is done")
         return 0
-    c = res.manifest["counts"]
-    print(f"{res.out}: cache {res.cache_id[:12]}: {c['rows']:,} rows, {c['response_steps']:,} response steps, "
-          f"{sum(p['bytes'] for p in res.manifest['parts']):,} bytes in {len(res.manifest['parts'])} part(s), {res.seconds:.1f}s")
+    c = res.manifest.counts
+    print(f"{res.out}: cache {res.cache_id[:12]}: {c.rows:,} rows, {c.response_steps:,} response steps, "
+          f"{sum(p.bytes for p in res.manifest.parts):,} bytes in {len(res.manifest.parts)} part(s), {res.seconds:.1f}s")
     return 0
 
 
@@ -137,24 +184,26 @@ def cmd_info(a) -> int:
 def cmd_verify(a) -> int:
     from .report import verify_cache
 
-    res = verify_cache(a.cache, dataset=a.dataset, model=a.model)
+    res = verify_cache(a.cache, dataset=a.dataset, model=a.model, cache_id=a.cache_id)
     print(f"{a.cache}: OK, cache {res['cache_id'][:12]}, {res['rows']:,} rows, {res['response_steps']:,} steps; checked " + ", ".join(res["checked"]))
     return 0
 
 
-COMMANDS = {"tokens": cmd_tokens, "build": cmd_build, "info": cmd_info, "verify": cmd_verify}
+def cmd_upgrade(a) -> int:
+    from .upgrade import upgrade
+
+    m = upgrade(a.cache, a.output)
+    print(f"{a.output}: pact-cache/2 cache {m.cache_id[:12]}: {m.counts.rows:,} rows in {len(m.parts)} part(s), checked and re-identified")
+    return 0
+
+
+COMMANDS = {"tokens": cmd_tokens, "build": cmd_build, "info": cmd_info, "verify": cmd_verify, "upgrade": cmd_upgrade}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except PactError as err:
-        print(f"pact-cache {args.command}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"pact-cache {args.command}: interrupted; finished parts are kept, rerun with --resume", file=sys.stderr)
-        return 130
+    return run_command(f"pact-cache {args.command}", COMMANDS[args.command], args,
+                       "interrupted; finished parts are kept, rerun with --resume")
 
 
 if __name__ == "__main__":

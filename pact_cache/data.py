@@ -1,7 +1,8 @@
 """Datasets: load rows, normalise them to chat messages, tokenise them into response spans.
 
-DATASET is a file or a folder of ``.jsonl`` / ``.json`` / ``.parquet`` files (read in sorted
-order), or a ``datasets.save_to_disk`` folder. A row is chat (``messages``), prompt/completion
+DATASET is a file or a folder of ``.jsonl`` / ``.json`` / ``.parquet`` files (any case; read
+recursively, sorted by relative path; hidden entries skipped, other files reported as ignored), or a
+``datasets.save_to_disk`` folder. A row is chat (``messages``), prompt/completion
 (``prompt`` + ``completion``/``response``/``output``) or Alpaca (``instruction`` [+ ``input``] +
 ``output``). The response of a row is ``full_ids[len(prompt_ids):]`` where both come from the
 reference tokenizer's chat template; each response token is one response step.
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -43,21 +46,64 @@ def _is_save_to_disk(path: Path) -> bool:
     return path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
 
 
-def dataset_files(path: str | Path) -> list[Path]:
-    """The files a DATASET argument stands for, in the order rows are read."""
+def _is_regular(p: Path) -> bool:
+    try:
+        return stat.S_ISREG(p.stat().st_mode)
+    except OSError:
+        return False
+
+
+def scan_dataset(path: str | Path) -> tuple[list[Path], list[Path]]:
+    """``(files read, files ignored)`` for a DATASET argument, files in the order rows are read.
+
+    A folder is read recursively: every regular file whose extension is ``.jsonl``, ``.json`` or
+    ``.parquet`` (in any case) is read, sorted by its path relative to the folder. Hidden files and
+    folders (names starting with ``.``) are skipped; other files are returned as ignored, for the
+    caller to report. A ``datasets.save_to_disk`` folder is read with ``datasets``.
+    """
     p = Path(path).expanduser()
     if not p.exists():
         raise DatasetError(f"{path}: no such file or folder; pass a .jsonl/.json/.parquet file or a folder of them")
-    if p.is_file():
-        if p.suffix not in SUFFIXES:
+    if not p.is_dir():
+        if p.suffix.lower() not in SUFFIXES:
             raise DatasetError(f"{path}: unsupported file type {p.suffix!r}; use .jsonl, .json or .parquet")
-        return [p]
+        if not _is_regular(p):
+            raise DatasetError(f"{path}: is not a regular file (a FIFO or device?); pass a dataset file")
+        return [p], []
     if _is_save_to_disk(p):
-        return sorted(f for f in p.rglob("*") if f.is_file())
-    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in SUFFIXES)
+        return sorted(f for f in p.rglob("*") if _is_regular(f)), []
+    files, ignored = [], []
+    for top, dirs, names in os.walk(p):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            f = Path(top) / name
+            if name.startswith("."):
+                continue
+            (files if f.suffix.lower() in SUFFIXES and _is_regular(f) else ignored).append(f)
+    files.sort(key=lambda f: f.relative_to(p).as_posix())
+    ignored.sort(key=lambda f: f.relative_to(p).as_posix())
     if not files:
-        raise DatasetError(f"{path}: folder holds no .jsonl/.json/.parquet file and is not a save_to_disk folder")
-    return files
+        raise DatasetError(f"{path}: folder holds no .jsonl/.json/.parquet file (searched recursively) and is not a save_to_disk folder")
+    return files, ignored
+
+
+def dataset_files(path: str | Path) -> list[Path]:
+    """The files a DATASET argument stands for, in the order rows are read."""
+    return scan_dataset(path)[0]
+
+
+def _load_json_text(data: bytes, where: str):
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DatasetError(f"{where}:{line}: invalid UTF-8 (byte {err.start}); save the file as UTF-8 text") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{where}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno}); fix or remove it") from None
+    except RecursionError:
+        raise DatasetError(f"{where}: JSON nested too deeply; a row must be a flat object of strings") from None
 
 
 def iter_rows(path: str | Path) -> Iterator[RawRow]:
@@ -67,7 +113,10 @@ def iter_rows(path: str | Path) -> Iterator[RawRow]:
     if p.is_dir() and _is_save_to_disk(p):
         import datasets
 
-        ds = datasets.load_from_disk(str(p))
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as err:  # datasets raises many types for a damaged folder
+            raise DatasetError(f"{path}: not a readable save_to_disk folder ({type(err).__name__}: {str(err)[:120]})") from None
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
                 raise DatasetError(f"{path}: DatasetDict has no 'train' split (has {sorted(ds)}); save the split you want")
@@ -76,21 +125,25 @@ def iter_rows(path: str | Path) -> Iterator[RawRow]:
             yield RawRow(f"{p} row {i}", rec)
         return
     for f in files:
-        if f.suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
+        suffix = f.suffix.lower()
+        if suffix == ".jsonl":
+            with open(f, "rb") as fh:
+                for lineno, raw in enumerate(fh, 1):
+                    if not raw.strip():
                         continue
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        raise DatasetError(f"{f}:{lineno}: invalid UTF-8 (byte {err.start} of the line); save the file as UTF-8 text") from None
                     try:
                         rec = json.loads(line)
                     except json.JSONDecodeError as err:
                         raise DatasetError(f"{f}:{lineno}: invalid JSON ({err.msg} at column {err.colno}); fix or remove that line") from None
+                    except RecursionError:
+                        raise DatasetError(f"{f}:{lineno}: JSON nested too deeply; a row must be a flat object of strings") from None
                     yield RawRow(f"{f}:{lineno}", rec)
-        elif f.suffix == ".json":
-            try:
-                data = json.loads(f.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"{f}:{err.lineno}: invalid JSON ({err.msg}); a .json dataset must be one JSON list of rows") from None
+        elif suffix == ".json":
+            data = _load_json_text(f.read_bytes(), str(f))
             if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
                 data = next(iter(data.values()))
             if not isinstance(data, list):
@@ -100,7 +153,12 @@ def iter_rows(path: str | Path) -> Iterator[RawRow]:
         else:
             import pyarrow.parquet as pq
 
-            for i, rec in enumerate(pq.read_table(f).to_pylist()):
+            try:
+                rows = pq.read_table(f).to_pylist()
+            except Exception as err:  # pyarrow raises several types for a file that is not Parquet
+                raise DatasetError(f"{f}: not a readable Parquet file ({type(err).__name__}: {str(err)[:120]}); "
+                                   "convert it with pyarrow/pandas or use .jsonl") from None
+            for i, rec in enumerate(rows):
                 yield RawRow(f"{f} row {i}", rec)
 
 
@@ -156,8 +214,12 @@ def example_id(index: int, messages: list[dict]) -> str:
 def tokenize_row(tok, index: int, row: RawRow, max_length: int | None) -> Example | str:
     """Return the tokenised example, or a skip reason (str) when the prompt does not fit."""
     messages = to_messages(row)
-    prompt = chat_ids(tok, messages[:-1], add_generation_prompt=True)
-    full = chat_ids(tok, messages, add_generation_prompt=False)
+    try:
+        prompt = chat_ids(tok, messages[:-1], add_generation_prompt=True)
+        full = chat_ids(tok, messages, add_generation_prompt=False)
+    except Exception as err:  # jinja and tokenizer errors on content the template does not expect
+        raise DatasetError(f"{row.where}: the chat template cannot render this row ({type(err).__name__}: {str(err)[:120]}); "
+                           "fix the row's roles or content") from None
     if full[: len(prompt)] != prompt:
         raise DatasetError(
             f"{row.where}: the chat template renders the prompt differently with and without the answer, "
@@ -213,9 +275,9 @@ def dataset_fingerprint(path: str | Path) -> dict:
     root = p if p.is_dir() else p.parent
     h = hashlib.sha256(b"pact-dataset/1\0")
     for f in files:
-        h.update(str(f.relative_to(root)).encode() + b"\0")
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
         h.update(b"\0")
-    return {"source": str(p.resolve()), "files": [str(f.relative_to(root)) for f in files], "sha256": h.hexdigest()}
+    return {"source": str(p.resolve()), "files": [f.relative_to(root).as_posix() for f in files], "sha256": h.hexdigest()}

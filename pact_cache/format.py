@@ -1,21 +1,41 @@
-"""The cache format ``pact-cache/1``: encoding, manifest, atomic part writer, streaming reader, verify.
+"""The cache format ``pact-cache/2``: encoding, manifest, atomic part writer, streaming reader.
 
-A cache is a folder (local path or fsspec URL) holding ``manifest.json`` and Parquet parts.
-The rules below are enforced by :func:`open_cache`; each violation raises ``CacheError`` naming it.
+A cache is a folder (local path or fsspec URL) holding ``manifest.json`` and Parquet parts. A cache
+comes from elsewhere and is untrusted: :func:`open_cache` and the reader enforce every rule below
+and raise ``CacheError`` naming the rule, the file and, where there is one, the row. MUST and MUST
+NOT are requirements on writers and readers; MAY marks what a reader has to accept.
 
-Manifest (JSON object). It MUST have ``format == "pact-cache/1"``, ``cache_id`` (64 hex chars),
-``tokens`` (a full tokens.json, ``pact-tokens/1``), ``encoding`` (below), ``counts`` and
-``parts``. Every part entry MUST give ``name`` (a plain file name: no ``/``, ``\\``, no leading
-``.``, ending in ``.parquet``), ``rows``, ``steps``, ``bytes`` and ``sha256``. A reader MUST
-refuse a part whose size or sha256 differs, and MUST NOT read files the manifest does not list.
+Manifest (``manifest.json``, a JSON object; parsed by :class:`pact_cache.manifest.Manifest`)
 
-Part (Parquet, zstd). One row per example; columns:
+* It MUST be strict JSON: UTF-8, no ``NaN``/``Infinity``, at most 64 MiB, a regular file.
+* ``format`` MUST be ``"pact-cache/2"``. A ``pact-cache/1`` cache has no content-derived id and no
+  row digests; it is refused with a message saying to rebuild it or run ``pact-cache upgrade``.
+* Every field has a type and a range, checked on open: ``tokens`` is a full ``pact-tokens/1`` object
+  whose ``ids`` are distinct integers in ``[0, build.vocab_size)`` and whose ``weights`` are K
+  finite numbers with at least one > 0; ``encoding`` parameters are finite and in range (q8:
+  ``1 <= scale <= 255``, ``0 < floor <= 1000``, ``round(scale * log1p(floor)) <= 255``,
+  ``1 <= top_scale, target_scale <= 65535``); counts are non-negative integers that equal the sums
+  over the parts; sha256 fields are 64 lowercase hex characters.
+* ``parts`` lists every part in row order; each entry gives ``name`` (a plain file name: no ``/``,
+  ``\\``, no leading ``.``, ending in ``.parquet``, listed once), ``rows``, ``steps``, ``bytes``,
+  ``sha256`` (of the file) and ``rows_sha256`` (of its rows, below).
+* ``cache_id`` MUST equal the **content id**: sha256 over the sorted, type-tagged JSON of the
+  identity (the format, the reference's weight-file digests, the tokenizer fingerprint and vocabulary
+  size, the tokens' ids, weights, strings and method, the dataset fingerprint, the build parameters including
+  ``build.algorithm``, the version of the code that computed the values, and the encoding), the
+  counts and every part entry. A reader recomputes it on open and refuses a mismatch, so an edited
+  manifest or a swapped part no longer carries its old id. Provenance (model name and path,
+  revision, dataset path, tool version) is not part of the id: the same cache built elsewhere has
+  the same id. A user MAY pin an id (``--cache-id``, a prefix of at least 8 characters): the reader
+  then refuses any other cache, however consistent it is.
+
+Parts (Parquet, zstd). One row per example:
 
 ==================  ==============  ==========================================================
 column              arrow type      meaning
 ==================  ==============  ==========================================================
 example_id          string          ``{index:08d}-{sha256(messages)[:12]}``
-input_ids           list<int32>     full_ids after truncation
+input_ids           list<int32>     full_ids after truncation; every id in [0, vocab_size)
 response_start      int32           index of the first response token; 1 <= rs < len(input_ids)
 full_q / full_f32   binary          per step t: log p_ref(s | input_ids[:rs+t]) for s in S
 post_q / post_f32   binary          same, context = assistant header + response[:t]
@@ -23,14 +43,31 @@ full_top, post_top  binary          (q8 only) per-step maximum over S, uint16
 target_q/target_f32 binary          log p_ref(input_ids[rs+t] | input_ids[:rs+t])
 ==================  ==============  ==========================================================
 
+* A part MUST be a regular file (on object stores: a plain object) directly inside the cache
+  folder; a reader MUST NOT follow a symbolic link that leaves the folder, and MUST refuse FIFOs,
+  devices and folders without opening them (so nothing blocks). Its size MUST equal ``bytes``, and
+  a reader MUST NOT read more than ``bytes`` bytes of it; its sha256 MUST equal ``sha256``.
+* ``rows_sha256`` is the sha256 of ``b"pact-rows/1\\0"`` followed, for each row in order, by the
+  UTF-8 ``example_id``, a zero byte, ``response_start`` and ``len(input_ids)`` as little-endian
+  int32, and ``input_ids`` as little-endian int32. It ties the rows to the dataset they came from:
+  ``pact-cache verify --dataset D`` re-tokenises D and recomputes it part by part.
+* The footer's key-value metadata MAY hold ``pact_cache.build_key``, the hash of the identity; a
+  resumed build accepts an existing part only when that key and the part's rows equal its own.
+* Nulls are not allowed anywhere (not in ``input_ids``, not in a blob).
+
 Let ``n = len(input_ids) - response_start`` (the response steps, n >= 1) and K = len(S).
 Blobs are little-endian, row-major, and MUST have exactly these lengths:
 
 * ``f32``: ``*_f32`` views are float32 ``[n, K]`` (4nK bytes); ``target_f32`` float32 ``[n]``.
-* ``q8`` (default): ``*_top`` is uint16 ``[n]`` holding ``round(-max_s v * 512)``, clamped to
+* ``q8`` (default): ``*_top`` is uint16 ``[n]`` holding ``round(-max_s v * top_scale)``, clamped to
   65535; ``*_q`` is uint8 ``[n, K]`` holding ``round(scale * log1p(min(top - v, floor)))``
   where ``top`` is the decoded maximum; ``target_q`` is uint16 ``[n]`` holding
-  ``round(-v * 256)``, clamped to 65535. Decoding: ``v = top - expm1(code / scale)``.
+  ``round(-v * target_scale)``, clamped to 65535. Decoding: ``v = top - expm1(code / scale)``.
+
+Values. Every decoded value is a log-probability: finite and <= 0. A reader MUST refuse NaN,
+infinities and positive values in f32 blobs, an f32 step whose K probabilities sum above 1 (beyond
+float rounding, 1e-3 in log space), and q8 codes above ``round(scale * log1p(floor))``, which the
+encoder never writes.
 
 Error bound of ``q8`` (stated per value, d = max over S of the step minus v):
 
@@ -48,17 +85,19 @@ policy-independent entropy term) is 2.0/0.9/0.7/0.55% for a policy equal to the 
 the KL is smallest, and 0.06-0.08% for a policy 2 nats away; the loss CE + KL stays within 0.1%.
 
 Edge cases: a row with n = 0 is never written (the builder skips such rows and counts them);
-K may be any size >= 1; parts MAY hold zero rows only when the whole cache is empty; part
-order in the manifest is the row order of the cache.
+K may be any size >= 1; a cache MAY be empty (``parts == []``, zero rows; trainers refuse it), but
+a part of a non-empty cache MUST hold at least one row; part order in the manifest is the row
+order of the cache; a manifest MAY carry fields this spec does not name (they are ignored and
+are not part of the id); files in the folder that the manifest does not list are never read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import re
+import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -66,68 +105,77 @@ from typing import Iterator
 import numpy as np
 
 from .errors import CacheError
+from .manifest import (ENCODINGS, FORMAT, MANIFEST_MAX_BYTES, Encoding, Manifest, PartEntry, check_pin,  # noqa: F401
+                       load_json)
 
-FORMAT = "pact-cache/1"
 MANIFEST = "manifest.json"
-ENCODINGS = {
-    "q8": {"name": "q8", "scale": 28.0, "floor": 40.0, "top_scale": 512.0, "target_scale": 256.0},
-    "f32": {"name": "f32"},
-}
 ZSTD_LEVEL = 19  # build time is dominated by the model; level 19 buys ~10% over the default
-_PART_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.parquet$")
+BUILD_KEY_META = b"pact_cache.build_key"
+F32_SUM_TOLERANCE = 1e-3  # log-space slack for "K probabilities sum to at most 1" in f32 blobs
 
 
 # ----------------------------------------------------------------------------- encoding
 
-def q8_bound(d: np.ndarray, enc: dict) -> np.ndarray:
+def q8_bound(d: np.ndarray, enc: Encoding) -> np.ndarray:
     """Largest |decoded - true| allowed for values ``d`` nats below the step maximum (d <= floor)."""
-    return (1.0 + d + 2.0**-10) * math.expm1(0.5 / enc["scale"]) + 2.0**-10
+    return (1.0 + d + 2.0**-10) * np.expm1(0.5 / enc.scale) + 2.0**-10
 
 
-def encode_view(v: np.ndarray, enc: dict) -> dict[str, bytes]:
+def encode_view(v: np.ndarray, enc: Encoding) -> dict[str, bytes]:
     """Encode log-probs ``v`` of shape ``(n, K)`` float32 into the blobs of one view."""
     v = np.asarray(v, dtype=np.float32)
-    if enc["name"] == "f32":
+    if enc.name == "f32":
         return {"f32": v.astype("<f4").tobytes()}
-    top_q = np.clip(np.round(-v.max(axis=1).astype(np.float64) * enc["top_scale"]), 0, 65535).astype("<u2")
-    top = -(top_q.astype(np.float64) / enc["top_scale"])
-    d = np.clip(top[:, None] - v.astype(np.float64), 0.0, enc["floor"])
-    code = np.round(enc["scale"] * np.log1p(d)).astype(np.uint8)
+    top_q = np.clip(np.round(-v.max(axis=1).astype(np.float64) * enc.top_scale), 0, 65535).astype("<u2")
+    top = -(top_q.astype(np.float64) / enc.top_scale)
+    d = np.clip(top[:, None] - v.astype(np.float64), 0.0, enc.floor)
+    code = np.round(enc.scale * np.log1p(d)).astype(np.uint8)
     return {"q": code.tobytes(), "top": top_q.tobytes()}
 
 
-def decode_view(blobs: dict[str, bytes], n: int, K: int, enc: dict) -> np.ndarray:
+def decode_view(blobs: dict[str, bytes], n: int, K: int, enc: Encoding) -> np.ndarray:
     """Inverse of :func:`encode_view`: returns float32 ``(n, K)``."""
-    if enc["name"] == "f32":
+    if enc.name == "f32":
         return np.frombuffer(blobs["f32"], dtype="<f4").reshape(n, K).astype(np.float32)
-    top = -(np.frombuffer(blobs["top"], dtype="<u2").astype(np.float64) / enc["top_scale"])
+    top = -(np.frombuffer(blobs["top"], dtype="<u2").astype(np.float64) / enc.top_scale)
     code = np.frombuffer(blobs["q"], dtype=np.uint8).reshape(n, K)
-    return (top[:, None] - np.expm1(code / enc["scale"])).astype(np.float32)
+    return (top[:, None] - np.expm1(code / enc.scale)).astype(np.float32)
 
 
-def encode_target(v: np.ndarray, enc: dict) -> bytes:
+def encode_target(v: np.ndarray, enc: Encoding) -> bytes:
     v = np.asarray(v, dtype=np.float32)
-    if enc["name"] == "f32":
+    if enc.name == "f32":
         return v.astype("<f4").tobytes()
-    return np.clip(np.round(-v.astype(np.float64) * enc["target_scale"]), 0, 65535).astype("<u2").tobytes()
+    return np.clip(np.round(-v.astype(np.float64) * enc.target_scale), 0, 65535).astype("<u2").tobytes()
 
 
-def decode_target(blob: bytes, n: int, enc: dict) -> np.ndarray:
-    if enc["name"] == "f32":
+def decode_target(blob: bytes, n: int, enc: Encoding) -> np.ndarray:
+    if enc.name == "f32":
         return np.frombuffer(blob, dtype="<f4").astype(np.float32)
-    return (-(np.frombuffer(blob, dtype="<u2").astype(np.float64) / enc["target_scale"])).astype(np.float32)
+    return (-(np.frombuffer(blob, dtype="<u2").astype(np.float64) / enc.target_scale)).astype(np.float32)
 
 
-def blob_sizes(n: int, K: int, enc: dict) -> dict[str, int]:
+def blob_sizes(n: int, K: int, enc: Encoding) -> dict[str, int]:
     """Exact byte length of each blob column for a row with ``n`` steps."""
-    if enc["name"] == "f32":
+    if enc.name == "f32":
         return {"full_f32": 4 * n * K, "post_f32": 4 * n * K, "target_f32": 4 * n}
     return {"full_q": n * K, "full_top": 2 * n, "post_q": n * K, "post_top": 2 * n, "target_q": 2 * n}
 
 
+def rows_digest(rows) -> str:
+    """``rows_sha256`` of the spec over ``(example_id, input_ids, response_start)`` triples."""
+    h = hashlib.sha256(b"pact-rows/1\0")
+    for example_id, input_ids, response_start in rows:
+        ids = np.asarray(input_ids, dtype="<i4")
+        h.update(str(example_id).encode("utf-8") + b"\0")
+        h.update(np.array([response_start, len(ids)], dtype="<i4").tobytes())
+        h.update(ids.tobytes())
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------- schema + writer
 
-def part_schema(enc: dict):
+def part_schema(enc: Encoding):
     import pyarrow as pa
 
     fields = [("example_id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("response_start", pa.int32())]
@@ -155,21 +203,53 @@ def sha256_path(path: Path) -> str:
     return h.hexdigest()
 
 
+def _host() -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:40] or "host"
+
+
+def tmp_name(path: Path) -> Path:
+    """Where to write ``path`` before renaming it into place: hidden, and named after this host
+    and process, so that a later start can tell a dead writer's leftovers from a live one's."""
+    return path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}")
+
+
+def stale_tmp(p: Path) -> bool:
+    """Whether ``p`` is a temporary file or folder of :func:`tmp_name` whose process has died on this host."""
+    name = p.name
+    if not name.startswith(".") or ".tmp-" not in name:
+        return False
+    tail = name.rsplit(".tmp-", 1)[1]
+    host, _, pid = tail.rpartition("-")
+    if host != _host() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temp file in the same folder, fsync, rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode())
 
 
-def write_part(path: Path, rows: list[RowResult], enc: dict) -> dict:
+def write_part(path: Path, rows: list[RowResult], enc: Encoding, build_key: str = "") -> PartEntry:
     """Encode rows and write one Parquet part atomically; returns its manifest entry."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -178,7 +258,12 @@ def write_part(path: Path, rows: list[RowResult], enc: dict) -> dict:
     steps = 0
     for r in rows:
         n = len(r.input_ids) - r.response_start
-        assert r.full.shape == r.post.shape and r.full.shape[0] == n == r.target.shape[0], "row shapes disagree"
+        if not (r.full.shape == r.post.shape and r.full.shape[0] == n == r.target.shape[0]):
+            raise CacheError(f"internal: row {r.example_id} has views of shape {r.full.shape}/{r.post.shape} for {n} steps")
+        for name, values in (("full", r.full), ("post", r.post), ("target", r.target)):
+            if not np.isfinite(values).all():
+                raise CacheError(f"{path.name}: the reference gave a non-finite log-prob ({name} view of {r.example_id}); "
+                                 "the reference model's weights or --dtype overflow: try --dtype fp32")
         steps += n
         cols["example_id"].append(r.example_id)
         cols["input_ids"].append(r.input_ids)
@@ -186,46 +271,77 @@ def write_part(path: Path, rows: list[RowResult], enc: dict) -> dict:
         for view, values in (("full", r.full), ("post", r.post)):
             for kind, blob in encode_view(values, enc).items():
                 cols[f"{view}_{kind}"].append(blob)
-        cols["target_f32" if enc["name"] == "f32" else "target_q"].append(encode_target(r.target, enc))
-    table = pa.table(cols, schema=part_schema(enc))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    # One row group per part; dictionary encoding only pays for the ids; no statistics on blobs.
-    pq.write_table(table, tmp, compression="zstd", compression_level=ZSTD_LEVEL, use_dictionary=False,
-                   write_statistics=["response_start"], row_group_size=max(len(rows), 1))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return {"name": path.name, "rows": len(rows), "steps": steps, "bytes": path.stat().st_size, "sha256": sha256_path(path)}
+        cols["target_f32" if enc.name == "f32" else "target_q"].append(encode_target(r.target, enc))
+    schema = part_schema(enc).with_metadata({BUILD_KEY_META: build_key.encode()})
+    table = pa.table(cols, schema=schema)
+    tmp = tmp_name(path)
+    try:
+        # One row group per part; dictionary encoding only pays for the ids; no statistics on blobs.
+        pq.write_table(table, tmp, compression="zstd", compression_level=ZSTD_LEVEL, use_dictionary=False,
+                       write_statistics=["response_start"], row_group_size=max(len(rows), 1))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return PartEntry(path.name, len(rows), steps, path.stat().st_size, sha256_path(path),
+                     rows_digest((r.example_id, r.input_ids, r.response_start) for r in rows))
 
 
-# ----------------------------------------------------------------------------- cache identity
+# ----------------------------------------------------------------------------- safe file access
 
-def canonical_json(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+def _fs(url: str):
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(str(url))
+    except (ValueError, ImportError) as err:
+        raise CacheError(f"{url}: cannot open this location ({err})") from None
+    return fs, root.rstrip("/") or "/"
 
 
-def compute_cache_id(identity: dict) -> str:
-    """sha256 of the sorted, type-tagged identity inputs plus the format version.
+def _is_local(fs) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
 
-    ``identity`` must hold everything that changes a stored value; a missing piece is a bug, so
-    ``None`` values are refused instead of silently hashed.
+    return isinstance(fs, LocalFileSystem)
+
+
+def check_regular_file(fs, root: str, path: str, where: str, size: int | None = None, max_size: int | None = None) -> int:
+    """Refuse anything but a regular file (a plain object) inside ``root``, without opening it.
+
+    Symbolic links are followed only when they stay inside ``root``. Returns the file's size.
     """
-    def tag(x):
-        if x is None:
-            raise CacheError("internal: cache identity has a missing value; refusing to make a cache id")
-        if isinstance(x, dict):
-            return {k: tag(v) for k, v in sorted(x.items())}
-        if isinstance(x, (list, tuple)):
-            return ["list", [tag(v) for v in x]]
-        if isinstance(x, bool):
-            return ["bool", x]
-        if isinstance(x, int):
-            return ["int", x]
-        if isinstance(x, float):
-            return ["float", repr(x)]
-        return [type(x).__name__, str(x)]
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise CacheError(f"{where}: is missing; re-download or rebuild the cache") from None
+    except OSError as err:
+        raise CacheError(f"{where}: cannot be read ({err.strerror or err})") from None
+    if _is_local(fs):
+        real_root = os.path.realpath(root)
+        if os.path.dirname(os.path.realpath(path)) != real_root:
+            raise CacheError(f"{where}: is a link that points outside the cache folder ({os.path.realpath(path)}); refusing to read it")
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise CacheError(f"{where}: is {kind}, not a regular file; refusing to read it")
+    elif info.get("type") != "file":
+        raise CacheError(f"{where}: is a {info.get('type')}, not a plain object; refusing to read it")
+    got = int(info.get("size") or 0)
+    if size is not None and got != size:
+        raise CacheError(f"{where}: size is {got} bytes, manifest says {size}; the part is truncated or replaced, re-download or rebuild it")
+    if max_size is not None and got > max_size:
+        raise CacheError(f"{where}: is {got} bytes, more than the {max_size} a manifest may hold; refusing it")
+    return got
 
-    return hashlib.sha256(canonical_json({"format": FORMAT, "identity": tag(identity)})).hexdigest()
+
+def read_bounded(fs, path: str, limit: int, where: str) -> bytes:
+    with fs.open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CacheError(f"{where}: grew past {limit} bytes while being read; refusing it")
+    return data
 
 
 # ----------------------------------------------------------------------------- reader
@@ -246,158 +362,164 @@ class CacheRow:
         return len(self.input_ids) - self.response_start
 
 
-def _fs(url: str):
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(str(url))
-    return fs, root.rstrip("/")
-
-
 def _require(cond: bool, where: str, msg: str) -> None:
     if not cond:
         raise CacheError(f"{where}: {msg}")
 
 
-def check_manifest(m, where: str) -> None:
-    """Enforce the manifest rules of the module docstring."""
-    _require(isinstance(m, dict), where, "manifest is not a JSON object")
-    _require(m.get("format") == FORMAT, where, f"format is {m.get('format')!r}, this reader reads {FORMAT!r}; upgrade pact-cache or rebuild the cache")
-    _require(isinstance(m.get("cache_id"), str) and re.fullmatch(r"[0-9a-f]{64}", m["cache_id"]) is not None, where, "cache_id must be 64 hex characters")
-    enc = m.get("encoding")
-    _require(isinstance(enc, dict) and enc.get("name") in ENCODINGS, where, f"unknown encoding {enc!r}; known: {sorted(ENCODINGS)}")
-    if enc["name"] == "q8":
-        for key in ("scale", "floor", "top_scale", "target_scale"):
-            _require(isinstance(enc.get(key), (int, float)) and enc[key] > 0, where, f"encoding.{key} must be a positive number")
-    tokens = m.get("tokens")
-    _require(isinstance(tokens, dict) and isinstance(tokens.get("ids"), list) and len(tokens["ids"]) >= 1, where, "tokens.ids must be a non-empty list")
-    _require(all(isinstance(i, int) and i >= 0 for i in tokens["ids"]), where, "tokens.ids must be non-negative integers")
-    parts = m.get("parts")
-    _require(isinstance(parts, list), where, "parts must be a list")
-    seen = set()
-    for j, p in enumerate(parts):
-        _require(isinstance(p, dict), where, f"parts[{j}] is not an object")
-        name = p.get("name")
-        _require(isinstance(name, str) and _PART_NAME.match(name) is not None and name != MANIFEST, where,
-                 f"parts[{j}].name {name!r} is not a plain .parquet file name; the manifest may point outside the cache, refusing it")
-        _require(name not in seen, where, f"parts[{j}].name {name!r} is listed twice")
-        seen.add(name)
-        for key in ("rows", "steps", "bytes"):
-            _require(isinstance(p.get(key), int) and p[key] >= 0, where, f"parts[{j}].{key} must be a non-negative integer")
-        _require(isinstance(p.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", p["sha256"]) is not None, where, f"parts[{j}].sha256 must be 64 hex characters")
-    counts = m.get("counts")
-    _require(isinstance(counts, dict), where, "counts must be an object")
-    _require(counts.get("rows") == sum(p["rows"] for p in parts), where, "counts.rows differs from the sum of the parts' rows")
-    _require(counts.get("response_steps") == sum(p["steps"] for p in parts), where, "counts.response_steps differs from the sum of the parts' steps")
-
-
 class Cache:
-    """A read-only view of a cache. Streams rows part by part; holds one part's row group at most.
+    """A read-only view of a cache. Streams rows part by part; holds one Parquet batch at most.
 
     >>> cache = open_cache("cache/")
     >>> for row in cache.iter_rows(): ...
     """
 
-    def __init__(self, url: str, manifest: dict, verify_checksums: bool = True):
+    def __init__(self, url: str, manifest: Manifest, verify_checksums: bool = True):
         self.url = str(url)
         self.fs, self.root = _fs(url)
         self.manifest = manifest
-        self.encoding = manifest["encoding"]
-        self.tokens = manifest["tokens"]
-        self.ids = list(self.tokens["ids"])
+        self.encoding = manifest.encoding
+        self.tokens = manifest.tokens
+        self.ids = list(self.tokens.ids)
         self.K = len(self.ids)
+        self.vocab_size = manifest.build.vocab_size
         self.verify_checksums = verify_checksums
         self._checked: set[str] = set()
 
     # -- metadata
     @property
     def cache_id(self) -> str:
-        return self.manifest["cache_id"]
+        return self.manifest.cache_id
 
     @property
     def num_rows(self) -> int:
-        return self.manifest["counts"]["rows"]
+        return self.manifest.counts.rows
 
     @property
     def num_steps(self) -> int:
-        return self.manifest["counts"]["response_steps"]
+        return self.manifest.counts.response_steps
 
     @property
-    def parts(self) -> list[dict]:
-        return self.manifest["parts"]
+    def parts(self) -> tuple[PartEntry, ...]:
+        return self.manifest.parts
 
     def __len__(self) -> int:
         return self.num_rows
 
-    def part_path(self, part: dict) -> str:
-        return f"{self.root}/{part['name']}"
+    def part_path(self, part: PartEntry) -> str:
+        return f"{self.root}/{part.name}"
+
+    def _where(self, part: PartEntry) -> str:
+        return f"{self.url.rstrip('/')}/{part.name}"
 
     # -- integrity
-    def check_part(self, part: dict) -> None:
-        """Size and sha256 of one part against the manifest (streamed, once per part per Cache)."""
-        if part["name"] in self._checked:
+    def check_part(self, part: PartEntry) -> None:
+        """Type, size and sha256 of one part against the manifest (once per part per Cache)."""
+        if part.name in self._checked:
             return
-        where = f"{self.url}/{part['name']}"
-        try:
-            size = self.fs.size(self.part_path(part))
-        except FileNotFoundError:
-            raise CacheError(f"{where}: part listed in the manifest is missing; re-download or rebuild the cache") from None
-        _require(size == part["bytes"], where, f"size is {size} bytes, manifest says {part['bytes']}; the part is truncated or replaced, re-download or rebuild it")
+        where = self._where(part)
+        check_regular_file(self.fs, self.root, self.part_path(part), where, size=part.bytes)
         h = hashlib.sha256()
+        left = part.bytes
         with self.fs.open(self.part_path(part), "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
+            while left > 0:  # never more than the manifest states
+                block = f.read(min(1 << 22, left))
+                if not block:
+                    break
                 h.update(block)
-        _require(h.hexdigest() == part["sha256"], where, "sha256 differs from the manifest; the part is corrupt or was changed, re-download or rebuild it")
-        self._checked.add(part["name"])
+                left -= len(block)
+        _require(left == 0 and h.hexdigest() == part.sha256, where,
+                 "sha256 differs from the manifest; the part is corrupt or was changed, re-download or rebuild it")
+        self._checked.add(part.name)
 
-    def _check_schema(self, pf, part: dict, where: str) -> None:
-        schema = pf.schema_arrow
-        want = part_schema(self.encoding)
-        for field in want:
-            _require(field.name in schema.names, where, f"column {field.name!r} is missing (encoding {self.encoding['name']})")
-            _require(schema.field(field.name).type == field.type, where, f"column {field.name!r} has type {schema.field(field.name).type}, expected {field.type}")
-        _require(pf.metadata.num_rows == part["rows"], where, f"holds {pf.metadata.num_rows} rows, manifest says {part['rows']}")
-
-    # -- rows
-    def iter_part_rows(self, part: dict, batch_rows: int = 64) -> Iterator[CacheRow]:
+    def _parquet(self, f, part: PartEntry, where: str):
         import pyarrow.parquet as pq
 
-        where = f"{self.url}/{part['name']}"
+        try:
+            pf = pq.ParquetFile(f)
+            schema = pf.schema_arrow
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise CacheError(f"{where}: not a readable Parquet file ({type(err).__name__}: {str(err)[:120]}); re-download or rebuild it") from None
+        for want in part_schema(self.encoding):
+            _require(want.name in schema.names, where, f"column {want.name!r} is missing (encoding {self.encoding.name})")
+            _require(schema.field(want.name).type == want.type, where, f"column {want.name!r} has type {schema.field(want.name).type}, expected {want.type}")
+        _require(pf.metadata.num_rows == part.rows, where, f"holds {pf.metadata.num_rows} rows, manifest says {part.rows}")
+        return pf
+
+    # -- rows
+    def iter_part_rows(self, part: PartEntry, batch_rows: int = 64) -> Iterator[CacheRow]:
+        """The rows of one part, decoded and checked; at the end, their digest against the manifest."""
+        found: dict = {}
+        yield from self.scan_part(part, found, batch_rows)
+        _require(found["rows_sha256"] == part.rows_sha256, self._where(part),
+                 "its rows (example ids, input ids, response starts) differ from the manifest's rows_sha256; "
+                 "the part was replaced: re-download or rebuild the cache")
+
+    def scan_part(self, part: PartEntry, found: dict, batch_rows: int = 64) -> Iterator[CacheRow]:
+        """Every check of :meth:`iter_part_rows` but the rows digest, which is left in ``found``."""
+        where = self._where(part)
         if self.verify_checksums:
             self.check_part(part)
+        else:
+            check_regular_file(self.fs, self.root, self.part_path(part), where, size=part.bytes)
         with self.fs.open(self.part_path(part), "rb") as f:
-            try:
-                pf = pq.ParquetFile(f)
-            except Exception as err:
-                raise CacheError(f"{where}: not a readable Parquet file ({err}); re-download or rebuild it") from None
-            self._check_schema(pf, part, where)
+            pf = self._parquet(f, part, where)
             names = part_schema(self.encoding).names
-            row_no = 0
-            steps = 0
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=names):
-                data = batch.to_pydict()
-                for i in range(batch.num_rows):
-                    yield self._decode(data, i, f"{where} row {row_no}")
-                    steps += len(data["input_ids"][i]) - data["response_start"][i]
-                    row_no += 1
-            _require(steps == part["steps"], where, f"holds {steps} response steps, manifest says {part['steps']}")
+            row_no = steps = 0
+            digest = hashlib.sha256(b"pact-rows/1\0")
+            try:
+                batches = pf.iter_batches(batch_size=batch_rows, columns=names)
+                for batch in batches:
+                    data = batch.to_pydict()
+                    for i in range(batch.num_rows):
+                        row = self._decode(data, i, f"{where} row {row_no}")
+                        digest.update(row.example_id.encode("utf-8") + b"\0")
+                        digest.update(np.array([row.response_start, len(row.input_ids)], dtype="<i4").tobytes())
+                        digest.update(row.input_ids.astype("<i4").tobytes())
+                        steps += row.steps
+                        row_no += 1
+                        yield row
+            except CacheError:
+                raise
+            except Exception as err:  # a damaged page inside a file whose checksum was not checked
+                raise CacheError(f"{where}: cannot be decoded ({type(err).__name__}: {str(err)[:120]}); re-download or rebuild it") from None
+            _require(steps == part.steps, where, f"holds {steps} response steps, manifest says {part.steps}")
+            found["rows_sha256"] = digest.hexdigest()
 
     def _decode(self, data: dict, i: int, where: str) -> CacheRow:
-        ids = data["input_ids"][i]
-        rs = data["response_start"][i]
-        _require(ids is not None and rs is not None and 1 <= rs < len(ids), where, f"response_start {rs} is outside 1..{len(ids or []) - 1}")
-        n, K, enc = len(ids) - rs, self.K, self.encoding
+        eid, ids, rs = data["example_id"][i], data["input_ids"][i], data["response_start"][i]
+        _require(isinstance(eid, str) and eid != "", where, "example_id is null or empty")
+        _require(ids is not None, where, "input_ids is null")
+        try:
+            ids_arr = np.asarray(ids, dtype=np.int64)
+        except (TypeError, ValueError):
+            raise CacheError(f"{where}: input_ids holds a null") from None
+        _require(ids_arr.ndim == 1 and len(ids_arr) >= 2, where, "input_ids must hold at least a prompt token and a response token")
+        lo, hi = int(ids_arr.min()), int(ids_arr.max())
+        _require(lo >= 0 and hi < self.vocab_size, where, f"input_ids reach {lo if lo < 0 else hi}, outside the vocabulary [0, {self.vocab_size})")
+        _require(rs is not None and 1 <= rs < len(ids_arr), where, f"response_start {rs} is outside 1..{len(ids_arr) - 1}")
+        n, K, enc = len(ids_arr) - rs, self.K, self.encoding
         for name, size in blob_sizes(n, K, enc).items():
             blob = data[name][i]
             _require(blob is not None and len(blob) == size, where, f"{name} has {len(blob or b'')} bytes, expected {size} for {n} steps x K={K}")
-        if enc["name"] == "f32":
+        if enc.name == "f32":
             full = decode_view({"f32": data["full_f32"][i]}, n, K, enc)
             post = decode_view({"f32": data["post_f32"][i]}, n, K, enc)
             target = decode_target(data["target_f32"][i], n, enc)
+            for name, v in (("full_f32", full), ("post_f32", post), ("target_f32", target)):
+                _require(bool(np.isfinite(v).all()), where, f"{name} holds a non-finite value (NaN or infinity); the cache is damaged, rebuild it")
+                _require(bool((v <= 0).all()), where, f"{name} holds a positive log-probability ({float(v.max()):g}); the cache is damaged, rebuild it")
+            for name, v in (("full_f32", full), ("post_f32", post)):
+                mass = np.logaddexp.reduce(v.astype(np.float64), axis=1)
+                _require(bool((mass <= F32_SUM_TOLERANCE).all()), where, f"{name}: the K probabilities of a step sum to {float(np.exp(mass.max())):.4f} > 1; the cache is damaged, rebuild it")
         else:
+            for name in ("full_q", "post_q"):
+                code = np.frombuffer(data[name][i], dtype=np.uint8)
+                _require(int(code.max()) <= enc.max_code, where, f"{name} holds code {int(code.max())}, above {enc.max_code}, which the q8 encoder never writes; the cache is damaged, rebuild it")
             full = decode_view({"q": data["full_q"][i], "top": data["full_top"][i]}, n, K, enc)
             post = decode_view({"q": data["post_q"][i], "top": data["post_top"][i]}, n, K, enc)
             target = decode_target(data["target_q"][i], n, enc)
-        return CacheRow(data["example_id"][i], np.asarray(ids, dtype=np.int64), int(rs), full, post, target)
+        return CacheRow(eid, ids_arr, int(rs), full, post, target)
 
     def iter_rows(self) -> Iterator[CacheRow]:
         """Every row, in cache order, decoded; memory stays at one Parquet batch."""
@@ -418,13 +540,13 @@ class Cache:
     # -- sizes
     def reference_bytes(self) -> int:
         """Compressed bytes of the reference columns (both views, maxima, target) over all parts."""
-        import pyarrow.parquet as pq
-
         ref_cols = set(blob_sizes(1, 1, self.encoding))
         total = 0
         for part in self.parts:
+            where = self._where(part)
+            check_regular_file(self.fs, self.root, self.part_path(part), where, size=part.bytes)
             with self.fs.open(self.part_path(part), "rb") as f:
-                md = pq.ParquetFile(f).metadata
+                md = self._parquet(f, part, where).metadata
                 for rg in range(md.num_row_groups):
                     for c in range(md.num_columns):
                         col = md.row_group(rg).column(c)
@@ -433,22 +555,32 @@ class Cache:
         return total
 
 
-def read_manifest(url: str) -> dict:
+def read_manifest(url: str) -> Manifest:
+    """Read and check ``manifest.json``: a regular file of bounded size, strict JSON, every rule of
+    the spec, and a ``cache_id`` equal to the content id."""
     fs, root = _fs(url)
     path = f"{root}/{MANIFEST}"
-    if not fs.exists(root):
+    where = f"{str(url).rstrip('/')}/{MANIFEST}"
+    try:
+        root_info = fs.info(root)
+    except FileNotFoundError:
+        root_info = None
+    except OSError as err:
+        raise CacheError(f"{url}: cannot be read ({err.strerror or err})") from None
+    if root_info is None:
         raise CacheError(f"{url}: no such cache folder; pass the folder `pact-cache build` wrote (-o)")
+    if root_info.get("type") != "directory":
+        raise CacheError(f"{url}: is a file, not a cache folder; pass the folder that holds manifest.json")
     if not fs.exists(path):
         raise CacheError(f"{url}: has no {MANIFEST}; the build did not finish (rerun it with --resume) or this is not a cache")
-    try:
-        with fs.open(path, "rb") as f:
-            m = json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CacheError(f"{url}/{MANIFEST}: not valid JSON ({err}); re-download or rebuild the cache") from None
-    check_manifest(m, f"{url}/{MANIFEST}")
-    return m
+    check_regular_file(fs, root, path, where, max_size=MANIFEST_MAX_BYTES)
+    obj = load_json(read_bounded(fs, path, MANIFEST_MAX_BYTES, where), where, CacheError, "manifest")
+    return Manifest.parse(obj, where)
 
 
-def open_cache(url: str | Path, verify_checksums: bool = True) -> Cache:
-    """Open a cache for reading. Checks the manifest now and each part's checksum before reading it."""
-    return Cache(str(url), read_manifest(str(url)), verify_checksums=verify_checksums)
+def open_cache(url: str | Path, verify_checksums: bool = True, cache_id: str | None = None) -> Cache:
+    """Open a cache for reading. Checks the manifest and its content id now (and the pinned
+    ``cache_id``, if given), and each part's type, size, sha256 and rows before using its rows."""
+    manifest = read_manifest(str(url))
+    check_pin(manifest.cache_id, cache_id, str(url))
+    return Cache(str(url), manifest, verify_checksums=verify_checksums)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .errors import CacheError
-from .format import Cache, open_cache
+from .errors import CacheError, ModelError
+from .format import Cache, open_cache, rows_digest
 
 
 def cache_info(cache: Cache) -> dict:
@@ -12,30 +12,30 @@ def cache_info(cache: Cache) -> dict:
     m = cache.manifest
     steps = max(cache.num_steps, 1)
     ref_bytes = cache.reference_bytes()
-    vocab = m.get("build", {}).get("vocab_size") or m.get("tokenizer", {}).get("vocab_size") or 0
+    vocab = m.build.vocab_size
     fp16_bytes = 2 * (2 * cache.K + 1)  # both views + target, uncompressed float16
     per_step = ref_bytes / steps
     return {
         "path": cache.url,
         "cache_id": cache.cache_id,
-        "format": m["format"],
-        "tool_version": m.get("tool", {}).get("version"),
-        "reference": m.get("reference", {}).get("name"),
-        "dataset": m.get("dataset", {}).get("source"),
+        "format": m.format,
+        "tool_version": m.tool_version,
+        "reference": m.reference.name,
+        "dataset": m.dataset.source,
         "rows": cache.num_rows,
         "response_steps": cache.num_steps,
-        "input_tokens": m["counts"].get("input_tokens"),
-        "skipped": m["counts"].get("skipped", {}),
+        "input_tokens": m.counts.input_tokens,
+        "skipped": dict(m.counts.skipped),
         "parts": len(cache.parts),
-        "total_bytes": sum(p["bytes"] for p in cache.parts),
+        "total_bytes": sum(p.bytes for p in cache.parts),
         "reference_bytes": ref_bytes,
         "bytes_per_step": per_step,
         "ratio_to_float16": per_step / fp16_bytes,
         "ratio_to_full_vocab_fp16": per_step / (2 * vocab) if vocab else None,
-        "encoding": m["encoding"],
+        "encoding": m.encoding.to_json(),
         "K": cache.K,
-        "token_method": m["tokens"].get("method"),
-        "token_strings": m["tokens"].get("strings", []),
+        "token_method": m.tokens.method,
+        "token_strings": list(m.tokens.strings or ()),
     }
 
 
@@ -61,10 +61,59 @@ def format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
-def verify_cache(url: str, dataset: str | None = None, model: str | None = None, progress: bool = False) -> dict:
-    """Check schema and checksums of every part (decoding every row), and optionally that the
-    cache was built from ``dataset`` and ``model``. Raises ``CacheError`` at the first mismatch."""
-    cache = open_cache(url)
+def _dataset_tokenizer(cache: Cache, model: str | None):
+    """The tokenizer to re-tokenise a dataset with: --model's, else the recorded reference's when
+    it can be found here; either way its fingerprint must be the cache's."""
+    from .models import load_tokenizer, resolve_model, tokenizer_fingerprint
+
+    name = model or cache.manifest.reference.name
+    try:
+        tok = load_tokenizer(resolve_model(name))
+    except ModelError as err:
+        if model:
+            raise
+        raise CacheError(f"{cache.url}: to check the rows against a dataset, its tokenizer is needed and the recorded reference "
+                         f"{name!r} cannot be loaded here ({err}); pass --model (the reference, or a model with its tokenizer)") from None
+    if tokenizer_fingerprint(tok)["sha256"] != cache.manifest.tokenizer.sha256:
+        raise CacheError(f"{cache.url}: {name}'s tokenizer differs from the one the cache was built with "
+                         "(vocabulary, special tokens or chat template); pass the reference the cache was built with as --model")
+    return tok
+
+
+def check_rows_against_dataset(cache: Cache, dataset: str, tok) -> str:
+    """Re-tokenise ``dataset`` as the build did and check that every row of the cache is that row:
+    same order, example ids, input ids and response starts (through each part's rows digest, and
+    row by row where a digest differs). Returns a note on the dataset's file fingerprint."""
+    from .data import dataset_fingerprint, tokenize_dataset
+
+    m = cache.manifest
+    examples, skipped = tokenize_dataset(dataset, tok, m.build.max_length, progress=False)
+    if len(examples) != m.counts.rows:
+        raise CacheError(f"{cache.url}: holds {m.counts.rows} rows, but {dataset} gives {len(examples)} "
+                         f"(at --max-length {m.build.max_length}); it was not built from this dataset")
+    o = 0
+    for part in cache.parts:
+        mine = examples[o:o + part.rows]
+        o += part.rows
+        if rows_digest((e.example_id, e.input_ids, e.response_start) for e in mine) == part.rows_sha256:
+            continue
+        for j, (row, ex) in enumerate(zip(cache.iter_part_rows(part), mine)):
+            what = ("example_id" if row.example_id != ex.example_id else "response_start" if row.response_start != ex.response_start
+                    else "input_ids" if row.input_ids.tolist() != ex.input_ids else None)
+            if what:
+                raise CacheError(f"{cache.url}/{part.name} row {j}: {what} differs from {dataset} row {ex.index} "
+                                 f"(example {ex.example_id}); the cache does not hold this dataset's rows")
+        raise CacheError(f"{cache.url}/{part.name}: rows_sha256 does not match {dataset}'s rows; the manifest was changed")
+    same_files = dataset_fingerprint(dataset)["sha256"] == m.dataset.sha256
+    return "dataset rows" + ("" if same_files else " (the files' bytes differ from the build's, every row matches)")
+
+
+def verify_cache(url: str, dataset: str | None = None, model: str | None = None, cache_id: str | None = None,
+                 progress: bool = False) -> dict:
+    """Check the manifest and its content id (and the pinned ``cache_id``), every part (type, size,
+    sha256, schema, values, rows digest, decoding every row), and optionally that the cache holds
+    the rows of ``dataset`` and was built with ``model``. Raises ``CacheError`` at the first mismatch."""
+    cache = open_cache(url, cache_id=cache_id)
     rows = steps = 0
     for part in cache.parts:
         for row in cache.iter_part_rows(part):
@@ -73,26 +122,21 @@ def verify_cache(url: str, dataset: str | None = None, model: str | None = None,
     if rows != cache.num_rows:
         raise CacheError(f"{url}: holds {rows} rows, manifest says {cache.num_rows}")
     m = cache.manifest
-    checked = ["manifest", f"{len(cache.parts)} part checksums", f"{rows} rows decoded"]
-    if dataset is not None:
-        from .data import dataset_fingerprint
-
-        got = dataset_fingerprint(dataset)["sha256"]
-        want = m.get("dataset", {}).get("sha256")
-        if got != want:
-            raise CacheError(f"{url}: dataset fingerprint differs: {dataset} hashes to {got[:12]}, the cache was built from {m.get('dataset', {}).get('source')} ({str(want)[:12]})")
-        checked.append("dataset fingerprint")
+    checked = ["manifest and content id" + (" (pinned)" if cache_id else ""), f"{len(cache.parts)} part checksums",
+               f"{rows} rows decoded and finite"]
     if model is not None:
         from .models import load_tokenizer, model_fingerprint, resolve_model, tokenizer_fingerprint
 
         resolved = resolve_model(model)
-        want_w = m.get("reference", {}).get("weights_sha256", {})
+        want_w = m.reference.weights_sha256
         got_w = model_fingerprint(resolved)["weights_sha256"]
         if got_w != want_w:
             diff = sorted(set(got_w.items()) ^ set(want_w.items()))
-            raise CacheError(f"{url}: reference weights differ from {model} (first difference: {diff[0][0]}); the cache was built with {m.get('reference', {}).get('name')}")
+            raise CacheError(f"{url}: reference weights differ from {model} (first difference: {diff[0][0]}); the cache was built with {m.reference.name}")
         got_t = tokenizer_fingerprint(load_tokenizer(resolved))["sha256"]
-        if got_t != m.get("tokenizer", {}).get("sha256"):
+        if got_t != m.tokenizer.sha256:
             raise CacheError(f"{url}: tokenizer fingerprint differs from {model}'s tokenizer (vocabulary, special tokens or chat template changed)")
         checked.append("model and tokenizer fingerprints")
+    if dataset is not None:
+        checked.append(check_rows_against_dataset(cache, dataset, _dataset_tokenizer(cache, model)))
     return {"cache_id": cache.cache_id, "rows": rows, "response_steps": steps, "checked": checked}

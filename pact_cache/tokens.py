@@ -12,15 +12,13 @@ base model the weights are uniform (1/sqrt(K)).
 
 from __future__ import annotations
 
-import json
 import math
 from importlib import resources
 from pathlib import Path
 
 from .data import RawRow, chat_ids, iter_rows, to_messages
 from .errors import TokensError
-
-TOKENS_FORMAT = "pact-tokens/1"
+from .manifest import MANIFEST_MAX_BYTES, TOKENS_FORMAT, SafetyTokens, load_json  # noqa: F401
 
 
 def builtin_refusals_path() -> Path:
@@ -71,8 +69,8 @@ def _mean_step_probs(model, seqs: list[list[int]], starts: list[int], counts: li
 
 
 def select_tokens(aligned, aligned_tok, pairs, base=None, base_tok=None, top_k: int = 50, max_resp_len: int = 64,
-                  device="cpu", batch_size: int = 8, aligned_fp=None, base_fp=None, source: str = "builtin") -> dict:
-    """Return a ``tokens.json`` dict (format ``pact-tokens/1``)."""
+                  device="cpu", batch_size: int = 8, aligned_fp=None, base_fp=None, source: str = "builtin") -> SafetyTokens:
+    """Select S and its weights; ``.to_json()`` of the result is a ``tokens.json`` (``pact-tokens/1``)."""
     import torch
 
     if top_k < 1:
@@ -113,49 +111,38 @@ def select_tokens(aligned, aligned_tok, pairs, base=None, base_tok=None, top_k: 
         weights = [1.0 / math.sqrt(len(kept))] * len(kept)
         method = "pact-uniform"
     ids = kept.tolist()
-    return {
-        "format": TOKENS_FORMAT,
-        "ids": ids,
-        "strings": [aligned_tok.decode([i]) for i in ids],
-        "weights": weights,
-        "mean_aligned_prob": p_a[kept].tolist(),
-        "method": method,
-        "params": {"top_k": top_k, "max_resp_len": max_resp_len, "refusals": source, "samples": len(seq_a)},
-        "aligned": aligned_fp,
-        "base": base_fp,
-    }
+    if not ids:
+        raise TokensError("the aligned and base models give the same probabilities on every candidate token; no safety token "
+                          "can be weighted (is --base the same model as --aligned?)")
+    selected = SafetyTokens(ids=tuple(ids), weights=tuple(float(w) for w in weights),
+                            strings=tuple(aligned_tok.decode([i]) for i in ids), method=method,
+                            params={"top_k": top_k, "max_resp_len": max_resp_len, "refusals": source, "samples": len(seq_a)},
+                            aligned=aligned_fp, base=base_fp, mean_aligned_prob=tuple(float(p) for p in p_a[kept].tolist()))
+    return SafetyTokens.parse(selected.to_json(), "the selected safety tokens", TokensError)  # the same rules as a file
 
 
-def validate_tokens(tokens, tok, where: str) -> dict:
-    """Check a tokens.json dict against the rules and against ``tok``; returns it unchanged."""
-    if not isinstance(tokens, dict) or tokens.get("format") != TOKENS_FORMAT:
-        raise TokensError(f"{where}: not a {TOKENS_FORMAT} file (format={tokens.get('format') if isinstance(tokens, dict) else None!r}); make one with `pact-cache tokens`")
-    ids, weights, strings = tokens.get("ids"), tokens.get("weights"), tokens.get("strings")
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise TokensError(f"{where}: 'ids' must be a non-empty list of integers")
-    if len(set(ids)) != len(ids):
-        raise TokensError(f"{where}: 'ids' has duplicates; each safety token must appear once")
-    if not isinstance(weights, list) or len(weights) != len(ids) or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
-        raise TokensError(f"{where}: 'weights' must be {len(ids)} finite numbers, one per id")
-    if max(weights) <= 0:
-        raise TokensError(f"{where}: every weight is <= 0; the loss clamps weights at 0, so no token would be constrained")
+def validate_tokens(tokens, tok, where: str) -> SafetyTokens:
+    """Parse a tokens.json object (every field's type, range and length) and check it against ``tok``."""
+    parsed = SafetyTokens.parse(tokens, where, TokensError)
     vocab = len(tok)
-    bad = [i for i in ids if not 0 <= i < vocab]
+    bad = [i for i in parsed.ids if not 0 <= i < vocab]
     if bad:
         raise TokensError(f"{where}: ids {bad[:5]} are outside the tokenizer's vocabulary (size {vocab}); this file was made for another model, rerun `pact-cache tokens` with it")
-    if isinstance(strings, list) and len(strings) == len(ids):
-        for i, s in zip(ids, strings):
+    if parsed.strings is not None:
+        for i, s in zip(parsed.ids, parsed.strings):
             if tok.decode([i]) != s:
                 raise TokensError(f"{where}: id {i} decodes to {tok.decode([i])!r} but the file says {s!r}; it was made with another tokenizer, rerun `pact-cache tokens`")
-    return tokens
+    return parsed
 
 
-def read_tokens(path: str | Path, tok) -> dict:
+def read_tokens(path: str | Path, tok) -> SafetyTokens:
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TokensError(f"{path}: no such tokens file; make one with `pact-cache tokens` or leave out --tokens") from None
-    except json.JSONDecodeError as err:
-        raise TokensError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
-    return validate_tokens(data, tok, str(path))
+        if not p.is_file():
+            raise TokensError(f"{path}: no such tokens file (or not a regular file); make one with `pact-cache tokens` or leave out --tokens")
+        if p.stat().st_size > MANIFEST_MAX_BYTES:
+            raise TokensError(f"{path}: {p.stat().st_size} bytes is far too large for a tokens file")
+        data = p.read_bytes()
+    except OSError as err:
+        raise TokensError(f"{path}: cannot be read ({err.strerror or err})") from None
+    return validate_tokens(load_json(data, str(path), TokensError, "tokens file"), tok, str(path))

@@ -122,7 +122,7 @@ def bench_storage(a) -> dict:
         pairs = [(r, exact[r.example_id]) for r in cache.iter_rows() if r.example_id in exact]
         if not pairs:
             raise SystemExit("the exact cache shares no rows with the q8 cache")
-        w = torch.tensor(cache.tokens["weights"], dtype=torch.float32)
+        w = torch.tensor(cache.tokens.weights, dtype=torch.float32)
         T = max(r.steps for r, _ in pairs)
 
         def stack(rows, attr):

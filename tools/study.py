@@ -92,20 +92,23 @@ class Study:
                     benign_eval=benign_eval, benign_align=benign_align, ft=ft)
 
     def evaluate(self, d: Path, model: str, adapter: str | None = None, drift: str | None = None):
+        """pact-eval twice (pact-eval writes a new folder each time): d/eval (refusals, drift), d/task."""
         s = self.files
+        main_dir, task_dir = d / "eval", d / "task"
         cmd = [BIN / "pact-eval", "--model", model, "--harmful", s["eval_harmful"], "--benign", s["benign_eval"],
-               "--max-new-tokens", self.a.max_new_tokens, "-o", d, "--no-progress"]
+               "--max-new-tokens", self.a.max_new_tokens, "-o", main_dir, "--no-progress"]
         if adapter:
             cmd += ["--adapter", adapter]
         if drift:
             cmd += ["--drift-cache", drift]
-        run(cmd)
-        task_dir = d / "task"
+        if not (main_dir / "summary.json").exists():
+            run(cmd)
         cmd = [BIN / "pact-eval", "--model", model, "--task", s["task_eval"], "--max-new-tokens", 8, "-o", task_dir, "--no-progress"]
         if adapter:
             cmd += ["--adapter", adapter]
-        run(cmd)
-        summary = json.loads((d / "summary.json").read_text())
+        if not (task_dir / "summary.json").exists():
+            run(cmd)
+        summary = json.loads((main_dir / "summary.json").read_text())
         summary["task"] = json.loads((task_dir / "summary.json").read_text())["task"]
         return summary
 
@@ -171,7 +174,7 @@ class Study:
                 "--save-every", 1000]) or {})
 
         def drift_cache(d):
-            answers = [json.loads(line) for line in (out / "aligned_eval" / "harmful.jsonl").read_text().splitlines()]
+            answers = [json.loads(line) for line in (out / "aligned_eval" / "eval" / "harmful.jsonl").read_text().splitlines()]
             rows = [{"prompt": r["prompt"], "completion": r["response"]} for r in answers if r["response"].strip()]
             jsonl(d / "reference_answers.jsonl", rows)
             run([BIN / "pact-cache", "build", d / "reference_answers.jsonl", "--ref", aligned, "--tokens", tokens, "-o", d / "cache", "--no-progress"])

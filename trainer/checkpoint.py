@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pact_cache.errors import PactError
+from pact_cache.format import stale_tmp, tmp_name
+from pact_cache.manifest import load_json
 
 
 def _optimizer_to_files(optimizer) -> tuple[dict, dict]:
@@ -41,7 +43,7 @@ def _optimizer_from_files(optimizer, tensors: dict, meta: dict) -> None:
 
 def save_checkpoint(path: Path, model, optimizer, trainer_state: dict) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = tmp_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp / "weights", safe_serialization=True)
@@ -54,12 +56,28 @@ def save_checkpoint(path: Path, model, optimizer, trainer_state: dict) -> None:
     save_file(rng, str(tmp / "rng.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "optimizer": opt_meta}, indent=2))
     replace_dir(tmp, path)
+    for old in path.parent.glob(f".{path.name}.old-*"):  # a previous kill's fallback, now superseded
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_leftovers(out: Path) -> None:
+    """Remove what killed runs left in ``out``: temporary folders of dead processes, and old
+    checkpoints once a complete one is in place."""
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        if stale_tmp(p):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    if (out / "checkpoint" / "trainer_state.json").exists():
+        for old in out.glob(".checkpoint.old-*"):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
     """Put the complete folder ``tmp`` at ``final``; the old one stays whole until the new one is in
     place (a kill between the renames leaves ``.{name}.old-*``, which :func:`find_checkpoint` uses)."""
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.rename(final, old)
     os.rename(tmp, final)
@@ -76,26 +94,52 @@ def find_checkpoint(path: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model, optimizer, is_peft: bool) -> dict:
-    """Restore weights, optimizer and RNG in place; return the trainer state."""
-    path = find_checkpoint(path)
-    state = json.loads((path / "trainer_state.json").read_text())
-    weights = path / "weights"
-    if is_peft:
-        from peft import set_peft_model_state_dict
+    """Restore weights, optimizer and RNG in place; return the trainer state. A damaged checkpoint
+    (truncated file, edited JSON, tensors of the wrong shape) is one ``PactError``."""
+    found = find_checkpoint(path)
+    if found is None:
+        raise PactError(f"{path}: no checkpoint to resume from; start a new run in another -o")
+    try:
+        state = load_json((found / "trainer_state.json").read_bytes(), str(found / "trainer_state.json"), PactError, "checkpoint state")
+        if not isinstance(state, dict) or not all(isinstance(state.get(k), int) and state[k] >= 0 for k in ("step", "epoch", "rows_taken", "tokens_total")):
+            raise PactError(f"{found}/trainer_state.json: step, epoch, rows_taken and tokens_total must be non-negative integers")
+        weights = found / "weights"
+        if is_peft:
+            from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(str(weights / "adapter_model.safetensors")))
-    else:
-        sd = {}
-        for f in sorted(weights.glob("*.safetensors")):
-            sd.update(load_file(str(f)))
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if unexpected or any("lm_head" not in k for k in missing):  # tied heads are not saved twice
-            raise PactError(f"{weights}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                            "resume with the --model the run started from, or start a new run in another -o")
-    _optimizer_from_files(optimizer, load_file(str(path / "optimizer.safetensors")), state.pop("optimizer"))
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
-    if torch.cuda.is_available():
-        cuda = sorted((k for k in rng if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
-        torch.cuda.set_rng_state_all([rng[k] for k in cuda])
+            sd = load_file(str(weights / "adapter_model.safetensors"))
+            _check_finite(sd, weights)
+            res = set_peft_model_state_dict(model, sd)
+            if getattr(res, "unexpected_keys", None):
+                raise PactError(f"{weights}: checkpoint does not fit the model (unexpected {res.unexpected_keys[:3]}); "
+                                "resume with the --model and LoRA settings the run started from")
+        else:
+            sd = {}
+            for f in sorted(weights.glob("*.safetensors")):
+                sd.update(load_file(str(f)))
+            _check_finite(sd, weights)
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            if unexpected or any("lm_head" not in k for k in missing):  # tied heads are not saved twice
+                raise PactError(f"{weights}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                                "resume with the --model the run started from, or start a new run in another -o")
+        opt = load_file(str(found / "optimizer.safetensors"))
+        _check_finite(opt, found / "optimizer.safetensors")
+        _optimizer_from_files(optimizer, opt, state.pop("optimizer"))
+        rng = load_file(str(found / "rng.safetensors"))
+        torch.set_rng_state(rng["torch_cpu"])
+        if torch.cuda.is_available():
+            cuda = sorted((k for k in rng if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+            if cuda:
+                torch.cuda.set_rng_state_all([rng[k] for k in cuda])
+    except PactError:
+        raise
+    except Exception as err:  # safetensors, torch and KeyError on truncated or edited files
+        raise PactError(f"{found}: the checkpoint is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}); "
+                        "delete the run folder and start again, or restore it from a copy") from None
     return state
+
+
+def _check_finite(tensors: dict, where: Path) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise PactError(f"{where}: tensor {name} holds NaN or infinity; the checkpoint is damaged, start again from an earlier copy")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pact_cache.cli import OneLineParser, run_command
 from pact_cache.errors import PactError
 
 from .losses import PactParams
@@ -19,10 +20,11 @@ PACT_HELP = {"T": "distillation temperature T", "T_gate": "temperature of the ga
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(model="", cache="", out="")
-    p = argparse.ArgumentParser(prog="pact-train", description="Fine-tune with PACT (or plain SFT), one model in memory, reference targets streamed from a pact-cache.")
+    p = OneLineParser(prog="pact-train", description="Fine-tune with PACT (or plain SFT), one model in memory, reference targets streamed from a pact-cache.")
     p.add_argument("--model", required=True, metavar="MODEL", help="policy to fine-tune: folder, hub id or smollm2-135m-instruct")
     p.add_argument("--cache", required=True, metavar="CACHE", help="cache from `pact-cache build` (built with this model's tokenizer)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="run folder: metrics.jsonl, config.json, checkpoint/, adapter/ or model/, loss.png")
+    p.add_argument("--cache-id", metavar="ID", help="pin the cache: refuse it unless its content id is ID (or starts with it, 8+ characters)")
     p.add_argument("--method", choices=["pact", "sft"], default=d.method, help="pact: CE + lambda * PACT KL (default); sft: CE only")
     p.add_argument("--reference", choices=["cache", "online"], default=d.reference, help="cache (default) or online: a live reference model beside the policy, the paper's way")
     p.add_argument("--ref-model", metavar="MODEL", help="reference for --reference online (default: --model)")
@@ -59,22 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    return run_command("pact-train", _train, a, "interrupted; continue with --resume from the last checkpoint")
+
+
+def _train(a) -> int:
     pact = PactParams(**{k[5:]: v for k, v in vars(a).items() if k.startswith("pact_")})
-    cfg = TrainConfig(model=a.model, cache=a.cache, out=a.output, method=a.method, reference=a.reference, ref_model=a.ref_model,
+    cfg = TrainConfig(model=a.model, cache=a.cache, out=a.output, cache_pin=a.cache_id, method=a.method, reference=a.reference, ref_model=a.ref_model,
                       lam=a.lam, pact=pact, full=a.full, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                       lora_targets=a.lora_targets, epochs=a.epochs, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
                       weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, schedule=a.schedule, max_steps=a.max_steps,
                       seed=a.seed, shuffle=not a.no_shuffle, shuffle_buffer=a.shuffle_buffer, grad_checkpointing=a.gradient_checkpointing,
                       logits_chunk=a.logits_chunk, save_every=a.save_every, resume=a.resume, merge=a.merge, device=a.device,
                       progress=not a.no_progress)
-    try:
-        res = train(cfg)
-    except PactError as err:
-        print(f"pact-train: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("pact-train: interrupted; continue with --resume from the last checkpoint", file=sys.stderr)
-        return 130
+    res = train(cfg)
     print(f"{res['out']}: {res['steps']} steps in {res['seconds']:.0f}s; weights in {res['final']}")
     return 0
 
@@ -84,7 +83,7 @@ if __name__ == "__main__":
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pact-eval", description="Evaluate a model (optionally with a PEFT adapter): refusal rate on harmful "
+    p = OneLineParser(prog="pact-eval", description="Evaluate a model (optionally with a PEFT adapter): refusal rate on harmful "
                                 "and benign prompts, safety-token drift against a cache, task accuracy. Outputs go to OUT as JSONL.")
     p.add_argument("--model", required=True, metavar="MODEL", help="base model: folder, hub id or smollm2-135m-instruct")
     p.add_argument("--adapter", metavar="DIR", help="a PEFT adapter folder (pact-train's OUT/adapter)")
@@ -92,9 +91,10 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--benign", metavar="FILE", help="benign prompts: the rate of (unwanted) refusals")
     p.add_argument("--task", metavar="FILE", help="classification-style Alpaca/prompt-completion rows: exact-match accuracy")
     p.add_argument("--drift-cache", metavar="CACHE", help="a cache of the reference's own answers: mean safety-token KL to it")
-    p.add_argument("--limit", type=int, help="use the first N rows of each file")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generated tokens per prompt (default 64; 8 suffice for --task)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
+    p.add_argument("--limit", type=_positive, help="use the first N rows of each file (N >= 1)")
+    p.add_argument("--max-new-tokens", type=_positive, default=64, help="generated tokens per prompt (default 64; 8 suffice for --task)")
+    p.add_argument("--batch-size", type=_positive, default=16, help="prompts per generation batch (default 16)")
+    p.add_argument("--cache-id", metavar="ID", help="pin --drift-cache: refuse it unless its content id is ID (or starts with it)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for harmful.jsonl, benign.jsonl, task.jsonl, summary.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -102,35 +102,67 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
 
 def main_eval(argv: list[str] | None = None) -> int:
+    a = build_eval_parser().parse_args(argv)
+    return run_command("pact-eval", _eval, a, "interrupted; nothing was written")
+
+
+def _eval(a) -> int:
     import json
+    import math
+    import os
+    import shutil
     from pathlib import Path
 
-    from pact_cache.format import atomic_write_json, open_cache
+    from pact_cache.format import atomic_write_json, open_cache, tmp_name
 
     from .evaluate import KeywordJudge, load_eval_model, prompts_from, refusal_rate, safety_token_drift, task_accuracy
 
-    a = build_eval_parser().parse_args(argv)
+    if not (a.harmful or a.benign or a.task or a.drift_cache):
+        raise PactError("nothing to evaluate: give --harmful, --benign, --task and/or --drift-cache")
+    out = Path(a.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PactError(f"-o {out}: exists and is not an empty folder; choose another -o (nothing is overwritten)")
+    sets = {k: prompts_from(v, a.limit) for k, v in (("harmful", a.harmful), ("benign", a.benign), ("task", a.task)) if v}
+    for name, rows in sets.items():
+        if not rows:
+            raise PactError(f"{getattr(a, name)}: holds no prompts, so no {name} rate can be computed; give a file with at least one row")
+    cache = open_cache(a.drift_cache, cache_id=a.cache_id) if a.drift_cache else None
+    if cache is not None and cache.num_rows == 0:
+        raise PactError(f"{a.drift_cache}: the cache holds no rows, so no drift can be computed")
+    model, tok, device = load_eval_model(a.model, a.adapter, a.device)
+    gen = dict(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, device=device, progress=not a.no_progress)
+    judge = KeywordJudge()
+    summary = {"model": a.model, "adapter": a.adapter}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(out)  # everything goes here first; OUT appears whole, or not at all
+    tmp.mkdir()
     try:
-        if not (a.harmful or a.benign or a.task or a.drift_cache):
-            raise PactError("nothing to evaluate: give --harmful, --benign, --task and/or --drift-cache")
-        sets = {k: prompts_from(v, a.limit) for k, v in (("harmful", a.harmful), ("benign", a.benign), ("task", a.task)) if v}
-        cache = open_cache(a.drift_cache) if a.drift_cache else None
-        model, tok, device = load_eval_model(a.model, a.adapter, a.device)
-        out = Path(a.output)
-        out.mkdir(parents=True, exist_ok=True)
-        gen = dict(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, device=device, progress=not a.no_progress)
-        judge = KeywordJudge()
-        summary = {"model": a.model, "adapter": a.adapter}
         for name in ("harmful", "benign"):
             if name in sets:
-                summary[f"{name}_refusal"] = refusal_rate(model, tok, sets[name], judge, out / f"{name}.jsonl", **gen)
+                summary[f"{name}_refusal"] = refusal_rate(model, tok, sets[name], judge, tmp / f"{name}.jsonl", **gen)
         if "task" in sets:
-            summary["task"] = task_accuracy(model, tok, sets["task"], out / "task.jsonl", **gen)
+            summary["task"] = task_accuracy(model, tok, sets["task"], tmp / "task.jsonl", **gen)
         if cache is not None:
             summary["drift"] = safety_token_drift(model, cache, device)
-        atomic_write_json(out / "summary.json", summary)
-    except PactError as err:
-        print(f"pact-eval: error: {err}", file=sys.stderr)
-        return 1
+            if not math.isfinite(summary["drift"]["mean_kl"]):
+                raise PactError(f"{a.drift_cache}: the safety-token drift is {summary['drift']['mean_kl']} (not finite); "
+                                "the model's logits overflow on these rows: check the model or adapter")
+        atomic_write_json(tmp / "summary.json", summary)
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v

@@ -15,6 +15,8 @@ from typing import Protocol
 
 import torch
 
+from pact_cache.errors import PactError
+
 # Refusal phrases, after the prefix lists common in the harmful fine-tuning literature (GCG-style
 # evaluation: a response that contains any of them counts as a refusal). Matched case-insensitively.
 REFUSAL_PHRASES = (
@@ -45,16 +47,30 @@ class KeywordJudge:
 
 
 def load_eval_model(model: str, adapter: str | None = None, device: str = "auto"):
-    """A model (optionally with a PEFT adapter) and its tokenizer, ready for generation."""
+    """A model (optionally with a PEFT adapter folder) and its tokenizer, ready for generation.
+    Weights that are NaN or infinite are refused: they would generate empty answers, which a
+    refusal judge would count as compliance."""
+    from pact_cache.errors import ModelError
     from pact_cache.models import load_model, load_tokenizer, resolve_model
 
+    if adapter is not None:
+        a = Path(adapter).expanduser()
+        if not (a / "adapter_config.json").is_file():
+            raise ModelError(f"--adapter {adapter}: no adapter_config.json there; pass a PEFT adapter folder (pact-train's OUT/adapter)")
     resolved = resolve_model(model)
     tok = load_tokenizer(resolved)
     m, device, _ = load_model(resolved, "auto", device)
     if adapter:
         from peft import PeftModel
 
-        m = PeftModel.from_pretrained(m, adapter).to(device).eval()
+        try:
+            m = PeftModel.from_pretrained(m, str(Path(adapter).expanduser())).to(device).eval()
+        except Exception as err:  # peft/safetensors raise several types for a damaged or mismatched adapter
+            raise ModelError(f"--adapter {adapter}: cannot be loaded onto {model} ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}); "
+                             "pass the adapter of a run on this model") from None
+    bad = next((n for n, p in m.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise ModelError(f"{adapter or model}: parameter {bad} holds NaN or infinity; this model cannot be evaluated (it diverged in training)")
     return m, tok, device
 
 
@@ -112,6 +128,8 @@ def prompts_from(path: str, limit: int | None = None) -> list[tuple[list[dict], 
 
 
 def refusal_rate(model, tok, prompts, judge: Judge, out_jsonl: Path | None = None, **gen) -> dict:
+    if not prompts:
+        raise PactError("no prompts: a refusal rate over 0 prompts is undefined; give at least one")
     responses = generate(model, tok, [p for p, _ in prompts], **gen)
     rows = []
     for (p, _), r in zip(prompts, responses):
@@ -130,6 +148,8 @@ def normalise_answer(text: str) -> str:
 def task_accuracy(model, tok, rows, out_jsonl: Path | None = None, **gen) -> dict:
     """Exact match of the normalised answer. When every reference answer is one word from a small label
     set (SST-2: positive/negative), the prediction is the first label word the response contains."""
+    if not rows:
+        raise PactError("no task rows: an accuracy over 0 rows is undefined; give at least one")
     gold = [normalise_answer(a or "") for _, a in rows]
     labels = sorted(set(gold))
     responses = generate(model, tok, [p for p, _ in rows], **gen)
@@ -165,4 +185,6 @@ def safety_token_drift(model, cache, device="cpu", batch_size: int = 8) -> dict:
             p_mod = torch.log_softmax(torch.from_numpy(sel).double(), -1)
             total += float((p_ref.exp() * (p_ref - p_mod)).sum())
             steps += r.steps
-    return {"steps": steps, "mean_kl": total / max(steps, 1)}
+    if steps == 0:
+        raise PactError("the drift cache holds no response steps; a mean over 0 steps is undefined")
+    return {"steps": steps, "mean_kl": total / steps}

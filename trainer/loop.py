@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from pact_cache.errors import PactError
-from pact_cache.format import Cache, atomic_write_bytes, atomic_write_json, open_cache
+from pact_cache.format import Cache, atomic_write_bytes, atomic_write_json, open_cache, stale_tmp, tmp_name
+from pact_cache.manifest import load_json
 
-from .checkpoint import find_checkpoint, load_checkpoint, replace_dir, save_checkpoint
+from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, replace_dir, save_checkpoint
 from .losses import PactParams, pact_kl
 from .stream import Batch, batches, collate
 
@@ -30,11 +31,24 @@ class TrainError(PactError):
     """Bad training input or state; printed as one line by the CLI."""
 
 
+class NonFiniteError(TrainError):
+    """Training diverged: a loss or gradient norm is NaN or infinite. Nothing after the last good
+    checkpoint is kept, and no adapter or model is written."""
+
+    def __init__(self, step: int, what: str, out: Path, last_saved: int | None):
+        kept = (f"the last good checkpoint (step {last_saved}) is kept in {out}/checkpoint"
+                if last_saved else "no checkpoint had been written yet")
+        super().__init__(f"step {step}: {what}; stopped, no adapter or model written, {kept}. "
+                         "Lower --lr, or check the model and the cache (pact-cache verify)")
+        self.step = step
+
+
 @dataclass
 class TrainConfig:
     model: str
     cache: str
     out: str
+    cache_pin: str | None = None  # --cache-id: refuse any cache whose content id is not this (or does not start with it)
     method: str = "pact"  # pact | sft
     reference: str = "cache"  # cache | online (a live reference beside the policy, the paper's way)
     ref_model: str | None = None  # for --reference online; default: the policy's initial weights (--model)
@@ -67,8 +81,9 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
 
-    # settings that may differ between a run and its resumption
-    RESUMABLE = ("resume", "max_steps", "progress", "save_every", "plot", "merge")
+    # settings that may differ between a run and its resumption; the cache is compared by its id,
+    # not by the path typed, so a run resumes from another folder or working directory
+    RESUMABLE = ("resume", "max_steps", "progress", "save_every", "plot", "merge", "cache", "out", "cache_pin")
 
 
 def _log(msg: str) -> None:
@@ -77,22 +92,50 @@ def _log(msg: str) -> None:
 
 # ----------------------------------------------------------------------------- checks
 
+def _number(name: str, v, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, why="") -> None:
+    """Refuse a non-finite or out-of-range option with one line naming it and its range."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (not integer or float(v).is_integer())
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
+        kind = "an integer" if integer else "a finite number"
+        raise TrainError(f"{name} {v}: must be {kind} in {rng}{'; ' + why if why else ''}")
+
+
 def check_config(cfg: TrainConfig) -> None:
+    """Every option's type and range, before anything is loaded or written."""
     if cfg.method not in ("pact", "sft"):
         raise TrainError(f"--method {cfg.method}: use pact or sft")
     if cfg.reference not in ("cache", "online"):
         raise TrainError(f"--reference {cfg.reference}: use cache or online")
-    if not (cfg.lam >= 0 and math.isfinite(cfg.lam)):
-        raise TrainError(f"--lambda {cfg.lam}: must be a finite number >= 0 (it weighs the PACT KL against the cross-entropy)")
-    for name in ("epochs", "batch_size", "grad_accum", "lora_r", "logits_chunk"):
-        if getattr(cfg, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
-    if cfg.lr <= 0:
-        raise TrainError(f"--lr {cfg.lr}: must be positive")
     if cfg.schedule not in ("cosine", "linear", "constant", "step"):
         raise TrainError(f"--schedule {cfg.schedule}: use cosine, linear, constant or step")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise TrainError(f"--max-steps {cfg.max_steps}: must be at least 1")
+    _number("--lambda", cfg.lam, 0, why="it weighs the PACT KL against the cross-entropy")
+    _number("--lr", cfg.lr, 0, lo_open=True)
+    _number("--weight-decay", cfg.weight_decay, 0)
+    _number("--lora-dropout", cfg.lora_dropout, 0, 1, hi_open=True)
+    _number("max_grad_norm", cfg.max_grad_norm, 0, lo_open=True)
+    _number("step_gamma", cfg.step_gamma, 0, 1, lo_open=True)
+    for name in ("epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha", "logits_chunk", "save_every", "shuffle_buffer"):
+        _number(f"--{name.replace('_', '-')}", getattr(cfg, name), 1, integer=True)
+    _number("--warmup-steps", cfg.warmup_steps, -1, integer=True, why="-1 means 3% of the run")
+    _number("--seed", cfg.seed, 0, 2**63 - 1, integer=True)
+    if cfg.max_steps is not None:
+        _number("--max-steps", cfg.max_steps, 1, integer=True)
+    if not cfg.full and not [t for t in cfg.lora_targets.split(",") if t.strip()]:
+        raise TrainError("--lora-targets is empty; name the modules to adapt, e.g. q_proj,v_proj")
+    p = cfg.pact
+    _number("--pact-t", p.T, 0, lo_open=True, why="the distillation temperature divides the logits")
+    _number("--pact-t-gate", p.T_gate, 0, lo_open=True, why="the gate's temperature divides the logits")
+    _number("--pact-top-p", p.top_p, 0, 1, lo_open=True)
+    _number("--pact-alpha", p.alpha)
+    _number("--pact-bias", p.bias)
+    _number("--pact-n", p.N, 0, integer=True)
+    _number("--pact-tau", p.tau, why="tau <= 0 is the paper's hard window of N steps")
+    _number("--pact-boost", p.boost, 0)
 
 
 def check_cache_fits(cache: Cache, tok, vocab_rows: int, cfg: TrainConfig) -> None:
@@ -101,7 +144,7 @@ def check_cache_fits(cache: Cache, tok, vocab_rows: int, cfg: TrainConfig) -> No
 
     if cache.num_rows == 0:
         raise TrainError(f"{cfg.cache}: the cache holds no rows; rebuild it from a non-empty dataset")
-    want = cache.manifest.get("tokenizer", {}).get("sha256")
+    want = cache.manifest.tokenizer.sha256
     got = tokenizer_fingerprint(tok)["sha256"]
     if want != got:
         raise TrainError(f"{cfg.cache}: built with another tokenizer than {cfg.model}'s (fingerprint {str(want)[:12]} vs {got[:12]}); "
@@ -109,6 +152,8 @@ def check_cache_fits(cache: Cache, tok, vocab_rows: int, cfg: TrainConfig) -> No
     bad = [i for i in cache.ids if i >= vocab_rows]
     if bad:
         raise TrainError(f"{cfg.cache}: safety-token ids {bad[:5]} are outside {cfg.model}'s vocabulary ({vocab_rows} rows)")
+    if cache.vocab_size > vocab_rows:
+        raise TrainError(f"{cfg.cache}: input ids may reach {cache.vocab_size - 1}, beyond {cfg.model}'s {vocab_rows} embedding rows")
     for part in cache.parts:  # every part is checked now, not halfway through training
         cache.check_part(part)
 
@@ -117,12 +162,16 @@ def check_out(out: Path, cfg: TrainConfig, cache_id: str) -> str:
     """'new' or 'resume'; refuse an OUT folder that holds something else."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"{out}: exists and is not a folder; choose another -o")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not any(p for p in out.iterdir() if not stale_tmp(p)):
+        if cfg.resume:
+            raise TrainError(f"{out}: --resume, but there is no run here to resume; drop --resume to start one")
         return "new"
     cfg_file = out / "config.json"
-    if not cfg_file.exists():
+    if not cfg_file.is_file():
         raise TrainError(f"{out}: folder is not empty and holds no pact-train run; choose another -o")
-    old = json.loads(cfg_file.read_text())
+    old = load_json(cfg_file.read_bytes()[: 1 << 20], str(cfg_file), TrainError, "run config")
+    if not isinstance(old, dict):
+        raise TrainError(f"{cfg_file}: is not a run config (not a JSON object); choose another -o")
     mine = config_record(cfg, cache_id)
     diff = [k for k in sorted(set(old) | set(mine)) if k not in TrainConfig.RESUMABLE and old.get(k) != mine.get(k)]
     if diff:
@@ -138,6 +187,9 @@ def config_record(cfg: TrainConfig, cache_id: str) -> dict:
     rec = asdict(cfg)
     rec["pact"] = asdict(cfg.pact)
     rec["cache_id"] = cache_id
+    for key in ("model", "ref_model"):  # a local folder is recorded absolute, so another working directory resumes
+        if rec[key] and Path(rec[key]).expanduser().exists():
+            rec[key] = str(Path(rec[key]).expanduser().resolve())
     return rec
 
 
@@ -272,15 +324,16 @@ def train(cfg: TrainConfig) -> dict:
     # --- setup
     check_config(cfg)
     device = pick_device(cfg.device)
-    cache = open_cache(cfg.cache)
+    cache = open_cache(cfg.cache, cache_id=cfg.cache_pin)
     out = Path(cfg.out).expanduser()
     state_kind = check_out(out, cfg, cache.cache_id)
+    clean_leftovers(out)
     torch.manual_seed(cfg.seed)
     model, tok, _ = load_policy(cfg, device)
     head_rows = causal_lm(model).get_output_embeddings().weight.shape[0]
     check_cache_fits(cache, tok, head_rows, cfg)
     ids = torch.tensor(cache.ids, device=device)
-    weights = torch.tensor(cache.tokens["weights"], dtype=torch.float32, device=device)
+    weights = torch.tensor(cache.tokens.weights, dtype=torch.float32, device=device)
     ref = header = None
     if cfg.reference == "online" and cfg.method == "pact":
         from pact_cache.models import load_model, resolve_model
@@ -301,10 +354,13 @@ def train(cfg: TrainConfig) -> dict:
     step, epoch, taken, tokens_total = 0, 0, 0, 0
     if state_kind == "resume":
         st = load_checkpoint(out / "checkpoint", model, optimizer, is_peft=not cfg.full)
+        if st.get("cache_id") != cache.cache_id:
+            raise TrainError(f"{out}/checkpoint: was written while training on cache {str(st.get('cache_id'))[:12]}, not "
+                             f"{cache.cache_id[:12]}; resume with the cache the run started from")
         step, epoch, taken, tokens_total = st["step"], st["epoch"], st["rows_taken"], st["tokens_total"]
         # metrics after the checkpoint belong to the lost part of the run: drop them
-        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        atomic_write_bytes(metrics_path, "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step).encode())
+        lines = metrics_path.read_text(errors="replace").splitlines() if metrics_path.exists() else []
+        atomic_write_bytes(metrics_path, "".join(l + "\n" for l in lines[:step]).encode())
         _log(f"resuming {out} at step {step} (epoch {epoch}, {taken} rows into it)")
     else:
         atomic_write_json(out / "config.json", config_record(cfg, cache.cache_id))
@@ -315,6 +371,7 @@ def train(cfg: TrainConfig) -> dict:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=step, unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    last_saved = step if state_kind == "resume" else None
     model.train()
     t_run = time.time()
     done = False
@@ -342,11 +399,18 @@ def train(cfg: TrainConfig) -> dict:
                 ref_full, ref_post = online_reference(ref, batch, header, ids)
             with autocast:
                 ce_sum, kl_sum, _ = policy_losses(model, batch, ids, weights, cfg, ref_full, ref_post)
+            ce_v, kl_v = ce_sum.item(), kl_sum.item()
+            if not (math.isfinite(ce_v) and math.isfinite(kl_v)):
+                bar.close()
+                raise NonFiniteError(step + 1, f"the loss is not finite (cross-entropy sum {ce_v}, PACT KL sum {kl_v})", out, last_saved)
             loss = (ce_sum + cfg.lam * kl_sum) / n_window
             loss.backward()
-            ce_tot += ce_sum.item()
-            kl_tot += kl_sum.item()
+            ce_tot += ce_v
+            kl_tot += kl_v
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        if not math.isfinite(grad_norm):
+            bar.close()
+            raise NonFiniteError(step + 1, f"the gradient norm is {grad_norm}", out, last_saved)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -363,6 +427,7 @@ def train(cfg: TrainConfig) -> dict:
         if step % cfg.save_every == 0 and step < total:
             save_checkpoint(out / "checkpoint", model, optimizer, {"step": step, "epoch": epoch, "rows_taken": taken,
                                                                     "tokens_total": tokens_total, "cache_id": cache.cache_id})
+            last_saved = step
     bar.close()
     if step == 0:
         raise TrainError(f"{cfg.cache}: no batch could be made")
@@ -371,13 +436,13 @@ def train(cfg: TrainConfig) -> dict:
 
     # --- final outputs
     final = out / ("model" if cfg.full else "adapter")
-    tmp = out / f".{final.name}.tmp-{os.getpid()}"
+    tmp = tmp_name(final)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     replace_dir(tmp, final)
     if cfg.merge and not cfg.full:
         merged = model.merge_and_unload()
-        tmp = out / f".merged.tmp-{os.getpid()}"
+        tmp = tmp_name(out / "merged")
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         replace_dir(tmp, out / "merged")

@@ -1,0 +1,514 @@
+"""Typed ``manifest.json`` and ``tokens.json``: parsed and validated once, at the edge.
+
+Everything a cache or a tokens file says arrives here as untrusted JSON. :func:`load_json` reads it
+(strict UTF-8, no NaN/Infinity, bounded size and depth), and the ``parse`` methods turn it into
+frozen dataclasses, checking every field's type, range and length, with one message per violation
+that names the field. The rest of the code reads attributes, never dicts.
+
+The cache id is derived from content (:meth:`Manifest.content_id`), so a manifest edited by hand,
+or a part swapped for another, no longer matches the id it carries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import CacheError, TokensError
+
+FORMAT = "pact-cache/2"
+LEGACY_FORMATS = ("pact-cache/1",)
+TOKENS_FORMAT = "pact-tokens/1"
+# Version of the code that computes the stored values (build.reference_logprobs / compute_rows and
+# the encoders). Bump it whenever a change could alter a stored byte: it is part of the cache id.
+ALGORITHM = "pact-ref/1"
+MANIFEST_MAX_BYTES = 64 << 20  # a manifest is a few KiB per 1,000 parts; anything larger is refused
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+PART_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.parquet$")
+
+
+# ----------------------------------------------------------------------------- JSON at the edge
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not valid JSON (non-finite numbers are not allowed)")
+
+
+def load_json(data: bytes, where: str, error=CacheError, what: str = "file") -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity, nesting bounded by the interpreter (refused, not crashed)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise error(f"{where}:{line}: invalid UTF-8 (byte {err.start}); this {what} is damaged or not JSON") from None
+    try:
+        return json.loads(text, parse_constant=_no_constants)
+    except json.JSONDecodeError as err:
+        raise error(f"{where}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno}); this {what} is damaged") from None
+    except ValueError as err:
+        raise error(f"{where}: {err}; this {what} is damaged or was edited") from None
+    except RecursionError:
+        raise error(f"{where}: JSON nested too deeply; this {what} is damaged or hostile") from None
+
+
+def canonical_json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def hash_identity(kind: str, obj) -> str:
+    """sha256 of sorted, type-tagged JSON (like ``datasets`` fingerprints). ``None`` is hashed as
+    an explicit null tag; callers refuse missing inputs before they get here."""
+    def tag(x):
+        if isinstance(x, dict):
+            return {str(k): tag(v) for k, v in sorted(x.items())}
+        if isinstance(x, (list, tuple)):
+            return ["list", [tag(v) for v in x]]
+        if x is None:
+            return ["null"]
+        if isinstance(x, bool):
+            return ["bool", x]
+        if isinstance(x, int):
+            return ["int", x]
+        if isinstance(x, float):
+            return ["float", repr(x)]
+        if isinstance(x, str):
+            return ["str", x]
+        raise TypeError(f"cannot hash a {type(x).__name__} into an identity")
+
+    return hashlib.sha256(canonical_json({"kind": kind, "value": tag(obj)})).hexdigest()
+
+
+# ----------------------------------------------------------------------------- field checks
+
+class _Fields:
+    """Reads fields of one JSON object, raising ``error`` with ``where`` and the field path."""
+
+    def __init__(self, obj, where: str, path: str, error):
+        self.where, self.path, self.error = where, path, error
+        if not isinstance(obj, dict):
+            self.fail(f"must be an object, not {_kind(obj)}")
+        self.obj = obj
+
+    def fail(self, msg: str):
+        raise self.error(f"{self.where}: {self.path + ' ' if self.path else ''}{msg}")
+
+    def _name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def _get(self, key: str, optional: bool):
+        if key not in self.obj or self.obj[key] is None:
+            if optional:
+                return None
+            raise self.error(f"{self.where}: {self._name(key)} is missing")
+        return self.obj[key]
+
+    def _bad(self, key, msg):
+        raise self.error(f"{self.where}: {self._name(key)} {msg}")
+
+    def int(self, key, lo=None, hi=None, optional=False):
+        v = self._get(key, optional)
+        if v is None:
+            return None
+        if not isinstance(v, int) or isinstance(v, bool):
+            self._bad(key, f"must be an integer, not {_kind(v)}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            self._bad(key, f"is {v}, outside {lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}")
+        return v
+
+    def float(self, key, lo=None, hi=None, optional=False, lo_open=False):
+        v = self._get(key, optional)
+        if v is None:
+            return None
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            self._bad(key, f"must be a finite number, not {_kind(v)}")
+        if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
+            self._bad(key, f"is {v!r}, outside {'(' if lo_open else '['}{lo}, {hi}]")
+        return float(v)
+
+    def str(self, key, optional=False, pattern: re.Pattern | None = None, what="a string"):
+        v = self._get(key, optional)
+        if v is None:
+            return None
+        if not isinstance(v, str) or (pattern is not None and pattern.fullmatch(v) is None):
+            self._bad(key, f"must be {what}")
+        return v
+
+    def obj_(self, key, optional=False):
+        v = self._get(key, optional)
+        if v is None:
+            return None
+        if not isinstance(v, dict):
+            self._bad(key, f"must be an object, not {_kind(v)}")
+        return v
+
+    def list(self, key, optional=False, min_len=0):
+        v = self._get(key, optional)
+        if v is None:
+            return None
+        if not isinstance(v, list):
+            self._bad(key, f"must be a list, not {_kind(v)}")
+        if len(v) < min_len:
+            self._bad(key, f"must hold at least {min_len} item(s)")
+        return v
+
+    def sub(self, key, optional=False) -> "_Fields | None":
+        v = self._get(key, optional)
+        return None if v is None else _Fields(v, self.where, self._name(key), self.error)
+
+
+def _kind(v) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if v is None:
+        return "null"
+    return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}.get(type(v), type(v).__name__)
+
+
+# ----------------------------------------------------------------------------- tokens.json
+
+@dataclass(frozen=True)
+class SafetyTokens:
+    """The safety-token set S (``tokens.json``, format ``pact-tokens/1``)."""
+
+    ids: tuple[int, ...]
+    weights: tuple[float, ...]
+    strings: tuple[str, ...] | None = None
+    method: str = "unknown"
+    params: dict = field(default_factory=dict)  # provenance only (how S was selected); never read
+    aligned: dict | None = None  # provenance: fingerprint of the aligned model
+    base: dict | None = None  # provenance: fingerprint of the base model
+    mean_aligned_prob: tuple[float, ...] | None = None
+
+    @property
+    def K(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def parse(cls, obj, where: str, error=TokensError, vocab_size: int | None = None) -> "SafetyTokens":
+        f = _Fields(obj, where, "", error)
+        fmt = obj.get("format")
+        if fmt != TOKENS_FORMAT:
+            f.fail(f"is not a {TOKENS_FORMAT} file (format={fmt!r}); make one with `pact-cache tokens`")
+        ids = f.list("ids", min_len=1)
+        for j, i in enumerate(ids):
+            if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+                f.fail(f"ids[{j}] must be a non-negative integer, not {i!r}")
+            if vocab_size is not None and i >= vocab_size:
+                f.fail(f"ids[{j}] = {i} is outside the vocabulary (size {vocab_size})")
+        if len(set(ids)) != len(ids):
+            f.fail("ids has duplicates; each safety token must appear once")
+        weights = f.list("weights")
+        if len(weights) != len(ids):
+            f.fail(f"weights must hold {len(ids)} numbers, one per id (it holds {len(weights)})")
+        for j, w in enumerate(weights):
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
+                f.fail(f"weights[{j}] must be a finite number, not {w!r}")
+        if max(weights) <= 0:
+            f.fail("every weight is <= 0; the loss clamps weights at 0, so no token would be constrained (PACT would be plain SFT)")
+        strings = f.list("strings", optional=True)
+        if strings is not None and (len(strings) != len(ids) or not all(isinstance(s, str) for s in strings)):
+            f.fail(f"strings must hold {len(ids)} strings, one per id")
+        mean_p = f.list("mean_aligned_prob", optional=True)
+        if mean_p is not None and (len(mean_p) != len(ids) or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) for p in mean_p)):
+            f.fail(f"mean_aligned_prob must hold {len(ids)} finite numbers")
+        method = f.str("method", optional=True) or "unknown"
+        params = f.obj_("params", optional=True) or {}
+        aligned = f.obj_("aligned", optional=True)
+        base = f.obj_("base", optional=True)
+        return cls(tuple(ids), tuple(float(w) for w in weights), tuple(strings) if strings is not None else None, method,
+                   params, aligned, base, tuple(float(p) for p in mean_p) if mean_p is not None else None)
+
+    def content(self) -> dict:
+        """What the cache id covers: the set, its weights and how it was chosen, not where (paths)."""
+        return {"ids": list(self.ids), "weights": list(self.weights), "strings": list(self.strings) if self.strings else None,
+                "method": self.method}
+
+    def to_json(self) -> dict:
+        out = {"format": TOKENS_FORMAT, "ids": list(self.ids), "weights": list(self.weights), "method": self.method,
+               "params": self.params, "aligned": self.aligned, "base": self.base}
+        if self.strings is not None:
+            out["strings"] = list(self.strings)
+        if self.mean_aligned_prob is not None:
+            out["mean_aligned_prob"] = list(self.mean_aligned_prob)
+        return out
+
+
+# ----------------------------------------------------------------------------- encoding
+
+@dataclass(frozen=True)
+class Encoding:
+    """How the reference columns are stored (see the format spec in ``format.py``)."""
+
+    name: str  # q8 | f32
+    scale: float = 0.0  # q8: log1p companding scale of the per-token distance below the step maximum
+    floor: float = 0.0  # q8: distances beyond this many nats are stored at the floor
+    top_scale: float = 0.0  # q8: fixed-point scale of the per-step maximum (uint16)
+    target_scale: float = 0.0  # q8: fixed-point scale of the target log-prob (uint16)
+
+    @property
+    def max_code(self) -> int:
+        """Largest byte the q8 encoder can write; a larger one in a part is refused."""
+        return int(round(self.scale * math.log1p(self.floor)))
+
+    @classmethod
+    def parse(cls, obj, where: str, error=CacheError) -> "Encoding":
+        f = _Fields(obj, where, "encoding", error)
+        name = f.str("name")
+        if name == "f32":
+            return cls("f32")
+        if name != "q8":
+            f.fail(f"name {name!r} is unknown; known: f32, q8")
+        # ranges keep every decoded value finite and every code inside one byte / uint16
+        scale = f.float("scale", 1.0, 255.0)
+        floor = f.float("floor", 0.0, 1000.0, lo_open=True)
+        if round(scale * math.log1p(floor)) > 255:
+            f.fail(f"scale {scale} with floor {floor} needs codes above 255; they do not fit one byte")
+        top = f.float("top_scale", 1.0, 65535.0)
+        target = f.float("target_scale", 1.0, 65535.0)
+        return cls("q8", scale, floor, top, target)
+
+    def to_json(self) -> dict:
+        if self.name == "f32":
+            return {"name": "f32"}
+        return {"name": "q8", "scale": self.scale, "floor": self.floor, "top_scale": self.top_scale, "target_scale": self.target_scale}
+
+
+ENCODINGS = {"q8": Encoding("q8", 28.0, 40.0, 512.0, 256.0), "f32": Encoding("f32")}
+
+
+# ----------------------------------------------------------------------------- manifest
+
+@dataclass(frozen=True)
+class PartEntry:
+    name: str
+    rows: int
+    steps: int
+    bytes: int
+    sha256: str  # of the whole file
+    rows_sha256: str  # of the rows' example_id, response_start and input_ids (format.rows_digest)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "rows": self.rows, "steps": self.steps, "bytes": self.bytes, "sha256": self.sha256,
+                "rows_sha256": self.rows_sha256}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The reference model: where it came from (provenance) and its weights' digests (identity)."""
+
+    name: str
+    weights_sha256: dict  # file name -> sha256 of that weight file
+    path: str | None = None
+    revision: str | None = None
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "path": self.path, "revision": self.revision, "weights_sha256": dict(self.weights_sha256)}
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    sha256: str  # models.tokenizer_fingerprint: vocabulary, special tokens, chat template
+    vocab_size: int
+    chat_template_sha256: str | None = None
+
+    def to_json(self) -> dict:
+        return {"sha256": self.sha256, "vocab_size": self.vocab_size, "chat_template_sha256": self.chat_template_sha256}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    sha256: str  # data.dataset_fingerprint over the files read
+    source: str | None = None
+    files: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"sha256": self.sha256, "source": self.source, "files": list(self.files)}
+
+
+@dataclass(frozen=True)
+class BuildParams:
+    """Everything about the computation that can change a stored value."""
+
+    max_length: int | None
+    batch_size: int  # batch composition changes float results in the last bits
+    rows_per_part: int
+    dtype: str
+    device: str
+    assistant_header_ids: tuple[int, ...]
+    vocab_size: int  # rows of the reference's output layer; input ids and token ids are below it
+    algorithm: str = ALGORITHM
+
+    def to_json(self) -> dict:
+        return {"max_length": self.max_length, "batch_size": self.batch_size, "rows_per_part": self.rows_per_part,
+                "dtype": self.dtype, "device": self.device, "assistant_header_ids": list(self.assistant_header_ids),
+                "vocab_size": self.vocab_size, "algorithm": self.algorithm}
+
+
+@dataclass(frozen=True)
+class Counts:
+    rows: int
+    response_steps: int
+    input_tokens: int
+    truncated_rows: int
+    skipped: dict  # reason -> rows skipped
+    skipped_rows: dict  # reason -> first locations (for people)
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows, "response_steps": self.response_steps, "input_tokens": self.input_tokens,
+                "truncated_rows": self.truncated_rows, "skipped": dict(self.skipped),
+                "skipped_rows": {k: list(v) for k, v in self.skipped_rows.items()}}
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What determines the stored values, before any part exists; its hash is the build key that
+    a resumed build and every part it writes carry."""
+
+    reference_weights: dict
+    tokenizer: Tokenizer
+    tokens: SafetyTokens
+    dataset_sha256: str
+    build: BuildParams
+    encoding: Encoding
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "reference_weights": dict(self.reference_weights), "tokenizer": self.tokenizer.to_json(),
+                "tokens": self.tokens.content(), "dataset": self.dataset_sha256, "build": self.build.to_json(),
+                "encoding": self.encoding.to_json()}
+
+    def key(self) -> str:
+        return hash_identity("pact-cache/build-key", self.to_json())
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: str
+    cache_id: str
+    tool_version: str
+    reference: Reference
+    tokenizer: Tokenizer
+    tokens: SafetyTokens
+    dataset: DatasetInfo
+    build: BuildParams
+    encoding: Encoding
+    counts: Counts
+    parts: tuple[PartEntry, ...]
+
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.reference.weights_sha256, self.tokenizer, self.tokens, self.dataset.sha256, self.build, self.encoding)
+
+    def content_id(self) -> str:
+        """The cache id: identity (weights, tokenizer, tokens, dataset, build parameters, algorithm,
+        encoding) plus counts and every part's name, sizes, sha256 and rows digest. Provenance
+        (model name and path, dataset path, tool version) is not part of it."""
+        return hash_identity("pact-cache/cache-id", {"identity": self.identity.to_json(), "counts": self.counts.to_json(),
+                                                     "parts": [p.to_json() for p in self.parts]})
+
+    def with_content_id(self) -> "Manifest":
+        return replace(self, cache_id=self.content_id())
+
+    def to_json(self) -> dict:
+        return {"format": self.format, "cache_id": self.cache_id, "tool": {"name": "pact-cache", "version": self.tool_version},
+                "reference": self.reference.to_json(), "tokenizer": self.tokenizer.to_json(), "tokens": self.tokens.to_json(),
+                "dataset": self.dataset.to_json(), "build": self.build.to_json(), "encoding": self.encoding.to_json(),
+                "counts": self.counts.to_json(), "parts": [p.to_json() for p in self.parts]}
+
+    @classmethod
+    def parse(cls, obj, where: str) -> "Manifest":
+        """Check every rule of the format spec that a manifest alone can break; see ``format.py``."""
+        if isinstance(obj, dict) and obj.get("format") in LEGACY_FORMATS:
+            raise CacheError(f"{where}: format {obj['format']} has no content-checked id or row digests, which this "
+                             f"pact-cache requires ({FORMAT}); rebuild the cache, or run `pact-cache upgrade CACHE -o NEW` "
+                             "on a copy you trust")
+        f = _Fields(obj, where, "", CacheError)
+        fmt = obj.get("format")
+        if fmt != FORMAT:
+            f.fail(f"format is {fmt!r}; this pact-cache reads {FORMAT!r}: upgrade pact-cache or rebuild the cache")
+        cache_id = f.str("cache_id", pattern=_HEX64, what="64 lowercase hex characters")
+        tool = f.sub("tool")
+        tool_version = tool.str("version")
+
+        r = f.sub("reference")
+        weights = r.obj_("weights_sha256")
+        if not weights:
+            r.fail("weights_sha256 must name at least one weight file")
+        for k, v in weights.items():
+            if not isinstance(v, str) or _HEX64.fullmatch(v) is None:
+                r.fail(f"weights_sha256[{k!r}] must be 64 lowercase hex characters")
+        reference = Reference(r.str("name"), dict(weights), r.str("path", optional=True), r.str("revision", optional=True))
+
+        t = f.sub("tokenizer")
+        tokenizer = Tokenizer(t.str("sha256", pattern=_HEX64, what="64 lowercase hex characters"), t.int("vocab_size", 1),
+                              t.str("chat_template_sha256", optional=True))
+
+        b = f.sub("build")
+        header = b.list("assistant_header_ids", min_len=1)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in header):
+            b.fail("assistant_header_ids must be non-negative integers")
+        vocab = b.int("vocab_size", 1)
+        if any(i >= vocab for i in header):
+            b.fail(f"assistant_header_ids reach beyond vocab_size {vocab}")
+        build = BuildParams(b.int("max_length", 2, optional=True), b.int("batch_size", 1), b.int("rows_per_part", 1),
+                            b.str("dtype"), b.str("device"), tuple(header), vocab, b.str("algorithm"))
+
+        tokens = SafetyTokens.parse(f.obj_("tokens"), f"{where}: tokens", CacheError, vocab_size=vocab)
+        encoding = Encoding.parse(f.obj_("encoding"), where)
+        d = f.sub("dataset")
+        files = d.list("files", optional=True) or []
+        if not all(isinstance(x, str) for x in files):
+            d.fail("files must be strings")
+        dataset = DatasetInfo(d.str("sha256", pattern=_HEX64, what="64 lowercase hex characters"), d.str("source", optional=True), tuple(files))
+
+        parts = []
+        seen = set()
+        for j, p in enumerate(f.list("parts")):
+            pf = _Fields(p, where, f"parts[{j}]", CacheError)
+            name = pf.str("name", pattern=PART_NAME, what="a plain .parquet file name (no folders, no leading dot); "
+                          "the manifest may point outside the cache, refusing it")
+            if name in seen:
+                pf.fail(f"name {name!r} is listed twice")
+            seen.add(name)
+            parts.append(PartEntry(name, pf.int("rows", 0), pf.int("steps", 0), pf.int("bytes", 1),
+                                   pf.str("sha256", pattern=_HEX64, what="64 lowercase hex characters"),
+                                   pf.str("rows_sha256", pattern=_HEX64, what="64 lowercase hex characters")))
+            if parts[-1].steps < parts[-1].rows:
+                pf.fail(f"has {parts[-1].steps} steps for {parts[-1].rows} rows; every row has at least one step")
+
+        c = f.sub("counts")
+        skipped = c.obj_("skipped", optional=True) or {}
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in skipped.values()):
+            c.fail("skipped must map reasons to non-negative integers")
+        skipped_rows = c.obj_("skipped_rows", optional=True) or {}
+        if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in skipped_rows.values()):
+            c.fail("skipped_rows must map reasons to lists of strings")
+        counts = Counts(c.int("rows", 0), c.int("response_steps", 0), c.int("input_tokens", 0), c.int("truncated_rows", 0),
+                        dict(skipped), {k: list(v) for k, v in skipped_rows.items()})
+        if counts.rows != sum(p.rows for p in parts):
+            c.fail(f"rows is {counts.rows} but the parts hold {sum(p.rows for p in parts)}")
+        if counts.response_steps != sum(p.steps for p in parts):
+            c.fail(f"response_steps is {counts.response_steps} but the parts hold {sum(p.steps for p in parts)}")
+        if any(p.rows == 0 for p in parts) and counts.rows:
+            f.fail("a part holds zero rows in a cache that is not empty")
+
+        m = cls(fmt, cache_id, tool_version, reference, tokenizer, tokens, dataset, build, encoding, counts, tuple(parts))
+        want = m.content_id()
+        if want != cache_id:
+            raise CacheError(f"{where}: cache_id {cache_id[:12]} does not match the manifest's content (it hashes to {want[:12]}); "
+                             "the manifest was edited or damaged: re-download or rebuild the cache")
+        return m
+
+
+def check_pin(cache_id: str, pin: str | None, where: str) -> None:
+    """``--cache-id``: the full id or a prefix of at least 8 hex characters, the way one pins a commit."""
+    if pin is None:
+        return
+    p = pin.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{8,64}", p):
+        raise CacheError(f"--cache-id {pin!r}: give the cache id (or at least its first 8 hex characters), as `pact-cache info` prints it")
+    if not cache_id.startswith(p):
+        raise CacheError(f"{where}: cache id is {cache_id[:12]}, not the pinned {p[:12]}; this is not the cache you pinned "
+                         "(someone changed or replaced it): get the pinned cache, or pin the new id if you trust it")

@@ -315,7 +315,7 @@ def check_regular_file(fs, root: str, path: str, where: str, size: int | None = 
     try:
         info = fs.info(path)
     except FileNotFoundError:
-        raise CacheError(f"{where}: is missing; re-download or rebuild the cache") from None
+        raise CacheError(f"{where}: part listed in the manifest is missing; re-download or rebuild the cache") from None
     except OSError as err:
         raise CacheError(f"{where}: cannot be read ({err.strerror or err})") from None
     if _is_local(fs):

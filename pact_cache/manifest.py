@@ -418,8 +418,9 @@ class Manifest:
                 "counts": self.counts.to_json(), "parts": [p.to_json() for p in self.parts]}
 
     @classmethod
-    def parse(cls, obj, where: str) -> "Manifest":
-        """Check every rule of the format spec that a manifest alone can break; see ``format.py``."""
+    def parse(cls, obj, where: str, check_id: bool = True) -> "Manifest":
+        """Check every rule of the format spec that a manifest alone can break; see ``format.py``.
+        ``check_id=False`` skips only the content-id rule (for tools that re-identify a manifest)."""
         if isinstance(obj, dict) and obj.get("format") in LEGACY_FORMATS:
             raise CacheError(f"{where}: format {obj['format']} has no content-checked id or row digests, which this "
                              f"pact-cache requires ({FORMAT}); rebuild the cache, or run `pact-cache upgrade CACHE -o NEW` "
@@ -496,7 +497,7 @@ class Manifest:
 
         m = cls(fmt, cache_id, tool_version, reference, tokenizer, tokens, dataset, build, encoding, counts, tuple(parts))
         want = m.content_id()
-        if want != cache_id:
+        if check_id and want != cache_id:
             raise CacheError(f"{where}: cache_id {cache_id[:12]} does not match the manifest's content (it hashes to {want[:12]}); "
                              "the manifest was edited or damaged: re-download or rebuild the cache")
         return m

@@ -131,3 +131,31 @@ def naive_reference(model_dir, dataset, ids, max_length=2048):
             post = lpp[len(header) - 1: len(header) - 1 + n][:, ids].numpy()
             out.append((ex.example_id, full, post, target))
     return out
+
+
+def write_manifest(out: Path, parts, enc, K: int, vocab: int = 1000, weights=None):
+    """A valid pact-cache/2 manifest over parts written by ``write_part`` (made-up provenance)."""
+    from pact_cache.format import MANIFEST, atomic_write_json
+    from pact_cache.manifest import (FORMAT, BuildParams, Counts, DatasetInfo, Manifest, Reference, SafetyTokens,
+                                     Tokenizer)
+
+    m = Manifest(FORMAT, "", "test", Reference("test-model", {"model.safetensors": "a" * 64}), Tokenizer("b" * 64, vocab),
+                 SafetyTokens(tuple(range(K)), tuple(weights or [1.0] * K), method="test"), DatasetInfo("c" * 64, "test"),
+                 BuildParams(None, 8, 1024, "float32", "cpu", (1,), vocab), enc,
+                 Counts(sum(p.rows for p in parts), sum(p.steps for p in parts), 0, 0, {}, {}), tuple(parts)).with_content_id()
+    atomic_write_json(out / MANIFEST, m.to_json())
+    return m
+
+
+def edit_manifest(out: Path, fn, resign: bool = False):
+    """Edit ``out``'s manifest.json as a careless or hostile sender would; ``resign`` also recomputes
+    the cache id, as a sender covering their tracks would."""
+    from pact_cache.format import MANIFEST
+    from pact_cache.manifest import Manifest
+
+    m = json.loads((out / MANIFEST).read_text())
+    fn(m)
+    if resign:
+        m["cache_id"] = Manifest.parse(m, "edit", check_id=False).content_id()
+    (out / MANIFEST).write_text(json.dumps(m))
+    return m

@@ -35,7 +35,7 @@ def test_f32_build_equals_naive_recompute_and_q8_within_bound(tiny_model, chat_d
     exact = build(BuildConfig(str(chat_dataset), tiny_model, str(tmp_path / "f32"), tokens=str(tokens), encoding="f32",
                               batch_size=3, rows_per_part=10, progress=False))
     q8 = build(BuildConfig(str(chat_dataset), tiny_model, str(tmp_path / "q8"), tokens=str(tokens), batch_size=3, rows_per_part=10, progress=False))
-    assert exact.manifest["counts"]["rows"] == len(CHAT_ROWS) and len(exact.manifest["parts"]) == 3
+    assert exact.manifest.counts.rows == len(CHAT_ROWS) and len(exact.manifest.parts) == 3
     want = naive_reference(tiny_model, chat_dataset, ids)
     got_f32 = list(open_cache(tmp_path / "f32").iter_rows())
     got_q8 = list(open_cache(tmp_path / "q8").iter_rows())
@@ -47,7 +47,7 @@ def test_f32_build_equals_naive_recompute_and_q8_within_bound(tiny_model, chat_d
         np.testing.assert_allclose(g.target_logprob, target, atol=2e-5)
         for dec, true in ((q.full_logprobs, full), (q.post_logprobs, post)):
             d = true.max(1, keepdims=True) - true
-            assert (d <= enc["floor"]).all()
+            assert (d <= enc.floor).all()
             assert (np.abs(dec - true) <= q8_bound(d, enc) + 1e-4).all()
         assert np.abs(q.target_logprob - target).max() <= 2**-9 + 1e-4
     assert exact.cache_id != q8.cache_id
@@ -132,7 +132,7 @@ def test_info_and_verify(tiny_model, chat_dataset, tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
     other = write_jsonl(tmp_path / "other.jsonl", CHAT_ROWS[:3])
     assert run_cli("verify", out, "--dataset", other) == 1
-    assert "dataset fingerprint differs" in only_line(capsys)
+    assert "gives 3 (at --max-length 2048); it was not built from this dataset" in only_line(capsys)
     part = next(out.glob("part-*.parquet"))
     part.write_bytes(part.read_bytes()[:-10] + b"0123456789")
     assert run_cli("verify", out) == 1
@@ -141,10 +141,10 @@ def test_info_and_verify(tiny_model, chat_dataset, tmp_path, capsys):
 
 def test_default_tokens_when_none_given(tiny_model, chat_dataset, tmp_path):
     res = build(BuildConfig(str(chat_dataset), tiny_model, str(tmp_path / "c"), progress=False))
-    tokens = res.manifest["tokens"]
-    assert tokens["method"] == "pact-uniform" and len(tokens["ids"]) == 50
-    assert tokens["params"]["refusals"].startswith("builtin")
-    assert len(set(tokens["weights"])) == 1
+    tokens = res.manifest.tokens
+    assert tokens.method == "pact-uniform" and len(tokens.ids) == 50
+    assert tokens.params["refusals"].startswith("builtin")
+    assert len(set(tokens.weights)) == 1
 
 
 def cli_env():

@@ -55,7 +55,7 @@ def test_drift_is_zero_against_own_cache_and_positive_for_another_model(tiny_mod
     cache = open_cache(res.out)
     own, _, _ = load_model(resolve_model(tiny_model), "fp32", "cpu")
     d0 = ev.safety_token_drift(own, cache)
-    assert d0["steps"] == res.manifest["counts"]["response_steps"] and abs(d0["mean_kl"]) < 1e-6
+    assert d0["steps"] == res.manifest.counts.response_steps and abs(d0["mean_kl"]) < 1e-6
     other_dir = make_tiny_model(tmp_path / "other", seed=5)
     other, _, _ = load_model(resolve_model(str(other_dir)), "fp32", "cpu")
     assert ev.safety_token_drift(other, cache)["mean_kl"] > 1e-3

@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 
 from pact_cache.errors import CacheError
-from pact_cache.format import (ENCODINGS, MANIFEST, RowResult, atomic_write_json, compute_cache_id, decode_target,
-                               decode_view, encode_target, encode_view, open_cache, q8_bound, write_part)
+from pact_cache.format import (ENCODINGS, MANIFEST, RowResult, decode_target, decode_view, encode_target, encode_view,
+                               open_cache, q8_bound, write_part)
+from pact_cache.manifest import hash_identity
+
+from conftest import edit_manifest, write_manifest
 
 Q8 = ENCODINGS["q8"]
 
@@ -22,9 +25,9 @@ def realistic_logprobs(rng, n, K):
 
 def assert_within_q8_bound(dec, v):
     d = v.max(1, keepdims=True) - v
-    inside = d <= Q8["floor"]
+    inside = d <= Q8.floor
     assert (np.abs(dec - v)[inside] <= q8_bound(d[inside], Q8) + 1e-5).all()
-    assert (dec[~inside] >= v[~inside] - q8_bound(np.float32(Q8["floor"]), Q8)).all()
+    assert (dec[~inside] >= v[~inside] - q8_bound(np.float32(Q8.floor), Q8)).all()
 
 
 def test_q8_respects_its_stated_bound():
@@ -34,11 +37,11 @@ def test_q8_respects_its_stated_bound():
     v[1, 3] = -200.0  # far below the floor
     dec = decode_view(encode_view(v, Q8), 400, 50, Q8)
     d = v.max(1, keepdims=True) - v
-    inside = d <= Q8["floor"]
+    inside = d <= Q8.floor
     err = np.abs(dec - v)
     assert (err[inside] <= q8_bound(d[inside], Q8) + 1e-5).all()
     # below the floor: never lower than the truth (minus the bound at the floor)
-    assert (dec[~inside] >= v[~inside] - q8_bound(np.float32(Q8["floor"]), Q8)).all()
+    assert (dec[~inside] >= v[~inside] - q8_bound(np.float32(Q8.floor), Q8)).all()
     assert (~inside).any() and inside.mean() > 0.5
     # the step maximum is kept to 2**-10
     assert np.abs(dec.max(1) - v.max(1)).max() <= 2**-10 + 1e-6
@@ -69,11 +72,7 @@ def make_cache(tmp_path, enc="q8", n_rows=5, K=4):
     out.mkdir()
     rs = rows(n_rows, K)
     parts = [write_part(out / "part-00000.parquet", rs[:3], ENCODINGS[enc]), write_part(out / "part-00001.parquet", rs[3:], ENCODINGS[enc])]
-    manifest = {"format": "pact-cache/1", "cache_id": "0" * 64, "encoding": ENCODINGS[enc],
-                "tokens": {"format": "pact-tokens/1", "ids": list(range(K)), "weights": [1.0] * K},
-                "counts": {"rows": n_rows, "response_steps": sum(p["steps"] for p in parts)}, "parts": parts}
-    atomic_write_json(out / MANIFEST, manifest)
-    return out, rs, manifest
+    return out, rs, write_manifest(out, parts, ENCODINGS[enc], K)
 
 
 @pytest.mark.parametrize("enc", ["q8", "f32"])
@@ -95,27 +94,21 @@ def test_write_then_stream_back(tmp_path, enc):
 def test_part_writes_are_deterministic(tmp_path):
     a = write_part(tmp_path / "a.parquet", rows(), Q8)
     b = write_part(tmp_path / "b.parquet", rows(), Q8)
-    assert a["sha256"] == b["sha256"] and a["bytes"] == b["bytes"]
-
-
-def edit_manifest(out, fn):
-    m = json.loads((out / MANIFEST).read_text())
-    fn(m)
-    (out / MANIFEST).write_text(json.dumps(m))
+    assert a.sha256 == b.sha256 and a.bytes == b.bytes and a.rows_sha256 == b.rows_sha256
 
 
 @pytest.mark.parametrize("edit, needle", [
     (lambda m: m.update(format="pact-cache/9"), "format is 'pact-cache/9'"),
-    (lambda m: m["parts"][0].update(name="../evil.parquet"), "not a plain .parquet file name"),
-    (lambda m: m["parts"][0].update(name="/etc/passwd"), "not a plain .parquet file name"),
+    (lambda m: m["parts"][0].update(name="../evil.parquet"), "must be a plain .parquet file name"),
+    (lambda m: m["parts"][0].update(name="/etc/passwd"), "must be a plain .parquet file name"),
     (lambda m: m["parts"][1].update(name="part-00000.parquet"), "listed twice"),
-    (lambda m: m["counts"].update(rows=99), "counts.rows differs"),
-    (lambda m: m.update(encoding={"name": "pickle"}), "unknown encoding"),
-    (lambda m: m["parts"][0].update(sha256="zz"), "sha256 must be 64 hex"),
+    (lambda m: m["counts"].update(rows=99), "counts.rows is 99 but the parts hold 5"),
+    (lambda m: m.update(encoding={"name": "pickle"}), "name 'pickle' is unknown"),
+    (lambda m: m["parts"][0].update(sha256="zz"), "sha256 must be 64 lowercase hex"),
 ])
 def test_manifest_rules_are_enforced(tmp_path, edit, needle):
     out, _, _ = make_cache(tmp_path)
-    edit_manifest(out, edit)
+    edit_manifest(out, edit, resign=False)
     with pytest.raises(CacheError, match=needle):
         list(open_cache(out).iter_rows())
 
@@ -147,7 +140,7 @@ def test_blob_of_wrong_length_is_refused(tmp_path):
     t = pq.read_table(part)
     t = t.set_column(t.schema.get_field_index("full_q"), "full_q", pa.array([b"\x00" * 3] * 3, pa.binary()))
     pq.write_table(t, part)
-    edit_manifest(out, lambda m: m["parts"][0].update(bytes=part.stat().st_size, sha256=sha256_path(part)))
+    edit_manifest(out, lambda m: m["parts"][0].update(bytes=part.stat().st_size, sha256=sha256_path(part)), resign=True)
     with pytest.raises(CacheError, match=r"row 0: full_q has 3 bytes, expected 16"):
         list(open_cache(out).iter_rows())
 
@@ -160,11 +153,11 @@ def test_missing_manifest_and_folder(tmp_path):
         open_cache(tmp_path / "half")
 
 
-def test_cache_id_is_stable_typed_and_refuses_missing_values():
-    a = compute_cache_id({"x": 1, "y": [1, 2], "z": "a"})
-    assert a == compute_cache_id({"z": "a", "y": [1, 2], "x": 1})
-    assert a != compute_cache_id({"x": 1.0, "y": [1, 2], "z": "a"})  # type-tagged
-    assert a != compute_cache_id({"x": "1", "y": [1, 2], "z": "a"})
-    with pytest.raises(CacheError, match="missing value"):
-        compute_cache_id({"x": None})
-    assert math.isclose(q8_bound(np.float64(0.0), Q8), math.expm1(0.5 / Q8["scale"]) * (1 + 2**-10) + 2**-10)
+def test_identity_hash_is_stable_and_typed():
+    a = hash_identity("k", {"x": 1, "y": [1, 2], "z": "a"})
+    assert a == hash_identity("k", {"z": "a", "y": [1, 2], "x": 1})
+    assert a != hash_identity("k", {"x": 1.0, "y": [1, 2], "z": "a"})  # type-tagged
+    assert a != hash_identity("k", {"x": "1", "y": [1, 2], "z": "a"})
+    assert a != hash_identity("other", {"x": 1, "y": [1, 2], "z": "a"})
+    assert hash_identity("k", {"x": None}) != hash_identity("k", {"x": "null"})
+    assert math.isclose(q8_bound(np.float64(0.0), Q8), math.expm1(0.5 / Q8.scale) * (1 + 2**-10) + 2**-10)

@@ -30,15 +30,15 @@ def built(embedded_model, sst2_rows, tmp_path_factory):
     root = tmp_path_factory.mktemp("caches")
     q8 = build(BuildConfig(str(sst2_rows), embedded_model, str(root / "q8"), batch_size=4, progress=False))
     tokens = root / "tokens.json"
-    tokens.write_text(json.dumps(q8.manifest["tokens"]))
+    tokens.write_text(json.dumps(q8.manifest.tokens.to_json()))
     f32 = build(BuildConfig(str(sst2_rows), embedded_model, str(root / "f32"), tokens=str(tokens), encoding="f32", batch_size=4, progress=False))
     return q8, f32
 
 
 def test_every_stored_value_matches_a_plain_forward_pass(built, embedded_model, sst2_rows):
     q8, f32 = built
-    enc = q8.manifest["encoding"]
-    ids = q8.manifest["tokens"]["ids"]
+    enc = q8.manifest.encoding
+    ids = list(q8.manifest.tokens.ids)
     want = naive_reference(embedded_model, sst2_rows, ids)
     got_q8 = list(open_cache(q8.out).iter_rows())
     got_f32 = list(open_cache(f32.out).iter_rows())
@@ -49,10 +49,10 @@ def test_every_stored_value_matches_a_plain_forward_pass(built, embedded_model, 
         assert q.example_id == f.example_id == eid
         for dec_q, dec_f, true in ((q.full_logprobs, f.full_logprobs, full), (q.post_logprobs, f.post_logprobs, post)):
             d = true.max(1, keepdims=True) - true
-            inside = d <= enc["floor"]
+            inside = d <= enc.floor
             excess = np.abs(dec_q - true)[inside] - q8_bound(d[inside], enc)
             worst_q8 = max(worst_q8, float(excess.max()))
-            assert (dec_q[~inside] >= true[~inside] - q8_bound(np.float32(enc["floor"]), enc) - 1e-4).all()
+            assert (dec_q[~inside] >= true[~inside] - q8_bound(np.float32(enc.floor), enc) - 1e-4).all()
             worst_f32 = max(worst_f32, float(np.abs(dec_f - true).max()))
         assert np.abs(q.target_logprob - target).max() <= 2**-9 + 1e-4
         worst_f32 = max(worst_f32, float(np.abs(f.target_logprob - target).max()))
@@ -63,7 +63,7 @@ def test_every_stored_value_matches_a_plain_forward_pass(built, embedded_model, 
 def test_pact_loss_from_q8_within_half_a_percent_of_exact(built):
     q8, f32 = built
     rows_q, rows_e = list(open_cache(q8.out).iter_rows()), list(open_cache(f32.out).iter_rows())
-    K, T = len(q8.manifest["tokens"]["ids"]), max(r.steps for r in rows_e)
+    K, T = len(list(q8.manifest.tokens.ids)), max(r.steps for r in rows_e)
 
     def stack(rows, attr):
         out = torch.zeros(len(rows), T, K)
@@ -72,7 +72,7 @@ def test_pact_loss_from_q8_within_half_a_percent_of_exact(built):
         return out
 
     mask = torch.arange(T)[None, :] < torch.tensor([r.steps for r in rows_e])[:, None]
-    w = torch.tensor(q8.manifest["tokens"]["weights"])
+    w = torch.tensor(q8.manifest.tokens.weights)
     ea, eb, qa, qb = (stack(rows_e, "full_logprobs"), stack(rows_e, "post_logprobs"), stack(rows_q, "full_logprobs"), stack(rows_q, "post_logprobs"))
     g = torch.Generator().manual_seed(0)
     for sigma in (0.5, 2.0):

@@ -3,8 +3,10 @@ import tracemalloc
 
 import numpy as np
 
-from pact_cache.format import ENCODINGS, MANIFEST, CacheRow, RowResult, atomic_write_json, open_cache, write_part
+from pact_cache.format import ENCODINGS, CacheRow, RowResult, open_cache, write_part
 from trainer.stream import batches, collate, epoch_rows
+
+from conftest import write_manifest
 
 
 def small_cache(tmp_path, n_rows=23, per_part=5, K=3, name="cache"):
@@ -14,13 +16,12 @@ def small_cache(tmp_path, n_rows=23, per_part=5, K=3, name="cache"):
     rows = []
     for i in range(n_rows):
         n = 1 + i % 4
-        rows.append(RowResult(f"{i:08d}-x", list(range(5 + n)), 5, -rng.random((n, K)).astype(np.float32),
-                              -rng.random((n, K)).astype(np.float32), -rng.random(n).astype(np.float32)))
+        low = np.log(K) + 0.1  # K log-probs whose probabilities sum below 1, as real ones do
+        rows.append(RowResult(f"{i:08d}-x", list(range(5 + n)), 5, -(low + rng.random((n, K))).astype(np.float32),
+                              -(low + rng.random((n, K))).astype(np.float32), -rng.random(n).astype(np.float32)))
     parts = [write_part(out / f"part-{j:05d}.parquet", rows[j * per_part:(j + 1) * per_part], ENCODINGS["f32"])
              for j in range((n_rows + per_part - 1) // per_part)]
-    atomic_write_json(out / MANIFEST, {"format": "pact-cache/1", "cache_id": "1" * 64, "encoding": ENCODINGS["f32"],
-                                       "tokens": {"ids": list(range(K)), "weights": [1.0] * K},
-                                       "counts": {"rows": n_rows, "response_steps": sum(p["steps"] for p in parts)}, "parts": parts})
+    write_manifest(out, parts, ENCODINGS["f32"], K)
     return open_cache(out)
 
 

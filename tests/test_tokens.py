@@ -45,10 +45,10 @@ def test_selection_matches_the_papers_loop(tiny_model, tiny_base_model, tmp_path
     pairs = load_refusals(None)[:9]
     got = select_tokens(aligned, tok, pairs, base, tok, top_k=12, max_resp_len=16, batch_size=4)
     ids, weights = naive_paper_selection(aligned, base, tok, pairs, 12, 16)
-    assert got["ids"] == ids and got["method"] == "pact-discrepancy"
-    assert got["weights"] == pytest.approx(weights, abs=1e-5)
-    assert sum(w * w for w in got["weights"]) == pytest.approx(1.0, abs=1e-4)
-    assert got["strings"] == [tok.decode([i]) for i in ids]
+    assert list(got.ids) == ids and got.method == "pact-discrepancy"
+    assert list(got.weights) == pytest.approx(weights, abs=1e-5)
+    assert sum(w * w for w in got.weights) == pytest.approx(1.0, abs=1e-4)
+    assert list(got.strings) == [tok.decode([i]) for i in ids]
 
 
 def test_uniform_without_base_and_cli(tiny_model, tmp_path, capsys):
@@ -65,7 +65,13 @@ def test_uniform_without_base_and_cli(tiny_model, tmp_path, capsys):
 @pytest.mark.parametrize("edit, needle", [
     (lambda t: t.update(format="v0"), "not a pact-tokens/1 file"),
     (lambda t: t.update(ids=[1, 1]), "duplicates"),
-    (lambda t: t.update(weights=[1.0]), "finite numbers"),
+    (lambda t: t.update(weights=[1.0]), "weights must hold 2 numbers"),
+    (lambda t: t.update(weights=[1.0, float("nan")]), r"weights\[1\] must be a finite number"),
+    (lambda t: t.update(weights=[1.0, "2"]), r"weights\[1\] must be a finite number"),
+    (lambda t: t.pop("weights"), "weights is missing"),
+    (lambda t: t.update(ids=[5, None]), r"ids\[1\] must be a non-negative integer"),
+    (lambda t: t.update(ids=[5, True]), r"ids\[1\] must be a non-negative integer"),
+    (lambda t: t.update(ids="5,6"), "ids must be a list"),
     (lambda t: t.update(ids=[1, 10**6], weights=[1.0, 1.0], strings=None), "outside the tokenizer's vocabulary"),
     (lambda t: t.update(weights=[-1.0, 0.0]), "every weight is <= 0"),
     (lambda t: t.update(strings=["x", "y"]), "made with another tokenizer"),

@@ -14,7 +14,7 @@ from pact_cache.format import MANIFEST, atomic_write_json
 from trainer.cli import main as train_main
 from trainer.loop import TrainConfig, train
 
-from conftest import CHAT_ROWS, make_tiny_model, write_jsonl
+from conftest import CHAT_ROWS, edit_manifest, make_tiny_model, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def test_bad_inputs_one_line_nothing_overwritten(tiny_model, caches, tmp_path, c
     code, err = run_cli(capsys, "--model", other_model, "--cache", caches["q8"], "-o", tmp_path / "o1", "--no-progress")
     assert code == 1 and len(err) == 1 and "built with another tokenizer" in err[0]
     code, err = run_cli(capsys, "--model", tiny_model, "--cache", caches["q8"], "-o", tmp_path / "o2", "--lambda", "-1")
-    assert code == 1 and "--lambda -1.0: must be a finite number >= 0" in err[0]
+    assert code == 1 and "--lambda -1.0: must be a finite number in [0, inf)" in err[0]
     # a run folder is never taken over by a different run
     out = tmp_path / "run"
     assert run_cli(capsys, "--model", tiny_model, "--cache", caches["q8"], "-o", out, "--max-steps", 1, "--no-progress")[0] == 0
@@ -136,9 +136,7 @@ def test_corrupt_missing_and_empty_caches(tiny_model, caches, tmp_path, capsys):
     code, err = run_cli(capsys, "--model", tiny_model, "--cache", bad, "-o", tmp_path / "o", "--no-progress")
     assert code == 1 and "part listed in the manifest is missing" in err[0]
     empty = copy_cache(caches["q8"], tmp_path / "empty")
-    m = json.loads((empty / MANIFEST).read_text())
-    m.update(parts=[], counts=dict(m["counts"], rows=0, response_steps=0))
-    atomic_write_json(empty / MANIFEST, m)
+    edit_manifest(empty, lambda m: m.update(parts=[], counts=dict(m["counts"], rows=0, response_steps=0)), resign=True)
     code, err = run_cli(capsys, "--model", tiny_model, "--cache", empty, "-o", tmp_path / "o", "--no-progress")
     assert code == 1 and "holds no rows" in err[0]
     assert not (tmp_path / "o").exists()

@@ -100,7 +100,8 @@ def _number(name: str, v, lo=None, hi=None, lo_open=False, hi_open=False, intege
     if ok and hi is not None:
         ok = v < hi if hi_open else v <= hi
     if not ok:
-        rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
+        rng = (f"{'(' if lo_open or lo is None else '['}{'-inf' if lo is None else lo}, "
+               f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
         kind = "an integer" if integer else "a finite number"
         raise TrainError(f"{name} {v}: must be {kind} in {rng}{'; ' + why if why else ''}")
 

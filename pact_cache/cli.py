@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check schema, checksums and (optionally) fingerprints", description="Verify a cache; exit 1 at the first mismatch.")
     v.add_argument("cache", metavar="CACHE", help="cache folder (local path or fsspec URL)")
     v.add_argument("--dataset", metavar="DATASET", help="also check the cache was built from this dataset")
-    v.add_argument("--model", metavar="MODEL", help="also check the reference weights and tokenizer")
+    v.add_argument("--model", metavar="MODEL", help="also check the reference weights and tokenizer, and recompute a sample of rows with it")
+    v.add_argument("--recompute", type=int, default=8, metavar="N",
+                   help="with --model: rows (spread over the cache) whose values are recomputed and compared (default 8; 0 skips)")
     v.add_argument("--cache-id", metavar="ID", help="refuse the cache unless its content id is ID (or starts with it, 8+ characters)")
 
     u = sub.add_parser("upgrade", help="copy a pact-cache/1 cache into a new pact-cache/2 folder",
@@ -184,7 +186,9 @@ def cmd_info(a) -> int:
 def cmd_verify(a) -> int:
     from .report import verify_cache
 
-    res = verify_cache(a.cache, dataset=a.dataset, model=a.model, cache_id=a.cache_id)
+    if a.recompute < 0:
+        raise PactError(f"--recompute {a.recompute}: must be >= 0")
+    res = verify_cache(a.cache, dataset=a.dataset, model=a.model, cache_id=a.cache_id, recompute=a.recompute)
     print(f"{a.cache}: OK, cache {res['cache_id'][:12]}, {res['rows']:,} rows, {res['response_steps']:,} steps; checked " + ", ".join(res["checked"]))
     return 0
 

@@ -108,11 +108,45 @@ def check_rows_against_dataset(cache: Cache, dataset: str, tok) -> str:
     return "dataset rows" + ("" if same_files else " (the files' bytes differ from the build's, every row matches)")
 
 
+RECOMPUTE_WINDOW = 10.0  # nats below the step maximum: the values a loss weighs (and q8 stores finely)
+RECOMPUTE_TOLERANCE = 0.5  # mean |stored - recomputed| in nats; q8 and bf16-vs-fp32 noise stay far below it
+
+
+def recompute_sample(cache: Cache, resolved, n_rows: int, device: str = "auto") -> dict:
+    """Recompute ``n_rows`` rows spread over the cache with the reference and compare the stored
+    values with them. Catches values that no checksum can: a consistent cache whose log-probs were
+    not computed by this reference with these safety tokens (shifted ids, another model's values).
+    Returns the mean and largest |difference| over values within RECOMPUTE_WINDOW nats of each
+    step's maximum (the rest sit at or near the q8 floor)."""
+    import numpy as np
+    import torch
+
+    from .build import compute_rows
+    from .data import Example
+    from .models import load_model
+
+    model, device, _ = load_model(resolved, "fp32", device)
+    n_rows = min(n_rows, cache.num_rows)
+    picks = set(np.linspace(0, cache.num_rows - 1, n_rows).round().astype(int).tolist()) if n_rows else set()
+    rows = [r for i, r in enumerate(cache.iter_rows()) if i in picks]
+    examples = [Example(i, r.example_id, r.input_ids.tolist(), r.response_start) for i, r in enumerate(rows)]
+    got = compute_rows(model, examples, torch.tensor(cache.ids), list(cache.manifest.build.assistant_header_ids), 4, device)
+    diffs = []
+    for r, g in zip(rows, got):
+        for stored, fresh in ((r.full_logprobs, g.full), (r.post_logprobs, g.post)):
+            near = fresh >= fresh.max(axis=1, keepdims=True) - RECOMPUTE_WINDOW
+            diffs.append(np.abs(stored - fresh)[near])
+        diffs.append(np.abs(r.target_logprob - g.target))
+    d = np.concatenate(diffs) if diffs else np.zeros(1)
+    return {"rows": len(rows), "mean": float(d.mean()), "max": float(d.max())}
+
+
 def verify_cache(url: str, dataset: str | None = None, model: str | None = None, cache_id: str | None = None,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, recompute: int = 8) -> dict:
     """Check the manifest and its content id (and the pinned ``cache_id``), every part (type, size,
     sha256, schema, values, rows digest, decoding every row), and optionally that the cache holds
-    the rows of ``dataset`` and was built with ``model``. Raises ``CacheError`` at the first mismatch."""
+    the rows of ``dataset`` and was built with ``model`` (fingerprints, and ``recompute`` rows'
+    values recomputed with it). Raises ``CacheError`` at the first mismatch."""
     cache = open_cache(url, cache_id=cache_id)
     rows = steps = 0
     for part in cache.parts:
@@ -137,6 +171,13 @@ def verify_cache(url: str, dataset: str | None = None, model: str | None = None,
         if got_t != m.tokenizer.sha256:
             raise CacheError(f"{url}: tokenizer fingerprint differs from {model}'s tokenizer (vocabulary, special tokens or chat template changed)")
         checked.append("model and tokenizer fingerprints")
+        if recompute > 0 and cache.num_rows:
+            res = recompute_sample(cache, resolved, recompute)
+            if res["mean"] > RECOMPUTE_TOLERANCE:
+                raise CacheError(f"{url}: the stored log-probs differ from {model}'s by {res['mean']:.2f} nats on average over "
+                                 f"{res['rows']} recomputed rows (tolerance {RECOMPUTE_TOLERANCE}); the values were not computed by this "
+                                 "reference with these safety tokens: rebuild the cache")
+            checked.append(f"{res['rows']} rows recomputed (mean |diff| {res['mean']:.4f} nats, max {res['max']:.3f})")
     if dataset is not None:
         checked.append(check_rows_against_dataset(cache, dataset, _dataset_tokenizer(cache, model)))
     return {"cache_id": cache.cache_id, "rows": rows, "response_steps": steps, "checked": checked}

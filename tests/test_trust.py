@@ -152,6 +152,19 @@ def test_shifted_token_ids_with_a_recomputed_id_fail_a_pin_and_pass_otherwise_co
     assert f"not the pinned {cid[:12]}" in one_line(capsys, cache_main, "verify", cache, "--cache-id", cid)
     line = one_line(capsys, cache_main, "verify", cache, "--cache-id", "xyz")
     assert "--cache-id 'xyz': give the cache id" in line
+    # with the reference at hand, recomputing a few rows shows the values are not for these tokens
+    line = one_line(capsys, cache_main, "verify", cache, "--model", made["model"], "--recompute", 3)
+    assert "the stored log-probs differ from" in line and "over 3 recomputed rows" in line
+
+
+@pytest.mark.parametrize("which", ["q8", "f32"])
+def test_recomputed_rows_of_an_honest_cache_agree(made, capsys, which):
+    from pact_cache.report import verify_cache
+
+    res = verify_cache(str(made[which]), model=made["model"], recompute=5)
+    note = next(c for c in res["checked"] if "recomputed" in c)
+    mean = float(note.split("mean |diff| ")[1].split(" ")[0])
+    assert note.startswith("5 rows recomputed") and mean < (0.05 if which == "q8" else 1e-4)
 
 
 def test_pinning_the_right_id_passes_everywhere(made, capsys, tmp_path):

@@ -22,7 +22,7 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--aligned", required=True, metavar="MODEL", help=f"aligned chat model (folder, hub id or {DEFAULT_MODEL})")
     t.add_argument("--base", metavar="MODEL", help="base model for discrepancy weights; without it the weights are uniform")
     t.add_argument("--refusals", metavar="FILE", help="harmful prompts with refusals (any dataset format; default: built-in set)")
-    t.add_argument("--top-k", type=_positive, default=50, help="number of safety tokens K (default 50)")
-    t.add_argument("--max-resp-len", type=_positive, default=64, help="refusal tokens teacher-forced per sample (default 64)")
-    t.add_argument("--limit", type=_positive, help="use only the first N refusals")
+    t.add_argument("--top-k", type=positive_int, default=50, help="number of safety tokens K (default 50)")
+    t.add_argument("--max-resp-len", type=positive_int, default=64, help="refusal tokens teacher-forced per sample (default 64)")
+    t.add_argument("--limit", type=positive_int, help="use only the first N refusals")
     t.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: fp32 on CPU, bf16 on CUDA")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
     t.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write tokens.json")
@@ -92,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ref", required=True, metavar="MODEL", help=f"reference (aligned) model: folder, hub id or {DEFAULT_MODEL}")
     b.add_argument("--tokens", metavar="FILE", help="tokens.json from `pact-cache tokens` (default: select from --ref with built-in refusals)")
     b.add_argument("-o", "--output", required=True, metavar="CACHE", help="output folder (must be new, empty, or this build to --resume)")
-    b.add_argument("--max-length", type=_positive, default=2048, help="truncate full sequences to N tokens (default 2048)")
-    b.add_argument("--batch-size", type=_positive, default=8, help="rows per forward pass (default 8)")
-    b.add_argument("--rows-per-part", type=_positive, default=1024, help="rows per Parquet part, the unit of resume and sharding (default 1024)")
+    b.add_argument("--max-length", type=positive_int, default=2048, help="truncate full sequences to N tokens (default 2048)")
+    b.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass (default 8)")
+    b.add_argument("--rows-per-part", type=positive_int, default=1024, help="rows per Parquet part, the unit of resume and sharding (default 1024)")
     b.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: fp32 on CPU, bf16 on CUDA")
     b.add_argument("--device", default="auto", help="auto, cpu or cuda")
     b.add_argument("--encoding", default="q8", choices=["q8", "f32"], help="q8: ~46 B/step at K=50 with a stated error bound (default); f32: exact float32")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import DatasetError
+from .manifest import load_json
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 ANSWER_KEYS = ("completion", "response", "output")
@@ -92,20 +93,6 @@ def dataset_files(path: str | Path) -> list[Path]:
     return scan_dataset(path)[0]
 
 
-def _load_json_text(data: bytes, where: str):
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise DatasetError(f"{where}:{line}: invalid UTF-8 (byte {err.start}); save the file as UTF-8 text") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{where}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno}); fix or remove it") from None
-    except RecursionError:
-        raise DatasetError(f"{where}: JSON nested too deeply; a row must be a flat object of strings") from None
-
-
 def iter_rows(path: str | Path) -> Iterator[RawRow]:
     """Yield every row of a dataset with a location string for error messages."""
     p = Path(path).expanduser()
@@ -131,19 +118,9 @@ def iter_rows(path: str | Path) -> Iterator[RawRow]:
                 for lineno, raw in enumerate(fh, 1):
                     if not raw.strip():
                         continue
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError as err:
-                        raise DatasetError(f"{f}:{lineno}: invalid UTF-8 (byte {err.start} of the line); save the file as UTF-8 text") from None
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DatasetError(f"{f}:{lineno}: invalid JSON ({err.msg} at column {err.colno}); fix or remove that line") from None
-                    except RecursionError:
-                        raise DatasetError(f"{f}:{lineno}: JSON nested too deeply; a row must be a flat object of strings") from None
-                    yield RawRow(f"{f}:{lineno}", rec)
+                    yield RawRow(f"{f}:{lineno}", load_json(raw, str(f), DatasetError, "line", line=lineno))
         elif suffix == ".json":
-            data = _load_json_text(f.read_bytes(), str(f))
+            data = load_json(f.read_bytes(), str(f), DatasetError, "dataset file")
             if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
                 data = next(iter(data.values()))
             if not isinstance(data, list):

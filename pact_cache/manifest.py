@@ -37,21 +37,26 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not valid JSON (non-finite numbers are not allowed)")
 
 
-def load_json(data: bytes, where: str, error=CacheError, what: str = "file") -> Any:
-    """Strict JSON: UTF-8, no NaN/Infinity, nesting bounded by the interpreter (refused, not crashed)."""
+def load_json(data: bytes, where: str, error=CacheError, what: str = "file", line: int | None = None) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity, nesting bounded by the interpreter (refused, not crashed).
+    Errors name ``where:line``: the line inside ``data``, or ``line`` when ``data`` is one JSONL line."""
+    def at(lineno: int | None) -> str:
+        n = line if line is not None else lineno
+        return f"{where}:{n}" if n is not None else where
+
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise error(f"{where}:{line}: invalid UTF-8 (byte {err.start}); this {what} is damaged or not JSON") from None
+        bad_line = data[: err.start].count(b"\n") + 1
+        raise error(f"{at(bad_line)}: invalid UTF-8 (byte {err.start}); this {what} is damaged or not UTF-8 text") from None
     try:
         return json.loads(text, parse_constant=_no_constants)
     except json.JSONDecodeError as err:
-        raise error(f"{where}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno}); this {what} is damaged") from None
+        raise error(f"{at(err.lineno)}: invalid JSON ({err.msg} at column {err.colno}); fix or remove this {what}") from None
     except ValueError as err:
-        raise error(f"{where}: {err}; this {what} is damaged or was edited") from None
+        raise error(f"{at(None)}: {err}; this {what} is damaged or was edited") from None
     except RecursionError:
-        raise error(f"{where}: JSON nested too deeply; this {what} is damaged or hostile") from None
+        raise error(f"{at(None)}: JSON nested too deeply; this {what} is damaged or hostile") from None
 
 
 def canonical_json(obj) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pact_cache.cli import OneLineParser, run_command
+from pact_cache.cli import OneLineParser, positive_int, run_command
 from pact_cache.errors import PactError
 
 from .losses import PactParams
@@ -91,9 +91,9 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--benign", metavar="FILE", help="benign prompts: the rate of (unwanted) refusals")
     p.add_argument("--task", metavar="FILE", help="classification-style Alpaca/prompt-completion rows: exact-match accuracy")
     p.add_argument("--drift-cache", metavar="CACHE", help="a cache of the reference's own answers: mean safety-token KL to it")
-    p.add_argument("--limit", type=_positive, help="use the first N rows of each file (N >= 1)")
-    p.add_argument("--max-new-tokens", type=_positive, default=64, help="generated tokens per prompt (default 64; 8 suffice for --task)")
-    p.add_argument("--batch-size", type=_positive, default=16, help="prompts per generation batch (default 16)")
+    p.add_argument("--limit", type=positive_int, help="use the first N rows of each file (N >= 1)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="generated tokens per prompt (default 64; 8 suffice for --task)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generation batch (default 16)")
     p.add_argument("--cache-id", metavar="ID", help="pin --drift-cache: refuse it unless its content id is ID (or starts with it)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for harmful.jsonl, benign.jsonl, task.jsonl, summary.json")
@@ -157,12 +157,3 @@ def _eval(a) -> int:
     print(json.dumps(summary, indent=2))
     return 0
 
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v

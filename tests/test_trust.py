@@ -233,10 +233,13 @@ def test_random_bytes_as_a_manifest(copy, capsys):
     (lambda m: m["build"].update(vocab_size=0), "build.vocab_size is 0"),
     (lambda m: m.update(format="pact-cache/1"), "rebuild the cache, or run `pact-cache upgrade CACHE -o NEW`"),
 ])
-def test_every_manifest_field_is_typed_and_ranged(copy, capsys, edit, needle):
+def test_every_manifest_field_is_typed_and_ranged(made, copy, capsys, tmp_path, edit, needle):
     cache = copy()
     edit_manifest(cache, edit, resign=False)
+    before = snapshot(cache)
     assert needle in one_line(capsys, cache_main, "verify", cache)
+    assert needle in one_line(capsys, train_main, "--model", made["model"], "--cache", cache, "-o", tmp_path / "run")
+    assert snapshot(cache) == before and not (tmp_path / "run").exists()
 
 
 def test_manifest_that_is_a_folder_or_a_fifo(copy, capsys):
@@ -277,11 +280,12 @@ def test_parts_must_be_regular_files_inside_the_cache(made, copy, capsys, tmp_pa
     else:
         part.mkdir()
         needle = "part-00001.parquet: is a folder, not a regular file"
+    before = snapshot(cache)
     for main, args in ((cache_main, ("verify", cache)), (cache_main, ("info", cache)),
                        (train_main, ("--model", made["model"], "--cache", cache, "-o", tmp_path / "run", "--no-progress"))):
         line = run_with_deadline(lambda: one_line(capsys, main, *args))
         assert needle in line, line
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and snapshot(cache) == before
 
 
 def test_a_symlink_that_stays_inside_the_cache_is_read(copy, capsys):
@@ -327,7 +331,9 @@ def _ids_with(t, fn):
 def test_values_the_encoding_cannot_produce_are_refused(made, copy, capsys, tmp_path, which, change, needle):
     cache = copy(which)
     rewrite_part(cache, "part-00000.parquet", change)
+    before = snapshot(cache)
     assert needle in one_line(capsys, cache_main, "verify", cache)
+    assert snapshot(cache) == before
     line = one_line(capsys, train_main, "--model", made["model"], "--cache", cache, "-o", tmp_path / "run", "--no-progress", "--no-shuffle")
     assert needle in line
     assert not (tmp_path / "run" / "adapter").exists()

@@ -217,9 +217,9 @@ def _prove_part(path: Path, build_key: str, examples: list[Example]) -> str | No
         if key != build_key:
             return "it was written by a different build (its footer has another build key)"
         t = pf.read(columns=["example_id", "input_ids", "response_start"])
-    except Exception as err:  # a damaged or foreign file: pyarrow raises several types
+        got = rows_digest(zip(t.column("example_id").to_pylist(), t.column("input_ids").to_pylist(), t.column("response_start").to_pylist()))
+    except Exception as err:  # a damaged or foreign file (pyarrow raises several types; nulls do not hash)
         return f"it is not a readable part ({type(err).__name__})"
-    got = rows_digest(zip(t.column("example_id").to_pylist(), t.column("input_ids").to_pylist(), t.column("response_start").to_pylist()))
     if got != rows_digest((ex.example_id, ex.input_ids, ex.response_start) for ex in examples):
         return "its rows are not the rows this build puts there"
     return None

@@ -84,7 +84,8 @@ the PACT KL's expected error (it is a positive bias, about sum_s q_s Var(error_s
 policy-independent entropy term) is 2.0/0.9/0.7/0.55% for a policy equal to the reference, where
 the KL is smallest, and 0.06-0.08% for a policy 2 nats away; the loss CE + KL stays within 0.1%.
 
-Edge cases: a row with n = 0 is never written (the builder skips such rows and counts them);
+Edge cases: a log-prob of -inf (a token the reference masks out) is written as -10000, which
+every softmax treats as zero; a row with n = 0 is never written (the builder skips such rows and counts them);
 K may be any size >= 1; a cache MAY be empty (``parts == []``, zero rows; trainers refuse it), but
 a part of a non-empty cache MUST hold at least one row; part order in the manifest is the row
 order of the cache; a manifest MAY carry fields this spec does not name (they are ignored and
@@ -112,6 +113,7 @@ MANIFEST = "manifest.json"
 ZSTD_LEVEL = 19  # build time is dominated by the model; level 19 buys ~10% over the default
 BUILD_KEY_META = b"pact_cache.build_key"
 F32_SUM_TOLERANCE = 1e-3  # log-space slack for "K probabilities sum to at most 1" in f32 blobs
+LOGPROB_MIN = -1e4  # what -inf (a token the reference masks out) is stored as
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -261,9 +263,12 @@ def write_part(path: Path, rows: list[RowResult], enc: Encoding, build_key: str 
         if not (r.full.shape == r.post.shape and r.full.shape[0] == n == r.target.shape[0]):
             raise CacheError(f"internal: row {r.example_id} has views of shape {r.full.shape}/{r.post.shape} for {n} steps")
         for name, values in (("full", r.full), ("post", r.post), ("target", r.target)):
-            if not np.isfinite(values).all():
-                raise CacheError(f"{path.name}: the reference gave a non-finite log-prob ({name} view of {r.example_id}); "
+            if np.isnan(values).any() or (values > 0).any():
+                raise CacheError(f"{path.name}: the reference gave a log-prob that is NaN or positive ({name} view of {r.example_id}); "
                                  "the reference model's weights or --dtype overflow: try --dtype fp32")
+        # a token the reference masks out has log-prob -inf: stored as LOGPROB_MIN, which softmax treats alike
+        r = RowResult(r.example_id, r.input_ids, r.response_start, np.maximum(r.full, LOGPROB_MIN),
+                      np.maximum(r.post, LOGPROB_MIN), np.maximum(r.target, LOGPROB_MIN))
         steps += n
         cols["example_id"].append(r.example_id)
         cols["input_ids"].append(r.input_ids)

@@ -161,3 +161,20 @@ def test_identity_hash_is_stable_and_typed():
     assert a != hash_identity("other", {"x": 1, "y": [1, 2], "z": "a"})
     assert hash_identity("k", {"x": None}) != hash_identity("k", {"x": "null"})
     assert math.isclose(q8_bound(np.float64(0.0), Q8), math.expm1(0.5 / Q8.scale) * (1 + 2**-10) + 2**-10)
+
+
+@pytest.mark.parametrize("enc", ["q8", "f32"])
+def test_writer_stores_minus_infinity_finitely_and_refuses_nan(tmp_path, enc):
+    rs = rows(2, 4)
+    rs[0].full[0, 1] = -np.inf  # a token the reference masks out
+    rs[1].target[0] = -np.inf
+    out = tmp_path / "c"
+    out.mkdir()
+    write_manifest(out, [write_part(out / "part-00000.parquet", rs, ENCODINGS[enc])], ENCODINGS[enc], 4)
+    got = list(open_cache(out).iter_rows())
+    assert np.isfinite(got[0].full_logprobs).all() and got[0].full_logprobs[0, 1] <= -255 + 1e-3
+    assert np.isfinite(got[1].target_logprob).all() and got[1].target_logprob[0] < -255
+    rs[1].post[0, 0] = np.nan
+    with pytest.raises(CacheError, match=r"part-00001.parquet: the reference gave a log-prob that is NaN or positive \(post view"):
+        write_part(out / "part-00001.parquet", rs, ENCODINGS[enc])
+    assert not (out / "part-00001.parquet").exists()

@@ -37,7 +37,7 @@ class NonFiniteError(TrainError):
 
     def __init__(self, step: int, what: str, out: Path, last_saved: int | None):
         kept = (f"the last good checkpoint (step {last_saved}) is kept in {out}/checkpoint"
-                if last_saved else "no checkpoint had been written yet")
+                if last_saved is not None else "no checkpoint had been written yet")
         super().__init__(f"step {step}: {what}; stopped, no adapter or model written, {kept}. "
                          "Lower --lr, or check the model and the cache (pact-cache verify)")
         self.step = step

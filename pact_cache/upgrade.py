@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import CacheError, OutputExistsError
-from .format import MANIFEST, Cache, _fs, atomic_write_json, check_regular_file, read_bounded
+from .format import MANIFEST, Cache, _fs, atomic_write_json, check_regular_file, read_bounded, stale_tmp, tmp_name
 from .manifest import (ALGORITHM, FORMAT, LEGACY_FORMATS, MANIFEST_MAX_BYTES, PART_NAME, BuildParams, Counts, DatasetInfo,
                        Encoding, Manifest, PartEntry, Reference, SafetyTokens, Tokenizer, _Fields, load_json)
 
@@ -57,10 +57,12 @@ def upgrade(src: str, dst: str) -> Manifest:
     _, legacy = _legacy_manifest(str(src))
     # Read it with the version-2 reader's checks: type, size, sha256, schema, every value
     cache = Cache(str(src), legacy, verify_checksums=True)
-    tmp = out.with_name(f".{out.name}.upgrade-tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for old in out.parent.glob(f".{out.name}.tmp-*"):  # what a killed upgrade on this machine left
+        if stale_tmp(old):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = tmp_name(out)
+    tmp.mkdir()
     try:
         parts = []
         for part in legacy.parts:

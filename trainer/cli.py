@@ -113,7 +113,7 @@ def _eval(a) -> int:
     import shutil
     from pathlib import Path
 
-    from pact_cache.format import atomic_write_json, open_cache, tmp_name
+    from pact_cache.format import atomic_write_json, open_cache, stale_tmp, tmp_name
 
     from .evaluate import KeywordJudge, load_eval_model, prompts_from, refusal_rate, safety_token_drift, task_accuracy
 
@@ -134,6 +134,9 @@ def _eval(a) -> int:
     judge = KeywordJudge()
     summary = {"model": a.model, "adapter": a.adapter}
     out.parent.mkdir(parents=True, exist_ok=True)
+    for old in out.parent.glob(f".{out.name}.tmp-*"):  # what a killed evaluation on this machine left
+        if stale_tmp(old):
+            shutil.rmtree(old, ignore_errors=True)
     tmp = tmp_name(out)  # everything goes here first; OUT appears whole, or not at all
     tmp.mkdir()
     try:

@@ -611,7 +611,8 @@ def read_manifest(url: str) -> Manifest:
     if not fs.exists(path):
         raise CacheError(f"{url}: has no {MANIFEST}; the build did not finish (rerun it with --resume) or this is not a cache")
     check_regular_file(fs, root, path, where, max_size=MANIFEST_MAX_BYTES)
-    obj = load_json(read_bounded(fs, path, MANIFEST_MAX_BYTES, where), where, CacheError, "manifest")
+    obj = load_json(read_bounded(fs, path, MANIFEST_MAX_BYTES, where), where, CacheError, "manifest",
+                    fix="the manifest is damaged or was edited: re-download or rebuild the cache")
     return Manifest.parse(obj, where)
 
 

@@ -37,9 +37,12 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not valid JSON (non-finite numbers are not allowed)")
 
 
-def load_json(data: bytes, where: str, error=CacheError, what: str = "file", line: int | None = None) -> Any:
+def load_json(data: bytes, where: str, error=CacheError, what: str = "file", line: int | None = None,
+              fix: str | None = None) -> Any:
     """Strict JSON: UTF-8, no NaN/Infinity, nesting bounded by the interpreter (refused, not crashed).
-    Errors name ``where:line``: the line inside ``data``, or ``line`` when ``data`` is one JSONL line."""
+    Errors name ``where:line`` (the line inside ``data``, or ``line`` when ``data`` is one JSONL
+    line), what is wrong, and ``fix`` (default: fix or remove this ``what``)."""
+    fix = fix or f"fix or remove this {what}"
     def at(lineno: int | None) -> str:
         n = line if line is not None else lineno
         return f"{where}:{n}" if n is not None else where
@@ -48,15 +51,15 @@ def load_json(data: bytes, where: str, error=CacheError, what: str = "file", lin
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         bad_line = data[: err.start].count(b"\n") + 1
-        raise error(f"{at(bad_line)}: invalid UTF-8 (byte {err.start}); this {what} is damaged or not UTF-8 text") from None
+        raise error(f"{at(bad_line)}: invalid UTF-8 (byte {err.start}) in this {what}; {fix}") from None
     try:
         return json.loads(text, parse_constant=_no_constants)
     except json.JSONDecodeError as err:
-        raise error(f"{at(err.lineno)}: invalid JSON ({err.msg} at column {err.colno}); fix or remove this {what}") from None
+        raise error(f"{at(err.lineno)}: invalid JSON in this {what} ({err.msg} at column {err.colno}); {fix}") from None
     except ValueError as err:
-        raise error(f"{at(None)}: {err}; this {what} is damaged or was edited") from None
+        raise error(f"{at(None)}: {err}; {fix}") from None
     except RecursionError:
-        raise error(f"{at(None)}: JSON nested too deeply; this {what} is damaged or hostile") from None
+        raise error(f"{at(None)}: JSON nested too deeply in this {what}; {fix}") from None
 
 
 def canonical_json(obj) -> bytes:

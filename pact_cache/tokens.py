@@ -145,4 +145,4 @@ def read_tokens(path: str | Path, tok) -> SafetyTokens:
         data = p.read_bytes()
     except OSError as err:
         raise TokensError(f"{path}: cannot be read ({err.strerror or err})") from None
-    return validate_tokens(load_json(data, str(path), TokensError, "tokens file"), tok, str(path))
+    return validate_tokens(load_json(data, str(path), TokensError, "tokens file", fix="make it again with `pact-cache tokens`"), tok, str(path))

@@ -25,7 +25,8 @@ def _legacy_manifest(src: str) -> tuple[dict, Manifest]:
     if not fs.exists(f"{root}/{MANIFEST}"):
         raise CacheError(f"{src}: has no {MANIFEST}; pass the folder of a finished pact-cache/1 cache")
     check_regular_file(fs, root, f"{root}/{MANIFEST}", where, max_size=MANIFEST_MAX_BYTES)
-    obj = load_json(read_bounded(fs, f"{root}/{MANIFEST}", MANIFEST_MAX_BYTES, where), where, CacheError, "manifest")
+    obj = load_json(read_bounded(fs, f"{root}/{MANIFEST}", MANIFEST_MAX_BYTES, where), where, CacheError, "manifest",
+                    fix="the manifest is damaged: rebuild the cache")
     f = _Fields(obj, where, "", CacheError)
     if obj.get("format") not in LEGACY_FORMATS:
         f.fail(f"format is {obj.get('format')!r}; upgrade reads {', '.join(LEGACY_FORMATS)} caches only")

@@ -59,6 +59,9 @@ def one_line(capsys, main, *args, code=1):
     got, lines = cli(capsys, main, *args)
     assert got == code, (got, lines)
     assert len(lines) == 1, lines
+    if os.environ.get("PACT_TRUST_LOG"):  # the list of inputs tried and what each gets, for people
+        with open(os.environ["PACT_TRUST_LOG"], "a") as f:
+            f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]}\texit {got}\t{lines[0]}\n")
     return lines[0]
 
 

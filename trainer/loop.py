@@ -170,7 +170,8 @@ def check_out(out: Path, cfg: TrainConfig, cache_id: str) -> str:
     cfg_file = out / "config.json"
     if not cfg_file.is_file():
         raise TrainError(f"{out}: folder is not empty and holds no pact-train run; choose another -o")
-    old = load_json(cfg_file.read_bytes()[: 1 << 20], str(cfg_file), TrainError, "run config")
+    old = load_json(cfg_file.read_bytes()[: 1 << 20], str(cfg_file), TrainError, "run config",
+                    fix="the run folder is damaged: choose another -o")
     if not isinstance(old, dict):
         raise TrainError(f"{cfg_file}: is not a run config (not a JSON object); choose another -o")
     mine = config_record(cfg, cache_id)

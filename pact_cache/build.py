@@ -9,8 +9,10 @@ RANK/WORLD_SIZE); whoever sees every part present writes the manifest.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import stat
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,10 +22,10 @@ from pathlib import Path
 from . import __version__
 from .data import Example, assistant_header_ids, dataset_fingerprint, scan_dataset, tokenize_dataset
 from .errors import CacheError, DatasetError, OutputExistsError, PactError
-from .format import (BUILD_KEY_META, MANIFEST, RowResult, atomic_write_json, read_manifest, rows_digest, sha256_path,
-                     stale_tmp, write_part)
+from .format import BUILD_KEY_META, MANIFEST, RowResult, check_regular_file, read_manifest, rows_digest, stale_tmp, write_part
 from .manifest import (ALGORITHM, ENCODINGS, FORMAT, BuildParams, Counts, DatasetInfo, Identity, Manifest, PartEntry,
                        Reference, Tokenizer, load_json)
+from .storage import Location
 from .models import load_model, load_tokenizer, model_fingerprint, resolve_model, tokenizer_fingerprint
 from .tokens import builtin_refusals_path, load_refusals, read_tokens, select_tokens
 
@@ -45,13 +47,14 @@ class BuildConfig:
     rows_per_part: int = 1024
     resume: bool = False
     shard: tuple[int, int] | None = None  # (index, count); None = from torchrun env or (0, 1)
+    storage_options: dict = field(default_factory=dict, repr=False)  # for -o on an object store; never printed
     progress: bool = True
     trust_remote_code: bool = False
 
 
 @dataclass
 class BuildResult:
-    out: Path
+    out: str  # the cache's folder or URL
     cache_id: str  # the content id; the build key while other shards still have parts to write
     manifest: Manifest | None  # None when other shards still have parts to write
     parts_written: list[str] = field(default_factory=list)
@@ -150,48 +153,51 @@ def _shard_from_env(cfg: BuildConfig) -> tuple[int, int]:
     return rank, world
 
 
-def _is_tmp(p: Path) -> bool:
-    return p.name.startswith(".") and ".tmp-" in p.name
+def _is_tmp(name: str) -> bool:
+    return name.startswith(".") and ".tmp-" in name
 
 
-def _occupied(out: Path) -> bool:
-    """Whether ``out`` holds anything besides temp files (another shard may be mid-write)."""
-    return out.is_dir() and any(not _is_tmp(p) for p in out.iterdir())
+def _occupied(loc: Location) -> bool:
+    """Whether the output holds anything besides temp files (another shard may be mid-write)."""
+    if loc.is_local:
+        out = loc.local_path()
+        return out.is_dir() and any(not _is_tmp(p.name) for p in out.iterdir())
+    return any(not _is_tmp(n) for n in loc.names())
 
 
-def _clean_stale_tmp(out: Path) -> None:
-    """Remove temp files that a killed build on this host left behind (live writers' are kept)."""
-    if out.is_dir():
-        for p in out.iterdir():
-            if stale_tmp(p) and p.is_file() and not p.is_symlink():
-                p.unlink(missing_ok=True)
+def _clean_stale_tmp(loc: Location) -> None:
+    """Remove temp files and folders that a killed build on this host left behind (live writers' are kept)."""
+    if loc.is_local and loc.local_path().is_dir():
+        for p in loc.local_path().iterdir():
+            if stale_tmp(p) and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def _read_state(out: Path) -> str | None:
-    """The build key recorded in the state file, or None if it is unreadable."""
+def _read_json_object(loc: Location, name: str) -> dict | None:
+    """A small JSON object written by a build (state, part entries), or None if absent or unreadable."""
     try:
-        obj = load_json((out / BUILD_STATE).read_bytes()[: 1 << 20], str(out / BUILD_STATE), PactError, "build state")
+        obj = load_json(loc.read_bytes(name, 1 << 20), loc.where(name), PactError, "build record")
     except (OSError, PactError):
         return None
-    key = obj.get("build_key") if isinstance(obj, dict) else None
-    return key if isinstance(key, str) else None
+    return obj if isinstance(obj, dict) else None
 
 
-def _prepare_out(out: Path, build_key: str, cfg: BuildConfig, sharded: bool) -> tuple[str, Manifest | None]:
-    """Make sure ``out`` is empty, or is this very build. Returns ('new'|'resume'|'done', manifest)."""
-    if out.exists() and not out.is_dir():
+def _prepare_out(loc: Location, build_key: str, cfg: BuildConfig, sharded: bool) -> tuple[str, Manifest | None]:
+    """Make sure the output is empty, or is this very build. Returns ('new'|'resume'|'done', manifest)."""
+    out = loc.display
+    if loc.exists() and not loc.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a folder; choose another -o")
-    if _occupied(out):
-        if (out / MANIFEST).exists() or (out / MANIFEST).is_symlink():
+    if _occupied(loc):
+        if loc.exists(MANIFEST) or (loc.is_local and loc.local_path(MANIFEST).is_symlink()):
             try:
-                other = read_manifest(str(out))
+                other = read_manifest(loc)
             except CacheError as err:
                 raise OutputExistsError(f"{out}: holds a cache that does not pass its checks ({err}); choose another -o") from None
             if other.identity.key() == build_key:
                 return "done", other
             raise OutputExistsError(f"{out}: already holds a different cache (id {other.cache_id[:12]}); choose another -o or delete that folder")
-        if (out / BUILD_STATE).exists():
-            other = _read_state(out)
+        if loc.exists(BUILD_STATE):
+            other = (_read_json_object(loc, BUILD_STATE) or {}).get("build_key")
             if other != build_key:
                 raise OutputExistsError(f"{out}: holds an unfinished build of a different cache (build key {str(other)[:12]}); choose another -o or delete that folder")
             if not (cfg.resume or sharded):
@@ -200,23 +206,32 @@ def _prepare_out(out: Path, build_key: str, cfg: BuildConfig, sharded: bool) -> 
         raise OutputExistsError(f"{out}: folder is not empty and is not a pact-cache build; choose another -o")
     if cfg.resume and not sharded:
         raise OutputExistsError(f"{out}: --resume, but there is no build here to resume; drop --resume to start one")
-    out.mkdir(parents=True, exist_ok=True)
+    loc.makedirs()
     return "new", None
 
 
-def _prove_part(path: Path, build_key: str, examples: list[Example]) -> str | None:
-    """Why ``path`` is not a part this build wrote for ``examples``, or None when it is (a regular
-    file whose footer carries our build key and whose rows are exactly ``examples``)."""
+def _entry_name(part: str) -> str:
+    """Where the writer of a part leaves its manifest entry (sizes, sha256, rows digest) for the
+    one who publishes the manifest; removed once the manifest is out."""
+    return f".{part}.entry.json"
+
+
+def _prove_part(loc: Location, name: str, build_key: str, examples: list[Example]) -> str | None:
+    """Why ``name`` is not a part this build wrote for ``examples``, or None when it is (a regular
+    file or plain object whose footer carries our build key and whose rows are exactly ``examples``)."""
     import pyarrow.parquet as pq
 
     try:
-        if path.is_symlink() or not stat.S_ISREG(path.stat().st_mode):
-            return "it is not a regular file"
-        pf = pq.ParquetFile(path)
-        key = (pf.schema_arrow.metadata or {}).get(BUILD_KEY_META, b"").decode("utf-8", "replace")
-        if key != build_key:
-            return "it was written by a different build (its footer has another build key)"
-        t = pf.read(columns=["example_id", "input_ids", "response_start"])
+        check_regular_file(loc.fs, loc.root, loc.path(name), loc.where(name))
+    except CacheError:
+        return "it is not a regular file"
+    try:
+        with loc.open(name) as f:
+            pf = pq.ParquetFile(f)
+            key = (pf.schema_arrow.metadata or {}).get(BUILD_KEY_META, b"").decode("utf-8", "replace")
+            if key != build_key:
+                return "it was written by a different build (its footer has another build key)"
+            t = pf.read(columns=["example_id", "input_ids", "response_start"])
         got = rows_digest(zip(t.column("example_id").to_pylist(), t.column("input_ids").to_pylist(), t.column("response_start").to_pylist()))
     except Exception as err:  # a damaged or foreign file (pyarrow raises several types; nulls do not hash)
         return f"it is not a readable part ({type(err).__name__})"
@@ -225,11 +240,27 @@ def _prove_part(path: Path, build_key: str, examples: list[Example]) -> str | No
     return None
 
 
-def _refuse_unproven(out: Path, names: list[str], plan: list[list[Example]], build_key: str, which) -> None:
+def _refuse_unproven(loc: Location, names: list[str], plan: list[list[Example]], build_key: str, which) -> None:
     for i in which:
-        why = _prove_part(out / names[i], build_key, plan[i])
+        why = _prove_part(loc, names[i], build_key, plan[i])
         if why is not None:
-            raise OutputExistsError(f"{out / names[i]}: {why}; this build will not adopt it. Delete that file and rerun with --resume")
+            raise OutputExistsError(f"{loc.where(names[i])}: {why}; this build will not adopt it. Delete that file and rerun with --resume")
+
+
+def _part_entry(loc: Location, name: str, build_key: str, examples: list[Example]) -> PartEntry:
+    """The manifest entry of a proven part: from the entry its writer left (checked against the
+    object's size), else computed by streaming the object once."""
+    rec = _read_json_object(loc, _entry_name(name)) or {}
+    size = check_regular_file(loc.fs, loc.root, loc.path(name), loc.where(name))
+    digest = rows_digest((ex.example_id, ex.input_ids, ex.response_start) for ex in examples)
+    steps = sum(ex.steps for ex in examples)
+    if rec.get("build_key") == build_key and rec.get("bytes") == size and isinstance(rec.get("sha256"), str):
+        return PartEntry(name, len(examples), steps, size, rec["sha256"], digest)
+    h = hashlib.sha256()
+    with loc.open(name) as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return PartEntry(name, len(examples), steps, size, h.hexdigest(), digest)
 
 
 def build(cfg: BuildConfig) -> BuildResult:
@@ -240,10 +271,11 @@ def build(cfg: BuildConfig) -> BuildResult:
         raise PactError(f"--max-length {cfg.max_length}: must be at least 2")
     if cfg.encoding not in ENCODINGS:
         raise PactError(f"--encoding {cfg.encoding}: unknown; use one of {sorted(ENCODINGS)}")
-    out = Path(cfg.out).expanduser()
-    if out.exists() and not out.is_dir():
+    loc = Location(str(Path(cfg.out).expanduser()) if "://" not in str(cfg.out) else str(cfg.out), cfg.storage_options)
+    out = loc.display
+    if loc.exists() and not loc.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a folder; choose another -o")
-    if _occupied(out) and not (out / MANIFEST).exists() and not (out / BUILD_STATE).exists():
+    if _occupied(loc) and not loc.exists(MANIFEST) and not loc.exists(BUILD_STATE):
         raise OutputExistsError(f"{out}: folder is not empty and is not a pact-cache build; choose another -o")
     rank, world = _shard_from_env(cfg)
     enc = ENCODINGS[cfg.encoding]
@@ -285,18 +317,19 @@ def build(cfg: BuildConfig) -> BuildResult:
     tokenizer = Tokenizer(tok_fp["sha256"], tok_fp["vocab_size"], tok_fp["chat_template_sha256"])
     identity = Identity(model_fp["weights_sha256"], tokenizer, tokens, ds_fp["sha256"], params, enc)
     build_key = identity.key()
-    state, done = _prepare_out(out, build_key, cfg, world > 1)
+    state, done = _prepare_out(loc, build_key, cfg, world > 1)
     if state == "done":
         _log(f"{out} already holds this cache (id {done.cache_id[:12]}); nothing to do")
         return BuildResult(out, done.cache_id, done, [], time.time() - t_start)
-    _clean_stale_tmp(out)
-    if not (out / BUILD_STATE).exists():
-        atomic_write_json(out / BUILD_STATE, {"format": FORMAT, "build_key": build_key, "identity": identity.to_json()})
+    _clean_stale_tmp(loc)
+    if not loc.exists(BUILD_STATE):
+        loc.put_bytes(BUILD_STATE, _json_bytes({"format": FORMAT, "build_key": build_key, "identity": identity.to_json()}))
 
     plan = [examples[i:i + cfg.rows_per_part] for i in range(0, len(examples), cfg.rows_per_part)]
     names = [f"part-{i:05d}.parquet" for i in range(len(plan))]
-    present = [i for i in range(len(plan)) if (out / names[i]).exists() or (out / names[i]).is_symlink()]
-    _refuse_unproven(out, names, plan, build_key, [i for i in present if i % world == rank])
+    have = set(loc.names())
+    present = [i for i in range(len(plan)) if names[i] in have or (loc.is_local and loc.local_path(names[i]).is_symlink())]
+    _refuse_unproven(loc, names, plan, build_key, [i for i in present if i % world == rank])
     mine = [i for i in range(len(plan)) if i % world == rank and i not in present]
     if state == "resume" and rank == 0:
         _log(f"resuming: {len(present)}/{len(names)} parts already written (each checked: this build's key, the expected rows)")
@@ -306,10 +339,16 @@ def build(cfg: BuildConfig) -> BuildResult:
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"building{f' shard {rank}/{world}' if world > 1 else ''}",
                disable=not cfg.progress, dynamic_ncols=True, position=rank if world > 1 else None)
     written = []
-    for i in mine:
-        rows = compute_rows(model, plan[i], ids, header, cfg.batch_size, device, on_tokens=bar.update)
-        write_part(out / names[i], rows, enc, build_key)
-        written.append(names[i])
+    scratch = loc.scratch()  # parts are finished here, then moved (a folder) or uploaded (a store) whole
+    try:
+        for i in mine:
+            rows = compute_rows(model, plan[i], ids, header, cfg.batch_size, device, on_tokens=bar.update)
+            entry = write_part(scratch / names[i], rows, enc, build_key)
+            loc.put_file(scratch / names[i], names[i])
+            loc.put_bytes(_entry_name(names[i]), _json_bytes({"build_key": build_key, **entry.to_json()}))
+            written.append(names[i])
+    finally:
+        Location.drop_scratch(scratch)
     bar.close()
 
     if world > 1 and os.environ.get("MASTER_ADDR") and cfg.shard is None:
@@ -320,18 +359,15 @@ def build(cfg: BuildConfig) -> BuildResult:
         dist.barrier()
         if rank != 0:
             return BuildResult(out, build_key, None, written, time.time() - t_start)
-    if not all((out / n).exists() for n in names):
-        missing = sum(not (out / n).exists() for n in names)
-        _log(f"shard {rank}/{world} done; {missing} part(s) of other shards missing, the last shard to finish writes the manifest")
+    have = set(loc.names())
+    missing = [n for n in names if n not in have]
+    if missing:
+        _log(f"shard {rank}/{world} done; {len(missing)} part(s) of other shards missing, the last shard to finish writes the manifest")
         return BuildResult(out, build_key, None, written, time.time() - t_start)
 
     # every part, including other shards', must be one this build wrote before it is published
-    _refuse_unproven(out, names, plan, build_key, [i for i in range(len(plan)) if names[i] not in written])
-    parts = []
-    for i, name in enumerate(names):
-        p = out / name
-        parts.append(PartEntry(name, len(plan[i]), sum(ex.steps for ex in plan[i]), p.stat().st_size, sha256_path(p),
-                               rows_digest((ex.example_id, ex.input_ids, ex.response_start) for ex in plan[i])))
+    _refuse_unproven(loc, names, plan, build_key, [i for i in range(len(plan)) if names[i] not in written])
+    parts = [_part_entry(loc, name, build_key, plan[i]) for i, name in enumerate(names)]
     counts = Counts(rows=len(examples), response_steps=sum(ex.steps for ex in examples),
                     input_tokens=sum(len(ex.input_ids) for ex in examples),
                     truncated_rows=sum(1 for ex in examples if cfg.max_length and len(ex.input_ids) == cfg.max_length),
@@ -340,6 +376,12 @@ def build(cfg: BuildConfig) -> BuildResult:
     manifest = Manifest(FORMAT, "", __version__, Reference(model_fp["name"], model_fp["weights_sha256"], model_fp["path"], model_fp["revision"]),
                         tokenizer, tokens, DatasetInfo(ds_fp["sha256"], ds_fp["source"], tuple(ds_fp["files"])), params, enc,
                         counts, tuple(parts)).with_content_id()
-    atomic_write_json(out / MANIFEST, manifest.to_json())  # published last: readers see all of the cache or none
-    (out / BUILD_STATE).unlink(missing_ok=True)
+    loc.put_bytes(MANIFEST, _json_bytes(manifest.to_json()))  # published last: readers see all of the cache or none
+    for name in names:
+        loc.remove(_entry_name(name))
+    loc.remove(BUILD_STATE)
     return BuildResult(out, manifest.cache_id, manifest, written, time.time() - t_start)
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode()

@@ -298,16 +298,6 @@ def write_part(path: Path, rows: list[RowResult], enc: Encoding, build_key: str 
 
 # ----------------------------------------------------------------------------- safe file access
 
-def _fs(url: str):
-    import fsspec
-
-    try:
-        fs, root = fsspec.core.url_to_fs(str(url))
-    except (ValueError, ImportError) as err:
-        raise CacheError(f"{url}: cannot open this location ({err})") from None
-    return fs, root.rstrip("/") or "/"
-
-
 def _is_local(fs) -> bool:
     from fsspec.implementations.local import LocalFileSystem
 
@@ -381,9 +371,12 @@ class Cache:
     >>> for row in cache.iter_rows(): ...
     """
 
-    def __init__(self, url: str, manifest: Manifest, verify_checksums: bool = True):
-        self.url = str(url)
-        self.fs, self.root = _fs(url)
+    def __init__(self, location: "Location | str", manifest: Manifest, verify_checksums: bool = True):
+        from .storage import Location
+
+        self.location = location if isinstance(location, Location) else Location(str(location))
+        self.url = self.location.display
+        self.fs, self.root = self.location.fs, self.location.root
         self.manifest = manifest
         self.encoding = manifest.encoding
         self.tokens = manifest.tokens
@@ -592,18 +585,22 @@ class Cache:
         return total
 
 
-def read_manifest(url: str) -> Manifest:
-    """Read and check ``manifest.json``: a regular file of bounded size, strict JSON, every rule of
-    the spec, and a ``cache_id`` equal to the content id."""
-    fs, root = _fs(url)
-    path = f"{root}/{MANIFEST}"
-    where = f"{str(url).rstrip('/')}/{MANIFEST}"
+def read_manifest(location: "Location | str") -> Manifest:
+    """Read and check ``manifest.json``: a regular file (a plain object) of bounded size, strict
+    JSON, every rule of the spec, and a ``cache_id`` equal to the content id."""
+    from .storage import Location
+
+    loc = location if isinstance(location, Location) else Location(str(location))
+    url, fs, root = loc.display, loc.fs, loc.root
+    path, where = loc.path(MANIFEST), loc.where(MANIFEST)
     try:
         root_info = fs.info(root)
     except FileNotFoundError:
         root_info = None
     except OSError as err:
         raise CacheError(f"{url}: cannot be read ({err.strerror or err})") from None
+    if root_info is None and not loc.is_local:
+        root_info = {"type": "directory"} if fs.exists(path) else None  # object stores may have no folder entries
     if root_info is None:
         raise CacheError(f"{url}: no such cache folder; pass the folder `pact-cache build` wrote (-o)")
     if root_info.get("type") != "directory":
@@ -616,9 +613,14 @@ def read_manifest(url: str) -> Manifest:
     return Manifest.parse(obj, where)
 
 
-def open_cache(url: str | Path, verify_checksums: bool = True, cache_id: str | None = None) -> Cache:
-    """Open a cache for reading. Checks the manifest and its content id now (and the pinned
-    ``cache_id``, if given), and each part's type, size, sha256 and rows before using its rows."""
-    manifest = read_manifest(str(url))
-    check_pin(manifest.cache_id, cache_id, str(url))
-    return Cache(str(url), manifest, verify_checksums=verify_checksums)
+def open_cache(url: "str | Path | Location", verify_checksums: bool = True, cache_id: str | None = None,
+               storage_options: dict | None = None) -> Cache:
+    """Open a cache (a folder or any fsspec URL) for reading. Checks the manifest and its content id
+    now (and the pinned ``cache_id``, if given), and each part's type, size, sha256 and rows before
+    using its rows. ``storage_options`` go to the filesystem (endpoint, credentials)."""
+    from .storage import Location
+
+    loc = url if isinstance(url, Location) else Location(str(url), storage_options or {})
+    manifest = read_manifest(loc)
+    check_pin(manifest.cache_id, cache_id, loc.display)
+    return Cache(loc, manifest, verify_checksums=verify_checksums)

@@ -13,15 +13,17 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import CacheError, OutputExistsError
-from .format import MANIFEST, Cache, _fs, atomic_write_json, check_regular_file, read_bounded, stale_tmp, tmp_name
+from .format import MANIFEST, Cache, atomic_write_json, check_regular_file, read_bounded, stale_tmp, tmp_name
+from .storage import Location
 from .manifest import (ALGORITHM, FORMAT, LEGACY_FORMATS, MANIFEST_MAX_BYTES, PART_NAME, BuildParams, Counts, DatasetInfo,
                        Encoding, Manifest, PartEntry, Reference, SafetyTokens, Tokenizer, _Fields, load_json)
 
 
 def _legacy_manifest(src: str) -> tuple[dict, Manifest]:
     """Parse a version-1 manifest into a version-2 one whose parts still lack rows digests."""
-    fs, root = _fs(src)
-    where = f"{src.rstrip('/')}/{MANIFEST}"
+    loc = Location(src)
+    fs, root = loc.fs, loc.root
+    where = loc.where(MANIFEST)
     if not fs.exists(f"{root}/{MANIFEST}"):
         raise CacheError(f"{src}: has no {MANIFEST}; pass the folder of a finished pact-cache/1 cache")
     check_regular_file(fs, root, f"{root}/{MANIFEST}", where, max_size=MANIFEST_MAX_BYTES)

@@ -98,7 +98,8 @@ def made(tiny_model, tmp_path_factory):
     f32 = build(BuildConfig(str(data), tiny_model, str(root / "f32"), tokens=str(tokens), encoding="f32", rows_per_part=8, progress=False))
     q8 = build(BuildConfig(str(data), tiny_model, str(root / "q8"), tokens=str(tokens), rows_per_part=8, progress=False))
     theirs = build(BuildConfig(str(other), tiny_model, str(root / "theirs"), tokens=str(tokens), rows_per_part=8, progress=False))
-    return {"data": data, "other": other, "tokens": tokens, "f32": f32.out, "q8": q8.out, "theirs": theirs.out, "model": tiny_model}
+    return {"data": data, "other": other, "tokens": tokens, "f32": Path(f32.out), "q8": Path(q8.out), "theirs": Path(theirs.out),
+            "model": tiny_model}
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from pathlib import Path
 from . import __version__
 from .errors import OutputExistsError, PactError
 from .models import DEFAULT_MODEL
+from .storage import parse_storage_options
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -69,6 +70,14 @@ def run_command(prog: str, fn, args, interrupted: str) -> int:
         return 1
 
 
+STORAGE_HELP = ("KEY=VALUE passed to the cache's fsspec filesystem, e.g. endpoint_url=http://localhost:9000 or anon=true "
+                "(repeatable; values are JSON where they parse; never printed)")
+
+
+def add_storage_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help=STORAGE_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="pact-cache", description="Run an aligned reference model once over a fine-tuning set and cache the safety-token log-probs PACT needs.")
     p.add_argument("--version", action="version", version=f"pact-cache {__version__}")
@@ -102,10 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--shard", type=_shard, metavar="i/n", help="compute only parts i, i+n, ... (torchrun sets this from RANK/WORLD_SIZE)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub (off by default)")
+    add_storage_option(b)
 
     i = sub.add_parser("info", help="what a cache holds: rows, steps, bytes per step, tokens", description="Summarise a cache.")
     i.add_argument("cache", metavar="CACHE", help="cache folder (local path or fsspec URL)")
     i.add_argument("--json", action="store_true", help="print JSON")
+    add_storage_option(i)
 
     v = sub.add_parser("verify", help="check schema, checksums and (optionally) fingerprints", description="Verify a cache; exit 1 at the first mismatch.")
     v.add_argument("cache", metavar="CACHE", help="cache folder (local path or fsspec URL)")
@@ -114,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--recompute", type=int, default=8, metavar="N",
                    help="with --model: rows (spread over the cache) whose values are recomputed and compared (default 8; 0 skips)")
     v.add_argument("--cache-id", metavar="ID", help="refuse the cache unless its content id is ID (or starts with it, 8+ characters)")
+    add_storage_option(v)
+
+    c = sub.add_parser("cp", help="copy a cache between two locations (folder, s3://, gs://, hf://, ...), checking it",
+                       description="Copy a cache, verifying every part's sha256 on the way; the manifest is published last. "
+                                   "A stopped copy resumes; a destination holding a different cache is refused.")
+    c.add_argument("src", metavar="SRC", help="the cache to copy (folder or URL)")
+    c.add_argument("dst", metavar="DST", help="where to put it (new, empty, or a copy of this cache under way)")
+    c.add_argument("--cache-id", metavar="ID", help="refuse SRC unless its content id is ID (or starts with it)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_storage_option(c)
 
     u = sub.add_parser("upgrade", help="copy a pact-cache/1 cache into a new pact-cache/2 folder",
                        description="Check a pact-cache/1 cache (every part's sha256 and rows) and write it as pact-cache/2 into a new "
@@ -163,7 +184,7 @@ def cmd_build(a) -> int:
     cfg = BuildConfig(dataset=a.dataset, ref=a.ref, out=a.output, tokens=a.tokens, max_length=a.max_length,
                       batch_size=a.batch_size, dtype=a.dtype, device=a.device, encoding=a.encoding,
                       rows_per_part=a.rows_per_part, resume=a.resume, shard=a.shard, progress=not a.no_progress,
-                      trust_remote_code=a.trust_remote_code)
+                      trust_remote_code=a.trust_remote_code, storage_options=parse_storage_options(a.storage_option))
     res = build(cfg)
     if res.manifest is None:
         print(f"{res.out}: wrote {len(res.parts_written)} part(s) for this shard; the manifest comes when every shard is done")
@@ -178,7 +199,7 @@ def cmd_info(a) -> int:
     from .format import open_cache
     from .report import cache_info, format_info
 
-    info = cache_info(open_cache(a.cache, verify_checksums=False))
+    info = cache_info(open_cache(a.cache, verify_checksums=False, storage_options=parse_storage_options(a.storage_option)))
     print(json.dumps(info, indent=2, ensure_ascii=False) if a.json else format_info(info))
     return 0
 
@@ -188,8 +209,20 @@ def cmd_verify(a) -> int:
 
     if a.recompute < 0:
         raise PactError(f"--recompute {a.recompute}: must be >= 0")
-    res = verify_cache(a.cache, dataset=a.dataset, model=a.model, cache_id=a.cache_id, recompute=a.recompute)
+    res = verify_cache(a.cache, dataset=a.dataset, model=a.model, cache_id=a.cache_id, recompute=a.recompute,
+                       storage_options=parse_storage_options(a.storage_option))
     print(f"{a.cache}: OK, cache {res['cache_id'][:12]}, {res['rows']:,} rows, {res['response_steps']:,} steps; checked " + ", ".join(res["checked"]))
+    return 0
+
+
+def cmd_cp(a) -> int:
+    from .copy import copy_cache
+    from .storage import Location
+
+    opts = parse_storage_options(a.storage_option)
+    res = copy_cache(Location(a.src, opts), Location(a.dst, opts), cache_id=a.cache_id, progress=not a.no_progress)
+    print(f"{a.dst}: cache {res.cache_id[:12]}: {res.parts_copied} part(s) copied ({res.bytes_copied:,} bytes, every sha256 checked), "
+          f"{res.parts_kept} already there")
     return 0
 
 
@@ -201,7 +234,7 @@ def cmd_upgrade(a) -> int:
     return 0
 
 
-COMMANDS = {"tokens": cmd_tokens, "build": cmd_build, "info": cmd_info, "verify": cmd_verify, "upgrade": cmd_upgrade}
+COMMANDS = {"tokens": cmd_tokens, "build": cmd_build, "info": cmd_info, "verify": cmd_verify, "cp": cmd_cp, "upgrade": cmd_upgrade}
 
 
 def main(argv: list[str] | None = None) -> int:

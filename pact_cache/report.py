@@ -142,12 +142,12 @@ def recompute_sample(cache: Cache, resolved, n_rows: int, device: str = "auto") 
 
 
 def verify_cache(url: str, dataset: str | None = None, model: str | None = None, cache_id: str | None = None,
-                 progress: bool = False, recompute: int = 8) -> dict:
+                 progress: bool = False, recompute: int = 8, storage_options: dict | None = None) -> dict:
     """Check the manifest and its content id (and the pinned ``cache_id``), every part (type, size,
     sha256, schema, values, rows digest, decoding every row), and optionally that the cache holds
     the rows of ``dataset`` and was built with ``model`` (fingerprints, and ``recompute`` rows'
     values recomputed with it). Raises ``CacheError`` at the first mismatch."""
-    cache = open_cache(url, cache_id=cache_id)
+    cache = open_cache(url, cache_id=cache_id, storage_options=storage_options)
     rows = steps = 0
     for part in cache.parts:
         for row in cache.iter_part_rows(part):

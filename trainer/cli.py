@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pact_cache.cli import OneLineParser, positive_int, run_command
+from pact_cache.cli import OneLineParser, add_storage_option, positive_int, run_command
+from pact_cache.storage import parse_storage_options
 from pact_cache.errors import PactError
 
 from .losses import PactParams
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", required=True, metavar="CACHE", help="cache from `pact-cache build` (built with this model's tokenizer)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="run folder: metrics.jsonl, config.json, checkpoint/, adapter/ or model/, loss.png")
     p.add_argument("--cache-id", metavar="ID", help="pin the cache: refuse it unless its content id is ID (or starts with it, 8+ characters)")
+    add_storage_option(p)
     p.add_argument("--method", choices=["pact", "sft"], default=d.method, help="pact: CE + lambda * PACT KL (default); sft: CE only")
     p.add_argument("--reference", choices=["cache", "online"], default=d.reference, help="cache (default) or online: a live reference model beside the policy, the paper's way")
     p.add_argument("--ref-model", metavar="MODEL", help="reference for --reference online (default: --model)")
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(a) -> int:
     pact = PactParams(**{k[5:]: v for k, v in vars(a).items() if k.startswith("pact_")})
-    cfg = TrainConfig(model=a.model, cache=a.cache, out=a.output, cache_pin=a.cache_id, method=a.method, reference=a.reference, ref_model=a.ref_model,
+    cfg = TrainConfig(model=a.model, cache=a.cache, out=a.output, cache_pin=a.cache_id,
+                      storage_options=parse_storage_options(a.storage_option), method=a.method, reference=a.reference, ref_model=a.ref_model,
                       lam=a.lam, pact=pact, full=a.full, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                       lora_targets=a.lora_targets, epochs=a.epochs, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
                       weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, schedule=a.schedule, max_steps=a.max_steps,
@@ -95,6 +98,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="generated tokens per prompt (default 64; 8 suffice for --task)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generation batch (default 16)")
     p.add_argument("--cache-id", metavar="ID", help="pin --drift-cache: refuse it unless its content id is ID (or starts with it)")
+    add_storage_option(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for harmful.jsonl, benign.jsonl, task.jsonl, summary.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -126,7 +130,8 @@ def _eval(a) -> int:
     for name, rows in sets.items():
         if not rows:
             raise PactError(f"{getattr(a, name)}: holds no prompts, so no {name} rate can be computed; give a file with at least one row")
-    cache = open_cache(a.drift_cache, cache_id=a.cache_id) if a.drift_cache else None
+    cache = (open_cache(a.drift_cache, cache_id=a.cache_id, storage_options=parse_storage_options(a.storage_option))
+             if a.drift_cache else None)
     if cache is not None and cache.num_rows == 0:
         raise PactError(f"{a.drift_cache}: the cache holds no rows, so no drift can be computed")
     model, tok, device = load_eval_model(a.model, a.adapter, a.device)

@@ -49,6 +49,7 @@ class TrainConfig:
     cache: str
     out: str
     cache_pin: str | None = None  # --cache-id: refuse any cache whose content id is not this (or does not start with it)
+    storage_options: dict = field(default_factory=dict, repr=False)  # for a cache on an object store; never recorded
     method: str = "pact"  # pact | sft
     reference: str = "cache"  # cache | online (a live reference beside the policy, the paper's way)
     ref_model: str | None = None  # for --reference online; default: the policy's initial weights (--model)
@@ -83,7 +84,7 @@ class TrainConfig:
 
     # settings that may differ between a run and its resumption; the cache is compared by its id,
     # not by the path typed, so a run resumes from another folder or working directory
-    RESUMABLE = ("resume", "max_steps", "progress", "save_every", "plot", "merge", "cache", "out", "cache_pin")
+    RESUMABLE = ("resume", "max_steps", "progress", "save_every", "plot", "merge", "cache", "out", "cache_pin", "storage_options")
 
 
 def _log(msg: str) -> None:
@@ -187,6 +188,7 @@ def check_out(out: Path, cfg: TrainConfig, cache_id: str) -> str:
 
 def config_record(cfg: TrainConfig, cache_id: str) -> dict:
     rec = asdict(cfg)
+    rec.pop("storage_options")  # may hold credentials
     rec["pact"] = asdict(cfg.pact)
     rec["cache_id"] = cache_id
     for key in ("model", "ref_model"):  # a local folder is recorded absolute, so another working directory resumes
@@ -326,7 +328,7 @@ def train(cfg: TrainConfig) -> dict:
     # --- setup
     check_config(cfg)
     device = pick_device(cfg.device)
-    cache = open_cache(cfg.cache, cache_id=cfg.cache_pin)
+    cache = open_cache(cfg.cache, cache_id=cfg.cache_pin, storage_options=cfg.storage_options)
     out = Path(cfg.out).expanduser()
     state_kind = check_out(out, cfg, cache.cache_id)
     clean_leftovers(out)

@@ -1,0 +1,116 @@
+"""``pact-cache cp SRC DST``: copy a cache between any two locations, checking it on the way.
+
+The source is opened with every check of the format (content id, and ``--cache-id`` if pinned).
+Each part is streamed (8 MiB at a time, never whole in memory) into a finished local file or
+straight into an upload, hashed as it goes, and published only when its sha256 equals the
+manifest's. The manifest is published last, so the destination holds the whole cache or no cache.
+A copy that was stopped resumes: parts already at the destination with the manifest's size and
+sha256 are kept. A destination that holds a different cache, or anything that is not this cache
+on its way, is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from .errors import CacheError, OutputExistsError
+from .format import MANIFEST, check_regular_file, open_cache, read_manifest
+from .manifest import PART_NAME
+from .storage import COPY_BLOCK, Location
+
+COPY_STATE = ".pact-copy.json"  # says which cache a destination is becoming; removed at the end
+
+
+@dataclass
+class CopyResult:
+    cache_id: str
+    parts_copied: int
+    parts_kept: int
+    bytes_copied: int
+
+
+def _sha256_of(loc: Location, name: str) -> str:
+    h = hashlib.sha256()
+    with loc.open(name) as f:
+        for block in iter(lambda: f.read(COPY_BLOCK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _prepare(dst: Location, cache_id: str) -> None:
+    """Refuse a destination that is not empty, this cache, or this copy under way."""
+    if dst.exists() and not dst.is_dir():
+        raise OutputExistsError(f"{dst.display}: exists and is not a folder; choose another destination")
+    if dst.exists(MANIFEST):
+        try:
+            other = read_manifest(dst).cache_id
+        except CacheError as err:
+            raise OutputExistsError(f"{dst.display}: holds a cache that does not pass its checks ({err}); choose another destination") from None
+        if other != cache_id:
+            raise OutputExistsError(f"{dst.display}: holds a different cache (id {other[:12]}); nothing is overwritten: choose another destination")
+        return
+    names = [n for n in dst.names() if not (n.startswith(".") and ".tmp-" in n)]
+    if names and COPY_STATE not in names:
+        raise OutputExistsError(f"{dst.display}: is not empty and is not a copy of this cache under way; choose another destination")
+    if COPY_STATE in names:
+        try:
+            state = json.loads(dst.read_bytes(COPY_STATE, 1 << 16))
+        except (ValueError, OSError):
+            state = {}
+        if not isinstance(state, dict) or state.get("cache_id") != cache_id:
+            raise OutputExistsError(f"{dst.display}: holds an unfinished copy of another cache; choose another destination")
+        strays = [n for n in names if n != COPY_STATE and not PART_NAME.fullmatch(n)]
+        if strays:
+            raise OutputExistsError(f"{dst.display}: holds {strays[0]}, which is not part of this cache; choose another destination")
+
+
+def copy_cache(src: Location, dst: Location, cache_id: str | None = None, progress: bool = True) -> CopyResult:
+    """Copy the cache at ``src`` to ``dst`` (see the module docstring). Returns what was done."""
+    from tqdm.auto import tqdm
+
+    cache = open_cache(src, cache_id=cache_id)
+    m = cache.manifest
+    _prepare(dst, m.cache_id)
+    if dst.exists(MANIFEST):  # the same cache is already there, whole
+        return CopyResult(m.cache_id, 0, len(m.parts), 0)
+    dst.makedirs()
+    dst.put_bytes(COPY_STATE, json.dumps({"cache_id": m.cache_id}).encode())
+    copied = kept = nbytes = 0
+    bar = tqdm(total=sum(p.bytes for p in m.parts), unit="B", unit_scale=True, desc="copying", disable=not progress, dynamic_ncols=True)
+    scratch = dst.scratch()
+    try:
+        for part in m.parts:
+            if dst.exists(part.name):
+                size = check_regular_file(dst.fs, dst.root, dst.path(part.name), dst.where(part.name))
+                if size == part.bytes and _sha256_of(dst, part.name) == part.sha256:
+                    kept += 1
+                    bar.update(part.bytes)
+                    continue
+                dst.remove(part.name)  # an object this copy wrote for another content, or a damaged one
+            check_regular_file(cache.fs, cache.root, cache.part_path(part), cache._where(part), size=part.bytes)
+            h = hashlib.sha256()
+            local = scratch / part.name
+            with cache.fs.open(cache.part_path(part), "rb") as fin, open(local, "wb") as fout:
+                left = part.bytes
+                while left > 0:
+                    block = fin.read(min(COPY_BLOCK, left))
+                    if not block:
+                        break
+                    h.update(block)
+                    fout.write(block)
+                    left -= len(block)
+                    bar.update(len(block))
+            if left != 0 or h.hexdigest() != part.sha256:
+                raise CacheError(f"{cache._where(part)}: sha256 differs from the manifest while copying; the source is corrupt or "
+                                 "changed: nothing of it was published, re-download or rebuild the source")
+            dst.put_file(local, part.name)
+            copied += 1
+            nbytes += part.bytes
+        dst.put_bytes(MANIFEST, json.dumps(m.to_json(), indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+        dst.remove(COPY_STATE)
+    finally:
+        bar.close()
+        Location.drop_scratch(scratch)
+    return CopyResult(m.cache_id, copied, kept, nbytes)

@@ -180,3 +180,30 @@ def test_writer_stores_minus_infinity_finitely_and_refuses_nan(tmp_path, enc):
     with pytest.raises(CacheError, match=r"part-00001.parquet: the reference gave a log-prob that is NaN or positive \(post view"):
         write_part(out / "part-00001.parquet", rs, ENCODINGS[enc])
     assert not (out / "part-00001.parquet").exists()
+
+
+def test_row_groups_are_bounded_by_steps():
+    from pact_cache.format import row_groups
+
+    assert row_groups([3, 3, 3, 3], limit=6) == [(0, 2), (2, 4)]
+    assert row_groups([10, 1, 1], limit=6) == [(0, 1), (1, 3)]  # a long row is a group of its own
+    assert row_groups([1] * 5, limit=100) == [(0, 5)]
+    assert row_groups([], limit=6) == [(0, 0)]
+
+
+def test_a_part_with_many_row_groups_reads_back_the_same(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    import pact_cache.format as fmt
+
+    monkeypatch.setattr(fmt, "ROW_GROUP_STEPS", 9)
+    out = tmp_path / "c"
+    out.mkdir()
+    rs = rows(7, 4)  # 4..10 steps per row
+    part = write_part(out / "part-00000.parquet", rs, Q8)
+    assert pq.ParquetFile(out / "part-00000.parquet").metadata.num_row_groups == 6
+    write_manifest(out, [part], Q8, 4)
+    got = list(open_cache(out).iter_rows())
+    assert [g.example_id for g in got] == [r.example_id for r in rs]
+    for g, r in zip(got, rs):
+        assert_within_q8_bound(g.full_logprobs, r.full)

@@ -591,6 +591,61 @@ class Cache:
         if buf:
             yield buf
 
+    # -- decoded views for analysis (the q8 decoding done once, here)
+    def decoded_schema(self):
+        import pyarrow as pa
+
+        step = pa.list_(pa.float32(), self.K)
+        return pa.schema([("example_id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("response_start", pa.int32()),
+                          ("full_logprobs", pa.list_(step)), ("post_logprobs", pa.list_(step)),
+                          ("target_logprob", pa.list_(pa.float32()))],
+                         metadata={b"pact_cache.cache_id": self.cache_id.encode(),
+                                   b"pact_cache.token_ids": json.dumps(self.ids).encode()})
+
+    def iter_arrow_batches(self, batch_rows: int = 256):
+        """Arrow record batches of decoded rows, in cache order: ``full_logprobs`` and
+        ``post_logprobs`` are ``list<fixed_size_list<float32, K>>`` (steps x S in the order of
+        ``cache.ids``), ``target_logprob`` is ``list<float32>``. Memory: ``batch_rows`` rows."""
+        rows: list[CacheRow] = []
+        for row in self.iter_rows():
+            rows.append(row)
+            if len(rows) == batch_rows:
+                yield self._arrow_batch(rows)
+                rows = []
+        if rows:
+            yield self._arrow_batch(rows)
+
+    def _arrow_batch(self, rows: list[CacheRow]):
+        import pyarrow as pa
+
+        schema = self.decoded_schema()
+
+        def steps_k(views):
+            offsets = np.cumsum([0] + [v.shape[0] for v in views]).astype(np.int32)
+            flat = pa.array(np.concatenate([v.reshape(-1) for v in views]).astype(np.float32))
+            return pa.ListArray.from_arrays(pa.array(offsets), pa.FixedSizeListArray.from_arrays(flat, self.K))
+
+        offsets = np.cumsum([0] + [r.steps for r in rows]).astype(np.int32)
+        cols = [pa.array([r.example_id for r in rows], pa.string()),
+                pa.array([r.input_ids.astype(np.int32) for r in rows], pa.list_(pa.int32())),
+                pa.array([r.response_start for r in rows], pa.int32()),
+                steps_k([r.full_logprobs for r in rows]), steps_k([r.post_logprobs for r in rows]),
+                pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate([r.target_logprob for r in rows]).astype(np.float32)))]
+        return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+    def to_arrow(self):
+        """The whole cache, decoded, as one ``pyarrow.Table`` (see :meth:`iter_arrow_batches`;
+        it holds every row: for large caches, iterate the batches instead)."""
+        import pyarrow as pa
+
+        return pa.Table.from_batches(list(self.iter_arrow_batches()), schema=self.decoded_schema())
+
+    def to_polars(self):
+        """The whole cache, decoded, as a ``polars.DataFrame`` (same columns as :meth:`to_arrow`)."""
+        import polars as pl
+
+        return pl.from_arrow(self.to_arrow())
+
     # -- sizes
     def reference_bytes(self) -> int:
         """Compressed bytes of the reference columns (both views, maxima, target) over all parts."""

@@ -127,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cache-id", metavar="ID", help="refuse the cache unless its content id is ID (or starts with it, 8+ characters)")
     add_storage_option(v)
 
+    st = sub.add_parser("stats", help="the reference's safety-token mass by position; refusal-like rows (an audit)",
+                        description="Per response position: the reference's mass on the safety tokens and its entropy over them; per "
+                                    "example: the step-0 refusal mass, which flags harmful-looking rows of a fine-tuning set.")
+    st.add_argument("cache", metavar="CACHE", help="cache folder or URL")
+    st.add_argument("--json", action="store_true", help="print JSON (every position, quantiles, histogram, top rows)")
+    st.add_argument("--plot", metavar="DIR", help="also write mass_by_position.png and step0_mass.png into DIR (never overwritten)")
+    st.add_argument("--top", type=positive_int, default=20, help="rows with the highest step-0 mass to list (default 20)")
+    st.add_argument("--cache-id", metavar="ID", help="refuse the cache unless its content id is ID (or starts with it)")
+    add_storage_option(st)
+
     c = sub.add_parser("cp", help="copy a cache between two locations (folder, s3://, gs://, hf://, ...), checking it",
                        description="Copy a cache, verifying every part's sha256 on the way; the manifest is published last. "
                                    "A stopped copy resumes; a destination holding a different cache is refused.")
@@ -215,6 +225,25 @@ def cmd_verify(a) -> int:
     return 0
 
 
+def cmd_stats(a) -> int:
+    from .format import open_cache
+    from .stats import cache_stats, format_stats, plot_stats
+
+    if a.plot:
+        for name in ("mass_by_position.png", "step0_mass.png"):
+            if (Path(a.plot) / name).exists():
+                raise OutputExistsError(f"{Path(a.plot) / name}: exists; choose another --plot folder (nothing is overwritten)")
+    cache = open_cache(a.cache, cache_id=a.cache_id, storage_options=parse_storage_options(a.storage_option))
+    if cache.num_rows == 0:
+        raise PactError(f"{a.cache}: the cache holds no rows; there is nothing to describe")
+    s = cache_stats(cache, top=a.top)
+    print(json.dumps(s.to_json(), indent=2) if a.json else format_stats(s))
+    if a.plot:
+        for p in plot_stats(s, Path(a.plot)):
+            print(f"wrote {p}", file=sys.stderr)
+    return 0
+
+
 def cmd_cp(a) -> int:
     from .copy import copy_cache
     from .storage import Location
@@ -234,7 +263,7 @@ def cmd_upgrade(a) -> int:
     return 0
 
 
-COMMANDS = {"tokens": cmd_tokens, "build": cmd_build, "info": cmd_info, "verify": cmd_verify, "cp": cmd_cp, "upgrade": cmd_upgrade}
+COMMANDS = {"tokens": cmd_tokens, "build": cmd_build, "info": cmd_info, "verify": cmd_verify, "cp": cmd_cp, "stats": cmd_stats, "upgrade": cmd_upgrade}
 
 
 def main(argv: list[str] | None = None) -> int:

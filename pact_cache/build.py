@@ -15,14 +15,15 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
 from . import __version__
 from .data import Example, assistant_header_ids, dataset_fingerprint, scan_dataset, tokenize_dataset
 from .errors import CacheError, DatasetError, OutputExistsError, PactError
-from .format import BUILD_KEY_META, MANIFEST, RowResult, check_regular_file, read_manifest, rows_digest, stale_tmp, write_part
+from .format import (BUILD_KEY_META, MANIFEST, Cache, CacheRow, RowResult, check_regular_file, open_cache, read_manifest,
+                     rows_digest, stale_tmp, write_part)
 from .manifest import (ALGORITHM, ENCODINGS, FORMAT, BuildParams, Counts, DatasetInfo, Identity, Manifest, PartEntry,
                        Reference, Tokenizer, load_json)
 from .storage import Location
@@ -50,6 +51,7 @@ class BuildConfig:
     storage_options: dict = field(default_factory=dict, repr=False)  # for -o on an object store; never printed
     progress: bool = True
     trust_remote_code: bool = False
+    reuse: list[str] = field(default_factory=list)  # caches whose matching rows are copied instead of computed
 
 
 @dataclass
@@ -59,6 +61,8 @@ class BuildResult:
     manifest: Manifest | None  # None when other shards still have parts to write
     parts_written: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    rows_computed: int = 0  # by this process
+    rows_reused: int = 0  # copied from --reuse caches by this process
 
 
 def _log(msg: str) -> None:
@@ -134,6 +138,84 @@ def compute_rows(model, examples: list[Example], ids, header: list[int], batch_s
             if on_tokens:
                 on_tokens(sum(len(s) for s in post_seqs) + sum(len(ex.input_ids) for ex in batch))
     return results  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- reuse
+
+def _row_key(input_ids, response_start: int) -> bytes:
+    """What makes two rows' reference values the same computation: the tokens and the response start."""
+    import numpy as np
+
+    return hashlib.sha256(np.array([response_start], "<i4").tobytes() + np.asarray(input_ids, "<i4").tobytes()).digest()
+
+
+class Reuse:
+    """Rows of earlier caches, found by their tokenised input, for ``build --reuse``.
+
+    Each old cache is opened with every check, and must have been built with the same reference
+    weights, tokenizer, tokens, encoding, max length, dtype and algorithm (its reuse key); batch size,
+    part size and device may differ. The index holds 32 bytes per old row; values are read part by
+    part, when a new part needs them.
+    """
+
+    def __init__(self, caches: list[Cache]):
+        import pyarrow.parquet as pq
+
+        self.caches = caches
+        self.index: dict[bytes, tuple[int, int, int]] = {}
+        for c, cache in enumerate(caches):
+            for p, part in enumerate(cache.parts):
+                cache.check_part(part)
+                with cache.fs.open(cache.part_path(part), "rb") as f:
+                    t = pq.ParquetFile(f).read(columns=["input_ids", "response_start"])
+                for r, (ids, rs) in enumerate(zip(t.column("input_ids").to_pylist(), t.column("response_start").to_pylist())):
+                    self.index.setdefault(_row_key(ids, rs), (c, p, r))
+
+    @classmethod
+    def open(cls, urls: list[str], identity: Identity, storage_options: dict) -> "Reuse":
+        caches = []
+        want = identity.reuse_key()
+        for url in urls:
+            cache = open_cache(url, storage_options=storage_options)
+            if cache.manifest.identity.reuse_key() != want:
+                raise PactError(f"--reuse {url}: that cache was built with another reference, tokenizer, safety tokens, encoding, "
+                                "max length or dtype, so its rows are not this build's rows; reuse a cache built like this one")
+            caches.append(cache)
+        return cls(caches)
+
+    def find(self, ex: Example) -> tuple[int, int, int] | None:
+        return self.index.get(_row_key(ex.input_ids, ex.response_start))
+
+    def fetch(self, wanted: dict[int, tuple[int, int, int]]) -> dict[int, CacheRow]:
+        """``{new position: (cache, part, row)}`` -> ``{new position: decoded old row}``."""
+        by_part: dict[tuple[int, int], dict[int, list[int]]] = {}
+        for j, (c, p, r) in wanted.items():
+            by_part.setdefault((c, p), {}).setdefault(r, []).append(j)
+        out: dict[int, CacheRow] = {}
+        for (c, p), rows in sorted(by_part.items()):
+            cache = self.caches[c]
+            for r, row in enumerate(cache.iter_part_rows(cache.parts[p])):
+                for j in rows.get(r, ()):
+                    out[j] = row
+        return out
+
+
+def rows_for_part(model, examples: list[Example], ids, header, batch_size: int, device, reuse: Reuse | None,
+                  on_tokens=None) -> tuple[list[RowResult], int]:
+    """The rows of one part: copied from ``reuse`` where an old cache has them, computed otherwise.
+    Returns the rows in order and how many were copied."""
+    found = {j: loc for j, ex in enumerate(examples) if reuse is not None and (loc := reuse.find(ex)) is not None}
+    todo = [ex for j, ex in enumerate(examples) if j not in found]
+    computed = iter(compute_rows(model, todo, ids, header, batch_size, device, on_tokens=on_tokens) if todo else [])
+    old = reuse.fetch(found) if found else {}
+    rows = []
+    for j, ex in enumerate(examples):
+        if j in old:
+            o = old[j]
+            rows.append(RowResult(ex.example_id, ex.input_ids, ex.response_start, o.full_logprobs, o.post_logprobs, o.target_logprob))
+        else:
+            rows.append(next(computed))
+    return rows, len(old)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -316,6 +398,11 @@ def build(cfg: BuildConfig) -> BuildResult:
                          assistant_header_ids=tuple(header), vocab_size=max(vocab_rows, len(tok)), algorithm=ALGORITHM)
     tokenizer = Tokenizer(tok_fp["sha256"], tok_fp["vocab_size"], tok_fp["chat_template_sha256"])
     identity = Identity(model_fp["weights_sha256"], tokenizer, tokens, ds_fp["sha256"], params, enc)
+    reuse = None
+    if cfg.reuse:
+        reuse = Reuse.open(cfg.reuse, identity, cfg.storage_options)
+        params = replace(params, reused=tuple(sorted({c.cache_id for c in reuse.caches})))
+        identity = replace(identity, build=params)
     build_key = identity.key()
     state, done = _prepare_out(loc, build_key, cfg, world > 1)
     if state == "done":
@@ -333,16 +420,23 @@ def build(cfg: BuildConfig) -> BuildResult:
     mine = [i for i in range(len(plan)) if i % world == rank and i not in present]
     if state == "resume" and rank == 0:
         _log(f"resuming: {len(present)}/{len(names)} parts already written (each checked: this build's key, the expected rows)")
-    total_tokens = sum(2 * len(ex.input_ids) + len(header) - ex.response_start - 1 for i in mine for ex in plan[i])
+    total_tokens = sum(2 * len(ex.input_ids) + len(header) - ex.response_start - 1 for i in mine for ex in plan[i]
+                       if reuse is None or reuse.find(ex) is None)
+    if reuse is not None:
+        n_old = sum(1 for i in mine for ex in plan[i] if reuse.find(ex) is not None)
+        _log(f"--reuse: {n_old:,} of {sum(len(plan[i]) for i in mine):,} rows are copied from "
+             f"{len(reuse.caches)} earlier cache(s); the rest are computed")
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"building{f' shard {rank}/{world}' if world > 1 else ''}",
                disable=not cfg.progress, dynamic_ncols=True, position=rank if world > 1 else None)
     written = []
+    n_reused = n_computed = 0
     scratch = loc.scratch()  # parts are finished here, then moved (a folder) or uploaded (a store) whole
     try:
         for i in mine:
-            rows = compute_rows(model, plan[i], ids, header, cfg.batch_size, device, on_tokens=bar.update)
+            rows, k = rows_for_part(model, plan[i], ids, header, cfg.batch_size, device, reuse, on_tokens=bar.update)
+            n_reused, n_computed = n_reused + k, n_computed + len(rows) - k
             entry = write_part(scratch / names[i], rows, enc, build_key)
             loc.put_file(scratch / names[i], names[i])
             loc.put_bytes(_entry_name(names[i]), _json_bytes({"build_key": build_key, **entry.to_json()}))
@@ -358,12 +452,12 @@ def build(cfg: BuildConfig) -> BuildResult:
             dist.init_process_group("gloo")
         dist.barrier()
         if rank != 0:
-            return BuildResult(out, build_key, None, written, time.time() - t_start)
+            return BuildResult(out, build_key, None, written, time.time() - t_start, n_computed, n_reused)
     have = set(loc.names())
     missing = [n for n in names if n not in have]
     if missing:
         _log(f"shard {rank}/{world} done; {len(missing)} part(s) of other shards missing, the last shard to finish writes the manifest")
-        return BuildResult(out, build_key, None, written, time.time() - t_start)
+        return BuildResult(out, build_key, None, written, time.time() - t_start, n_computed, n_reused)
 
     # every part, including other shards', must be one this build wrote before it is published
     _refuse_unproven(loc, names, plan, build_key, [i for i in range(len(plan)) if names[i] not in written])
@@ -380,7 +474,7 @@ def build(cfg: BuildConfig) -> BuildResult:
     for name in names:
         loc.remove(_entry_name(name))
     loc.remove(BUILD_STATE)
-    return BuildResult(out, manifest.cache_id, manifest, written, time.time() - t_start)
+    return BuildResult(out, manifest.cache_id, manifest, written, time.time() - t_start, n_computed, n_reused)
 
 
 def _json_bytes(obj) -> bytes:

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", help="auto, cpu or cuda")
     b.add_argument("--encoding", default="q8", choices=["q8", "f32"], help="q8: ~46 B/step at K=50 with a stated error bound (default); f32: exact float32")
     b.add_argument("--resume", action="store_true", help="finish an interrupted build in the same folder")
+    b.add_argument("--reuse", action="append", default=[], metavar="OLD",
+                   help="copy the rows OLD (a cache built with the same reference, tokenizer, tokens, encoding, max length and "
+                        "dtype; folder or URL) already holds instead of computing them; repeatable")
     b.add_argument("--shard", type=_shard, metavar="i/n", help="compute only parts i, i+n, ... (torchrun sets this from RANK/WORLD_SIZE)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub (off by default)")
@@ -194,14 +197,16 @@ def cmd_build(a) -> int:
     cfg = BuildConfig(dataset=a.dataset, ref=a.ref, out=a.output, tokens=a.tokens, max_length=a.max_length,
                       batch_size=a.batch_size, dtype=a.dtype, device=a.device, encoding=a.encoding,
                       rows_per_part=a.rows_per_part, resume=a.resume, shard=a.shard, progress=not a.no_progress,
-                      trust_remote_code=a.trust_remote_code, storage_options=parse_storage_options(a.storage_option))
+                      trust_remote_code=a.trust_remote_code, storage_options=parse_storage_options(a.storage_option),
+                      reuse=a.reuse)
     res = build(cfg)
     if res.manifest is None:
         print(f"{res.out}: wrote {len(res.parts_written)} part(s) for this shard; the manifest comes when every shard is done")
         return 0
     c = res.manifest.counts
     print(f"{res.out}: cache {res.cache_id[:12]}: {c.rows:,} rows, {c.response_steps:,} response steps, "
-          f"{sum(p.bytes for p in res.manifest.parts):,} bytes in {len(res.manifest.parts)} part(s), {res.seconds:.1f}s")
+          f"{sum(p.bytes for p in res.manifest.parts):,} bytes in {len(res.manifest.parts)} part(s), {res.seconds:.1f}s"
+          + (f"; {res.rows_reused:,} rows reused, {res.rows_computed:,} computed" if a.reuse else ""))
     return 0
 
 

@@ -348,10 +348,20 @@ class BuildParams:
     assistant_header_ids: tuple[int, ...]
     vocab_size: int  # rows of the reference's output layer; input ids and token ids are below it
     algorithm: str = ALGORITHM
+    reused: tuple[str, ...] = ()  # ids of caches whose rows were copied (--reuse): their batches, not this build's
 
     def to_json(self) -> dict:
-        return {"max_length": self.max_length, "batch_size": self.batch_size, "rows_per_part": self.rows_per_part,
-                "dtype": self.dtype, "device": self.device, "assistant_header_ids": list(self.assistant_header_ids),
+        out = {"max_length": self.max_length, "batch_size": self.batch_size, "rows_per_part": self.rows_per_part,
+               "dtype": self.dtype, "device": self.device, "assistant_header_ids": list(self.assistant_header_ids),
+               "vocab_size": self.vocab_size, "algorithm": self.algorithm}
+        if self.reused:
+            out["reused"] = list(self.reused)
+        return out
+
+    def reuse_key(self) -> dict:
+        """What must match for a row computed by another build to be copied into this one: everything
+        that decides a row's values except batch composition (batch size, part size) and device."""
+        return {"max_length": self.max_length, "dtype": self.dtype, "assistant_header_ids": list(self.assistant_header_ids),
                 "vocab_size": self.vocab_size, "algorithm": self.algorithm}
 
 
@@ -389,6 +399,12 @@ class Identity:
 
     def key(self) -> str:
         return hash_identity("pact-cache/build-key", self.to_json())
+
+    def reuse_key(self) -> str:
+        """Equal for two builds whose rows are interchangeable (see :meth:`BuildParams.reuse_key`)."""
+        return hash_identity("pact-cache/reuse-key", {"reference_weights": dict(self.reference_weights),
+                                                      "tokenizer": self.tokenizer.to_json(), "tokens": self.tokens.content(),
+                                                      "build": self.build.reuse_key(), "encoding": self.encoding.to_json()})
 
 
 @dataclass(frozen=True)
@@ -461,8 +477,11 @@ class Manifest:
         vocab = b.int("vocab_size", 1)
         if any(i >= vocab for i in header):
             b.fail(f"assistant_header_ids reach beyond vocab_size {vocab}")
+        reused = b.list("reused", optional=True) or []
+        if not all(isinstance(x, str) and _HEX64.fullmatch(x) for x in reused):
+            b.fail("reused must list cache ids (64 lowercase hex characters)")
         build = BuildParams(b.int("max_length", 2, optional=True), b.int("batch_size", 1), b.int("rows_per_part", 1),
-                            b.str("dtype"), b.str("device"), tuple(header), vocab, b.str("algorithm"))
+                            b.str("dtype"), b.str("device"), tuple(header), vocab, b.str("algorithm"), tuple(reused))
 
         tokens = SafetyTokens.parse(f.obj_("tokens"), f"{where}: tokens", CacheError, vocab_size=vocab)
         encoding = Encoding.parse(f.obj_("encoding"), where)

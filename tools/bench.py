@@ -12,6 +12,10 @@
       writes a model folder with random bf16 weights of a public architecture and the tokenizer
       of MODEL (default: the embedded model, so caches built from it fit): memory and time do not
       need trained weights. Presets: tiny, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b.
+  python tools/bench.py incremental [--rows 400] [--grow 0.1]
+      build --reuse: a cache of ROWS rows exists; the dataset grows by GROW (new rows appended);
+      the incremental build (--reuse OLD) vs a full rebuild of the grown set, side by side: rows
+      computed and seconds (each includes loading the model and tokenising).
   python tools/bench.py storage CACHE_Q8 [--exact CACHE_F32]
       bytes per response step of the reference columns, and the PACT loss computed from the q8
       cache vs from exact float32 values (same rows), for a policy equal to the reference and for
@@ -277,6 +281,49 @@ def bench_train(a) -> dict:
     return {"bench": "train", "device": dev, "runs": res, "ratios": ratios}
 
 
+def bench_incremental(a) -> dict:
+    import tempfile
+
+    from pact_cache.build import BuildConfig, build
+    from pact_cache.models import load_model, load_tokenizer, resolve_model
+    from pact_cache.tokens import load_refusals, select_tokens
+
+    data = Path(a.data)
+    rows = json.loads(data.read_text()) if data.exists() else None
+    if rows is None:
+        raise SystemExit(f"{data}: not found; pass --data with a .json list of rows")
+    n_old, n_new = a.rows, round(a.rows * (1 + a.grow))
+    step = max(1, len(rows) // n_new)
+    rows = rows[::step][:n_new]  # spread over the file, as the paper's mix is
+    work = Path(tempfile.mkdtemp(prefix="pact-bench-incr-"))
+    (work / "old.json").write_text(json.dumps(rows[:n_old]))
+    (work / "new.json").write_text(json.dumps(rows))
+    resolved = resolve_model(a.model)
+    model, device, _ = load_model(resolved, "auto", a.device)
+    tokens = select_tokens(model, load_tokenizer(resolved), load_refusals(None), device=device)
+    (work / "tokens.json").write_text(json.dumps(tokens.to_json()))
+    del model
+
+    def cfg(name, **kw):
+        return BuildConfig(str(work / f"{name.split('-')[0]}.json"), a.model, str(work / name), tokens=str(work / "tokens.json"),
+                           batch_size=a.batch_size, device=a.device, progress=False, **kw)
+
+    old = build(cfg("old"))
+    res = {}
+    for name, extra in (("new-full", {}), ("new-incremental", {"reuse": [old.out]})):
+        r = build(cfg(name, **extra))
+        res[name] = {"rows": r.manifest.counts.rows, "rows_computed": r.rows_computed, "rows_reused": r.rows_reused, "seconds": r.seconds}
+    f, i = res["new-full"], res["new-incremental"]
+    res["ratios"] = {"rows_computed": i["rows_computed"] / f["rows_computed"], "seconds": i["seconds"] / f["seconds"]}
+    print(f"incremental: {n_old} rows cached, {n_new - n_old} new rows (+{a.grow:.0%}); full rebuild {f['rows_computed']} rows "
+          f"computed in {f['seconds']:.1f}s, --reuse {i['rows_computed']} computed + {i['rows_reused']} copied in {i['seconds']:.1f}s: "
+          f"{res['ratios']['rows_computed']:.3f}x the rows, {res['ratios']['seconds']:.3f}x the time (old build {old.seconds:.1f}s)")
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -312,15 +359,23 @@ def main() -> None:
     r.add_argument("--tokenizer", default="smollm2-135m-instruct")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="auto")
+    n = sub.add_parser("incremental")
+    n.add_argument("--model", default="smollm2-135m-instruct")
+    n.add_argument("--data", default=str(DEFAULT_DATA))
+    n.add_argument("--rows", type=int, default=400)
+    n.add_argument("--grow", type=float, default=0.1)
+    n.add_argument("--batch-size", type=int, default=8)
+    n.add_argument("--device", default="auto")
     s = sub.add_parser("storage")
     s.add_argument("cache")
     s.add_argument("--exact", help="an f32 cache of the same rows (pact-cache build --encoding f32)")
-    for q in (b, s, t, r):
+    for q in (b, s, t, r, n):
         q.add_argument("--json", help="also write the results here")
     a = p.parse_args()
     if a.cmd == "_train_child":
         return _train_child(a)
-    res = {"build": bench_build, "storage": bench_storage, "train": bench_train, "random-model": random_model}[a.cmd](a)
+    res = {"build": bench_build, "storage": bench_storage, "train": bench_train, "random-model": random_model,
+           "incremental": bench_incremental}[a.cmd](a)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
 

@@ -140,6 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--cache-id", metavar="ID", help="refuse the cache unless its content id is ID (or starts with it)")
     add_storage_option(st)
 
+    mg = sub.add_parser("merge", help="concatenate caches built alike into a new cache",
+                        description="Concatenate caches built with the same reference, tokenizer, safety tokens, encoding, max length "
+                                    "and dtype, in the order given, into a new cache (rows renumbered; values copied as stored).")
+    mg.add_argument("caches", nargs="+", metavar="CACHE", help="two or more caches (folders or URLs)")
+    mg.add_argument("-o", "--output", required=True, metavar="OUT", help="new cache (must not exist or be empty)")
+    mg.add_argument("--rows-per-part", type=positive_int, help="rows per part of OUT (default: the first cache's)")
+    mg.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_storage_option(mg)
+
+    df = sub.add_parser("diff", help="rows added, removed and changed between two caches",
+                        description="Match rows by their tokenised input; report identity fields that differ, rows added, removed "
+                                    "and changed, and the largest value difference per column.")
+    df.add_argument("a", metavar="A", help="first cache")
+    df.add_argument("b", metavar="B", help="second cache")
+    df.add_argument("--json", action="store_true", help="print JSON")
+    add_storage_option(df)
+
     c = sub.add_parser("cp", help="copy a cache between two locations (folder, s3://, gs://, hf://, ...), checking it",
                        description="Copy a cache, verifying every part's sha256 on the way; the manifest is published last. "
                                    "A stopped copy resumes; a destination holding a different cache is refused.")
@@ -249,6 +266,22 @@ def cmd_stats(a) -> int:
     return 0
 
 
+def cmd_merge(a) -> int:
+    from .combine import merge_caches
+
+    m = merge_caches(a.caches, a.output, a.rows_per_part, parse_storage_options(a.storage_option), progress=not a.no_progress)
+    print(f"{a.output}: cache {m.cache_id[:12]}: {m.counts.rows:,} rows from {len(a.caches)} caches in {len(m.parts)} part(s)")
+    return 0
+
+
+def cmd_diff(a) -> int:
+    from .combine import diff_caches, diff_json, format_diff
+
+    d = diff_caches(a.a, a.b, parse_storage_options(a.storage_option))
+    print(diff_json(d) if a.json else format_diff(d))
+    return 0
+
+
 def cmd_cp(a) -> int:
     from .copy import copy_cache
     from .storage import Location
@@ -268,7 +301,8 @@ def cmd_upgrade(a) -> int:
     return 0
 
 
-COMMANDS = {"tokens": cmd_tokens, "build": cmd_build, "info": cmd_info, "verify": cmd_verify, "cp": cmd_cp, "stats": cmd_stats, "upgrade": cmd_upgrade}
+COMMANDS = {"tokens": cmd_tokens, "build": cmd_build, "info": cmd_info, "verify": cmd_verify, "cp": cmd_cp, "stats": cmd_stats, "merge": cmd_merge,
+            "diff": cmd_diff, "upgrade": cmd_upgrade}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,67 @@
+import json
+
+import numpy as np
+import pytest
+
+from pact_cache.build import BuildConfig, build
+from pact_cache.cli import main
+from pact_cache.format import open_cache
+
+from conftest import CHAT_ROWS, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("combine")
+    tokens = root / "tokens.json"
+    tokens.write_text(json.dumps({"format": "pact-tokens/1", "ids": [3, 17, 42, 99], "weights": [1.0] * 4, "method": "test"}))
+    a = write_jsonl(root / "ds" / "a.jsonl", CHAT_ROWS[:10])
+    b = write_jsonl(root / "ds" / "b.jsonl", CHAT_ROWS[10:])
+
+    def mk(data, name, **kw):
+        return build(BuildConfig(str(data), tiny_model, str(root / name), tokens=str(tokens), rows_per_part=4, progress=False, **kw)).out
+
+    return {"root": root, "tokens": tokens, "A": mk(a, "A"), "B": mk(b, "B", batch_size=3), "AB_f32": mk(root / "ds", "AB_f32", encoding="f32"),
+            "AB": mk(root / "ds", "AB"), "model": tiny_model}
+
+
+def test_merge_is_the_cache_of_the_concatenated_datasets(parts, tmp_path, capsys):
+    out = tmp_path / "M"
+    assert main(["merge", parts["A"], parts["B"], "-o", str(out), "--rows-per-part", "5", "--no-progress"]) == 0
+    m = open_cache(out)
+    assert m.num_rows == len(CHAT_ROWS) and len(m.parts) == 5 and m.manifest.build.reused == (open_cache(parts["A"]).cache_id, open_cache(parts["B"]).cache_id)
+    # the folder of both source files, read in order, is exactly this cache's dataset
+    assert main(["verify", str(out), "--dataset", str(parts["root"] / "ds")]) == 0
+    src = list(open_cache(parts["A"]).iter_rows()) + list(open_cache(parts["B"]).iter_rows())
+    for g, s in zip(m.iter_rows(), src):
+        assert g.input_ids.tolist() == s.input_ids.tolist()
+        assert np.array_equal(g.full_logprobs, s.full_logprobs) and np.array_equal(g.target_logprob, s.target_logprob)
+    capsys.readouterr()
+    assert main(["merge", parts["A"], parts["B"], "-o", str(out)]) == 1
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_merge_refuses_caches_built_otherwise(parts, tmp_path, capsys):
+    other = tmp_path / "t.json"
+    other.write_text(json.dumps({"format": "pact-tokens/1", "ids": [3, 17], "weights": [1.0, 1.0], "method": "test"}))
+    c = build(BuildConfig(str(write_jsonl(tmp_path / "c.jsonl", CHAT_ROWS[:3])), parts["model"], str(tmp_path / "C"), tokens=str(other),
+                          progress=False)).out
+    assert main(["merge", parts["A"], c, "-o", str(tmp_path / "M")]) == 1
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("pact-cache")]
+    assert len(err) == 1 and "only caches built alike can be merged" in err[0]
+    assert not (tmp_path / "M").exists()
+
+
+def test_diff(parts, capsys):
+    assert main(["diff", parts["A"], parts["AB"], "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["rows"] == {"common": 10, "added": 13, "removed": 0, "changed": 0}
+    assert "dataset" in d["identity_differs"] and d["max_abs_diff"]["full_logprobs"] == 0
+    assert main(["diff", parts["AB"], parts["A"]]) == 0
+    assert "10 in both, 0 added in B, 13 removed from A" in capsys.readouterr().out
+    assert main(["diff", parts["AB_f32"], parts["AB"], "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["identity_differs"] == ["encoding"] and d["rows"]["common"] == len(CHAT_ROWS) and d["rows"]["changed"] > 0
+    assert 0 < d["max_abs_diff"]["full_logprobs"] < 1.0  # q8's error
+    assert main(["diff", parts["AB"], parts["AB"]]) == 0
+    assert "the same cache" in capsys.readouterr().out

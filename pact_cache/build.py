@@ -415,7 +415,9 @@ def build(cfg: BuildConfig) -> BuildResult:
     plan = [examples[i:i + cfg.rows_per_part] for i in range(0, len(examples), cfg.rows_per_part)]
     names = [f"part-{i:05d}.parquet" for i in range(len(plan))]
     have = set(loc.names())
-    present = [i for i in range(len(plan)) if names[i] in have or (loc.is_local and loc.local_path(names[i]).is_symlink())]
+    if loc.is_local:  # anything under a part's name counts (a FIFO, a link): it is proven or refused, never replaced
+        have |= {n for n in names if loc.local_path(n).exists() or loc.local_path(n).is_symlink()}
+    present = [i for i in range(len(plan)) if names[i] in have]
     _refuse_unproven(loc, names, plan, build_key, [i for i in present if i % world == rank])
     mine = [i for i in range(len(plan)) if i % world == rank and i not in present]
     if state == "resume" and rank == 0:

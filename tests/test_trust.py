@@ -689,3 +689,17 @@ def test_the_same_checks_through_fsspec_on_an_in_memory_store(made, capsys):
     fs.pipe(f"{root}/{MANIFEST}", json.dumps(m).encode())
     assert "does not match the manifest's content" in one_line(capsys, cache_main, "info", url)
     fs.rm(root, recursive=True)
+
+
+def test_build_resume_refuses_a_fifo_under_a_part_name_without_hanging(made, tmp_path, capsys):
+    from pact_cache.build import BUILD_STATE
+    from pact_cache.format import atomic_write_json
+
+    out = tmp_path / "c"
+    out.mkdir()
+    atomic_write_json(out / BUILD_STATE, {"build_key": open_cache(made["q8"]).manifest.identity.key()})
+    os.mkfifo(out / "part-00001.parquet")
+    args = ("build", made["data"], "--ref", made["model"], "--tokens", made["tokens"], "-o", out, "--rows-per-part", 8, "--no-progress", "--resume")
+    line = run_with_deadline(lambda: one_line(capsys, cache_main, *args))
+    assert "part-00001.parquet: it is not a regular file; this build will not adopt it" in line
+    assert (out / "part-00001.parquet").is_fifo() and not (out / MANIFEST).exists()

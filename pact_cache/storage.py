@@ -55,8 +55,8 @@ class Location:
             self.fs, root = fsspec.core.url_to_fs(self.url, **self.options)
         except (ValueError, ImportError, TypeError) as err:
             msg = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-            hint = (" (install the filesystem's package, e.g. pip install 'pact-cache[s3]')" if isinstance(err, ImportError)
-                    else "")
+            hint = (" (install the filesystem's package: pip install 'pact-cache[s3]' for s3://, 'pact-cache[gcs]' for gs://)"
+                    if isinstance(err, ImportError) else "")
             raise CacheError(f"{self.display}: cannot open this location: {msg}{hint}") from None
         self.root = root.rstrip("/") or "/"
 

@@ -209,3 +209,17 @@ def test_location_errors_are_one_line(capsys):
     assert len(err) == 1 and "nosuchproto://x/y: cannot open this location" in err[0]
     with pytest.raises(Exception):
         Location("nosuchproto://x")
+
+
+def test_memory_store_build_and_copy(data, tmp_path, capsys):
+    """memory:// stands for any fsspec filesystem: build into it, read, copy out."""
+    import fsspec
+
+    url = "memory://pact-remote-test/cache"
+    assert cache_main([str(a) for a in build_args(data, url)]) == 0
+    mem = fsspec.filesystem("memory")
+    assert sorted(p.rsplit("/", 1)[-1] for p in mem.ls("/pact-remote-test/cache", detail=False))[0] == MANIFEST
+    assert open_cache(url).cache_id == open_cache(data["local"]).cache_id
+    assert cache_main(["cp", url, str(tmp_path / "out"), "--no-progress"]) == 0
+    assert open_cache(tmp_path / "out").cache_id == open_cache(data["local"]).cache_id
+    mem.rm("/pact-remote-test", recursive=True)

@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print JSON (every position, quantiles, histogram, top rows)")
     st.add_argument("--plot", metavar="DIR", help="also write mass_by_position.png and step0_mass.png into DIR (never overwritten)")
     st.add_argument("--top", type=positive_int, default=20, help="rows with the highest step-0 mass to list (default 20)")
+    st.add_argument("--flag-at", type=float, default=0.9, metavar="MASS",
+                    help="count rows whose step-0 mass is above MASS as refusal-like (default 0.9)")
     st.add_argument("--cache-id", metavar="ID", help="refuse the cache unless its content id is ID (or starts with it)")
     add_storage_option(st)
 
@@ -258,7 +260,9 @@ def cmd_stats(a) -> int:
     cache = open_cache(a.cache, cache_id=a.cache_id, storage_options=parse_storage_options(a.storage_option))
     if cache.num_rows == 0:
         raise PactError(f"{a.cache}: the cache holds no rows; there is nothing to describe")
-    s = cache_stats(cache, top=a.top)
+    if not 0.0 <= a.flag_at <= 1.0:
+        raise PactError(f"--flag-at {a.flag_at}: must be a probability mass in [0, 1]")
+    s = cache_stats(cache, top=a.top, flag_at=a.flag_at)
     print(json.dumps(s.to_json(), indent=2) if a.json else format_stats(s))
     if a.plot:
         for p in plot_stats(s, Path(a.plot)):

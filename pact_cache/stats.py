@@ -19,7 +19,11 @@ import numpy as np
 from .errors import OutputExistsError
 from .format import Cache
 
-FLAG_AT = 0.5  # step-0 mass above this counts as refusal-like
+# Step-0 mass above this counts as refusal-like. Measured on the study's fine-tuning set (1,000 SST-2 rows,
+# 100 harmful; its aligned SmolLM2 reference): above 0.9, 116 rows, all 100 harmful ones among them; above
+# 0.5, 470 rows. The ranking is the robust part (the top 100 held 98 harmful rows); the level depends on
+# the reference and S, hence --flag-at.
+FLAG_AT = 0.9
 
 
 @dataclass
@@ -30,13 +34,14 @@ class Stats:
     position: dict  # lists by position: t, rows, mass_mean, mass_q25, mass_median, mass_q75, entropy_mean, post_mass_mean
     step0: dict  # quantiles, histogram, flagged count
     top: list  # rows with the highest step-0 mass: {example_id, step0_mass}
+    flag_at: float = FLAG_AT
 
     def to_json(self) -> dict:
-        return {"rows": self.rows, "steps": self.steps, "tokens": self.tokens, "flag_at": FLAG_AT,
+        return {"rows": self.rows, "steps": self.steps, "tokens": self.tokens, "flag_at": self.flag_at,
                 "position": self.position, "step0": self.step0, "top": self.top}
 
 
-def cache_stats(cache: Cache, max_positions: int = 256, top: int = 20) -> Stats:
+def cache_stats(cache: Cache, max_positions: int = 256, top: int = 20, flag_at: float = FLAG_AT) -> Stats:
     """Stream the cache once (one Arrow batch at a time) and aggregate with polars."""
     import polars as pl
 
@@ -70,9 +75,9 @@ def cache_stats(cache: Cache, max_positions: int = 256, top: int = 20) -> Stats:
     top_rows = first.sort("step0_mass", descending=True).head(top)
     return Stats(cache.num_rows, cache.num_steps, int(keep.sum()),
                  {c: by_t[c].to_list() for c in by_t.columns},
-                 {"mean": float(m0.mean()) if len(m0) else None, **quant, "flagged": int((m0 > FLAG_AT).sum()),
+                 {"mean": float(m0.mean()) if len(m0) else None, **quant, "flagged": int((m0 > flag_at).sum()),
                   "histogram": {"edges": edges.tolist(), "counts": hist.tolist()}},
-                 [{"example_id": e, "step0_mass": float(v)} for e, v in zip(top_rows["example_id"], top_rows["step0_mass"])])
+                 [{"example_id": e, "step0_mass": float(v)} for e, v in zip(top_rows["example_id"], top_rows["step0_mass"])], flag_at)
 
 
 def format_stats(s: Stats, positions: int = 12) -> str:
@@ -87,7 +92,7 @@ def format_stats(s: Stats, positions: int = 12) -> str:
     z = s.step0
     if z["mean"] is not None:
         lines += ["", f"step-0 refusal mass: mean {z['mean']:.3f}, median {z['q50']:.3f}, q90 {z['q90']:.3f}; "
-                      f"{z['flagged']} row(s) above {FLAG_AT} (refusal-like: look at them before fine-tuning)",
+                      f"{z['flagged']} row(s) above {s.flag_at} (refusal-like: look at them before fine-tuning)",
                   "highest:"]
         lines += [f"  {r['step0_mass']:.3f}  {r['example_id']}" for r in s.top[:10]]
     return "\n".join(lines)
@@ -132,12 +137,12 @@ def plot_stats(s: Stats, folder: Path) -> list[Path]:
     h = s.step0["histogram"]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     edges = np.array(h["edges"])
-    ax.bar(edges[:-1], h["counts"], width=np.diff(edges), align="edge", color=["C3" if e >= FLAG_AT else "C0" for e in edges[:-1]])
-    ax.axvline(FLAG_AT, color="k", ls=":", lw=1)
+    ax.bar(edges[:-1], h["counts"], width=np.diff(edges), align="edge", color=["C3" if e >= s.flag_at else "C0" for e in edges[:-1]])
+    ax.axvline(s.flag_at, color="k", ls=":", lw=1)
     ax.set_yscale("log")  # the few refusal-like rows stay visible beside the many others
     ax.set_xlabel("step-0 safety-token mass of the reference")
     ax.set_ylabel("rows")
-    ax.set_title(f"{s.step0['flagged']} of {s.rows} rows look like refusal prompts (mass > {FLAG_AT})")
+    ax.set_title(f"{s.step0['flagged']} of {s.rows} rows look like refusal prompts (mass > {s.flag_at})")
     fig.tight_layout()
     tmp = tmp_name(paths[1]).with_suffix(".png")
     fig.savefig(tmp, dpi=110)

@@ -38,7 +38,7 @@ def cache(tmp_path):
 
 def test_stats_equal_a_naive_computation(cache):
     out, rows = cache
-    s = cache_stats(open_cache(out), top=3)
+    s = cache_stats(open_cache(out), top=3, flag_at=0.5)
     assert [r["example_id"] for r in s.top] == ["00000006-x", "00000001-x", "00000003-x"]
     assert s.top[0]["step0_mass"] == pytest.approx(0.95, rel=1e-5)
     assert s.step0["flagged"] == 3 and s.tokens == 2
@@ -57,8 +57,10 @@ def test_stats_cli_json_and_plots(cache, tmp_path, capsys):
     out, _ = cache
     assert main(["stats", str(out), "--json"]) == 0
     js = json.loads(capsys.readouterr().out)
-    assert js["step0"]["flagged"] == 3 and sum(js["step0"]["histogram"]["counts"]) == 7
-    assert main(["stats", str(out), "--plot", str(tmp_path / "plots")]) == 0
+    assert js["step0"]["flagged"] == 1 and js["flag_at"] == 0.9 and sum(js["step0"]["histogram"]["counts"]) == 7
+    assert main(["stats", str(out), "--flag-at", "nan"]) == 1
+    assert "--flag-at nan: must be a probability mass" in capsys.readouterr().err
+    assert main(["stats", str(out), "--plot", str(tmp_path / "plots"), "--flag-at", "0.5"]) == 0
     text = capsys.readouterr().out
     assert "3 row(s) above 0.5" in text and "00000006-x" in text
     pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())

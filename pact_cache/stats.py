@@ -41,13 +41,29 @@ class Stats:
                 "position": self.position, "step0": self.step0, "top": self.top}
 
 
+BINS = 1000  # masses are histogrammed at 0.001 for quantiles, so memory does not grow with the cache
+
+
+def _quantile(hist: np.ndarray, q: float) -> float | None:
+    """The q-quantile of values in [0, 1] from their histogram of BINS bins (bin centres, 0.001 apart)."""
+    n = hist.sum()
+    if n == 0:
+        return None
+    return float((np.searchsorted(np.cumsum(hist), q * n) + 0.5) / len(hist))
+
+
 def cache_stats(cache: Cache, max_positions: int = 256, top: int = 20, flag_at: float = FLAG_AT) -> Stats:
-    """Stream the cache once (one Arrow batch at a time) and aggregate with polars."""
+    """Stream the cache once, one Arrow batch at a time, aggregating with polars into running sums and
+    histograms: memory is one batch plus ``max_positions x BINS`` counts and the ``top`` rows."""
     import polars as pl
 
     keep = np.array([w > 0 for w in cache.tokens.weights])
-    per_pos: list[pl.DataFrame] = []
-    step0: list[pl.DataFrame] = []
+    P = max_positions
+    count, mass_sum, ent_sum, post_sum = np.zeros(P), np.zeros(P), np.zeros(P), np.zeros(P)
+    hist = np.zeros((P, BINS), dtype=np.int64)
+    hist0 = np.zeros(BINS, dtype=np.int64)
+    flagged, sum0 = 0, 0.0
+    best = pl.DataFrame(schema={"example_id": pl.String, "step0_mass": pl.Float64})
     for batch in cache.iter_arrow_batches():
         df = pl.from_arrow(batch).select("example_id", "full_logprobs", "post_logprobs")
         long = df.with_row_index("row").explode(["full_logprobs", "post_logprobs"]).with_columns(
@@ -58,26 +74,36 @@ def cache_stats(cache: Cache, max_positions: int = 256, top: int = 20, flag_at: 
         mass = p.sum(axis=1)
         q = p / np.maximum(mass[:, None], 1e-300)
         entropy = -(q * np.log(np.maximum(q, 1e-300))).sum(axis=1)
-        long = long.select("row", "example_id", "t").with_columns(
-            pl.Series("mass", mass), pl.Series("entropy", entropy), pl.Series("post_mass", np.exp(post).sum(axis=1)))
-        per_pos.append(long.filter(pl.col("t") < max_positions).select("t", "mass", "entropy", "post_mass"))
-        step0.append(long.filter(pl.col("t") == 0).select("example_id", pl.col("mass").alias("step0_mass")))
-    steps = pl.concat(per_pos) if per_pos else pl.DataFrame(schema={"t": pl.Int64, "mass": pl.Float64, "entropy": pl.Float64, "post_mass": pl.Float64})
-    by_t = (steps.group_by("t").agg(pl.len().alias("rows"), pl.col("mass").mean().alias("mass_mean"),
-                                    pl.col("mass").quantile(0.25).alias("mass_q25"), pl.col("mass").median().alias("mass_median"),
-                                    pl.col("mass").quantile(0.75).alias("mass_q75"), pl.col("entropy").mean().alias("entropy_mean"),
-                                    pl.col("post_mass").mean().alias("post_mass_mean"))
-            .sort("t"))
-    first = pl.concat(step0) if step0 else pl.DataFrame(schema={"example_id": pl.String, "step0_mass": pl.Float64})
-    m0 = first["step0_mass"].to_numpy()
-    hist, edges = np.histogram(m0, bins=20, range=(0.0, 1.0))
-    quant = {f"q{int(q * 100)}": float(np.quantile(m0, q)) if len(m0) else None for q in (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)}
-    top_rows = first.sort("step0_mass", descending=True).head(top)
-    return Stats(cache.num_rows, cache.num_steps, int(keep.sum()),
-                 {c: by_t[c].to_list() for c in by_t.columns},
-                 {"mean": float(m0.mean()) if len(m0) else None, **quant, "flagged": int((m0 > flag_at).sum()),
-                  "histogram": {"edges": edges.tolist(), "counts": hist.tolist()}},
-                 [{"example_id": e, "step0_mass": float(v)} for e, v in zip(top_rows["example_id"], top_rows["step0_mass"])], flag_at)
+        long = long.select("example_id", "t").with_columns(
+            pl.Series("mass", mass), pl.Series("entropy", entropy), pl.Series("post_mass", np.exp(post).sum(axis=1)),
+            pl.Series("bin", np.clip((mass * BINS).astype(np.int64), 0, BINS - 1)))
+        early = long.filter(pl.col("t") < P)
+        agg = early.group_by("t").agg(pl.len().alias("n"), pl.col("mass").sum(), pl.col("entropy").sum(), pl.col("post_mass").sum())
+        t = agg["t"].to_numpy()
+        count[t] += agg["n"].to_numpy()
+        mass_sum[t] += agg["mass"].to_numpy()
+        ent_sum[t] += agg["entropy"].to_numpy()
+        post_sum[t] += agg["post_mass"].to_numpy()
+        np.add.at(hist, (early["t"].to_numpy(), early["bin"].to_numpy()), 1)
+        first = long.filter(pl.col("t") == 0)
+        hist0 += np.bincount(first["bin"].to_numpy(), minlength=BINS)
+        flagged += int((first["mass"] > flag_at).sum())
+        sum0 += float(first["mass"].sum())
+        best = pl.concat([best, first.select("example_id", pl.col("mass").alias("step0_mass"))]).sort(
+            "step0_mass", descending=True, maintain_order=True).head(top)
+    reached = np.nonzero(count)[0]
+    position = {"t": reached.tolist(), "rows": count[reached].astype(int).tolist(),
+                "mass_mean": (mass_sum[reached] / count[reached]).tolist(),
+                "mass_q25": [_quantile(hist[i], 0.25) for i in reached], "mass_median": [_quantile(hist[i], 0.5) for i in reached],
+                "mass_q75": [_quantile(hist[i], 0.75) for i in reached],
+                "entropy_mean": (ent_sum[reached] / count[reached]).tolist(), "post_mass_mean": (post_sum[reached] / count[reached]).tolist()}
+    n0 = int(hist0.sum())
+    coarse = hist0.reshape(20, BINS // 20).sum(axis=1)
+    quant = {f"q{int(q * 100)}": _quantile(hist0, q) for q in (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)}
+    return Stats(cache.num_rows, cache.num_steps, int(keep.sum()), position,
+                 {"mean": sum0 / n0 if n0 else None, **quant, "flagged": flagged,
+                  "histogram": {"edges": np.linspace(0, 1, 21).tolist(), "counts": coarse.tolist()}},
+                 [{"example_id": e, "step0_mass": float(v)} for e, v in zip(best["example_id"], best["step0_mass"])], flag_at)
 
 
 def format_stats(s: Stats, positions: int = 12) -> str:

@@ -1,8 +1,8 @@
 """``pact-cache cp SRC DST``: copy a cache between any two locations, checking it on the way.
 
 The source is opened with every check of the format (content id, and ``--cache-id`` if pinned).
-Each part is streamed (8 MiB at a time, never whole in memory) into a finished local file or
-straight into an upload, hashed as it goes, and published only when its sha256 equals the
+Each part is streamed (8 MiB at a time, never whole in memory) into a local scratch file, hashed
+as it goes, and published (moved into a folder, or uploaded whole) only when its sha256 equals the
 manifest's. The manifest is published last, so the destination holds the whole cache or no cache.
 A copy that was stopped resumes: parts already at the destination with the manifest's size and
 sha256 are kept. A destination that holds a different cache, or anything that is not this cache

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trainer.losses import PactParams, pact_gate, pact_kl, response_ce, top_p_count
+from trainer.losses import PactParams, chunked_ce_and_selected, pact_gate, pact_kl, top_p_count
 
 
 def naive_pact_kl(z, a, b, w, lens, p: PactParams):
@@ -88,11 +88,40 @@ def test_kl_is_zero_when_policy_equals_target_and_uniform_weights():
     assert abs(s.item()) < 1e-5 and n.item() == 6
 
 
-def test_response_ce_matches_naive():
-    g = torch.Generator().manual_seed(2)
-    logits = torch.randn(9, 11, generator=g)
-    targets = torch.randint(0, 11, (9,), generator=g)
-    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 0, 1], dtype=torch.bool)
-    s, n = response_ce(logits, targets, mask)
-    want = sum(-torch.log_softmax(logits[i], -1)[targets[i]].item() for i in range(9) if mask[i])
-    assert n.item() == 6 and s.item() == pytest.approx(want, rel=1e-5)
+def naive_response_ce(logits, targets):
+    """One position at a time, full log-softmax."""
+    return sum(-torch.log_softmax(logits[i].double(), -1)[targets[i]] for i in range(len(targets)))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 10, 64])
+def test_chunked_ce_and_selected_equal_the_unchunked_values_and_gradients(chunk):
+    """The production path (chunks of positions, checkpointed) against one plain pass, across chunk
+    boundaries (N = 10 is not a multiple of 3 or 4): the CE sum, the logits of S, and the gradients of
+    both with respect to the hidden states and the head's weights."""
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 10, 6, 13
+    ids = torch.tensor([2, 7, 11])
+    targets = torch.randint(0, V, (N,), generator=g)
+    head = torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+    h = torch.randn(N, H, generator=g, requires_grad=True)
+    w_sel = torch.randn(N, 3, generator=g)  # a downstream use of the logits of S, so they carry gradient too
+
+    ce, sel = chunked_ce_and_selected(head, h, targets, ids, chunk)
+    (ce + (sel * w_sel).sum()).backward()
+    got = (ce.item(), sel.detach().clone(), h.grad.clone(), head.weight.grad.clone())
+
+    h.grad, head.weight.grad = None, None
+    logits = head(h).float()
+    want_ce = naive_response_ce(logits, targets)
+    (want_ce + (logits[:, ids] * w_sel).sum()).backward()
+    assert got[0] == pytest.approx(want_ce.item(), rel=1e-6)
+    assert torch.allclose(got[1], logits[:, ids].detach(), atol=1e-6)
+    assert torch.allclose(got[2], h.grad, atol=1e-5) and torch.allclose(got[3], head.weight.grad, atol=1e-5)
+
+
+def test_chunked_ce_of_no_positions_is_zero():
+    head = torch.nn.Linear(4, 9, bias=False)
+    ce, sel = chunked_ce_and_selected(head, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.tensor([1, 2]), 3)
+    assert ce.item() == 0 and sel.shape == (0, 2)

@@ -15,15 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from pact_cache.errors import PactError
 from pact_cache.format import Cache, atomic_write_bytes, atomic_write_json, open_cache, stale_tmp, tmp_name
 from pact_cache.manifest import load_json
 
 from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, replace_dir, save_checkpoint
-from .losses import PactParams, pact_kl
+from .losses import LossParams, PactParams, chunked_ce_and_selected, pact_kl
 from .stream import Batch, batches, collate
 
 
@@ -81,6 +79,9 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     plot: bool = True
+
+    def loss_params(self) -> LossParams:
+        return LossParams(method=self.method, lam=self.lam, pact=self.pact, logits_chunk=self.logits_chunk)
 
     # settings that may differ between a run and its resumption; the cache is compared by its id,
     # not by the path typed, so a run resumes from another folder or working directory
@@ -237,15 +238,8 @@ def causal_lm(model):
 
 # ----------------------------------------------------------------------------- the loss
 
-def _chunk_ce_and_sel(head, h, targets, ids):
-    """Cross-entropy sum and safety-token logits for a chunk of positions: h (n, H) -> (scalar, (n, K))."""
-    logits = head(h).float()  # (n, V): lives only inside this chunk; recomputed in backward
-    # index_select rather than logits[:, ids]: same values, fewer CUDA kernels in backward
-    return F.cross_entropy(logits, targets, reduction="sum"), logits.index_select(1, ids)
-
-
-def policy_losses(model, batch: Batch, ids: torch.Tensor, weights: torch.Tensor, cfg: TrainConfig, ref_full=None, ref_post=None):
-    """Returns ``(ce_sum, kl_sum, n_steps)`` for one micro-batch.
+def policy_losses(model, batch: Batch, ids: torch.Tensor, weights: torch.Tensor, params: LossParams, ref_full=None, ref_post=None):
+    """Returns ``(ce_sum, kl_sum, n_steps)`` for one micro-batch (sums: the caller divides them once).
 
     One backbone pass (B, L, H); then, over the N response positions in chunks of
     ``logits_chunk``, the vocabulary projection gives the cross-entropy and the K safety-token
@@ -259,22 +253,15 @@ def policy_losses(model, batch: Batch, ids: torch.Tensor, weights: torch.Tensor,
     pos = batch.response_start[bidx] - 1 + tidx
     h = hidden[bidx, pos]  # (N, H)
     targets = batch.targets[bidx, tidx]
-    head = lm.get_output_embeddings()
-    ce_sum = h.new_zeros((), dtype=torch.float32)
-    sels = []
-    for c0 in range(0, h.shape[0], cfg.logits_chunk):
-        sl = slice(c0, c0 + cfg.logits_chunk)
-        ce_c, sel_c = activation_checkpoint(_chunk_ce_and_sel, head, h[sl], targets[sl], ids, use_reentrant=False)
-        ce_sum = ce_sum + ce_c
-        sels.append(sel_c)
+    ce_sum, sel = chunked_ce_and_selected(lm.get_output_embeddings(), h, targets, ids, params.logits_chunk)
     n = batch.step_mask.sum()
-    if cfg.method == "sft" or cfg.lam == 0:
+    if params.method == "sft" or params.lam == 0:
         return ce_sum, ce_sum.new_zeros(()), n
     z = h.new_zeros((B, T, len(ids)), dtype=torch.float32)
-    z = z.index_put((bidx, tidx), torch.cat(sels))
+    z = z.index_put((bidx, tidx), sel)
     full = batch.full if ref_full is None else ref_full
     post = batch.post if ref_post is None else ref_post
-    kl_sum, _ = pact_kl(z, full, post, weights, batch.step_mask, cfg.pact)
+    kl_sum, _ = pact_kl(z, full, post, weights, batch.step_mask, params.pact)
     return ce_sum, kl_sum, n
 
 
@@ -345,6 +332,7 @@ def train(cfg: TrainConfig) -> dict:
         ref, _, _ = load_model(resolve_model(cfg.ref_model or cfg.model), torch.bfloat16 if device.startswith("cuda") else torch.float32, device)
         ref.requires_grad_(False)
         header = assistant_header_ids(tok)
+    loss_params = cfg.loss_params()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(cache.num_rows / (cfg.batch_size * cfg.grad_accum))
@@ -402,7 +390,7 @@ def train(cfg: TrainConfig) -> dict:
             if ref is not None:
                 ref_full, ref_post = online_reference(ref, batch, header, ids)
             with autocast:
-                ce_sum, kl_sum, _ = policy_losses(model, batch, ids, weights, cfg, ref_full, ref_post)
+                ce_sum, kl_sum, _ = policy_losses(model, batch, ids, weights, loss_params, ref_full, ref_post)
             ce_v, kl_v = ce_sum.item(), kl_sum.item()
             if not (math.isfinite(ce_v) and math.isfinite(kl_v)):
                 bar.close()

@@ -84,12 +84,41 @@ def pact_kl(policy: torch.Tensor, full: torch.Tensor, post: torch.Tensor, weight
     return (kl * m).sum(), m.sum()
 
 
-def response_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of the response tokens, summed over valid steps.
+@dataclass(frozen=True)
+class LossParams:
+    """What the loss core needs from a run, and nothing else (pact-train and other trainers build it)."""
 
-    logits: (N, V) logits at response positions (any dtype; computed in float32)
-    targets: (N,) token ids; mask: (N,) bool. Returns ``(sum of -log p(target), count)``.
+    method: str = "pact"  # pact | sft
+    lam: float = 1.0  # weight of the method's term against the cross-entropy
+    pact: PactParams = PactParams()
+    logits_chunk: int = 1024  # response positions per (positions, vocab) block of logits
+
+
+def _chunk_ce_and_selected(head, h, targets, ids):
+    logits = head(h).float()  # (n, V): lives only inside this chunk; recomputed in backward
+    # index_select rather than logits[:, ids]: same values, fewer CUDA kernels in backward
+    return F.cross_entropy(logits, targets, reduction="sum"), logits.index_select(1, ids)
+
+
+def chunked_ce_and_selected(head, h: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor,
+                            chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the response tokens and the policy's logits on S, a chunk at a time.
+
+    head:    the output projection (H -> V), a module
+    h:       (N, H) hidden states at the N response positions
+    targets: (N,) the response tokens; ids: (K,) the safety tokens
+    Returns ``(sum over N of -log p(target), float32; (N, K) float32 logits of S)``. Each chunk of
+    ``chunk`` positions is activation-checkpointed, so at most one ``(chunk, V)`` float32 block of
+    logits exists at a time, in forward and in backward; the sums are over all chunks, divided by
+    the caller once (by the token count of the accumulation window).
     """
-    ce = F.cross_entropy(logits.float(), targets, reduction="none")
-    m = mask.to(ce.dtype)
-    return (ce * m).sum(), m.sum()
+    from torch.utils.checkpoint import checkpoint
+
+    ce_sum = h.new_zeros((), dtype=torch.float32)
+    sels = []
+    for c0 in range(0, h.shape[0], chunk):
+        ce_c, sel_c = checkpoint(_chunk_ce_and_selected, head, h[c0:c0 + chunk], targets[c0:c0 + chunk], ids, use_reentrant=False)
+        ce_sum = ce_sum + ce_c
+        sels.append(sel_c)
+    sel = torch.cat(sels) if sels else h.new_zeros((0, ids.numel()), dtype=torch.float32)
+    return ce_sum, sel

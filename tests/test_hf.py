@@ -1,0 +1,89 @@
+"""The Hugging Face Trainer path computes what pact-train computes: same loss core, same
+normalisation (token-weighted over the accumulation window)."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pact_cache.build import BuildConfig, build
+from pact_cache.format import open_cache
+from trainer.hf import CacheDataset, PactCollator, make_trainer_class
+from trainer.loop import TrainConfig, load_policy, policy_losses, train
+from trainer.losses import LossParams
+from trainer.stream import collate
+
+from conftest import CHAT_ROWS, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    tokens = root / "tokens.json"
+    tokens.write_text(json.dumps({"format": "pact-tokens/1", "ids": [3, 17, 42, 99, 150], "weights": [0.5, 0.1, -0.2, 0.7, 0.3],
+                                  "method": "test"}))
+    return build(BuildConfig(str(write_jsonl(root / "d.jsonl", CHAT_ROWS)), tiny_model, str(root / "c"), tokens=str(tokens),
+                             encoding="f32", progress=False)).out
+
+
+def trainer_for(model, cache, tmp_path, params, **args):
+    from transformers import Trainer, TrainingArguments
+
+    targs = TrainingArguments(output_dir=str(tmp_path / "hf"), remove_unused_columns=False, report_to=[], use_cpu=True,
+                              save_strategy="no", **args)
+    return make_trainer_class(Trainer)(model=model, args=targs, cache=open_cache(cache), loss_params=params)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_trainer_loss_and_gradients_equal_pact_train(tiny_model, cache, tmp_path, full):
+    c = open_cache(cache)
+    rows = list(c.iter_rows())[:5]
+    cfg = TrainConfig(model=tiny_model, cache=str(cache), out="", full=full, lora_dropout=0.0, lam=0.7)
+    torch.manual_seed(0)
+    model_a, tok, _ = load_policy(cfg, "cpu")
+    model_b = copy.deepcopy(model_a)
+    params = cfg.loss_params()
+    # pact-train's path
+    batch = collate(rows, tok.pad_token_id)
+    ce, kl, n = policy_losses(model_a, batch, torch.tensor(c.ids), torch.tensor(c.tokens.weights), params)
+    loss_a = (ce + params.lam * kl) / n
+    loss_a.backward()
+    # the Trainer's path, with the count the Trainer makes from the labels (shifted, != -100)
+    inputs = PactCollator(tok.pad_token_id)([{"row": r} for r in rows])
+    n_items = inputs["labels"][..., 1:].ne(-100).sum()
+    assert n_items == n
+    loss_b = trainer_for(model_b, cache, tmp_path, params).compute_loss(model_b, dict(inputs), num_items_in_batch=n_items)
+    loss_b.backward()
+    assert kl.item() > 0 and loss_b.item() == pytest.approx(loss_a.item(), rel=1e-6)
+    grads_a = {k: p.grad for k, p in model_a.named_parameters() if p.requires_grad}
+    grads_b = {k: p.grad for k, p in model_b.named_parameters() if p.requires_grad}
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for k in grads_a:
+        assert torch.allclose(grads_a[k], grads_b[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_a_short_trainer_run_logs_pact_trains_first_loss(tiny_model, cache, tmp_path):
+    """Same rows in the same order, batch 4 x 2 accumulation: the first logged loss (before any
+    update) is pact-train's first step's loss; the run goes on without error."""
+    params = LossParams(lam=1.0)
+    train(TrainConfig(model=tiny_model, cache=str(cache), out=str(tmp_path / "pt"), batch_size=4, grad_accum=2, max_steps=1,
+                      shuffle=False, progress=False, plot=False, lora_dropout=0.0))
+    want = json.loads((tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    torch.manual_seed(0)
+    model, tok, _ = load_policy(TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0), "cpu")
+    trainer = trainer_for(model, cache, tmp_path, params, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                          max_steps=3, logging_steps=1, learning_rate=1e-3, lr_scheduler_type="constant")
+    trainer.train_dataset = CacheDataset(open_cache(cache))
+    trainer.data_collator = PactCollator(tok.pad_token_id)
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 3 and logged[0] == pytest.approx(want, rel=1e-4)
+
+
+def test_dataset_shards_by_worker_without_overlap(cache):
+    ds = CacheDataset(open_cache(cache))
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, collate_fn=lambda x: x)
+    ids = [item["row"].example_id for item in loader]
+    assert sorted(ids) == sorted(r.example_id for r in open_cache(cache).iter_rows()) and len(set(ids)) == len(ids)

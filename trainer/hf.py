@@ -1,0 +1,126 @@
+"""Train from a pact-cache in Hugging Face ``Trainer`` (and trainers built on it, such as TRL's).
+
+Three pieces, each usable alone:
+
+* :class:`CacheDataset`, a torch ``IterableDataset`` over a cache (any location), sharded by
+  distributed rank and by dataloader worker, in cache order or through the seeded shuffle buffer
+  that pact-train uses (``set_epoch`` changes the order per epoch);
+* :class:`PactCollator`, which pads a list of rows and carries the cached reference targets as
+  tensors (keys ``pact_*``) beside ``input_ids``, ``attention_mask`` and ``labels`` (-100 except at
+  response tokens, so that ``num_items_in_batch`` counts response tokens);
+* :class:`PactTrainerMixin`, whose ``compute_loss`` pops the ``pact_*`` tensors before the model
+  sees the inputs and computes the loss with the same core as pact-train
+  (:func:`trainer.loop.policy_losses`): ``(CE sum + lambda * method term sum) / num_items_in_batch``,
+  i.e. token-weighted over the whole accumulation window (and over all processes when
+  ``average_tokens_across_devices``), as pact-train's loop is. :class:`PactTrainer` is the mixin on
+  ``transformers.Trainer``; put the mixin first on any other ``Trainer`` subclass.
+
+What to set: ``TrainingArguments(remove_unused_columns=False)`` (the ``pact_*`` columns must reach
+``compute_loss``), the collator above (or one that produces the same keys), and nothing for label
+masking (the collator masks prompts and padding). The safety-token ids and weights come from the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pact_cache.format import Cache, CacheRow, open_cache
+
+from .losses import LossParams, PactParams
+from .stream import Batch, collate, epoch_rows
+
+KEYS = ("pact_response_start", "pact_step_mask", "pact_targets", "pact_full", "pact_post")
+
+
+class CacheDataset(IterableDataset):
+    """Rows of a cache as dicts of numpy arrays, each process and worker taking every n-th row."""
+
+    def __init__(self, cache: Cache | str, shuffle: bool = False, seed: int = 0, buffer_rows: int = 1024,
+                 storage_options: dict | None = None, cache_id: str | None = None):
+        self.cache = cache if isinstance(cache, Cache) else open_cache(cache, cache_id=cache_id, storage_options=storage_options)
+        self.shuffle, self.seed, self.buffer_rows, self.epoch = shuffle, seed, buffer_rows, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:  # rows of this process (the Trainer uses it to count steps)
+        rank, world = _rank_world()
+        return len(range(rank, self.cache.num_rows, world))
+
+    def __iter__(self):
+        rank, world = _rank_world()
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        shard, shards = rank * nw + wid, world * nw
+        for i, row in enumerate(epoch_rows(self.cache, self.epoch, self.seed, self.shuffle, self.buffer_rows)):
+            if i % shards == shard:
+                yield {"row": row}
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class PactCollator:
+    """Pads rows (``{"row": CacheRow}`` items, or CacheRows) into the model's inputs plus ``pact_*`` targets."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1):
+        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
+
+    def __call__(self, items) -> dict:
+        rows: list[CacheRow] = [it["row"] if isinstance(it, dict) else it for it in items]
+        b = collate(rows, self.pad_token_id, self.pad_to_multiple_of)
+        labels = torch.full_like(b.input_ids, -100)
+        for i, r in enumerate(rows):
+            labels[i, r.response_start: len(r.input_ids)] = b.input_ids[i, r.response_start: len(r.input_ids)]
+        return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": labels,
+                "pact_response_start": b.response_start, "pact_step_mask": b.step_mask, "pact_targets": b.targets,
+                "pact_full": b.full, "pact_post": b.post}
+
+
+class PactTrainerMixin:
+    """``compute_loss`` for cached reference targets. Pass ``cache`` (for the safety tokens) and
+    ``loss_params`` (method, lambda, PACT parameters, logits chunk) to the constructor."""
+
+    def __init__(self, *args, cache: Cache, loss_params: LossParams | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pact_ids = torch.tensor(cache.ids)
+        self.pact_weights = torch.tensor(cache.tokens.weights, dtype=torch.float32)
+        self.pact_params = loss_params or LossParams(pact=PactParams())
+        self.model_accepts_loss_kwargs = True  # so that the Trainer counts num_items_in_batch from the labels
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from .loop import policy_losses
+
+        targets = {k: inputs.pop(k) for k in KEYS}  # popped before the model could see them
+        inputs.pop("labels", None)
+        batch = Batch(inputs["input_ids"], inputs["attention_mask"], targets["pact_response_start"], targets["pact_step_mask"],
+                      targets["pact_targets"], targets["pact_full"], targets["pact_post"], [])
+        device = batch.input_ids.device
+        ce_sum, kl_sum, n = policy_losses(model, batch, self.pact_ids.to(device), self.pact_weights.to(device), self.pact_params)
+        total = ce_sum + self.pact_params.lam * kl_sum
+        if num_items_in_batch is not None:
+            loss = total / num_items_in_batch
+            if getattr(self.args, "average_tokens_across_devices", False) and self.args.world_size > 1:
+                loss = loss * self.args.world_size  # DDP averages gradients over processes; the count is global
+            self.loss_is_scaled_for_ga = True
+        else:
+            loss = total / n.clamp_min(1)
+            self.loss_is_scaled_for_ga = False
+        return (loss, {"ce_sum": ce_sum.detach(), "kl_sum": kl_sum.detach()}) if return_outputs else loss
+
+
+def make_trainer_class(base):
+    """``PactTrainerMixin`` on any Trainer class (``transformers.Trainer``, TRL's ``SFTTrainer``, ...)."""
+    return type(f"Pact{base.__name__}", (PactTrainerMixin, base), {})
+
+
+def __getattr__(name):  # PactTrainer without importing transformers at module import time
+    if name == "PactTrainer":
+        from transformers import Trainer
+
+        return make_trainer_class(Trainer)
+    raise AttributeError(name)

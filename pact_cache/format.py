@@ -104,13 +104,16 @@ import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from .errors import CacheError
 from .manifest import (ENCODINGS, FORMAT, MANIFEST_MAX_BYTES, Encoding, Manifest, PartEntry, check_pin,  # noqa: F401
                        load_json)
+
+if TYPE_CHECKING:
+    from .storage import Location
 
 MANIFEST = "manifest.json"
 ZSTD_LEVEL = 19  # build time is dominated by the model; level 19 buys ~10% over the default

@@ -1,11 +1,10 @@
-import json
 import math
 
 import numpy as np
 import pytest
 
 from pact_cache.errors import CacheError
-from pact_cache.format import (ENCODINGS, MANIFEST, RowResult, decode_target, decode_view, encode_target, encode_view,
+from pact_cache.format import (ENCODINGS, RowResult, decode_target, decode_view, encode_target, encode_view,
                                open_cache, q8_bound, write_part)
 from pact_cache.manifest import hash_identity
 

@@ -10,7 +10,7 @@ from pact_cache.build import BuildConfig, build
 from pact_cache.cli import main
 from pact_cache.format import MANIFEST, open_cache
 
-from conftest import CHAT_ROWS, write_jsonl
+from conftest import write_jsonl
 
 
 def chat(i, answer):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pact_cache.build import BuildConfig, build
-from pact_cache.format import MANIFEST, atomic_write_json
+from pact_cache.format import MANIFEST
 from trainer.cli import main as train_main
 from trainer.loop import TrainConfig, train
 

@@ -109,8 +109,8 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from .errors import CacheError
-from .manifest import (ENCODINGS, FORMAT, MANIFEST_MAX_BYTES, Encoding, Manifest, PartEntry, check_pin,  # noqa: F401
-                       load_json)
+from .manifest import ENCODINGS  # noqa: F401  (re-exported: the encodings are part of the format)
+from .manifest import MANIFEST_MAX_BYTES, Encoding, Manifest, PartEntry, check_pin, load_json
 
 if TYPE_CHECKING:
     from .storage import Location

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .data import RawRow, chat_ids, iter_rows, to_messages
 from .errors import TokensError
-from .manifest import MANIFEST_MAX_BYTES, TOKENS_FORMAT, SafetyTokens, load_json  # noqa: F401
+from .manifest import MANIFEST_MAX_BYTES, SafetyTokens, load_json
 
 
 def builtin_refusals_path() -> Path:

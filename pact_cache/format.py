@@ -20,14 +20,15 @@ Manifest (``manifest.json``, a JSON object; parsed by :class:`pact_cache.manifes
   ``\\``, no leading ``.``, ending in ``.parquet``, listed once), ``rows``, ``steps``, ``bytes``,
   ``sha256`` (of the file) and ``rows_sha256`` (of its rows, below).
 * ``cache_id`` MUST equal the **content id**: sha256 over the sorted, type-tagged JSON of the
-  identity (the format, the reference's weight-file digests, the tokenizer fingerprint and vocabulary
-  size, the tokens' ids, weights, strings and method, the dataset fingerprint, the build parameters including
-  ``build.algorithm``, the version of the code that computed the values, and the encoding), the
-  counts and every part entry. A reader recomputes it on open and refuses a mismatch, so an edited
-  manifest or a swapped part no longer carries its old id. Provenance (model name and path,
-  revision, dataset path, tool version) is not part of the id: the same cache built elsewhere has
-  the same id. A user MAY pin an id (``--cache-id``, a prefix of at least 8 characters): the reader
-  then refuses any other cache, however consistent it is.
+  identity (the format, the reference's weight-file digests, the tokenizer fingerprint and
+  vocabulary size, the tokens' ids, weights, strings and method, the dataset fingerprint, the
+  build parameters including ``build.algorithm``, the version of the code that computed the
+  values, and the encoding), the counts (but ``skipped_rows``, which names source files) and every
+  part entry. A reader recomputes it on open and refuses a mismatch, so an edited manifest or a
+  swapped part no longer carries its old id. Provenance (model name and path, revision, dataset
+  path, where skipped rows were, tool version) is not part of the id: the same cache built
+  elsewhere has the same id. A user MAY pin an id (``--cache-id``, a prefix of at least 8
+  characters): the reader then refuses any other cache, however consistent it is.
 
 Parts (Parquet, zstd). One row per example:
 

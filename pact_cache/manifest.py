@@ -428,8 +428,9 @@ class Manifest:
     def content_id(self) -> str:
         """The cache id: identity (weights, tokenizer, tokens, dataset, build parameters, algorithm,
         encoding) plus counts and every part's name, sizes, sha256 and rows digest. Provenance
-        (model name and path, dataset path, tool version) is not part of it."""
-        return hash_identity("pact-cache/cache-id", {"identity": self.identity.to_json(), "counts": self.counts.to_json(),
+        (model name and path, dataset path, the locations of skipped rows, tool version) is not part of it."""
+        counts = {k: v for k, v in self.counts.to_json().items() if k != "skipped_rows"}  # those name source paths
+        return hash_identity("pact-cache/cache-id", {"identity": self.identity.to_json(), "counts": counts,
                                                      "parts": [p.to_json() for p in self.parts]})
 
     def with_content_id(self) -> "Manifest":

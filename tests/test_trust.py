@@ -703,3 +703,18 @@ def test_build_resume_refuses_a_fifo_under_a_part_name_without_hanging(made, tmp
     line = run_with_deadline(lambda: one_line(capsys, cache_main, *args))
     assert "part-00001.parquet: it is not a regular file; this build will not adopt it" in line
     assert (out / "part-00001.parquet").is_fifo() and not (out / MANIFEST).exists()
+
+
+def test_the_same_cache_built_from_another_folder_has_the_same_id(made, tmp_path):
+    """Provenance is not identity: the dataset in another folder (with a skipped row, whose location
+    the manifest records) gives the same cache id."""
+    rows = [json.loads(x) for x in made["data"].read_text().splitlines()]
+    rows.insert(3, {"prompt": "word " * 400, "completion": "x"})  # skipped: the prompt does not fit
+    ids = []
+    for where in ("a", "b/c"):
+        data = write_jsonl(tmp_path / where / "train.jsonl", rows)
+        res = build(BuildConfig(str(data), made["model"], str(tmp_path / where / "cache"), tokens=str(made["tokens"]),
+                                max_length=64, rows_per_part=8, progress=False))
+        assert res.manifest.counts.skipped == {"prompt_too_long": 1}
+        ids.append(res.cache_id)
+    assert ids[0] == ids[1]

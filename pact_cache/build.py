@@ -10,7 +10,6 @@ RANK/WORLD_SIZE); whoever sees every part present writes the manifest.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -22,8 +21,8 @@ from pathlib import Path
 from . import __version__
 from .data import Example, assistant_header_ids, dataset_fingerprint, scan_dataset, tokenize_dataset
 from .errors import CacheError, DatasetError, OutputExistsError, PactError
-from .format import (BUILD_KEY_META, MANIFEST, Cache, CacheRow, RowResult, check_regular_file, open_cache, read_manifest,
-                     rows_digest, stale_tmp, write_part)
+from .format import (BUILD_KEY_META, MANIFEST, Cache, CacheRow, RowResult, check_regular_file, is_tmp_name, json_bytes,
+                     open_cache, read_manifest, rows_digest, sha256_stream, stale_tmp, write_part)
 from .manifest import (ALGORITHM, ENCODINGS, FORMAT, BuildParams, Counts, DatasetInfo, Identity, Manifest, PartEntry,
                        Reference, Tokenizer, load_json)
 from .storage import Location
@@ -142,7 +141,7 @@ def compute_rows(model, examples: list[Example], ids, header: list[int], batch_s
 
 # ----------------------------------------------------------------------------- reuse
 
-def _row_key(input_ids, response_start: int) -> bytes:
+def row_key(input_ids, response_start: int) -> bytes:
     """What makes two rows' reference values the same computation: the tokens and the response start."""
     import numpy as np
 
@@ -169,7 +168,7 @@ class Reuse:
                 with cache.fs.open(cache.part_path(part), "rb") as f:
                     t = pq.ParquetFile(f).read(columns=["input_ids", "response_start"])
                 for r, (ids, rs) in enumerate(zip(t.column("input_ids").to_pylist(), t.column("response_start").to_pylist())):
-                    self.index.setdefault(_row_key(ids, rs), (c, p, r))
+                    self.index.setdefault(row_key(ids, rs), (c, p, r))
 
     @classmethod
     def open(cls, urls: list[str], identity: Identity, storage_options: dict) -> "Reuse":
@@ -184,7 +183,7 @@ class Reuse:
         return cls(caches)
 
     def find(self, ex: Example) -> tuple[int, int, int] | None:
-        return self.index.get(_row_key(ex.input_ids, ex.response_start))
+        return self.index.get(row_key(ex.input_ids, ex.response_start))
 
     def fetch(self, wanted: dict[int, tuple[int, int, int]]) -> dict[int, CacheRow]:
         """``{new position: (cache, part, row)}`` -> ``{new position: decoded old row}``."""
@@ -201,10 +200,10 @@ class Reuse:
 
 
 def rows_for_part(model, examples: list[Example], ids, header, batch_size: int, device, reuse: Reuse | None,
-                  on_tokens=None) -> tuple[list[RowResult], int]:
-    """The rows of one part: copied from ``reuse`` where an old cache has them, computed otherwise.
-    Returns the rows in order and how many were copied."""
-    found = {j: loc for j, ex in enumerate(examples) if reuse is not None and (loc := reuse.find(ex)) is not None}
+                  found: dict[int, tuple[int, int, int]], on_tokens=None) -> tuple[list[RowResult], int]:
+    """The rows of one part: copied from ``reuse`` where ``found`` (position -> old row, from
+    :meth:`Reuse.find`) says an old cache has them, computed otherwise. Returns the rows in order
+    and how many were copied."""
     todo = [ex for j, ex in enumerate(examples) if j not in found]
     computed = iter(compute_rows(model, todo, ids, header, batch_size, device, on_tokens=on_tokens) if todo else [])
     old = reuse.fetch(found) if found else {}
@@ -235,16 +234,12 @@ def _shard_from_env(cfg: BuildConfig) -> tuple[int, int]:
     return rank, world
 
 
-def _is_tmp(name: str) -> bool:
-    return name.startswith(".") and ".tmp-" in name
-
-
 def _occupied(loc: Location) -> bool:
     """Whether the output holds anything besides temp files (another shard may be mid-write)."""
     if loc.is_local:
         out = loc.local_path()
-        return out.is_dir() and any(not _is_tmp(p.name) for p in out.iterdir())
-    return any(not _is_tmp(n) for n in loc.names())
+        return out.is_dir() and any(not is_tmp_name(p.name) for p in out.iterdir())
+    return any(not is_tmp_name(n) for n in loc.names())
 
 
 def _clean_stale_tmp(loc: Location) -> None:
@@ -329,20 +324,17 @@ def _refuse_unproven(loc: Location, names: list[str], plan: list[list[Example]],
             raise OutputExistsError(f"{loc.where(names[i])}: {why}; this build will not adopt it. Delete that file and rerun with --resume")
 
 
-def _part_entry(loc: Location, name: str, build_key: str, examples: list[Example]) -> PartEntry:
-    """The manifest entry of a proven part: from the entry its writer left (checked against the
-    object's size), else computed by streaming the object once."""
-    rec = _read_json_object(loc, _entry_name(name)) or {}
+def _part_entry(loc: Location, name: str, build_key: str, examples: list[Example], rec: dict | None = None) -> PartEntry:
+    """The manifest entry of a proven part: from ``rec`` (this process wrote the part) or the entry
+    its writer left (checked against the object's size), else computed by streaming the object once."""
+    rec = rec if rec is not None else (_read_json_object(loc, _entry_name(name)) or {})
     size = check_regular_file(loc.fs, loc.root, loc.path(name), loc.where(name))
     digest = rows_digest((ex.example_id, ex.input_ids, ex.response_start) for ex in examples)
     steps = sum(ex.steps for ex in examples)
     if rec.get("build_key") == build_key and rec.get("bytes") == size and isinstance(rec.get("sha256"), str):
         return PartEntry(name, len(examples), steps, size, rec["sha256"], digest)
-    h = hashlib.sha256()
     with loc.open(name) as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return PartEntry(name, len(examples), steps, size, h.hexdigest(), digest)
+        return PartEntry(name, len(examples), steps, size, sha256_stream(f)[0], digest)
 
 
 def build(cfg: BuildConfig) -> BuildResult:
@@ -410,7 +402,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         return BuildResult(out, done.cache_id, done, [], time.time() - t_start)
     _clean_stale_tmp(loc)
     if not loc.exists(BUILD_STATE):
-        loc.put_bytes(BUILD_STATE, _json_bytes({"format": FORMAT, "build_key": build_key, "identity": identity.to_json()}))
+        loc.put_bytes(BUILD_STATE, json_bytes({"format": FORMAT, "build_key": build_key, "identity": identity.to_json()}))
 
     plan = [examples[i:i + cfg.rows_per_part] for i in range(0, len(examples), cfg.rows_per_part)]
     names = [f"part-{i:05d}.parquet" for i in range(len(plan))]
@@ -422,27 +414,29 @@ def build(cfg: BuildConfig) -> BuildResult:
     mine = [i for i in range(len(plan)) if i % world == rank and i not in present]
     if state == "resume" and rank == 0:
         _log(f"resuming: {len(present)}/{len(names)} parts already written (each checked: this build's key, the expected rows)")
-    total_tokens = sum(2 * len(ex.input_ids) + len(header) - ex.response_start - 1 for i in mine for ex in plan[i]
-                       if reuse is None or reuse.find(ex) is None)
+    # the old row behind each reusable example of my parts: {part: {position: (cache, part, row)}}
+    found = {i: {j: at for j, ex in enumerate(plan[i]) if reuse is not None and (at := reuse.find(ex)) is not None} for i in mine}
+    total_tokens = sum(2 * len(ex.input_ids) + len(header) - ex.response_start - 1 for i in mine
+                       for j, ex in enumerate(plan[i]) if j not in found[i])
     if reuse is not None:
-        n_old = sum(1 for i in mine for ex in plan[i] if reuse.find(ex) is not None)
+        n_old = sum(len(f) for f in found.values())
         _log(f"--reuse: {n_old:,} of {sum(len(plan[i]) for i in mine):,} rows are copied from "
              f"{len(reuse.caches)} earlier cache(s); the rest are computed")
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"building{f' shard {rank}/{world}' if world > 1 else ''}",
                disable=not cfg.progress, dynamic_ncols=True, position=rank if world > 1 else None)
-    written = []
+    written: dict[str, dict] = {}  # part name -> the entry this process wrote for it
     n_reused = n_computed = 0
     scratch = loc.scratch()  # parts are finished here, then moved (a folder) or uploaded (a store) whole
     try:
         for i in mine:
-            rows, k = rows_for_part(model, plan[i], ids, header, cfg.batch_size, device, reuse, on_tokens=bar.update)
+            rows, k = rows_for_part(model, plan[i], ids, header, cfg.batch_size, device, reuse, found[i], on_tokens=bar.update)
             n_reused, n_computed = n_reused + k, n_computed + len(rows) - k
             entry = write_part(scratch / names[i], rows, enc, build_key)
             loc.put_file(scratch / names[i], names[i])
-            loc.put_bytes(_entry_name(names[i]), _json_bytes({"build_key": build_key, **entry.to_json()}))
-            written.append(names[i])
+            written[names[i]] = {"build_key": build_key, **entry.to_json()}
+            loc.put_bytes(_entry_name(names[i]), json_bytes(written[names[i]]))
     finally:
         Location.drop_scratch(scratch)
     bar.close()
@@ -454,16 +448,16 @@ def build(cfg: BuildConfig) -> BuildResult:
             dist.init_process_group("gloo")
         dist.barrier()
         if rank != 0:
-            return BuildResult(out, build_key, None, written, time.time() - t_start, n_computed, n_reused)
+            return BuildResult(out, build_key, None, list(written), time.time() - t_start, n_computed, n_reused)
     have = set(loc.names())
     missing = [n for n in names if n not in have]
     if missing:
         _log(f"shard {rank}/{world} done; {len(missing)} part(s) of other shards missing, the last shard to finish writes the manifest")
-        return BuildResult(out, build_key, None, written, time.time() - t_start, n_computed, n_reused)
+        return BuildResult(out, build_key, None, list(written), time.time() - t_start, n_computed, n_reused)
 
     # every part, including other shards', must be one this build wrote before it is published
     _refuse_unproven(loc, names, plan, build_key, [i for i in range(len(plan)) if names[i] not in written])
-    parts = [_part_entry(loc, name, build_key, plan[i]) for i, name in enumerate(names)]
+    parts = [_part_entry(loc, name, build_key, plan[i], written.get(name)) for i, name in enumerate(names)]
     counts = Counts(rows=len(examples), response_steps=sum(ex.steps for ex in examples),
                     input_tokens=sum(len(ex.input_ids) for ex in examples),
                     truncated_rows=sum(1 for ex in examples if cfg.max_length and len(ex.input_ids) == cfg.max_length),
@@ -472,12 +466,8 @@ def build(cfg: BuildConfig) -> BuildResult:
     manifest = Manifest(FORMAT, "", __version__, Reference(model_fp["name"], model_fp["weights_sha256"], model_fp["path"], model_fp["revision"]),
                         tokenizer, tokens, DatasetInfo(ds_fp["sha256"], ds_fp["source"], tuple(ds_fp["files"])), params, enc,
                         counts, tuple(parts)).with_content_id()
-    loc.put_bytes(MANIFEST, _json_bytes(manifest.to_json()))  # published last: readers see all of the cache or none
+    loc.put_bytes(MANIFEST, json_bytes(manifest.to_json()))  # published last: readers see all of the cache or none
     for name in names:
         loc.remove(_entry_name(name))
     loc.remove(BUILD_STATE)
-    return BuildResult(out, manifest.cache_id, manifest, written, time.time() - t_start, n_computed, n_reused)
-
-
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode()
+    return BuildResult(out, manifest.cache_id, manifest, list(written), time.time() - t_start, n_computed, n_reused)

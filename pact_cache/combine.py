@@ -20,9 +20,9 @@ from dataclasses import replace
 import numpy as np
 
 from . import __version__
-from .build import Reuse, _json_bytes, _row_key
+from .build import Reuse, row_key
 from .errors import OutputExistsError, PactError
-from .format import MANIFEST, RowResult, open_cache, write_part
+from .format import MANIFEST, RowResult, json_bytes, open_cache, write_part
 from .manifest import FORMAT, Counts, DatasetInfo, Manifest, hash_identity
 from .storage import Location
 
@@ -83,7 +83,7 @@ def merge_caches(sources: list[str], out: str, rows_per_part: int | None = None,
                     skipped, {})
     m = Manifest(FORMAT, "", __version__, first.reference, first.tokenizer, first.tokens, dataset, build, first.encoding,
                  counts, tuple(parts)).with_content_id()
-    loc.put_bytes(MANIFEST, _json_bytes(m.to_json()))
+    loc.put_bytes(MANIFEST, json_bytes(m.to_json()))
     return m
 
 
@@ -107,7 +107,7 @@ def diff_caches(a: str, b: str, storage_options: dict | None = None, examples: i
         rows = list(cb.iter_part_rows(part))
         found = {}
         for j, r in enumerate(rows):
-            loc = index.index.get(_row_key(r.input_ids, r.response_start))
+            loc = index.index.get(row_key(r.input_ids, r.response_start))
             if loc is None:
                 added.append(r.example_id)
             else:

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 
 from .errors import CacheError, OutputExistsError
-from .format import MANIFEST, check_regular_file, open_cache, read_manifest
+from .format import MANIFEST, check_regular_file, is_tmp_name, json_bytes, open_cache, read_manifest, sha256_stream
 from .manifest import PART_NAME
 from .storage import COPY_BLOCK, Location
 
@@ -32,11 +32,8 @@ class CopyResult:
 
 
 def _sha256_of(loc: Location, name: str) -> str:
-    h = hashlib.sha256()
     with loc.open(name) as f:
-        for block in iter(lambda: f.read(COPY_BLOCK), b""):
-            h.update(block)
-    return h.hexdigest()
+        return sha256_stream(f)[0]
 
 
 def _prepare(dst: Location, cache_id: str) -> None:
@@ -51,7 +48,7 @@ def _prepare(dst: Location, cache_id: str) -> None:
         if other != cache_id:
             raise OutputExistsError(f"{dst.display}: holds a different cache (id {other[:12]}); nothing is overwritten: choose another destination")
         return
-    names = [n for n in dst.names() if not (n.startswith(".") and ".tmp-" in n)]
+    names = [n for n in dst.names() if not is_tmp_name(n)]
     if names and COPY_STATE not in names:
         raise OutputExistsError(f"{dst.display}: is not empty and is not a copy of this cache under way; choose another destination")
     if COPY_STATE in names:
@@ -108,7 +105,7 @@ def copy_cache(src: Location, dst: Location, cache_id: str | None = None, progre
             dst.put_file(local, part.name)
             copied += 1
             nbytes += part.bytes
-        dst.put_bytes(MANIFEST, json.dumps(m.to_json(), indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+        dst.put_bytes(MANIFEST, json_bytes(m.to_json()))
         dst.remove(COPY_STATE)
     finally:
         bar.close()

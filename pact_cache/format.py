@@ -105,7 +105,7 @@ import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -113,8 +113,7 @@ from .errors import CacheError
 from .manifest import ENCODINGS  # noqa: F401  (re-exported: the encodings are part of the format)
 from .manifest import MANIFEST_MAX_BYTES, Encoding, Manifest, PartEntry, check_pin, load_json
 
-if TYPE_CHECKING:
-    from .storage import Location
+from .storage import Location, is_local_fs
 
 MANIFEST = "manifest.json"
 ZSTD_LEVEL = 19  # build time is dominated by the model; level 19 buys ~10% over the default
@@ -224,12 +223,26 @@ class RowResult:
     target: np.ndarray  # (n,) float32
 
 
+def sha256_stream(f, limit: int | None = None) -> tuple[str, int]:
+    """sha256 and length of what an open binary file yields, 4 MiB at a time, never past ``limit`` bytes."""
+    h, n = hashlib.sha256(), 0
+    while limit is None or n < limit:
+        block = f.read(1 << 22 if limit is None else min(1 << 22, limit - n))
+        if not block:
+            break
+        h.update(block)
+        n += len(block)
+    return h.hexdigest(), n
+
+
 def sha256_path(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+        return sha256_stream(f)[0]
+
+
+def json_bytes(obj) -> bytes:
+    """How pact-cache writes JSON it publishes (manifests, states): sorted, indented, strict."""
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode()
 
 
 def _host() -> str:
@@ -242,10 +255,15 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}")
 
 
+def is_tmp_name(name: str) -> bool:
+    """Whether ``name`` is one of :func:`tmp_name`'s (a writer's file on its way)."""
+    return name.startswith(".") and ".tmp-" in name
+
+
 def stale_tmp(p: Path) -> bool:
     """Whether ``p`` is a temporary file or folder of :func:`tmp_name` whose process has died on this host."""
     name = p.name
-    if not name.startswith(".") or ".tmp-" not in name:
+    if not is_tmp_name(name):
         return False
     tail = name.rsplit(".tmp-", 1)[1]
     host, _, pid = tail.rpartition("-")
@@ -275,7 +293,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def write_part(path: Path, rows: list[RowResult], enc: Encoding, build_key: str = "") -> PartEntry:
@@ -326,12 +344,6 @@ def write_part(path: Path, rows: list[RowResult], enc: Encoding, build_key: str 
 
 # ----------------------------------------------------------------------------- safe file access
 
-def _is_local(fs) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
-
-
 def check_regular_file(fs, root: str, path: str, where: str, size: int | None = None, max_size: int | None = None) -> int:
     """Refuse anything but a regular file (a plain object) inside ``root``, without opening it.
 
@@ -343,7 +355,7 @@ def check_regular_file(fs, root: str, path: str, where: str, size: int | None = 
         raise CacheError(f"{where}: part listed in the manifest is missing; re-download or rebuild the cache") from None
     except OSError as err:
         raise CacheError(f"{where}: cannot be read ({err.strerror or err})") from None
-    if _is_local(fs):
+    if is_local_fs(fs):
         real_root = os.path.realpath(root)
         if os.path.dirname(os.path.realpath(path)) != real_root:
             raise CacheError(f"{where}: is a link that points outside the cache folder ({os.path.realpath(path)}); refusing to read it")
@@ -359,14 +371,6 @@ def check_regular_file(fs, root: str, path: str, where: str, size: int | None = 
     if max_size is not None and got > max_size:
         raise CacheError(f"{where}: is {got} bytes, more than the {max_size} a manifest may hold; refusing it")
     return got
-
-
-def read_bounded(fs, path: str, limit: int, where: str) -> bytes:
-    with fs.open(path, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise CacheError(f"{where}: grew past {limit} bytes while being read; refusing it")
-    return data
 
 
 # ----------------------------------------------------------------------------- reader
@@ -399,9 +403,7 @@ class Cache:
     >>> for row in cache.iter_rows(): ...
     """
 
-    def __init__(self, location: "Location | str", manifest: Manifest, verify_checksums: bool = True):
-        from .storage import Location
-
+    def __init__(self, location: Location | str, manifest: Manifest, verify_checksums: bool = True):
         self.location = location if isinstance(location, Location) else Location(str(location))
         self.url = self.location.display
         self.fs, self.root = self.location.fs, self.location.root
@@ -447,16 +449,9 @@ class Cache:
             return
         where = self._where(part)
         check_regular_file(self.fs, self.root, self.part_path(part), where, size=part.bytes)
-        h = hashlib.sha256()
-        left = part.bytes
         with self.fs.open(self.part_path(part), "rb") as f:
-            while left > 0:  # never more than the manifest states
-                block = f.read(min(1 << 22, left))
-                if not block:
-                    break
-                h.update(block)
-                left -= len(block)
-        _require(left == 0 and h.hexdigest() == part.sha256, where,
+            digest, n = sha256_stream(f, limit=part.bytes)  # never more than the manifest states
+        _require(n == part.bytes and digest == part.sha256, where,
                  "sha256 differs from the manifest; the part is corrupt or was changed, re-download or rebuild it")
         self._checked.add(part.name)
 
@@ -668,11 +663,9 @@ class Cache:
         return total
 
 
-def read_manifest(location: "Location | str") -> Manifest:
+def read_manifest(location: Location | str) -> Manifest:
     """Read and check ``manifest.json``: a regular file (a plain object) of bounded size, strict
     JSON, every rule of the spec, and a ``cache_id`` equal to the content id."""
-    from .storage import Location
-
     loc = location if isinstance(location, Location) else Location(str(location))
     url, fs, root = loc.display, loc.fs, loc.root
     path, where = loc.path(MANIFEST), loc.where(MANIFEST)
@@ -691,18 +684,16 @@ def read_manifest(location: "Location | str") -> Manifest:
     if not fs.exists(path):
         raise CacheError(f"{url}: has no {MANIFEST}; the build did not finish (rerun it with --resume) or this is not a cache")
     check_regular_file(fs, root, path, where, max_size=MANIFEST_MAX_BYTES)
-    obj = load_json(read_bounded(fs, path, MANIFEST_MAX_BYTES, where), where, CacheError, "manifest",
+    obj = load_json(loc.read_bytes(MANIFEST, MANIFEST_MAX_BYTES), where, CacheError, "manifest",
                     fix="the manifest is damaged or was edited: re-download or rebuild the cache")
     return Manifest.parse(obj, where)
 
 
-def open_cache(url: "str | Path | Location", verify_checksums: bool = True, cache_id: str | None = None,
+def open_cache(url: str | Path | Location, verify_checksums: bool = True, cache_id: str | None = None,
                storage_options: dict | None = None) -> Cache:
     """Open a cache (a folder or any fsspec URL) for reading. Checks the manifest and its content id
     now (and the pinned ``cache_id``, if given), and each part's type, size, sha256 and rows before
     using its rows. ``storage_options`` go to the filesystem (endpoint, credentials)."""
-    from .storage import Location
-
     loc = url if isinstance(url, Location) else Location(str(url), storage_options or {})
     manifest = read_manifest(loc)
     check_pin(manifest.cache_id, cache_id, loc.display)

@@ -25,6 +25,12 @@ from .errors import CacheError, PactError
 COPY_BLOCK = 8 << 20  # bytes read and written at a time when streaming an object
 
 
+def is_local_fs(fs) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
 def parse_storage_options(items: list[str] | None) -> dict:
     """``["endpoint_url=http://...", "anon=true"]`` -> ``{"endpoint_url": "http://...", "anon": True}``.
     Values that parse as JSON (numbers, booleans, null, objects) are taken as such, others as strings."""
@@ -67,9 +73,7 @@ class Location:
 
     @property
     def is_local(self) -> bool:
-        from fsspec.implementations.local import LocalFileSystem
-
-        return isinstance(self.fs, LocalFileSystem)
+        return is_local_fs(self.fs)
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -108,7 +112,7 @@ class Location:
         with self.fs.open(self.path(name), "rb") as f:
             data = f.read(limit + 1)
         if len(data) > limit:
-            raise CacheError(f"{self.where(name)}: is larger than {limit} bytes; refusing it")
+            raise CacheError(f"{self.where(name)}: is larger than {limit} bytes (it grew while being read?); refusing it")
         return data
 
     def open(self, name: str):

@@ -13,13 +13,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import CacheError, OutputExistsError
-from .format import MANIFEST, Cache, atomic_write_json, check_regular_file, read_bounded, stale_tmp, tmp_name
+from .format import MANIFEST, Cache, atomic_write_json, check_regular_file, stale_tmp, tmp_name
 from .storage import Location
 from .manifest import (ALGORITHM, FORMAT, LEGACY_FORMATS, MANIFEST_MAX_BYTES, PART_NAME, BuildParams, Counts, DatasetInfo,
                        Encoding, Manifest, PartEntry, Reference, SafetyTokens, Tokenizer, _Fields, load_json)
 
 
-def _legacy_manifest(src: str) -> tuple[dict, Manifest]:
+def _legacy_manifest(src: str) -> Manifest:
     """Parse a version-1 manifest into a version-2 one whose parts still lack rows digests."""
     loc = Location(src)
     fs, root = loc.fs, loc.root
@@ -27,7 +27,7 @@ def _legacy_manifest(src: str) -> tuple[dict, Manifest]:
     if not fs.exists(f"{root}/{MANIFEST}"):
         raise CacheError(f"{src}: has no {MANIFEST}; pass the folder of a finished pact-cache/1 cache")
     check_regular_file(fs, root, f"{root}/{MANIFEST}", where, max_size=MANIFEST_MAX_BYTES)
-    obj = load_json(read_bounded(fs, f"{root}/{MANIFEST}", MANIFEST_MAX_BYTES, where), where, CacheError, "manifest",
+    obj = load_json(loc.read_bytes(MANIFEST, MANIFEST_MAX_BYTES), where, CacheError, "manifest",
                     fix="the manifest is damaged: rebuild the cache")
     f = _Fields(obj, where, "", CacheError)
     if obj.get("format") not in LEGACY_FORMATS:
@@ -50,14 +50,14 @@ def _legacy_manifest(src: str) -> tuple[dict, Manifest]:
                  Counts(c.int("rows", 0), c.int("response_steps", 0), c.int("input_tokens", 0), c.int("truncated_rows", 0),
                         dict(c.obj_("skipped", optional=True) or {}), dict(c.obj_("skipped_rows", optional=True) or {})),
                  tuple(parts))
-    return obj, m
+    return m
 
 
 def upgrade(src: str, dst: str) -> Manifest:
     out = Path(dst).expanduser()
     if out.exists() or out.is_symlink():
         raise OutputExistsError(f"{out}: exists; upgrade writes a new folder (nothing is overwritten): choose another -o")
-    _, legacy = _legacy_manifest(str(src))
+    legacy = _legacy_manifest(str(src))
     # Read it with the version-2 reader's checks: type, size, sha256, schema, every value
     cache = Cache(str(src), legacy, verify_checksums=True)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -232,8 +232,21 @@ def load_policy(cfg: TrainConfig, device: str):
 
 
 def causal_lm(model):
-    """The transformers model under a PEFT wrapper (LoRA layers are injected in place)."""
+    """The transformers causal LM inside any wrappers: DDP, FSDP or DeepSpeed (``.module``) and PEFT
+    (LoRA layers are injected in place, so the base model holds them)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _no_logits_kwargs(lm, device) -> dict:
+    """Ask the model for logits at no position (the loss makes its own, a chunk at a time); models
+    without ``logits_to_keep`` make all of them, which costs memory but not correctness."""
+    import inspect
+
+    if "logits_to_keep" in inspect.signature(lm.forward).parameters:
+        return {"logits_to_keep": torch.zeros(0, dtype=torch.long, device=device)}
+    return {}
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -241,28 +254,52 @@ def causal_lm(model):
 def policy_losses(model, batch: Batch, ids: torch.Tensor, weights: torch.Tensor, params: LossParams, ref_full=None, ref_post=None):
     """Returns ``(ce_sum, kl_sum, n_steps)`` for one micro-batch (sums: the caller divides them once).
 
-    One backbone pass (B, L, H); then, over the N response positions in chunks of
-    ``logits_chunk``, the vocabulary projection gives the cross-entropy and the K safety-token
-    logits. Each chunk is activation-checkpointed, so at most one (chunk, V) float32 block of
-    logits exists at a time, in forward and in backward.
+    ``model`` is what the training stack holds: a transformers causal LM, possibly under PEFT and
+    under DDP / FSDP / DeepSpeed. It is called once, through all its wrappers (so that they can
+    synchronise gradients and gather sharded weights), asking for no logits; a forward hook on the
+    decoder keeps its last hidden state (B, L, H) and a forward hook on the causal LM computes the
+    losses while the output projection is in place, returning them as the output's ``loss``. Over
+    the N response positions, in chunks of ``logits_chunk``, the projection gives the cross-entropy
+    and the K safety-token logits; each chunk is activation-checkpointed, so at most one
+    (chunk, V) float32 block of logits exists at a time, in forward and in backward.
     """
     lm = causal_lm(model)
-    hidden = lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    kept = {}
+
+    def keep_hidden(_module, _args, output):
+        kept["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    def add_losses(_module, _args, output):
+        output["loss"] = torch.stack(_losses_from_hidden(lm.get_output_embeddings(), kept.pop("hidden"), batch, ids, weights,
+                                                         params, ref_full, ref_post))
+        return output
+
+    hooks = [lm.get_decoder().register_forward_hook(keep_hidden), lm.register_forward_hook(add_losses)]
+    try:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, return_dict=True,
+                    **_no_logits_kwargs(lm, batch.input_ids.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out.loss[0], out.loss[1], batch.step_mask.sum()
+
+
+def _losses_from_hidden(head, hidden, batch: Batch, ids, weights, params: LossParams, ref_full, ref_post):
+    """``(ce_sum, kl_sum)`` from the decoder's last hidden state (B, L, H)."""
     B, T = batch.step_mask.shape
     bidx, tidx = batch.step_mask.nonzero(as_tuple=True)  # (N,), row-major: matches (B, T) order
     pos = batch.response_start[bidx] - 1 + tidx
     h = hidden[bidx, pos]  # (N, H)
     targets = batch.targets[bidx, tidx]
-    ce_sum, sel = chunked_ce_and_selected(lm.get_output_embeddings(), h, targets, ids, params.logits_chunk)
-    n = batch.step_mask.sum()
+    ce_sum, sel = chunked_ce_and_selected(head, h, targets, ids, params.logits_chunk)
     if params.method == "sft" or params.lam == 0:
-        return ce_sum, ce_sum.new_zeros(()), n
+        return ce_sum, ce_sum.new_zeros(())
     z = h.new_zeros((B, T, len(ids)), dtype=torch.float32)
     z = z.index_put((bidx, tidx), sel)
     full = batch.full if ref_full is None else ref_full
     post = batch.post if ref_post is None else ref_post
     kl_sum, _ = pact_kl(z, full, post, weights, batch.step_mask, params.pact)
-    return ce_sum, kl_sum, n
+    return ce_sum, kl_sum
 
 
 @torch.no_grad()

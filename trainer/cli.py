@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pact_cache.cli import OneLineParser, add_storage_option, positive_int, run_command
@@ -63,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    return run_command("pact-train", _train, a, "interrupted; continue with --resume from the last checkpoint")
+    prog = "pact-train"
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # under torchrun / accelerate launch: name the rank
+        prog = f"pact-train[rank {os.environ.get('RANK', '?')}]"
+    return run_command(prog, _train, a, "interrupted; continue with --resume from the last checkpoint")
 
 
 def _train(a) -> int:
@@ -76,8 +80,15 @@ def _train(a) -> int:
                       seed=a.seed, shuffle=not a.no_shuffle, shuffle_buffer=a.shuffle_buffer, grad_checkpointing=a.gradient_checkpointing,
                       logits_chunk=a.logits_chunk, save_every=a.save_every, resume=a.resume, merge=a.merge, device=a.device,
                       progress=not a.no_progress)
-    res = train(cfg)
-    print(f"{res['out']}: {res['steps']} steps in {res['seconds']:.0f}s; weights in {res['final']}")
+    import torch.distributed
+
+    try:
+        res = train(cfg)
+    except torch.distributed.DistError as err:  # a peer process stopped: its own line says why
+        raise PactError(f"another process of this job stopped ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                        "see its message above, then rerun with --resume") from None
+    if res.get("main", True):
+        print(f"{res['out']}: {res['steps']} steps in {res['seconds']:.0f}s; weights in {res['final']}")
     return 0
 
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pact_cache.errors import PactError
@@ -22,6 +23,7 @@ from pact_cache.manifest import load_json
 
 from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, replace_dir, save_checkpoint
 from .losses import LossParams, PactParams, chunked_ce_and_selected, pact_kl
+from .distributed import Ranks, setup, teardown
 from .stream import Batch, batches, collate
 
 
@@ -161,7 +163,7 @@ def check_cache_fits(cache: Cache, tok, vocab_rows: int, cfg: TrainConfig) -> No
         cache.check_part(part)
 
 
-def check_out(out: Path, cfg: TrainConfig, cache_id: str) -> str:
+def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1) -> str:
     """'new' or 'resume'; refuse an OUT folder that holds something else."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"{out}: exists and is not a folder; choose another -o")
@@ -176,8 +178,12 @@ def check_out(out: Path, cfg: TrainConfig, cache_id: str) -> str:
                     fix="the run folder is damaged: choose another -o")
     if not isinstance(old, dict):
         raise TrainError(f"{cfg_file}: is not a run config (not a JSON object); choose another -o")
-    mine = config_record(cfg, cache_id)
+    old.setdefault("processes", 1)  # runs recorded before data-parallel training were single-process
+    mine = config_record(cfg, cache_id, world)
     diff = [k for k in sorted(set(old) | set(mine)) if k not in TrainConfig.RESUMABLE and old.get(k) != mine.get(k)]
+    if diff == ["processes"] and cfg.resume:
+        raise TrainError(f"{out}: the run was started on {old['processes']} process(es), this is {mine['processes']}; the global "
+                         f"batch would change: resume with torchrun --nproc-per-node {old['processes']} (or as one process if 1)")
     if diff:
         raise TrainError(f"{out}: holds a different run ({diff[0]}: {old.get(diff[0])!r} there, {mine.get(diff[0])!r} now); choose another -o")
     if not cfg.resume:
@@ -187,8 +193,9 @@ def check_out(out: Path, cfg: TrainConfig, cache_id: str) -> str:
     return "resume"
 
 
-def config_record(cfg: TrainConfig, cache_id: str) -> dict:
+def config_record(cfg: TrainConfig, cache_id: str, world: int = 1) -> dict:
     rec = asdict(cfg)
+    rec["processes"] = world  # the global batch is batch_size x processes: a run resumes with as many
     rec.pop("storage_options")  # may hold credentials
     rec["pact"] = asdict(cfg.pact)
     rec["cache_id"] = cache_id
@@ -346,17 +353,27 @@ def lr_at(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> floa
 # ----------------------------------------------------------------------------- the run
 
 def train(cfg: TrainConfig) -> dict:
-    from pact_cache.data import assistant_header_ids
-    from pact_cache.models import pick_device
-
-    # --- setup
+    """One run; as one process, or as one rank of a torchrun / accelerate launch job (see
+    :mod:`trainer.distributed`: disjoint row shares, token-weighted gradients, rank 0 writes)."""
     check_config(cfg)
-    device = pick_device(cfg.device)
+    ranks, device = setup(cfg.device)
+    try:
+        return _run(cfg, ranks, device)
+    finally:
+        teardown(ranks)
+
+
+def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
+    from pact_cache.data import assistant_header_ids
+
+    # --- setup (every rank checks; rank 0 alone writes)
     cache = open_cache(cfg.cache, cache_id=cfg.cache_pin, storage_options=cfg.storage_options)
     out = Path(cfg.out).expanduser()
-    state_kind = check_out(out, cfg, cache.cache_id)
-    clean_leftovers(out)
-    torch.manual_seed(cfg.seed)
+    state_kind = check_out(out, cfg, cache.cache_id, ranks.world)
+    ranks.barrier()  # no rank checks OUT after rank 0 has written to it
+    if ranks.main:
+        clean_leftovers(out)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, tok, _ = load_policy(cfg, device)
     head_rows = causal_lm(model).get_output_embeddings().weight.shape[0]
     check_cache_fits(cache, tok, head_rows, cfg)
@@ -372,13 +389,13 @@ def train(cfg: TrainConfig) -> dict:
     loss_params = cfg.loss_params()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(cache.num_rows / (cfg.batch_size * cfg.grad_accum))
+    global_batch = cfg.batch_size * ranks.world  # rows per micro-batch over all ranks
+    steps_per_epoch = math.ceil(cache.num_rows / (global_batch * cfg.grad_accum))
     total = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     pad_multiple = 8 if device.startswith("cuda") else 1
 
-    out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     step, epoch, taken, tokens_total = 0, 0, 0, 0
     if state_kind == "resume":
@@ -387,19 +404,25 @@ def train(cfg: TrainConfig) -> dict:
             raise TrainError(f"{out}/checkpoint: was written while training on cache {str(st.get('cache_id'))[:12]}, not "
                              f"{cache.cache_id[:12]}; resume with the cache the run started from")
         step, epoch, taken, tokens_total = st["step"], st["epoch"], st["rows_taken"], st["tokens_total"]
-        # metrics after the checkpoint belong to the lost part of the run: drop them
-        lines = metrics_path.read_text(errors="replace").splitlines() if metrics_path.exists() else []
-        atomic_write_bytes(metrics_path, "".join(l + "\n" for l in lines[:step]).encode())
-        _log(f"resuming {out} at step {step} (epoch {epoch}, {taken} rows into it)")
-    else:
-        atomic_write_json(out / "config.json", config_record(cfg, cache.cache_id))
+        if ranks.main:  # metrics after the checkpoint belong to the lost part of the run: drop them
+            lines = metrics_path.read_text(errors="replace").splitlines() if metrics_path.exists() else []
+            atomic_write_bytes(metrics_path, "".join(l + "\n" for l in lines[:step]).encode())
+            _log(f"resuming {out} at step {step} (epoch {epoch}, {taken} rows into it)")
+    elif ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", config_record(cfg, cache.cache_id, ranks.world))
         metrics_path.write_text("")
-    data = batches(cache, cfg.batch_size, cfg.seed, cfg.shuffle, start_epoch=epoch, skip_rows=taken,
+    ddp_model = ranks.wrap(model, device)  # rank 0's weights are broadcast to all
+    if ranks.world > 1 and ranks.main:
+        _log(f"data-parallel on {ranks.world} processes ({device.split(':')[0]}): {cfg.batch_size} rows per process, "
+             f"{global_batch * cfg.grad_accum} per optimizer step")
+    # every rank reads the same order; each takes its share of every global micro-batch
+    data = batches(cache, global_batch, cfg.seed, cfg.shuffle, start_epoch=epoch, skip_rows=taken,
                    buffer_rows=cfg.shuffle_buffer, epochs=cfg.epochs)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=step, unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, unit="step", disable=not (cfg.progress and ranks.main), dynamic_ncols=True)
     last_saved = step if state_kind == "resume" else None
     model.train()
     t_run = time.time()
@@ -407,6 +430,8 @@ def train(cfg: TrainConfig) -> dict:
     # --- the loop: one iteration = one optimizer step over grad_accum micro-batches
     while step < total and not done:
         t0 = time.time()
+        if ranks.world > 1:  # dropout masks: each rank its own, the same again after a resume
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, ranks.rank]).generate_state(1)[0]))
         micro = []  # (epoch, rows taken in it, rows): a window may run on into the next epoch
         for _ in range(cfg.grad_accum):
             try:
@@ -416,26 +441,29 @@ def train(cfg: TrainConfig) -> dict:
                 break
         if not micro:
             break
-        n_window = sum(sum(r.steps for r in rows) for _, _, rows in micro)  # token-weighted accumulation
+        # token-weighted accumulation: response tokens of the whole window, on all ranks
+        n_window = sum(sum(r.steps for r in rows) for _, _, rows in micro)
         lr = lr_at(step, total, steps_per_epoch, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
         ce_tot = kl_tot = 0.0
-        for _, _, rows in micro:
+        for i, (_, _, global_rows) in enumerate(micro):
+            rows, scale = ranks.take(global_rows)
             batch = collate(rows, pad_id, pad_multiple).to(device)
             ref_full = ref_post = None
             if ref is not None:
                 ref_full, ref_post = online_reference(ref, batch, header, ids)
-            with autocast:
-                ce_sum, kl_sum, _ = policy_losses(model, batch, ids, weights, loss_params, ref_full, ref_post)
-            ce_v, kl_v = ce_sum.item(), kl_sum.item()
-            if not (math.isfinite(ce_v) and math.isfinite(kl_v)):
-                bar.close()
-                raise NonFiniteError(step + 1, f"the loss is not finite (cross-entropy sum {ce_v}, PACT KL sum {kl_v})", out, last_saved)
-            loss = (ce_sum + cfg.lam * kl_sum) / n_window
-            loss.backward()
-            ce_tot += ce_v
-            kl_tot += kl_v
+            with ranks.no_sync(ddp_model, sync=i == len(micro) - 1):  # one gradient all-reduce per window
+                with autocast:
+                    ce_sum, kl_sum, _ = policy_losses(ddp_model, batch, ids, weights, loss_params, ref_full, ref_post)
+                loss = (ce_sum + cfg.lam * kl_sum) * (scale * ranks.world / n_window)  # DDP averages over ranks
+                loss.backward()
+            ce_tot += scale * ce_sum.item()
+            kl_tot += scale * kl_sum.item()
+        ce_tot, kl_tot = ranks.sum([ce_tot, kl_tot], device)
+        if not (math.isfinite(ce_tot) and math.isfinite(kl_tot)):
+            bar.close()
+            raise NonFiniteError(step + 1, f"the loss is not finite (cross-entropy sum {ce_tot}, PACT KL sum {kl_tot})", out, last_saved)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
         if not math.isfinite(grad_norm):
             bar.close()
@@ -449,22 +477,26 @@ def train(cfg: TrainConfig) -> dict:
         rec = {"step": step, "epoch": epoch, "loss": (ce_tot + cfg.lam * kl_tot) / n_window, "ce": ce_tot / n_window,
                "pact_kl": kl_tot / n_window, "lr": lr, "tokens": n_window, "tokens_total": tokens_total,
                "grad_norm": grad_norm, "step_time_s": dt}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if ranks.main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
         bar.set_postfix(loss=f"{rec['loss']:.3f}", pact_kl=f"{rec['pact_kl']:.4f}", tok_s=f"{n_window / dt:.0f}")
         bar.update(1)
-        if step % cfg.save_every == 0 and step < total:
+        if step % cfg.save_every == 0 and step < total and ranks.main:
             save_checkpoint(out / "checkpoint", model, optimizer, {"step": step, "epoch": epoch, "rows_taken": taken,
                                                                     "tokens_total": tokens_total, "cache_id": cache.cache_id})
             last_saved = step
     bar.close()
     if step == 0:
         raise TrainError(f"{cfg.cache}: no batch could be made")
+    final = out / ("model" if cfg.full else "adapter")
+    if not ranks.main:
+        ranks.barrier()  # rank 0 writes the outputs
+        return {"out": str(out), "steps": step, "seconds": time.time() - t_run, "final": str(final), "main": False}
     save_checkpoint(out / "checkpoint", model, optimizer, {"step": step, "epoch": epoch, "rows_taken": taken,
                                                             "tokens_total": tokens_total, "cache_id": cache.cache_id})
 
     # --- final outputs
-    final = out / ("model" if cfg.full else "adapter")
     tmp = tmp_name(final)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
@@ -477,6 +509,7 @@ def train(cfg: TrainConfig) -> dict:
         replace_dir(tmp, out / "merged")
     if cfg.plot:
         plot_metrics(metrics_path, out / "loss.png")
+    ranks.barrier()
     return {"out": str(out), "steps": step, "seconds": time.time() - t_run, "final": str(final)}
 
 

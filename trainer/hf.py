@@ -3,8 +3,10 @@
 Three pieces, each usable alone:
 
 * :class:`CacheDataset`, a torch ``IterableDataset`` over a cache (any location), sharded by
-  distributed rank and by dataloader worker, in cache order or through the seeded shuffle buffer
-  that pact-train uses (``set_epoch`` changes the order per epoch);
+  dataloader worker and, in a plain torch.distributed loop, by rank; in cache order or through the
+  seeded shuffle buffer that pact-train uses (``set_epoch`` changes the order per epoch). Under
+  the Trainer, accelerate shards it by rank instead: every process reads the same order and takes
+  its slice of each global batch (even batches on every process, so no rank waits for another);
 * :class:`PactCollator`, which pads a list of rows and carries the cached reference targets as
   tensors (keys ``pact_*``) beside ``input_ids``, ``attention_mask`` and ``labels`` (-100 except at
   response tokens, so that ``num_items_in_batch`` counts response tokens);
@@ -18,6 +20,9 @@ Three pieces, each usable alone:
 What to set: ``TrainingArguments(remove_unused_columns=False)`` (the ``pact_*`` columns must reach
 ``compute_loss``), the collator above (or one that produces the same keys), and nothing for label
 masking (the collator masks prompts and padding). The safety-token ids and weights come from the cache.
+Under ``accelerate launch`` / ``torchrun`` the mixin turns accelerate's ``dispatch_batches`` off
+(it would concatenate batches padded to different lengths); the model is called through its
+DDP / FSDP / DeepSpeed wrapper, so their gradient synchronisation and weight gathering apply.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pact_cache.errors import PactError
 from pact_cache.format import Cache, CacheRow, open_cache
 
 from .losses import LossParams, PactParams
@@ -37,19 +43,20 @@ class CacheDataset(IterableDataset):
     """Rows of a cache as dicts of numpy arrays, each process and worker taking every n-th row."""
 
     def __init__(self, cache: Cache | str, shuffle: bool = False, seed: int = 0, buffer_rows: int = 1024,
-                 storage_options: dict | None = None, cache_id: str | None = None):
+                 storage_options: dict | None = None, cache_id: str | None = None, shard_by_rank: bool = True):
         self.cache = cache if isinstance(cache, Cache) else open_cache(cache, cache_id=cache_id, storage_options=storage_options)
         self.shuffle, self.seed, self.buffer_rows, self.epoch = shuffle, seed, buffer_rows, 0
+        self.shard_by_rank = shard_by_rank  # False when the training stack shards by rank itself (accelerate)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:  # rows of this process (the Trainer uses it to count steps)
-        rank, world = _rank_world()
+    def __len__(self) -> int:  # rows this process iterates (the Trainer uses it to count steps)
+        rank, world = _rank_world() if self.shard_by_rank else (0, 1)
         return len(range(rank, self.cache.num_rows, world))
 
     def __iter__(self):
-        rank, world = _rank_world()
+        rank, world = _rank_world() if self.shard_by_rank else (0, 1)
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         shard, shards = rank * nw + wid, world * nw
@@ -91,6 +98,19 @@ class PactTrainerMixin:
         self.pact_weights = torch.tensor(cache.tokens.weights, dtype=torch.float32)
         self.pact_params = loss_params or LossParams(pact=PactParams())
         self.model_accepts_loss_kwargs = True  # so that the Trainer counts num_items_in_batch from the labels
+
+    def create_accelerator_and_postprocess(self):
+        cfg = self.args.accelerator_config
+        if cfg.dispatch_batches:
+            raise PactError("accelerator_config dispatch_batches=True: the main process would concatenate batches padded to "
+                            "different lengths; leave it unset (each process then reads the cache and takes its slice)")
+        cfg.dispatch_batches = False
+        return super().create_accelerator_and_postprocess()
+
+    def get_train_dataloader(self):
+        if isinstance(self.train_dataset, CacheDataset):
+            self.train_dataset.shard_by_rank = False  # accelerate gives each process its slice of every global batch
+        return super().get_train_dataloader()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from .loop import policy_losses

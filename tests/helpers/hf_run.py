@@ -1,0 +1,29 @@
+"""A transformers Trainer run from a cache with PactTrainer, for tests/test_distributed.py (under
+torchrun: each process one rank). argv: MODEL CACHE OUT BATCH_PER_DEVICE GRAD_ACCUM STEPS.
+Rank 0 writes OUT/log_history.json."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+
+from pact_cache.format import open_cache
+from trainer.hf import CacheDataset, PactCollator, PactTrainer
+from trainer.loop import TrainConfig, load_policy
+from trainer.losses import LossParams
+
+model_path, cache_path, out, batch, accum, steps = sys.argv[1:7]
+torch.manual_seed(0)
+model, tok, _ = load_policy(TrainConfig(model=model_path, cache="", out="", lora_dropout=0.0), "cpu")
+cache = open_cache(cache_path)
+args = TrainingArguments(output_dir=out, remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no",
+                         per_device_train_batch_size=int(batch), gradient_accumulation_steps=int(accum), max_steps=int(steps),
+                         logging_steps=1, learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0,
+                         ddp_backend="gloo", disable_tqdm=True)
+trainer = PactTrainer(model=model, args=args, train_dataset=CacheDataset(cache), data_collator=PactCollator(tok.pad_token_id),
+                      cache=cache, loss_params=LossParams(lam=1.0))
+trainer.train()
+if trainer.is_world_process_zero():
+    Path(out, "log_history.json").write_text(json.dumps(trainer.state.log_history))

@@ -101,3 +101,26 @@ def test_the_readme_example_runs(tiny_model, cache, tmp_path, monkeypatch):
     scope = {}
     exec(compile(block, "README.md", "exec"), scope)
     assert scope["trainer"].state.global_step == 3
+
+
+def test_trl_sft_trainer_runs_pact_from_the_cache(tiny_model, cache, tmp_path):
+    """TRL's SFTTrainer with the mixin: the cache as a datasets.IterableDataset, dataset preparation
+    skipped; the first logged loss (before any update) is pact-train's first step's loss."""
+    trl = pytest.importorskip("trl")
+    from trainer.hf import hf_iterable_dataset
+
+    train(TrainConfig(model=tiny_model, cache=str(cache), out=str(tmp_path / "pt"), batch_size=4, grad_accum=2, max_steps=1,
+                      shuffle=False, progress=False, plot=False, lora_dropout=0.0))
+    want = json.loads((tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    torch.manual_seed(0)
+    model, tok, _ = load_policy(TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0), "cpu")
+    args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no",
+                         dataset_kwargs={"skip_prepare_dataset": True}, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                         max_steps=2, logging_steps=1, learning_rate=1e-3, lr_scheduler_type="constant",
+                         bf16=False, gradient_checkpointing=False)  # TRL's defaults differ from pact-train's fp32 on CPU
+    c = open_cache(cache)
+    trainer = make_trainer_class(trl.SFTTrainer)(model=model, args=args, train_dataset=hf_iterable_dataset(c), processing_class=tok,
+                                                 data_collator=PactCollator(tok.pad_token_id), cache=c, loss_params=LossParams(lam=1.0))
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2 and logged[0] == pytest.approx(want, rel=1e-5)

@@ -65,6 +65,24 @@ class CacheDataset(IterableDataset):
                 yield {"row": row}
 
 
+def hf_iterable_dataset(cache: Cache | str, shuffle: bool = False, seed: int = 0, buffer_rows: int = 1024,
+                        storage_options: dict | None = None, cache_id: str | None = None):
+    """The cache as a ``datasets.IterableDataset`` of ``{"row": CacheRow}`` items, for trainers that
+    accept only Hugging Face datasets (TRL's ``SFTTrainer``). One shard, so that accelerate gives
+    each process its slice of every global batch; ``shuffle`` is datasets' own buffer shuffle
+    (seeded, a new order per ``set_epoch``)."""
+    import datasets
+
+    c = cache if isinstance(cache, Cache) else open_cache(cache, cache_id=cache_id, storage_options=storage_options)
+    ds = datasets.IterableDataset.from_generator(_cache_rows, gen_kwargs={"cache": c})
+    return ds.shuffle(seed=seed, buffer_size=buffer_rows) if shuffle else ds
+
+
+def _cache_rows(cache: Cache):
+    for row in cache.iter_rows():
+        yield {"row": row}
+
+
 def _rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -26,7 +26,7 @@ from .format import (BUILD_KEY_META, MANIFEST, Cache, CacheRow, RowResult, check
 from .manifest import (ALGORITHM, ENCODINGS, FORMAT, BuildParams, Counts, DatasetInfo, Identity, Manifest, PartEntry,
                        Reference, Tokenizer, load_json)
 from .storage import Location
-from .models import load_model, load_tokenizer, model_fingerprint, resolve_model, tokenizer_fingerprint
+from .models import load_model, load_tokenizer, model_fingerprint, placement, resolve_model, tokenizer_fingerprint
 from .tokens import builtin_refusals_path, load_refusals, read_tokens, select_tokens
 
 BUILD_STATE = ".pact-build.json"  # written first; says which cache this folder is becoming
@@ -43,6 +43,7 @@ class BuildConfig:
     batch_size: int = 8
     dtype: str = "auto"
     device: str = "auto"
+    device_map: str | None = None  # "auto": the reference spread over this machine's GPUs and CPU (accelerate)
     encoding: str = "q8"
     rows_per_part: int = 1024
     resume: bool = False
@@ -93,15 +94,16 @@ def reference_logprobs(model, seqs: list[list[int]], starts: list[int], counts: 
     bidx = torch.cat([torch.full((n,), b) for b, n in enumerate(counts)])
     pidx = torch.cat([torch.arange(st - 1, st - 1 + n) for st, n in zip(starts, counts)])
     hidden = decoder(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-    h = hidden[bidx.to(device), pidx.to(device)]  # (N, H)
+    h = hidden[bidx.to(hidden.device), pidx.to(hidden.device)]  # (N, H); under a device map, on the last layer's device
     del hidden
-    targets = input_ids[bidx, pidx + 1].to(device) if want_target else None
-    ids = ids.to(device)
+    out_device = head.weight.device if head.weight.device.type != "meta" else h.device  # offloaded head: hooks bring it
+    targets = input_ids[bidx, pidx + 1].to(out_device) if want_target else None
+    ids = ids.to(out_device)
     V = head.weight.shape[0]
     chunk = max(1, LOGITS_CHUNK_BYTES // (4 * V))
     sel_out, tgt_out = [], []
     for c0 in range(0, h.shape[0], chunk):
-        logits = head(h[c0:c0 + chunk]).float()  # (n, V)
+        logits = head(h[c0:c0 + chunk]).float().to(out_device)  # (n, V)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         lse = torch.logsumexp(logits, dim=-1)
@@ -369,7 +371,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         for reason, rows in skipped.items():
             _log(f"skipping {len(rows)} row(s), {reason.replace('_', ' ')} (first: {rows[0]}); counted in the manifest")
     header = assistant_header_ids(tok)
-    model, device, torch_dtype = load_model(resolved, cfg.dtype, cfg.device, cfg.trust_remote_code)
+    model, device, torch_dtype = load_model(resolved, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.device_map)
     model_fp = model_fingerprint(resolved)
     tok_fp = tokenizer_fingerprint(tok)
     vocab_rows = int(model.get_output_embeddings().weight.shape[0])
@@ -386,7 +388,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         raise PactError(f"{cfg.tokens}: ids reach {max(tokens.ids)} but the model's output layer has {vocab_rows} rows")
     ds_fp = dataset_fingerprint(cfg.dataset)
     params = BuildParams(max_length=cfg.max_length, batch_size=cfg.batch_size, rows_per_part=cfg.rows_per_part,
-                         dtype=str(torch_dtype).replace("torch.", ""), device=device.split(":")[0],
+                         dtype=str(torch_dtype).replace("torch.", ""), device=placement(model, device),
                          assistant_header_ids=tuple(header), vocab_size=max(vocab_rows, len(tok)), algorithm=ALGORITHM)
     tokenizer = Tokenizer(tok_fp["sha256"], tok_fp["vocab_size"], tok_fp["chat_template_sha256"])
     identity = Identity(model_fp["weights_sha256"], tokenizer, tokens, ds_fp["sha256"], params, enc)

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rows-per-part", type=positive_int, default=1024, help="rows per Parquet part, the unit of resume and sharding (default 1024)")
     b.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: fp32 on CPU, bf16 on CUDA")
     b.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    b.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                   help="a reference larger than one GPU: spread its layers over this machine's GPUs and CPU memory "
+                        "(accelerate's big-model placement); one process per machine")
     b.add_argument("--encoding", default="q8", choices=["q8", "f32"], help="q8: ~46 B/step at K=50 with a stated error bound (default); f32: exact float32")
     b.add_argument("--resume", action="store_true", help="finish an interrupted build in the same folder")
     b.add_argument("--reuse", action="append", default=[], metavar="OLD",
@@ -214,7 +217,7 @@ def cmd_build(a) -> int:
     from .build import BuildConfig, build
 
     cfg = BuildConfig(dataset=a.dataset, ref=a.ref, out=a.output, tokens=a.tokens, max_length=a.max_length,
-                      batch_size=a.batch_size, dtype=a.dtype, device=a.device, encoding=a.encoding,
+                      batch_size=a.batch_size, dtype=a.dtype, device=a.device, device_map=a.device_map, encoding=a.encoding,
                       rows_per_part=a.rows_per_part, resume=a.resume, shard=a.shard, progress=not a.no_progress,
                       trust_remote_code=a.trust_remote_code, storage_options=parse_storage_options(a.storage_option),
                       reuse=a.reuse)

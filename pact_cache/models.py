@@ -180,18 +180,47 @@ def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(resolved: ResolvedModel, dtype="auto", device: str = "auto", trust_remote_code: bool = False):
-    """Load a causal LM for inference; returns ``(model, device, torch_dtype)``."""
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def load_model(resolved: ResolvedModel, dtype="auto", device: str = "auto", trust_remote_code: bool = False,
+               device_map: str | None = None):
+    """Load a causal LM for inference; returns ``(model, device, torch_dtype)``.
+
+    ``device_map`` (``auto``, ``balanced``, ...) places a model larger than one GPU across the GPUs
+    and the CPU memory of this machine with accelerate's big-model inference: each layer runs where
+    its weights are, its inputs moved there by accelerate's hooks. ``device`` is then where inputs
+    go in (the device of the input embeddings); :func:`placement` says where the layers went.
+    """
     from transformers import AutoModelForCausalLM
 
+    if device_map is not None:
+        if device_map not in DEVICE_MAPS:
+            raise ModelError(f"--device-map {device_map}: use one of {', '.join(DEVICE_MAPS)}")
+        if device != "auto":
+            raise ModelError(f"--device {device} with --device-map {device_map}: the map decides where each layer goes; drop --device")
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device) if isinstance(dtype, str) else dtype
+    kwargs = {"device_map": device_map} if device_map else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as err:
         raise ModelError(f"{resolved.name}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
-    model.to(device).eval()
+    if device_map:
+        device = str(model.get_input_embeddings().weight.device)
+        model.eval()
+    else:
+        model.to(device).eval()
     return model, device, torch_dtype
+
+
+def placement(model, device: str) -> str:
+    """Where the model computes: ``cpu``, ``cuda``, or for a device map the kinds it spans (``cpu+cuda``, ...)."""
+    dm = getattr(model, "hf_device_map", None)
+    if not dm:
+        return device.split(":")[0]
+    kinds = {"cuda" if isinstance(d, int) else str(d).split(":")[0] for d in dm.values()}
+    return "+".join(sorted(kinds))
 
 
 def sha256_file_memo(path: Path) -> str:

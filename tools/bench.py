@@ -8,6 +8,11 @@
       peak memory and step time of pact-train with the cache vs plain SFT (same loop and settings)
       vs the same PACT loss with a live reference model (the paper's way); each in its own process.
       With --model a folder from `random-model`, this measures a large configuration on a GPU.
+  python tools/bench.py stacks  --cache CACHE [--model M] [--batch-size 8] [--steps 12] [--warmup 2] [--repeats 1]
+      the tool users would otherwise pick against pact-cache's paths, each in its own process, same
+      model, LoRA, rows (cache order), batch and precision: TRL's SFTTrainer (plain SFT, its own
+      collator, completion-only loss), pact-train --method sft, pact-train --method pact, and PACT
+      through the Trainer integration (PactTrainer): peak memory and step time as ratios to TRL.
   python tools/bench.py random-model --preset llama-3.2-1b -o DIR [--tokenizer MODEL]
       writes a model folder with random bf16 weights of a public architecture and the tokenizer
       of MODEL (default: the embedded model, so caches built from it fit): memory and time do not
@@ -205,22 +210,86 @@ def _train_child(a) -> None:
     import trainer.loop  # noqa: F401  (imports first, so the baseline includes the libraries)
     from trainer.loop import TrainConfig, train
 
-    method, reference = {"sft": ("sft", "cache"), "pact": ("pact", "cache"), "online": ("pact", "online")}[a.variant]
+    import transformers.trainer  # noqa: F401  (the same libraries in every variant: comparable baselines)
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        pass
     device = "cuda" if torch.cuda.is_available() and a.device != "cpu" else "cpu"
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with tempfile.TemporaryDirectory() as tmp:
+        method, reference = {"sft": ("sft", "cache"), "pact": ("pact", "cache"), "online": ("pact", "online"),
+                             "trl-sft": ("sft", "cache"), "trainer-pact": ("pact", "cache")}[a.variant]
         cfg = TrainConfig(model=a.model, cache=a.cache, out=f"{tmp}/run", method=method, reference=reference,
                           batch_size=a.batch_size, max_steps=a.steps, shuffle=False, progress=False, plot=False,
                           grad_checkpointing=a.grad_checkpointing, full=a.full, device=device, save_every=10**9)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        train(cfg)
-        recs = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
+        if a.variant in TRAINER_VARIANTS:
+            step_times, tokens = _trainer_run(a.variant, cfg, device, tmp)
+        else:
+            train(cfg)
+            recs = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
+            step_times, tokens = [r["step_time_s"] for r in recs], [r["tokens"] for r in recs]
     out = {"variant": a.variant, "device": device, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "base_rss": base_rss, "step_times": [r["step_time_s"] for r in recs], "tokens": [r["tokens"] for r in recs]}
+           "base_rss": base_rss, "step_times": step_times, "tokens": tokens}
     if device == "cuda":
         out["peak_cuda"] = torch.cuda.max_memory_allocated()
     print("BENCH_RESULT " + json.dumps(out))
+
+
+TRAINER_VARIANTS = ("trl-sft", "trainer-pact")
+
+
+def _trainer_run(variant: str, cfg, device: str, tmp: str) -> tuple[list[float], list[int]]:
+    """TRL's SFTTrainer (plain SFT: its own collator, completion-only loss, the rows as token ids) or
+    PactTrainer (the Trainer integration), on the model pact-train would load, the rows in cache
+    order, pact-train's precision (fp32 on CPU; bf16 autocast on CUDA); per-step wall times."""
+    import datasets
+    from transformers import TrainerCallback, TrainingArguments
+
+    from pact_cache.format import open_cache
+    from trainer.hf import PactCollator, PactTrainer, hf_iterable_dataset
+    from trainer.loop import load_policy
+
+    torch.manual_seed(cfg.seed)
+    model, tok, _ = load_policy(cfg, device)
+    cache = open_cache(cfg.cache)
+    times: list[float] = []
+    tokens = [r.steps for r in cache.iter_rows()]
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+    common = dict(output_dir=f"{tmp}/hf", report_to=[], save_strategy="no", per_device_train_batch_size=cfg.batch_size,
+                  max_steps=cfg.max_steps, learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=0,
+                  bf16=device == "cuda", use_cpu=device == "cpu", gradient_checkpointing=cfg.grad_checkpointing,
+                  remove_unused_columns=False, disable_tqdm=True, logging_steps=10**9)
+    if variant == "trl-sft":
+        import trl
+
+        def token_rows():
+            for r in cache.iter_rows():
+                n = len(r.input_ids)
+                yield {"input_ids": r.input_ids.tolist(), "completion_mask": [0] * r.response_start + [1] * (n - r.response_start)}
+
+        data = datasets.IterableDataset.from_generator(token_rows)
+        args = trl.SFTConfig(**common, completion_only_loss=True, max_length=None)  # TRL prepares the token rows itself
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()])
+    else:
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        trainer = PactTrainer(model=model, args=TrainingArguments(**common), train_dataset=hf_iterable_dataset(cache),
+                              data_collator=PactCollator(pad, 8 if device == "cuda" else 1), cache=cache,
+                              loss_params=cfg.loss_params(), callbacks=[Clock()])
+    trainer.train()
+    n = len(times)
+    return times, [sum(tokens[i * cfg.batch_size:(i + 1) * cfg.batch_size]) for i in range(n)]
 
 
 def _paired(x: dict, y: dict, warmup: int) -> float:
@@ -234,26 +303,7 @@ def bench_train(a) -> dict:
     """Each variant in its own process (peak memory is per process), in the order sft, pact, online,
     ``--repeats`` times; step times are pooled over the repeats after ``--warmup`` steps of each run
     (new batch shapes make the first steps slow on CUDA)."""
-    import subprocess
-
-    runs = {"sft": [], "pact": [], "online": []}
-    for _ in range(a.repeats):
-        for variant in runs:
-            cmd = [sys.executable, __file__, "_train_child", "--variant", variant, "--cache", a.cache, "--model", a.model,
-                   "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--device", a.device]
-            cmd += ["--grad-checkpointing"] * a.grad_checkpointing + ["--full"] * a.full
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                raise SystemExit(f"{variant} run failed:\n{proc.stderr[-3000:]}")
-            runs[variant].append(json.loads(line[len("BENCH_RESULT "):]))
-    res = {}
-    for variant, rs in runs.items():
-        times = [t for r in rs for t in (r["step_times"][a.warmup:] or r["step_times"])]
-        peak = max(r.get("peak_cuda", r["peak_rss"]) for r in rs)
-        above = max(r.get("peak_cuda", r["peak_rss"] - r["base_rss"]) for r in rs)
-        res[variant] = {"device": rs[0]["device"], "runs": rs, "peak": peak, "peak_above_base": above,
-                        "step_time_median": float(np.median(times)), "step_time_mean": float(np.mean(times))}
+    res = _run_variants(a, ["sft", "pact", "online"])
     s, p, o = res["sft"], res["pact"], res["online"]
     dev = s["device"]
     kind = "CUDA max_memory_allocated" if dev == "cuda" else "peak RSS above the post-import baseline"
@@ -279,6 +329,59 @@ def bench_train(a) -> dict:
           f"pact/online {ratios['time_paired_pact_over_online']:.3f}x; ratio of means: pact/sft {ratios['time_mean_pact_over_sft']:.3f}x, "
           f"pact/online {ratios['time_mean_pact_over_online']:.3f}x")
     return {"bench": "train", "device": dev, "runs": res, "ratios": ratios}
+
+
+def _run_variants(a, variants: list[str]) -> dict:
+    """Each variant in its own process (peak memory is per process), in turn, ``--repeats`` times."""
+    import subprocess
+
+    runs = {v: [] for v in variants}
+    for _ in range(a.repeats):
+        for variant in runs:
+            cmd = [sys.executable, __file__, "_train_child", "--variant", variant, "--cache", a.cache, "--model", a.model,
+                   "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--device", a.device]
+            cmd += ["--grad-checkpointing"] * a.grad_checkpointing + ["--full"] * a.full
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                raise SystemExit(f"{variant} run failed:\n{proc.stderr[-3000:]}")
+            runs[variant].append(json.loads(line[len("BENCH_RESULT "):]))
+    res = {}
+    for variant, rs in runs.items():
+        times = [t for r in rs for t in (r["step_times"][a.warmup:] or r["step_times"])]
+        peak = max(r.get("peak_cuda", r["peak_rss"]) for r in rs)
+        above = max(r.get("peak_cuda", r["peak_rss"] - r["base_rss"]) for r in rs)
+        res[variant] = {"device": rs[0]["device"], "runs": rs, "peak": peak, "peak_above_base": above,
+                        "step_time_median": float(np.median(times)), "step_time_mean": float(np.mean(times))}
+    return res
+
+
+def bench_stacks(a) -> dict:
+    """TRL SFTTrainer (plain SFT) vs pact-train sft vs pact-train pact vs PactTrainer, side by side."""
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        raise SystemExit("bench.py stacks compares with TRL: pip install 'pact-cache[trl]' (or pip install trl)") from None
+    names = {"trl-sft": "TRL SFTTrainer, plain SFT", "sft": "pact-train --method sft", "pact": "pact-train --method pact",
+             "trainer-pact": "PactTrainer (Trainer integration), PACT"}
+    res = _run_variants(a, list(names))
+    base = res["trl-sft"]
+    dev = base["device"]
+    kind = "CUDA max_memory_allocated" if dev == "cuda" else "peak RSS above the post-import baseline"
+    ratios = {}
+    print(f"stacks on {dev}: {a.model}, batch {a.batch_size}, {a.steps} steps, {'full' if a.full else 'LoRA'}, "
+          f"{'bf16 autocast' if dev == 'cuda' else 'fp32'}; cache {a.cache}")
+    print(f"  memory: {kind}; step time: median of {a.repeats} x {a.steps - a.warmup} steps after {a.warmup} warm-up steps")
+    for v, label in names.items():
+        r = res[v]
+        ratios[v] = {"mem_over_trl": r["peak_above_base"] / base["peak_above_base"],
+                     "time_over_trl": r["step_time_median"] / base["step_time_median"],
+                     "time_paired_over_trl": _paired(r, base, a.warmup)}
+        print(f"  {label:40s} peak {r['peak_above_base'] / 2**20:7.0f} MiB  {ratios[v]['mem_over_trl']:.3f}x   "
+              f"step {r['step_time_median'] * 1000:7.0f} ms  {ratios[v]['time_over_trl']:.3f}x  "
+              f"(paired {ratios[v]['time_paired_over_trl']:.3f}x)")
+    print("  goal: PACT from the cache (pact-train pact, PactTrainer) <= 1.0x TRL's plain SFT in memory and time")
+    return {"bench": "stacks", "device": dev, "runs": res, "ratios": ratios}
 
 
 def bench_incremental(a) -> dict:
@@ -337,15 +440,17 @@ def main() -> None:
     b.add_argument("--dtype", default="auto")
     b.add_argument("--device", default="auto")
     t = sub.add_parser("train")
-    t.add_argument("--cache", required=True)
-    t.add_argument("--model", default="smollm2-135m-instruct")
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--steps", type=int, default=12)
-    t.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the step times")
-    t.add_argument("--repeats", type=int, default=1, help="run the three variants this many times, in turn")
-    t.add_argument("--device", default="auto")
-    t.add_argument("--grad-checkpointing", action="store_true")
-    t.add_argument("--full", action="store_true")
+    k = sub.add_parser("stacks")
+    for q in (t, k):
+        q.add_argument("--cache", required=True)
+        q.add_argument("--model", default="smollm2-135m-instruct")
+        q.add_argument("--batch-size", type=int, default=8)
+        q.add_argument("--steps", type=int, default=12)
+        q.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the step times")
+        q.add_argument("--repeats", type=int, default=1, help="run the variants this many times, in turn")
+        q.add_argument("--device", default="auto")
+        q.add_argument("--grad-checkpointing", action="store_true")
+        q.add_argument("--full", action="store_true")
     c = sub.add_parser("_train_child")
     for arg in ("--variant", "--cache", "--model", "--device"):
         c.add_argument(arg)
@@ -369,12 +474,12 @@ def main() -> None:
     s = sub.add_parser("storage")
     s.add_argument("cache")
     s.add_argument("--exact", help="an f32 cache of the same rows (pact-cache build --encoding f32)")
-    for q in (b, s, t, r, n):
+    for q in (b, s, t, k, r, n):
         q.add_argument("--json", help="also write the results here")
     a = p.parse_args()
     if a.cmd == "_train_child":
         return _train_child(a)
-    res = {"build": bench_build, "storage": bench_storage, "train": bench_train, "random-model": random_model,
+    res = {"build": bench_build, "storage": bench_storage, "train": bench_train, "stacks": bench_stacks, "random-model": random_model,
            "incremental": bench_incremental}[a.cmd](a)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")

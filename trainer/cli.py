@@ -111,6 +111,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-id", metavar="ID", help="pin --drift-cache: refuse it unless its content id is ID (or starts with it)")
     add_storage_option(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                   help="a model larger than one GPU: spread its layers over this machine's GPUs and CPU memory (accelerate)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for harmful.jsonl, benign.jsonl, task.jsonl, summary.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -145,7 +147,7 @@ def _eval(a) -> int:
              if a.drift_cache else None)
     if cache is not None and cache.num_rows == 0:
         raise PactError(f"{a.drift_cache}: the cache holds no rows, so no drift can be computed")
-    model, tok, device = load_eval_model(a.model, a.adapter, a.device)
+    model, tok, device = load_eval_model(a.model, a.adapter, a.device, a.device_map)
     gen = dict(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, device=device, progress=not a.no_progress)
     judge = KeywordJudge()
     summary = {"model": a.model, "adapter": a.adapter}

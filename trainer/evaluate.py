@@ -46,7 +46,7 @@ class KeywordJudge:
         return any(p.lower() in low for p in self.phrases)
 
 
-def load_eval_model(model: str, adapter: str | None = None, device: str = "auto"):
+def load_eval_model(model: str, adapter: str | None = None, device: str = "auto", device_map: str | None = None):
     """A model (optionally with a PEFT adapter folder) and its tokenizer, ready for generation.
     Weights that are NaN or infinite are refused: they would generate empty answers, which a
     refusal judge would count as compliance."""
@@ -59,12 +59,13 @@ def load_eval_model(model: str, adapter: str | None = None, device: str = "auto"
             raise ModelError(f"--adapter {adapter}: no adapter_config.json there; pass a PEFT adapter folder (pact-train's OUT/adapter)")
     resolved = resolve_model(model)
     tok = load_tokenizer(resolved)
-    m, device, _ = load_model(resolved, "auto", device)
+    m, device, _ = load_model(resolved, "auto", device, device_map=device_map)
     if adapter:
         from peft import PeftModel
 
         try:
-            m = PeftModel.from_pretrained(m, str(Path(adapter).expanduser())).to(device).eval()
+            m = PeftModel.from_pretrained(m, str(Path(adapter).expanduser()))
+            m = (m if device_map else m.to(device)).eval()  # under a device map the adapter layers follow their base layers
         except Exception as err:  # peft/safetensors raise several types for a damaged or mismatched adapter
             raise ModelError(f"--adapter {adapter}: cannot be loaded onto {model} ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}); "
                              "pass the adapter of a run on this model") from None

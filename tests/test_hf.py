@@ -101,6 +101,15 @@ def test_the_readme_example_runs(tiny_model, cache, tmp_path, monkeypatch):
     scope = {}
     exec(compile(block, "README.md", "exec"), scope)
     assert scope["trainer"].state.global_step == 3
+    # the TRL example that follows, in the same scope
+    pytest.importorskip("trl")
+    trl_block = text.split("## Using a cache from Trainer / TRL")[1].split("```python")[2].split("```")[0]
+    for old, new in (('"runs/trl"', repr(str(tmp_path / "trl"))), ("max_steps=250", "max_steps=2"),
+                     ("remove_unused_columns=False,", "remove_unused_columns=False, report_to=[], use_cpu=True, bf16=False,")):
+        assert old in trl_block, old
+        trl_block = trl_block.replace(old, new)
+    exec(compile(trl_block, "README.md", "exec"), scope)
+    assert scope["trainer"].state.global_step == 2
 
 
 def test_trl_sft_trainer_runs_pact_from_the_cache(tiny_model, cache, tmp_path):

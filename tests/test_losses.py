@@ -9,7 +9,7 @@ from trainer.losses import PactParams, chunked_ce_and_selected, pact_gate, pact_
 
 
 def naive_pact_kl(z, a, b, w, lens, p: PactParams):
-    """Straight from DESIGN.md, one example and one step at a time, in float64."""
+    """The paper's formulas as its reference code computes them, one example and one step at a time, in float64."""
     total, count = 0.0, 0
     K = z.shape[-1]
     wc = [max(float(x), 0.0) for x in w]

@@ -1,11 +1,12 @@
 """The benchmark script's own paths: a random-weight model that fits caches of its tokenizer,
-and one small `bench.py train` run (three variants, ratios printed and written as JSON)."""
+and small `bench.py train` and `bench.py stacks` runs (ratios printed and written as JSON)."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from pact_cache.build import BuildConfig, build
@@ -45,3 +46,13 @@ def test_random_model_and_train_bench(tiny_model, tmp_path):
     assert all(len(r["runs"][0]["step_times"]) == 3 for r in res["runs"].values())
     assert all(v > 0 for v in res["ratios"].values())
     assert "pact/online" in out
+
+    # the training stacks side by side: TRL's SFTTrainer, pact-train sft and pact, PactTrainer
+    pytest.importorskip("trl")
+    out = bench("stacks", "--model", tmp_path / "rand", "--cache", cache, "--batch-size", 2, "--steps", 3, "--warmup", 1,
+                "--device", "cpu", "--json", tmp_path / "s.json")
+    res = json.loads((tmp_path / "s.json").read_text())
+    assert set(res["runs"]) == {"trl-sft", "sft", "pact", "trainer-pact"}
+    assert all(len(r["runs"][0]["step_times"]) == 3 for r in res["runs"].values())
+    assert res["ratios"]["trl-sft"]["time_over_trl"] == 1.0 and all(r["mem_over_trl"] > 0 for r in res["ratios"].values())
+    assert "TRL SFTTrainer" in out

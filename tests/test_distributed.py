@@ -132,3 +132,14 @@ def test_trainer_on_two_processes_follows_pact_train(setup, tmp_path):
     assert len(logged) == len(want) == 4
     for a, b in zip(want, logged):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
+def test_fsdp2_gradients_equal_one_process(setup, tmp_path):
+    """The loss core under FSDP2 (fully_shard on every layer and the root, 2 processes): its hooks run
+    inside the sharded model's forward, so the output head is gathered when the chunks use it, in
+    forward and in the recomputation of backward; gradients equal one process's (1e-5 relative)."""
+    root, args = setup
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HELPERS / "fsdp_check.py"),
+           args[1], args[3]]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0 and "largest relative gradient difference" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]

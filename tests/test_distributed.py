@@ -143,3 +143,17 @@ def test_fsdp2_gradients_equal_one_process(setup, tmp_path):
            args[1], args[3]]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0 and "largest relative gradient difference" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
+
+
+def test_accelerate_launch_runs_the_same_job(setup, one_and_two, tmp_path):
+    """accelerate launch --multi_gpu starts the ranks as torchrun does (here on CPU, gloo)."""
+    root, args = setup
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        pytest.skip("accelerate's launcher is not installed next to this Python")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "trainer", *args, "--batch-size", "1", "-o", str(tmp_path / "acc")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "data-parallel on 2 processes" in res.stderr
+    close(metrics(root / "two"), metrics(tmp_path / "acc"))

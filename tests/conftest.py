@@ -69,6 +69,16 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+def build_f32_cache(root: Path, model: str, ids=(3, 17, 42, 99, 150), weights=(0.5, 0.1, -0.2, 0.7, 0.3), rows=None) -> str:
+    """A float32 cache of ``rows`` (CHAT_ROWS by default) built with ``model``, with mixed-sign token weights."""
+    from pact_cache.build import BuildConfig, build
+
+    tokens = root / "tokens.json"
+    tokens.write_text(json.dumps({"format": "pact-tokens/1", "ids": list(ids), "weights": list(weights), "method": "test"}))
+    data = write_jsonl(root / "d.jsonl", CHAT_ROWS if rows is None else rows)
+    return build(BuildConfig(str(data), model, str(root / "c"), tokens=str(tokens), encoding="f32", progress=False)).out
+
+
 CHAT_ROWS = [
     {"messages": [{"role": "user", "content": f"Classify the sentiment of the review number {i} as positive or negative."},
                   {"role": "assistant", "content": ("positive" if i % 2 else "negative") + " sure" * (i % 7)}]}

@@ -16,11 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pact_cache.build import BuildConfig, build
 from trainer.distributed import Ranks
 from trainer.loop import TrainConfig, TrainError, train
 
-from conftest import CHAT_ROWS, write_jsonl
+from conftest import build_f32_cache
 
 HELPERS = Path(__file__).parent / "helpers"
 # 23 rows, windows of 3 micro-batches of 2 rows: the last window has micro-batches of 2, 2 and 1
@@ -32,11 +31,7 @@ KEYS = ("loss", "ce", "pact_kl", "grad_norm", "lr", "tokens", "tokens_total", "e
 @pytest.fixture(scope="module")
 def setup(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    tokens = root / "tokens.json"
-    tokens.write_text(json.dumps({"format": "pact-tokens/1", "ids": [3, 17, 42, 99, 150], "weights": [0.5, 0.1, -0.2, 0.7, 0.3],
-                                  "method": "test"}))
-    cache = build(BuildConfig(str(write_jsonl(root / "d.jsonl", CHAT_ROWS)), tiny_model, str(root / "c"), tokens=str(tokens),
-                              encoding="f32", progress=False)).out
+    cache = build_f32_cache(root, tiny_model)
     return root, ["--model", tiny_model, "--cache", str(cache)] + COMMON
 
 

@@ -8,24 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from pact_cache.build import BuildConfig, build
 from pact_cache.format import open_cache
 from trainer.hf import CacheDataset, PactCollator, make_trainer_class
 from trainer.loop import TrainConfig, load_policy, policy_losses, train
 from trainer.losses import LossParams
 from trainer.stream import collate
 
-from conftest import CHAT_ROWS, write_jsonl
+from conftest import build_f32_cache
 
 
 @pytest.fixture(scope="module")
 def cache(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf")
-    tokens = root / "tokens.json"
-    tokens.write_text(json.dumps({"format": "pact-tokens/1", "ids": [3, 17, 42, 99, 150], "weights": [0.5, 0.1, -0.2, 0.7, 0.3],
-                                  "method": "test"}))
-    return build(BuildConfig(str(write_jsonl(root / "d.jsonl", CHAT_ROWS)), tiny_model, str(root / "c"), tokens=str(tokens),
-                             encoding="f32", progress=False)).out
+    return build_f32_cache(tmp_path_factory.mktemp("hf"), tiny_model)
 
 
 def trainer_for(model, cache, tmp_path, params, **args):

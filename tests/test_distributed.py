@@ -110,23 +110,35 @@ def test_resuming_with_another_process_count_is_refused(setup, one_and_two):
                           lr=1e-3, warmup_steps=1, progress=False, plot=False, resume=True))
 
 
+def pact_train_reference(setup, out: Path) -> list[dict]:
+    """pact-train, 1 process x 2 rows x 2 accumulation, cache order, constant lr: 4 steps."""
+    root, args = setup
+    train(TrainConfig(model=args[1], cache=args[3], out=str(out), batch_size=2, grad_accum=2, lora_dropout=0.0, lr=1e-3,
+                      schedule="constant", warmup_steps=0, shuffle=False, max_steps=4, progress=False, plot=False))
+    return metrics(out)
+
+
+def trainer_logged(out: Path) -> list[dict]:
+    return [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+
+
+def same_steps(want: list[dict], logged: list[dict]) -> None:
+    assert len(logged) == len(want) == 4
+    for a, b in zip(want, logged):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
 def test_trainer_on_two_processes_follows_pact_train(setup, tmp_path):
     """PactTrainer under torchrun (accelerate shards the cache by rank, DDP syncs the gradients):
     4 optimizer steps of 2 processes x 1 row x 2 accumulation equal pact-train's 1 process x 2 rows
     x 2 accumulation (same rows in cache order, constant lr, AdamW): loss and grad norm, 1e-5."""
     root, args = setup
-    model, cache = args[1], args[3]
-    train(TrainConfig(model=model, cache=cache, out=str(tmp_path / "pt"), batch_size=2, grad_accum=2, lora_dropout=0.0, lr=1e-3,
-                      schedule="constant", warmup_steps=0, shuffle=False, max_steps=4, progress=False, plot=False))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HELPERS / "hf_run.py"),
-           model, cache, str(tmp_path / "hf"), "1", "2", "4"]
+           args[1], args[3], str(tmp_path / "hf"), "1", "2", "4"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
-    logged = [h for h in json.loads((tmp_path / "hf" / "log_history.json").read_text()) if "loss" in h]
-    want = metrics(tmp_path / "pt")
-    assert len(logged) == len(want) == 4
-    for a, b in zip(want, logged):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    assert json.loads((tmp_path / "hf" / "run.json").read_text()) == {"distributed_type": "MULTI_CPU", "processes": 2}
+    same_steps(pact_train_reference(setup, tmp_path / "pt"), trainer_logged(tmp_path / "hf"))
 
 
 def test_fsdp2_gradients_equal_one_process(setup, tmp_path):

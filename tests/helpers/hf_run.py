@@ -1,6 +1,6 @@
 """A transformers Trainer run from a cache with PactTrainer, for tests/test_distributed.py (under
 torchrun: each process one rank). argv: MODEL CACHE OUT BATCH_PER_DEVICE GRAD_ACCUM STEPS.
-Rank 0 writes OUT/log_history.json."""
+Rank 0 writes OUT/log_history.json and OUT/run.json (how accelerate ran it)."""
 
 import json
 import sys
@@ -27,3 +27,5 @@ trainer = PactTrainer(model=model, args=args, train_dataset=CacheDataset(cache),
 trainer.train()
 if trainer.is_world_process_zero():
     Path(out, "log_history.json").write_text(json.dumps(trainer.state.log_history))
+    Path(out, "run.json").write_text(json.dumps({"distributed_type": trainer.accelerator.distributed_type.value,
+                                                 "processes": trainer.accelerator.num_processes}))

@@ -127,3 +127,18 @@ def test_trl_sft_trainer_runs_pact_from_the_cache(tiny_model, cache, tmp_path):
     trainer.train()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 2 and logged[0] == pytest.approx(want, rel=1e-5)
+
+
+def test_dataset_shards_by_rank_unless_the_stack_does(cache, monkeypatch):
+    import trainer.hf as hf
+
+    every = [r.example_id for r in open_cache(cache).iter_rows()]
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(hf, "_rank_world", lambda rank=rank: (rank, 2))
+        ds = CacheDataset(open_cache(cache))
+        shares.append([item["row"].example_id for item in ds])
+        assert len(ds) == len(shares[-1])
+        ds.shard_by_rank = False  # what PactTrainer sets: accelerate shards instead
+        assert [item["row"].example_id for item in ds] == every and len(ds) == len(every)
+    assert sorted(shares[0] + shares[1]) == sorted(every) and not set(shares[0]) & set(shares[1])

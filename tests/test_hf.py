@@ -64,7 +64,7 @@ def test_a_short_trainer_run_logs_pact_trains_first_loss(tiny_model, cache, tmp_
     params = LossParams(lam=1.0)
     train(TrainConfig(model=tiny_model, cache=str(cache), out=str(tmp_path / "pt"), batch_size=4, grad_accum=2, max_steps=1,
                       shuffle=False, progress=False, plot=False, lora_dropout=0.0))
-    want = json.loads((tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    want = json.loads((tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()[0])
     torch.manual_seed(0)
     model, tok, _ = load_policy(TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0), "cpu")
     trainer = trainer_for(model, cache, tmp_path, params, per_device_train_batch_size=4, gradient_accumulation_steps=2,
@@ -72,8 +72,10 @@ def test_a_short_trainer_run_logs_pact_trains_first_loss(tiny_model, cache, tmp_
     trainer.train_dataset = CacheDataset(open_cache(cache))
     trainer.data_collator = PactCollator(tok.pad_token_id)
     trainer.train()
-    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert len(logged) == 3 and logged[0] == pytest.approx(want, rel=1e-4)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3 and logs[0]["loss"] == pytest.approx(want["loss"], rel=1e-4)
+    # the method's term under its own name, token-weighted like pact-train's
+    assert logs[0]["ce"] == pytest.approx(want["ce"], rel=1e-4) and logs[0]["pact_kl"] == pytest.approx(want["pact_kl"], rel=1e-4)
 
 
 def test_dataset_shards_by_worker_without_overlap(cache):

@@ -5,28 +5,34 @@ import math
 import pytest
 import torch
 
-from trainer.losses import PactParams, chunked_ce_and_selected, pact_gate, pact_kl, top_p_count
+from trainer.losses import METHODS, LossParams, PactParams, Steps, chunked_projection, method_named, pact_gate, pact_kl, pact_rest_kl, top_p_count
+
+
+def naive_gate(zt: list, bt: list, t: int, p: PactParams) -> float:
+    """PACT's gate c_t from the policy's values and the post view's on S, one step."""
+    K = len(zt)
+
+    def index(x):
+        probs = sorted((math.exp(v / p.T_gate) for v in x), reverse=True)
+        s = sum(probs)
+        cum, n = 0.0, 0
+        for q in probs:
+            cum += q / s
+            if cum < p.top_p:
+                n += 1
+        return (n + 1) / K
+    c = 1 / (1 + math.exp(-p.alpha * (index(zt) - index(bt) - p.bias)))
+    return c * math.exp(-max(t - p.N, 0) / p.tau) * p.boost
 
 
 def naive_pact_kl(z, a, b, w, lens, p: PactParams):
     """The paper's formulas as its reference code computes them, one example and one step at a time, in float64."""
     total, count = 0.0, 0
-    K = z.shape[-1]
     wc = [max(float(x), 0.0) for x in w]
     for bi in range(z.shape[0]):
         for t in range(lens[bi]):
-            def index(x):
-                probs = sorted((math.exp(v / p.T_gate) for v in x), reverse=True)
-                s = sum(probs)
-                cum, n = 0.0, 0
-                for q in probs:
-                    cum += q / s
-                    if cum < p.top_p:
-                        n += 1
-                return (n + 1) / K
             zt, at, bt = z[bi, t].tolist(), a[bi, t].tolist(), b[bi, t].tolist()
-            c = 1 / (1 + math.exp(-p.alpha * (index(zt) - index(bt) - p.bias)))
-            c *= math.exp(-max(t - p.N, 0) / p.tau) * p.boost
+            c = naive_gate(zt, bt, t, p)
             m = [(1 - c) * x + c * y for x, y in zip(at, bt)]
             mx = max(m)
             e = [math.exp((v - mx) / p.T) for v in m]
@@ -88,16 +94,17 @@ def test_kl_is_zero_when_policy_equals_target_and_uniform_weights():
     assert abs(s.item()) < 1e-5 and n.item() == 6
 
 
-def naive_response_ce(logits, targets):
+def naive_target_logprobs(logits, targets):
     """One position at a time, full log-softmax."""
-    return sum(-torch.log_softmax(logits[i].double(), -1)[targets[i]] for i in range(len(targets)))
+    return torch.stack([torch.log_softmax(logits[i].double(), -1)[targets[i]] for i in range(len(targets))])
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4, 10, 64])
-def test_chunked_ce_and_selected_equal_the_unchunked_values_and_gradients(chunk):
+def test_chunked_projection_equals_the_unchunked_values_and_gradients(chunk):
     """The production path (chunks of positions, checkpointed) against one plain pass, across chunk
-    boundaries (N = 10 is not a multiple of 3 or 4): the CE sum, the logits of S, and the gradients of
-    both with respect to the hidden states and the head's weights."""
+    boundaries (N = 10 is not a multiple of 3 or 4): the target log-probs (the CE is minus their sum),
+    the logits of S, the logsumexp, and the gradients of all three with respect to the hidden states
+    and the head's weights."""
     g = torch.Generator().manual_seed(3)
     N, H, V = 10, 6, 13
     ids = torch.tensor([2, 7, 11])
@@ -106,22 +113,92 @@ def test_chunked_ce_and_selected_equal_the_unchunked_values_and_gradients(chunk)
     with torch.no_grad():
         head.weight.copy_(torch.randn(V, H, generator=g))
     h = torch.randn(N, H, generator=g, requires_grad=True)
-    w_sel = torch.randn(N, 3, generator=g)  # a downstream use of the logits of S, so they carry gradient too
+    # downstream uses of every output, so that each carries gradient
+    w_t, w_sel, w_lse = torch.randn(N, generator=g), torch.randn(N, 3, generator=g), torch.randn(N, generator=g)
 
-    ce, sel = chunked_ce_and_selected(head, h, targets, ids, chunk)
-    (ce + (sel * w_sel).sum()).backward()
-    got = (ce.item(), sel.detach().clone(), h.grad.clone(), head.weight.grad.clone())
+    tgt, sel, lse = chunked_projection(head, h, targets, ids, chunk)
+    ((tgt * w_t).sum() + (sel * w_sel).sum() + (lse * w_lse).sum()).backward()
+    got = (tgt.detach().clone(), sel.detach().clone(), lse.detach().clone(), h.grad.clone(), head.weight.grad.clone())
 
     h.grad, head.weight.grad = None, None
     logits = head(h).float()
-    want_ce = naive_response_ce(logits, targets)
-    (want_ce + (logits[:, ids] * w_sel).sum()).backward()
-    assert got[0] == pytest.approx(want_ce.item(), rel=1e-6)
+    want_t = naive_target_logprobs(logits, targets)
+    want_lse = torch.stack([torch.log(torch.exp(logits[i].double()).sum()) for i in range(N)])
+    ((want_t * w_t).sum() + (logits[:, ids] * w_sel).sum() + (want_lse * w_lse).sum()).backward()
+    assert torch.allclose(got[0].double(), want_t.detach(), atol=1e-5) and -got[0].sum().item() == pytest.approx(-want_t.sum().item(), rel=1e-6)
     assert torch.allclose(got[1], logits[:, ids].detach(), atol=1e-6)
-    assert torch.allclose(got[2], h.grad, atol=1e-5) and torch.allclose(got[3], head.weight.grad, atol=1e-5)
+    assert torch.allclose(got[2].double(), want_lse.detach(), atol=1e-5)
+    assert torch.allclose(got[3], h.grad, atol=1e-5) and torch.allclose(got[4], head.weight.grad, atol=1e-5)
 
 
-def test_chunked_ce_of_no_positions_is_zero():
+def test_chunked_projection_of_no_positions_is_empty():
     head = torch.nn.Linear(4, 9, bias=False)
-    ce, sel = chunked_ce_and_selected(head, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.tensor([1, 2]), 3)
-    assert ce.item() == 0 and sel.shape == (0, 2)
+    tgt, sel, lse = chunked_projection(head, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.tensor([1, 2]), 3)
+    assert tgt.shape == lse.shape == (0,) and sel.shape == (0, 2)
+
+
+def naive_pact_rest_kl(policy_logits, ref_full, ref_post, ids, w, lens, p: PactParams):
+    """PACT-rest from full-vocabulary distributions, one step at a time, float64: the rest category's
+    probability is the sum over the tokens outside S (not 1 - sum over S)."""
+    ids = ids.tolist()
+    wc = [max(float(x), 0.0) for x in w]
+    wc.append(sum(wc) / len(wc))
+    total, count = 0.0, 0
+
+    def coarse(logits_t):  # K + 1 log-probs: S, then the rest
+        lp = torch.log_softmax(logits_t.double(), -1).tolist()
+        rest = math.log(sum(math.exp(v) for i, v in enumerate(lp) if i not in ids))
+        return [lp[i] for i in ids] + [rest]
+    for bi in range(policy_logits.shape[0]):
+        for t in range(lens[bi]):
+            z, a, b = coarse(policy_logits[bi, t]), coarse(ref_full[bi, t]), coarse(ref_post[bi, t])
+            c = naive_gate(z[:-1], b[:-1], t, p)
+            m = [(1 - c) * x + c * y for x, y in zip(a, b)]
+            e = [math.exp(v / p.T) for v in m]
+            q = [x / sum(e) * wk for x, wk in zip(e, wc)]
+            q = [x / sum(q) for x in q]
+            lse = math.log(sum(math.exp(v / p.T) for v in z))
+            total += p.T ** 2 * sum(qk * (math.log(max(qk, 1e-12)) - (zk / p.T - lse)) for qk, zk in zip(q, z))
+            count += 1
+    return total, count
+
+
+@pytest.mark.parametrize("params", [PactParams(), PactParams(T=1.5, T_gate=0.7, top_p=0.8, alpha=3.0, bias=0.1, N=2, tau=3.0, boost=0.9)])
+def test_pact_rest_matches_naive_on_odd_shapes(params):
+    """Through the registry, as the trainers call it: a vocabulary of 11, K = 4, ragged responses."""
+    g = torch.Generator().manual_seed(1)
+    B, T, V = 3, 9, 11
+    ids = torch.tensor([1, 4, 5, 9])
+    lens = [9, 4, 1]
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    ref_full = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    ref_post = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    w = torch.tensor([0.5, -0.2, 0.9, 0.3], dtype=torch.float64)
+    mask = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]
+    lp = lambda x: torch.log_softmax(x, -1)[..., ids]  # noqa: E731  (the cache's full-vocabulary log-probs of S)
+    steps = Steps(mask, logits[..., ids], logits.logsumexp(-1), torch.zeros(B, T, dtype=torch.float64), w,
+                  {"full": lp(ref_full), "post": lp(ref_post)})
+    got = method_named("pact-rest").term(steps, LossParams(method="pact-rest", pact=params))
+    want, n = naive_pact_rest_kl(logits, ref_full, ref_post, ids, w, lens, params)
+    assert n == int(mask.sum()) and got.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_pact_rest_sees_mass_moving_outside_s_and_pact_does_not():
+    """A policy that keeps the reference's ratios within S but moves half of S's mass to other
+    tokens: PACT's KL (renormalised over S) is zero, PACT-rest's is not; equal policies give zero."""
+    K = 4
+    ref = torch.log(torch.tensor([0.4, 0.2, 0.1, 0.1])).view(1, 1, K)  # S holds 0.8
+    moved = ref + math.log(0.5)  # S holds 0.4, same ratios
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    w = torch.ones(K)
+    assert pact_kl(moved, ref, ref, w, mask)[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert pact_rest_kl(moved, ref, ref, w, mask)[0].item() > 0.05
+    assert pact_rest_kl(ref, ref, ref, w, mask)[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_registry_names_each_method_once_with_its_columns():
+    assert list(METHODS) == ["sft", "pact", "pact-rest"]
+    assert method_named("sft").term is None and method_named("pact").columns == ("full", "post")
+    assert {m.metric for m in METHODS.values() if m.metric} == {"pact_kl", "pact_rest_kl"}
+    with pytest.raises(ValueError, match="unknown method 'nope'; use one of sft, pact, pact-rest"):
+        method_named("nope")

@@ -10,7 +10,7 @@ from pact_cache.cli import OneLineParser, add_storage_option, positive_int, run_
 from pact_cache.storage import parse_storage_options
 from pact_cache.errors import PactError
 
-from .losses import PactParams
+from .losses import METHODS, PactParams
 from .loop import TrainConfig, train
 
 
@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="run folder: metrics.jsonl, config.json, checkpoint/, adapter/ or model/, loss.png")
     p.add_argument("--cache-id", metavar="ID", help="pin the cache: refuse it unless its content id is ID (or starts with it, 8+ characters)")
     add_storage_option(p)
-    p.add_argument("--method", choices=["pact", "sft"], default=d.method, help="pact: CE + lambda * PACT KL (default); sft: CE only")
+    p.add_argument("--method", choices=list(METHODS), default=d.method,
+                   help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + f" (default {d.method})")
     p.add_argument("--reference", choices=["cache", "online"], default=d.reference, help="cache (default) or online: a live reference model beside the policy, the paper's way")
     p.add_argument("--ref-model", metavar="MODEL", help="reference for --reference online (default: --model)")
     p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="weight of the PACT KL (default 1.0)")

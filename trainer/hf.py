@@ -36,7 +36,7 @@ from pact_cache.format import Cache, CacheRow, open_cache
 from .losses import LossParams, PactParams
 from .stream import Batch, collate, epoch_rows
 
-KEYS = ("pact_response_start", "pact_step_mask", "pact_targets", "pact_full", "pact_post")
+KEYS = ("pact_response_start", "pact_step_mask", "pact_targets", "pact_full", "pact_post", "pact_ref_target")
 
 
 class CacheDataset(IterableDataset):
@@ -103,7 +103,7 @@ class PactCollator:
             labels[i, r.response_start: len(r.input_ids)] = b.input_ids[i, r.response_start: len(r.input_ids)]
         return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": labels,
                 "pact_response_start": b.response_start, "pact_step_mask": b.step_mask, "pact_targets": b.targets,
-                "pact_full": b.full, "pact_post": b.post}
+                "pact_full": b.full, "pact_post": b.post, "pact_ref_target": b.ref_target}
 
 
 class PactTrainerMixin:
@@ -116,6 +116,7 @@ class PactTrainerMixin:
         self.pact_weights = torch.tensor(cache.tokens.weights, dtype=torch.float32)
         self.pact_params = loss_params or LossParams(pact=PactParams())
         self.model_accepts_loss_kwargs = True  # so that the Trainer counts num_items_in_batch from the labels
+        self._pact_sums = torch.zeros(3)  # CE, the method's term, response tokens: since the last log
 
     def create_accelerator_and_postprocess(self):
         cfg = self.args.accelerator_config
@@ -136,10 +137,12 @@ class PactTrainerMixin:
         targets = {k: inputs.pop(k) for k in KEYS}  # popped before the model could see them
         inputs.pop("labels", None)
         batch = Batch(inputs["input_ids"], inputs["attention_mask"], targets["pact_response_start"], targets["pact_step_mask"],
-                      targets["pact_targets"], targets["pact_full"], targets["pact_post"], [])
+                      targets["pact_targets"], targets["pact_full"], targets["pact_post"], targets["pact_ref_target"], [])
         device = batch.input_ids.device
-        ce_sum, kl_sum, n = policy_losses(model, batch, self.pact_ids.to(device), self.pact_weights.to(device), self.pact_params)
-        total = ce_sum + self.pact_params.lam * kl_sum
+        ce_sum, term_sum, n = policy_losses(model, batch, self.pact_ids.to(device), self.pact_weights.to(device), self.pact_params)
+        total = ce_sum + self.pact_params.lam * term_sum
+        if model.training:
+            self._pact_sums = self._pact_sums.to(device) + torch.stack([ce_sum.detach(), term_sum.detach(), n.detach().float()])
         if num_items_in_batch is not None:
             loss = total / num_items_in_batch
             if getattr(self.args, "average_tokens_across_devices", False) and self.args.world_size > 1:
@@ -148,7 +151,23 @@ class PactTrainerMixin:
         else:
             loss = total / n.clamp_min(1)
             self.loss_is_scaled_for_ga = False
-        return (loss, {"ce_sum": ce_sum.detach(), "kl_sum": kl_sum.detach()}) if return_outputs else loss
+        return (loss, {"ce_sum": ce_sum.detach(), "term_sum": term_sum.detach()}) if return_outputs else loss
+
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Adds the token-weighted cross-entropy (``ce``) and the method's term under its own name (e.g.
+        ``pact_kl``) over the steps since the last log, summed over all processes."""
+        from .losses import method_named
+
+        if "loss" in logs and self._pact_sums[2] > 0:
+            sums = self.accelerator.reduce(self._pact_sums, reduction="sum") if self.accelerator.num_processes > 1 else self._pact_sums
+            ce, term, n = sums.tolist()
+            logs["ce"] = ce / n
+            metric = method_named(self.pact_params.method).metric
+            if metric:
+                logs[metric] = term / n
+            self._pact_sums = torch.zeros_like(self._pact_sums)
+        super().log(logs, *args, **kwargs)
 
 
 def make_trainer_class(base):

@@ -22,7 +22,7 @@ from pact_cache.format import Cache, atomic_write_bytes, atomic_write_json, open
 from pact_cache.manifest import load_json
 
 from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, replace_dir, save_checkpoint
-from .losses import LossParams, PactParams, chunked_ce_and_selected, pact_kl
+from .losses import METHODS, LossParams, PactParams, Steps, chunked_projection, method_named
 from .distributed import Ranks, setup, teardown
 from .stream import Batch, batches, collate
 
@@ -50,7 +50,7 @@ class TrainConfig:
     out: str
     cache_pin: str | None = None  # --cache-id: refuse any cache whose content id is not this (or does not start with it)
     storage_options: dict = field(default_factory=dict, repr=False)  # for a cache on an object store; never recorded
-    method: str = "pact"  # pact | sft
+    method: str = "pact"  # a name in trainer.losses.METHODS: sft, pact, pact-rest
     reference: str = "cache"  # cache | online (a live reference beside the policy, the paper's way)
     ref_model: str | None = None  # for --reference online; default: the policy's initial weights (--model)
     lam: float = 1.0
@@ -112,8 +112,8 @@ def _number(name: str, v, lo=None, hi=None, lo_open=False, hi_open=False, intege
 
 def check_config(cfg: TrainConfig) -> None:
     """Every option's type and range, before anything is loaded or written."""
-    if cfg.method not in ("pact", "sft"):
-        raise TrainError(f"--method {cfg.method}: use pact or sft")
+    if cfg.method not in METHODS:
+        raise TrainError(f"--method {cfg.method}: use one of {', '.join(METHODS)}")
     if cfg.reference not in ("cache", "online"):
         raise TrainError(f"--reference {cfg.reference}: use cache or online")
     if cfg.schedule not in ("cosine", "linear", "constant", "step"):
@@ -258,8 +258,10 @@ def _no_logits_kwargs(lm, device) -> dict:
 
 # ----------------------------------------------------------------------------- the loss
 
-def policy_losses(model, batch: Batch, ids: torch.Tensor, weights: torch.Tensor, params: LossParams, ref_full=None, ref_post=None):
-    """Returns ``(ce_sum, kl_sum, n_steps)`` for one micro-batch (sums: the caller divides them once).
+def policy_losses(model, batch: Batch, ids: torch.Tensor, weights: torch.Tensor, params: LossParams, ref: dict | None = None):
+    """Returns ``(ce_sum, term_sum, n_steps)`` for one micro-batch (sums: the caller divides them once);
+    ``term_sum`` is the method's term (:data:`trainer.losses.METHODS`), zero for plain SFT. ``ref``
+    holds a live reference's columns; by default the batch's cached ones are used.
 
     ``model`` is what the training stack holds: a transformers causal LM, possibly under PEFT and
     under DDP / FSDP / DeepSpeed. It is called once, through all its wrappers (so that they can
@@ -278,7 +280,7 @@ def policy_losses(model, batch: Batch, ids: torch.Tensor, weights: torch.Tensor,
 
     def add_losses(_module, _args, output):
         output["loss"] = torch.stack(_losses_from_hidden(lm.get_output_embeddings(), kept.pop("hidden"), batch, ids, weights,
-                                                         params, ref_full, ref_post))
+                                                         params, ref))
         return output
 
     hooks = [lm.get_decoder().register_forward_hook(keep_hidden), lm.register_forward_hook(add_losses)]
@@ -291,28 +293,31 @@ def policy_losses(model, batch: Batch, ids: torch.Tensor, weights: torch.Tensor,
     return out.loss[0], out.loss[1], batch.step_mask.sum()
 
 
-def _losses_from_hidden(head, hidden, batch: Batch, ids, weights, params: LossParams, ref_full, ref_post):
-    """``(ce_sum, kl_sum)`` from the decoder's last hidden state (B, L, H)."""
+def _losses_from_hidden(head, hidden, batch: Batch, ids, weights, params: LossParams, ref: dict | None):
+    """``(ce_sum, term_sum)`` from the decoder's last hidden state (B, L, H)."""
+    method = method_named(params.method)
     B, T = batch.step_mask.shape
     bidx, tidx = batch.step_mask.nonzero(as_tuple=True)  # (N,), row-major: matches (B, T) order
     pos = batch.response_start[bidx] - 1 + tidx
     h = hidden[bidx, pos]  # (N, H)
-    targets = batch.targets[bidx, tidx]
-    ce_sum, sel = chunked_ce_and_selected(head, h, targets, ids, params.logits_chunk)
-    if params.method == "sft" or params.lam == 0:
+    target_lp, sel, lse = chunked_projection(head, h, batch.targets[bidx, tidx], ids, params.logits_chunk)
+    ce_sum = -target_lp.sum()
+    if method.term is None or params.lam == 0:
         return ce_sum, ce_sum.new_zeros(())
-    z = h.new_zeros((B, T, len(ids)), dtype=torch.float32)
-    z = z.index_put((bidx, tidx), sel)
-    full = batch.full if ref_full is None else ref_full
-    post = batch.post if ref_post is None else ref_post
-    kl_sum, _ = pact_kl(z, full, post, weights, batch.step_mask, params.pact)
-    return ce_sum, kl_sum
+
+    def steps(x, *rest):  # (N, *rest) -> (B, T, *rest), zeros at padded steps
+        return x.new_zeros((B, T, *rest)).index_put((bidx, tidx), x)
+
+    s = Steps(batch.step_mask, steps(sel, len(ids)), steps(lse), steps(target_lp), weights,
+              batch.reference(method.columns) if ref is None else {c: ref[c] for c in method.columns})
+    return ce_sum, method.term(s, params)
 
 
 @torch.no_grad()
-def online_reference(ref, batch: Batch, header: list[int], ids: torch.Tensor):
-    """The paper's way: the reference's full logits for the full and the post-only sequences,
-    then the safety-token log-probs at the response steps. Returns (full, post), each (B, T, K)."""
+def online_reference(ref, batch: Batch, header: list[int], ids: torch.Tensor) -> dict:
+    """The paper's way: the reference's full logits for the full and the post-only sequences, then
+    at the response steps the cache's columns: ``full``, ``post`` (B, T, K) log-probs of S and
+    ``target`` (B, T) the log-prob of the response token."""
     B, T = batch.step_mask.shape
     steps = batch.step_mask.sum(1)
     lp_full = torch.log_softmax(ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float(), -1)
@@ -326,11 +331,13 @@ def online_reference(ref, batch: Batch, header: list[int], ids: torch.Tensor):
     lp_post = torch.log_softmax(ref(input_ids=post_ids, attention_mask=post_mask).logits.float(), -1)
     full = lp_full.new_zeros((B, T, len(ids)))
     post = lp_full.new_zeros((B, T, len(ids)))
+    target = lp_full.new_zeros((B, T))
     for b in range(B):
         n, rs = int(steps[b]), int(batch.response_start[b])
         full[b, :n] = lp_full[b, rs - 1: rs - 1 + n][:, ids]
         post[b, :n] = lp_post[b, len(header) - 1: len(header) - 1 + n][:, ids]
-    return full, post
+        target[b, :n] = lp_full[b, rs - 1: rs - 1 + n].gather(1, batch.targets[b, :n, None])[:, 0]
+    return {"full": full, "post": post, "target": target}
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -380,7 +387,8 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     ids = torch.tensor(cache.ids, device=device)
     weights = torch.tensor(cache.tokens.weights, dtype=torch.float32, device=device)
     ref = header = None
-    if cfg.reference == "online" and cfg.method == "pact":
+    method = method_named(cfg.method)
+    if cfg.reference == "online" and method.columns:
         from pact_cache.models import load_model, resolve_model
 
         ref, _, _ = load_model(resolve_model(cfg.ref_model or cfg.model), torch.bfloat16 if device.startswith("cuda") else torch.float32, device)
@@ -446,24 +454,23 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         lr = lr_at(step, total, steps_per_epoch, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        ce_tot = kl_tot = 0.0
+        ce_tot = term_tot = 0.0
         for i, (_, _, global_rows) in enumerate(micro):
             rows, scale = ranks.take(global_rows)
             batch = collate(rows, pad_id, pad_multiple).to(device)
-            ref_full = ref_post = None
-            if ref is not None:
-                ref_full, ref_post = online_reference(ref, batch, header, ids)
+            live = online_reference(ref, batch, header, ids) if ref is not None else None
             with ranks.no_sync(ddp_model, sync=i == len(micro) - 1):  # one gradient all-reduce per window
                 with autocast:
-                    ce_sum, kl_sum, _ = policy_losses(ddp_model, batch, ids, weights, loss_params, ref_full, ref_post)
-                loss = (ce_sum + cfg.lam * kl_sum) * (scale * ranks.world / n_window)  # DDP averages over ranks
+                    ce_sum, term_sum, _ = policy_losses(ddp_model, batch, ids, weights, loss_params, live)
+                loss = (ce_sum + cfg.lam * term_sum) * (scale * ranks.world / n_window)  # DDP averages over ranks
                 loss.backward()
             ce_tot += scale * ce_sum.item()
-            kl_tot += scale * kl_sum.item()
-        ce_tot, kl_tot = ranks.sum([ce_tot, kl_tot], device)
-        if not (math.isfinite(ce_tot) and math.isfinite(kl_tot)):
+            term_tot += scale * term_sum.item()
+        ce_tot, term_tot = ranks.sum([ce_tot, term_tot], device)
+        if not (math.isfinite(ce_tot) and math.isfinite(term_tot)):
             bar.close()
-            raise NonFiniteError(step + 1, f"the loss is not finite (cross-entropy sum {ce_tot}, PACT KL sum {kl_tot})", out, last_saved)
+            raise NonFiniteError(step + 1, f"the loss is not finite (cross-entropy sum {ce_tot}, {method.metric or 'term'} sum {term_tot})",
+                                 out, last_saved)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
         if not math.isfinite(grad_norm):
             bar.close()
@@ -474,13 +481,15 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         epoch, taken = micro[-1][0], micro[-1][1]
         tokens_total += n_window
         dt = time.time() - t0
-        rec = {"step": step, "epoch": epoch, "loss": (ce_tot + cfg.lam * kl_tot) / n_window, "ce": ce_tot / n_window,
-               "pact_kl": kl_tot / n_window, "lr": lr, "tokens": n_window, "tokens_total": tokens_total,
-               "grad_norm": grad_norm, "step_time_s": dt}
+        rec = {"step": step, "epoch": epoch, "loss": (ce_tot + cfg.lam * term_tot) / n_window, "ce": ce_tot / n_window}
+        if method.metric:  # the method's term, under its own name
+            rec[method.metric] = term_tot / n_window
+        rec.update({"lr": lr, "tokens": n_window, "tokens_total": tokens_total, "grad_norm": grad_norm, "step_time_s": dt})
         if ranks.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", pact_kl=f"{rec['pact_kl']:.4f}", tok_s=f"{n_window / dt:.0f}")
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", **({method.metric: f"{rec[method.metric]:.4f}"} if method.metric else {}),
+                        tok_s=f"{n_window / dt:.0f}")
         bar.update(1)
         if step % cfg.save_every == 0 and step < total and ranks.main:
             save_checkpoint(out / "checkpoint", model, optimizer, {"step": step, "epoch": epoch, "rows_taken": taken,
@@ -508,12 +517,13 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         tok.save_pretrained(tmp)
         replace_dir(tmp, out / "merged")
     if cfg.plot:
-        plot_metrics(metrics_path, out / "loss.png")
+        plot_metrics(metrics_path, out / "loss.png", method.metric)
     ranks.barrier()
     return {"out": str(out), "steps": step, "seconds": time.time() - t_run, "final": str(final)}
 
 
-def plot_metrics(metrics_path: Path, png: Path) -> None:
+def plot_metrics(metrics_path: Path, png: Path, metric: str | None = None) -> None:
+    """Loss and cross-entropy per step, and the method's term (``metric``) beside them when it has one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -523,14 +533,16 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
     if not recs:
         return
     steps = [r["step"] for r in recs]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, ax = plt.subplots(1, 2 if metric else 1, figsize=(10 if metric else 5.5, 3.6), squeeze=False)
+    ax = ax[0]
     ax[0].plot(steps, [r["loss"] for r in recs], label="loss")
     ax[0].plot(steps, [r["ce"] for r in recs], label="cross-entropy")
     ax[0].set_xlabel("optimizer step")
     ax[0].legend()
-    ax[1].plot(steps, [r["pact_kl"] for r in recs], color="C2")
-    ax[1].set_xlabel("optimizer step")
-    ax[1].set_title("PACT safety-token KL")
+    if metric:
+        ax[1].plot(steps, [r.get(metric, float("nan")) for r in recs], color="C2")
+        ax[1].set_xlabel("optimizer step")
+        ax[1].set_title(metric)
     fig.tight_layout()
     tmp = png.with_name(f".{png.name}.tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -8,7 +8,8 @@ divided once by the global count of valid steps (as torchtune's losses do).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -84,41 +85,145 @@ def pact_kl(policy: torch.Tensor, full: torch.Tensor, post: torch.Tensor, weight
     return (kl * m).sum(), m.sum()
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for log-probabilities ``x``, stable at both ends (Maechler's split at
+    -log 2); ``x`` is clamped to at most -1e-6, so a mass of (numerically) 1 gives log(1e-6) rather
+    than -inf."""
+    x = x.clamp(max=-1e-6)
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def with_rest(logprobs: torch.Tensor) -> torch.Tensor:
+    """(..., K) full-vocabulary log-probs of S -> (..., K + 1): S and "everything outside S",
+    whose log-prob is ``log(1 - sum_s p(s))``."""
+    return torch.cat([logprobs, log1mexp(logprobs.logsumexp(dim=-1, keepdim=True))], dim=-1)
+
+
+def pact_rest_kl(policy_logprobs: torch.Tensor, full: torch.Tensor, post: torch.Tensor, weights: torch.Tensor,
+                 mask: torch.Tensor, p: PactParams = PactParams()) -> tuple[torch.Tensor, torch.Tensor]:
+    """PACT over K + 1 categories: S and the rest of the vocabulary, summed over valid steps.
+
+    policy_logprobs: (B, T, K) the policy's log-probs of S normalised over the whole vocabulary
+                     (logits of S minus the logsumexp of all logits; gradients flow through both)
+    full, post:      (B, T, K) the reference's full-vocabulary log-probs of S, two views (the cache's)
+    weights:         (K,) safety-token weights, clamped at 0
+    mask:            (B, T) bool
+    Each distribution gets a (K+1)-th category, the rest: ``log(1 - sum_s p(s))`` (:func:`with_rest`).
+    Then exactly :func:`pact_kl`'s steps over K + 1 categories: the gate ``c_t`` is PACT's, computed
+    over S only (from the policy's and the post view's values on S, as in ``pact``);
+    ``m_t = (1 - c_t) a'_t + c_t b'_t`` mixes the two reference views' K + 1 log-probs;
+    ``q_t = normalise(softmax(m_t / T) * w')`` with ``w' = (max(w, 0), mean_s max(w_s, 0))``, i.e. the
+    rest weighs as much as an average safety token; ``kl_t = T^2 sum_c q_t[c] (log q_t[c] -
+    log_softmax(z'_t / T)[c])`` with ``z'`` the policy's K + 1 log-probs. The temperature divides
+    log-probs here (the paper's divides logits of S; on S alone the two agree, since they differ by a
+    constant per step). Unlike ``pact``, probability the policy moves from S to other tokens (a
+    refusal's "I" to "Sure") raises the rest category and is penalised. Returns ``(sum, count)``.
+    """
+    policy_logprobs = policy_logprobs.float()
+    full, post = full.float(), post.float()
+    c = pact_gate(policy_logprobs.detach(), post, p).unsqueeze(-1)
+    mix = (1.0 - c) * with_rest(full) + c * with_rest(post)
+    w = weights.float().clamp_min(0.0)
+    w = torch.cat([w, w.mean().view(1)]).view(1, 1, -1)
+    q = torch.softmax(mix / p.T, dim=-1) * w
+    q = q / q.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    log_q = q.clamp_min(1e-12).log()
+    log_p = F.log_softmax(with_rest(policy_logprobs) / p.T, dim=-1)
+    kl = (q * (log_q - log_p)).sum(dim=-1) * (p.T ** 2)
+    m = mask.to(kl.dtype)
+    return (kl * m).sum(), m.sum()
+
+
+# ----------------------------------------------------------------------------- methods
+
+@dataclass(frozen=True)
+class Steps:
+    """A micro-batch's response steps as a method's term sees them: B rows, T steps (padded), K
+    safety tokens. The ``policy_*`` tensors carry gradient; ``ref`` holds the cached reference
+    columns the method asked for: ``full``, ``post`` (B, T, K) full-vocabulary log-probs of S in the
+    two views, ``target`` (B, T) the log-prob of the response token."""
+
+    mask: torch.Tensor  # (B, T) bool, True at real response steps
+    policy_sel: torch.Tensor  # (B, T, K) float32 policy logits of S
+    policy_lse: torch.Tensor  # (B, T) float32 logsumexp of the policy's logits over the vocabulary
+    policy_target: torch.Tensor  # (B, T) float32 policy log-prob of the response token
+    weights: torch.Tensor  # (K,) safety-token weights
+    ref: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method: the cross-entropy plus ``lambda *`` its term. ``term(steps, params)`` is a
+    pure function returning the term's sum over valid steps (the caller divides by the window's
+    token count); ``columns`` are the cached reference columns it reads (a live reference must
+    provide the same); ``metric`` names its value in metrics.jsonl. A term on the parameters rather
+    than on steps (a penalty, as AsFT's) would be one more field here, called once per step."""
+
+    name: str
+    summary: str
+    columns: tuple[str, ...] = ()
+    metric: str | None = None
+    term: Callable[["Steps", "LossParams"], torch.Tensor] | None = None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def method_named(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; use one of {', '.join(METHODS)}") from None
+
+
+register(Method("sft", "cross-entropy only"))
+register(Method("pact", "CE + lambda * PACT's safety-token KL over S (the paper's)", ("full", "post"), "pact_kl",
+                lambda s, p: pact_kl(s.policy_sel, s.ref["full"], s.ref["post"], s.weights, s.mask, p.pact)[0]))
+register(Method("pact-rest", "CE + lambda * PACT's KL over S plus the rest of the vocabulary as one category",
+                ("full", "post"), "pact_rest_kl",
+                lambda s, p: pact_rest_kl(s.policy_sel - s.policy_lse.unsqueeze(-1), s.ref["full"], s.ref["post"],
+                                          s.weights, s.mask, p.pact)[0]))
+
+
 @dataclass(frozen=True)
 class LossParams:
     """What the loss core needs from a run, and nothing else (pact-train and other trainers build it)."""
 
-    method: str = "pact"  # pact | sft
+    method: str = "pact"  # a name in METHODS
     lam: float = 1.0  # weight of the method's term against the cross-entropy
     pact: PactParams = PactParams()
     logits_chunk: int = 1024  # response positions per (positions, vocab) block of logits
 
 
-def _chunk_ce_and_selected(head, h, targets, ids):
+def _chunk_projection(head, h, targets, ids):
     logits = head(h).float()  # (n, V): lives only inside this chunk; recomputed in backward
+    lse = torch.logsumexp(logits, dim=-1)
     # index_select rather than logits[:, ids]: same values, fewer CUDA kernels in backward
-    return F.cross_entropy(logits, targets, reduction="sum"), logits.index_select(1, ids)
+    return logits.gather(1, targets[:, None])[:, 0] - lse, logits.index_select(1, ids), lse
 
 
-def chunked_ce_and_selected(head, h: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor,
-                            chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of the response tokens and the policy's logits on S, a chunk at a time.
+def chunked_projection(head, h: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor,
+                       chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The vocabulary projection at the response positions, a chunk at a time.
 
     head:    the output projection (H -> V), a module
     h:       (N, H) hidden states at the N response positions
     targets: (N,) the response tokens; ids: (K,) the safety tokens
-    Returns ``(sum over N of -log p(target), float32; (N, K) float32 logits of S)``. Each chunk of
-    ``chunk`` positions is activation-checkpointed, so at most one ``(chunk, V)`` float32 block of
-    logits exists at a time, in forward and in backward; the sums are over all chunks, divided by
-    the caller once (by the token count of the accumulation window).
+    Returns float32 ``(target log-probs (N,), logits of S (N, K), logsumexp of all logits (N,))``;
+    the cross-entropy is minus the sum of the first. Each chunk of ``chunk`` positions is
+    activation-checkpointed, so at most one ``(chunk, V)`` float32 block of logits exists at a time,
+    in forward and in backward.
     """
     from torch.utils.checkpoint import checkpoint
 
-    ce_sum = h.new_zeros((), dtype=torch.float32)
-    sels = []
-    for c0 in range(0, h.shape[0], chunk):
-        ce_c, sel_c = checkpoint(_chunk_ce_and_selected, head, h[c0:c0 + chunk], targets[c0:c0 + chunk], ids, use_reentrant=False)
-        ce_sum = ce_sum + ce_c
-        sels.append(sel_c)
-    sel = torch.cat(sels) if sels else h.new_zeros((0, ids.numel()), dtype=torch.float32)
-    return ce_sum, sel
+    outs = [checkpoint(_chunk_projection, head, h[c0:c0 + chunk], targets[c0:c0 + chunk], ids, use_reentrant=False)
+            for c0 in range(0, h.shape[0], chunk)]
+    if not outs:
+        z = h.new_zeros((0,), dtype=torch.float32)
+        return z, h.new_zeros((0, ids.numel()), dtype=torch.float32), z
+    return tuple(torch.cat(parts) for parts in zip(*outs))

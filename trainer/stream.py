@@ -28,7 +28,13 @@ class Batch:
     targets: torch.Tensor  # (B, T) long, the response tokens (0 where masked)
     full: torch.Tensor  # (B, T, K) float32 reference log-probs, full context
     post: torch.Tensor  # (B, T, K) float32 reference log-probs, post-only context
+    ref_target: torch.Tensor  # (B, T) float32 reference log-prob of the response token
     example_ids: list[str]
+
+    def reference(self, columns) -> dict:
+        """The cached reference columns a method reads, by name."""
+        table = {"full": self.full, "post": self.post, "target": self.ref_target}
+        return {c: table[c] for c in columns}
 
     @property
     def num_tokens(self) -> int:
@@ -37,7 +43,7 @@ class Batch:
     def to(self, device) -> "Batch":
         return Batch(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in
                        (self.input_ids, self.attention_mask, self.response_start, self.step_mask, self.targets,
-                        self.full, self.post)), self.example_ids)
+                        self.full, self.post, self.ref_target)), self.example_ids)
 
 
 def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1) -> Batch:
@@ -49,7 +55,7 @@ def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1) -> Batc
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     attention = torch.zeros((B, L), dtype=torch.long)
     targets = torch.zeros((B, T), dtype=torch.long)
-    full, post = torch.zeros((B, T, K)), torch.zeros((B, T, K))
+    full, post, ref_target = torch.zeros((B, T, K)), torch.zeros((B, T, K)), torch.zeros((B, T))
     steps = torch.tensor([r.steps for r in rows])
     for i, r in enumerate(rows):
         n = r.steps
@@ -58,9 +64,10 @@ def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1) -> Batc
         targets[i, :n] = torch.from_numpy(r.input_ids[r.response_start:])
         full[i, :n] = torch.from_numpy(r.full_logprobs)
         post[i, :n] = torch.from_numpy(r.post_logprobs)
+        ref_target[i, :n] = torch.from_numpy(r.target_logprob)
     step_mask = torch.arange(T)[None, :] < steps[:, None]
     rs = torch.tensor([r.response_start for r in rows])
-    return Batch(input_ids, attention, rs, step_mask, targets, full, post, [r.example_id for r in rows])
+    return Batch(input_ids, attention, rs, step_mask, targets, full, post, ref_target, [r.example_id for r in rows])
 
 
 def epoch_rows(cache: Cache, epoch: int, seed: int, shuffle: bool, buffer_rows: int = 1024) -> Iterator[CacheRow]:

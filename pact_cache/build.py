@@ -27,7 +27,7 @@ from .manifest import (ALGORITHM, ENCODINGS, FORMAT, BuildParams, Counts, Datase
                        Reference, Tokenizer, load_json)
 from .storage import Location
 from .models import load_model, load_tokenizer, model_fingerprint, placement, resolve_model, tokenizer_fingerprint
-from .tokens import builtin_refusals_path, load_refusals, read_tokens, select_tokens
+from .tokens import builtin_benign_path, builtin_refusals_path, load_benign, load_refusals, read_tokens, select_tokens
 
 BUILD_STATE = ".pact-build.json"  # written first; says which cache this folder is becoming
 LOGITS_CHUNK_BYTES = 64 << 20  # bound on the one (positions, vocab) float32 block alive at a time
@@ -379,8 +379,10 @@ def build(cfg: BuildConfig) -> BuildResult:
         tokens = read_tokens(cfg.tokens, tok)
     else:
         if rank == 0:
-            _log("no --tokens: selecting the safety tokens from the reference with the built-in refusals (uniform weights)")
-        tokens = select_tokens(model, tok, load_refusals(None), device=device, aligned_fp=model_fp, source="builtin:" + builtin_refusals_path().name)
+            _log("no --tokens: selecting the safety tokens from the reference, its built-in refusals against its answers to "
+                 "built-in benign prompts")
+        tokens = select_tokens(model, tok, load_refusals(None), device=device, aligned_fp=model_fp, source="builtin:" + builtin_refusals_path().name,
+                               benign=load_benign(None), benign_source="builtin:" + builtin_benign_path().name)
     import torch
 
     ids = torch.tensor(tokens.ids, dtype=torch.long)

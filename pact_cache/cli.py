@@ -86,8 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tokens", help="select the safety tokens S and their weights -> tokens.json",
                        description="Select the safety-token set S the paper's way: teacher-force refusals through the aligned (and base) model.")
     t.add_argument("--aligned", required=True, metavar="MODEL", help=f"aligned chat model (folder, hub id or {DEFAULT_MODEL})")
-    t.add_argument("--base", metavar="MODEL", help="base model for discrepancy weights; without it the weights are uniform")
+    t.add_argument("--base", metavar="MODEL", help="base model: the paper's aligned-vs-base discrepancy weights; without it the "
+                   "reference's refusals are contrasted with its answers to benign prompts")
     t.add_argument("--refusals", metavar="FILE", help="harmful prompts with refusals (any dataset format; default: built-in set)")
+    t.add_argument("--benign", metavar="FILE", help="benign prompts with helpful answers, the contrast without --base "
+                   "(any dataset format; default: built-in set)")
     t.add_argument("--top-k", type=positive_int, default=50, help="number of safety tokens K (default 50)")
     t.add_argument("--max-resp-len", type=positive_int, default=64, help="refusal tokens teacher-forced per sample (default 64)")
     t.add_argument("--limit", type=positive_int, help="use only the first N refusals")
@@ -183,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_tokens(a) -> int:
     from .models import load_model, load_tokenizer, model_fingerprint, resolve_model
     from .format import atomic_write_json
-    from .tokens import load_refusals, select_tokens
+    from .tokens import load_benign, load_refusals, select_tokens
 
     out = Path(a.output)
     if out.is_dir():
@@ -204,8 +207,10 @@ def cmd_tokens(a) -> int:
         base, _, _ = load_model(rb, a.dtype, device)
         base_fp = model_fingerprint(rb)
     src = str(Path(a.refusals).resolve()) if a.refusals else "builtin"
+    benign = None if a.base else load_benign(a.benign)
     tokens = select_tokens(model_a, tok_a, pairs, base, base_tok, top_k=a.top_k, max_resp_len=a.max_resp_len,
-                           device=device, aligned_fp=model_fingerprint(ra), base_fp=base_fp, source=src)
+                           device=device, aligned_fp=model_fingerprint(ra), base_fp=base_fp, source=src, benign=benign,
+                           benign_source=str(Path(a.benign).resolve()) if a.benign else "builtin")
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, tokens.to_json())
     print(f"wrote {out}: K={tokens.K} ({tokens.method}, {tokens.params['samples']} refusals)")

@@ -6,8 +6,18 @@ the aligned model's chat-template prompt and after the base model's plain prompt
 ``"User: {prompt}\\n\\nAssistant: "``. Per sample we average the next-token probabilities over the
 response steps, then average over samples: ``p_a`` (aligned) and ``delta = p_a - p_b``. The
 ``top_k`` tokens with the highest mean ``p_a`` are kept; their weights are ``delta`` z-scored over
-the kept tokens (unbiased std, eps 1e-6), then L2-normalised over the whole vector. Without a
-base model the weights are uniform (1/sqrt(K)).
+the kept tokens (unbiased std, eps 1e-6), then L2-normalised over the whole vector.
+
+Without a base model (the default of ``pact-cache tokens`` and ``build``), the reference is
+contrasted with itself (``pact-self-contrast``): ``p_r``, its mean next-token distribution over
+the response steps of refusals to harmful prompts (teacher-forced after its chat template), against
+``p_n``, the same over helpful answers to benign prompts (32 of each are built in, written for this
+project; ``--refusals`` / ``--benign`` replace them). ``delta = p_r - p_n`` says which tokens the
+model reaches for when it refuses rather than when it helps; the ``top_k`` tokens with the largest
+``delta`` form S and their weights are the paper's: ``delta`` z-scored over S, then L2-normalised
+(negative weights count as 0 in the loss, as in the paper). Ranking by ``p_r`` alone would pick the
+tokens frequent in any answer (punctuation, articles). A caller that passes neither a base model
+nor benign answers gets the ``top_k`` tokens by ``p_r`` with uniform weights (``pact-uniform``).
 """
 
 from __future__ import annotations
@@ -23,6 +33,15 @@ from .manifest import MANIFEST_MAX_BYTES, SafetyTokens, load_json
 
 def builtin_refusals_path() -> Path:
     return Path(str(resources.files("pact_cache") / "resources" / "refusals.jsonl"))
+
+
+def builtin_benign_path() -> Path:
+    return Path(str(resources.files("pact_cache") / "resources" / "benign.jsonl"))
+
+
+def load_benign(path: str | Path | None = None) -> list[tuple[list[dict], str]]:
+    """(prompt messages, helpful answer) pairs from any dataset format, or the built-in set."""
+    return load_refusals(path if path is not None else builtin_benign_path())
 
 
 def load_refusals(path: str | Path | None = None) -> list[tuple[list[dict], str]]:
@@ -68,27 +87,45 @@ def _mean_step_probs(model, seqs: list[list[int]], starts: list[int], counts: li
     return torch.stack(out)
 
 
+def _answer_seqs(tok, pairs, max_resp_len: int) -> tuple[list, list, list]:
+    """Chat-template prompt + answer token ids for (prompt messages, answer) pairs; empty answers skipped."""
+    seqs, starts, counts = [], [], []
+    for prompt_msgs, answer in pairs:
+        resp = tok(answer.strip(), add_special_tokens=False)["input_ids"][:max_resp_len]
+        if resp:
+            p = chat_ids(tok, prompt_msgs, add_generation_prompt=True)
+            seqs.append(p + resp)
+            starts.append(len(p))
+            counts.append(len(resp))
+    return seqs, starts, counts
+
+
+def _paper_weights(delta):
+    """The paper's weighting: z-score over the kept tokens (unbiased std, eps 1e-6), then L2-normalise."""
+    import torch
+
+    z = (delta - delta.mean()) / (delta.std() + 1e-6) if delta.numel() > 1 else torch.zeros_like(delta)
+    return (z / (z.norm() + 1e-6)).tolist()
+
+
 def select_tokens(aligned, aligned_tok, pairs, base=None, base_tok=None, top_k: int = 50, max_resp_len: int = 64,
-                  device="cpu", batch_size: int = 8, aligned_fp=None, base_fp=None, source: str = "builtin") -> SafetyTokens:
-    """Select S and its weights; ``.to_json()`` of the result is a ``tokens.json`` (``pact-tokens/1``)."""
+                  device="cpu", batch_size: int = 8, aligned_fp=None, base_fp=None, source: str = "builtin",
+                  benign=None, benign_source: str = "builtin") -> SafetyTokens:
+    """Select S and its weights; ``.to_json()`` of the result is a ``tokens.json`` (``pact-tokens/1``).
+    With ``base``: the paper's aligned-vs-base discrepancy; else with ``benign`` (answer pairs): the
+    reference's refusals against its benign answers; else uniform weights on the likeliest tokens."""
     import torch
 
     if top_k < 1:
         raise TokensError(f"--top-k {top_k}: must be at least 1")
     if base is not None and len(base_tok) != len(aligned_tok):
         raise TokensError(f"base tokenizer has {len(base_tok)} tokens, aligned has {len(aligned_tok)}; the paper's method needs the same vocabulary")
-    seq_a, st_a, seq_b, st_b, counts = [], [], [], [], []
-    for prompt_msgs, refusal in pairs:
+    seq_a, st_a, counts = _answer_seqs(aligned_tok, pairs, max_resp_len)
+    seq_b, st_b = [], []
+    for prompt_msgs, refusal in pairs if base is not None else []:
         resp = aligned_tok(refusal.strip(), add_special_tokens=False)["input_ids"][:max_resp_len]
-        if not resp:
-            continue
-        p = chat_ids(aligned_tok, prompt_msgs, add_generation_prompt=True)
-        seq_a.append(p + resp)
-        st_a.append(len(p))
-        counts.append(len(resp))
-        if base is not None:
-            resp_b = base_tok(refusal.strip(), add_special_tokens=False)["input_ids"][:max_resp_len]
-            if resp_b != resp:
+        if resp:
+            if base_tok(refusal.strip(), add_special_tokens=False)["input_ids"][:max_resp_len] != resp:
                 raise TokensError("base and aligned tokenizers split a refusal differently; use models with the same tokenizer")
             pb = base_tok(_base_prompt(prompt_msgs), add_special_tokens=False)["input_ids"]
             seq_b.append(pb + resp)
@@ -99,24 +136,35 @@ def select_tokens(aligned, aligned_tok, pairs, base=None, base_tok=None, top_k: 
     p_a = _mean_step_probs(aligned, seq_a, st_a, counts, device, batch_size).mean(0)[:vocab]
     k = min(top_k, p_a.numel())
     kept = torch.topk(p_a, k).indices.sort().values
+    params = {"top_k": top_k, "max_resp_len": max_resp_len, "refusals": source, "samples": len(seq_a)}
     if base is not None:
         p_b = _mean_step_probs(base, seq_b, st_b, counts, device, batch_size).mean(0)[:vocab]
         delta = (p_a - p_b)[kept].double()
         nonzero = delta.abs() > 1e-9  # the paper keeps only nonzero entries of the masked direction
         kept, delta = kept[nonzero], delta[nonzero]
-        z = (delta - delta.mean()) / (delta.std() + 1e-6) if delta.numel() > 1 else torch.zeros_like(delta)
-        weights = (z / (z.norm() + 1e-6)).tolist()
+        weights = _paper_weights(delta)
         method = "pact-discrepancy"
+    elif benign is not None:
+        seq_n, st_n, counts_n = _answer_seqs(aligned_tok, benign, max_resp_len)
+        if not seq_n:
+            raise TokensError("no benign answer is non-empty; check the benign answers file")
+        p_n = _mean_step_probs(aligned, seq_n, st_n, counts_n, device, batch_size).mean(0)[:vocab]
+        diff = p_a - p_n
+        kept = torch.topk(diff, k).indices
+        kept = kept[diff[kept] > 0].sort().values  # tokens more likely in refusals than in helpful answers
+        weights = _paper_weights(diff[kept].double())
+        method = "pact-self-contrast"
+        params.update({"benign": benign_source, "benign_samples": len(seq_n)})
     else:
         weights = [1.0 / math.sqrt(len(kept))] * len(kept)
         method = "pact-uniform"
     ids = kept.tolist()
     if not ids:
-        raise TokensError("the aligned and base models give the same probabilities on every candidate token; no safety token "
-                          "can be weighted (is --base the same model as --aligned?)")
+        raise TokensError("no candidate token separates the two distributions (aligned vs base, or refusals vs benign "
+                          "answers); no safety token can be weighted (is --base the same model as --aligned?)")
     selected = SafetyTokens(ids=tuple(ids), weights=tuple(float(w) for w in weights),
                             strings=tuple(aligned_tok.decode([i]) for i in ids), method=method,
-                            params={"top_k": top_k, "max_resp_len": max_resp_len, "refusals": source, "samples": len(seq_a)},
+                            params=params,
                             aligned=aligned_fp, base=base_fp, mean_aligned_prob=tuple(float(p) for p in p_a[kept].tolist()))
     return SafetyTokens.parse(selected.to_json(), "the selected safety tokens", TokensError)  # the same rules as a file
 

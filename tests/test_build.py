@@ -142,9 +142,8 @@ def test_info_and_verify(tiny_model, chat_dataset, tmp_path, capsys):
 def test_default_tokens_when_none_given(tiny_model, chat_dataset, tmp_path):
     res = build(BuildConfig(str(chat_dataset), tiny_model, str(tmp_path / "c"), progress=False))
     tokens = res.manifest.tokens
-    assert tokens.method == "pact-uniform" and len(tokens.ids) == 50
-    assert tokens.params["refusals"].startswith("builtin")
-    assert len(set(tokens.weights)) == 1
+    assert tokens.method == "pact-self-contrast" and 1 <= len(tokens.ids) <= 50
+    assert tokens.params["refusals"].startswith("builtin") and tokens.params["benign"].startswith("builtin")
 
 
 def cli_env():

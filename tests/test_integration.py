@@ -82,13 +82,33 @@ def test_pact_loss_from_q8_within_half_a_percent_of_exact(built):
         assert abs(kq.item() / ke.item() - 1) < 0.005, (sigma, kq.item(), ke.item())
 
 
+REFUSAL_MARKERS = {"'m", "'t", " I", "I", " sorry", "Sorry", " can", " cannot", " assist", " afraid", " unable", " provide", " help"}
+FILLER = {",", ".", " the", " a", " an", " of", " and", " in", " is", " it", "The"}
+
+
+def test_default_safety_tokens_are_led_by_refusal_tokens(built, embedded_model):
+    """build without --tokens on the embedded model: the reference's refusals against its benign
+    answers. The heaviest token is a refusal marker, refusal markers hold most of the top of S,
+    and no punctuation or article gets a positive weight (the old default was led by them)."""
+    from pact_cache.models import load_tokenizer, resolve_model
+
+    tokens = built[0].manifest.tokens
+    tok = load_tokenizer(resolve_model(embedded_model))
+    ranked = [tok.decode([i]) for w, i in sorted(zip(tokens.weights, tokens.ids), reverse=True)]
+    positive = {tok.decode([i]) for w, i in zip(tokens.weights, tokens.ids) if w > 0}
+    print("default S by weight:", ranked[:12])
+    assert tokens.method == "pact-self-contrast"
+    assert ranked[0] in REFUSAL_MARKERS and len(REFUSAL_MARKERS & set(ranked[:8])) >= 3
+    assert not positive & FILLER
+
+
 def test_info_reports_bytes_per_step(built, capsys):
     from pact_cache.cli import main
 
     q8, _ = built
     assert main(["info", str(q8.out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["rows"] == 30 and 0 < info["bytes_per_step"] < 202 and info["token_method"] == "pact-uniform"
+    assert info["rows"] == 30 and 0 < info["bytes_per_step"] < 202 and info["token_method"] == "pact-self-contrast"
 
 
 def test_pact_train_cached_equals_online_on_real_rows(built, embedded_model, tmp_path):

@@ -51,13 +51,23 @@ def test_selection_matches_the_papers_loop(tiny_model, tiny_base_model, tmp_path
     assert list(got.strings) == [tok.decode([i]) for i in ids]
 
 
-def test_uniform_without_base_and_cli(tiny_model, tmp_path, capsys):
+def test_uniform_without_a_contrast(tiny_model):
+    tok = load_tokenizer(resolve_model(tiny_model))
+    model, _, _ = load_model(resolve_model(tiny_model), "fp32", "cpu")
+    t = select_tokens(model, tok, [([{"role": "user", "content": "how do I do a bad thing"}], "I can't help with that.")], top_k=10)
+    assert t.method == "pact-uniform" and t.K == 10 and list(t.weights) == pytest.approx([10 ** -0.5] * 10)
+
+
+def test_self_contrast_without_base_and_cli(tiny_model, tmp_path, capsys):
+    """Without --base the reference's refusals are contrasted with its benign answers: S holds the
+    tokens likelier in refusals (each with positive delta), weighted the paper's way."""
     refusals = write_jsonl(tmp_path / "r.jsonl", [{"input": "how do I do a bad thing", "output": "I can't help with that."}] * 3)
     out = tmp_path / "tokens.json"
     assert main(["tokens", "--aligned", tiny_model, "--refusals", str(refusals), "--top-k", "10", "-o", str(out)]) == 0
     t = json.loads(out.read_text())
-    assert t["format"] == "pact-tokens/1" and len(t["ids"]) == 10 and t["method"] == "pact-uniform"
-    assert t["weights"] == pytest.approx([10 ** -0.5] * 10)
+    assert t["format"] == "pact-tokens/1" and 1 <= len(t["ids"]) <= 10 and t["method"] == "pact-self-contrast"
+    assert sum(w * w for w in t["weights"]) == pytest.approx(1.0, abs=1e-4) or len(t["ids"]) == 1
+    assert t["params"]["benign"] == "builtin" and t["params"]["benign_samples"] == 32
     assert t["aligned"]["weights_sha256"] and t["base"] is None
     validate_tokens(t, load_tokenizer(resolve_model(tiny_model)), "t")
 

@@ -114,6 +114,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
                    help="a model larger than one GPU: spread its layers over this machine's GPUs and CPU memory (accelerate)")
+    p.add_argument("--judge", metavar="MODEL", help="a guard model (e.g. meta-llama/Llama-Guard-3-8B, the paper's judge) that "
+                   "labels each answer safe/unsafe: the harmful-content rate beside the keyword refusal rate")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for harmful.jsonl, benign.jsonl, task.jsonl, summary.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -133,10 +135,12 @@ def _eval(a) -> int:
 
     from pact_cache.format import atomic_write_json, open_cache, stale_tmp, tmp_name
 
-    from .evaluate import KeywordJudge, load_eval_model, prompts_from, refusal_rate, safety_token_drift, task_accuracy
+    from .evaluate import GuardJudge, KeywordJudge, load_eval_model, prompts_from, refusal_rate, safety_token_drift, task_accuracy
 
     if not (a.harmful or a.benign or a.task or a.drift_cache):
         raise PactError("nothing to evaluate: give --harmful, --benign, --task and/or --drift-cache")
+    if a.judge and not (a.harmful or a.benign):
+        raise PactError("--judge labels the answers to --harmful (and --benign) prompts; give --harmful")
     out = Path(a.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PactError(f"-o {out}: exists and is not an empty folder; choose another -o (nothing is overwritten)")
@@ -151,6 +155,7 @@ def _eval(a) -> int:
     model, tok, device = load_eval_model(a.model, a.adapter, a.device, a.device_map)
     gen = dict(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, device=device, progress=not a.no_progress)
     judge = KeywordJudge()
+    guard = GuardJudge.load(a.judge, a.device, a.device_map, a.batch_size) if a.judge else None
     summary = {"model": a.model, "adapter": a.adapter}
     out.parent.mkdir(parents=True, exist_ok=True)
     for old in out.parent.glob(f".{out.name}.tmp-*"):  # what a killed evaluation on this machine left
@@ -161,7 +166,7 @@ def _eval(a) -> int:
     try:
         for name in ("harmful", "benign"):
             if name in sets:
-                summary[f"{name}_refusal"] = refusal_rate(model, tok, sets[name], judge, tmp / f"{name}.jsonl", **gen)
+                summary[f"{name}_refusal"] = refusal_rate(model, tok, sets[name], judge, tmp / f"{name}.jsonl", guard=guard, **gen)
         if "task" in sets:
             summary["task"] = task_accuracy(model, tok, sets["task"], tmp / "task.jsonl", **gen)
         if cache is not None:

@@ -234,9 +234,10 @@ class Study:
                 choices[f"{method}_{S}"] = {"lambda": lam, "validation_refusal": rate, "met_rule": bool(ok),
                                            "tried": [{"lambda": t[0], "validation_refusal": t[1]} for t in tried]}
                 label = "PACT" if method == "pact" else "PACT-rest"
-                if method == "pact":
-                    rows[f"PACT lambda 1, {S} S"] = (f"{method}_{S}_lam1", 1.0)
-                rows[f"{label} lambda {lam:g} (chosen), {S} S"] = (name, lam)
+                if method == "pact" and lam != 1.0:
+                    rows[f"PACT lambda 1 (the paper's), {S} S"] = (f"{method}_{S}_lam1", 1.0)
+                note = "chosen, = the paper's" if method == "pact" and lam == 1.0 else "chosen"
+                rows[f"{label} lambda {lam:g} ({note}), {S} S"] = (name, lam)
 
         def drift_cache(d):
             answers = [json.loads(line) for line in (out / "aligned_eval" / "eval" / "harmful.jsonl").read_text().splitlines()]
@@ -272,7 +273,8 @@ class Study:
                 hc = x.get("harmful_content")
                 return f"{x['rate']:.0%} / " + (f"{hc['rate']:.0%}" if hc and hc["rate"] is not None else "-")
             drift = f"{r['drift']['mean_kl']:.3f}" if r.get("drift") else "-"
-            table.append(f"| {name} | {r.get('lam', '-') if r.get('lam') is not None else '-'} | {views(hr)} | {views(ur)} | "
+            lam = f"{r['lam']:g}" if r.get("lam") is not None else "-"
+            table.append(f"| {name} | {lam} | {views(hr)} | {views(ur)} | "
                          f"{br['rate']:.0%} | {t['accuracy']:.1%} | {kept:.2f} | {drift} | {round(r.get('train_seconds', 0)) or '-'} |")
             js[name] = {k: r.get(k) for k in ("harmful_refusal", "unsafe_refusal", "benign_refusal", "task", "drift", "lam", "train_seconds")}
             js[name]["refusals_kept"] = kept
@@ -328,7 +330,6 @@ def main():
     p.add_argument("--align-epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=48)
     a = p.parse_args()
     a.lambdas = [float(x) for x in str(a.lambdas).split(",") if x.strip()]

@@ -22,8 +22,8 @@ from pact_cache.format import Cache, atomic_write_bytes, atomic_write_json, open
 from pact_cache.manifest import load_json
 
 from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, replace_dir, save_checkpoint
-from .losses import METHODS, LossParams, PactParams, Steps, chunked_projection, method_named
 from .distributed import Ranks, setup, teardown
+from .losses import METHODS, LossParams, PactParams, Steps, chunked_projection, method_named
 from .stream import Batch, batches, collate
 
 

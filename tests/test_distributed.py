@@ -126,6 +126,8 @@ def same_steps(want: list[dict], logged: list[dict]) -> None:
     assert len(logged) == len(want) == 4
     for a, b in zip(want, logged):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        # the term under its own name, summed over both processes
+        assert b["ce"] == pytest.approx(a["ce"], rel=1e-5) and b["pact_kl"] == pytest.approx(a["pact_kl"], rel=1e-5)
 
 
 def test_trainer_on_two_processes_follows_pact_train(setup, tmp_path):

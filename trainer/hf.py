@@ -33,7 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pact_cache.errors import PactError
 from pact_cache.format import Cache, CacheRow, open_cache
 
-from .losses import LossParams, PactParams
+from .losses import LossParams, PactParams, method_named
 from .stream import Batch, collate, epoch_rows
 
 KEYS = ("pact_response_start", "pact_step_mask", "pact_targets", "pact_full", "pact_post", "pact_ref_target")
@@ -115,6 +115,7 @@ class PactTrainerMixin:
         self.pact_ids = torch.tensor(cache.ids)
         self.pact_weights = torch.tensor(cache.tokens.weights, dtype=torch.float32)
         self.pact_params = loss_params or LossParams(pact=PactParams())
+        method_named(self.pact_params.method)  # an unknown method fails here, not at the first step
         self.model_accepts_loss_kwargs = True  # so that the Trainer counts num_items_in_batch from the labels
         self._pact_sums = torch.zeros(3)  # CE, the method's term, response tokens: since the last log
 
@@ -153,19 +154,19 @@ class PactTrainerMixin:
             self.loss_is_scaled_for_ga = False
         return (loss, {"ce_sum": ce_sum.detach(), "term_sum": term_sum.detach()}) if return_outputs else loss
 
-
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Adds the token-weighted cross-entropy (``ce``) and the method's term under its own name (e.g.
         ``pact_kl``) over the steps since the last log, summed over all processes."""
-        from .losses import method_named
-
-        if "loss" in logs and self._pact_sums[2] > 0:
-            sums = self.accelerator.reduce(self._pact_sums, reduction="sum") if self.accelerator.num_processes > 1 else self._pact_sums
+        if "loss" in logs:  # every process logs at the same steps, so every one joins the reduction
+            sums = self._pact_sums.to(self.args.device)
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
             ce, term, n = sums.tolist()
-            logs["ce"] = ce / n
-            metric = method_named(self.pact_params.method).metric
-            if metric:
-                logs[metric] = term / n
+            if n > 0:
+                logs["ce"] = ce / n
+                metric = method_named(self.pact_params.method).metric
+                if metric:
+                    logs[metric] = term / n
             self._pact_sums = torch.zeros_like(self._pact_sums)
         super().log(logs, *args, **kwargs)
 

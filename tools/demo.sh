@@ -25,6 +25,7 @@ def epoch(e, key):  # token-weighted mean over one pass over every row
     return sum(x[key] * x["tokens"] for x in r) / sum(x["tokens"] for x in r)
 first, last = m[0]["epoch"], m[-1]["epoch"]
 print(f"what changed: {len(m)} PACT steps; cross-entropy over an epoch {epoch(first, 'ce'):.3f} -> {epoch(last, 'ce'):.3f}, "
-      f"safety-token KL to the reference {epoch(first, 'pact_kl'):.4f} -> {epoch(last, 'pact_kl'):.4f}; adapter in {sys.argv[1]}/adapter")
+      f"PACT term (KL to the reference's weighted safety-token target) {epoch(first, 'pact_kl'):.4f} -> {epoch(last, 'pact_kl'):.4f}; "
+      f"adapter in {sys.argv[1]}/adapter")
 PY
 echo "demo cache: $OUT/cache (manifest.json + Parquet parts); read it with pact_cache.open_cache(\"$OUT/cache\")"

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("tokens", help="select the safety tokens S and their weights -> tokens.json",
-                       description="Select the safety-token set S the paper's way: teacher-force refusals through the aligned (and base) model.")
+                       description="Select the safety-token set S: teacher-force refusals through the aligned model and compare, the paper's "
+                       "way, with the base model (--base), or by default with the aligned model's own answers to benign prompts.")
     t.add_argument("--aligned", required=True, metavar="MODEL", help=f"aligned chat model (folder, hub id or {DEFAULT_MODEL})")
     t.add_argument("--base", metavar="MODEL", help="base model: the paper's aligned-vs-base discrepancy weights; without it the "
                    "reference's refusals are contrasted with its answers to benign prompts")

@@ -166,3 +166,20 @@ def test_accelerate_launch_runs_the_same_job(setup, one_and_two, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "data-parallel on 2 processes" in res.stderr
     close(metrics(root / "two"), metrics(tmp_path / "acc"))
+
+
+@pytest.mark.parametrize("env, message", [({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an integer"),
+                                          ({"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0"}, "RANK=5 is outside 0..1"),
+                                          ({"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK=''")])
+def test_a_broken_launcher_environment_is_one_line(env, message, monkeypatch):
+    from pact_cache.errors import PactError
+    from trainer.distributed import ranks_from_env
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(PactError, match=message):
+        ranks_from_env()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert ranks_from_env() == Ranks()

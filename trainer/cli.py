@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + f" (default {d.method})")
     p.add_argument("--reference", choices=["cache", "online"], default=d.reference, help="cache (default) or online: a live reference model beside the policy, the paper's way")
     p.add_argument("--ref-model", metavar="MODEL", help="reference for --reference online (default: --model)")
-    p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="weight of the PACT KL (default 1.0)")
+    p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="weight of the method's term against the cross-entropy (default 1.0)")
     p.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default 8, the paper's)")
     p.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help="LoRA alpha (default 32)")
     p.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="LoRA dropout (default 0.05)")
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     prog = "pact-train"
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # under torchrun / accelerate launch: name the rank
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):  # under torchrun / accelerate launch: name the rank
         prog = f"pact-train[rank {os.environ.get('RANK', '?')}]"
     return run_command(prog, _train, a, "interrupted; continue with --resume from the last checkpoint")
 

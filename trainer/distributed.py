@@ -82,7 +82,7 @@ def _env_int(name: str) -> int:
 
 def ranks_from_env() -> Ranks:
     """The process's place in a torchrun / accelerate launch job; one process when WORLD_SIZE is unset or 1."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if os.environ.get("WORLD_SIZE", "").strip() == "" or _env_int("WORLD_SIZE") <= 1:
         return Ranks()
     r = Ranks(_env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK"))
     if not 0 <= r.rank < r.world:

@@ -196,9 +196,59 @@ def test_pact_rest_sees_mass_moving_outside_s_and_pact_does_not():
     assert pact_rest_kl(ref, ref, ref, w, mask)[0].item() == pytest.approx(0.0, abs=1e-6)
 
 
+def odd_steps(seed=2, B=3, T=8, V=11, K=4):
+    """Random full-vocabulary policy logits and reference log-probs on ragged responses (lens 8, 5, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([1, 4, 5, 9][:K])
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    ref = torch.log_softmax(torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2, -1)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    lens = [8, 5, 1]
+    mask = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]
+    lp = torch.log_softmax(logits, -1)
+    steps = Steps(mask, logits[..., ids], logits.logsumexp(-1), lp.gather(-1, targets[..., None])[..., 0],
+                  torch.ones(K, dtype=torch.float64),
+                  {"full": ref[..., ids], "post": ref[..., ids], "target": ref.gather(-1, targets[..., None])[..., 0]})
+    return steps, logits, ref, targets, ids, lens
+
+
+def test_str_matches_naive_on_odd_shapes():
+    steps, logits, ref, targets, ids, lens = odd_steps()
+    want = 0.0
+    for b in range(logits.shape[0]):
+        for t in range(lens[b]):
+            lp = torch.log_softmax(logits[b, t], -1)
+            want += sum((lp[i].item() - ref[b, t, i].item()) ** 2 for i in ids.tolist()) / len(ids)
+    got = method_named("str").term(steps, LossParams(method="str"))
+    assert got.item() == pytest.approx(want, rel=1e-6)  # float32 inside the term
+
+
+def test_constrained_sft_matches_naive_with_qi_schedule():
+    steps, logits, ref, targets, ids, lens = odd_steps()
+    want = 0.0
+    for b in range(logits.shape[0]):
+        for t in range(lens[b]):
+            beta = 0.5 if t == 0 else (2.0 if t < 5 else 0.1)  # tokens 1, 2-5, 6+
+            x = torch.log_softmax(logits[b, t], -1)[targets[b, t]].item() - ref[b, t, targets[b, t]].item()
+            want += -(2 / beta) * math.log(1 / (1 + math.exp(-beta * x)))
+    m = method_named("constrained-sft")
+    got = m.term(steps, LossParams(method="constrained-sft"))
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    assert not m.with_ce and m.total(torch.tensor(5.0), got, 3.0).item() == pytest.approx(got.item())  # it is the whole loss
+
+
+def test_constrained_sft_is_the_ce_up_to_a_constant_for_small_beta():
+    """-(2/b) log sigmoid(b x) = (2/b) log 2 - x + O(b): its gradient is the CE's for small beta."""
+    x = torch.linspace(-3, 3, 7, dtype=torch.float64)
+    b = 1e-4
+    val = -(2 / b) * torch.nn.functional.logsigmoid(b * x)
+    assert torch.allclose(val - (2 / b) * math.log(2), -x, atol=1e-3)
+
+
 def test_the_registry_names_each_method_once_with_its_columns():
-    assert list(METHODS) == ["sft", "pact", "pact-rest"]
+    assert list(METHODS) == ["sft", "pact", "pact-rest", "str", "constrained-sft"]
     assert method_named("sft").term is None and method_named("pact").columns == ("full", "post")
-    assert {m.metric for m in METHODS.values() if m.metric} == {"pact_kl", "pact_rest_kl"}
-    with pytest.raises(ValueError, match="unknown method 'nope'; use one of sft, pact, pact-rest"):
+    assert method_named("str").columns == ("full",) and method_named("constrained-sft").columns == ("target",)
+    assert {m.metric for m in METHODS.values() if m.metric} == {"pact_kl", "pact_rest_kl", "str", "constrained_sft"}
+    with pytest.raises(ValueError, match="unknown method 'nope'; use one of sft, pact, pact-rest, str, constrained-sft"):
         method_named("nope")

@@ -41,7 +41,8 @@ def metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method, metric", [("pact", "pact_kl"), ("pact-rest", "pact_rest_kl")])
+@pytest.mark.parametrize("method, metric", [("pact", "pact_kl"), ("pact-rest", "pact_rest_kl"), ("str", "str"),
+                                            ("constrained-sft", "constrained_sft")])
 def test_cached_loss_equals_online_reference(tiny_model, caches, tmp_path, method, metric):
     """The cache's columns against a live reference's, for each method that reads them (pact-rest's
     rest category comes from the stored log-probs of S on one side and from the live full
@@ -53,8 +54,10 @@ def test_cached_loss_equals_online_reference(tiny_model, caches, tmp_path, metho
     for x, y in zip(a, b):
         assert x["tokens"] == y["tokens"]
         assert x["ce"] == pytest.approx(y["ce"], rel=1e-5)
-        assert x[metric] == pytest.approx(y[metric], rel=1e-4) and x[metric] > 0
-        assert x["loss"] == pytest.approx(x["ce"] + x[metric], rel=1e-6)  # lambda 1
+        assert x[metric] == pytest.approx(y[metric], rel=1e-4, abs=1e-9)
+        want = x[metric] if method == "constrained-sft" else x["ce"] + x[metric]  # lambda 1; constrained SFT replaces the CE
+        assert x["loss"] == pytest.approx(want, rel=1e-6)
+    assert a[-1][metric] > 1e-6  # after two updates the policy is off the reference, so every term is positive
 
 
 def test_sft_has_no_term_and_metrics_fields(tiny_model, caches, tmp_path):
@@ -193,3 +196,11 @@ def test_lr_schedules():
     assert [lr_at(s, 20, 5, c) for s in (0, 4, 5, 10)] == [1.0, 1.0, 0.85, 0.85 ** 2]
     c = TrainConfig(model="", cache="", out="", lr=2.0, warmup_steps=-1, schedule="linear")
     assert lr_at(0, 100, 10, c) == pytest.approx(2.0 / 3) and lr_at(99, 100, 10, c) == pytest.approx(2.0 * (1 - 96 / 97))
+
+
+def test_lambda_does_not_apply_to_a_method_that_replaces_the_ce(tiny_model, caches, tmp_path):
+    from trainer.loop import TrainError
+
+    with pytest.raises(TrainError, match="--lambda 2.0: does not apply to --method constrained-sft"):
+        train(cfg(tiny_model, caches["f32"], tmp_path / "x", method="constrained-sft", lam=2.0))
+    assert not (tmp_path / "x").exists()

@@ -5,9 +5,9 @@
       build throughput (reference log-probs, both views) vs a bare forward pass of the same model
       over the same batches (both views), interleaved, best of N.
   python tools/bench.py train   --cache CACHE [--model M] [--batch-size 8] [--steps 12] [--warmup 2] [--repeats 1]
-      peak memory and step time of pact-train with the cache (pact and pact-rest) vs plain SFT (same
-      loop and settings) vs the same PACT loss with a live reference model (the paper's way); each
-      in its own process.
+      peak memory and step time of pact-train with the cache (pact, and every other method of the
+      registry) vs plain SFT (same loop and settings) vs the same PACT loss with a live reference
+      model (the paper's way); each in its own process.
       With --model a folder from `random-model`, this measures a large configuration on a GPU.
   python tools/bench.py stacks  --cache CACHE [--model M] [--batch-size 8] [--steps 12] [--warmup 2] [--repeats 1]
       the tool users would otherwise pick against pact-cache's paths, each in its own process, same
@@ -219,8 +219,8 @@ def _train_child(a) -> None:
     device = "cuda" if torch.cuda.is_available() and a.device != "cpu" else "cpu"
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with tempfile.TemporaryDirectory() as tmp:
-        method, reference = {"sft": ("sft", "cache"), "pact": ("pact", "cache"), "pact-rest": ("pact-rest", "cache"),
-                             "online": ("pact", "online"), "trl-sft": ("sft", "cache"), "trainer-pact": ("pact", "cache")}[a.variant]
+        method, reference = {"online": ("pact", "online"), "trl-sft": ("sft", "cache"),
+                             "trainer-pact": ("pact", "cache")}.get(a.variant, (a.variant, "cache"))  # else a method's name
         cfg = TrainConfig(model=a.model, cache=a.cache, out=f"{tmp}/run", method=method, reference=reference,
                           batch_size=a.batch_size, max_steps=a.steps, shuffle=False, progress=False, plot=False,
                           grad_checkpointing=a.grad_checkpointing, full=a.full, device=device, save_every=10**9)
@@ -304,8 +304,11 @@ def bench_train(a) -> dict:
     """Each variant in its own process (peak memory is per process), in the order sft, pact, online,
     ``--repeats`` times; step times are pooled over the repeats after ``--warmup`` steps of each run
     (new batch shapes make the first steps slow on CUDA)."""
-    res = _run_variants(a, ["sft", "pact", "pact-rest", "online"])
-    s, p, o, r = res["sft"], res["pact"], res["online"], res["pact-rest"]
+    from trainer.losses import METHODS
+
+    others = [m for m in METHODS if m not in ("sft", "pact")]
+    res = _run_variants(a, ["sft", "pact", *others, "online"])
+    s, p, o = res["sft"], res["pact"], res["online"]
     dev = s["device"]
     kind = "CUDA max_memory_allocated" if dev == "cuda" else "peak RSS above the post-import baseline"
     ratios = {
@@ -319,21 +322,24 @@ def bench_train(a) -> dict:
         # cost of each batch's shape and length, leaving the machine's noise
         "time_paired_pact_over_sft": _paired(p, s, a.warmup),
         "time_paired_pact_over_online": _paired(p, o, a.warmup),
-        "mem_pact_rest_over_sft": r["peak_above_base"] / s["peak_above_base"],
-        "time_pact_rest_over_sft": r["step_time_median"] / s["step_time_median"],
-        "time_paired_pact_rest_over_sft": _paired(r, s, a.warmup),
     }
+    for m in others:  # each other method against SFT, side by side in the same run
+        r = res[m]
+        ratios[f"mem_{m}_over_sft"] = r["peak_above_base"] / s["peak_above_base"]
+        ratios[f"time_{m}_over_sft"] = r["step_time_median"] / s["step_time_median"]
+        ratios[f"time_paired_{m}_over_sft"] = _paired(r, s, a.warmup)
     print(f"train on {dev}: {a.model}, batch {a.batch_size}, {a.steps} steps, {'full' if a.full else 'LoRA'}; cache {a.cache}")
     for name, r in res.items():
-        print(f"  {name:7s} peak {r['peak'] / 2**20:8.0f} MiB (above base {r['peak_above_base'] / 2**20:7.0f} MiB)  step {r['step_time_median'] * 1000:7.0f} ms")
+        print(f"  {name:15s} peak {r['peak'] / 2**20:8.0f} MiB (above base {r['peak_above_base'] / 2**20:7.0f} MiB)  step {r['step_time_median'] * 1000:7.0f} ms")
     print(f"  memory ({kind}): pact/sft {ratios['mem_pact_over_sft']:.3f}x (target <= 1.05), pact/online {ratios['mem_pact_over_online']:.3f}x (target <= 0.6)")
     print(f"  step time, median of {a.repeats} x {a.steps - a.warmup} steps after {a.warmup} warm-up steps: "
           f"pact/sft {ratios['time_pact_over_sft']:.3f}x (target <= 1.05), pact/online {ratios['time_pact_over_online']:.3f}x (target <= 0.65)")
     print(f"  step time, median of step-by-step ratios (same batches): pact/sft {ratios['time_paired_pact_over_sft']:.3f}x, "
           f"pact/online {ratios['time_paired_pact_over_online']:.3f}x; ratio of means: pact/sft {ratios['time_mean_pact_over_sft']:.3f}x, "
           f"pact/online {ratios['time_mean_pact_over_online']:.3f}x")
-    print(f"  pact-rest: memory/sft {ratios['mem_pact_rest_over_sft']:.3f}x, step time/sft {ratios['time_pact_rest_over_sft']:.3f}x "
-          f"(step by step {ratios['time_paired_pact_rest_over_sft']:.3f}x)")
+    for m in others:
+        print(f"  {m}: memory/sft {ratios[f'mem_{m}_over_sft']:.3f}x, step time/sft {ratios[f'time_{m}_over_sft']:.3f}x "
+              f"(step by step {ratios[f'time_paired_{m}_over_sft']:.3f}x)")
     return {"bench": "train", "device": dev, "runs": res, "ratios": ratios}
 
 

@@ -141,7 +141,7 @@ class PactTrainerMixin:
                       targets["pact_targets"], targets["pact_full"], targets["pact_post"], targets["pact_ref_target"], [])
         device = batch.input_ids.device
         ce_sum, term_sum, n = policy_losses(model, batch, self.pact_ids.to(device), self.pact_weights.to(device), self.pact_params)
-        total = ce_sum + self.pact_params.lam * term_sum
+        total = method_named(self.pact_params.method).total(ce_sum, term_sum, self.pact_params.lam)
         if model.training:
             self._pact_sums = self._pact_sums.to(device) + torch.stack([ce_sum.detach(), term_sum.detach(), n.detach().float()])
         if num_items_in_batch is not None:

@@ -118,7 +118,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError(f"--reference {cfg.reference}: use cache or online")
     if cfg.schedule not in ("cosine", "linear", "constant", "step"):
         raise TrainError(f"--schedule {cfg.schedule}: use cosine, linear, constant or step")
-    _number("--lambda", cfg.lam, 0, why="it weighs the PACT KL against the cross-entropy")
+    _number("--lambda", cfg.lam, 0, why="it weighs the method's term against the cross-entropy")
+    if not method_named(cfg.method).with_ce and cfg.lam != 1.0:
+        raise TrainError(f"--lambda {cfg.lam}: does not apply to --method {cfg.method}, whose loss replaces the cross-entropy; leave it out")
     _number("--lr", cfg.lr, 0, lo_open=True)
     _number("--weight-decay", cfg.weight_decay, 0)
     _number("--lora-dropout", cfg.lora_dropout, 0, 1, hi_open=True)
@@ -302,7 +304,7 @@ def _losses_from_hidden(head, hidden, batch: Batch, ids, weights, params: LossPa
     h = hidden[bidx, pos]  # (N, H)
     target_lp, sel, lse = chunked_projection(head, h, batch.targets[bidx, tidx], ids, params.logits_chunk)
     ce_sum = -target_lp.sum()
-    if method.term is None or params.lam == 0:
+    if method.term is None or (method.with_ce and params.lam == 0):
         return ce_sum, ce_sum.new_zeros(())
 
     def steps(x, *rest):  # (N, *rest) -> (B, T, *rest), zeros at padded steps
@@ -462,7 +464,7 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
             with ranks.no_sync(ddp_model, sync=i == len(micro) - 1):  # one gradient all-reduce per window
                 with autocast:
                     ce_sum, term_sum, _ = policy_losses(ddp_model, batch, ids, weights, loss_params, live)
-                loss = (ce_sum + cfg.lam * term_sum) * (scale * ranks.world / n_window)  # DDP averages over ranks
+                loss = method.total(ce_sum, term_sum, cfg.lam) * (scale * ranks.world / n_window)  # DDP averages over ranks
                 loss.backward()
             ce_tot += scale * ce_sum.item()
             term_tot += scale * term_sum.item()
@@ -481,7 +483,7 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         epoch, taken = micro[-1][0], micro[-1][1]
         tokens_total += n_window
         dt = time.time() - t0
-        rec = {"step": step, "epoch": epoch, "loss": (ce_tot + cfg.lam * term_tot) / n_window, "ce": ce_tot / n_window}
+        rec = {"step": step, "epoch": epoch, "loss": float(method.total(ce_tot, term_tot, cfg.lam)) / n_window, "ce": ce_tot / n_window}
         if method.metric:  # the method's term, under its own name
             rec[method.metric] = term_tot / n_window
         rec.update({"lr": lr, "tokens": n_window, "tokens_total": tokens_total, "grad_norm": grad_norm, "step_time_s": dt})

@@ -134,6 +134,46 @@ def pact_rest_kl(policy_logprobs: torch.Tensor, full: torch.Tensor, post: torch.
     return (kl * m).sum(), m.sum()
 
 
+def str_term(policy_sel: torch.Tensor, policy_lse: torch.Tensor, full: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """STR, safety token regularisation (arXiv 2604.17210), summed over valid steps.
+
+    policy_sel: (B, T, K) policy logits of S; policy_lse: (B, T) logsumexp of all the policy's logits
+    full:       (B, T, K) the reference's full-vocabulary log-probs of S (the cache's full view)
+    mask:       (B, T) bool
+    ``str_t = mean_s (log p_theta(s | ctx) - log p_ref(s | ctx))^2`` with both log-probs normalised
+    over the whole vocabulary. No code is public: this is our reading of the abstract ("constrains
+    the logits of salient tokens from refusal templates"): a squared distance between the policy's and
+    the reference's log-probs of the safety tokens at every response step, unweighted, one view.
+    Returns ``(sum over valid steps of str_t, count)``.
+    """
+    diff = policy_sel.float() - policy_lse.float().unsqueeze(-1) - full.float()
+    per_step = (diff * diff).mean(dim=-1)
+    m = mask.to(per_step.dtype)
+    return (per_step * m).sum(), m.sum()
+
+
+def qi_betas(T: int, device=None) -> torch.Tensor:
+    """Qi et al.'s schedule for response tokens 1..T: 0.5 for the first, 2 for the 2nd to 5th, 0.1 after. (T,)"""
+    t = torch.arange(T, device=device)
+    return torch.where(t == 0, 0.5, torch.where(t < 5, 2.0, 0.1))
+
+
+def constrained_sft(policy_target: torch.Tensor, ref_target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-wise constrained SFT (Qi et al., ICLR 2025, "Safety Alignment Should Be Made More Than
+    Just a Few Tokens Deep"), summed over valid steps.
+
+    policy_target: (B, T) the policy's log-prob of each response token; ref_target: (B, T) the
+    reference's (the cache's target column); mask: (B, T) bool.
+    ``loss_t = -(2 / beta_t) * log sigmoid(beta_t * (log p_theta(y_t) - log p_ref(y_t)))`` with
+    :func:`qi_betas`. This is the whole loss (it replaces the cross-entropy: for small beta it tends
+    to it, up to a constant); returns ``(sum over valid steps, count)``, averaged by the caller.
+    """
+    beta = qi_betas(policy_target.shape[1], policy_target.device).to(torch.float32).view(1, -1)
+    loss = -(2.0 / beta) * F.logsigmoid(beta * (policy_target.float() - ref_target.float()))
+    m = mask.to(loss.dtype)
+    return (loss * m).sum(), m.sum()
+
+
 # ----------------------------------------------------------------------------- methods
 
 @dataclass(frozen=True)
@@ -153,17 +193,23 @@ class Steps:
 
 @dataclass(frozen=True)
 class Method:
-    """A training method: the cross-entropy plus ``lambda *`` its term. ``term(steps, params)`` is a
-    pure function returning the term's sum over valid steps (the caller divides by the window's
-    token count); ``columns`` are the cached reference columns it reads (a live reference must
-    provide the same); ``metric`` names its value in metrics.jsonl. A term on the parameters rather
-    than on steps (a penalty, as AsFT's) would be one more field here, called once per step."""
+    """A training method: the cross-entropy plus ``lambda *`` its term, or (``with_ce=False``) its
+    term alone. ``term(steps, params)`` is a pure function returning the term's sum over valid steps
+    (the caller divides by the window's token count); ``columns`` are the cached reference columns it
+    reads (a live reference must provide the same); ``metric`` names its value in metrics.jsonl. A
+    term on the parameters rather than on steps (a penalty, as AsFT's) would be one more field here,
+    called once per step."""
 
     name: str
     summary: str
     columns: tuple[str, ...] = ()
     metric: str | None = None
     term: Callable[["Steps", "LossParams"], torch.Tensor] | None = None
+    with_ce: bool = True
+
+    def total(self, ce_sum: torch.Tensor, term_sum: torch.Tensor, lam: float) -> torch.Tensor:
+        """The loss's sum over the micro-batch's steps: ``CE + lambda * term``, or the term alone."""
+        return ce_sum + lam * term_sum if self.with_ce else term_sum
 
 
 METHODS: dict[str, Method] = {}
@@ -188,6 +234,11 @@ register(Method("pact-rest", "CE + lambda * PACT's KL over S plus the rest of th
                 ("full", "post"), "pact_rest_kl",
                 lambda s, p: pact_rest_kl(s.policy_sel - s.policy_lse.unsqueeze(-1), s.ref["full"], s.ref["post"],
                                           s.weights, s.mask, p.pact)[0]))
+register(Method("str", "CE + lambda * STR: mean squared log-prob gap to the reference on S (our reading of arXiv 2604.17210)",
+                ("full",), "str", lambda s, p: str_term(s.policy_sel, s.policy_lse, s.ref["full"], s.mask)[0]))
+register(Method("constrained-sft", "Qi et al.'s token-wise constrained SFT against the reference's token log-probs "
+                "(replaces the CE; --lambda does not apply)", ("target",), "constrained_sft",
+                lambda s, p: constrained_sft(s.policy_target, s.ref["target"], s.mask)[0], with_ce=False))
 
 
 @dataclass(frozen=True)

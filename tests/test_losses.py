@@ -139,10 +139,11 @@ def test_chunked_projection_of_no_positions_is_empty():
 
 def naive_pact_rest_kl(policy_logits, ref_full, ref_post, ids, w, lens, p: PactParams):
     """PACT-rest from full-vocabulary distributions, one step at a time, float64: the rest category's
-    probability is the sum over the tokens outside S (not 1 - sum over S)."""
+    probability is the sum over the tokens outside S (not 1 - sum over S); the KL is written as its
+    two parts, PACT's KL within S weighed by the reference's mass on S, plus the KL between the two
+    Bernoulli distributions "inside S or not"."""
     ids = ids.tolist()
     wc = [max(float(x), 0.0) for x in w]
-    wc.append(sum(wc) / len(wc))
     total, count = 0.0, 0
 
     def coarse(logits_t):  # K + 1 log-probs: S, then the rest
@@ -154,11 +155,14 @@ def naive_pact_rest_kl(policy_logits, ref_full, ref_post, ids, w, lens, p: PactP
             z, a, b = coarse(policy_logits[bi, t]), coarse(ref_full[bi, t]), coarse(ref_post[bi, t])
             c = naive_gate(z[:-1], b[:-1], t, p)
             m = [(1 - c) * x + c * y for x, y in zip(a, b)]
-            e = [math.exp(v / p.T) for v in m]
-            q = [x / sum(e) * wk for x, wk in zip(e, wc)]
-            q = [x / sum(q) for x in q]
-            lse = math.log(sum(math.exp(v / p.T) for v in z))
-            total += p.T ** 2 * sum(qk * (math.log(max(qk, 1e-12)) - (zk / p.T - lse)) for qk, zk in zip(q, z))
+            r = math.exp(m[-1]) / sum(math.exp(v) for v in m)  # the mixture's mass outside S
+            rho = math.exp(z[-1])
+            e = [math.exp(v / p.T) * wk for v, wk in zip(m[:-1], wc)]
+            q = [x / sum(e) for x in e]  # PACT's target within S
+            lse = math.log(sum(math.exp(v / p.T) for v in z[:-1]))
+            kl_s = sum(qk * (math.log(max(qk, 1e-12)) - (zk / p.T - lse)) for qk, zk in zip(q, z[:-1]))
+            kl_b = r * math.log(r / rho) + (1 - r) * math.log((1 - r) / (1 - rho))
+            total += p.T ** 2 * ((1 - r) * kl_s + kl_b)
             count += 1
     return total, count
 
@@ -194,6 +198,17 @@ def test_pact_rest_sees_mass_moving_outside_s_and_pact_does_not():
     assert pact_kl(moved, ref, ref, w, mask)[0].item() == pytest.approx(0.0, abs=1e-6)
     assert pact_rest_kl(moved, ref, ref, w, mask)[0].item() > 0.05
     assert pact_rest_kl(ref, ref, ref, w, mask)[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pact_rest_holds_the_references_mass_on_s_whatever_the_weights():
+    """Weights shape the target within S only: with weights far from uniform, a policy with the
+    reference's ratios within S is best when its total mass on S is the reference's, not more
+    (scaling S's mass up or down by any factor costs more)."""
+    ref = torch.log(torch.tensor([0.30, 0.05, 0.05, 0.02])).view(1, 1, 4)  # S holds 0.42
+    w = torch.tensor([0.9, 0.05, 0.0, 0.1])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    at = {d: pact_rest_kl(ref + math.log(d), ref, ref, w, mask)[0].item() for d in (0.5, 0.9, 1.0, 1.1, 1.5, 2.0)}
+    assert min(at, key=at.get) == 1.0 and at[2.0] > at[1.1] > at[1.0] < at[0.9] < at[0.5]
 
 
 def odd_steps(seed=2, B=3, T=8, V=11, K=4):

@@ -108,27 +108,34 @@ def pact_rest_kl(policy_logprobs: torch.Tensor, full: torch.Tensor, post: torch.
     full, post:      (B, T, K) the reference's full-vocabulary log-probs of S, two views (the cache's)
     weights:         (K,) safety-token weights, clamped at 0
     mask:            (B, T) bool
-    Each distribution gets a (K+1)-th category, the rest: ``log(1 - sum_s p(s))`` (:func:`with_rest`).
-    Then exactly :func:`pact_kl`'s steps over K + 1 categories: the gate ``c_t`` is PACT's, computed
-    over S only (from the policy's and the post view's values on S, as in ``pact``);
-    ``m_t = (1 - c_t) a'_t + c_t b'_t`` mixes the two reference views' K + 1 log-probs;
-    ``q_t = normalise(softmax(m_t / T) * w')`` with ``w' = (max(w, 0), mean_s max(w_s, 0))``, i.e. the
-    rest weighs as much as an average safety token; ``kl_t = T^2 sum_c q_t[c] (log q_t[c] -
-    log_softmax(z'_t / T)[c])`` with ``z'`` the policy's K + 1 log-probs. The temperature divides
-    log-probs here (the paper's divides logits of S; on S alone the two agree, since they differ by a
-    constant per step). Unlike ``pact``, probability the policy moves from S to other tokens (a
-    refusal's "I" to "Sure") raises the rest category and is penalised. Returns ``(sum, count)``.
+    Each distribution gets a (K+1)-th category, the rest, ``log(1 - sum_s p(s))`` (:func:`with_rest`).
+    The gate ``c_t`` is PACT's (over S). The reference's K + 1 log-probs of the two views are mixed,
+    ``m_t = (1 - c_t) a'_t + c_t b'_t``, and renormalised; ``r_t`` is the mixture's mass outside S.
+    The target keeps that mass and shapes S as PACT does:
+    ``q_t = ((1 - r_t) * normalise(softmax(m_t[S] / T) * w), r_t)`` -- on S exactly ``pact``'s target
+    (weights and temperature act within S only; they never move mass between S and the rest). The
+    policy's distribution is built the same way: ``p_t = ((1 - rho_t) * softmax(z_t / T), rho_t)``
+    with ``z_t`` its log-probs of S and ``rho_t`` its mass outside S. Then
+    ``kl_t = T^2 KL(q_t || p_t) = T^2 ((1 - r_t) KL_S + KL(Bernoulli(r_t) || Bernoulli(rho_t)))``:
+    PACT's KL within S, weighed by how much the reference uses S at that step, plus a term that holds
+    the policy's total probability on S at the reference's. Unlike ``pact``, probability the policy
+    moves from S to other tokens (a refusal's "I" to "Sure") is penalised; and unlike a weighted
+    softmax over K + 1 categories, no weight can push the policy's mass on S above the reference's.
+    Returns ``(sum, count)``.
     """
     policy_logprobs = policy_logprobs.float()
     full, post = full.float(), post.float()
     c = pact_gate(policy_logprobs.detach(), post, p).unsqueeze(-1)
-    mix = (1.0 - c) * with_rest(full) + c * with_rest(post)
-    w = weights.float().clamp_min(0.0)
-    w = torch.cat([w, w.mean().view(1)]).view(1, 1, -1)
-    q = torch.softmax(mix / p.T, dim=-1) * w
-    q = q / q.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    log_q = q.clamp_min(1e-12).log()
-    log_p = F.log_softmax(with_rest(policy_logprobs) / p.T, dim=-1)
+    mix = (1.0 - c) * with_rest(full) + c * with_rest(post)  # (B, T, K + 1)
+    ref = F.log_softmax(mix, dim=-1)
+    w = weights.float().clamp_min(0.0).view(1, 1, -1)
+    q_s = torch.softmax(mix[..., :-1] / p.T, dim=-1) * w
+    q_s = q_s / q_s.sum(dim=-1, keepdim=True).clamp_min(1e-12)  # PACT's target within S
+    ref_in = ref[..., :-1].logsumexp(dim=-1, keepdim=True)  # log (1 - r_t)
+    log_q = torch.cat([ref_in + q_s.clamp_min(1e-12).log(), ref[..., -1:]], dim=-1)
+    q = torch.cat([ref_in.exp() * q_s, ref[..., -1:].exp()], dim=-1)
+    pol_in = policy_logprobs.logsumexp(dim=-1, keepdim=True)  # log (1 - rho_t)
+    log_p = torch.cat([pol_in + F.log_softmax(policy_logprobs / p.T, dim=-1), log1mexp(pol_in)], dim=-1)
     kl = (q * (log_q - log_p)).sum(dim=-1) * (p.T ** 2)
     m = mask.to(kl.dtype)
     return (kl * m).sum(), m.sum()

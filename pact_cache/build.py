@@ -379,8 +379,8 @@ def build(cfg: BuildConfig) -> BuildResult:
         tokens = read_tokens(cfg.tokens, tok)
     else:
         if rank == 0:
-            _log("no --tokens: selecting the safety tokens from the reference, its built-in refusals against its answers to "
-                 "built-in benign prompts")
+            _log("no --tokens: selecting the safety tokens from the reference, its built-in refusals after their harmful prompts "
+                 "against the same refusals after built-in benign prompts")
         tokens = select_tokens(model, tok, load_refusals(None), device=device, aligned_fp=model_fp, source="builtin:" + builtin_refusals_path().name,
                                benign=load_benign(None), benign_source="builtin:" + builtin_benign_path().name)
     import torch

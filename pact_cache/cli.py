@@ -85,15 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tokens", help="select the safety tokens S and their weights -> tokens.json",
                        description="Select the safety-token set S: teacher-force refusals through the aligned model and compare, the paper's "
-                       "way, with the base model (--base), or by default with the aligned model's own answers to benign prompts.")
+                       "way, with the base model (--base), or by default with the aligned model itself after benign prompts.")
     t.add_argument("--aligned", required=True, metavar="MODEL", help=f"aligned chat model (folder, hub id or {DEFAULT_MODEL})")
     t.add_argument("--base", metavar="MODEL", help="base model: the paper's aligned-vs-base discrepancy weights; without it the "
-                   "reference's refusals are contrasted with its answers to benign prompts")
+                   "refusals after their harmful prompts are contrasted with the same refusals after benign prompts")
     t.add_argument("--refusals", metavar="FILE", help="harmful prompts with refusals (any dataset format; default: built-in set)")
-    t.add_argument("--benign", metavar="FILE", help="benign prompts with helpful answers, the contrast without --base "
-                   "(any dataset format; default: built-in set)")
+    t.add_argument("--benign", metavar="FILE", help="benign prompts, after which the refusals are also teacher-forced when there "
+                   "is no --base (any dataset format, answers optional and unused; default: built-in set)")
+    t.add_argument("--contrast-steps", type=positive_int, default=4, metavar="N",
+                   help="without --base: the refusals' first N tokens are compared (default 4; a refusal is decided in its opening words)")
     t.add_argument("--top-k", type=positive_int, default=50, help="number of safety tokens K (default 50)")
-    t.add_argument("--max-resp-len", type=positive_int, default=64, help="refusal tokens teacher-forced per sample (default 64)")
+    t.add_argument("--max-resp-len", type=positive_int, default=64, help="with --base: refusal tokens teacher-forced per sample (default 64, the paper's)")
     t.add_argument("--limit", type=positive_int, help="use only the first N refusals")
     t.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: fp32 on CPU, bf16 on CUDA")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -211,7 +213,8 @@ def cmd_tokens(a) -> int:
     benign = None if a.base else load_benign(a.benign)
     tokens = select_tokens(model_a, tok_a, pairs, base, base_tok, top_k=a.top_k, max_resp_len=a.max_resp_len,
                            device=device, aligned_fp=model_fingerprint(ra), base_fp=base_fp, source=src, benign=benign,
-                           benign_source=str(Path(a.benign).resolve()) if a.benign else "builtin")
+                           benign_source=str(Path(a.benign).resolve()) if a.benign else "builtin",
+                           contrast_steps=a.contrast_steps)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, tokens.to_json())
     print(f"wrote {out}: K={tokens.K} ({tokens.method}, {tokens.params['samples']} refusals)")

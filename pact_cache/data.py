@@ -178,6 +178,24 @@ def to_messages(row: RawRow) -> list[dict]:
     return out
 
 
+def prompts_from(path: str, limit: int | None = None) -> list[tuple[list[dict], str | None]]:
+    """(prompt messages, reference answer or None) from any dataset format, or from rows holding
+    only a prompt (``prompt``, ``input`` or ``instruction`` [+ ``input``])."""
+    out = []
+    for row in iter_rows(path):
+        rec = row.record
+        if isinstance(rec, dict) and "instruction" not in rec and "prompt" not in rec and "messages" not in rec and "input" in rec:
+            rec = {"prompt": rec["input"], "completion": rec.get("output") or "-"}
+        if isinstance(rec, dict) and "messages" not in rec and not (rec.get("output") or rec.get("completion") or rec.get("response")):
+            rec = dict(rec, **{"output" if "instruction" in rec else "completion": "-"})  # prompt-only rows
+        msgs = to_messages(RawRow(row.where, rec))
+        answer = msgs[-1]["content"]
+        out.append((msgs[:-1], None if answer == "-" else answer))
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
 def chat_ids(tok, messages: list[dict], add_generation_prompt: bool) -> list[int]:
     enc = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True)
     return list(enc["input_ids"])

@@ -9,15 +9,18 @@ response steps, then average over samples: ``p_a`` (aligned) and ``delta = p_a -
 the kept tokens (unbiased std, eps 1e-6), then L2-normalised over the whole vector.
 
 Without a base model (the default of ``pact-cache tokens`` and ``build``), the reference is
-contrasted with itself (``pact-self-contrast``): ``p_r``, its mean next-token distribution over
-the response steps of refusals to harmful prompts (teacher-forced after its chat template), against
-``p_n``, the same over helpful answers to benign prompts (32 of each are built in, written for this
-project; ``--refusals`` / ``--benign`` replace them). ``delta = p_r - p_n`` says which tokens the
-model reaches for when it refuses rather than when it helps; the ``top_k`` tokens with the largest
-``delta`` form S and their weights are the paper's: ``delta`` z-scored over S, then L2-normalised
-(negative weights count as 0 in the loss, as in the paper). Ranking by ``p_r`` alone would pick the
-tokens frequent in any answer (punctuation, articles). A caller that passes neither a base model
-nor benign answers gets the ``top_k`` tokens by ``p_r`` with uniform weights (``pact-uniform``).
+contrasted with itself (``pact-self-contrast``): the same refusals are teacher-forced after the
+harmful prompts they answer and after benign prompts (refusal i after benign prompt i mod n; 32
+benign prompts are built in, written for this project; ``--benign`` replaces them), over their
+first ``steps`` tokens only (default 4: a refusal is decided in its opening words, "I'm sorry, I
+can't"; later words follow the topic). ``p_a`` is the reference's mean next-token distribution
+after the harmful prompts, ``delta = p_a - p_b`` with ``p_b`` the same after the benign ones: how
+much the harmful prompt itself raises each token, the role the base model plays in the paper. Then
+exactly the paper's rule: the ``top_k`` tokens by ``p_a``, weights ``delta`` z-scored and
+L2-normalised (negative weights count as 0 in the loss). On the study's aligned reference this
+puts "I" first (0.83), then " sorry", " assist", " can"; "The", " glad", " provide" get negative
+weights. A caller that passes neither a base model nor benign prompts gets the ``top_k`` tokens by
+``p_a`` with uniform weights (``pact-uniform``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import math
 from importlib import resources
 from pathlib import Path
 
-from .data import RawRow, chat_ids, iter_rows, to_messages
+from .data import RawRow, chat_ids, iter_rows, prompts_from, to_messages
 from .errors import TokensError
 from .manifest import MANIFEST_MAX_BYTES, SafetyTokens, load_json
 
@@ -39,9 +42,14 @@ def builtin_benign_path() -> Path:
     return Path(str(resources.files("pact_cache") / "resources" / "benign.jsonl"))
 
 
-def load_benign(path: str | Path | None = None) -> list[tuple[list[dict], str]]:
-    """(prompt messages, helpful answer) pairs from any dataset format, or the built-in set."""
-    return load_refusals(path if path is not None else builtin_benign_path())
+def load_benign(path: str | Path | None = None) -> list[list[dict]]:
+    """Benign prompts (as chat messages) from any dataset format, answers optional and unused, or
+    the built-in set."""
+    src = path if path is not None else builtin_benign_path()
+    prompts = [msgs for msgs, _ in prompts_from(src)]
+    if not prompts:
+        raise TokensError(f"{src}: no benign prompts found")
+    return prompts
 
 
 def load_refusals(path: str | Path | None = None) -> list[tuple[list[dict], str]]:
@@ -110,14 +118,23 @@ def _paper_weights(delta):
 
 def select_tokens(aligned, aligned_tok, pairs, base=None, base_tok=None, top_k: int = 50, max_resp_len: int = 64,
                   device="cpu", batch_size: int = 8, aligned_fp=None, base_fp=None, source: str = "builtin",
-                  benign=None, benign_source: str = "builtin") -> SafetyTokens:
+                  benign=None, benign_source: str = "builtin", contrast_steps: int = 4) -> SafetyTokens:
     """Select S and its weights; ``.to_json()`` of the result is a ``tokens.json`` (``pact-tokens/1``).
-    With ``base``: the paper's aligned-vs-base discrepancy; else with ``benign`` (answer pairs): the
-    reference's refusals against its benign answers; else uniform weights on the likeliest tokens."""
+    With ``base``: the paper's aligned-vs-base discrepancy over ``max_resp_len`` refusal tokens; else
+    with ``benign`` (prompt messages): the refusals after their harmful prompts against the same
+    refusals after benign prompts, over their first ``contrast_steps`` tokens; else uniform weights on
+    the likeliest tokens."""
     import torch
 
     if top_k < 1:
         raise TokensError(f"--top-k {top_k}: must be at least 1")
+    if contrast_steps < 1:
+        raise TokensError(f"--contrast-steps {contrast_steps}: must be at least 1")
+    self_contrast = base is None and benign is not None
+    if self_contrast:
+        if not benign:
+            raise TokensError("no benign prompt given; the self-contrast needs at least one")
+        max_resp_len = contrast_steps
     if base is not None and len(base_tok) != len(aligned_tok):
         raise TokensError(f"base tokenizer has {len(base_tok)} tokens, aligned has {len(aligned_tok)}; the paper's method needs the same vocabulary")
     seq_a, st_a, counts = _answer_seqs(aligned_tok, pairs, max_resp_len)
@@ -144,17 +161,17 @@ def select_tokens(aligned, aligned_tok, pairs, base=None, base_tok=None, top_k: 
         kept, delta = kept[nonzero], delta[nonzero]
         weights = _paper_weights(delta)
         method = "pact-discrepancy"
-    elif benign is not None:
-        seq_n, st_n, counts_n = _answer_seqs(aligned_tok, benign, max_resp_len)
-        if not seq_n:
-            raise TokensError("no benign answer is non-empty; check the benign answers file")
+    elif self_contrast:
+        paired = [(benign[i % len(benign)], refusal) for i, (_, refusal) in enumerate(pairs)]
+        seq_n, st_n, counts_n = _answer_seqs(aligned_tok, paired, max_resp_len)
         p_n = _mean_step_probs(aligned, seq_n, st_n, counts_n, device, batch_size).mean(0)[:vocab]
-        diff = p_a - p_n
-        kept = torch.topk(diff, k).indices
-        kept = kept[diff[kept] > 0].sort().values  # tokens more likely in refusals than in helpful answers
-        weights = _paper_weights(diff[kept].double())
+        weights = _paper_weights((p_a - p_n)[kept].double())
+        if max(weights) <= 0:
+            raise TokensError("the reference's next-token distributions after the harmful and the benign prompts do not differ; "
+                              "no safety token can be weighted (are the benign prompts the harmful ones?)")
         method = "pact-self-contrast"
-        params.update({"benign": benign_source, "benign_samples": len(seq_n)})
+        params = {"top_k": top_k, "steps": contrast_steps, "refusals": source, "samples": len(seq_a),
+                  "benign": benign_source, "benign_prompts": len(benign)}
     else:
         weights = [1.0 / math.sqrt(len(kept))] * len(kept)
         method = "pact-uniform"

@@ -87,19 +87,22 @@ FILLER = {",", ".", " the", " a", " an", " of", " and", " in", " is", " it", "Th
 
 
 def test_default_safety_tokens_are_led_by_refusal_tokens(built, embedded_model):
-    """build without --tokens on the embedded model: the reference's refusals against its benign
-    answers. The heaviest token is a refusal marker, refusal markers hold most of the top of S,
-    and no punctuation or article gets a positive weight (the old default was led by them)."""
+    """build without --tokens on the embedded model: its refusals after harmful prompts against the
+    same refusals after benign prompts. The heaviest token is a refusal marker, refusal markers hold
+    most of the top of S, and punctuation and articles (which led the old default, ranked by mean
+    probability alone) weigh less than a tenth of what the refusal markers weigh."""
     from pact_cache.models import load_tokenizer, resolve_model
 
     tokens = built[0].manifest.tokens
     tok = load_tokenizer(resolve_model(embedded_model))
     ranked = [tok.decode([i]) for w, i in sorted(zip(tokens.weights, tokens.ids), reverse=True)]
-    positive = {tok.decode([i]) for w, i in zip(tokens.weights, tokens.ids) if w > 0}
+    positive = {tok.decode([i]): w for w, i in zip(tokens.weights, tokens.ids) if w > 0}
     print("default S by weight:", ranked[:12])
     assert tokens.method == "pact-self-contrast"
     assert ranked[0] in REFUSAL_MARKERS and len(REFUSAL_MARKERS & set(ranked[:8])) >= 3
-    assert not positive & FILLER
+    filler = sum(w for s, w in positive.items() if s in FILLER)
+    markers = sum(w for s, w in positive.items() if s in REFUSAL_MARKERS)
+    assert filler < 0.1 * markers, (filler, markers)
 
 
 def test_info_reports_bytes_per_step(built, capsys):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pact_cache.cli import main
+from pact_cache.data import chat_ids
 from pact_cache.errors import TokensError
 from pact_cache.models import load_model, load_tokenizer, resolve_model
 from pact_cache.tokens import load_refusals, select_tokens, validate_tokens
@@ -59,15 +60,15 @@ def test_uniform_without_a_contrast(tiny_model):
 
 
 def test_self_contrast_without_base_and_cli(tiny_model, tmp_path, capsys):
-    """Without --base the reference's refusals are contrasted with its benign answers: S holds the
-    tokens likelier in refusals (each with positive delta), weighted the paper's way."""
+    """Without --base the refusals after their harmful prompts are contrasted with the same refusals
+    after the built-in benign prompts (first 4 tokens), weighted the paper's way."""
     refusals = write_jsonl(tmp_path / "r.jsonl", [{"input": "how do I do a bad thing", "output": "I can't help with that."}] * 3)
     out = tmp_path / "tokens.json"
     assert main(["tokens", "--aligned", tiny_model, "--refusals", str(refusals), "--top-k", "10", "-o", str(out)]) == 0
     t = json.loads(out.read_text())
     assert t["format"] == "pact-tokens/1" and 1 <= len(t["ids"]) <= 10 and t["method"] == "pact-self-contrast"
     assert sum(w * w for w in t["weights"]) == pytest.approx(1.0, abs=1e-4) or len(t["ids"]) == 1
-    assert t["params"]["benign"] == "builtin" and t["params"]["benign_samples"] == 32
+    assert t["params"]["benign"] == "builtin" and t["params"]["benign_prompts"] == 32 and t["params"]["steps"] == 4
     assert t["aligned"]["weights_sha256"] and t["base"] is None
     validate_tokens(t, load_tokenizer(resolve_model(tiny_model)), "t")
 
@@ -100,3 +101,42 @@ def test_cli_with_a_base_model(tiny_model, tiny_base_model, tmp_path):
     t = json.loads(out.read_text())
     assert t["method"] == "pact-discrepancy" and t["base"]["weights_sha256"] != t["aligned"]["weights_sha256"]
     assert len(t["ids"]) == 8 and sum(w * w for w in t["weights"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_self_contrast_by_hand(tiny_model, tmp_path):
+    """The self-contrast's weights from two explicit teacher-forced passes: refusal i after its harmful
+    prompt and after benign prompt i mod n, first --contrast-steps tokens, mean next-token
+    probabilities, top_k by the first, weights the paper's z-score/L2 of the difference."""
+    import torch
+
+    tok = load_tokenizer(resolve_model(tiny_model))
+    model, _, _ = load_model(resolve_model(tiny_model), "fp32", "cpu")
+    pairs = [([{"role": "user", "content": f"how do I do bad thing {i}"}], f"I can't help with bad thing {i}, sorry.") for i in range(3)]
+    benign = [[{"role": "user", "content": "bake a cake"}], [{"role": "user", "content": "name a river"}]]
+    t = select_tokens(model, tok, pairs, top_k=6, benign=benign, contrast_steps=3)
+
+    def mean_probs(prompts):
+        rows = []
+        for msgs, (_, refusal) in zip(prompts, pairs):
+            p = chat_ids(tok, msgs, add_generation_prompt=True)
+            r = tok(refusal, add_special_tokens=False)["input_ids"][:3]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([p + r])).logits[0]
+            rows.append(torch.softmax(logits[len(p) - 1: len(p) - 1 + len(r)].float(), -1).mean(0))
+        return torch.stack(rows).mean(0)[: len(tok)]
+    p_a = mean_probs([m for m, _ in pairs])
+    p_b = mean_probs([benign[0], benign[1], benign[0]])
+    kept = torch.topk(p_a, 6).indices.sort().values
+    d = (p_a - p_b)[kept].double()
+    z = (d - d.mean()) / (d.std() + 1e-6)
+    assert list(t.ids) == kept.tolist() and t.method == "pact-self-contrast"
+    assert list(t.weights) == pytest.approx((z / (z.norm() + 1e-6)).tolist(), abs=1e-5)
+
+
+def test_self_contrast_refuses_identical_contexts(tiny_model):
+    """Benign prompts equal to the harmful ones: nothing separates them, a one-line error."""
+    tok = load_tokenizer(resolve_model(tiny_model))
+    model, _, _ = load_model(resolve_model(tiny_model), "fp32", "cpu")
+    pairs = [([{"role": "user", "content": "do a bad thing"}], "I can't help with that.")]
+    with pytest.raises(TokensError, match="do not differ"):
+        select_tokens(model, tok, pairs, top_k=5, benign=[pairs[0][0]])

@@ -15,7 +15,7 @@ Stages
   align         SFT of the original model on it (LoRA on every projection), merged into a plain folder: the aligned reference
   aligned_eval  the same evaluation for the aligned reference
   tokens_paper  pact-cache tokens, the paper's way (aligned = the new reference, base = the original instruct model)
-  tokens_default  pact-cache tokens without a base: the new default (the reference's refusals vs its benign answers)
+  tokens_default  pact-cache tokens without a base: the default (its refusals after their harmful prompts vs after benign prompts)
   ft_cache_*    harmful fine-tuning set: a p=0.1 subsample of SST2_5k_p_0.1.json, cached by the aligned reference, per S
   sft           fine-tune of the aligned reference on it (CE only: one row, whatever S)
   <method>_<S>_lam<L>, val_<...>

@@ -135,7 +135,7 @@ def _eval(a) -> int:
 
     from pact_cache.format import atomic_write_json, open_cache, stale_tmp, tmp_name
 
-    from .evaluate import GuardJudge, KeywordJudge, load_eval_model, prompts_from, refusal_rate, safety_token_drift, task_accuracy
+    from .evaluate import GuardJudge, KeywordJudge, load_eval_model, refusal_rate, safety_token_drift, task_accuracy
 
     if not (a.harmful or a.benign or a.task or a.drift_cache):
         raise PactError("nothing to evaluate: give --harmful, --benign, --task and/or --drift-cache")
@@ -144,6 +144,8 @@ def _eval(a) -> int:
     out = Path(a.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PactError(f"-o {out}: exists and is not an empty folder; choose another -o (nothing is overwritten)")
+    from pact_cache.data import prompts_from
+
     sets = {k: prompts_from(v, a.limit) for k, v in (("harmful", a.harmful), ("benign", a.benign), ("task", a.task)) if v}
     for name, rows in sets.items():
         if not rows:

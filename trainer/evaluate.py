@@ -111,26 +111,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
 
-def prompts_from(path: str, limit: int | None = None) -> list[tuple[list[dict], str | None]]:
-    """(prompt messages, reference answer or None) from any dataset format, or from rows holding
-    only a prompt (``prompt``, ``input`` or ``instruction`` [+ ``input``])."""
-    from pact_cache.data import RawRow, iter_rows, to_messages
-
-    out = []
-    for row in iter_rows(path):
-        rec = row.record
-        if isinstance(rec, dict) and "instruction" not in rec and "prompt" not in rec and "messages" not in rec and "input" in rec:
-            rec = {"prompt": rec["input"], "completion": rec.get("output") or "-"}
-        if isinstance(rec, dict) and "messages" not in rec and not (rec.get("output") or rec.get("completion") or rec.get("response")):
-            rec = dict(rec, completion="-")  # prompt-only rows
-        msgs = to_messages(RawRow(row.where, rec))
-        answer = msgs[-1]["content"]
-        out.append((msgs[:-1], None if answer == "-" else answer))
-        if limit and len(out) >= limit:
-            break
-    return out
-
-
 def parse_guard_verdict(text: str) -> bool | None:
     """A guard model's verdict: its first non-empty line is ``safe`` (False: not harmful) or
     ``unsafe`` (True, possibly followed by category codes on the next line); anything else None."""

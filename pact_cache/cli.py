@@ -183,6 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "cache you trust; rebuilding is the other way.")
     u.add_argument("cache", metavar="OLD", help="the pact-cache/1 cache folder")
     u.add_argument("-o", "--output", required=True, metavar="NEW", help="new folder for the upgraded cache (must not exist)")
+
+    dr = sub.add_parser("direction", help="AsFT's alignment direction V = W_aligned - W_base per LoRA module -> .safetensors",
+                        description="Compute, once, what pact-train --method asft needs: for every linear layer named in "
+                                    "--modules, V = W_aligned - W_base (or a rank-r factor of it, with the error stated) and "
+                                    "||V||_F, so that training holds neither model.")
+    dr.add_argument("--aligned", required=True, metavar="MODEL", help=f"aligned chat model (folder, hub id or {DEFAULT_MODEL})")
+    dr.add_argument("--base", required=True, metavar="MODEL", help="the base model it was aligned from (same architecture)")
+    dr.add_argument("--modules", default="q_proj,v_proj", help="comma-separated layer names: the LoRA targets of the runs "
+                    "(default q_proj,v_proj, pact-train's and AsFT's)")
+    dr.add_argument("--rank", type=positive_int, help="keep a rank-r factor of each V (smaller file; the relative error of V V^T is "
+                    "printed and stored); default: the full V")
+    dr.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="how the models are loaded (V is float32)")
+    dr.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    dr.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the direction (.safetensors; must not exist)")
     return p
 
 
@@ -317,7 +331,35 @@ def cmd_upgrade(a) -> int:
     return 0
 
 
-COMMANDS = {"tokens": cmd_tokens, "build": cmd_build, "info": cmd_info, "verify": cmd_verify, "cp": cmd_cp, "stats": cmd_stats, "merge": cmd_merge,
+def cmd_direction(a) -> int:
+    from .direction import compute_direction, save_direction
+    from .models import load_model, model_fingerprint, resolve_model
+
+    out = Path(a.output)
+    if out.is_dir():
+        raise PactError(f"-o {out}: is a folder; give a file name such as direction.safetensors")
+    if out.exists() or out.is_symlink():
+        raise OutputExistsError(f"-o {out}: exists; choose another name or delete it (nothing is overwritten)")
+    modules = [m.strip() for m in a.modules.split(",") if m.strip()]
+    if not modules:
+        raise PactError("--modules: give at least one layer name, e.g. q_proj,v_proj")
+    ra, rb = resolve_model(a.aligned), resolve_model(a.base)
+    aligned, device, _ = load_model(ra, a.dtype, a.device)
+    base, _, _ = load_model(rb, a.dtype, device)
+    from tqdm.auto import tqdm
+
+    direction = compute_direction(aligned, base, modules, a.rank, model_fingerprint(ra), model_fingerprint(rb),
+                                  progress=lambda xs: tqdm(xs, desc="direction", unit="layer", file=sys.stderr))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_direction(direction, out)
+    worst = max(direction.errors.values())
+    print(f"wrote {out}: {len(direction.factors)} layers ({', '.join(modules)}), "
+          + (f"rank {a.rank}, largest relative error of V V^T {worst:.3g}" if a.rank else "full V (exact)")
+          + f", {out.stat().st_size / 1e6:.1f} MB")
+    return 0
+
+
+COMMANDS = {"direction": cmd_direction, "tokens": cmd_tokens, "build": cmd_build, "info": cmd_info, "verify": cmd_verify, "cp": cmd_cp, "stats": cmd_stats, "merge": cmd_merge,
             "diff": cmd_diff, "upgrade": cmd_upgrade}
 
 

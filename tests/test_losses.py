@@ -261,9 +261,9 @@ def test_constrained_sft_is_the_ce_up_to_a_constant_for_small_beta():
 
 
 def test_the_registry_names_each_method_once_with_its_columns():
-    assert list(METHODS) == ["sft", "pact", "pact-rest", "str", "constrained-sft"]
+    assert list(METHODS) == ["sft", "pact", "pact-rest", "str", "constrained-sft", "asft"]
     assert method_named("sft").term is None and method_named("pact").columns == ("full", "post")
     assert method_named("str").columns == ("full",) and method_named("constrained-sft").columns == ("target",)
-    assert {m.metric for m in METHODS.values() if m.metric} == {"pact_kl", "pact_rest_kl", "str", "constrained_sft"}
+    assert {m.metric for m in METHODS.values() if m.metric} == {"pact_kl", "pact_rest_kl", "str", "constrained_sft", "asft"}
     with pytest.raises(ValueError, match="unknown method 'nope'; use one of sft, pact, pact-rest, str, constrained-sft"):
         method_named("nope")

@@ -42,7 +42,7 @@ def test_random_model_and_train_bench(tiny_model, tmp_path):
     out = bench("train", "--model", tmp_path / "rand", "--cache", cache, "--batch-size", 2, "--steps", 3, "--warmup", 1,
                 "--device", "cpu", "--json", tmp_path / "r.json")
     res = json.loads((tmp_path / "r.json").read_text())
-    assert set(res["runs"]) == {"sft", "pact", "pact-rest", "str", "constrained-sft", "online"}
+    assert set(res["runs"]) == {"sft", "pact", "pact-rest", "str", "constrained-sft", "asft", "online"}
     assert all(len(r["runs"][0]["step_times"]) == 3 for r in res["runs"].values())
     assert all(v > 0 for v in res["ratios"].values())
     assert "pact/online" in out

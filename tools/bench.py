@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -221,7 +222,10 @@ def _train_child(a) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         method, reference = {"online": ("pact", "online"), "trl-sft": ("sft", "cache"),
                              "trainer-pact": ("pact", "cache")}.get(a.variant, (a.variant, "cache"))  # else a method's name
-        cfg = TrainConfig(model=a.model, cache=a.cache, out=f"{tmp}/run", method=method, reference=reference,
+        from trainer.losses import METHODS
+
+        direction = a.direction if method in METHODS and METHODS[method].penalty is not None else None
+        cfg = TrainConfig(model=a.model, cache=a.cache, out=f"{tmp}/run", method=method, reference=reference, direction=direction,
                           batch_size=a.batch_size, max_steps=a.steps, shuffle=False, progress=False, plot=False,
                           grad_checkpointing=a.grad_checkpointing, full=a.full, device=device, save_every=10**9)
         if device == "cuda":
@@ -293,6 +297,25 @@ def _trainer_run(variant: str, cfg, device: str, tmp: str) -> tuple[list[float],
     return times, [sum(tokens[i * cfg.batch_size:(i + 1) * cfg.batch_size]) for i in range(n)]
 
 
+def _bench_direction(model: str, path: str) -> str:
+    """A direction file for asft's cost: random V of the shapes of ``model``'s q_proj and v_proj (the
+    LoRA targets of these runs; the values do not change the cost), built on the meta device, so the
+    model's weights are not loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pact_cache.direction import Direction, save_direction
+    from pact_cache.models import resolve_model
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(resolve_model(model).path)))
+    g = torch.Generator().manual_seed(0)
+    factors = {n: (torch.randn(m.out_features, m.in_features, generator=g), torch.tensor(1.0))
+               for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(("q_proj", "v_proj"))}
+    save_direction(Direction(factors, None, {n: 0.0 for n in factors}), Path(path))
+    print(f"asft: a random full-rank direction of {model}'s shapes ({len(factors)} layers), {Path(path).stat().st_size / 2**20:.0f} MiB")
+    return path
+
+
 def _paired(x: dict, y: dict, warmup: int) -> float:
     """Median over steps (after warm-up, pooled over repeats) of x's step time / y's."""
     r = [tx / ty for rx, ry in zip(x["runs"], y["runs"])
@@ -306,8 +329,11 @@ def bench_train(a) -> dict:
     (new batch shapes make the first steps slow on CUDA)."""
     from trainer.losses import METHODS
 
-    others = [m for m in METHODS if m not in ("sft", "pact")]
-    res = _run_variants(a, ["sft", "pact", *others, "online"])
+    others = [m for m in METHODS if m not in ("sft", "pact") and not (a.full and METHODS[m].penalty is not None)]
+    with tempfile.TemporaryDirectory() as tmp:
+        if any(METHODS[m].penalty is not None for m in others) and not a.direction:
+            a.direction = _bench_direction(a.model, f"{tmp}/direction.safetensors")
+        res = _run_variants(a, ["sft", "pact", *others, "online"])
     s, p, o = res["sft"], res["pact"], res["online"]
     dev = s["device"]
     kind = "CUDA max_memory_allocated" if dev == "cuda" else "peak RSS above the post-import baseline"
@@ -353,6 +379,7 @@ def _run_variants(a, variants: list[str]) -> dict:
             cmd = [sys.executable, __file__, "_train_child", "--variant", variant, "--cache", a.cache, "--model", a.model,
                    "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--device", a.device]
             cmd += ["--grad-checkpointing"] * a.grad_checkpointing + ["--full"] * a.full
+            cmd += ["--direction", a.direction] if getattr(a, "direction", None) else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
             if proc.returncode != 0 or line is None:
@@ -463,8 +490,10 @@ def main() -> None:
         q.add_argument("--device", default="auto")
         q.add_argument("--grad-checkpointing", action="store_true")
         q.add_argument("--full", action="store_true")
+    t.add_argument("--direction", help="for asft: a pact-cache direction file for --model (default: random V of its shapes, "
+                   "made here; the cost depends on the shapes only)")
     c = sub.add_parser("_train_child")
-    for arg in ("--variant", "--cache", "--model", "--device"):
+    for arg in ("--variant", "--cache", "--model", "--device", "--direction"):
         c.add_argument(arg)
     c.add_argument("--batch-size", type=int)
     c.add_argument("--steps", type=int)

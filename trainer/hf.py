@@ -27,6 +27,8 @@ DDP / FSDP / DeepSpeed wrapper, so their gradient synchronisation and weight gat
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -108,14 +110,29 @@ class PactCollator:
 
 class PactTrainerMixin:
     """``compute_loss`` for cached reference targets. Pass ``cache`` (for the safety tokens) and
-    ``loss_params`` (method, lambda, PACT parameters, logits chunk) to the constructor."""
+    ``loss_params`` (method, lambda, PACT parameters, logits chunk) to the constructor, and
+    ``direction`` (a path or a :class:`pact_cache.direction.Direction`) for a method with a
+    parameter penalty (asft): it is added as ``lambda * penalty`` once per optimizer step."""
 
-    def __init__(self, *args, cache: Cache, loss_params: LossParams | None = None, **kwargs):
+    def __init__(self, *args, cache: Cache, loss_params: LossParams | None = None, direction=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.pact_ids = torch.tensor(cache.ids)
         self.pact_weights = torch.tensor(cache.tokens.weights, dtype=torch.float32)
         self.pact_params = loss_params or LossParams(pact=PactParams())
-        method_named(self.pact_params.method)  # an unknown method fails here, not at the first step
+        method = method_named(self.pact_params.method)  # an unknown method fails here, not at the first step
+        if (method.penalty is not None) != (direction is not None):
+            raise PactError(f"method {method.name}: " + ("needs direction= (a file from `pact-cache direction`)" if method.penalty
+                                                          else "takes no direction (only a method with a parameter penalty does)"))
+        if isinstance(direction, (str, Path)):
+            from pact_cache.direction import read_direction
+
+            direction = read_direction(direction)
+        self._pact_factors = None
+        if direction is not None:
+            from .loop import lora_direction_factors
+
+            self._pact_factors = lora_direction_factors(self.model, direction)
+        self._pact_pen = torch.zeros(2)  # the penalty's sum and count of values: since the last log
         self.model_accepts_loss_kwargs = True  # so that the Trainer counts num_items_in_batch from the labels
         self._pact_sums = torch.zeros(3)  # CE, the method's term, response tokens: since the last log
 
@@ -152,6 +169,13 @@ class PactTrainerMixin:
         else:
             loss = total / n.clamp_min(1)
             self.loss_is_scaled_for_ga = False
+        if self._pact_factors is not None and model.training:
+            # a penalty on the weights, once per optimizer step: 1/GA of it with each micro-batch when the
+            # Trainer does not divide the loss itself (it does when the loss is not scaled for GA)
+            penalty = method_named(self.pact_params.method).penalty(self._pact_factors)
+            ga = self.args.gradient_accumulation_steps if self.loss_is_scaled_for_ga else 1
+            loss = loss + self.pact_params.lam * penalty.to(loss.device) / ga
+            self._pact_pen = self._pact_pen.to(device) + torch.stack([penalty.detach().to(device), torch.ones((), device=device)])
         return (loss, {"ce_sum": ce_sum.detach(), "term_sum": term_sum.detach()}) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
@@ -165,8 +189,13 @@ class PactTrainerMixin:
             if n > 0:
                 logs["ce"] = ce / n
                 metric = method_named(self.pact_params.method).metric
-                if metric:
+                if metric and self._pact_factors is None:
                     logs[metric] = term / n
+            if self._pact_factors is not None:  # the same on every process: no reduction
+                total, count = self._pact_pen.tolist()
+                if count:
+                    logs[method_named(self.pact_params.method).metric] = total / count
+                self._pact_pen = torch.zeros_like(self._pact_pen)
             self._pact_sums = torch.zeros_like(self._pact_sums)
         super().log(logs, *args, **kwargs)
 

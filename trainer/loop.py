@@ -53,6 +53,7 @@ class TrainConfig:
     method: str = "pact"  # a name in trainer.losses.METHODS: sft, pact, pact-rest
     reference: str = "cache"  # cache | online (a live reference beside the policy, the paper's way)
     ref_model: str | None = None  # for --reference online; default: the policy's initial weights (--model)
+    direction: str | None = None  # a pact-direction/1 file, for a method with a parameter penalty (asft)
     lam: float = 1.0
     pact: PactParams = field(default_factory=PactParams)
     full: bool = False  # full fine-tuning instead of LoRA
@@ -119,6 +120,14 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.schedule not in ("cosine", "linear", "constant", "step"):
         raise TrainError(f"--schedule {cfg.schedule}: use cosine, linear, constant or step")
     _number("--lambda", cfg.lam, 0, why="it weighs the method's term against the cross-entropy")
+    if method_named(cfg.method).penalty is not None:
+        if not cfg.direction:
+            raise TrainError(f"--method {cfg.method}: needs --direction FILE, made once with "
+                             "`pact-cache direction --aligned ALIGNED --base BASE -o dir.safetensors`")
+        if cfg.full:
+            raise TrainError(f"--method {cfg.method}: regularises the LoRA update B A; leave out --full")
+    elif cfg.direction:
+        raise TrainError(f"--direction: only a method with a parameter penalty reads it (asft), not --method {cfg.method}")
     if not method_named(cfg.method).with_ce and cfg.lam != 1.0:
         raise TrainError(f"--lambda {cfg.lam}: does not apply to --method {cfg.method}, whose loss replaces the cross-entropy; leave it out")
     _number("--lr", cfg.lr, 0, lo_open=True)
@@ -238,6 +247,32 @@ def load_policy(cfg: TrainConfig, device: str):
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                  target_modules=targets, task_type="CAUSAL_LM"))
     return model, tok, resolved
+
+
+def lora_direction_factors(model, direction) -> list:
+    """``(A, B, P, norm)`` for every LoRA module of ``model``, with ``P`` and ``norm`` from a
+    :class:`pact_cache.direction.Direction` (moved to the module's device): what
+    :func:`trainer.losses.asft_penalty` takes. ``A`` and ``B`` are the live parameters."""
+    from pact_cache.direction import DirectionError
+
+    out, missing = [], []
+    for name, mod in causal_lm(model).named_modules():
+        if hasattr(mod, "lora_A") and hasattr(mod, "lora_B") and "default" in getattr(mod, "lora_A", {}):
+            A, B = mod.lora_A["default"].weight, mod.lora_B["default"].weight
+            if name not in direction.factors:
+                missing.append(name)
+                continue
+            P, norm = direction.factors[name]
+            if P.shape[0] != B.shape[0]:
+                raise DirectionError(f"{name}: the direction file's V has {P.shape[0]} rows, the layer has {B.shape[0]} outputs; "
+                                     "it was made for another model")
+            out.append((A, B, P.to(B.device), norm.to(B.device)))
+    if missing:
+        raise DirectionError(f"the direction file has no entry for {len(missing)} LoRA module(s) (e.g. {missing[0]}); make it "
+                             "with `pact-cache direction --modules` naming every --lora-targets module")
+    if not out:
+        raise DirectionError("the model has no LoRA module for the direction to regularise")
+    return out
 
 
 def causal_lm(model):
@@ -396,6 +431,11 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         ref, _, _ = load_model(resolve_model(cfg.ref_model or cfg.model), torch.bfloat16 if device.startswith("cuda") else torch.float32, device)
         ref.requires_grad_(False)
         header = assistant_header_ids(tok)
+    factors = None
+    if method.penalty is not None:
+        from pact_cache.direction import read_direction
+
+        factors = lora_direction_factors(model, read_direction(cfg.direction))
     loss_params = cfg.loss_params()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -456,7 +496,7 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         lr = lr_at(step, total, steps_per_epoch, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        ce_tot = term_tot = 0.0
+        ce_tot = term_tot = pen = 0.0
         for i, (_, _, global_rows) in enumerate(micro):
             rows, scale = ranks.take(global_rows)
             batch = collate(rows, pad_id, pad_multiple).to(device)
@@ -465,13 +505,18 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
                 with autocast:
                     ce_sum, term_sum, _ = policy_losses(ddp_model, batch, ids, weights, loss_params, live)
                 loss = method.total(ce_sum, term_sum, cfg.lam) * (scale * ranks.world / n_window)  # DDP averages over ranks
+                if factors is not None and i == len(micro) - 1:  # a penalty on the weights: once per optimizer step
+                    penalty = method.penalty(factors)
+                    loss = loss + cfg.lam * penalty  # the same on every rank: DDP's average keeps it
+                    pen = penalty.item()
                 loss.backward()
             ce_tot += scale * ce_sum.item()
             term_tot += scale * term_sum.item()
         ce_tot, term_tot = ranks.sum([ce_tot, term_tot], device)
-        if not (math.isfinite(ce_tot) and math.isfinite(term_tot)):
+        if not (math.isfinite(ce_tot) and math.isfinite(term_tot) and math.isfinite(pen)):
             bar.close()
-            raise NonFiniteError(step + 1, f"the loss is not finite (cross-entropy sum {ce_tot}, {method.metric or 'term'} sum {term_tot})",
+            raise NonFiniteError(step + 1, f"the loss is not finite (cross-entropy sum {ce_tot}, {method.metric or 'term'} "
+                                 f"{'sum ' + str(term_tot) if factors is None else pen})",
                                  out, last_saved)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
         if not math.isfinite(grad_norm):
@@ -483,9 +528,10 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         epoch, taken = micro[-1][0], micro[-1][1]
         tokens_total += n_window
         dt = time.time() - t0
-        rec = {"step": step, "epoch": epoch, "loss": float(method.total(ce_tot, term_tot, cfg.lam)) / n_window, "ce": ce_tot / n_window}
-        if method.metric:  # the method's term, under its own name
-            rec[method.metric] = term_tot / n_window
+        rec = {"step": step, "epoch": epoch, "loss": float(method.total(ce_tot, term_tot, cfg.lam)) / n_window + cfg.lam * pen,
+               "ce": ce_tot / n_window}
+        if method.metric:  # the method's term, under its own name (a penalty: its value at this step)
+            rec[method.metric] = term_tot / n_window if factors is None else pen
         rec.update({"lr": lr, "tokens": n_window, "tokens_total": tokens_total, "grad_norm": grad_norm, "step_time_s": dt})
         if ranks.main:
             with open(metrics_path, "a") as f:

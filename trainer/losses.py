@@ -183,6 +183,24 @@ def constrained_sft(policy_target: torch.Tensor, ref_target: torch.Tensor, mask:
 
 # ----------------------------------------------------------------------------- methods
 
+def asft_penalty(factors) -> torch.Tensor:
+    """AsFT's regulariser (arXiv 2506.08473): ``sum_m ||(I - C_m) B_m A_m||_F^2``, never forming a d x d matrix.
+
+    factors: for each LoRA module m, ``(A, B, P, norm)``: A (r, in) and B (out, r) the LoRA matrices
+             (gradients flow through these; the update is ``B A`` without LoRA's alpha / r scaling, as in
+             AsFT's code), P (out, p) with ``P P^T = V V^T`` for ``V = W_aligned - W_base``, and ``norm =
+             ||V||_F`` (a scalar), so that ``C = V V^T / ||V||_F`` (AsFT's definition).
+    ``M = (I - C) B = B - P (P^T B) / norm`` is (out, r); ``||M A||_F^2 = sum((M^T M) * (A A^T))``, two
+    (r, r) matrices. Returns a scalar (float32); zero for no modules.
+    """
+    total = torch.zeros((), dtype=torch.float32)
+    for A, B, P, norm in factors:
+        A, B, P = A.float(), B.float(), P.float()
+        M = B - P @ (P.t() @ B) / norm.float()
+        total = total.to(M.device) + ((M.t() @ M) * (A @ A.t())).sum()
+    return total
+
+
 @dataclass(frozen=True)
 class Steps:
     """A micro-batch's response steps as a method's term sees them: B rows, T steps (padded), K
@@ -203,9 +221,10 @@ class Method:
     """A training method: the cross-entropy plus ``lambda *`` its term, or (``with_ce=False``) its
     term alone. ``term(steps, params)`` is a pure function returning the term's sum over valid steps
     (the caller divides by the window's token count); ``columns`` are the cached reference columns it
-    reads (a live reference must provide the same); ``metric`` names its value in metrics.jsonl. A
-    term on the parameters rather than on steps (a penalty, as AsFT's) would be one more field here,
-    called once per step."""
+    reads (a live reference must provide the same); ``metric`` names its value in metrics.jsonl.
+    ``penalty(factors)`` is a term on the trained parameters rather than on steps (AsFT's): the loss
+    of an optimizer step is ``CE / tokens + lambda * penalty``, the penalty computed once per step
+    from each LoRA module's ``(A, B, P, norm)`` (a direction file gives P and norm)."""
 
     name: str
     summary: str
@@ -213,6 +232,7 @@ class Method:
     metric: str | None = None
     term: Callable[["Steps", "LossParams"], torch.Tensor] | None = None
     with_ce: bool = True
+    penalty: Callable[[list], torch.Tensor] | None = None  # on the trained parameters, once per optimizer step
 
     def total(self, ce_sum: torch.Tensor, term_sum: torch.Tensor, lam: float) -> torch.Tensor:
         """The loss's sum over the micro-batch's steps: ``CE + lambda * term``, or the term alone."""
@@ -246,6 +266,8 @@ register(Method("str", "CE + lambda * STR: mean squared log-prob gap to the refe
 register(Method("constrained-sft", "Qi et al.'s token-wise constrained SFT against the reference's token log-probs "
                 "(replaces the CE; --lambda does not apply)", ("target",), "constrained_sft",
                 lambda s, p: constrained_sft(s.policy_target, s.ref["target"], s.mask)[0], with_ce=False))
+register(Method("asft", "CE + lambda * AsFT's ||(I - C) B A||_F^2 over the LoRA modules (needs --direction)",
+                metric="asft", penalty=asft_penalty))
 
 
 @dataclass(frozen=True)

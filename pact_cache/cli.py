@@ -184,6 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("cache", metavar="OLD", help="the pact-cache/1 cache folder")
     u.add_argument("-o", "--output", required=True, metavar="NEW", help="new folder for the upgraded cache (must not exist)")
 
+    sc = sub.add_parser("score", help="TOSS token scores from two models, added to a copy of the cache",
+                        description="Run a safety-degraded and a utility-oriented model (both fine-tuned for the purpose, e.g. with "
+                                    "pact-train on harmful and on utility data) once over every cached row: score_t = log p_degraded(y_t) "
+                                    "- log p_utility(y_t). The scores are written beside a checked copy of the cache in OUT (a new "
+                                    "cache id); pact-train --token-mask FRACTION then leaves the highest-scoring tokens out.")
+    sc.add_argument("cache", metavar="CACHE", help="cache folder (local path or fsspec URL)")
+    sc.add_argument("--degraded", required=True, metavar="MODEL", help="the safety-degraded model (same tokenizer as the reference)")
+    sc.add_argument("--utility", required=True, metavar="MODEL", help="the utility-oriented model (same tokenizer as the reference)")
+    sc.add_argument("-o", "--output", required=True, metavar="OUT", help="new folder (or URL) for the scored cache; must be empty or absent")
+    sc.add_argument("--cache-id", metavar="ID", help="refuse CACHE unless its content id is ID (or starts with it)")
+    sc.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass (default 8)")
+    sc.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: fp32 on CPU, bf16 on CUDA")
+    sc.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    sc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_storage_option(sc)
+
     dr = sub.add_parser("direction", help="AsFT's alignment direction V = W_aligned - W_base per LoRA module -> .safetensors",
                         description="Compute, once, what pact-train --method asft needs: for every linear layer named in "
                                     "--modules, V = W_aligned - W_base (or a rank-r factor of it, with the error stated) and "
@@ -331,6 +347,19 @@ def cmd_upgrade(a) -> int:
     return 0
 
 
+def cmd_score(a) -> int:
+    from .score import score_cache
+    from .storage import Location
+
+    opts = parse_storage_options(a.storage_option)
+    m = score_cache(Location(a.cache, opts), a.degraded, a.utility, Location(a.output, opts), batch_size=a.batch_size,
+                    dtype=a.dtype, device=a.device, cache_id=a.cache_id, progress=not a.no_progress)
+    extra = sum(f.bytes for f in m.scores.files)
+    print(f"{a.output}: cache {m.cache_id[:12]}: {m.counts.response_steps:,} response tokens scored ({m.scores.algorithm}), "
+          f"{extra:,} bytes of scores ({extra / max(m.counts.response_steps, 1):.1f} B/step) beside {len(m.parts)} part(s)")
+    return 0
+
+
 def cmd_direction(a) -> int:
     from .direction import compute_direction, save_direction
     from .models import load_model, model_fingerprint, resolve_model
@@ -359,7 +388,7 @@ def cmd_direction(a) -> int:
     return 0
 
 
-COMMANDS = {"direction": cmd_direction, "tokens": cmd_tokens, "build": cmd_build, "info": cmd_info, "verify": cmd_verify, "cp": cmd_cp, "stats": cmd_stats, "merge": cmd_merge,
+COMMANDS = {"score": cmd_score, "direction": cmd_direction, "tokens": cmd_tokens, "build": cmd_build, "info": cmd_info, "verify": cmd_verify, "cp": cmd_cp, "stats": cmd_stats, "merge": cmd_merge,
             "diff": cmd_diff, "upgrade": cmd_upgrade}
 
 

@@ -63,6 +63,30 @@ def _prepare(dst: Location, cache_id: str) -> None:
             raise OutputExistsError(f"{dst.display}: holds {strays[0]}, which is not part of this cache; choose another destination")
 
 
+def copy_part(cache, part, dst: Location, scratch, bar=None) -> None:
+    """Stream one file of ``cache`` listed in its manifest (a part, or a score file: anything with
+    ``name``, ``bytes`` and ``sha256``) into a local scratch file, hashing it, and publish it at
+    ``dst`` only when its sha256 is the manifest's."""
+    check_regular_file(cache.fs, cache.root, cache.part_path(part), cache._where(part), size=part.bytes)
+    h = hashlib.sha256()
+    local = scratch / part.name
+    with cache.fs.open(cache.part_path(part), "rb") as fin, open(local, "wb") as fout:
+        left = part.bytes
+        while left > 0:
+            block = fin.read(min(COPY_BLOCK, left))
+            if not block:
+                break
+            h.update(block)
+            fout.write(block)
+            left -= len(block)
+            if bar is not None:
+                bar.update(len(block))
+    if left != 0 or h.hexdigest() != part.sha256:
+        raise CacheError(f"{cache._where(part)}: sha256 differs from the manifest while copying; the source is corrupt or "
+                         "changed: nothing of it was published, re-download or rebuild the source")
+    dst.put_file(local, part.name)
+
+
 def copy_cache(src: Location, dst: Location, cache_id: str | None = None, progress: bool = True) -> CopyResult:
     """Copy the cache at ``src`` to ``dst`` (see the module docstring). Returns what was done."""
     from tqdm.auto import tqdm
@@ -75,10 +99,11 @@ def copy_cache(src: Location, dst: Location, cache_id: str | None = None, progre
     dst.makedirs()
     dst.put_bytes(COPY_STATE, json.dumps({"cache_id": m.cache_id}).encode())
     copied = kept = nbytes = 0
-    bar = tqdm(total=sum(p.bytes for p in m.parts), unit="B", unit_scale=True, desc="copying", disable=not progress, dynamic_ncols=True)
+    files = [*m.parts, *(m.scores.files if m.scores is not None else ())]  # parts, then any token-score sidecars
+    bar = tqdm(total=sum(p.bytes for p in files), unit="B", unit_scale=True, desc="copying", disable=not progress, dynamic_ncols=True)
     scratch = dst.scratch()
     try:
-        for part in m.parts:
+        for part in files:
             if dst.exists(part.name):
                 size = check_regular_file(dst.fs, dst.root, dst.path(part.name), dst.where(part.name))
                 if size == part.bytes and _sha256_of(dst, part.name) == part.sha256:
@@ -86,23 +111,7 @@ def copy_cache(src: Location, dst: Location, cache_id: str | None = None, progre
                     bar.update(part.bytes)
                     continue
                 dst.remove(part.name)  # an object this copy wrote for another content, or a damaged one
-            check_regular_file(cache.fs, cache.root, cache.part_path(part), cache._where(part), size=part.bytes)
-            h = hashlib.sha256()
-            local = scratch / part.name
-            with cache.fs.open(cache.part_path(part), "rb") as fin, open(local, "wb") as fout:
-                left = part.bytes
-                while left > 0:
-                    block = fin.read(min(COPY_BLOCK, left))
-                    if not block:
-                        break
-                    h.update(block)
-                    fout.write(block)
-                    left -= len(block)
-                    bar.update(len(block))
-            if left != 0 or h.hexdigest() != part.sha256:
-                raise CacheError(f"{cache._where(part)}: sha256 differs from the manifest while copying; the source is corrupt or "
-                                 "changed: nothing of it was published, re-download or rebuild the source")
-            dst.put_file(local, part.name)
+            copy_part(cache, part, dst, scratch, bar)
             copied += 1
             nbytes += part.bytes
         dst.put_bytes(MANIFEST, json_bytes(m.to_json()))

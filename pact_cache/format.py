@@ -385,6 +385,7 @@ class CacheRow:
     full_logprobs: np.ndarray  # (n, K)
     post_logprobs: np.ndarray  # (n, K)
     target_logprob: np.ndarray  # (n,)
+    score: np.ndarray | None = None  # (n,) TOSS token scores, when the cache has them (pact-cache score)
 
     @property
     def steps(self) -> int:
@@ -415,6 +416,7 @@ class Cache:
         self.vocab_size = manifest.build.vocab_size
         self.verify_checksums = verify_checksums
         self._checked: set[str] = set()
+        self._score_files = {f.part: f for f in manifest.scores.files} if manifest.scores is not None else {}
 
     # -- metadata
     @property
@@ -469,6 +471,39 @@ class Cache:
         _require(pf.metadata.num_rows == part.rows, where, f"holds {pf.metadata.num_rows} rows, manifest says {part.rows}")
         return pf
 
+    # -- token scores (sidecars)
+    def read_part_scores(self, part: PartEntry) -> tuple[list[str], list[np.ndarray]]:
+        """The example ids and float32 ``(n,)`` token scores of one part's rows, from its score file,
+        checked: regular file, size and sha256 (always: 4 bytes per step), schema, row count, finite
+        values. Empty lists when the cache has no scores."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        sf = self._score_files.get(part.name)
+        if sf is None:
+            return [], []
+        where, path = f"{self.url.rstrip('/')}/{sf.name}", f"{self.root}/{sf.name}"
+        check_regular_file(self.fs, self.root, path, where, size=sf.bytes)
+        with self.fs.open(path, "rb") as f:
+            data = f.read(sf.bytes)
+        _require(len(data) == sf.bytes and hashlib.sha256(data).hexdigest() == sf.sha256, where,
+                 "sha256 differs from the manifest; the score file is corrupt or was changed, re-download it or score the cache again")
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except Exception as err:
+            raise CacheError(f"{where}: not a readable Parquet file ({type(err).__name__}: {str(err)[:120]}); score the cache again") from None
+        for name, typ in (("example_id", pa.string()), ("score", pa.binary())):
+            _require(name in table.column_names and table.schema.field(name).type == typ, where, f"column {name!r} ({typ}) is missing")
+        _require(table.num_rows == part.rows, where, f"holds {table.num_rows} rows, its part {part.name} {part.rows}")
+        ids, blobs = table.column("example_id").to_pylist(), table.column("score").to_pylist()
+        scores = []
+        for j, blob in enumerate(blobs):
+            _require(blob is not None and len(blob) % 4 == 0, where, f"row {j}: score is null or not float32")
+            v = np.frombuffer(blob, dtype="<f4")
+            _require(bool(np.isfinite(v).all()), where, f"row {j}: a score is not finite; score the cache again")
+            scores.append(v)
+        return ids, scores
+
     # -- rows
     def iter_part_rows(self, part: PartEntry, batch_rows: int = 64) -> Iterator[CacheRow]:
         """The rows of one part, decoded and checked; at the end, their digest against the manifest."""
@@ -485,6 +520,7 @@ class Cache:
             self.check_part(part)
         else:
             check_regular_file(self.fs, self.root, self.part_path(part), where, size=part.bytes)
+        score_ids, scores = self.read_part_scores(part)
         with self.fs.open(self.part_path(part), "rb") as f:
             pf = self._parquet(f, part, where)
             names = part_schema(self.encoding).names
@@ -497,6 +533,11 @@ class Cache:
                     clean = self._batch_values_ok(batch, data)  # vectorised; the row-by-row checks name the row
                     for i in range(batch.num_rows):
                         row = self._decode(data, i, f"{where} row {row_no}", check_values=not clean)
+                        if scores:
+                            _require(score_ids[row_no] == row.example_id and len(scores[row_no]) == row.steps, f"{where} row {row_no}",
+                                     f"its score file row is {score_ids[row_no]!r} with {len(scores[row_no])} scores, not this row's "
+                                     f"{row.steps}; the scores belong to another cache, score it again")
+                            row.score = scores[row_no]
                         digest.update(_row_bytes(row.example_id, row.input_ids, row.response_start))
                         steps += row.steps
                         row_no += 1

@@ -304,6 +304,65 @@ class PartEntry:
 
 
 @dataclass(frozen=True)
+class ScoreFile:
+    """The token scores of one part: a sidecar Parquet file in the cache folder."""
+
+    part: str  # the part whose rows it scores, in the same order
+    name: str
+    bytes: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return {"part": self.part, "name": self.name, "bytes": self.bytes, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-token scores added by ``pact-cache score`` (TOSS): ``log p_degraded(y_t) - log p_utility(y_t)``
+    at every response step, one sidecar file per part. Part of the cache id."""
+
+    algorithm: str
+    degraded: dict  # model fingerprint: name, path, revision, weights_sha256
+    utility: dict
+    files: tuple[ScoreFile, ...]
+
+    def content(self) -> dict:
+        return {"algorithm": self.algorithm, "degraded": self.degraded.get("weights_sha256"),
+                "utility": self.utility.get("weights_sha256"), "files": [f.to_json() for f in self.files]}
+
+    def to_json(self) -> dict:
+        return {"algorithm": self.algorithm, "degraded": self.degraded, "utility": self.utility,
+                "files": [f.to_json() for f in self.files]}
+
+    @classmethod
+    def parse(cls, obj, where: str, parts: tuple[PartEntry, ...]) -> "Scores":
+        f = _Fields(obj, where, "scores", CacheError)
+        algorithm = f.str("algorithm")
+        models = {}
+        for key in ("degraded", "utility"):
+            m = f.obj_(key)
+            w = m.get("weights_sha256")
+            if not isinstance(w, dict) or not w or not all(isinstance(v, str) and _HEX64.fullmatch(v) for v in w.values()):
+                f.fail(f"{key}.weights_sha256 must map weight files to 64 lowercase hex characters")
+            models[key] = dict(m)
+        raw = f.list("files")
+        if len(raw) != len(parts):
+            f.fail(f"files lists {len(raw)} score files for {len(parts)} parts; there must be one per part, in part order")
+        part_names = {p.name for p in parts}
+        files, seen = [], set()
+        for j, (x, part) in enumerate(zip(raw, parts)):
+            sf = _Fields(x, where, f"scores.files[{j}]", CacheError)
+            name = sf.str("name", pattern=PART_NAME, what="a plain .parquet file name (no folders, no leading dot)")
+            if name in seen or name in part_names:
+                sf.fail(f"name {name!r} is listed twice or is a part's name")
+            seen.add(name)
+            if sf.str("part") != part.name:
+                sf.fail(f"scores part {x.get('part')!r}, but parts[{j}] is {part.name!r}; score files follow the parts' order")
+            files.append(ScoreFile(part.name, name, sf.int("bytes", 1), sf.str("sha256", pattern=_HEX64, what="64 lowercase hex characters")))
+        return cls(algorithm, models["degraded"], models["utility"], tuple(files))
+
+
+@dataclass(frozen=True)
 class Reference:
     """The reference model: where it came from (provenance) and its weights' digests (identity)."""
 
@@ -420,6 +479,7 @@ class Manifest:
     encoding: Encoding
     counts: Counts
     parts: tuple[PartEntry, ...]
+    scores: Scores | None = None
 
     @property
     def identity(self) -> Identity:
@@ -430,8 +490,10 @@ class Manifest:
         encoding) plus counts and every part's name, sizes, sha256 and rows digest. Provenance
         (model name and path, dataset path, the locations of skipped rows, tool version) is not part of it."""
         counts = {k: v for k, v in self.counts.to_json().items() if k != "skipped_rows"}  # those name source paths
-        return hash_identity("pact-cache/cache-id", {"identity": self.identity.to_json(), "counts": counts,
-                                                     "parts": [p.to_json() for p in self.parts]})
+        content = {"identity": self.identity.to_json(), "counts": counts, "parts": [p.to_json() for p in self.parts]}
+        if self.scores is not None:  # a cache with token scores is another cache
+            content["scores"] = self.scores.content()
+        return hash_identity("pact-cache/cache-id", content)
 
     def with_content_id(self) -> "Manifest":
         return replace(self, cache_id=self.content_id())
@@ -440,7 +502,8 @@ class Manifest:
         return {"format": self.format, "cache_id": self.cache_id, "tool": {"name": "pact-cache", "version": self.tool_version},
                 "reference": self.reference.to_json(), "tokenizer": self.tokenizer.to_json(), "tokens": self.tokens.to_json(),
                 "dataset": self.dataset.to_json(), "build": self.build.to_json(), "encoding": self.encoding.to_json(),
-                "counts": self.counts.to_json(), "parts": [p.to_json() for p in self.parts]}
+                "counts": self.counts.to_json(), "parts": [p.to_json() for p in self.parts],
+                **({"scores": self.scores.to_json()} if self.scores is not None else {})}
 
     @classmethod
     def parse(cls, obj, where: str, check_id: bool = True) -> "Manifest":
@@ -523,7 +586,8 @@ class Manifest:
         if any(p.rows == 0 for p in parts) and counts.rows:
             f.fail("a part holds zero rows in a cache that is not empty")
 
-        m = cls(fmt, cache_id, tool_version, reference, tokenizer, tokens, dataset, build, encoding, counts, tuple(parts))
+        scores = Scores.parse(obj["scores"], where, tuple(parts)) if obj.get("scores") is not None else None
+        m = cls(fmt, cache_id, tool_version, reference, tokenizer, tokens, dataset, build, encoding, counts, tuple(parts), scores)
         want = m.content_id()
         if check_id and want != cache_id:
             raise CacheError(f"{where}: cache_id {cache_id[:12]} does not match the manifest's content (it hashes to {want[:12]}); "

@@ -32,7 +32,7 @@ def test_every_option_has_help(name, parser):
 def test_subcommands_have_help_lines():
     p = cache_parser()
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-    assert {c.dest for c in sub._choices_actions} == {"tokens", "build", "info", "verify", "cp", "stats", "merge", "diff", "upgrade", "direction"}
+    assert {c.dest for c in sub._choices_actions} == {"tokens", "build", "info", "verify", "cp", "stats", "merge", "diff", "upgrade", "direction", "score"}
     assert all(c.help for c in sub._choices_actions)
 
 

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-model", metavar="MODEL", help="reference for --reference online (default: --model)")
     p.add_argument("--direction", metavar="FILE", help="for --method asft: the alignment direction per LoRA module, made once "
                    "with `pact-cache direction --aligned A --base B -o FILE`")
+    p.add_argument("--token-mask", type=float, default=d.token_mask, metavar="FRACTION",
+                   help="TOSS: leave the highest-scoring FRACTION of all the cache's response tokens (e.g. 0.2, the paper's) out of "
+                   "the CE; needs a cache scored with `pact-cache score`; works with any --method (default 0: none)")
     p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="weight of the method's term against the cross-entropy (default 1.0)")
     p.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default 8, the paper's)")
     p.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help="LoRA alpha (default 32)")
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(a) -> int:
     pact = PactParams(**{k[5:]: v for k, v in vars(a).items() if k.startswith("pact_")})
     cfg = TrainConfig(model=a.model, cache=a.cache, out=a.output, cache_pin=a.cache_id,
-                      storage_options=parse_storage_options(a.storage_option), method=a.method, reference=a.reference, ref_model=a.ref_model, direction=a.direction,
+                      storage_options=parse_storage_options(a.storage_option), method=a.method, reference=a.reference, ref_model=a.ref_model, direction=a.direction, token_mask=a.token_mask,
                       lam=a.lam, pact=pact, full=a.full, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                       lora_targets=a.lora_targets, epochs=a.epochs, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
                       weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, schedule=a.schedule, max_steps=a.max_steps,

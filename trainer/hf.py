@@ -38,7 +38,7 @@ from pact_cache.format import Cache, CacheRow, open_cache
 from .losses import LossParams, PactParams, method_named
 from .stream import Batch, collate, epoch_rows
 
-KEYS = ("pact_response_start", "pact_step_mask", "pact_targets", "pact_full", "pact_post", "pact_ref_target")
+KEYS = ("pact_response_start", "pact_step_mask", "pact_targets", "pact_full", "pact_post", "pact_ref_target", "pact_loss_mask")
 
 
 class CacheDataset(IterableDataset):
@@ -92,20 +92,23 @@ def _rank_world() -> tuple[int, int]:
 
 
 class PactCollator:
-    """Pads rows (``{"row": CacheRow}`` items, or CacheRows) into the model's inputs plus ``pact_*`` targets."""
+    """Pads rows (``{"row": CacheRow}`` items, or CacheRows) into the model's inputs plus ``pact_*`` targets.
+    ``token_mask`` (:func:`pact_cache.score.cache_token_mask` of a scored cache) leaves TOSS's
+    selected tokens out of the CE, as ``pact-train --token-mask`` does."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1):
-        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, token_mask=None):
+        self.pad_token_id, self.pad_to_multiple_of, self.token_mask = pad_token_id, pad_to_multiple_of, token_mask
 
     def __call__(self, items) -> dict:
         rows: list[CacheRow] = [it["row"] if isinstance(it, dict) else it for it in items]
-        b = collate(rows, self.pad_token_id, self.pad_to_multiple_of)
+        b = collate(rows, self.pad_token_id, self.pad_to_multiple_of, self.token_mask)
         labels = torch.full_like(b.input_ids, -100)
         for i, r in enumerate(rows):
             labels[i, r.response_start: len(r.input_ids)] = b.input_ids[i, r.response_start: len(r.input_ids)]
         return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": labels,
                 "pact_response_start": b.response_start, "pact_step_mask": b.step_mask, "pact_targets": b.targets,
-                "pact_full": b.full, "pact_post": b.post, "pact_ref_target": b.ref_target}
+                "pact_full": b.full, "pact_post": b.post, "pact_ref_target": b.ref_target,
+                "pact_loss_mask": b.step_mask if b.loss_mask is None else b.loss_mask}
 
 
 class PactTrainerMixin:
@@ -155,7 +158,8 @@ class PactTrainerMixin:
         targets = {k: inputs.pop(k) for k in KEYS}  # popped before the model could see them
         inputs.pop("labels", None)
         batch = Batch(inputs["input_ids"], inputs["attention_mask"], targets["pact_response_start"], targets["pact_step_mask"],
-                      targets["pact_targets"], targets["pact_full"], targets["pact_post"], targets["pact_ref_target"], [])
+                      targets["pact_targets"], targets["pact_full"], targets["pact_post"], targets["pact_ref_target"], [],
+                      targets["pact_loss_mask"])
         device = batch.input_ids.device
         ce_sum, term_sum, n = policy_losses(model, batch, self.pact_ids.to(device), self.pact_weights.to(device), self.pact_params)
         total = method_named(self.pact_params.method).total(ce_sum, term_sum, self.pact_params.lam)

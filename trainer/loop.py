@@ -54,6 +54,7 @@ class TrainConfig:
     reference: str = "cache"  # cache | online (a live reference beside the policy, the paper's way)
     ref_model: str | None = None  # for --reference online; default: the policy's initial weights (--model)
     direction: str | None = None  # a pact-direction/1 file, for a method with a parameter penalty (asft)
+    token_mask: float = 0.0  # TOSS: leave this fraction of the cache's tokens, the highest-scoring, out of the CE
     lam: float = 1.0
     pact: PactParams = field(default_factory=PactParams)
     full: bool = False  # full fine-tuning instead of LoRA
@@ -120,6 +121,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.schedule not in ("cosine", "linear", "constant", "step"):
         raise TrainError(f"--schedule {cfg.schedule}: use cosine, linear, constant or step")
     _number("--lambda", cfg.lam, 0, why="it weighs the method's term against the cross-entropy")
+    _number("--token-mask", cfg.token_mask, 0, 1, hi_open=True, why="it is the fraction of the tokens left out of the loss")
     if method_named(cfg.method).penalty is not None:
         if not cfg.direction:
             raise TrainError(f"--method {cfg.method}: needs --direction FILE, made once with "
@@ -338,14 +340,16 @@ def _losses_from_hidden(head, hidden, batch: Batch, ids, weights, params: LossPa
     pos = batch.response_start[bidx] - 1 + tidx
     h = hidden[bidx, pos]  # (N, H)
     target_lp, sel, lse = chunked_projection(head, h, batch.targets[bidx, tidx], ids, params.logits_chunk)
-    ce_sum = -target_lp.sum()
+    keep = batch.loss_mask  # --token-mask: the selected tokens leave the CE (or the term that replaces it)
+    ce_sum = -target_lp.sum() if keep is None else -(target_lp * keep[bidx, tidx]).sum()
     if method.term is None or (method.with_ce and params.lam == 0):
         return ce_sum, ce_sum.new_zeros(())
 
     def steps(x, *rest):  # (N, *rest) -> (B, T, *rest), zeros at padded steps
         return x.new_zeros((B, T, *rest)).index_put((bidx, tidx), x)
 
-    s = Steps(batch.step_mask, steps(sel, len(ids)), steps(lse), steps(target_lp), weights,
+    mask = batch.step_mask if keep is None or method.with_ce else batch.step_mask & keep
+    s = Steps(mask, steps(sel, len(ids)), steps(lse), steps(target_lp), weights,
               batch.reference(method.columns) if ref is None else {c: ref[c] for c in method.columns})
     return ce_sum, method.term(s, params)
 
@@ -421,6 +425,14 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     model, tok, _ = load_policy(cfg, device)
     head_rows = causal_lm(model).get_output_embeddings().weight.shape[0]
     check_cache_fits(cache, tok, head_rows, cfg)
+    mask = None
+    if cfg.token_mask:
+        from pact_cache.score import cache_token_mask
+
+        mask = cache_token_mask(cache, cfg.token_mask)
+        if ranks.main:
+            _log(f"--token-mask {cfg.token_mask:g}: {mask.dropped:,} of {mask.total:,} response tokens, those scoring "
+                 f">= {mask.threshold:.3f}, leave the loss")
     ids = torch.tensor(cache.ids, device=device)
     weights = torch.tensor(cache.tokens.weights, dtype=torch.float32, device=device)
     ref = header = None
@@ -499,7 +511,7 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         ce_tot = term_tot = pen = 0.0
         for i, (_, _, global_rows) in enumerate(micro):
             rows, scale = ranks.take(global_rows)
-            batch = collate(rows, pad_id, pad_multiple).to(device)
+            batch = collate(rows, pad_id, pad_multiple, mask).to(device)
             live = online_reference(ref, batch, header, ids) if ref is not None else None
             with ranks.no_sync(ddp_model, sync=i == len(micro) - 1):  # one gradient all-reduce per window
                 with autocast:

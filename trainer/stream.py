@@ -30,6 +30,7 @@ class Batch:
     post: torch.Tensor  # (B, T, K) float32 reference log-probs, post-only context
     ref_target: torch.Tensor  # (B, T) float32 reference log-prob of the response token
     example_ids: list[str]
+    loss_mask: torch.Tensor | None = None  # (B, T) bool: steps whose token stays in the CE (--token-mask); None: all
 
     def reference(self, columns) -> dict:
         """The cached reference columns a method reads, by name."""
@@ -43,12 +44,14 @@ class Batch:
     def to(self, device) -> "Batch":
         return Batch(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in
                        (self.input_ids, self.attention_mask, self.response_start, self.step_mask, self.targets,
-                        self.full, self.post, self.ref_target)), self.example_ids)
+                        self.full, self.post, self.ref_target)), self.example_ids,
+                     None if self.loss_mask is None else self.loss_mask.to(device))
 
 
-def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1) -> Batch:
+def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1, token_mask=None) -> Batch:
     """Right-padded batch. ``pad_to_multiple`` rounds the sequence length up (8 on CUDA: fewer
-    distinct shapes for the GPU libraries to plan for, and tensor-core-friendly sizes)."""
+    distinct shapes for the GPU libraries to plan for, and tensor-core-friendly sizes).
+    ``token_mask`` (a :class:`pact_cache.score.TokenMask`) sets ``loss_mask`` from the rows' scores."""
     B, K = len(rows), rows[0].full_logprobs.shape[1]
     L, T = max(len(r.input_ids) for r in rows), max(r.steps for r in rows)
     L = -(-L // pad_to_multiple) * pad_to_multiple
@@ -67,7 +70,12 @@ def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1) -> Batc
         ref_target[i, :n] = torch.from_numpy(r.target_logprob)
     step_mask = torch.arange(T)[None, :] < steps[:, None]
     rs = torch.tensor([r.response_start for r in rows])
-    return Batch(input_ids, attention, rs, step_mask, targets, full, post, ref_target, [r.example_id for r in rows])
+    loss_mask = None
+    if token_mask is not None:
+        loss_mask = torch.zeros((B, T), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            loss_mask[i, : r.steps] = torch.from_numpy(token_mask.keep(r.example_id, r.score))
+    return Batch(input_ids, attention, rs, step_mask, targets, full, post, ref_target, [r.example_id for r in rows], loss_mask)
 
 
 def epoch_rows(cache: Cache, epoch: int, seed: int, shuffle: bool, buffer_rows: int = 1024) -> Iterator[CacheRow]:

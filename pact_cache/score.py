@@ -1,0 +1,187 @@
+"""TOSS token scores (``pact-cache score``) and the global token mask they define.
+
+TOSS (arXiv 2603.01185, Polly-LYP/TOSS) scores every response token of the fine-tuning set with
+two models made for the purpose, a safety-degraded one (fine-tuned on harmful data) and a
+utility-oriented one (fine-tuned on utility data): ``score_t = log p_degraded(y_t) -
+log p_utility(y_t)``, the difference of their losses. A token the degraded model predicts much
+better than the utility model is one that teaches harm; the highest-scoring fraction of all the
+set's tokens (chosen globally, default 0.2) is left out of training.
+
+Both models run once, offline, here: the scores go into sidecar files beside the cache's parts
+(one ``scores-<part>`` Parquet file per part: ``example_id`` string, ``score`` binary float32
+``[n]``), listed with their sha256 in the manifest's ``scores`` entry, which is part of the cache
+id. The scored cache is written to a new folder (parts copied and checked, nothing overwritten);
+training reads the scores with the rows and never loads either model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .errors import CacheError, OutputExistsError, PactError
+from .format import MANIFEST, Cache, is_tmp_name, json_bytes, open_cache
+from .manifest import Manifest, ScoreFile, Scores
+from .storage import Location
+
+SCORE_ALGORITHM = "toss/1"  # log p_degraded(y_t) - log p_utility(y_t), float32, teacher-forced on the cached input_ids
+
+
+def score_name(part: str) -> str:
+    return f"scores-{part}"
+
+
+def row_scores(degraded, utility, rows, device, batch_size: int = 8) -> list[np.ndarray]:
+    """``log p_degraded(y_t) - log p_utility(y_t)`` at every response step of each row, float32 ``(n,)``."""
+    import torch
+
+    from .build import reference_logprobs
+
+    out = []
+    none = torch.zeros(0, dtype=torch.long)
+    for b0 in range(0, len(rows), batch_size):
+        chunk = rows[b0:b0 + batch_size]
+        seqs = [r.input_ids.tolist() for r in chunk]
+        starts = [r.response_start for r in chunk]
+        counts = [r.steps for r in chunk]
+        with torch.no_grad():
+            d = reference_logprobs(degraded, seqs, starts, counts, none, device, want_target=True)
+            u = reference_logprobs(utility, seqs, starts, counts, none, device, want_target=True)
+        out.extend((a[1] - b[1]).astype(np.float32) for a, b in zip(d, u))
+    return out
+
+
+def _check_model_fits(cache: Cache, tok, model, what: str, name: str) -> None:
+    from .models import tokenizer_fingerprint
+
+    if tokenizer_fingerprint(tok)["sha256"] != cache.manifest.tokenizer.sha256:
+        raise PactError(f"--{what} {name}: its tokenizer differs from the one the cache was built with; the scores are log-probs "
+                        "of the cached token ids, so the scoring models must share the reference's tokenizer")
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < cache.vocab_size:
+        raise PactError(f"--{what} {name}: its output layer has {rows} rows, fewer than the cache's vocabulary ({cache.vocab_size})")
+
+
+def score_cache(src: Location, degraded: str, utility: str, dst: Location, batch_size: int = 8, dtype="auto",
+                device="auto", cache_id: str | None = None, progress: bool = True) -> Manifest:
+    """Write a copy of the cache at ``src`` with TOSS scores to ``dst`` (new or empty); returns its manifest."""
+    from tqdm.auto import tqdm
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .copy import copy_part
+    from .models import load_model, load_tokenizer, model_fingerprint, resolve_model
+
+    cache = open_cache(src, cache_id=cache_id)
+    if cache.manifest.scores is not None:
+        raise PactError(f"{src.display}: already carries token scores; score the cache they were added to instead")
+    if dst.exists() and (not dst.is_dir() or [n for n in dst.names() if not is_tmp_name(n)]):
+        raise OutputExistsError(f"{dst.display}: exists and is not an empty folder; choose another -o (nothing is overwritten)")
+    models = {}
+    for what, name in (("degraded", degraded), ("utility", utility)):
+        r = resolve_model(name)
+        model, device, _ = load_model(r, dtype, device)
+        _check_model_fits(cache, load_tokenizer(r), model, what, name)
+        models[what] = (model, model_fingerprint(r))
+    dst.makedirs()
+    scratch = dst.scratch()
+    files = []
+    bar = tqdm(total=cache.num_steps, unit="step", desc="scoring", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    try:
+        for part in cache.parts:
+            ids, blobs, buf = [], [], []
+
+            def flush():
+                for r, sc in zip(buf, row_scores(models["degraded"][0], models["utility"][0], buf, device, batch_size)):
+                    if not np.isfinite(sc).all():
+                        raise PactError(f"{cache._where(part)} row {r.example_id}: a score is not finite (a model gives a token "
+                                        "probability 0); check the degraded and utility models")
+                    ids.append(r.example_id)
+                    blobs.append(sc.astype("<f4").tobytes())
+                    bar.update(r.steps)
+                buf.clear()
+            for row in cache.iter_part_rows(part):
+                buf.append(row)
+                if len(buf) == batch_size:
+                    flush()
+            flush()
+            name = score_name(part.name)
+            local = scratch / name
+            pq.write_table(pa.table({"example_id": pa.array(ids, pa.string()), "score": pa.array(blobs, pa.binary())}),
+                           str(local), compression="zstd")
+            data = local.read_bytes()
+            files.append(ScoreFile(part.name, name, len(data), hashlib.sha256(data).hexdigest()))
+            dst.put_file(local, name)
+            copy_part(cache, part, dst, scratch)
+        bar.close()
+        m = replace(cache.manifest, scores=Scores(SCORE_ALGORITHM, models["degraded"][1], models["utility"][1], tuple(files)))
+        m = m.with_content_id()
+        dst.put_bytes(MANIFEST, json_bytes(m.to_json()))  # published last: the folder is a cache only when whole
+    finally:
+        bar.close()
+        Location.drop_scratch(scratch)
+    return m
+
+
+@dataclass(frozen=True)
+class TokenMask:
+    """TOSS's global selection: the ``dropped`` highest-scoring tokens of the whole cache are left out.
+
+    ``threshold`` is the score of the last dropped token; every token scoring above it is dropped,
+    and of the tokens scoring exactly ``threshold`` the first ``ties[example_id]`` of each listed row
+    (cache order, then step order) are, so that exactly ``dropped`` tokens go whatever the ties."""
+
+    fraction: float
+    total: int
+    dropped: int
+    threshold: float
+    ties: dict
+
+    def keep(self, example_id: str, score: np.ndarray) -> np.ndarray:
+        """bool ``(n,)``: True where the token stays in the loss."""
+        keep = score < self.threshold if self.dropped else np.ones(len(score), dtype=bool)
+        if self.dropped:
+            at = np.flatnonzero(score == self.threshold)
+            keep[at[self.ties.get(example_id, 0):]] = True
+        return keep
+
+
+def token_mask(rows, fraction: float) -> TokenMask:
+    """The global top-``fraction`` selection over ``rows``, an iterable of ``(example_id, scores)`` in
+    cache order: ``round(fraction * total)`` tokens with the highest scores, ties at the boundary
+    taken in cache order."""
+    if not 0.0 <= fraction < 1.0:
+        raise PactError(f"--token-mask {fraction}: the fraction of tokens to leave out must be in [0, 1)")
+    rows = [(eid, np.asarray(s, dtype=np.float32)) for eid, s in rows]
+    allv = np.concatenate([s for _, s in rows]) if rows else np.zeros(0, np.float32)
+    total = int(allv.size)
+    dropped = int(round(fraction * total))
+    if dropped == 0:
+        return TokenMask(fraction, total, 0, float("inf"), {})
+    threshold = float(np.partition(allv, total - dropped)[total - dropped])  # the dropped-th largest
+    quota = dropped - int((allv > threshold).sum())
+    ties = {}
+    for eid, s in rows:
+        if quota <= 0:
+            break
+        n = min(int((s == threshold).sum()), quota)
+        if n:
+            ties[eid] = n
+            quota -= n
+    return TokenMask(fraction, total, dropped, threshold, ties)
+
+
+def cache_token_mask(cache: Cache, fraction: float) -> TokenMask:
+    """:func:`token_mask` over a scored cache, reading its score files only."""
+    if cache.manifest.scores is None:
+        raise CacheError(f"{cache.url}: has no token scores for --token-mask; add them with "
+                         "`pact-cache score CACHE --degraded M1 --utility M2 -o SCORED` and train from SCORED")
+    rows = []
+    for part in cache.parts:
+        ids, scores = cache.read_part_scores(part)
+        rows.extend(zip(ids, scores))
+    return token_mask(rows, fraction)

@@ -1,0 +1,173 @@
+"""TOSS from the cache: the global top-fraction selection on hand-made examples, `pact-cache score`
+against two teacher-forced passes, the scored cache's checks (id, sidecar sha256, cp), and
+--token-mask in the loss core, pact-train and the Trainer's collator."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pact_cache.cli import main as cache_main
+from pact_cache.errors import CacheError, PactError
+from pact_cache.format import MANIFEST, open_cache
+from pact_cache.score import cache_token_mask, token_mask
+from trainer.cli import main as train_main
+from trainer.loop import TrainConfig, policy_losses, train
+from trainer.losses import LossParams
+from trainer.stream import collate
+
+from conftest import build_f32_cache
+
+
+def test_global_selection_by_hand():
+    """6 tokens, fraction 0.5: the three highest (0.9 of a, 0.9 of b, 0.5 of a) leave, across rows."""
+    m = token_mask([("a", [0.1, 0.9, 0.5]), ("b", [0.9, 0.2]), ("c", [0.3])], 0.5)
+    assert (m.total, m.dropped, m.threshold) == (6, 3, pytest.approx(0.5))
+    assert m.keep("a", np.array([0.1, 0.9, 0.5], np.float32)).tolist() == [True, False, False]
+    assert m.keep("b", np.array([0.9, 0.2], np.float32)).tolist() == [False, True]
+    assert m.keep("c", np.array([0.3], np.float32)).tolist() == [True]
+
+
+def test_ties_at_the_boundary_are_taken_in_cache_order():
+    """Three tokens score 1.0 and two must go: the first two in cache order (both of a), not b's."""
+    rows = [("a", [1.0, 1.0]), ("b", [1.0, 0.0])]
+    m = token_mask(rows, 0.5)
+    kept = [m.keep(e, np.array(s, np.float32)) for e, s in rows]
+    assert [k.tolist() for k in kept] == [[False, False], [True, True]]
+    assert token_mask(rows, 0.0).keep("a", np.array([5.0, 5.0], np.float32)).all()
+    with pytest.raises(PactError, match=r"must be in \[0, 1\)"):
+        token_mask(rows, 1.0)
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.2, 0.37])
+def test_selection_drops_exactly_the_fraction_and_only_the_highest(fraction):
+    g = np.random.default_rng(0)
+    rows = [(f"r{i}", np.round(g.normal(size=g.integers(1, 30)), 1).astype(np.float32)) for i in range(40)]  # many ties
+    m = token_mask(rows, fraction)
+    keep = [m.keep(e, s) for e, s in rows]
+    dropped = np.concatenate([s[~k] for (_, s), k in zip(rows, keep)])
+    kept = np.concatenate([s[k] for (_, s), k in zip(rows, keep)])
+    assert dropped.size == m.dropped == round(fraction * m.total) and dropped.min() >= kept.max()
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_model, tiny_base_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("toss")
+    src = build_f32_cache(root, tiny_model)
+    out = root / "scored"
+    assert cache_main(["score", src, "--degraded", tiny_model, "--utility", tiny_base_model, "-o", str(out), "--batch-size", "3",
+                       "--no-progress"]) == 0
+    return src, str(out)
+
+
+def test_scores_are_the_two_models_log_prob_difference(tiny_model, tiny_base_model, scored):
+    from transformers import AutoModelForCausalLM
+
+    src, out = scored
+    a, b = open_cache(src), open_cache(out)
+    assert b.cache_id != a.cache_id and b.manifest.scores.algorithm == "toss/1"
+    assert b.manifest.scores.degraded["weights_sha256"] and b.manifest.scores.utility["weights_sha256"]
+    deg, util = (AutoModelForCausalLM.from_pretrained(m, dtype=torch.float32) for m in (tiny_model, tiny_base_model))
+    rows = list(b.iter_rows())
+    assert len(rows) == a.num_rows and all(r.score is not None and len(r.score) == r.steps for r in rows)
+    for r in rows[:5]:
+        ids = torch.tensor(r.input_ids)[None]
+        pos = torch.arange(r.response_start - 1, len(r.input_ids) - 1)
+        tgt = ids[0, pos + 1]
+        with torch.no_grad():
+            want = (torch.log_softmax(deg(ids).logits[0, pos].float(), -1).gather(1, tgt[:, None])[:, 0]
+                    - torch.log_softmax(util(ids).logits[0, pos].float(), -1).gather(1, tgt[:, None])[:, 0])
+        assert np.allclose(r.score, want.numpy(), atol=1e-4)
+    # the rest of the cache is the source's, row for row
+    for x, y in zip(a.iter_rows(), rows):
+        assert x.example_id == y.example_id and np.array_equal(x.full_logprobs, y.full_logprobs)
+
+
+def test_scored_cache_is_checked_copied_and_refused_when_edited(scored, tmp_path, capsys):
+    import shutil
+
+    _, out = scored
+    assert cache_main(["verify", out]) == 0
+    assert cache_main(["cp", out, str(tmp_path / "copy"), "--no-progress"]) == 0
+    assert open_cache(str(tmp_path / "copy")).cache_id == open_cache(out).cache_id
+    assert any(p.name.startswith("scores-") for p in (tmp_path / "copy").iterdir())
+    capsys.readouterr()
+
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    sidecar = next(p for p in bad.iterdir() if p.name.startswith("scores-"))
+    data = bytearray(sidecar.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    sidecar.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="score file is corrupt"):
+        list(open_cache(str(bad)).iter_rows())
+
+    stripped = tmp_path / "stripped"
+    shutil.copytree(out, stripped)
+    m = json.loads((stripped / MANIFEST).read_text())
+    del m["scores"]
+    (stripped / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(CacheError, match="does not match the manifest's content"):
+        open_cache(str(stripped))
+
+    assert cache_main(["score", out, "--degraded", "x", "--utility", "y", "-o", str(tmp_path / "again")]) != 0
+    assert "already carries token scores" in capsys.readouterr().err
+    assert cache_main(["score", out, "--degraded", "x", "--utility", "y", "-o", out]) != 0
+
+
+def test_token_mask_leaves_the_selected_tokens_out_of_the_ce(tiny_model, scored):
+    """The loss core with a token mask: the CE sum is the plain sum of -log p over kept tokens only,
+    while a regularising term (pact) still covers every step."""
+    from transformers import AutoModelForCausalLM
+
+    _, out = scored
+    cache = open_cache(out)
+    mask = cache_token_mask(cache, 0.3)
+    rows = list(cache.iter_rows())[:4]
+    batch = collate(rows, 0, 1, mask)
+    plain = collate(rows, 0, 1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ids, w = torch.tensor(cache.ids), torch.tensor(cache.tokens.weights, dtype=torch.float32)
+    with torch.no_grad():
+        ce, term, n = policy_losses(model, batch, ids, w, LossParams(method="pact"))
+        ce0, term0, n0 = policy_losses(model, plain, ids, w, LossParams(method="pact"))
+        want = 0.0
+        for r in rows:
+            x = torch.tensor(r.input_ids)[None]
+            pos = torch.arange(r.response_start - 1, len(r.input_ids) - 1)
+            lp = torch.log_softmax(model(x).logits[0, pos].float(), -1).gather(1, x[0, pos + 1][:, None])[:, 0]
+            want += -(lp * torch.from_numpy(mask.keep(r.example_id, r.score))).sum().item()
+    assert 0 < int(batch.loss_mask.sum()) < int(batch.step_mask.sum())
+    assert ce.item() == pytest.approx(want, rel=1e-5) and ce.item() < ce0.item()
+    assert term.item() == pytest.approx(term0.item(), rel=1e-6) and n == n0
+
+
+def test_pact_train_token_mask(tiny_model, scored, tmp_path, capsys):
+    src, out = scored
+    cfg = dict(batch_size=4, max_steps=2, shuffle=False, progress=False, plot=False, lr=1e-3, lora_dropout=0.0, method="sft")
+    train(TrainConfig(model=tiny_model, cache=out, out=str(tmp_path / "masked"), token_mask=0.2, **cfg))
+    train(TrainConfig(model=tiny_model, cache=out, out=str(tmp_path / "all"), **cfg))
+    m = [json.loads(l) for l in (tmp_path / "masked" / "metrics.jsonl").read_text().splitlines()]
+    a = [json.loads(l) for l in (tmp_path / "all" / "metrics.jsonl").read_text().splitlines()]
+    assert m[0]["tokens"] == a[0]["tokens"] and m[0]["ce"] < a[0]["ce"]
+    assert json.loads((tmp_path / "masked" / "config.json").read_text())["token_mask"] == 0.2
+    capsys.readouterr()
+    assert train_main(["--model", tiny_model, "--cache", src, "-o", str(tmp_path / "x"), "--token-mask", "0.2", "--no-progress"]) != 0
+    assert "has no token scores for --token-mask" in capsys.readouterr().err
+    assert train_main(["--model", tiny_model, "--cache", out, "-o", str(tmp_path / "y"), "--token-mask", "1", "--no-progress"]) != 0
+    assert "--token-mask" in capsys.readouterr().err
+
+
+def test_trainer_collator_carries_the_token_mask(scored):
+    from trainer.hf import PactCollator
+
+    _, out = scored
+    cache = open_cache(out)
+    mask = cache_token_mask(cache, 0.2)
+    rows = list(cache.iter_rows())[:3]
+    b = PactCollator(0, token_mask=mask)([{"row": r} for r in rows])
+    for i, r in enumerate(rows):
+        assert b["pact_loss_mask"][i, : r.steps].tolist() == mask.keep(r.example_id, r.score).tolist()
+    assert torch.equal(PactCollator(0)([{"row": r} for r in rows])["pact_loss_mask"], b["pact_step_mask"])

@@ -59,6 +59,17 @@ target_q/target_f32 binary          log p_ref(input_ids[rs+t] | input_ids[:rs+t]
   group of its own), so that a reader, which holds one row group at a time, needs about 1.7 MB for
   q8 at K=50 (6.6 MB for f32) however large the part. A reader MUST accept any row-group layout.
 
+Token scores (optional; ``pact-cache score``, TOSS). A manifest MAY hold ``scores``: ``algorithm``
+(``toss/1``: ``log p_degraded(y_t) - log p_utility(y_t)`` per response step), ``degraded`` and
+``utility`` (model fingerprints with ``weights_sha256``) and ``files``, one per part in part order:
+``part`` (that part's name), ``name`` (a plain ``.parquet`` file name, not a part's), ``bytes``,
+``sha256``. Each file holds one row per row of its part, in order: ``example_id`` string (equal to
+the part's) and ``score`` binary (float32 ``[n]``, finite). The entry's content (algorithm, the
+models' weight digests, the files) is part of the cache id, so a reader that does not know the
+field refuses a scored cache as an id mismatch rather than reading it as another cache. A reader
+MUST check each file's size and sha256 (4 bytes per step: it is read whole), its row count,
+example ids and score lengths against the part's rows, and refuse non-finite scores.
+
 Let ``n = len(input_ids) - response_start`` (the response steps, n >= 1) and K = len(S).
 Blobs are little-endian, row-major, and MUST have exactly these lengths:
 

@@ -15,6 +15,7 @@ compared only when both caches use the same safety tokens.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -39,6 +40,10 @@ def merge_caches(sources: list[str], out: str, rows_per_part: int | None = None,
         if c.manifest.identity.reuse_key() != first.identity.reuse_key():
             raise PactError(f"{src}: built with another reference, tokenizer, safety tokens, encoding, max length or dtype than "
                             f"{sources[0]}; only caches built alike can be merged")
+    scored = [src for src, c in zip(sources, caches) if c.manifest.scores is not None]
+    if scored:  # the parts are re-cut, so the scores would be too: they are computed again instead
+        print(f"pact-cache merge: {scored[0]}{' and others' if len(scored) > 1 else ''} carry token scores, which the merged "
+              "cache will not; run `pact-cache score` on it for --token-mask", file=sys.stderr)
     loc = Location(out, storage_options or {})
     if loc.exists() and (not loc.is_dir() or loc.names() or (loc.is_local and any(loc.local_path().iterdir()))):
         raise OutputExistsError(f"{loc.display}: exists and is not empty; merge writes a new cache (nothing is overwritten)")

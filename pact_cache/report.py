@@ -36,6 +36,9 @@ def cache_info(cache: Cache) -> dict:
         "K": cache.K,
         "token_method": m.tokens.method,
         "token_strings": list(m.tokens.strings or ()),
+        "scores": None if m.scores is None else {
+            "algorithm": m.scores.algorithm, "degraded": m.scores.degraded.get("name"), "utility": m.scores.utility.get("name"),
+            "bytes": sum(f.bytes for f in m.scores.files), "bytes_per_step": sum(f.bytes for f in m.scores.files) / steps},
     }
 
 
@@ -58,6 +61,10 @@ def format_info(info: dict) -> str:
     if info["ratio_to_full_vocab_fp16"]:
         lines.append(f"vs full logits {info['ratio_to_full_vocab_fp16']:.5f}x of full-vocabulary float16 logits (1/{1 / info['ratio_to_full_vocab_fp16']:,.0f})")
     lines.append(f"safety tokens  {info['token_method']}: " + " ".join(repr(s) for s in info["token_strings"]))
+    if info["scores"]:
+        sc = info["scores"]
+        lines.append(f"token scores   {sc['algorithm']} (degraded {sc['degraded']}, utility {sc['utility']}): "
+                     f"{sc['bytes']:,} bytes, {sc['bytes_per_step']:.1f} B/step, in sidecar files")
     return "\n".join(lines)
 
 

@@ -90,6 +90,8 @@ def test_scored_cache_is_checked_copied_and_refused_when_edited(scored, tmp_path
 
     _, out = scored
     assert cache_main(["verify", out]) == 0
+    assert cache_main(["info", out]) == 0
+    assert "token scores   toss/1" in capsys.readouterr().out
     assert cache_main(["cp", out, str(tmp_path / "copy"), "--no-progress"]) == 0
     assert open_cache(str(tmp_path / "copy")).cache_id == open_cache(out).cache_id
     assert any(p.name.startswith("scores-") for p in (tmp_path / "copy").iterdir())

@@ -216,16 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def new_file(path: str, example: str) -> Path:
+    """``-o FILE`` of a command that writes one file: refused when it exists (nothing is overwritten)."""
+    out = Path(path)
+    if out.is_dir():
+        raise PactError(f"-o {out}: is a folder; give a file name such as {example}")
+    if out.exists() or out.is_symlink():
+        raise OutputExistsError(f"-o {out}: exists; choose another name or delete it (nothing is overwritten)")
+    return out
+
+
 def cmd_tokens(a) -> int:
     from .models import load_model, load_tokenizer, model_fingerprint, resolve_model
     from .format import atomic_write_json
     from .tokens import load_benign, load_refusals, select_tokens
 
-    out = Path(a.output)
-    if out.is_dir():
-        raise PactError(f"-o {out}: is a folder; give a file name such as tokens.json")
-    if out.exists() or out.is_symlink():
-        raise OutputExistsError(f"-o {out}: exists; choose another name or delete it (nothing is overwritten)")
+    out = new_file(a.output, "tokens.json")
     pairs = load_refusals(a.refusals)[: a.limit]
     ra = resolve_model(a.aligned)
     tok_a = load_tokenizer(ra)
@@ -364,11 +370,7 @@ def cmd_direction(a) -> int:
     from .direction import compute_direction, save_direction
     from .models import load_model, model_fingerprint, resolve_model
 
-    out = Path(a.output)
-    if out.is_dir():
-        raise PactError(f"-o {out}: is a folder; give a file name such as direction.safetensors")
-    if out.exists() or out.is_symlink():
-        raise OutputExistsError(f"-o {out}: exists; choose another name or delete it (nothing is overwritten)")
+    out = new_file(a.output, "direction.safetensors")
     modules = [m.strip() for m in a.modules.split(",") if m.strip()]
     if not modules:
         raise PactError("--modules: give at least one layer name, e.g. q_proj,v_proj")

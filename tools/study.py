@@ -23,6 +23,12 @@ Stages
                 --lambdas, each evaluated on the validation harmful prompts (disjoint from every held-out set), until
                 the rule holds: the smallest lambda whose validation refusals are >= --keep (0.9) x the reference's;
                 if none does, the lambda with the most validation refusals. Same seed, data order and LoRA settings.
+  neighbours    (unless --no-neighbours) from the same paper-S cache, seed and order: str_lam<L> (STR, lambda tuned by the
+                rule), constrained-sft (Qi et al.; no lambda), asft_direction (pact-cache direction, aligned vs original)
+                then asft_lam<L>, toss_degraded / toss_utility (the two scoring models: LoRA fine-tunes of the reference
+                on 150 harmful rows of unsafe_data.json used nowhere else / on 300 SST-2 rows outside the fine-tuning
+                set, merged), toss_scores (pact-cache score), toss_mask<F> (SFT with --token-mask F, F tuned by the rule
+                over --fractions)
   drift_cache   the aligned reference's own answers to the held-out harmful prompts, cached (for the drift metric)
   eval_*        every row evaluated once on the held-out sets: harmful prompts (safe_direction.json, the alignment
                 data's source), a differently sourced harmful set (unsafe_data.json prompts the fine-tuning subsample
@@ -119,8 +125,15 @@ class Study:
         used = {r["instruction"].strip() for r in ft}
         unsafe = [r for r in json.loads((DATA / "unsafe_data.json").read_text()) if r["input"].strip() not in used]
         eval_unsafe = rng.sample(unsafe, min(a.n_eval_unsafe, len(unsafe)))
+        # TOSS's two scoring models learn from data the fine-tuning set and every evaluation leave alone: harmful
+        # answers of unsafe_data.json (not in the fine-tuning set, not evaluated) and unused SST-2 rows
+        taken = {r["input"].strip() for r in eval_unsafe}
+        degraded = rng.sample([r for r in unsafe if r["input"].strip() not in taken], min(a.n_toss_degraded, len(unsafe) - len(taken)))
+        ft_keys = {(r["instruction"], r.get("input", "")) for r in ft}
+        utility = rng.sample([r for r in benign_rows if (r["instruction"], r.get("input", "")) not in ft_keys], a.n_toss_utility)
         return dict(eval_harmful=eval_harmful, align_harmful=align_harmful, val_harmful=val_harmful, task_eval=task_eval,
-                    benign_eval=benign_eval, benign_align=benign_align, ft=ft, eval_unsafe=eval_unsafe)
+                    benign_eval=benign_eval, benign_align=benign_align, ft=ft, eval_unsafe=eval_unsafe,
+                    toss_degraded=degraded, toss_utility=utility)
 
     def pact_eval(self, out: Path, model: str, adapter: str | None, *args) -> dict:
         """One pact-eval run into ``out`` (a new folder each time; kept when it is already complete)."""
@@ -159,6 +172,8 @@ class Study:
             "task_eval": jsonl(data / "task_eval.jsonl", sp["task_eval"]),
             "refusals": jsonl(data / "align_refusals.jsonl", [{"prompt": r["input"], "completion": r["output"]} for r in sp["align_harmful"]]),
             "ft": jsonl(data / "ft_sst2_p0.1.jsonl", sp["ft"]),
+            "toss_degraded": jsonl(data / "toss_degraded.jsonl", [{"prompt": r["input"], "completion": r["output"]} for r in sp["toss_degraded"]]),
+            "toss_utility": jsonl(data / "toss_utility.jsonl", sp["toss_utility"]),
         }
         res = {}
         res["base"] = self.stage("base_eval", lambda d: self.evaluate(d, BASE))
@@ -209,35 +224,45 @@ class Study:
                 BIN / "pact-cache", "build", self.files["ft"], "--ref", aligned, "--tokens", tokens[k], "-o", d / "cache",
                 "--no-progress", "--max-length", 512]) or {})
 
-        def fine_tune(method: str, cache: Path, lam: float):
+        def fine_tune(method: str, cache: Path, lam: float | None, extra=()):
             return lambda d: run([BIN / "pact-train", "--model", aligned, "--cache", cache, "-o", d / "run", "--method", method,
-                                  "--lambda", lam, "--lr", a.lr, "--epochs", a.epochs, "--batch-size", 8, "--seed", a.seed,
-                                  "--no-progress", "--save-every", 1000]) or {}
+                                  *(["--lambda", lam] if lam is not None else []), *extra, "--lr", a.lr, "--epochs", a.epochs,
+                                  "--batch-size", 8, "--seed", a.seed, "--no-progress", "--save-every", 1000]) or {}
+
+        def tune(key: str, values: list, stage_for):
+            """Train at each value in turn until the rule holds; returns (value, stage name) and records the choice."""
+            tried = []
+            for v in values:
+                name, fn = stage_for(v)
+                res[name] = self.stage(name, fn)
+                val = self.stage(f"val_{name}", lambda d, n=name: self.validate(d, aligned, str(out / n / "run" / "adapter")))
+                tried.append((v, val["rate"], name))
+                if val["rate"] >= target:
+                    break
+            ok = [t for t in tried if t[1] >= target]
+            v, rate, name = ok[0] if ok else max(tried, key=lambda t: (t[1], -t[0]))
+            choices[key] = {"lambda": v, "validation_refusal": rate, "met_rule": bool(ok),
+                            "tried": [{"lambda": t[0], "validation_refusal": t[1]} for t in tried]}
+            return v, name
 
         res["sft"] = self.stage("sft", fine_tune("sft", caches["paper"], 1.0))
         ref_val = self.stage("val_reference", lambda d: self.validate(d, aligned, None))
         target = a.keep * ref_val["rate"]
         rows = {"SFT": ("sft", None)}
         choices = {}
+        lambdas = [1.0] + sorted(x for x in a.lambdas if x != 1.0)
         for S in ("default", "paper"):
             for method in ("pact", "pact-rest"):
-                tried = []
-                for lam in [1.0] + sorted(x for x in a.lambdas if x != 1.0):
-                    name = f"{method}_{S}_lam{lam:g}"
-                    res[name] = self.stage(name, fine_tune(method, caches[S], lam))
-                    val = self.stage(f"val_{name}", lambda d, n=name: self.validate(d, aligned, str(out / n / "run" / "adapter")))
-                    tried.append((lam, val["rate"], name))
-                    if val["rate"] >= target:
-                        break
-                ok = [t for t in tried if t[1] >= target]
-                lam, rate, name = ok[0] if ok else max(tried, key=lambda t: (t[1], -t[0]))
-                choices[f"{method}_{S}"] = {"lambda": lam, "validation_refusal": rate, "met_rule": bool(ok),
-                                           "tried": [{"lambda": t[0], "validation_refusal": t[1]} for t in tried]}
+                lam, name = tune(f"{method}_{S}", lambdas, lambda v, m=method, S=S: (f"{m}_{S}_lam{v:g}", fine_tune(m, caches[S], v)))
                 label = "PACT" if method == "pact" else "PACT-rest"
                 if method == "pact" and lam != 1.0:
                     rows[f"PACT lambda 1 (the paper's), {S} S"] = (f"{method}_{S}_lam1", 1.0)
                 note = "chosen, = the paper's" if method == "pact" and lam == 1.0 else "chosen"
                 rows[f"{label} lambda {lam:g} ({note}), {S} S"] = (name, lam)
+
+        # --- the neighbouring methods, from the same reference, cache (paper S), seed and data order
+        if not a.no_neighbours:
+            self.neighbours(res, rows, tune, fine_tune, aligned, caches["paper"], lambdas)
 
         def drift_cache(d):
             answers = [json.loads(line) for line in (out / "aligned_eval" / "eval" / "harmful.jsonl").read_text().splitlines()]
@@ -255,10 +280,48 @@ class Study:
             evals[label] = dict(ev, train_seconds=res[stage]["seconds"], lam=lam)
         self.report(res, evals, {"reference_validation_refusal": ref_val, "target": target, "rule": RULE, "choices": choices})
 
+    def neighbours(self, res, rows, tune, fine_tune, aligned: Path, cache: Path, lambdas: list):
+        """STR, constrained SFT, AsFT and TOSS rows, plus their offline artefacts (AsFT's direction; TOSS's two
+        scoring models and the scored cache), each a timed stage."""
+        a, out = self.a, self.out
+        lam, name = tune("str", lambdas, lambda v: (f"str_lam{v:g}", fine_tune("str", cache, v)))
+        rows[f"STR lambda {lam:g} (chosen)"] = (name, lam)
+        res["constrained-sft"] = self.stage("constrained-sft", fine_tune("constrained-sft", cache, None))
+        self.stage("val_constrained-sft", lambda d: self.validate(d, aligned, str(out / "constrained-sft" / "run" / "adapter")))
+        rows["Constrained SFT (no lambda)"] = ("constrained-sft", None)
+
+        direction = out / "asft_direction" / "direction.safetensors"
+        res["asft_direction"] = self.stage("asft_direction", lambda d: run([
+            BIN / "pact-cache", "direction", "--aligned", aligned, "--base", BASE, "-o", direction]) or {"bytes": direction.stat().st_size})
+        lam, name = tune("asft", lambdas, lambda v: (f"asft_lam{v:g}", fine_tune("asft", cache, v, ["--direction", direction])))
+        rows[f"AsFT lambda {lam:g} (chosen)"] = (name, lam)
+
+        def scoring_model(kind: str):
+            def fn(d):  # the paper's recipe: LoRA fine-tunes of the aligned model, here on held-apart data, merged
+                run([BIN / "pact-cache", "build", self.files[f"toss_{kind}"], "--ref", aligned, "--tokens",
+                     out / "tokens_paper" / "tokens.json", "-o", d / "cache", "--no-progress", "--max-length", 512])
+                run([BIN / "pact-train", "--model", aligned, "--cache", d / "cache", "-o", d / "run", "--method", "sft", "--lr", a.lr,
+                     "--epochs", a.epochs, "--batch-size", 8, "--seed", a.seed, "--merge", "--no-progress", "--save-every", 1000])
+                return {}
+            return fn
+        for kind in ("degraded", "utility"):
+            res[f"toss_{kind}"] = self.stage(f"toss_{kind}", scoring_model(kind))
+        scored = out / "toss_scores" / "cache"
+
+        def score(d):
+            run([BIN / "pact-cache", "score", cache, "--degraded", out / "toss_degraded" / "run" / "merged", "--utility",
+                 out / "toss_utility" / "run" / "merged", "-o", scored, "--no-progress"])
+            info = json.loads(subprocess.run([str(BIN / "pact-cache"), "info", str(scored), "--json"], check=True,
+                                             capture_output=True, text=True).stdout)
+            return {"scores_bytes_per_step": info["scores"]["bytes_per_step"]}
+        res["toss_scores"] = self.stage("toss_scores", score)
+        frac, name = tune("toss", a.fractions, lambda v: (f"toss_mask{v:g}", fine_tune("sft", scored, None, ["--token-mask", v])))
+        rows[f"TOSS fraction {frac:g} (chosen)"] = (name, frac)
+
     def report(self, res, evals, tuning):
         """results.md (the table), results.json, results.png (refusals kept vs task accuracy, one point per row)."""
         ref = evals["aligned reference"]
-        table = ["| row | lambda | held-out harmful: refusal / harmful content | unsafe_data set: refusal / harmful content | "
+        table = ["| row | lambda (TOSS: fraction) | held-out harmful: refusal / harmful content | unsafe_data set: refusal / harmful content | "
                  "benign refusal | SST-2 accuracy | refusals kept (x reference) | drift (KL) | train (s) |",
                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         js = {}
@@ -331,11 +394,17 @@ def main():
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--no-neighbours", action="store_true", help="only the SFT, PACT and PACT-rest rows")
+    p.add_argument("--fractions", default="0.2,0.5", help="TOSS: token-mask fractions tried in turn until the rule holds (0.2 is the paper's)")
+    p.add_argument("--n-toss-degraded", type=int, default=150, help="harmful rows (unsafe_data.json, used nowhere else) for TOSS's degraded model")
+    p.add_argument("--n-toss-utility", type=int, default=300, help="SST-2 rows (not in the fine-tuning set) for TOSS's utility model")
     a = p.parse_args()
     a.lambdas = [float(x) for x in str(a.lambdas).split(",") if x.strip()]
+    a.fractions = [float(x) for x in str(a.fractions).split(",") if x.strip()]
     if a.quick:
         a.n_eval_harmful, a.n_align_harmful, a.n_align_benign, a.n_benign_eval, a.n_task_eval, a.n_ft = 8, 16, 8, 8, 8, 40
-        a.n_val_harmful, a.n_eval_unsafe, a.lambdas = 8, 8, [5.0]
+        a.n_val_harmful, a.n_eval_unsafe, a.lambdas, a.fractions = 8, 8, [5.0], [0.2]
+        a.n_toss_degraded, a.n_toss_utility = 8, 16
         a.align_epochs, a.epochs, a.max_new_tokens = 1, 1, 16
     if not (DATA / "SST2_5k_p_0.1.json").exists():
         raise SystemExit(f"{DATA} is missing: the study needs the paper's data files there")

@@ -50,7 +50,7 @@ class TrainConfig:
     out: str
     cache_pin: str | None = None  # --cache-id: refuse any cache whose content id is not this (or does not start with it)
     storage_options: dict = field(default_factory=dict, repr=False)  # for a cache on an object store; never recorded
-    method: str = "pact"  # a name in trainer.losses.METHODS: sft, pact, pact-rest
+    method: str = "pact"  # a name in trainer.losses.METHODS (pact-train --help lists them)
     reference: str = "cache"  # cache | online (a live reference beside the policy, the paper's way)
     ref_model: str | None = None  # for --reference online; default: the policy's initial weights (--model)
     direction: str | None = None  # a pact-direction/1 file, for a method with a parameter penalty (asft)

@@ -350,6 +350,14 @@ class Study:
             tried = ", ".join(f"{t['lambda']:g}: {t['validation_refusal']:.0%}" for t in v["tried"])
             choices.append(f"{k}: lambda {v['lambda']:g} ({'meets' if v['met_rule'] else 'misses'} the rule; validation refusals {tried})")
         md += "Choices: " + "; ".join(choices) + "\n"
+        costs = []  # what each neighbouring method needs offline, beside the cache itself
+        if "asft_direction" in res:
+            costs.append(f"AsFT direction {res['asft_direction'].get('bytes', 0) / 2**20:.1f} MiB in {times['asft_direction']} s")
+        if "toss_scores" in res:
+            costs.append(f"TOSS scoring models {times['toss_degraded']} + {times['toss_utility']} s, scores "
+                         f"{res['toss_scores'].get('scores_bytes_per_step', float('nan')):.1f} B/step in {times['toss_scores']} s")
+        if costs:
+            md += "Offline, once: " + "; ".join(costs) + "\n"
         md += "\nWall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in times.items()) + "\n"
         md += f"\nSettings: {json.dumps(vars(self.a))}\n"
         (self.out / "results.md").write_text(md)

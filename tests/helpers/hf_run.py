@@ -29,3 +29,8 @@ if trainer.is_world_process_zero():
     Path(out, "log_history.json").write_text(json.dumps(trainer.state.log_history))
     Path(out, "run.json").write_text(json.dumps({"distributed_type": trainer.accelerator.distributed_type.value,
                                                  "processes": trainer.accelerator.num_processes}))
+# leave the process group explicitly: gloo's threads still running at interpreter exit can abort the
+# process ("terminate called without an active exception"), which happened under load
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

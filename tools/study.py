@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -92,7 +93,10 @@ class Study:
         if done.exists():
             print(f"[{name}] done already ({json.loads(done.read_text())['seconds']:.0f}s)", flush=True)
             return json.loads(done.read_text())
-        (self.out / name).mkdir(parents=True, exist_ok=True)
+        if (self.out / name).exists():  # left by an interrupted run: a stage is redone from scratch
+            print(f"[{name}] removing the unfinished attempt", flush=True)
+            shutil.rmtree(self.out / name)
+        (self.out / name).mkdir(parents=True)
         print(f"[{name}] running", flush=True)
         t = time.time()
         info = fn(self.out / name) or {}

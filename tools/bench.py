@@ -6,8 +6,9 @@
       over the same batches (both views), interleaved, best of N.
   python tools/bench.py train   --cache CACHE [--model M] [--batch-size 8] [--steps 12] [--warmup 2] [--repeats 1]
       peak memory and step time of pact-train with the cache (pact, and every other method of the
-      registry) vs plain SFT (same loop and settings) vs the same PACT loss with a live reference
-      model (the paper's way); each in its own process.
+      registry, and TOSS's SFT with --token-mask 0.2 when the cache has scores) vs plain SFT (same
+      loop and settings) vs the same PACT loss with a live reference model (the paper's way); each
+      in its own process.
       With --model a folder from `random-model`, this measures a large configuration on a GPU.
   python tools/bench.py stacks  --cache CACHE [--model M] [--batch-size 8] [--steps 12] [--warmup 2] [--repeats 1]
       the tool users would otherwise pick against pact-cache's paths, each in its own process, same
@@ -220,14 +221,15 @@ def _train_child(a) -> None:
     device = "cuda" if torch.cuda.is_available() and a.device != "cpu" else "cpu"
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with tempfile.TemporaryDirectory() as tmp:
-        method, reference = {"online": ("pact", "online"), "trl-sft": ("sft", "cache"),
+        method, reference = {"online": ("pact", "online"), "trl-sft": ("sft", "cache"), "toss": ("sft", "cache"),
                              "trainer-pact": ("pact", "cache")}.get(a.variant, (a.variant, "cache"))  # else a method's name
         from trainer.losses import METHODS
 
         direction = a.direction if method in METHODS and METHODS[method].penalty is not None else None
         cfg = TrainConfig(model=a.model, cache=a.cache, out=f"{tmp}/run", method=method, reference=reference, direction=direction,
                           batch_size=a.batch_size, max_steps=a.steps, shuffle=False, progress=False, plot=False,
-                          grad_checkpointing=a.grad_checkpointing, full=a.full, device=device, save_every=10**9)
+                          grad_checkpointing=a.grad_checkpointing, full=a.full, device=device, save_every=10**9,
+                          token_mask=0.2 if a.variant == "toss" else 0.0)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         if a.variant in TRAINER_VARIANTS:
@@ -333,6 +335,10 @@ def bench_train(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if any(METHODS[m].penalty is not None for m in others) and not a.direction:
             a.direction = _bench_direction(a.model, f"{tmp}/direction.safetensors")
+        from pact_cache.format import open_cache
+
+        if open_cache(a.cache).manifest.scores is not None:  # TOSS: SFT with 20% of the tokens masked by their scores
+            others.append("toss")
         res = _run_variants(a, ["sft", "pact", *others, "online"])
     s, p, o = res["sft"], res["pact"], res["online"]
     dev = s["device"]

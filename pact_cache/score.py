@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -65,9 +66,10 @@ def _check_model_fits(cache: Cache, tok, model, what: str, name: str) -> None:
         raise PactError(f"--{what} {name}: its output layer has {rows} rows, fewer than the cache's vocabulary ({cache.vocab_size})")
 
 
-def score_cache(src: Location, degraded: str, utility: str, dst: Location, batch_size: int = 8, dtype="auto",
-                device="auto", cache_id: str | None = None, progress: bool = True) -> Manifest:
-    """Write a copy of the cache at ``src`` with TOSS scores to ``dst`` (new or empty); returns its manifest."""
+def score_cache(src: str | Path | Location, degraded: str, utility: str, dst: str | Path | Location, batch_size: int = 8,
+                dtype="auto", device="auto", cache_id: str | None = None, progress: bool = True) -> Manifest:
+    """Write a copy of the cache at ``src`` with TOSS scores to ``dst`` (new or empty; a folder, an
+    fsspec URL or a :class:`Location`); returns its manifest."""
     from tqdm.auto import tqdm
 
     import pyarrow as pa
@@ -76,6 +78,7 @@ def score_cache(src: Location, degraded: str, utility: str, dst: Location, batch
     from .copy import copy_part
     from .models import load_model, load_tokenizer, model_fingerprint, resolve_model
 
+    src, dst = (x if isinstance(x, Location) else Location(str(x)) for x in (src, dst))
     cache = open_cache(src, cache_id=cache_id)
     if cache.manifest.scores is not None:
         raise PactError(f"{src.display}: already carries token scores; score the cache they were added to instead")

@@ -11,6 +11,7 @@ import torch
 
 from pact_cache.build import BuildConfig, build
 from pact_cache.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+from pact_cache.score import score_cache
 
 from conftest import CHAT_ROWS, write_jsonl
 
@@ -39,10 +40,13 @@ def test_random_model_and_train_bench(tiny_model, tmp_path):
     assert again.returncode != 0 and "already exists" in again.stderr
 
     cache = build(BuildConfig(str(write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS)), tiny_model, str(tmp_path / "c"), progress=False)).out
-    out = bench("train", "--model", tmp_path / "rand", "--cache", cache, "--batch-size", 2, "--steps", 3, "--warmup", 1,
-                "--device", "cpu", "--json", tmp_path / "r.json")
+    # with TOSS scores (any two models of the tokenizer will do for the cost), the bench adds a toss variant
+    score_cache(cache, tiny_model, tiny_model, str(tmp_path / "scored"), device="cpu", progress=False)
+    out = bench("train", "--model", tmp_path / "rand", "--cache", tmp_path / "scored", "--batch-size", 2, "--steps", 3,
+                "--warmup", 1, "--device", "cpu", "--json", tmp_path / "r.json")
     res = json.loads((tmp_path / "r.json").read_text())
-    assert set(res["runs"]) == {"sft", "pact", "pact-rest", "str", "constrained-sft", "asft", "online"}
+    assert set(res["runs"]) == {"sft", "pact", "pact-rest", "str", "constrained-sft", "asft", "toss", "online"}
+    assert "toss: memory/sft" in out
     assert all(len(r["runs"][0]["step_times"]) == 3 for r in res["runs"].values())
     assert all(v > 0 for v in res["ratios"].values())
     assert "pact/online" in out

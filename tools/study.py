@@ -372,14 +372,16 @@ class Study:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7.5, 5))
-        for i, (name, r) in enumerate(js.items()):
-            ax.scatter(r["task"]["accuracy"], r["refusals_kept"], s=40, color=f"C{i % 10}", label=name)
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        colours, markers = plt.get_cmap("tab20").colors, "osD^vP*Xh<>p"
+        for i, (name, r) in enumerate(js.items()):  # a distinct colour and marker per row, however many rows
+            ax.scatter(r["task"]["accuracy"], r["refusals_kept"], s=50, color=colours[(2 * i) % 20 + (i // 10) % 2],
+                       marker=markers[i % len(markers)], label=name)
         ax.axhline(self.a.keep, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("SST-2 accuracy (held-out)")
         ax.set_ylabel("held-out harmful refusals kept (x the reference's)")
         ax.set_title("Harmful fine-tuning of an aligned SmolLM2-135M (SST-2, p=0.1)")
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(self.out / "results.png", dpi=110)
         print(md)

@@ -416,7 +416,7 @@ class Cache:
     """
 
     def __init__(self, location: Location | str, manifest: Manifest, verify_checksums: bool = True):
-        self.location = location if isinstance(location, Location) else Location(str(location))
+        self.location = Location.of(location)
         self.url = self.location.display
         self.fs, self.root = self.location.fs, self.location.root
         self.manifest = manifest
@@ -718,7 +718,7 @@ class Cache:
 def read_manifest(location: Location | str) -> Manifest:
     """Read and check ``manifest.json``: a regular file (a plain object) of bounded size, strict
     JSON, every rule of the spec, and a ``cache_id`` equal to the content id."""
-    loc = location if isinstance(location, Location) else Location(str(location))
+    loc = Location.of(location)
     url, fs, root = loc.display, loc.fs, loc.root
     path, where = loc.path(MANIFEST), loc.where(MANIFEST)
     try:
@@ -746,7 +746,7 @@ def open_cache(url: str | Path | Location, verify_checksums: bool = True, cache_
     """Open a cache (a folder or any fsspec URL) for reading. Checks the manifest and its content id
     now (and the pinned ``cache_id``, if given), and each part's type, size, sha256 and rows before
     using its rows. ``storage_options`` go to the filesystem (endpoint, credentials)."""
-    loc = url if isinstance(url, Location) else Location(str(url), storage_options or {})
+    loc = Location.of(url, storage_options)
     manifest = read_manifest(loc)
     check_pin(manifest.cache_id, cache_id, loc.display)
     return Cache(loc, manifest, verify_checksums=verify_checksums)

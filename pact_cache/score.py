@@ -78,7 +78,7 @@ def score_cache(src: str | Path | Location, degraded: str, utility: str, dst: st
     from .copy import copy_part
     from .models import load_model, load_tokenizer, model_fingerprint, resolve_model
 
-    src, dst = (x if isinstance(x, Location) else Location(str(x)) for x in (src, dst))
+    src, dst = Location.of(src), Location.of(dst)
     cache = open_cache(src, cache_id=cache_id)
     if cache.manifest.scores is not None:
         raise PactError(f"{src.display}: already carries token scores; score the cache they were added to instead")

@@ -66,6 +66,11 @@ class Location:
             raise CacheError(f"{self.display}: cannot open this location: {msg}{hint}") from None
         self.root = root.rstrip("/") or "/"
 
+    @classmethod
+    def of(cls, where: Location | str | os.PathLike, options: dict | None = None) -> Location:
+        """``where`` itself if it is a Location, else a Location of its URL or path (with ``options``)."""
+        return where if isinstance(where, Location) else cls(str(where), options or {})
+
     @property
     def display(self) -> str:
         """The URL as the user typed it, without a trailing slash (never the options)."""

@@ -373,10 +373,10 @@ class Study:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(9, 5.5))
-        colours, markers = plt.get_cmap("tab20").colors, "osD^vP*Xh<>p"
-        for i, (name, r) in enumerate(js.items()):  # a distinct colour and marker per row, however many rows
-            ax.scatter(r["task"]["accuracy"], r["refusals_kept"], s=50, color=colours[(2 * i) % 20 + (i // 10) % 2],
-                       marker=markers[i % len(markers)], label=name)
+        markers = "osD^vP*Xh<>p"  # with 10 colours: a distinct pair for each of the first 60 rows
+        for i, (name, r) in enumerate(js.items()):
+            ax.scatter(r["task"]["accuracy"], r["refusals_kept"], s=50, color=f"C{i % 10}", marker=markers[i % len(markers)],
+                       label=name)
         ax.axhline(self.a.keep, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("SST-2 accuracy (held-out)")
         ax.set_ylabel("held-out harmful refusals kept (x the reference's)")

@@ -21,16 +21,15 @@ from pathlib import Path
 from . import __version__
 from .data import Example, assistant_header_ids, dataset_fingerprint, scan_dataset, tokenize_dataset
 from .errors import CacheError, DatasetError, OutputExistsError, PactError
-from .format import (BUILD_KEY_META, MANIFEST, Cache, CacheRow, RowResult, check_regular_file, is_tmp_name, json_bytes,
-                     open_cache, read_manifest, rows_digest, sha256_stream, stale_tmp, write_part)
+from .format import BUILD_KEY_META, MANIFEST, Cache, CacheRow, RowResult, open_cache, read_manifest, rows_digest, write_part
 from .manifest import (ALGORITHM, ENCODINGS, FORMAT, BuildParams, Counts, DatasetInfo, Identity, Manifest, PartEntry,
                        Reference, Tokenizer, load_json)
-from .storage import Location
+from .projection import LOGITS_CHUNK_BYTES, check_projection, response_logprobs
+from .storage import Location, check_regular_file, is_tmp_name, json_bytes, sha256_stream, stale_tmp
 from .models import load_model, load_tokenizer, model_fingerprint, placement, resolve_model, tokenizer_fingerprint
 from .tokens import builtin_benign_path, builtin_refusals_path, load_benign, load_refusals, read_tokens, select_tokens
 
 BUILD_STATE = ".pact-build.json"  # written first; says which cache this folder is becoming
-LOGITS_CHUNK_BYTES = 64 << 20  # bound on the one (positions, vocab) float32 block alive at a time
 
 
 @dataclass
@@ -77,14 +76,13 @@ def reference_logprobs(model, seqs: list[list[int]], starts: list[int], counts: 
 
     For sequence b and step t < counts[b], the position ``starts[b] - 1 + t`` predicts token
     ``seqs[b][starts[b] + t]``. Returns per sequence ``(sel (n, K), target (n,) or None)``, float32
-    numpy. The backbone runs once on the padded batch ``(B, L)``; the vocabulary projection and
-    log-softmax run only on the ``N = sum(counts)`` response positions, in chunks of at most
-    LOGITS_CHUNK_BYTES of float32 logits, so no ``(B, L, V)`` float32 tensor exists.
+    numpy. The backbone runs once on the padded batch ``(B, L)``; the model's own projection
+    (:mod:`pact_cache.projection`) and log-softmax run only on the ``N = sum(counts)`` response
+    positions, in chunks of at most LOGITS_CHUNK_BYTES of float32 logits, so no ``(B, L, V)``
+    float32 tensor exists.
     """
     import torch
 
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
     B, L = len(seqs), max(len(s) for s in seqs)
     input_ids = torch.zeros((B, L), dtype=torch.long)
     mask = torch.zeros((B, L), dtype=torch.long)
@@ -93,26 +91,11 @@ def reference_logprobs(model, seqs: list[list[int]], starts: list[int], counts: 
         mask[b, : len(s)] = 1
     bidx = torch.cat([torch.full((n,), b) for b, n in enumerate(counts)])
     pidx = torch.cat([torch.arange(st - 1, st - 1 + n) for st, n in zip(starts, counts)])
-    hidden = decoder(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-    h = hidden[bidx.to(hidden.device), pidx.to(hidden.device)]  # (N, H); under a device map, on the last layer's device
-    del hidden
-    out_device = head.weight.device if head.weight.device.type != "meta" else h.device  # offloaded head: hooks bring it
-    targets = input_ids[bidx, pidx + 1].to(out_device) if want_target else None
-    ids = ids.to(out_device)
-    V = head.weight.shape[0]
-    chunk = max(1, LOGITS_CHUNK_BYTES // (4 * V))
-    sel_out, tgt_out = [], []
-    for c0 in range(0, h.shape[0], chunk):
-        logits = head(h[c0:c0 + chunk]).float().to(out_device)  # (n, V)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        lse = torch.logsumexp(logits, dim=-1)
-        sel_out.append((logits[:, ids] - lse[:, None]).cpu())
-        if want_target:
-            tgt_out.append((logits.gather(1, targets[c0:c0 + chunk, None])[:, 0] - lse).cpu())
-        del logits
-    sel = torch.cat(sel_out).numpy()
-    tgt = torch.cat(tgt_out).numpy() if want_target else None
+    targets = input_ids[bidx, pidx + 1] if want_target else None
+    sel, tgt = response_logprobs(model, input_ids.to(device), mask.to(device), bidx, pidx, torch.as_tensor(ids), targets,
+                                 chunk_bytes=LOGITS_CHUNK_BYTES)
+    sel = sel.cpu().numpy()
+    tgt = tgt.cpu().numpy() if want_target else None
     out, o = [], 0
     for n in counts:
         out.append((sel[o:o + n], tgt[o:o + n] if want_target else None))
@@ -135,7 +118,8 @@ def compute_rows(model, examples: list[Example], ids, header: list[int], batch_s
             post = reference_logprobs(model, post_seqs, [len(header)] * len(batch), counts, ids, device, False)
             for j, i in enumerate(order[b0:b0 + batch_size]):
                 ex = examples[i]
-                results[i] = RowResult(ex.example_id, ex.input_ids, ex.response_start, full[j][0], post[j][0], full[j][1])
+                results[i] = RowResult(ex.example_id, ex.input_ids, ex.response_start,
+                                       {"full": full[j][0], "post": post[j][0], "target": full[j][1]})
             if on_tokens:
                 on_tokens(sum(len(s) for s in post_seqs) + sum(len(ex.input_ids) for ex in batch))
     return results  # type: ignore[return-value]
@@ -213,7 +197,7 @@ def rows_for_part(model, examples: list[Example], ids, header, batch_size: int, 
     for j, ex in enumerate(examples):
         if j in old:
             o = old[j]
-            rows.append(RowResult(ex.example_id, ex.input_ids, ex.response_start, o.full_logprobs, o.post_logprobs, o.target_logprob))
+            rows.append(RowResult(ex.example_id, ex.input_ids, ex.response_start, o.ref))
         else:
             rows.append(next(computed))
     return rows, len(old)
@@ -372,6 +356,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             _log(f"skipping {len(rows)} row(s), {reason.replace('_', ' ')} (first: {rows[0]}); counted in the manifest")
     header = assistant_header_ids(tok)
     model, device, torch_dtype = load_model(resolved, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.device_map)
+    check_projection(model, device, f"--ref {cfg.ref}")  # the cached values are the model's own log-probs, or nothing
     model_fp = model_fingerprint(resolved)
     tok_fp = tokenizer_fingerprint(tok)
     vocab_rows = int(model.get_output_embeddings().weight.shape[0])

@@ -228,7 +228,7 @@ def new_file(path: str, example: str) -> Path:
 
 def cmd_tokens(a) -> int:
     from .models import load_model, load_tokenizer, model_fingerprint, resolve_model
-    from .format import atomic_write_json
+    from .storage import atomic_write_json
     from .tokens import load_benign, load_refusals, select_tokens
 
     out = new_file(a.output, "tokens.json")

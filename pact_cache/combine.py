@@ -23,7 +23,9 @@ import numpy as np
 from . import __version__
 from .build import Reuse, row_key
 from .errors import OutputExistsError, PactError
-from .format import MANIFEST, RowResult, json_bytes, open_cache, write_part
+from .columns import REF_COLUMNS
+from .format import MANIFEST, RowResult, open_cache, write_part
+from .storage import json_bytes
 from .manifest import FORMAT, Counts, DatasetInfo, Manifest, hash_identity
 from .storage import Location
 
@@ -68,8 +70,7 @@ def merge_caches(sources: list[str], out: str, rows_per_part: int | None = None,
         for c in caches:
             for row in c.iter_rows():
                 eid = f"{index:08d}-{row.example_id.split('-', 1)[-1]}"
-                buf.append(RowResult(eid, row.input_ids.tolist(), row.response_start, row.full_logprobs, row.post_logprobs,
-                                     row.target_logprob))
+                buf.append(RowResult(eid, row.input_ids.tolist(), row.response_start, row.ref))
                 index += 1
                 bar.update(1)
                 if len(buf) == per:
@@ -104,7 +105,7 @@ def diff_caches(a: str, b: str, storage_options: dict | None = None, examples: i
     index = Reuse([ca])  # A's rows by input; values read part by part when needed
     seen_a: set[tuple[int, int, int]] = set()
     added, changed = [], []
-    worst = {"full_logprobs": 0.0, "post_logprobs": 0.0, "target_logprob": 0.0}
+    worst = {c.decoded: 0.0 for c in REF_COLUMNS}
     sums = {k: 0.0 for k in worst}
     n_values = {k: 0 for k in worst}
     common = 0
@@ -124,9 +125,9 @@ def diff_caches(a: str, b: str, storage_options: dict | None = None, examples: i
         old = index.fetch(found)
         for j, o in old.items():
             r, diff_here = rows[j], False
-            for col, x, y in (("full_logprobs", o.full_logprobs, r.full_logprobs), ("post_logprobs", o.post_logprobs, r.post_logprobs),
-                              ("target_logprob", o.target_logprob, r.target_logprob)):
-                d = np.abs(x.astype(np.float64) - y.astype(np.float64))
+            for c in REF_COLUMNS:
+                col = c.decoded
+                d = np.abs(o.ref[c.name].astype(np.float64) - r.ref[c.name].astype(np.float64))
                 worst[col] = max(worst[col], float(d.max()))
                 sums[col] += float(d.sum())
                 n_values[col] += d.size
@@ -156,7 +157,7 @@ def format_diff(d: dict) -> str:
     lines.append(f"rows: {r['common']:,} in both, {r['added']:,} added in B, {r['removed']:,} removed from A"
                  + (f", {r['changed']:,} with other values" if r["changed"] is not None else ""))
     if d["values_comparable"]:
-        for col in ("full_logprobs", "post_logprobs", "target_logprob"):
+        for col in (c.decoded for c in REF_COLUMNS):
             lines.append(f"  {col:<15} max |diff| {d['max_abs_diff'][col]:.4g} nats, mean {d['mean_abs_diff'][col]:.4g}")
     else:
         lines.append("values not compared: the caches use different safety tokens")

@@ -16,7 +16,8 @@ import json
 from dataclasses import dataclass
 
 from .errors import CacheError, OutputExistsError
-from .format import MANIFEST, check_regular_file, is_tmp_name, json_bytes, open_cache, read_manifest, sha256_stream
+from .format import MANIFEST, open_cache, read_manifest
+from .storage import check_regular_file, is_tmp_name, json_bytes, sha256_stream
 from .manifest import PART_NAME
 from .storage import COPY_BLOCK, Location
 

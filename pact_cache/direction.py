@@ -91,7 +91,7 @@ def save_direction(direction: Direction, path: Path) -> None:
     """Atomic write; nothing existing is overwritten (the caller checks)."""
     from safetensors.torch import save
 
-    from .format import atomic_write_bytes
+    from .storage import atomic_write_bytes
 
     tensors = {}
     for name, (P, norm) in direction.factors.items():

@@ -1,110 +1,11 @@
-"""The cache format ``pact-cache/2``: encoding, manifest, atomic part writer, streaming reader.
+"""The cache format ``pact-cache/2``: the part writer and the streaming reader.
 
-A cache is a folder (local path or fsspec URL) holding ``manifest.json`` and Parquet parts. A cache
-comes from elsewhere and is untrusted: :func:`open_cache` and the reader enforce every rule below
-and raise ``CacheError`` naming the rule, the file and, where there is one, the row. MUST and MUST
-NOT are requirements on writers and readers; MAY marks what a reader has to accept.
-
-Manifest (``manifest.json``, a JSON object; parsed by :class:`pact_cache.manifest.Manifest`)
-
-* It MUST be strict JSON: UTF-8, no ``NaN``/``Infinity``, at most 64 MiB, a regular file.
-* ``format`` MUST be ``"pact-cache/2"``. A ``pact-cache/1`` cache has no content-derived id and no
-  row digests; it is refused with a message saying to rebuild it or run ``pact-cache upgrade``.
-* Every field has a type and a range, checked on open: ``tokens`` is a full ``pact-tokens/1`` object
-  whose ``ids`` are distinct integers in ``[0, build.vocab_size)`` and whose ``weights`` are K
-  finite numbers with at least one > 0; ``encoding`` parameters are finite and in range (q8:
-  ``1 <= scale <= 255``, ``0 < floor <= 1000``, ``round(scale * log1p(floor)) <= 255``,
-  ``1 <= top_scale, target_scale <= 65535``); counts are non-negative integers that equal the sums
-  over the parts; sha256 fields are 64 lowercase hex characters.
-* ``parts`` lists every part in row order; each entry gives ``name`` (a plain file name: no ``/``,
-  ``\\``, no leading ``.``, ending in ``.parquet``, listed once), ``rows``, ``steps``, ``bytes``,
-  ``sha256`` (of the file) and ``rows_sha256`` (of its rows, below).
-* ``cache_id`` MUST equal the **content id**: sha256 over the sorted, type-tagged JSON of the
-  identity (the format, the reference's weight-file digests, the tokenizer fingerprint and
-  vocabulary size, the tokens' ids, weights, strings and method, the dataset fingerprint, the
-  build parameters including ``build.algorithm``, the version of the code that computed the
-  values, and the encoding), the counts (but ``skipped_rows``, which names source files) and every
-  part entry. A reader recomputes it on open and refuses a mismatch, so an edited manifest or a
-  swapped part no longer carries its old id. Provenance (model name and path, revision, dataset
-  path, where skipped rows were, tool version) is not part of the id: the same cache built
-  elsewhere has the same id. A user MAY pin an id (``--cache-id``, a prefix of at least 8
-  characters): the reader then refuses any other cache, however consistent it is.
-
-Parts (Parquet, zstd). One row per example:
-
-==================  ==============  ==========================================================
-column              arrow type      meaning
-==================  ==============  ==========================================================
-example_id          string          ``{index:08d}-{sha256(messages)[:12]}``
-input_ids           list<int32>     full_ids after truncation; every id in [0, vocab_size)
-response_start      int32           index of the first response token; 1 <= rs < len(input_ids)
-full_q / full_f32   binary          per step t: log p_ref(s | input_ids[:rs+t]) for s in S
-post_q / post_f32   binary          same, context = assistant header + response[:t]
-full_top, post_top  binary          (q8 only) per-step maximum over S, uint16
-target_q/target_f32 binary          log p_ref(input_ids[rs+t] | input_ids[:rs+t])
-==================  ==============  ==========================================================
-
-* A part MUST be a regular file (on object stores: a plain object) directly inside the cache
-  folder; a reader MUST NOT follow a symbolic link that leaves the folder, and MUST refuse FIFOs,
-  devices and folders without opening them (so nothing blocks). Its size MUST equal ``bytes``, and
-  a reader MUST NOT read more than ``bytes`` bytes of it; its sha256 MUST equal ``sha256``.
-* ``rows_sha256`` is the sha256 of ``b"pact-rows/1\\0"`` followed, for each row in order, by the
-  UTF-8 ``example_id``, a zero byte, ``response_start`` and ``len(input_ids)`` as little-endian
-  int32, and ``input_ids`` as little-endian int32. It ties the rows to the dataset they came from:
-  ``pact-cache verify --dataset D`` re-tokenises D and recomputes it part by part.
-* The footer's key-value metadata MAY hold ``pact_cache.build_key``, the hash of the identity; a
-  resumed build accepts an existing part only when that key and the part's rows equal its own.
-* Nulls are not allowed anywhere (not in ``input_ids``, not in a blob).
-* A writer SHOULD cut a part into row groups of at most 16,384 response steps (a longer row is a
-  group of its own), so that a reader, which holds one row group at a time, needs about 1.7 MB for
-  q8 at K=50 (6.6 MB for f32) however large the part. A reader MUST accept any row-group layout.
-
-Token scores (optional; ``pact-cache score``, TOSS). A manifest MAY hold ``scores``: ``algorithm``
-(``toss/1``: ``log p_degraded(y_t) - log p_utility(y_t)`` per response step), ``degraded`` and
-``utility`` (model fingerprints with ``weights_sha256``) and ``files``, one per part in part order:
-``part`` (that part's name), ``name`` (a plain ``.parquet`` file name, not a part's), ``bytes``,
-``sha256``. Each file holds one row per row of its part, in order: ``example_id`` string (equal to
-the part's) and ``score`` binary (float32 ``[n]``, finite). The entry's content (algorithm, the
-models' weight digests, the files) is part of the cache id, so a reader that does not know the
-field refuses a scored cache as an id mismatch rather than reading it as another cache. A reader
-MUST check each file's size and sha256 (4 bytes per step: it is read whole), its row count,
-example ids and score lengths against the part's rows, and refuse non-finite scores.
-
-Let ``n = len(input_ids) - response_start`` (the response steps, n >= 1) and K = len(S).
-Blobs are little-endian, row-major, and MUST have exactly these lengths:
-
-* ``f32``: ``*_f32`` views are float32 ``[n, K]`` (4nK bytes); ``target_f32`` float32 ``[n]``.
-* ``q8`` (default): ``*_top`` is uint16 ``[n]`` holding ``round(-max_s v * top_scale)``, clamped to
-  65535; ``*_q`` is uint8 ``[n, K]`` holding ``round(scale * log1p(min(top - v, floor)))``
-  where ``top`` is the decoded maximum; ``target_q`` is uint16 ``[n]`` holding
-  ``round(-v * target_scale)``, clamped to 65535. Decoding: ``v = top - expm1(code / scale)``.
-
-Values. Every decoded value is a log-probability: finite and <= 0. A reader MUST refuse NaN,
-infinities and positive values in f32 blobs, an f32 step whose K probabilities sum above 1 (beyond
-float rounding: 1 + 1e-3), and q8 codes above ``round(scale * log1p(floor))``, which the
-encoder never writes.
-
-Error bound of ``q8`` (stated per value, d = max over S of the step minus v):
-
-* if d <= floor: ``|decoded - v| <= (1 + d + 2**-10) * (exp(0.5 / scale) - 1) + 2**-10``;
-* if d > floor: the value is stored as the floor, ``decoded = top - expm1(round(scale*log1p(floor))/scale)``,
-  which is >= v - bound above (the reader returns a value no lower than the truth);
-* the per-step maximum itself: ``|decoded - v| <= 2**-10`` when v >= -127.99;
-* target: ``|decoded - v| <= 2**-9`` when v >= -255.99, else decoded = -255.99.
-
-With the default ``scale = 28``, ``floor = 40``: 1.8% of (1 + d), e.g. 0.02 nats at the top,
-0.09 at d = 4, and a floor 40 nats below the top, where softmax(v / 2) weights are below 2e-9.
-Why 28: on 1024 real SST-2 rows, scales 16/24/28/32 cost about 38/44/46/48 bytes per step, and
-the PACT KL's expected error (it is a positive bias, about sum_s q_s Var(error_s) / 2, from the
-policy-independent entropy term) is 2.0/0.9/0.7/0.55% for a policy equal to the reference, where
-the KL is smallest, and 0.06-0.08% for a policy 2 nats away; the loss CE + KL stays within 0.1%.
-
-Edge cases: a log-prob of -inf (a token the reference masks out) is written as -10000, which
-every softmax treats as zero; a row with n = 0 is never written (the builder skips such rows and counts them);
-K may be any size >= 1; a cache MAY be empty (``parts == []``, zero rows; trainers refuse it), but
-a part of a non-empty cache MUST hold at least one row; part order in the manifest is the row
-order of the cache; a manifest MAY carry fields this spec does not name (they are ignored and
-are not part of the id); files in the folder that the manifest does not list are never read.
+The normative spec (MUST / MAY, every column, the q8 error bound, the version history) is
+``docs/format.md``; this module implements it. A cache comes from elsewhere and is untrusted:
+:func:`open_cache` and the reader enforce every rule of the spec and raise ``CacheError`` naming
+the rule, the file and, where there is one, the row. The reference columns and their codecs are
+:mod:`pact_cache.columns`; the manifest is :mod:`pact_cache.manifest`; file and object helpers
+(temporary names, atomic writes, sha256, regular-file checks) are :mod:`pact_cache.storage`.
 """
 
 from __future__ import annotations
@@ -112,19 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from .columns import REF_COLUMNS, blob_names, blob_sizes, code_blobs, decode, encode
+from .columns import stored as blob_names_of
 from .errors import CacheError
 from .manifest import ENCODINGS  # noqa: F401  (re-exported: the encodings are part of the format)
 from .manifest import MANIFEST_MAX_BYTES, Encoding, Manifest, PartEntry, check_pin, load_json
-
-from .storage import Location, is_local_fs
+from .storage import Location, check_regular_file, sha256_path, sha256_stream, tmp_name
 
 MANIFEST = "manifest.json"
 ZSTD_LEVEL = 19  # build time is dominated by the model; level 19 buys ~10% over the default
@@ -137,53 +37,7 @@ LOGPROB_MIN = -1e4  # what -inf (a token the reference masks out) is stored as
 ROW_GROUP_STEPS = 16384
 
 
-# ----------------------------------------------------------------------------- encoding
-
-def q8_bound(d: np.ndarray, enc: Encoding) -> np.ndarray:
-    """Largest |decoded - true| allowed for values ``d`` nats below the step maximum (d <= floor)."""
-    return (1.0 + d + 2.0**-10) * np.expm1(0.5 / enc.scale) + 2.0**-10
-
-
-def encode_view(v: np.ndarray, enc: Encoding) -> dict[str, bytes]:
-    """Encode log-probs ``v`` of shape ``(n, K)`` float32 into the blobs of one view."""
-    v = np.asarray(v, dtype=np.float32)
-    if enc.name == "f32":
-        return {"f32": v.astype("<f4").tobytes()}
-    top_q = np.clip(np.round(-v.max(axis=1).astype(np.float64) * enc.top_scale), 0, 65535).astype("<u2")
-    top = -(top_q.astype(np.float64) / enc.top_scale)
-    d = np.clip(top[:, None] - v.astype(np.float64), 0.0, enc.floor)
-    code = np.round(enc.scale * np.log1p(d)).astype(np.uint8)
-    return {"q": code.tobytes(), "top": top_q.tobytes()}
-
-
-def decode_view(blobs: dict[str, bytes], n: int, K: int, enc: Encoding) -> np.ndarray:
-    """Inverse of :func:`encode_view`: returns float32 ``(n, K)``."""
-    if enc.name == "f32":
-        return np.frombuffer(blobs["f32"], dtype="<f4").reshape(n, K).astype(np.float32)
-    top = -(np.frombuffer(blobs["top"], dtype="<u2").astype(np.float64) / enc.top_scale)
-    code = np.frombuffer(blobs["q"], dtype=np.uint8).reshape(n, K)
-    return (top[:, None] - np.expm1(code / enc.scale)).astype(np.float32)
-
-
-def encode_target(v: np.ndarray, enc: Encoding) -> bytes:
-    v = np.asarray(v, dtype=np.float32)
-    if enc.name == "f32":
-        return v.astype("<f4").tobytes()
-    return np.clip(np.round(-v.astype(np.float64) * enc.target_scale), 0, 65535).astype("<u2").tobytes()
-
-
-def decode_target(blob: bytes, n: int, enc: Encoding) -> np.ndarray:
-    if enc.name == "f32":
-        return np.frombuffer(blob, dtype="<f4").astype(np.float32)
-    return (-(np.frombuffer(blob, dtype="<u2").astype(np.float64) / enc.target_scale)).astype(np.float32)
-
-
-def blob_sizes(n: int, K: int, enc: Encoding) -> dict[str, int]:
-    """Exact byte length of each blob column for a row with ``n`` steps."""
-    if enc.name == "f32":
-        return {"full_f32": 4 * n * K, "post_f32": 4 * n * K, "target_f32": 4 * n}
-    return {"full_q": n * K, "full_top": 2 * n, "post_q": n * K, "post_top": 2 * n, "target_q": 2 * n}
-
+# ----------------------------------------------------------------------------- rows and row groups
 
 def row_groups(steps: list[int], limit: int | None = None) -> list[tuple[int, int]]:
     """Consecutive ``(start, stop)`` row ranges holding at most ``limit`` response steps each (a row
@@ -218,93 +72,19 @@ def part_schema(enc: Encoding):
     import pyarrow as pa
 
     fields = [("example_id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("response_start", pa.int32())]
-    fields += [(name, pa.binary()) for name in blob_sizes(1, 1, enc)]
+    fields += [(name, pa.binary()) for name in blob_names(enc)]
     return pa.schema(fields)
 
 
 @dataclass
 class RowResult:
-    """Everything the builder computed for one example, before encoding."""
+    """Everything the builder computed for one example, before encoding: ``ref`` maps each column of
+    :data:`pact_cache.columns.REF_COLUMNS` to its float32 values, ``(n, K)`` or ``(n,)``."""
 
     example_id: str
     input_ids: list[int]
     response_start: int
-    full: np.ndarray  # (n, K) float32
-    post: np.ndarray  # (n, K) float32
-    target: np.ndarray  # (n,) float32
-
-
-def sha256_stream(f, limit: int | None = None) -> tuple[str, int]:
-    """sha256 and length of what an open binary file yields, 4 MiB at a time, never past ``limit`` bytes."""
-    h, n = hashlib.sha256(), 0
-    while limit is None or n < limit:
-        block = f.read(1 << 22 if limit is None else min(1 << 22, limit - n))
-        if not block:
-            break
-        h.update(block)
-        n += len(block)
-    return h.hexdigest(), n
-
-
-def sha256_path(path: Path) -> str:
-    with open(path, "rb") as f:
-        return sha256_stream(f)[0]
-
-
-def json_bytes(obj) -> bytes:
-    """How pact-cache writes JSON it publishes (manifests, states): sorted, indented, strict."""
-    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode()
-
-
-def _host() -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:40] or "host"
-
-
-def tmp_name(path: Path) -> Path:
-    """Where to write ``path`` before renaming it into place: hidden, and named after this host
-    and process, so that a later start can tell a dead writer's leftovers from a live one's."""
-    return path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}")
-
-
-def is_tmp_name(name: str) -> bool:
-    """Whether ``name`` is one of :func:`tmp_name`'s (a writer's file on its way)."""
-    return name.startswith(".") and ".tmp-" in name
-
-
-def stale_tmp(p: Path) -> bool:
-    """Whether ``p`` is a temporary file or folder of :func:`tmp_name` whose process has died on this host."""
-    name = p.name
-    if not is_tmp_name(name):
-        return False
-    tail = name.rsplit(".tmp-", 1)[1]
-    host, _, pid = tail.rpartition("-")
-    if host != _host() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder, fsync, rename: readers never see half a file."""
-    tmp = tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, json_bytes(obj))
+    ref: dict
 
 
 def write_part(path: Path, rows: list[RowResult], enc: Encoding, build_key: str = "") -> PartEntry:
@@ -316,23 +96,22 @@ def write_part(path: Path, rows: list[RowResult], enc: Encoding, build_key: str 
     steps = 0
     for r in rows:
         n = len(r.input_ids) - r.response_start
-        if not (r.full.shape == r.post.shape and r.full.shape[0] == n == r.target.shape[0]):
-            raise CacheError(f"internal: row {r.example_id} has views of shape {r.full.shape}/{r.post.shape} for {n} steps")
-        for name, values in (("full", r.full), ("post", r.post), ("target", r.target)):
+        K = r.ref["full"].shape[1]
+        for col in REF_COLUMNS:
+            values = r.ref[col.name]
+            if values.shape != col.shape(n, K):
+                raise CacheError(f"internal: row {r.example_id} has {col.name} of shape {values.shape} for {n} steps")
             if np.isnan(values).any() or (values > 0).any():
-                raise CacheError(f"{path.name}: the reference gave a log-prob that is NaN or positive ({name} view of {r.example_id}); "
+                raise CacheError(f"{path.name}: the reference gave a log-prob that is NaN or positive ({col.name} view of {r.example_id}); "
                                  "the reference model's weights or --dtype overflow: try --dtype fp32")
-        # a token the reference masks out has log-prob -inf: stored as LOGPROB_MIN, which softmax treats alike
-        r = RowResult(r.example_id, r.input_ids, r.response_start, np.maximum(r.full, LOGPROB_MIN),
-                      np.maximum(r.post, LOGPROB_MIN), np.maximum(r.target, LOGPROB_MIN))
         steps += n
         cols["example_id"].append(r.example_id)
         cols["input_ids"].append(r.input_ids)
         cols["response_start"].append(r.response_start)
-        for view, values in (("full", r.full), ("post", r.post)):
-            for kind, blob in encode_view(values, enc).items():
-                cols[f"{view}_{kind}"].append(blob)
-        cols["target_f32" if enc.name == "f32" else "target_q"].append(encode_target(r.target, enc))
+        for col in REF_COLUMNS:
+            # a token the reference masks out has log-prob -inf: stored as LOGPROB_MIN, which softmax treats alike
+            for name, blob in encode(col, np.maximum(r.ref[col.name], LOGPROB_MIN), enc).items():
+                cols[name].append(blob)
     schema = part_schema(enc).with_metadata({BUILD_KEY_META: build_key.encode()})
     table = pa.table(cols, schema=schema)
     tmp = tmp_name(path)
@@ -353,49 +132,18 @@ def write_part(path: Path, rows: list[RowResult], enc: Encoding, build_key: str 
                      rows_digest((r.example_id, r.input_ids, r.response_start) for r in rows))
 
 
-# ----------------------------------------------------------------------------- safe file access
-
-def check_regular_file(fs, root: str, path: str, where: str, size: int | None = None, max_size: int | None = None) -> int:
-    """Refuse anything but a regular file (a plain object) inside ``root``, without opening it.
-
-    Symbolic links are followed only when they stay inside ``root``. Returns the file's size.
-    """
-    try:
-        info = fs.info(path)
-    except FileNotFoundError:
-        raise CacheError(f"{where}: part listed in the manifest is missing; re-download or rebuild the cache") from None
-    except OSError as err:
-        raise CacheError(f"{where}: cannot be read ({err.strerror or err})") from None
-    if is_local_fs(fs):
-        real_root = os.path.realpath(root)
-        if os.path.dirname(os.path.realpath(path)) != real_root:
-            raise CacheError(f"{where}: is a link that points outside the cache folder ({os.path.realpath(path)}); refusing to read it")
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
-            raise CacheError(f"{where}: is {kind}, not a regular file; refusing to read it")
-    elif info.get("type") != "file":
-        raise CacheError(f"{where}: is a {info.get('type')}, not a plain object; refusing to read it")
-    got = int(info.get("size") or 0)
-    if size is not None and got != size:
-        raise CacheError(f"{where}: size is {got} bytes, manifest says {size}; the part is truncated or replaced, re-download or rebuild it")
-    if max_size is not None and got > max_size:
-        raise CacheError(f"{where}: is {got} bytes, more than the {max_size} a manifest may hold; refusing it")
-    return got
-
-
 # ----------------------------------------------------------------------------- reader
 
 @dataclass
 class CacheRow:
-    """One decoded example. Arrays are float32; ``full_logprobs[t, k]`` is log p_ref(S[k] | ...)."""
+    """One decoded example. ``ref`` maps each column of :data:`pact_cache.columns.REF_COLUMNS` to its
+    float32 values: ``ref["full"][t, k]`` is log p_ref(S[k] | input_ids[:rs+t]), ``ref["target"][t]``
+    the log-prob of the response token."""
 
     example_id: str
     input_ids: np.ndarray  # (L,) int64
     response_start: int
-    full_logprobs: np.ndarray  # (n, K)
-    post_logprobs: np.ndarray  # (n, K)
-    target_logprob: np.ndarray  # (n,)
+    ref: dict = field(default_factory=dict)  # name -> (n, K) or (n,) float32
     score: np.ndarray | None = None  # (n,) TOSS token scores, when the cache has them (pact-cache score)
 
     @property
@@ -575,14 +323,14 @@ class Cache:
             if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= self.vocab_size):
                 return False
             if self.encoding.name == "f32":
-                for name in ("full_f32", "post_f32", "target_f32"):
-                    v = np.frombuffer(b"".join(data[name]), dtype="<f4")
+                for col in REF_COLUMNS:
+                    v = np.frombuffer(b"".join(data[f"{col.name}_f32"]), dtype="<f4")
                     if not (np.isfinite(v).all() and (v <= 0).all()):
                         return False
-                    if name != "target_f32" and (v.size % self.K or (np.exp(v).reshape(-1, self.K).sum(axis=1) > 1.0 + F32_SUM_TOLERANCE).any()):
+                    if col.per_step == "K" and (v.size % self.K or (np.exp(v).reshape(-1, self.K).sum(axis=1) > 1.0 + F32_SUM_TOLERANCE).any()):
                         return False
             else:
-                for name in ("full_q", "post_q"):
+                for name in code_blobs(self.encoding):
                     code = np.frombuffer(b"".join(data[name]), dtype=np.uint8)
                     if code.size and int(code.max()) > self.encoding.max_code:
                         return False
@@ -607,24 +355,19 @@ class Cache:
         for name, size in blob_sizes(n, K, enc).items():
             blob = data[name][i]
             _require(blob is not None and len(blob) == size, where, f"{name} has {len(blob or b'')} bytes, expected {size} for {n} steps x K={K}")
-        if enc.name == "f32":
-            full = decode_view({"f32": data["full_f32"][i]}, n, K, enc)
-            post = decode_view({"f32": data["post_f32"][i]}, n, K, enc)
-            target = decode_target(data["target_f32"][i], n, enc)
-            for name, v in (("full_f32", full), ("post_f32", post), ("target_f32", target)) if check_values else ():
+        for name in code_blobs(enc) if check_values else ():
+            code = np.frombuffer(data[name][i], dtype=np.uint8)
+            _require(int(code.max()) <= enc.max_code, where, f"{name} holds code {int(code.max())}, above {enc.max_code}, which the q8 encoder never writes; the cache is damaged, rebuild it")
+        ref = {col.name: decode(col, {b: data[b][i] for b in blob_names_of(col, enc)}, n, K, enc) for col in REF_COLUMNS}
+        if enc.name == "f32" and check_values:
+            for col in REF_COLUMNS:
+                v, name = ref[col.name], f"{col.name}_f32"
                 _require(bool(np.isfinite(v).all()), where, f"{name} holds a non-finite value (NaN or infinity); the cache is damaged, rebuild it")
                 _require(bool((v <= 0).all()), where, f"{name} holds a positive log-probability ({float(v.max()):g}); the cache is damaged, rebuild it")
-            for name, v in (("full_f32", full), ("post_f32", post)) if check_values else ():
-                mass = np.exp(v).sum(axis=1)  # v <= 0 (checked above), so no overflow
-                _require(bool((mass <= 1.0 + F32_SUM_TOLERANCE).all()), where, f"{name}: the K probabilities of a step sum to {float(mass.max()):.4f} > 1; the cache is damaged, rebuild it")
-        else:
-            for name in ("full_q", "post_q") if check_values else ():
-                code = np.frombuffer(data[name][i], dtype=np.uint8)
-                _require(int(code.max()) <= enc.max_code, where, f"{name} holds code {int(code.max())}, above {enc.max_code}, which the q8 encoder never writes; the cache is damaged, rebuild it")
-            full = decode_view({"q": data["full_q"][i], "top": data["full_top"][i]}, n, K, enc)
-            post = decode_view({"q": data["post_q"][i], "top": data["post_top"][i]}, n, K, enc)
-            target = decode_target(data["target_q"][i], n, enc)
-        return CacheRow(eid, ids_arr, int(rs), full, post, target)
+                if col.per_step == "K":
+                    mass = np.exp(v).sum(axis=1)  # v <= 0 (checked above), so no overflow
+                    _require(bool((mass <= 1.0 + F32_SUM_TOLERANCE).all()), where, f"{name}: the K probabilities of a step sum to {float(mass.max()):.4f} > 1; the cache is damaged, rebuild it")
+        return CacheRow(eid, ids_arr, int(rs), ref)
 
     def iter_rows(self) -> Iterator[CacheRow]:
         """Every row, in cache order, decoded; memory stays at one Parquet batch."""
@@ -647,16 +390,16 @@ class Cache:
         import pyarrow as pa
 
         step = pa.list_(pa.float32(), self.K)
-        return pa.schema([("example_id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("response_start", pa.int32()),
-                          ("full_logprobs", pa.list_(step)), ("post_logprobs", pa.list_(step)),
-                          ("target_logprob", pa.list_(pa.float32()))],
+        return pa.schema([("example_id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("response_start", pa.int32())]
+                         + [(c.decoded, pa.list_(step if c.per_step == "K" else pa.float32())) for c in REF_COLUMNS],
                          metadata={b"pact_cache.cache_id": self.cache_id.encode(),
                                    b"pact_cache.token_ids": json.dumps(self.ids).encode()})
 
     def iter_arrow_batches(self, batch_rows: int = 256):
-        """Arrow record batches of decoded rows, in cache order: ``full_logprobs`` and
-        ``post_logprobs`` are ``list<fixed_size_list<float32, K>>`` (steps x S in the order of
-        ``cache.ids``), ``target_logprob`` is ``list<float32>``. Memory: ``batch_rows`` rows."""
+        """Arrow record batches of decoded rows, in cache order, one column per reference column under
+        its decoded name: ``full_logprobs`` and ``post_logprobs`` are ``list<fixed_size_list<float32, K>>``
+        (steps x S in the order of ``cache.ids``), ``target_logprob`` is ``list<float32>``. Memory:
+        ``batch_rows`` rows."""
         rows: list[CacheRow] = []
         for row in self.iter_rows():
             rows.append(row)
@@ -671,17 +414,16 @@ class Cache:
 
         schema = self.decoded_schema()
 
-        def steps_k(views):
+        def per_step(col, views):
             offsets = np.cumsum([0] + [v.shape[0] for v in views]).astype(np.int32)
             flat = pa.array(np.concatenate([v.reshape(-1) for v in views]).astype(np.float32))
-            return pa.ListArray.from_arrays(pa.array(offsets), pa.FixedSizeListArray.from_arrays(flat, self.K))
+            values = pa.FixedSizeListArray.from_arrays(flat, self.K) if col.per_step == "K" else flat
+            return pa.ListArray.from_arrays(pa.array(offsets), values)
 
-        offsets = np.cumsum([0] + [r.steps for r in rows]).astype(np.int32)
         cols = [pa.array([r.example_id for r in rows], pa.string()),
                 pa.array([r.input_ids.astype(np.int32) for r in rows], pa.list_(pa.int32())),
-                pa.array([r.response_start for r in rows], pa.int32()),
-                steps_k([r.full_logprobs for r in rows]), steps_k([r.post_logprobs for r in rows]),
-                pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate([r.target_logprob for r in rows]).astype(np.float32)))]
+                pa.array([r.response_start for r in rows], pa.int32())]
+        cols += [per_step(c, [r.ref[c.name] for r in rows]) for c in REF_COLUMNS]
         return pa.RecordBatch.from_arrays(cols, schema=schema)
 
     def to_arrow(self):
@@ -700,7 +442,7 @@ class Cache:
     # -- sizes
     def reference_bytes(self) -> int:
         """Compressed bytes of the reference columns (both views, maxima, target) over all parts."""
-        ref_cols = set(blob_sizes(1, 1, self.encoding))
+        ref_cols = set(blob_names(self.encoding))
         total = 0
         for part in self.parts:
             where = self._where(part)

@@ -232,7 +232,7 @@ def sha256_file_memo(path: Path) -> str:
         return memo.read_text().strip()
     except OSError:
         pass
-    from .format import sha256_path
+    from .storage import sha256_path
 
     digest = sha256_path(path)
     try:

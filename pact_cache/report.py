@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .errors import CacheError, ModelError
+from .columns import REF_COLUMNS
 from .format import Cache, open_cache, rows_digest
 
 
@@ -140,10 +141,13 @@ def recompute_sample(cache: Cache, resolved, n_rows: int, device: str = "auto") 
     got = compute_rows(model, examples, torch.tensor(cache.ids), list(cache.manifest.build.assistant_header_ids), 4, device)
     diffs = []
     for r, g in zip(rows, got):
-        for stored, fresh in ((r.full_logprobs, g.full), (r.post_logprobs, g.post)):
-            near = fresh >= fresh.max(axis=1, keepdims=True) - RECOMPUTE_WINDOW
-            diffs.append(np.abs(stored - fresh)[near])
-        diffs.append(np.abs(r.target_logprob - g.target))
+        for col in REF_COLUMNS:
+            stored, fresh = r.ref[col.name], g.ref[col.name]
+            if col.per_step == "K":  # values far below the step's maximum sit at or near the q8 floor
+                near = fresh >= fresh.max(axis=1, keepdims=True) - RECOMPUTE_WINDOW
+                diffs.append(np.abs(stored - fresh)[near])
+            else:
+                diffs.append(np.abs(stored - fresh))
     d = np.concatenate(diffs) if diffs else np.zeros(1)
     return {"rows": len(rows), "mean": float(d.mean()), "max": float(d.max())}
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CacheError, OutputExistsError, PactError
-from .format import MANIFEST, Cache, is_tmp_name, json_bytes, open_cache
+from .format import MANIFEST, Cache, open_cache
+from .storage import is_tmp_name, json_bytes
 from .manifest import Manifest, ScoreFile, Scores
 from .storage import Location
 
@@ -61,6 +62,9 @@ def _check_model_fits(cache: Cache, tok, model, what: str, name: str) -> None:
     if tokenizer_fingerprint(tok)["sha256"] != cache.manifest.tokenizer.sha256:
         raise PactError(f"--{what} {name}: its tokenizer differs from the one the cache was built with; the scores are log-probs "
                         "of the cached token ids, so the scoring models must share the reference's tokenizer")
+    from .projection import check_projection
+
+    check_projection(model, what=f"--{what} {name}")
     rows = model.get_output_embeddings().weight.shape[0]
     if rows < cache.vocab_size:
         raise PactError(f"--{what} {name}: its output layer has {rows} rows, fewer than the cache's vocabulary ({cache.vocab_size})")

@@ -131,7 +131,7 @@ def plot_stats(s: Stats, folder: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .format import tmp_name
+    from .storage import tmp_name
 
     folder = Path(folder)
     paths = [folder / "mass_by_position.png", folder / "step0_mass.png"]

@@ -1,5 +1,6 @@
-"""Where caches live: one code path for a folder, ``file://``, ``s3://``, ``gs://``, ``hf://`` and
-``memory://``, through fsspec.
+"""Where caches live, and how anything is written: one code path for a folder, ``file://``,
+``s3://``, ``gs://``, ``hf://`` and ``memory://``, through fsspec; and the file rules every command
+follows (temporary names, atomic writes, folders published whole, sha256, regular-file checks).
 
 A :class:`Location` is a cache's folder (or bucket prefix). Objects are written whole: on a local
 disk through a temporary file renamed into place, on an object store by one upload, which the store
@@ -14,13 +15,17 @@ never printed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import socket
+import stat
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CacheError, PactError
+from .errors import CacheError, OutputExistsError, PactError
 
 COPY_BLOCK = 8 << 20  # bytes read and written at a time when streaming an object
 
@@ -45,6 +50,158 @@ def parse_storage_options(items: list[str] | None) -> dict:
             opts[key.strip()] = value
     return opts
 
+
+# ----------------------------------------------------------------------------- files
+
+def sha256_stream(f, limit: int | None = None) -> tuple[str, int]:
+    """sha256 and length of what an open binary file yields, 4 MiB at a time, never past ``limit`` bytes."""
+    h, n = hashlib.sha256(), 0
+    while limit is None or n < limit:
+        block = f.read(1 << 22 if limit is None else min(1 << 22, limit - n))
+        if not block:
+            break
+        h.update(block)
+        n += len(block)
+    return h.hexdigest(), n
+
+
+def sha256_path(path: Path) -> str:
+    with open(path, "rb") as f:
+        return sha256_stream(f)[0]
+
+
+def json_bytes(obj) -> bytes:
+    """How pact-cache writes JSON it publishes (manifests, states): sorted, indented, strict."""
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode()
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:40] or "host"
+
+
+def tmp_name(path: Path) -> Path:
+    """Where to write ``path`` before renaming it into place: hidden, and named after this host
+    and process, so that a later start can tell a dead writer's leftovers from a live one's."""
+    return path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}")
+
+
+def is_tmp_name(name: str) -> bool:
+    """Whether ``name`` is one of :func:`tmp_name`'s (a writer's file on its way)."""
+    return name.startswith(".") and ".tmp-" in name
+
+
+def stale_tmp(p: Path) -> bool:
+    """Whether ``p`` is a temporary file or folder of :func:`tmp_name` whose process has died on this host."""
+    name = p.name
+    if not is_tmp_name(name):
+        return False
+    tail = name.rsplit(".tmp-", 1)[1]
+    host, _, pid = tail.rpartition("-")
+    if host != _host() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same folder, fsync, rename: readers never see half a file."""
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, json_bytes(obj))
+
+
+def check_regular_file(fs, root: str, path: str, where: str, size: int | None = None, max_size: int | None = None) -> int:
+    """Refuse anything but a regular file (a plain object) inside ``root``, without opening it.
+
+    Symbolic links are followed only when they stay inside ``root``. Returns the file's size.
+    """
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise CacheError(f"{where}: part listed in the manifest is missing; re-download or rebuild the cache") from None
+    except OSError as err:
+        raise CacheError(f"{where}: cannot be read ({err.strerror or err})") from None
+    if is_local_fs(fs):
+        real_root = os.path.realpath(root)
+        if os.path.dirname(os.path.realpath(path)) != real_root:
+            raise CacheError(f"{where}: is a link that points outside the cache folder ({os.path.realpath(path)}); refusing to read it")
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise CacheError(f"{where}: is {kind}, not a regular file; refusing to read it")
+    elif info.get("type") != "file":
+        raise CacheError(f"{where}: is a {info.get('type')}, not a plain object; refusing to read it")
+    got = int(info.get("size") or 0)
+    if size is not None and got != size:
+        raise CacheError(f"{where}: size is {got} bytes, manifest says {size}; the part is truncated or replaced, re-download or rebuild it")
+    if max_size is not None and got > max_size:
+        raise CacheError(f"{where}: is {got} bytes, more than the {max_size} a manifest may hold; refusing it")
+    return got
+
+
+# ----------------------------------------------------------------------------- folders, published whole
+
+def publish_dir(tmp: Path, final: Path, replace: bool = False) -> None:
+    """Put the complete folder ``tmp`` at ``final`` by renaming it.
+
+    ``replace=False``: ``final`` must not exist or be an empty folder (nothing is overwritten).
+    ``replace=True``: an existing ``final`` stays whole until the new one is in place; a kill between
+    the two renames leaves it as ``.{name}.old-{pid}`` (pact-train's resume looks there).
+    """
+    tmp, final = Path(tmp), Path(final)
+    if not replace:
+        if final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
+            final.rmdir()
+        elif final.exists() or final.is_symlink():
+            raise OutputExistsError(f"{final}: exists and is not an empty folder; choose another output (nothing is overwritten)")
+        os.rename(tmp, final)
+        return
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(final: Path, replace: bool = False):
+    """Write a folder whole or not at all: yields a hidden temporary folder beside ``final`` (what
+    dead writers on this host left there is removed first); on success it is published at ``final``
+    (:func:`publish_dir`), on any error it is removed and ``final`` is as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for old in final.parent.glob(f".{final.name}.tmp-*"):
+        if stale_tmp(old):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink(missing_ok=True)
+    tmp = tmp_name(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        publish_dir(tmp, final, replace)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- locations
 
 @dataclass
 class Location:
@@ -135,8 +292,6 @@ class Location:
 
     def put_bytes(self, name: str, data: bytes) -> None:
         if self.is_local:
-            from .format import atomic_write_bytes
-
             atomic_write_bytes(self.local_path(name), data)
         else:
             self.fs.pipe_file(self.path(name), data)
@@ -159,8 +314,6 @@ class Location:
         """A local folder for files on their way to this location (a hidden temp folder inside a
         local cache, so that the final rename stays on one filesystem; a system temp folder otherwise)."""
         import tempfile
-
-        from .format import tmp_name
 
         if self.is_local:
             d = tmp_name(self.local_path(".scratch"))

@@ -13,7 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import CacheError, OutputExistsError
-from .format import MANIFEST, Cache, atomic_write_json, check_regular_file, stale_tmp, tmp_name
+from .format import MANIFEST, Cache
+from .storage import atomic_write_json, check_regular_file, stale_tmp, tmp_name
 from .storage import Location
 from .manifest import (ALGORITHM, FORMAT, LEGACY_FORMATS, MANIFEST_MAX_BYTES, PART_NAME, BuildParams, Counts, DatasetInfo,
                        Encoding, Manifest, PartEntry, Reference, SafetyTokens, Tokenizer, _Fields, load_json)

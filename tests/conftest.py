@@ -26,10 +26,10 @@ CORPUS = [
 ] * 20
 
 
-def make_tiny_model(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, vocab: int = 400) -> Path:
-    import torch
+def tiny_tokenizer(path: Path, vocab: int = 400):
+    """A real byte-level BPE tokenizer trained on CORPUS, with a ChatML template, saved in ``path``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -42,11 +42,31 @@ def make_tiny_model(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2
                                   eos_token="<|im_end|>", pad_token="<|im_end|>")
     tok.chat_template = CHATML
     tok.save_pretrained(path)
+    return tok
+
+
+# Real configuration classes of families whose causal LM transforms the head's logits (Gemma-2:
+# softcapping; Cohere: logit_scale; Granite: logits_scaling), beside a plain Llama.
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 2.0, "head_dim": 8, "query_pre_attn_scalar": 8}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
+}
+
+
+def make_tiny_model(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, vocab: int = 400, arch: str = "llama") -> Path:
+    import torch
+    import transformers
+
+    tok = tiny_tokenizer(path, vocab)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
+    config_cls, model_cls, extra = ARCHS[arch]
+    cfg = getattr(transformers, config_cls)(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False, **extra)
+    model = getattr(transformers, model_cls)(cfg)
     with torch.no_grad():  # random init is near-uniform; widen the logits so log-probs spread like a real model's
         model.lm_head.weight.mul_(40.0)
     model.save_pretrained(path)
@@ -143,9 +163,17 @@ def naive_reference(model_dir, dataset, ids, max_length=2048):
     return out
 
 
+def row_result(example_id, input_ids, response_start, full, post, target):
+    """A builder's row (:class:`pact_cache.format.RowResult`) from its three reference columns."""
+    from pact_cache.format import RowResult
+
+    return RowResult(example_id, input_ids, response_start, {"full": full, "post": post, "target": target})
+
+
 def write_manifest(out: Path, parts, enc, K: int, vocab: int = 1000, weights=None):
     """A valid pact-cache/2 manifest over parts written by ``write_part`` (made-up provenance)."""
-    from pact_cache.format import MANIFEST, atomic_write_json
+    from pact_cache.format import MANIFEST
+    from pact_cache.storage import atomic_write_json
     from pact_cache.manifest import (FORMAT, BuildParams, Counts, DatasetInfo, Manifest, Reference, SafetyTokens,
                                      Tokenizer)
 

@@ -14,7 +14,8 @@ import pact_cache.build as build_mod
 from pact_cache.build import BuildConfig, build
 from pact_cache.cli import main
 from pact_cache.data import assistant_header_ids, tokenize_dataset
-from pact_cache.format import ENCODINGS, MANIFEST, open_cache, q8_bound
+from pact_cache.columns import q8_bound
+from pact_cache.format import ENCODINGS, MANIFEST, open_cache
 from pact_cache.models import load_model, load_tokenizer, resolve_model
 
 from conftest import CHAT_ROWS, naive_reference, write_jsonl
@@ -42,14 +43,14 @@ def test_f32_build_equals_naive_recompute_and_q8_within_bound(tiny_model, chat_d
     assert [g.example_id for g in got_f32] == [w[0] for w in want] == [g.example_id for g in got_q8]
     enc = ENCODINGS["q8"]
     for g, q, (_, full, post, target) in zip(got_f32, got_q8, want):
-        np.testing.assert_allclose(g.full_logprobs, full, atol=2e-5)
-        np.testing.assert_allclose(g.post_logprobs, post, atol=2e-5)
-        np.testing.assert_allclose(g.target_logprob, target, atol=2e-5)
-        for dec, true in ((q.full_logprobs, full), (q.post_logprobs, post)):
+        np.testing.assert_allclose(g.ref["full"], full, atol=2e-5)
+        np.testing.assert_allclose(g.ref["post"], post, atol=2e-5)
+        np.testing.assert_allclose(g.ref["target"], target, atol=2e-5)
+        for dec, true in ((q.ref["full"], full), (q.ref["post"], post)):
             d = true.max(1, keepdims=True) - true
             assert (d <= enc.floor).all()
             assert (np.abs(dec - true) <= q8_bound(d, enc) + 1e-4).all()
-        assert np.abs(q.target_logprob - target).max() <= 2**-9 + 1e-4
+        assert np.abs(q.ref["target"] - target).max() <= 2**-9 + 1e-4
     assert exact.cache_id != q8.cache_id
 
 
@@ -204,8 +205,8 @@ def test_shards_and_torchrun_give_the_same_rows(tiny_model, long_dataset, tmp_pa
     for other in (sharded, tr):
         got = json.loads((other / MANIFEST).read_text())
         assert got["cache_id"] == want["cache_id"] and got["parts"] == want["parts"]
-    rows_single = [(r.example_id, r.full_logprobs.tolist()) for r in open_cache(single).iter_rows()]
-    assert rows_single == [(r.example_id, r.full_logprobs.tolist()) for r in open_cache(tr).iter_rows()]
+    rows_single = [(r.example_id, r.ref["full"].tolist()) for r in open_cache(single).iter_rows()]
+    assert rows_single == [(r.example_id, r.ref["full"].tolist()) for r in open_cache(tr).iter_rows()]
 
 
 def test_no_batch_by_seq_by_vocab_float_tensor_is_ever_made(tiny_model, chat_dataset, monkeypatch):

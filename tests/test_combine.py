@@ -35,7 +35,7 @@ def test_merge_is_the_cache_of_the_concatenated_datasets(parts, tmp_path, capsys
     src = list(open_cache(parts["A"]).iter_rows()) + list(open_cache(parts["B"]).iter_rows())
     for g, s in zip(m.iter_rows(), src):
         assert g.input_ids.tolist() == s.input_ids.tolist()
-        assert np.array_equal(g.full_logprobs, s.full_logprobs) and np.array_equal(g.target_logprob, s.target_logprob)
+        assert np.array_equal(g.ref["full"], s.ref["full"]) and np.array_equal(g.ref["target"], s.ref["target"])
     capsys.readouterr()
     assert main(["merge", parts["A"], parts["B"], "-o", str(out)]) == 1
     assert "exists and is not empty" in capsys.readouterr().err

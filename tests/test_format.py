@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 
 from pact_cache.errors import CacheError
-from pact_cache.format import (ENCODINGS, RowResult, decode_target, decode_view, encode_target, encode_view,
-                               open_cache, q8_bound, write_part)
+from pact_cache.columns import REF_COLUMNS, decode, encode, q8_bound
+from pact_cache.format import ENCODINGS, open_cache, write_part
 from pact_cache.manifest import hash_identity
 
-from conftest import edit_manifest, write_manifest
+from conftest import edit_manifest, row_result, write_manifest
+
+FULL, TARGET = REF_COLUMNS[0], REF_COLUMNS[2]
 
 Q8 = ENCODINGS["q8"]
 
@@ -34,7 +36,7 @@ def test_q8_respects_its_stated_bound():
     v = realistic_logprobs(rng, 400, 50)
     v[0, :] = -0.0  # a certain step
     v[1, 3] = -200.0  # far below the floor
-    dec = decode_view(encode_view(v, Q8), 400, 50, Q8)
+    dec = decode(FULL, encode(FULL, v, Q8), 400, 50, Q8)
     d = v.max(1, keepdims=True) - v
     inside = d <= Q8.floor
     err = np.abs(dec - v)
@@ -49,10 +51,10 @@ def test_q8_respects_its_stated_bound():
 def test_f32_round_trip_is_exact_and_target_bounds():
     rng = np.random.default_rng(1)
     v = realistic_logprobs(rng, 7, 5)
-    assert np.array_equal(decode_view(encode_view(v, ENCODINGS["f32"]), 7, 5, ENCODINGS["f32"]), v)
+    assert np.array_equal(decode(FULL, encode(FULL, v, ENCODINGS["f32"]), 7, 5, ENCODINGS["f32"]), v)
     t = -np.abs(rng.normal(size=33) * 5).astype(np.float32)
-    assert np.abs(decode_target(encode_target(t, Q8), 33, Q8) - t).max() <= 2**-9 + 1e-6
-    assert decode_target(encode_target(np.float32([-1000.0]), Q8), 1, Q8)[0] == pytest.approx(-65535 / 256)
+    assert np.abs(decode(TARGET, encode(TARGET, t, Q8), 33, 5, Q8) - t).max() <= 2**-9 + 1e-6
+    assert decode(TARGET, encode(TARGET, np.float32([-1000.0]), Q8), 1, 5, Q8)[0] == pytest.approx(-65535 / 256)
 
 
 def rows(n_rows=5, K=4, seed=0):
@@ -61,7 +63,7 @@ def rows(n_rows=5, K=4, seed=0):
     for i in range(n_rows):
         L, rs = 10 + i, 6
         n = L - rs
-        out.append(RowResult(f"{i:08d}-abc", list(range(L)), rs, realistic_logprobs(rng, n, K), realistic_logprobs(rng, n, K),
+        out.append(row_result(f"{i:08d}-abc", list(range(L)), rs, realistic_logprobs(rng, n, K), realistic_logprobs(rng, n, K),
                              -np.abs(rng.normal(size=n)).astype(np.float32)))
     return out
 
@@ -82,7 +84,7 @@ def test_write_then_stream_back(tmp_path, enc):
     assert [g.example_id for g in got] == [r.example_id for r in rs]
     for g, r in zip(got, rs):
         assert g.response_start == r.response_start and list(g.input_ids) == r.input_ids
-        for dec, true in ((g.full_logprobs, r.full), (g.post_logprobs, r.post)):
+        for dec, true in ((g.ref["full"], r.ref["full"]), (g.ref["post"], r.ref["post"])):
             if enc == "f32":
                 assert np.array_equal(dec, true)
             else:
@@ -133,7 +135,7 @@ def test_blob_of_wrong_length_is_refused(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pact_cache.format import sha256_path
+    from pact_cache.storage import sha256_path
 
     part = out / "part-00000.parquet"  # a consistent manifest over a part whose blobs are too short
     t = pq.read_table(part)
@@ -165,17 +167,17 @@ def test_identity_hash_is_stable_and_typed():
 @pytest.mark.parametrize("enc", ["q8", "f32"])
 def test_writer_stores_minus_infinity_finitely_and_refuses_nan(tmp_path, enc):
     rs = rows(2, 4)
-    rs[0].full[0, 1] = -np.inf  # a token the reference masks out
-    rs[1].target[0] = -np.inf
+    rs[0].ref["full"][0, 1] = -np.inf  # a token the reference masks out
+    rs[1].ref["target"][0] = -np.inf
     out = tmp_path / "c"
     out.mkdir()
     write_manifest(out, [write_part(out / "part-00000.parquet", rs, ENCODINGS[enc])], ENCODINGS[enc], 4)
     got = list(open_cache(out).iter_rows())
-    low = got[0].full_logprobs[0, 1]  # f32: the stored -1e4; q8: the floor, 40 nats below the step's maximum
-    assert np.isfinite(got[0].full_logprobs).all()
-    assert low == -1e4 if enc == "f32" else low <= got[0].full_logprobs[0].max() - Q8.floor + 1
-    assert np.isfinite(got[1].target_logprob).all() and got[1].target_logprob[0] < -255
-    rs[1].post[0, 0] = np.nan
+    low = got[0].ref["full"][0, 1]  # f32: the stored -1e4; q8: the floor, 40 nats below the step's maximum
+    assert np.isfinite(got[0].ref["full"]).all()
+    assert low == -1e4 if enc == "f32" else low <= got[0].ref["full"][0].max() - Q8.floor + 1
+    assert np.isfinite(got[1].ref["target"]).all() and got[1].ref["target"][0] < -255
+    rs[1].ref["post"][0, 0] = np.nan
     with pytest.raises(CacheError, match=r"part-00001.parquet: the reference gave a log-prob that is NaN or positive \(post view"):
         write_part(out / "part-00001.parquet", rs, ENCODINGS[enc])
     assert not (out / "part-00001.parquet").exists()
@@ -205,4 +207,4 @@ def test_a_part_with_many_row_groups_reads_back_the_same(tmp_path, monkeypatch):
     got = list(open_cache(out).iter_rows())
     assert [g.example_id for g in got] == [r.example_id for r in rs]
     for g, r in zip(got, rs):
-        assert_within_q8_bound(g.full_logprobs, r.full)
+        assert_within_q8_bound(g.ref["full"], r.ref["full"])

@@ -50,9 +50,9 @@ def test_reuse_equals_a_full_rebuild_row_for_row(tiny_model, sets, tmp_path, enc
         src = old_rows.get(tuple(g.input_ids))
         if src is not None:  # copied bit for bit from the old cache
             copied += 1
-            for a, b in ((g.full_logprobs, src.full_logprobs), (g.post_logprobs, src.post_logprobs), (g.target_logprob, src.target_logprob)):
+            for a, b in ((g.ref["full"], src.ref["full"]), (g.ref["post"], src.ref["post"]), (g.ref["target"], src.ref["target"])):
                 assert np.array_equal(a, b)
-        for a, b in ((g.full_logprobs, w.full_logprobs), (g.post_logprobs, w.post_logprobs), (g.target_logprob, w.target_logprob)):
+        for a, b in ((g.ref["full"], w.ref["full"]), (g.ref["post"], w.ref["post"]), (g.ref["target"], w.ref["target"])):
             if enc == "f32":
                 np.testing.assert_allclose(a, b, atol=1e-4)
             else:  # at most one code apart where batch noise crosses a rounding boundary

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pact_cache.build import BuildConfig, build
-from pact_cache.format import open_cache, q8_bound
+from pact_cache.columns import q8_bound
+from pact_cache.format import open_cache
 from trainer.losses import PactParams, pact_kl
 
 from conftest import naive_reference, write_jsonl
@@ -47,15 +48,15 @@ def test_every_stored_value_matches_a_plain_forward_pass(built, embedded_model, 
     worst_q8 = worst_f32 = 0.0
     for q, f, (eid, full, post, target) in zip(got_q8, got_f32, want):
         assert q.example_id == f.example_id == eid
-        for dec_q, dec_f, true in ((q.full_logprobs, f.full_logprobs, full), (q.post_logprobs, f.post_logprobs, post)):
+        for dec_q, dec_f, true in ((q.ref["full"], f.ref["full"], full), (q.ref["post"], f.ref["post"], post)):
             d = true.max(1, keepdims=True) - true
             inside = d <= enc.floor
             excess = np.abs(dec_q - true)[inside] - q8_bound(d[inside], enc)
             worst_q8 = max(worst_q8, float(excess.max()))
             assert (dec_q[~inside] >= true[~inside] - q8_bound(np.float32(enc.floor), enc) - 1e-4).all()
             worst_f32 = max(worst_f32, float(np.abs(dec_f - true).max()))
-        assert np.abs(q.target_logprob - target).max() <= 2**-9 + 1e-4
-        worst_f32 = max(worst_f32, float(np.abs(f.target_logprob - target).max()))
+        assert np.abs(q.ref["target"] - target).max() <= 2**-9 + 1e-4
+        worst_f32 = max(worst_f32, float(np.abs(f.ref["target"] - target).max()))
     assert worst_q8 <= 1e-4, f"q8 exceeds its stated bound by {worst_q8}"
     assert worst_f32 <= 1e-3, f"f32 differs from a plain forward pass by {worst_f32}"  # batching/padding only
 
@@ -68,12 +69,12 @@ def test_pact_loss_from_q8_within_half_a_percent_of_exact(built):
     def stack(rows, attr):
         out = torch.zeros(len(rows), T, K)
         for i, r in enumerate(rows):
-            out[i, : r.steps] = torch.from_numpy(getattr(r, attr))
+            out[i, : r.steps] = torch.from_numpy(r.ref[attr])
         return out
 
     mask = torch.arange(T)[None, :] < torch.tensor([r.steps for r in rows_e])[:, None]
     w = torch.tensor(q8.manifest.tokens.weights)
-    ea, eb, qa, qb = (stack(rows_e, "full_logprobs"), stack(rows_e, "post_logprobs"), stack(rows_q, "full_logprobs"), stack(rows_q, "post_logprobs"))
+    ea, eb, qa, qb = (stack(rows_e, "full"), stack(rows_e, "post"), stack(rows_q, "full"), stack(rows_q, "post"))
     g = torch.Generator().manual_seed(0)
     for sigma in (0.5, 2.0):
         policy = ea + sigma * torch.randn(ea.shape, generator=g)

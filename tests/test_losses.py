@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trainer.losses import METHODS, LossParams, PactParams, Steps, chunked_projection, method_named, pact_gate, pact_kl, pact_rest_kl, top_p_count
+from trainer.losses import METHODS, LossParams, Method, PactParams, Steps, method_named, pact_gate, pact_kl, pact_rest_kl, register, top_p_count
 
 
 def naive_gate(zt: list, bt: list, t: int, p: PactParams) -> float:
@@ -92,49 +92,6 @@ def test_kl_is_zero_when_policy_equals_target_and_uniform_weights():
     a = torch.log_softmax(torch.randn(1, 6, 5), -1)
     s, n = pact_kl(a, a, a, torch.ones(5), torch.ones(1, 6, dtype=torch.bool))
     assert abs(s.item()) < 1e-5 and n.item() == 6
-
-
-def naive_target_logprobs(logits, targets):
-    """One position at a time, full log-softmax."""
-    return torch.stack([torch.log_softmax(logits[i].double(), -1)[targets[i]] for i in range(len(targets))])
-
-
-@pytest.mark.parametrize("chunk", [1, 3, 4, 10, 64])
-def test_chunked_projection_equals_the_unchunked_values_and_gradients(chunk):
-    """The production path (chunks of positions, checkpointed) against one plain pass, across chunk
-    boundaries (N = 10 is not a multiple of 3 or 4): the target log-probs (the CE is minus their sum),
-    the logits of S, the logsumexp, and the gradients of all three with respect to the hidden states
-    and the head's weights."""
-    g = torch.Generator().manual_seed(3)
-    N, H, V = 10, 6, 13
-    ids = torch.tensor([2, 7, 11])
-    targets = torch.randint(0, V, (N,), generator=g)
-    head = torch.nn.Linear(H, V, bias=False)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(V, H, generator=g))
-    h = torch.randn(N, H, generator=g, requires_grad=True)
-    # downstream uses of every output, so that each carries gradient
-    w_t, w_sel, w_lse = torch.randn(N, generator=g), torch.randn(N, 3, generator=g), torch.randn(N, generator=g)
-
-    tgt, sel, lse = chunked_projection(head, h, targets, ids, chunk)
-    ((tgt * w_t).sum() + (sel * w_sel).sum() + (lse * w_lse).sum()).backward()
-    got = (tgt.detach().clone(), sel.detach().clone(), lse.detach().clone(), h.grad.clone(), head.weight.grad.clone())
-
-    h.grad, head.weight.grad = None, None
-    logits = head(h).float()
-    want_t = naive_target_logprobs(logits, targets)
-    want_lse = torch.stack([torch.log(torch.exp(logits[i].double()).sum()) for i in range(N)])
-    ((want_t * w_t).sum() + (logits[:, ids] * w_sel).sum() + (want_lse * w_lse).sum()).backward()
-    assert torch.allclose(got[0].double(), want_t.detach(), atol=1e-5) and -got[0].sum().item() == pytest.approx(-want_t.sum().item(), rel=1e-6)
-    assert torch.allclose(got[1], logits[:, ids].detach(), atol=1e-6)
-    assert torch.allclose(got[2].double(), want_lse.detach(), atol=1e-5)
-    assert torch.allclose(got[3], h.grad, atol=1e-5) and torch.allclose(got[4], head.weight.grad, atol=1e-5)
-
-
-def test_chunked_projection_of_no_positions_is_empty():
-    head = torch.nn.Linear(4, 9, bias=False)
-    tgt, sel, lse = chunked_projection(head, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.tensor([1, 2]), 3)
-    assert tgt.shape == lse.shape == (0,) and sel.shape == (0, 2)
 
 
 def naive_pact_rest_kl(policy_logits, ref_full, ref_post, ids, w, lens, p: PactParams):
@@ -260,10 +217,15 @@ def test_constrained_sft_is_the_ce_up_to_a_constant_for_small_beta():
     assert torch.allclose(val - (2 / b) * math.log(2), -x, atol=1e-3)
 
 
-def test_the_registry_names_each_method_once_with_its_columns():
-    assert list(METHODS) == ["sft", "pact", "pact-rest", "str", "constrained-sft", "asft"]
-    assert method_named("sft").term is None and method_named("pact").columns == ("full", "post")
-    assert method_named("str").columns == ("full",) and method_named("constrained-sft").columns == ("target",)
-    assert {m.metric for m in METHODS.values() if m.metric} == {"pact_kl", "pact_rest_kl", "str", "constrained_sft", "asft"}
-    with pytest.raises(ValueError, match="unknown method 'nope'; use one of sft, pact, pact-rest, str, constrained-sft"):
-        method_named("nope")
+def test_a_method_is_looked_up_once_and_reads_only_cache_columns():
+    """LossParams holds the Method (a name is looked up at construction); the registry refuses a
+    method that reads a column no cache holds, and an unknown name lists the registered ones."""
+    from pact_cache.columns import COLUMN_NAMES
+
+    assert LossParams(method="str").method is METHODS["str"]
+    assert all(set(m.columns) <= set(COLUMN_NAMES) for m in METHODS.values())
+    with pytest.raises(ValueError, match="unknown method 'nope'; use one of " + ", ".join(METHODS)):
+        LossParams(method="nope")
+    with pytest.raises(ValueError, match=r"reads \['logits'\], which no cache holds"):
+        register(Method("bad", "reads a column no cache has", ("logits",), "bad", lambda s, p: s.mask.sum()))
+    assert "bad" not in METHODS

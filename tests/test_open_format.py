@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pact_cache.format import ENCODINGS, RowResult, open_cache, write_part
+from pact_cache.format import ENCODINGS, open_cache, write_part
 
-from conftest import write_manifest
+from conftest import row_result, write_manifest
 
 
 @pytest.fixture(params=["q8", "f32"])
@@ -16,7 +16,7 @@ def cache(tmp_path, request):
     for i in range(11):
         n = 1 + i % 4
         lp = lambda: (-(np.log(K) + 0.1 + rng.random((n, K)))).astype(np.float32)  # noqa: E731
-        rows.append(RowResult(f"{i:08d}-ab", list(range(3, 8 + n)), 5, lp(), lp(), -rng.random(n).astype(np.float32)))
+        rows.append(row_result(f"{i:08d}-ab", list(range(3, 8 + n)), 5, lp(), lp(), -rng.random(n).astype(np.float32)))
     out = tmp_path / "c"
     out.mkdir()
     parts = [write_part(out / "part-00000.parquet", rows[:6], enc), write_part(out / "part-00001.parquet", rows[6:], enc)]
@@ -31,9 +31,9 @@ def test_decoded_arrow_and_polars_views_equal_the_rows(cache):
     assert t.column("example_id").to_pylist() == [r.example_id for r in rows]
     for i, r in enumerate(rows):
         assert t.column("input_ids")[i].as_py() == r.input_ids.tolist()
-        assert np.array_equal(np.array(t.column("full_logprobs")[i].as_py(), dtype=np.float32), r.full_logprobs)
-        assert np.array_equal(np.array(t.column("post_logprobs")[i].as_py(), dtype=np.float32), r.post_logprobs)
-        assert np.array_equal(np.array(t.column("target_logprob")[i].as_py(), dtype=np.float32), r.target_logprob)
+        assert np.array_equal(np.array(t.column("full_logprobs")[i].as_py(), dtype=np.float32), r.ref["full"])
+        assert np.array_equal(np.array(t.column("post_logprobs")[i].as_py(), dtype=np.float32), r.ref["post"])
+        assert np.array_equal(np.array(t.column("target_logprob")[i].as_py(), dtype=np.float32), r.ref["target"])
     assert [b.num_rows for b in cache.iter_arrow_batches(batch_rows=4)] == [4, 4, 3]
     df = cache.to_polars()
     assert df.shape == (11, 6)

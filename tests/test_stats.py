@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from pact_cache.cli import main
-from pact_cache.format import ENCODINGS, RowResult, open_cache, write_part
+from pact_cache.format import ENCODINGS, open_cache, write_part
 from pact_cache.stats import cache_stats
 
-from conftest import write_manifest
+from conftest import row_result, write_manifest
 
 
 def view(masses, rng):
@@ -27,7 +27,7 @@ def cache(tmp_path):
     for i, m0 in enumerate(step0):
         n = 2 + i % 3
         masses = [m0] + list(rng.uniform(0.01, 0.9, n - 1))
-        rows.append(RowResult(f"{i:08d}-x", list(range(3, 8 + n)), 5, view(masses, rng), view(masses[::-1], rng),
+        rows.append(row_result(f"{i:08d}-x", list(range(3, 8 + n)), 5, view(masses, rng), view(masses[::-1], rng),
                               -rng.random(n).astype(np.float32)))
     out = tmp_path / "c"
     out.mkdir()
@@ -42,9 +42,9 @@ def test_stats_equal_a_naive_computation(cache):
     assert [r["example_id"] for r in s.top] == ["00000006-x", "00000001-x", "00000003-x"]
     assert s.top[0]["step0_mass"] == pytest.approx(0.95, rel=1e-5)
     assert s.step0["flagged"] == 3 and s.tokens == 2
-    T = max(r.full.shape[0] for r in rows)
+    T = max(r.ref["full"].shape[0] for r in rows)
     for t in range(T):
-        have = [r.full[t, :2].astype(np.float64) for r in rows if r.full.shape[0] > t]
+        have = [r.ref["full"][t, :2].astype(np.float64) for r in rows if r.ref["full"].shape[0] > t]
         mass = [np.exp(v).sum() for v in have]
         ent = [-(np.exp(v) / np.exp(v).sum() * (v - np.log(np.exp(v).sum()))).sum() for v in have]
         assert s.position["rows"][t] == len(have)

@@ -3,10 +3,10 @@ import tracemalloc
 
 import numpy as np
 
-from pact_cache.format import ENCODINGS, CacheRow, RowResult, open_cache, write_part
+from pact_cache.format import ENCODINGS, CacheRow, open_cache, write_part
 from trainer.stream import batches, collate, epoch_rows
 
-from conftest import write_manifest
+from conftest import row_result, write_manifest
 
 
 def small_cache(tmp_path, n_rows=23, per_part=5, K=3, name="cache"):
@@ -17,7 +17,7 @@ def small_cache(tmp_path, n_rows=23, per_part=5, K=3, name="cache"):
     for i in range(n_rows):
         n = 1 + i % 4
         low = np.log(K) + 0.1  # K log-probs whose probabilities sum below 1, as real ones do
-        rows.append(RowResult(f"{i:08d}-x", list(range(5 + n)), 5, -(low + rng.random((n, K))).astype(np.float32),
+        rows.append(row_result(f"{i:08d}-x", list(range(5 + n)), 5, -(low + rng.random((n, K))).astype(np.float32),
                               -(low + rng.random((n, K))).astype(np.float32), -rng.random(n).astype(np.float32)))
     parts = [write_part(out / f"part-{j:05d}.parquet", rows[j * per_part:(j + 1) * per_part], ENCODINGS["f32"])
              for j in range((n_rows + per_part - 1) // per_part)]
@@ -59,13 +59,13 @@ def test_collate_shapes_and_masks(tmp_path):
     cache = small_cache(tmp_path)
     rows = list(cache.iter_rows())[:3]  # 1, 2 and 3 steps
     b = collate(rows, pad_id=0)
-    assert b.input_ids.shape == (3, 8) and b.full.shape == (3, 3, 3)
+    assert b.input_ids.shape == (3, 8) and b.ref["full"].shape == (3, 3, 3)
     assert b.step_mask.sum(1).tolist() == [1, 2, 3]
     assert b.targets[2].tolist() == [5, 6, 7] and b.num_tokens == 6
     b16 = collate(rows, pad_id=0, pad_to_multiple=16)
     assert b16.input_ids.shape == (3, 16) and b16.attention_mask.sum() == b.attention_mask.sum()
     assert (b16.input_ids[:, :8] == b.input_ids).all() and (b16.targets == b.targets).all()
-    assert np.allclose(b.post[1, :2].numpy(), rows[1].post_logprobs)
+    assert np.allclose(b.ref["post"][1, :2].numpy(), rows[1].ref["post"])
 
 
 def test_rows_held_while_streaming_do_not_grow_with_the_cache(tmp_path):

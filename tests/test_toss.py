@@ -82,7 +82,7 @@ def test_scores_are_the_two_models_log_prob_difference(tiny_model, tiny_base_mod
         assert np.allclose(r.score, want.numpy(), atol=1e-4)
     # the rest of the cache is the source's, row for row
     for x, y in zip(a.iter_rows(), rows):
-        assert x.example_id == y.example_id and np.array_equal(x.full_logprobs, y.full_logprobs)
+        assert x.example_id == y.example_id and np.array_equal(x.ref["full"], y.ref["full"])
 
 
 def test_scored_cache_is_checked_copied_and_refused_when_edited(scored, tmp_path, capsys):

@@ -21,7 +21,8 @@ import torch
 
 from pact_cache.build import BuildConfig, build
 from pact_cache.cli import main as cache_main
-from pact_cache.format import MANIFEST, open_cache, rows_digest, sha256_path
+from pact_cache.format import MANIFEST, open_cache, rows_digest
+from pact_cache.storage import sha256_path
 from trainer.cli import main as train_main
 from trainer.cli import main_eval
 
@@ -452,7 +453,7 @@ def test_build_resume_adopts_only_parts_it_can_prove_it_wrote(made, tmp_path, ca
     state = json.loads((out / MANIFEST).read_text())
     (out / MANIFEST).unlink()  # as if killed before the manifest was published
     from pact_cache.build import BUILD_STATE
-    from pact_cache.format import atomic_write_json
+    from pact_cache.storage import atomic_write_json
 
     key = open_cache(made["q8"]).manifest.identity.key()
     atomic_write_json(out / BUILD_STATE, {"build_key": key})
@@ -474,7 +475,7 @@ def test_build_resume_without_a_build_and_stale_temp_files(made, tmp_path, capsy
     args = ("build", made["data"], "--ref", made["model"], "--tokens", made["tokens"], "--rows-per-part", 8, "--no-progress")
     line = one_line(capsys, cache_main, *args, "-o", tmp_path / "new", "--resume")
     assert "--resume, but there is no build here to resume" in line and not (tmp_path / "new").exists()
-    from pact_cache.format import _host
+    from pact_cache.storage import _host
 
     out = tmp_path / "c"
     out.mkdir()
@@ -578,7 +579,7 @@ def test_resume_after_moving_the_run_and_from_another_directory(made, tmp_path, 
 
 
 def test_resume_on_a_new_folder_and_leftovers_of_killed_runs(made, tmp_path, capsys):
-    from pact_cache.format import _host
+    from pact_cache.storage import _host
 
     line = one_line(capsys, train_main, "--model", made["model"], "--cache", made["q8"], "-o", tmp_path / "new", "--resume")
     assert "--resume, but there is no run here to resume" in line and not (tmp_path / "new").exists()
@@ -691,7 +692,7 @@ def test_the_same_checks_through_fsspec_on_an_in_memory_store(made, capsys):
 
 def test_build_resume_refuses_a_fifo_under_a_part_name_without_hanging(made, tmp_path, capsys):
     from pact_cache.build import BUILD_STATE
-    from pact_cache.format import atomic_write_json
+    from pact_cache.storage import atomic_write_json
 
     out = tmp_path / "c"
     out.mkdir()

@@ -137,16 +137,16 @@ def bench_storage(a) -> dict:
         w = torch.tensor(cache.tokens.weights, dtype=torch.float32)
         T = max(r.steps for r, _ in pairs)
 
-        def stack(rows, attr):
+        def stack(rows, col):
             out = torch.zeros(len(rows), T, cache.K)
             for i, r in enumerate(rows):
-                out[i, : r.steps] = torch.from_numpy(getattr(r, attr))
+                out[i, : r.steps] = torch.from_numpy(r.ref[col])
             return out
 
         q_rows, e_rows = [p[0] for p in pairs], [p[1] for p in pairs]
         mask = torch.arange(T)[None, :] < torch.tensor([r.steps for r in e_rows])[:, None]
-        qa, qb, ea, eb = stack(q_rows, "full_logprobs"), stack(q_rows, "post_logprobs"), stack(e_rows, "full_logprobs"), stack(e_rows, "post_logprobs")
-        ce = -float(np.concatenate([r.target_logprob for r in e_rows]).mean())
+        qa, qb, ea, eb = stack(q_rows, "full"), stack(q_rows, "post"), stack(e_rows, "full"), stack(e_rows, "post")
+        ce = -float(np.concatenate([r.ref["target"] for r in e_rows]).mean())
         g = torch.Generator().manual_seed(0)
         res["loss"] = []
         print(f"PACT loss from q8 vs exact float32 on {len(pairs):,} rows, {int(mask.sum()):,} steps (CE = reference's own, {ce:.3f}):")

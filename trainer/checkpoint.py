@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pact_cache.errors import PactError
-from pact_cache.format import stale_tmp, tmp_name
+from pact_cache.storage import stale_tmp, tmp_name
 from pact_cache.manifest import load_json
 
 

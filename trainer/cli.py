@@ -138,7 +138,9 @@ def _eval(a) -> int:
     import shutil
     from pathlib import Path
 
-    from pact_cache.format import atomic_write_json, open_cache, stale_tmp, tmp_name
+    from pact_cache.format import open_cache
+
+    from pact_cache.storage import atomic_write_json, stale_tmp, tmp_name
 
     from .evaluate import GuardJudge, KeywordJudge, load_eval_model, refusal_rate, safety_token_drift, task_accuracy
 

@@ -106,7 +106,7 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int = 64, ba
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    from pact_cache.format import atomic_write_bytes
+    from pact_cache.storage import atomic_write_bytes
 
     atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
@@ -205,7 +205,9 @@ def safety_token_drift(model, cache, device="cpu", batch_size: int = 8) -> dict:
     """Mean over response steps of KL(softmax_S(reference) || softmax_S(model)), both views of the
     context being the cache's full one; S is the cache's safety-token set. The reference is not loaded."""
     from pact_cache.build import reference_logprobs
+    from pact_cache.projection import check_projection
 
+    check_projection(model, what="pact-eval --drift-cache")
     ids = torch.tensor(cache.ids)
     total, steps = 0.0, 0
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -213,7 +215,7 @@ def safety_token_drift(model, cache, device="cpu", batch_size: int = 8) -> dict:
         got = reference_logprobs(lm, [r.input_ids.tolist() for r in rows], [r.response_start for r in rows],
                                  [r.steps for r in rows], ids, device, want_target=False)
         for r, (sel, _) in zip(rows, got):
-            p_ref = torch.log_softmax(torch.from_numpy(r.full_logprobs).double(), -1)
+            p_ref = torch.log_softmax(torch.from_numpy(r.ref["full"]).double(), -1)
             p_mod = torch.log_softmax(torch.from_numpy(sel).double(), -1)
             total += float((p_ref.exp() * (p_ref - p_mod)).sum())
             steps += r.steps

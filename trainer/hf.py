@@ -12,7 +12,7 @@ Three pieces, each usable alone:
   response tokens, so that ``num_items_in_batch`` counts response tokens);
 * :class:`PactTrainerMixin`, whose ``compute_loss`` pops the ``pact_*`` tensors before the model
   sees the inputs and computes the loss with the same core as pact-train
-  (:func:`trainer.loop.policy_losses`): ``(CE sum + lambda * method term sum) / num_items_in_batch``,
+  (:func:`trainer.core.policy_losses`): ``(CE sum + lambda * method term sum) / num_items_in_batch``,
   i.e. token-weighted over the whole accumulation window (and over all processes when
   ``average_tokens_across_devices``), as pact-train's loop is. :class:`PactTrainer` is the mixin on
   ``transformers.Trainer``; put the mixin first on any other ``Trainer`` subclass.
@@ -32,13 +32,18 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pact_cache.columns import REF_COLUMNS
 from pact_cache.errors import PactError
 from pact_cache.format import Cache, CacheRow, open_cache
 
-from .losses import LossParams, PactParams, method_named
+from .core import lora_direction_factors, policy_losses
+from .losses import LossParams, PactParams
 from .stream import Batch, collate, epoch_rows
 
-KEYS = ("pact_response_start", "pact_step_mask", "pact_targets", "pact_full", "pact_post", "pact_ref_target", "pact_loss_mask")
+# The collator's keys beside the model's inputs: the batch's layout, then one per cached reference column
+# (pact_cache.columns.REF_COLUMNS: pact_full, pact_post, pact_target)
+LAYOUT_KEYS = ("pact_response_start", "pact_step_mask", "pact_targets", "pact_loss_mask")
+KEYS = LAYOUT_KEYS + tuple(f"pact_{c.name}" for c in REF_COLUMNS)
 
 
 class CacheDataset(IterableDataset):
@@ -107,8 +112,8 @@ class PactCollator:
             labels[i, r.response_start: len(r.input_ids)] = b.input_ids[i, r.response_start: len(r.input_ids)]
         return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": labels,
                 "pact_response_start": b.response_start, "pact_step_mask": b.step_mask, "pact_targets": b.targets,
-                "pact_full": b.full, "pact_post": b.post, "pact_ref_target": b.ref_target,
-                "pact_loss_mask": b.step_mask if b.loss_mask is None else b.loss_mask}
+                "pact_loss_mask": b.step_mask if b.loss_mask is None else b.loss_mask,
+                **{f"pact_{name}": values for name, values in b.ref.items()}}
 
 
 class PactTrainerMixin:
@@ -122,7 +127,10 @@ class PactTrainerMixin:
         self.pact_ids = torch.tensor(cache.ids)
         self.pact_weights = torch.tensor(cache.tokens.weights, dtype=torch.float32)
         self.pact_params = loss_params or LossParams(pact=PactParams())
-        method = method_named(self.pact_params.method)  # an unknown method fails here, not at the first step
+        method = self.pact_params.method
+        from pact_cache.projection import check_projection
+
+        check_projection(self.model, what="PactTrainer")  # the loss uses the model's own logits, or training does not start
         if (method.penalty is not None) != (direction is not None):
             raise PactError(f"method {method.name}: " + ("needs direction= (a file from `pact-cache direction`)" if method.penalty
                                                           else "takes no direction (only a method with a parameter penalty does)"))
@@ -132,8 +140,6 @@ class PactTrainerMixin:
             direction = read_direction(direction)
         self._pact_factors = None
         if direction is not None:
-            from .loop import lora_direction_factors
-
             self._pact_factors = lora_direction_factors(self.model, direction)
         self._pact_pen = torch.zeros(2)  # the penalty's sum and count of values: since the last log
         self.model_accepts_loss_kwargs = True  # so that the Trainer counts num_items_in_batch from the labels
@@ -153,16 +159,14 @@ class PactTrainerMixin:
         return super().get_train_dataloader()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from .loop import policy_losses
-
         targets = {k: inputs.pop(k) for k in KEYS}  # popped before the model could see them
         inputs.pop("labels", None)
         batch = Batch(inputs["input_ids"], inputs["attention_mask"], targets["pact_response_start"], targets["pact_step_mask"],
-                      targets["pact_targets"], targets["pact_full"], targets["pact_post"], targets["pact_ref_target"], [],
+                      targets["pact_targets"], {c.name: targets[f"pact_{c.name}"] for c in REF_COLUMNS}, [],
                       targets["pact_loss_mask"])
         device = batch.input_ids.device
         ce_sum, term_sum, n = policy_losses(model, batch, self.pact_ids.to(device), self.pact_weights.to(device), self.pact_params)
-        total = method_named(self.pact_params.method).total(ce_sum, term_sum, self.pact_params.lam)
+        total = self.pact_params.method.total(ce_sum, term_sum, self.pact_params.lam)
         if model.training:
             self._pact_sums = self._pact_sums.to(device) + torch.stack([ce_sum.detach(), term_sum.detach(), n.detach().float()])
         if num_items_in_batch is not None:
@@ -176,7 +180,7 @@ class PactTrainerMixin:
         if self._pact_factors is not None and model.training:
             # a penalty on the weights, once per optimizer step: 1/GA of it with each micro-batch when the
             # Trainer does not divide the loss itself (it does when the loss is not scaled for GA)
-            penalty = method_named(self.pact_params.method).penalty(self._pact_factors)
+            penalty = self.pact_params.method.penalty(self._pact_factors)
             ga = self.args.gradient_accumulation_steps if self.loss_is_scaled_for_ga else 1
             loss = loss + self.pact_params.lam * penalty.to(loss.device) / ga
             self._pact_pen = self._pact_pen.to(device) + torch.stack([penalty.detach().to(device), torch.ones((), device=device)])
@@ -192,13 +196,13 @@ class PactTrainerMixin:
             ce, term, n = sums.tolist()
             if n > 0:
                 logs["ce"] = ce / n
-                metric = method_named(self.pact_params.method).metric
+                metric = self.pact_params.method.metric
                 if metric and self._pact_factors is None:
                     logs[metric] = term / n
             if self._pact_factors is not None:  # the same on every process: no reduction
                 total, count = self._pact_pen.tolist()
                 if count:
-                    logs[method_named(self.pact_params.method).metric] = total / count
+                    logs[self.pact_params.method.metric] = total / count
                 self._pact_pen = torch.zeros_like(self._pact_pen)
             self._pact_sums = torch.zeros_like(self._pact_sums)
         super().log(logs, *args, **kwargs)

@@ -18,12 +18,15 @@ import numpy as np
 import torch
 
 from pact_cache.errors import PactError
-from pact_cache.format import Cache, atomic_write_bytes, atomic_write_json, open_cache, stale_tmp, tmp_name
+from pact_cache.format import Cache, open_cache
+from pact_cache.storage import atomic_write_bytes, atomic_write_json, stale_tmp, tmp_name
 from pact_cache.manifest import load_json
+from pact_cache.projection import check_projection
 
 from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, replace_dir, save_checkpoint
 from .distributed import Ranks, setup, teardown
-from .losses import METHODS, LossParams, PactParams, Steps, chunked_projection, method_named
+from .core import causal_lm, lora_direction_factors, online_reference, policy_losses
+from .losses import METHODS, LossParams, PactParams, method_named
 from .stream import Batch, batches, collate
 
 
@@ -251,136 +254,6 @@ def load_policy(cfg: TrainConfig, device: str):
     return model, tok, resolved
 
 
-def lora_direction_factors(model, direction) -> list:
-    """``(A, B, P, norm)`` for every LoRA module of ``model``, with ``P`` and ``norm`` from a
-    :class:`pact_cache.direction.Direction` (moved to the module's device): what
-    :func:`trainer.losses.asft_penalty` takes. ``A`` and ``B`` are the live parameters."""
-    from pact_cache.direction import DirectionError
-
-    out, missing = [], []
-    for name, mod in causal_lm(model).named_modules():
-        if hasattr(mod, "lora_A") and hasattr(mod, "lora_B") and "default" in getattr(mod, "lora_A", {}):
-            A, B = mod.lora_A["default"].weight, mod.lora_B["default"].weight
-            if name not in direction.factors:
-                missing.append(name)
-                continue
-            P, norm = direction.factors[name]
-            if P.shape[0] != B.shape[0]:
-                raise DirectionError(f"{name}: the direction file's V has {P.shape[0]} rows, the layer has {B.shape[0]} outputs; "
-                                     "it was made for another model")
-            out.append((A, B, P.to(B.device), norm.to(B.device)))
-    if missing:
-        raise DirectionError(f"the direction file has no entry for {len(missing)} LoRA module(s) (e.g. {missing[0]}); make it "
-                             "with `pact-cache direction --modules` naming every --lora-targets module")
-    if not out:
-        raise DirectionError("the model has no LoRA module for the direction to regularise")
-    return out
-
-
-def causal_lm(model):
-    """The transformers causal LM inside any wrappers: DDP, FSDP or DeepSpeed (``.module``) and PEFT
-    (LoRA layers are injected in place, so the base model holds them)."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _no_logits_kwargs(lm, device) -> dict:
-    """Ask the model for logits at no position (the loss makes its own, a chunk at a time); models
-    without ``logits_to_keep`` make all of them, which costs memory but not correctness."""
-    import inspect
-
-    if "logits_to_keep" in inspect.signature(lm.forward).parameters:
-        return {"logits_to_keep": torch.zeros(0, dtype=torch.long, device=device)}
-    return {}
-
-
-# ----------------------------------------------------------------------------- the loss
-
-def policy_losses(model, batch: Batch, ids: torch.Tensor, weights: torch.Tensor, params: LossParams, ref: dict | None = None):
-    """Returns ``(ce_sum, term_sum, n_steps)`` for one micro-batch (sums: the caller divides them once);
-    ``term_sum`` is the method's term (:data:`trainer.losses.METHODS`), zero for plain SFT. ``ref``
-    holds a live reference's columns; by default the batch's cached ones are used.
-
-    ``model`` is what the training stack holds: a transformers causal LM, possibly under PEFT and
-    under DDP / FSDP / DeepSpeed. It is called once, through all its wrappers (so that they can
-    synchronise gradients and gather sharded weights), asking for no logits; a forward hook on the
-    decoder keeps its last hidden state (B, L, H) and a forward hook on the causal LM computes the
-    losses while the output projection is in place, returning them as the output's ``loss``. Over
-    the N response positions, in chunks of ``logits_chunk``, the projection gives the cross-entropy
-    and the K safety-token logits; each chunk is activation-checkpointed, so at most one
-    (chunk, V) float32 block of logits exists at a time, in forward and in backward.
-    """
-    lm = causal_lm(model)
-    kept = {}
-
-    def keep_hidden(_module, _args, output):
-        kept["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-    def add_losses(_module, _args, output):
-        output["loss"] = torch.stack(_losses_from_hidden(lm.get_output_embeddings(), kept.pop("hidden"), batch, ids, weights,
-                                                         params, ref))
-        return output
-
-    hooks = [lm.get_decoder().register_forward_hook(keep_hidden), lm.register_forward_hook(add_losses)]
-    try:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, return_dict=True,
-                    **_no_logits_kwargs(lm, batch.input_ids.device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return out.loss[0], out.loss[1], batch.step_mask.sum()
-
-
-def _losses_from_hidden(head, hidden, batch: Batch, ids, weights, params: LossParams, ref: dict | None):
-    """``(ce_sum, term_sum)`` from the decoder's last hidden state (B, L, H)."""
-    method = method_named(params.method)
-    B, T = batch.step_mask.shape
-    bidx, tidx = batch.step_mask.nonzero(as_tuple=True)  # (N,), row-major: matches (B, T) order
-    pos = batch.response_start[bidx] - 1 + tidx
-    h = hidden[bidx, pos]  # (N, H)
-    target_lp, sel, lse = chunked_projection(head, h, batch.targets[bidx, tidx], ids, params.logits_chunk)
-    keep = batch.loss_mask  # --token-mask: the selected tokens leave the CE (or the term that replaces it)
-    ce_sum = -target_lp.sum() if keep is None else -(target_lp * keep[bidx, tidx]).sum()
-    if method.term is None or (method.with_ce and params.lam == 0):
-        return ce_sum, ce_sum.new_zeros(())
-
-    def steps(x, *rest):  # (N, *rest) -> (B, T, *rest), zeros at padded steps
-        return x.new_zeros((B, T, *rest)).index_put((bidx, tidx), x)
-
-    mask = batch.step_mask if keep is None or method.with_ce else batch.step_mask & keep
-    s = Steps(mask, steps(sel, len(ids)), steps(lse), steps(target_lp), weights,
-              batch.reference(method.columns) if ref is None else {c: ref[c] for c in method.columns})
-    return ce_sum, method.term(s, params)
-
-
-@torch.no_grad()
-def online_reference(ref, batch: Batch, header: list[int], ids: torch.Tensor) -> dict:
-    """The paper's way: the reference's full logits for the full and the post-only sequences, then
-    at the response steps the cache's columns: ``full``, ``post`` (B, T, K) log-probs of S and
-    ``target`` (B, T) the log-prob of the response token."""
-    B, T = batch.step_mask.shape
-    steps = batch.step_mask.sum(1)
-    lp_full = torch.log_softmax(ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float(), -1)
-    post_seqs = [header + batch.input_ids[b, batch.response_start[b]: batch.response_start[b] + steps[b] - 1].tolist() for b in range(B)]
-    Lp = max(map(len, post_seqs))
-    post_ids = torch.zeros((B, Lp), dtype=torch.long, device=batch.input_ids.device)
-    post_mask = torch.zeros_like(post_ids)
-    for b, s in enumerate(post_seqs):
-        post_ids[b, : len(s)] = torch.tensor(s, device=post_ids.device)
-        post_mask[b, : len(s)] = 1
-    lp_post = torch.log_softmax(ref(input_ids=post_ids, attention_mask=post_mask).logits.float(), -1)
-    full = lp_full.new_zeros((B, T, len(ids)))
-    post = lp_full.new_zeros((B, T, len(ids)))
-    target = lp_full.new_zeros((B, T))
-    for b in range(B):
-        n, rs = int(steps[b]), int(batch.response_start[b])
-        full[b, :n] = lp_full[b, rs - 1: rs - 1 + n][:, ids]
-        post[b, :n] = lp_post[b, len(header) - 1: len(header) - 1 + n][:, ids]
-        target[b, :n] = lp_full[b, rs - 1: rs - 1 + n].gather(1, batch.targets[b, :n, None])[:, 0]
-    return {"full": full, "post": post, "target": target}
-
-
 # ----------------------------------------------------------------------------- schedule
 
 def lr_at(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
@@ -423,6 +296,7 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         clean_leftovers(out)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, tok, _ = load_policy(cfg, device)
+    check_projection(model, device, f"--model {cfg.model}")  # the loss uses the model's own logits, or nothing runs
     head_rows = causal_lm(model).get_output_embeddings().weight.shape[0]
     check_cache_fits(cache, tok, head_rows, cfg)
     mask = None
@@ -436,19 +310,20 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     ids = torch.tensor(cache.ids, device=device)
     weights = torch.tensor(cache.tokens.weights, dtype=torch.float32, device=device)
     ref = header = None
-    method = method_named(cfg.method)
+    loss_params = cfg.loss_params()
+    method = loss_params.method
     if cfg.reference == "online" and method.columns:
         from pact_cache.models import load_model, resolve_model
 
         ref, _, _ = load_model(resolve_model(cfg.ref_model or cfg.model), torch.bfloat16 if device.startswith("cuda") else torch.float32, device)
         ref.requires_grad_(False)
+        check_projection(ref, device, f"--ref-model {cfg.ref_model or cfg.model}")
         header = assistant_header_ids(tok)
     factors = None
     if method.penalty is not None:
         from pact_cache.direction import read_direction
 
         factors = lora_direction_factors(model, read_direction(cfg.direction))
-    loss_params = cfg.loss_params()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     global_batch = cfg.batch_size * ranks.world  # rows per micro-batch over all ranks

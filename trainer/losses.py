@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from pact_cache.columns import COLUMN_NAMES
+
 
 @dataclass(frozen=True)
 class PactParams:
@@ -243,6 +245,10 @@ METHODS: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
+    """Add a method to the registry; the columns it reads must be cache columns (pact_cache.columns)."""
+    unknown = [c for c in method.columns if c not in COLUMN_NAMES]
+    if unknown:
+        raise ValueError(f"method {method.name}: reads {unknown}, which no cache holds; the columns are {', '.join(COLUMN_NAMES)}")
     METHODS[method.name] = method
     return method
 
@@ -272,38 +278,15 @@ register(Method("asft", "CE + lambda * AsFT's ||(I - C) B A||_F^2 over the LoRA 
 
 @dataclass(frozen=True)
 class LossParams:
-    """What the loss core needs from a run, and nothing else (pact-train and other trainers build it)."""
+    """What the loss core needs from a run, and nothing else (pact-train and other trainers build it).
+    ``method`` is a :class:`Method`; a name is looked up in :data:`METHODS` here, once (an unknown
+    name raises ``ValueError`` listing the registered ones)."""
 
-    method: str = "pact"  # a name in METHODS
+    method: Method | str = "pact"
     lam: float = 1.0  # weight of the method's term against the cross-entropy
     pact: PactParams = PactParams()
     logits_chunk: int = 1024  # response positions per (positions, vocab) block of logits
 
-
-def _chunk_projection(head, h, targets, ids):
-    logits = head(h).float()  # (n, V): lives only inside this chunk; recomputed in backward
-    lse = torch.logsumexp(logits, dim=-1)
-    # index_select rather than logits[:, ids]: same values, fewer CUDA kernels in backward
-    return logits.gather(1, targets[:, None])[:, 0] - lse, logits.index_select(1, ids), lse
-
-
-def chunked_projection(head, h: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor,
-                       chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The vocabulary projection at the response positions, a chunk at a time.
-
-    head:    the output projection (H -> V), a module
-    h:       (N, H) hidden states at the N response positions
-    targets: (N,) the response tokens; ids: (K,) the safety tokens
-    Returns float32 ``(target log-probs (N,), logits of S (N, K), logsumexp of all logits (N,))``;
-    the cross-entropy is minus the sum of the first. Each chunk of ``chunk`` positions is
-    activation-checkpointed, so at most one ``(chunk, V)`` float32 block of logits exists at a time,
-    in forward and in backward.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    outs = [checkpoint(_chunk_projection, head, h[c0:c0 + chunk], targets[c0:c0 + chunk], ids, use_reentrant=False)
-            for c0 in range(0, h.shape[0], chunk)]
-    if not outs:
-        z = h.new_zeros((0,), dtype=torch.float32)
-        return z, h.new_zeros((0, ids.numel()), dtype=torch.float32), z
-    return tuple(torch.cat(parts) for parts in zip(*outs))
+    def __post_init__(self):
+        if not isinstance(self.method, Method):
+            object.__setattr__(self, "method", method_named(self.method))

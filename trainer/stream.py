@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pact_cache.columns import REF_COLUMNS
 from pact_cache.format import Cache, CacheRow
 
 
@@ -26,25 +27,21 @@ class Batch:
     response_start: torch.Tensor  # (B,) long
     step_mask: torch.Tensor  # (B, T) bool, True at real response steps
     targets: torch.Tensor  # (B, T) long, the response tokens (0 where masked)
-    full: torch.Tensor  # (B, T, K) float32 reference log-probs, full context
-    post: torch.Tensor  # (B, T, K) float32 reference log-probs, post-only context
-    ref_target: torch.Tensor  # (B, T) float32 reference log-prob of the response token
+    ref: dict  # name -> the cached reference column (pact_cache.columns.REF_COLUMNS): (B, T, K) or (B, T) float32
     example_ids: list[str]
     loss_mask: torch.Tensor | None = None  # (B, T) bool: steps whose token stays in the CE (--token-mask); None: all
 
     def reference(self, columns) -> dict:
         """The cached reference columns a method reads, by name."""
-        table = {"full": self.full, "post": self.post, "target": self.ref_target}
-        return {c: table[c] for c in columns}
+        return {c: self.ref[c] for c in columns}
 
     @property
     def num_tokens(self) -> int:
         return int(self.step_mask.sum())
 
     def to(self, device) -> "Batch":
-        return Batch(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in
-                       (self.input_ids, self.attention_mask, self.response_start, self.step_mask, self.targets,
-                        self.full, self.post, self.ref_target)), self.example_ids,
+        return Batch(*(x.to(device) for x in (self.input_ids, self.attention_mask, self.response_start, self.step_mask, self.targets)),
+                     {k: v.to(device) for k, v in self.ref.items()}, self.example_ids,
                      None if self.loss_mask is None else self.loss_mask.to(device))
 
 
@@ -52,22 +49,21 @@ def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1, token_m
     """Right-padded batch. ``pad_to_multiple`` rounds the sequence length up (8 on CUDA: fewer
     distinct shapes for the GPU libraries to plan for, and tensor-core-friendly sizes).
     ``token_mask`` (a :class:`pact_cache.score.TokenMask`) sets ``loss_mask`` from the rows' scores."""
-    B, K = len(rows), rows[0].full_logprobs.shape[1]
+    B, K = len(rows), rows[0].ref["full"].shape[1]
     L, T = max(len(r.input_ids) for r in rows), max(r.steps for r in rows)
     L = -(-L // pad_to_multiple) * pad_to_multiple
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     attention = torch.zeros((B, L), dtype=torch.long)
     targets = torch.zeros((B, T), dtype=torch.long)
-    full, post, ref_target = torch.zeros((B, T, K)), torch.zeros((B, T, K)), torch.zeros((B, T))
+    ref = {c.name: torch.zeros((B, *c.shape(T, K))) for c in REF_COLUMNS}  # (B, T, K) or (B, T)
     steps = torch.tensor([r.steps for r in rows])
     for i, r in enumerate(rows):
         n = r.steps
         input_ids[i, : len(r.input_ids)] = torch.from_numpy(r.input_ids)
         attention[i, : len(r.input_ids)] = 1
         targets[i, :n] = torch.from_numpy(r.input_ids[r.response_start:])
-        full[i, :n] = torch.from_numpy(r.full_logprobs)
-        post[i, :n] = torch.from_numpy(r.post_logprobs)
-        ref_target[i, :n] = torch.from_numpy(r.target_logprob)
+        for name, values in ref.items():
+            values[i, :n] = torch.from_numpy(r.ref[name])
     step_mask = torch.arange(T)[None, :] < steps[:, None]
     rs = torch.tensor([r.response_start for r in rows])
     loss_mask = None
@@ -75,7 +71,7 @@ def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1, token_m
         loss_mask = torch.zeros((B, T), dtype=torch.bool)
         for i, r in enumerate(rows):
             loss_mask[i, : r.steps] = torch.from_numpy(token_mask.keep(r.example_id, r.score))
-    return Batch(input_ids, attention, rs, step_mask, targets, full, post, ref_target, [r.example_id for r in rows], loss_mask)
+    return Batch(input_ids, attention, rs, step_mask, targets, ref, [r.example_id for r in rows], loss_mask)
 
 
 def epoch_rows(cache: Cache, epoch: int, seed: int, shuffle: bool, buffer_rows: int = 1024) -> Iterator[CacheRow]:

@@ -1,0 +1,54 @@
+"""The loss core (trainer/core.py): the chunked projection against one plain pass."""
+
+import pytest
+import torch
+
+from pact_cache.projection import Projection
+from trainer.core import chunked_projection
+
+
+def naive_target_logprobs(logits, targets):
+    """One position at a time, full log-softmax."""
+    return torch.stack([torch.log_softmax(logits[i].double(), -1)[targets[i]] for i in range(len(targets))])
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 10, 64])
+@pytest.mark.parametrize("cap", [None, 1.5])
+def test_chunked_projection_equals_the_unchunked_values_and_gradients(chunk, cap):
+    """The production path (chunks of positions, checkpointed) against one plain pass, across chunk
+    boundaries (N = 10 is not a multiple of 3 or 4): the target log-probs (the CE is minus their sum),
+    the logits of S, the logsumexp, and the gradients of all three with respect to the hidden states
+    and the head's weights."""
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 10, 6, 13
+    ids = torch.tensor([2, 7, 11])
+    targets = torch.randint(0, V, (N,), generator=g)
+    head = torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+    h = torch.randn(N, H, generator=g, requires_grad=True)
+    # downstream uses of every output, so that each carries gradient
+    w_t, w_sel, w_lse = torch.randn(N, generator=g), torch.randn(N, 3, generator=g), torch.randn(N, generator=g)
+
+    proj = Projection(head, "softcap", cap) if cap else Projection(head)
+    tgt, sel, lse = chunked_projection(proj, h, targets, ids, chunk)
+    ((tgt * w_t).sum() + (sel * w_sel).sum() + (lse * w_lse).sum()).backward()
+    got = (tgt.detach().clone(), sel.detach().clone(), lse.detach().clone(), h.grad.clone(), head.weight.grad.clone())
+
+    h.grad, head.weight.grad = None, None
+    logits = head(h).float()
+    if cap:  # Gemma-2's softcapping, as its forward applies it
+        logits = torch.tanh(logits / cap) * cap
+    want_t = naive_target_logprobs(logits, targets)
+    want_lse = torch.stack([torch.log(torch.exp(logits[i].double()).sum()) for i in range(N)])
+    ((want_t * w_t).sum() + (logits[:, ids] * w_sel).sum() + (want_lse * w_lse).sum()).backward()
+    assert torch.allclose(got[0].double(), want_t.detach(), atol=1e-5) and -got[0].sum().item() == pytest.approx(-want_t.sum().item(), rel=1e-6)
+    assert torch.allclose(got[1], logits[:, ids].detach(), atol=1e-6)
+    assert torch.allclose(got[2].double(), want_lse.detach(), atol=1e-5)
+    assert torch.allclose(got[3], h.grad, atol=1e-5) and torch.allclose(got[4], head.weight.grad, atol=1e-5)
+
+
+def test_chunked_projection_of_no_positions_is_empty():
+    head = torch.nn.Linear(4, 9, bias=False)
+    tgt, sel, lse = chunked_projection(Projection(head), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.tensor([1, 2]), 3)
+    assert tgt.shape == lse.shape == (0,) and sel.shape == (0, 2)

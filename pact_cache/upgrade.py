@@ -14,8 +14,7 @@ from pathlib import Path
 
 from .errors import CacheError, OutputExistsError
 from .format import MANIFEST, Cache
-from .storage import atomic_write_json, check_regular_file, stale_tmp, tmp_name
-from .storage import Location
+from .storage import Location, atomic_write_json, check_regular_file, staged_dir
 from .manifest import (ALGORITHM, FORMAT, LEGACY_FORMATS, MANIFEST_MAX_BYTES, PART_NAME, BuildParams, Counts, DatasetInfo,
                        Encoding, Manifest, PartEntry, Reference, SafetyTokens, Tokenizer, _Fields, load_json)
 
@@ -61,13 +60,7 @@ def upgrade(src: str, dst: str) -> Manifest:
     legacy = _legacy_manifest(str(src))
     # Read it with the version-2 reader's checks: type, size, sha256, schema, every value
     cache = Cache(str(src), legacy, verify_checksums=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for old in out.parent.glob(f".{out.name}.tmp-*"):  # what a killed upgrade on this machine left
-        if stale_tmp(old):
-            shutil.rmtree(old, ignore_errors=True)
-    tmp = tmp_name(out)
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:  # OUT appears whole, or not at all
         parts = []
         for part in legacy.parts:
             found: dict = {}
@@ -79,8 +72,4 @@ def upgrade(src: str, dst: str) -> Manifest:
         m = replace(legacy, parts=tuple(parts)).with_content_id()
         Manifest.parse(m.to_json(), f"{out}/{MANIFEST}")  # the new manifest obeys every rule
         atomic_write_json(tmp / MANIFEST, m.to_json())
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return m

@@ -9,7 +9,6 @@ place, so a reader never sees half of one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pact_cache.errors import PactError
-from pact_cache.storage import stale_tmp, tmp_name
+from pact_cache.storage import stale_tmp, staged_dir
 from pact_cache.manifest import load_json
 
 
@@ -43,19 +42,16 @@ def _optimizer_from_files(optimizer, tensors: dict, meta: dict) -> None:
 
 def save_checkpoint(path: Path, model, optimizer, trainer_state: dict) -> None:
     path = Path(path)
-    tmp = tmp_name(path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "weights", safe_serialization=True)
-    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"torch_cuda_{i}"] = s
-    save_file(rng, str(tmp / "rng.safetensors"))
-    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "optimizer": opt_meta}, indent=2))
-    replace_dir(tmp, path)
+    with staged_dir(path, replace=True) as tmp:  # the previous checkpoint stays whole until this one is in place
+        model.save_pretrained(tmp / "weights", safe_serialization=True)
+        opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"torch_cuda_{i}"] = s
+        save_file(rng, str(tmp / "rng.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "optimizer": opt_meta}, indent=2))
     for old in path.parent.glob(f".{path.name}.old-*"):  # a previous kill's fallback, now superseded
         shutil.rmtree(old, ignore_errors=True)
 
@@ -73,19 +69,9 @@ def clean_leftovers(out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Put the complete folder ``tmp`` at ``final``; the old one stays whole until the new one is in
-    place (a kill between the renames leaves ``.{name}.old-*``, which :func:`find_checkpoint` uses)."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def find_checkpoint(path: Path) -> Path | None:
-    """The checkpoint folder, or the previous one if a kill landed between the two renames."""
+    """The checkpoint folder, or the previous one if a kill landed between the two renames of
+    :func:`pact_cache.storage.publish_dir` (left as ``.checkpoint.old-*``)."""
     path = Path(path)
     if (path / "trainer_state.json").exists():
         return path

@@ -134,13 +134,11 @@ def main_eval(argv: list[str] | None = None) -> int:
 def _eval(a) -> int:
     import json
     import math
-    import os
-    import shutil
     from pathlib import Path
 
     from pact_cache.format import open_cache
 
-    from pact_cache.storage import atomic_write_json, stale_tmp, tmp_name
+    from pact_cache.storage import atomic_write_json, staged_dir
 
     from .evaluate import GuardJudge, KeywordJudge, load_eval_model, refusal_rate, safety_token_drift, task_accuracy
 
@@ -166,13 +164,7 @@ def _eval(a) -> int:
     judge = KeywordJudge()
     guard = GuardJudge.load(a.judge, a.device, a.device_map, a.batch_size) if a.judge else None
     summary = {"model": a.model, "adapter": a.adapter}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for old in out.parent.glob(f".{out.name}.tmp-*"):  # what a killed evaluation on this machine left
-        if stale_tmp(old):
-            shutil.rmtree(old, ignore_errors=True)
-    tmp = tmp_name(out)  # everything goes here first; OUT appears whole, or not at all
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:  # everything goes here first; OUT appears whole, or not at all
         for name in ("harmful", "benign"):
             if name in sets:
                 summary[f"{name}_refusal"] = refusal_rate(model, tok, sets[name], judge, tmp / f"{name}.jsonl", guard=guard, **gen)
@@ -184,12 +176,6 @@ def _eval(a) -> int:
                 raise PactError(f"{a.drift_cache}: the safety-token drift is {summary['drift']['mean_kl']} (not finite); "
                                 "the model's logits overflow on these rows: check the model or adapter")
         atomic_write_json(tmp / "summary.json", summary)
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -19,15 +19,15 @@ import torch
 
 from pact_cache.errors import PactError
 from pact_cache.format import Cache, open_cache
-from pact_cache.storage import atomic_write_bytes, atomic_write_json, stale_tmp, tmp_name
+from pact_cache.storage import atomic_write_bytes, atomic_write_json, stale_tmp, staged_dir
 from pact_cache.manifest import load_json
 from pact_cache.projection import check_projection
 
-from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, replace_dir, save_checkpoint
+from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import Ranks, setup, teardown
 from .core import causal_lm, lora_direction_factors, online_reference, policy_losses
 from .losses import METHODS, LossParams, PactParams, method_named
-from .stream import Batch, batches, collate
+from .stream import batches, collate
 
 
 class TrainError(PactError):
@@ -441,16 +441,14 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
                                                             "tokens_total": tokens_total, "cache_id": cache.cache_id})
 
     # --- final outputs
-    tmp = tmp_name(final)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    replace_dir(tmp, final)
+    with staged_dir(final, replace=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     if cfg.merge and not cfg.full:
         merged = model.merge_and_unload()
-        tmp = tmp_name(out / "merged")
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        replace_dir(tmp, out / "merged")
+        with staged_dir(out / "merged", replace=True) as tmp:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
     if cfg.plot:
         plot_metrics(metrics_path, out / "loss.png", method.metric)
     ranks.barrier()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from . import __version__
 from .errors import OutputExistsError, PactError
@@ -70,22 +72,74 @@ def run_command(prog: str, fn, args, interrupted: str) -> int:
         return 1
 
 
+def new_file(path: str, example: str) -> Path:
+    """``-o FILE`` of a command that writes one file: refused when it exists (nothing is overwritten)."""
+    out = Path(path)
+    if out.is_dir():
+        raise PactError(f"-o {out}: is a folder; give a file name such as {example}")
+    if out.exists() or out.is_symlink():
+        raise OutputExistsError(f"-o {out}: exists; choose another name or delete it (nothing is overwritten)")
+    return out
+
+
 STORAGE_HELP = ("KEY=VALUE passed to the cache's fsspec filesystem, e.g. endpoint_url=http://localhost:9000 or anon=true "
                 "(repeatable; values are JSON where they parse; never printed)")
 
+
+# ----------------------------------------------------------------------------- shared options
 
 def add_storage_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help=STORAGE_HELP)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="pact-cache", description="Run an aligned reference model once over a fine-tuning set and cache the safety-token log-probs PACT needs.")
-    p.add_argument("--version", action="version", version=f"pact-cache {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_cache_id(p: argparse.ArgumentParser, what: str = "the cache") -> None:
+    p.add_argument("--cache-id", metavar="ID", help=f"refuse {what} unless its content id is ID (or starts with it, 8+ characters)")
 
-    t = sub.add_parser("tokens", help="select the safety tokens S and their weights -> tokens.json",
-                       description="Select the safety-token set S: teacher-force refusals through the aligned model and compare, the paper's "
-                       "way, with the base model (--base), or by default with the aligned model itself after benign prompts.")
+
+def add_no_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_dtype_device(p: argparse.ArgumentParser, dtype_help: str = "auto: fp32 on CPU, bf16 on CUDA") -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help=dtype_help)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def add_json(p: argparse.ArgumentParser, what: str = "print JSON") -> None:
+    p.add_argument("--json", action="store_true", help=what)
+
+
+def add_output(p: argparse.ArgumentParser, metavar: str, help: str) -> None:
+    p.add_argument("-o", "--output", required=True, metavar=metavar, help=help)
+
+
+# ----------------------------------------------------------------------------- commands
+#
+# Each command is its options (a function of the subparser) and its handler, registered together by
+# @command. ``locations`` names the arguments that are caches (a path or an fsspec URL): they reach
+# the handler as :class:`pact_cache.storage.Location` objects, built once here with --storage-option.
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    description: str
+    options: Callable
+    handler: Callable
+    locations: tuple = ()
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, description: str, options: Callable, locations: tuple = ()):
+    def register(handler):
+        COMMANDS[name] = Command(name, help, description, options, handler, locations)
+        return handler
+    return register
+
+
+def _tokens_options(t):
     t.add_argument("--aligned", required=True, metavar="MODEL", help=f"aligned chat model (folder, hub id or {DEFAULT_MODEL})")
     t.add_argument("--base", metavar="MODEL", help="base model: the paper's aligned-vs-base discrepancy weights; without it the "
                    "refusals after their harmful prompts are contrasted with the same refusals after benign prompts")
@@ -97,135 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--top-k", type=positive_int, default=50, help="number of safety tokens K (default 50)")
     t.add_argument("--max-resp-len", type=positive_int, default=64, help="with --base: refusal tokens teacher-forced per sample (default 64, the paper's)")
     t.add_argument("--limit", type=positive_int, help="use only the first N refusals")
-    t.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: fp32 on CPU, bf16 on CUDA")
-    t.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    t.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write tokens.json")
-
-    b = sub.add_parser("build", help="run the reference over DATASET and write the cache",
-                       description="Run the reference once over DATASET and write the cache (manifest.json + zstd Parquet parts).")
-    b.add_argument("dataset", metavar="DATASET", help=".jsonl/.json/.parquet file, a folder of them, or a save_to_disk folder")
-    b.add_argument("--ref", required=True, metavar="MODEL", help=f"reference (aligned) model: folder, hub id or {DEFAULT_MODEL}")
-    b.add_argument("--tokens", metavar="FILE", help="tokens.json from `pact-cache tokens` (default: select from --ref with built-in refusals)")
-    b.add_argument("-o", "--output", required=True, metavar="CACHE", help="output folder (must be new, empty, or this build to --resume)")
-    b.add_argument("--max-length", type=positive_int, default=2048, help="truncate full sequences to N tokens (default 2048)")
-    b.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass (default 8)")
-    b.add_argument("--rows-per-part", type=positive_int, default=1024, help="rows per Parquet part, the unit of resume and sharding (default 1024)")
-    b.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: fp32 on CPU, bf16 on CUDA")
-    b.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    b.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
-                   help="a reference larger than one GPU: spread its layers over this machine's GPUs and CPU memory "
-                        "(accelerate's big-model placement); one process per machine")
-    b.add_argument("--encoding", default="q8", choices=["q8", "f32"], help="q8: ~46 B/step at K=50 with a stated error bound (default); f32: exact float32")
-    b.add_argument("--resume", action="store_true", help="finish an interrupted build in the same folder")
-    b.add_argument("--reuse", action="append", default=[], metavar="OLD",
-                   help="copy the rows OLD (a cache built with the same reference, tokenizer, tokens, encoding, max length and "
-                        "dtype; folder or URL) already holds instead of computing them; repeatable")
-    b.add_argument("--shard", type=_shard, metavar="i/n", help="compute only parts i, i+n, ... (torchrun sets this from RANK/WORLD_SIZE)")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    b.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub (off by default)")
-    add_storage_option(b)
-
-    i = sub.add_parser("info", help="what a cache holds: rows, steps, bytes per step, tokens", description="Summarise a cache.")
-    i.add_argument("cache", metavar="CACHE", help="cache folder (local path or fsspec URL)")
-    i.add_argument("--json", action="store_true", help="print JSON")
-    add_storage_option(i)
-
-    v = sub.add_parser("verify", help="check schema, checksums and (optionally) fingerprints", description="Verify a cache; exit 1 at the first mismatch.")
-    v.add_argument("cache", metavar="CACHE", help="cache folder (local path or fsspec URL)")
-    v.add_argument("--dataset", metavar="DATASET", help="also check the cache was built from this dataset")
-    v.add_argument("--model", metavar="MODEL", help="also check the reference weights and tokenizer, and recompute a sample of rows with it")
-    v.add_argument("--recompute", type=int, default=8, metavar="N",
-                   help="with --model: rows (spread over the cache) whose values are recomputed and compared (default 8; 0 skips)")
-    v.add_argument("--cache-id", metavar="ID", help="refuse the cache unless its content id is ID (or starts with it, 8+ characters)")
-    add_storage_option(v)
-
-    st = sub.add_parser("stats", help="the reference's safety-token mass by position; refusal-like rows (an audit)",
-                        description="Per response position: the reference's mass on the safety tokens and its entropy over them; per "
-                                    "example: the step-0 refusal mass, which flags harmful-looking rows of a fine-tuning set.")
-    st.add_argument("cache", metavar="CACHE", help="cache folder or URL")
-    st.add_argument("--json", action="store_true", help="print JSON (every position, quantiles, histogram, top rows)")
-    st.add_argument("--plot", metavar="DIR", help="also write mass_by_position.png and step0_mass.png into DIR (never overwritten)")
-    st.add_argument("--top", type=positive_int, default=20, help="rows with the highest step-0 mass to list (default 20)")
-    st.add_argument("--flag-at", type=float, default=0.9, metavar="MASS",
-                    help="count rows whose step-0 mass is above MASS as refusal-like (default 0.9)")
-    st.add_argument("--cache-id", metavar="ID", help="refuse the cache unless its content id is ID (or starts with it)")
-    add_storage_option(st)
-
-    mg = sub.add_parser("merge", help="concatenate caches built alike into a new cache",
-                        description="Concatenate caches built with the same reference, tokenizer, safety tokens, encoding, max length "
-                                    "and dtype, in the order given, into a new cache (rows renumbered; values copied as stored).")
-    mg.add_argument("caches", nargs="+", metavar="CACHE", help="two or more caches (folders or URLs)")
-    mg.add_argument("-o", "--output", required=True, metavar="OUT", help="new cache (must not exist or be empty)")
-    mg.add_argument("--rows-per-part", type=positive_int, help="rows per part of OUT (default: the first cache's)")
-    mg.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_storage_option(mg)
-
-    df = sub.add_parser("diff", help="rows added, removed and changed between two caches",
-                        description="Match rows by their tokenised input; report identity fields that differ, rows added, removed "
-                                    "and changed, and the largest value difference per column.")
-    df.add_argument("a", metavar="A", help="first cache")
-    df.add_argument("b", metavar="B", help="second cache")
-    df.add_argument("--json", action="store_true", help="print JSON")
-    add_storage_option(df)
-
-    c = sub.add_parser("cp", help="copy a cache between two locations (folder, s3://, gs://, hf://, ...), checking it",
-                       description="Copy a cache, verifying every part's sha256 on the way; the manifest is published last. "
-                                   "A stopped copy resumes; a destination holding a different cache is refused.")
-    c.add_argument("src", metavar="SRC", help="the cache to copy (folder or URL)")
-    c.add_argument("dst", metavar="DST", help="where to put it (new, empty, or a copy of this cache under way)")
-    c.add_argument("--cache-id", metavar="ID", help="refuse SRC unless its content id is ID (or starts with it)")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_storage_option(c)
-
-    u = sub.add_parser("upgrade", help="copy a pact-cache/1 cache into a new pact-cache/2 folder",
-                       description="Check a pact-cache/1 cache (every part's sha256 and rows) and write it as pact-cache/2 into a new "
-                                   "folder: content-derived id and row digests. The values are not recomputed, so upgrade only a "
-                                   "cache you trust; rebuilding is the other way.")
-    u.add_argument("cache", metavar="OLD", help="the pact-cache/1 cache folder")
-    u.add_argument("-o", "--output", required=True, metavar="NEW", help="new folder for the upgraded cache (must not exist)")
-
-    sc = sub.add_parser("score", help="TOSS token scores from two models, added to a copy of the cache",
-                        description="Run a safety-degraded and a utility-oriented model (both fine-tuned for the purpose, e.g. with "
-                                    "pact-train on harmful and on utility data) once over every cached row: score_t = log p_degraded(y_t) "
-                                    "- log p_utility(y_t). The scores are written beside a checked copy of the cache in OUT (a new "
-                                    "cache id); pact-train --token-mask FRACTION then leaves the highest-scoring tokens out.")
-    sc.add_argument("cache", metavar="CACHE", help="cache folder (local path or fsspec URL)")
-    sc.add_argument("--degraded", required=True, metavar="MODEL", help="the safety-degraded model (same tokenizer as the reference)")
-    sc.add_argument("--utility", required=True, metavar="MODEL", help="the utility-oriented model (same tokenizer as the reference)")
-    sc.add_argument("-o", "--output", required=True, metavar="OUT", help="new folder (or URL) for the scored cache; must be empty or absent")
-    sc.add_argument("--cache-id", metavar="ID", help="refuse CACHE unless its content id is ID (or starts with it)")
-    sc.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass (default 8)")
-    sc.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: fp32 on CPU, bf16 on CUDA")
-    sc.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    sc.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_storage_option(sc)
-
-    dr = sub.add_parser("direction", help="AsFT's alignment direction V = W_aligned - W_base per LoRA module -> .safetensors",
-                        description="Compute, once, what pact-train --method asft needs: for every linear layer named in "
-                                    "--modules, V = W_aligned - W_base (or a rank-r factor of it, with the error stated) and "
-                                    "||V||_F, so that training holds neither model.")
-    dr.add_argument("--aligned", required=True, metavar="MODEL", help=f"aligned chat model (folder, hub id or {DEFAULT_MODEL})")
-    dr.add_argument("--base", required=True, metavar="MODEL", help="the base model it was aligned from (same architecture)")
-    dr.add_argument("--modules", default="q_proj,v_proj", help="comma-separated layer names: the LoRA targets of the runs "
-                    "(default q_proj,v_proj, pact-train's and AsFT's)")
-    dr.add_argument("--rank", type=positive_int, help="keep a rank-r factor of each V (smaller file; the relative error of V V^T is "
-                    "printed and stored); default: the full V")
-    dr.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="how the models are loaded (V is float32)")
-    dr.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    dr.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the direction (.safetensors; must not exist)")
-    return p
+    add_dtype_device(t)
+    add_output(t, "FILE", "where to write tokens.json")
 
 
-def new_file(path: str, example: str) -> Path:
-    """``-o FILE`` of a command that writes one file: refused when it exists (nothing is overwritten)."""
-    out = Path(path)
-    if out.is_dir():
-        raise PactError(f"-o {out}: is a folder; give a file name such as {example}")
-    if out.exists() or out.is_symlink():
-        raise OutputExistsError(f"-o {out}: exists; choose another name or delete it (nothing is overwritten)")
-    return out
-
-
+@command("tokens", "select the safety tokens S and their weights -> tokens.json",
+         "Select the safety-token set S: teacher-force refusals through the aligned model and compare, the paper's "
+         "way, with the base model (--base), or by default with the aligned model itself after benign prompts.", _tokens_options)
 def cmd_tokens(a) -> int:
     from .models import load_model, load_tokenizer, model_fingerprint, resolve_model
     from .storage import atomic_write_json
@@ -258,6 +190,31 @@ def cmd_tokens(a) -> int:
     return 0
 
 
+def _build_options(b):
+    b.add_argument("dataset", metavar="DATASET", help=".jsonl/.json/.parquet file, a folder of them, or a save_to_disk folder")
+    b.add_argument("--ref", required=True, metavar="MODEL", help=f"reference (aligned) model: folder, hub id or {DEFAULT_MODEL}")
+    b.add_argument("--tokens", metavar="FILE", help="tokens.json from `pact-cache tokens` (default: select from --ref with built-in refusals)")
+    add_output(b, "CACHE", "output folder (must be new, empty, or this build to --resume)")
+    b.add_argument("--max-length", type=positive_int, default=2048, help="truncate full sequences to N tokens (default 2048)")
+    b.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass (default 8)")
+    b.add_argument("--rows-per-part", type=positive_int, default=1024, help="rows per Parquet part, the unit of resume and sharding (default 1024)")
+    add_dtype_device(b)
+    b.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                   help="a reference larger than one GPU: spread its layers over this machine's GPUs and CPU memory "
+                        "(accelerate's big-model placement); one process per machine")
+    b.add_argument("--encoding", default="q8", choices=["q8", "f32"], help="q8: ~46 B/step at K=50 with a stated error bound (default); f32: exact float32")
+    b.add_argument("--resume", action="store_true", help="finish an interrupted build in the same folder")
+    b.add_argument("--reuse", action="append", default=[], metavar="OLD",
+                   help="copy the rows OLD (a cache built with the same reference, tokenizer, tokens, encoding, max length and "
+                        "dtype; folder or URL) already holds instead of computing them; repeatable")
+    b.add_argument("--shard", type=_shard, metavar="i/n", help="compute only parts i, i+n, ... (torchrun sets this from RANK/WORLD_SIZE)")
+    add_no_progress(b)
+    b.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub (off by default)")
+    add_storage_option(b)
+
+
+@command("build", "run the reference over DATASET and write the cache",
+         "Run the reference once over DATASET and write the cache (manifest.json + zstd Parquet parts).", _build_options)
 def cmd_build(a) -> int:
     from .build import BuildConfig, build
 
@@ -277,26 +234,58 @@ def cmd_build(a) -> int:
     return 0
 
 
+def _info_options(i):
+    i.add_argument("cache", metavar="CACHE", help="cache folder (local path or fsspec URL)")
+    add_json(i)
+    add_storage_option(i)
+
+
+@command("info", "what a cache holds: rows, steps, bytes per step, tokens", "Summarise a cache.", _info_options, ("cache",))
 def cmd_info(a) -> int:
     from .format import open_cache
     from .report import cache_info, format_info
 
-    info = cache_info(open_cache(a.cache, verify_checksums=False, storage_options=parse_storage_options(a.storage_option)))
+    info = cache_info(open_cache(a.cache, verify_checksums=False))
     print(json.dumps(info, indent=2, ensure_ascii=False) if a.json else format_info(info))
     return 0
 
 
+def _verify_options(v):
+    v.add_argument("cache", metavar="CACHE", help="cache folder (local path or fsspec URL)")
+    v.add_argument("--dataset", metavar="DATASET", help="also check the cache was built from this dataset")
+    v.add_argument("--model", metavar="MODEL", help="also check the reference weights and tokenizer, and recompute a sample of rows with it")
+    v.add_argument("--recompute", type=int, default=8, metavar="N",
+                   help="with --model: rows (spread over the cache) whose values are recomputed and compared (default 8; 0 skips)")
+    add_cache_id(v)
+    add_storage_option(v)
+
+
+@command("verify", "check schema, checksums and (optionally) fingerprints", "Verify a cache; exit 1 at the first mismatch.",
+         _verify_options, ("cache",))
 def cmd_verify(a) -> int:
     from .report import verify_cache
 
     if a.recompute < 0:
         raise PactError(f"--recompute {a.recompute}: must be >= 0")
-    res = verify_cache(a.cache, dataset=a.dataset, model=a.model, cache_id=a.cache_id, recompute=a.recompute,
-                       storage_options=parse_storage_options(a.storage_option))
-    print(f"{a.cache}: OK, cache {res['cache_id'][:12]}, {res['rows']:,} rows, {res['response_steps']:,} steps; checked " + ", ".join(res["checked"]))
+    res = verify_cache(a.cache, dataset=a.dataset, model=a.model, cache_id=a.cache_id, recompute=a.recompute)
+    print(f"{a.cache.display}: OK, cache {res['cache_id'][:12]}, {res['rows']:,} rows, {res['response_steps']:,} steps; checked " + ", ".join(res["checked"]))
     return 0
 
 
+def _stats_options(st):
+    st.add_argument("cache", metavar="CACHE", help="cache folder or URL")
+    add_json(st, "print JSON (every position, quantiles, histogram, top rows)")
+    st.add_argument("--plot", metavar="DIR", help="also write mass_by_position.png and step0_mass.png into DIR (never overwritten)")
+    st.add_argument("--top", type=positive_int, default=20, help="rows with the highest step-0 mass to list (default 20)")
+    st.add_argument("--flag-at", type=float, default=0.9, metavar="MASS",
+                    help="count rows whose step-0 mass is above MASS as refusal-like (default 0.9)")
+    add_cache_id(st)
+    add_storage_option(st)
+
+
+@command("stats", "the reference's safety-token mass by position; refusal-like rows (an audit)",
+         "Per response position: the reference's mass on the safety tokens and its entropy over them; per "
+         "example: the step-0 refusal mass, which flags harmful-looking rows of a fine-tuning set.", _stats_options, ("cache",))
 def cmd_stats(a) -> int:
     from .format import open_cache
     from .stats import cache_stats, format_stats, plot_stats
@@ -305,9 +294,9 @@ def cmd_stats(a) -> int:
         for name in ("mass_by_position.png", "step0_mass.png"):
             if (Path(a.plot) / name).exists():
                 raise OutputExistsError(f"{Path(a.plot) / name}: exists; choose another --plot folder (nothing is overwritten)")
-    cache = open_cache(a.cache, cache_id=a.cache_id, storage_options=parse_storage_options(a.storage_option))
+    cache = open_cache(a.cache, cache_id=a.cache_id)
     if cache.num_rows == 0:
-        raise PactError(f"{a.cache}: the cache holds no rows; there is nothing to describe")
+        raise PactError(f"{a.cache.display}: the cache holds no rows; there is nothing to describe")
     if not 0.0 <= a.flag_at <= 1.0:
         raise PactError(f"--flag-at {a.flag_at}: must be a probability mass in [0, 1]")
     s = cache_stats(cache, top=a.top, flag_at=a.flag_at)
@@ -318,33 +307,73 @@ def cmd_stats(a) -> int:
     return 0
 
 
+def _merge_options(mg):
+    mg.add_argument("caches", nargs="+", metavar="CACHE", help="two or more caches (folders or URLs)")
+    add_output(mg, "OUT", "new cache (must not exist or be empty)")
+    mg.add_argument("--rows-per-part", type=positive_int, help="rows per part of OUT (default: the first cache's)")
+    add_no_progress(mg)
+    add_storage_option(mg)
+
+
+@command("merge", "concatenate caches built alike into a new cache",
+         "Concatenate caches built with the same reference, tokenizer, safety tokens, encoding, max length "
+         "and dtype, in the order given, into a new cache (rows renumbered; values copied as stored).", _merge_options,
+         ("caches", "output"))
 def cmd_merge(a) -> int:
     from .combine import merge_caches
 
-    m = merge_caches(a.caches, a.output, a.rows_per_part, parse_storage_options(a.storage_option), progress=not a.no_progress)
-    print(f"{a.output}: cache {m.cache_id[:12]}: {m.counts.rows:,} rows from {len(a.caches)} caches in {len(m.parts)} part(s)")
+    m = merge_caches(a.caches, a.output, a.rows_per_part, progress=not a.no_progress)
+    print(f"{a.output.display}: cache {m.cache_id[:12]}: {m.counts.rows:,} rows from {len(a.caches)} caches in {len(m.parts)} part(s)")
     return 0
 
 
+def _diff_options(df):
+    df.add_argument("a", metavar="A", help="first cache")
+    df.add_argument("b", metavar="B", help="second cache")
+    add_json(df)
+    add_storage_option(df)
+
+
+@command("diff", "rows added, removed and changed between two caches",
+         "Match rows by their tokenised input; report identity fields that differ, rows added, removed "
+         "and changed, and the largest value difference per column.", _diff_options, ("a", "b"))
 def cmd_diff(a) -> int:
     from .combine import diff_caches, diff_json, format_diff
 
-    d = diff_caches(a.a, a.b, parse_storage_options(a.storage_option))
+    d = diff_caches(a.a, a.b)
     print(diff_json(d) if a.json else format_diff(d))
     return 0
 
 
+def _cp_options(c):
+    c.add_argument("src", metavar="SRC", help="the cache to copy (folder or URL)")
+    c.add_argument("dst", metavar="DST", help="where to put it (new, empty, or a copy of this cache under way)")
+    add_cache_id(c, "SRC")
+    add_no_progress(c)
+    add_storage_option(c)
+
+
+@command("cp", "copy a cache between two locations (folder, s3://, gs://, hf://, ...), checking it",
+         "Copy a cache, verifying every part's sha256 on the way; the manifest is published last. "
+         "A stopped copy resumes; a destination holding a different cache is refused.", _cp_options, ("src", "dst"))
 def cmd_cp(a) -> int:
     from .copy import copy_cache
-    from .storage import Location
 
-    opts = parse_storage_options(a.storage_option)
-    res = copy_cache(Location(a.src, opts), Location(a.dst, opts), cache_id=a.cache_id, progress=not a.no_progress)
-    print(f"{a.dst}: cache {res.cache_id[:12]}: {res.parts_copied} part(s) copied ({res.bytes_copied:,} bytes, every sha256 checked), "
+    res = copy_cache(a.src, a.dst, cache_id=a.cache_id, progress=not a.no_progress)
+    print(f"{a.dst.display}: cache {res.cache_id[:12]}: {res.parts_copied} part(s) copied ({res.bytes_copied:,} bytes, every sha256 checked), "
           f"{res.parts_kept} already there")
     return 0
 
 
+def _upgrade_options(u):
+    u.add_argument("cache", metavar="OLD", help="the pact-cache/1 cache folder")
+    add_output(u, "NEW", "new folder for the upgraded cache (must not exist)")
+
+
+@command("upgrade", "copy a pact-cache/1 cache into a new pact-cache/2 folder",
+         "Check a pact-cache/1 cache (every part's sha256 and rows) and write it as pact-cache/2 into a new "
+         "folder: content-derived id and row digests. The values are not recomputed, so upgrade only a "
+         "cache you trust; rebuilding is the other way.", _upgrade_options)
 def cmd_upgrade(a) -> int:
     from .upgrade import upgrade
 
@@ -353,19 +382,50 @@ def cmd_upgrade(a) -> int:
     return 0
 
 
+def _score_options(sc):
+    sc.add_argument("cache", metavar="CACHE", help="cache folder (local path or fsspec URL)")
+    sc.add_argument("--degraded", required=True, metavar="MODEL", help="the safety-degraded model (same tokenizer as the reference)")
+    sc.add_argument("--utility", required=True, metavar="MODEL", help="the utility-oriented model (same tokenizer as the reference)")
+    add_output(sc, "OUT", "new folder (or URL) for the scored cache; must be empty or absent")
+    add_cache_id(sc, "CACHE")
+    sc.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass (default 8)")
+    add_dtype_device(sc)
+    add_no_progress(sc)
+    add_storage_option(sc)
+
+
+@command("score", "TOSS token scores from two models, added to a copy of the cache",
+         "Run a safety-degraded and a utility-oriented model (both fine-tuned for the purpose, e.g. with "
+         "pact-train on harmful and on utility data) once over every cached row: score_t = log p_degraded(y_t) "
+         "- log p_utility(y_t). The scores are written beside a checked copy of the cache in OUT (a new "
+         "cache id); pact-train --token-mask FRACTION then leaves the highest-scoring tokens out.", _score_options,
+         ("cache", "output"))
 def cmd_score(a) -> int:
     from .score import score_cache
-    from .storage import Location
 
-    opts = parse_storage_options(a.storage_option)
-    m = score_cache(Location(a.cache, opts), a.degraded, a.utility, Location(a.output, opts), batch_size=a.batch_size,
+    m = score_cache(a.cache, a.degraded, a.utility, a.output, batch_size=a.batch_size,
                     dtype=a.dtype, device=a.device, cache_id=a.cache_id, progress=not a.no_progress)
     extra = sum(f.bytes for f in m.scores.files)
-    print(f"{a.output}: cache {m.cache_id[:12]}: {m.counts.response_steps:,} response tokens scored ({m.scores.algorithm}), "
+    print(f"{a.output.display}: cache {m.cache_id[:12]}: {m.counts.response_steps:,} response tokens scored ({m.scores.algorithm}), "
           f"{extra:,} bytes of scores ({extra / max(m.counts.response_steps, 1):.1f} B/step) beside {len(m.parts)} part(s)")
     return 0
 
 
+def _direction_options(dr):
+    dr.add_argument("--aligned", required=True, metavar="MODEL", help=f"aligned chat model (folder, hub id or {DEFAULT_MODEL})")
+    dr.add_argument("--base", required=True, metavar="MODEL", help="the base model it was aligned from (same architecture)")
+    dr.add_argument("--modules", default="q_proj,v_proj", help="comma-separated layer names: the LoRA targets of the runs "
+                    "(default q_proj,v_proj, pact-train's and AsFT's)")
+    dr.add_argument("--rank", type=positive_int, help="keep a rank-r factor of each V (smaller file; the relative error of V V^T is "
+                    "printed and stored); default: the full V")
+    add_dtype_device(dr, "how the models are loaded (V is float32)")
+    add_output(dr, "FILE", "where to write the direction (.safetensors; must not exist)")
+
+
+@command("direction", "AsFT's alignment direction V = W_aligned - W_base per LoRA module -> .safetensors",
+         "Compute, once, what pact-train --method asft needs: for every linear layer named in "
+         "--modules, V = W_aligned - W_base (or a rank-r factor of it, with the error stated) and "
+         "||V||_F, so that training holds neither model.", _direction_options)
 def cmd_direction(a) -> int:
     from .direction import compute_direction, save_direction
     from .models import load_model, model_fingerprint, resolve_model
@@ -390,14 +450,32 @@ def cmd_direction(a) -> int:
     return 0
 
 
-COMMANDS = {"score": cmd_score, "direction": cmd_direction, "tokens": cmd_tokens, "build": cmd_build, "info": cmd_info, "verify": cmd_verify, "cp": cmd_cp, "stats": cmd_stats, "merge": cmd_merge,
-            "diff": cmd_diff, "upgrade": cmd_upgrade}
+# ----------------------------------------------------------------------------- the edge
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="pact-cache", description="Run an aligned reference model once over a fine-tuning set and cache the safety-token log-probs PACT needs.")
+    p.add_argument("--version", action="version", version=f"pact-cache {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for c in COMMANDS.values():
+        c.options(sub.add_parser(c.name, help=c.help, description=c.description))
+    return p
+
+
+def _run(args) -> int:
+    """The edge: every cache argument becomes a Location (with the storage options), once."""
+    from .storage import Location
+
+    cmd = COMMANDS[args.command]
+    opts = parse_storage_options(getattr(args, "storage_option", None))
+    for name in cmd.locations:
+        value = getattr(args, name)
+        setattr(args, name, [Location.of(v, opts) for v in value] if isinstance(value, list) else Location.of(value, opts))
+    return cmd.handler(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(f"pact-cache {args.command}", COMMANDS[args.command], args,
-                       "interrupted; finished parts are kept, rerun with --resume")
+    return run_command(f"pact-cache {args.command}", _run, args, "interrupted; finished parts are kept, rerun with --resume")
 
 
 if __name__ == "__main__":

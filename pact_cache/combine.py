@@ -30,13 +30,14 @@ from .manifest import FORMAT, Counts, DatasetInfo, Manifest, hash_identity
 from .storage import Location
 
 
-def merge_caches(sources: list[str], out: str, rows_per_part: int | None = None, storage_options: dict | None = None,
+def merge_caches(sources: list, out, rows_per_part: int | None = None, storage_options: dict | None = None,
                  progress: bool = True) -> Manifest:
     from tqdm.auto import tqdm
 
     if len(sources) < 2:
         raise PactError("merge needs at least two caches")
-    caches = [open_cache(s, storage_options=storage_options) for s in sources]
+    caches = [open_cache(Location.of(s, storage_options)) for s in sources]
+    sources = [c.url for c in caches]
     first = caches[0].manifest
     for src, c in zip(sources[1:], caches[1:]):
         if c.manifest.identity.reuse_key() != first.identity.reuse_key():
@@ -46,7 +47,7 @@ def merge_caches(sources: list[str], out: str, rows_per_part: int | None = None,
     if scored:  # the parts are re-cut, so the scores would be too: they are computed again instead
         print(f"pact-cache merge: {scored[0]}{' and others' if len(scored) > 1 else ''} carry token scores, which the merged "
               "cache will not; run `pact-cache score` on it for --token-mask", file=sys.stderr)
-    loc = Location(out, storage_options or {})
+    loc = Location.of(out, storage_options)
     if loc.exists() and (not loc.is_dir() or loc.names() or (loc.is_local and any(loc.local_path().iterdir()))):
         raise OutputExistsError(f"{loc.display}: exists and is not empty; merge writes a new cache (nothing is overwritten)")
     per = rows_per_part or first.build.rows_per_part
@@ -93,8 +94,10 @@ def merge_caches(sources: list[str], out: str, rows_per_part: int | None = None,
     return m
 
 
-def diff_caches(a: str, b: str, storage_options: dict | None = None, examples: int = 5) -> dict:
-    ca, cb = open_cache(a, storage_options=storage_options), open_cache(b, storage_options=storage_options)
+def diff_caches(a, b, storage_options: dict | None = None, examples: int = 5) -> dict:
+    """Rows added, removed and changed from cache ``a`` to cache ``b`` (paths, URLs or Locations)."""
+    ca, cb = open_cache(Location.of(a, storage_options)), open_cache(Location.of(b, storage_options))
+    a, b = ca.url, cb.url
     ma, mb = ca.manifest, cb.manifest
     ida, idb = ma.identity, mb.identity
     fields = {"reference weights": ida.reference_weights != idb.reference_weights, "tokenizer": ida.tokenizer != idb.tokenizer,

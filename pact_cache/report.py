@@ -5,6 +5,7 @@ from __future__ import annotations
 from .errors import CacheError, ModelError
 from .columns import REF_COLUMNS
 from .format import Cache, open_cache, rows_digest
+from .storage import Location
 
 
 def cache_info(cache: Cache) -> dict:
@@ -152,13 +153,15 @@ def recompute_sample(cache: Cache, resolved, n_rows: int, device: str = "auto") 
     return {"rows": len(rows), "mean": float(d.mean()), "max": float(d.max())}
 
 
-def verify_cache(url: str, dataset: str | None = None, model: str | None = None, cache_id: str | None = None,
+def verify_cache(url, dataset: str | None = None, model: str | None = None, cache_id: str | None = None,
                  progress: bool = False, recompute: int = 8, storage_options: dict | None = None) -> dict:
     """Check the manifest and its content id (and the pinned ``cache_id``), every part (type, size,
     sha256, schema, values, rows digest, decoding every row), and optionally that the cache holds
     the rows of ``dataset`` and was built with ``model`` (fingerprints, and ``recompute`` rows'
-    values recomputed with it). Raises ``CacheError`` at the first mismatch."""
-    cache = open_cache(url, cache_id=cache_id, storage_options=storage_options)
+    values recomputed with it). ``url``: a path, URL or :class:`pact_cache.storage.Location`. Raises
+    ``CacheError`` at the first mismatch."""
+    cache = open_cache(Location.of(url, storage_options), cache_id=cache_id)
+    url = cache.url
     rows = steps = 0
     for part in cache.parts:
         for row in cache.iter_part_rows(part):

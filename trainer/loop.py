@@ -11,27 +11,21 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pact_cache.errors import PactError
 from pact_cache.format import Cache, open_cache
-from pact_cache.storage import atomic_write_bytes, atomic_write_json, stale_tmp, staged_dir
 from pact_cache.manifest import load_json
 from pact_cache.projection import check_projection
+from pact_cache.storage import atomic_write_bytes, atomic_write_json, stale_tmp, staged_dir
 
 from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import Ranks, setup, teardown
+from .config import TrainConfig, TrainError, check_config, config_record
 from .core import causal_lm, lora_direction_factors, online_reference, policy_losses
-from .losses import METHODS, LossParams, PactParams, method_named
+from .distributed import Ranks, setup, teardown
 from .stream import batches, collate
-
-
-class TrainError(PactError):
-    """Bad training input or state; printed as one line by the CLI."""
 
 
 class NonFiniteError(TrainError):
@@ -46,118 +40,11 @@ class NonFiniteError(TrainError):
         self.step = step
 
 
-@dataclass
-class TrainConfig:
-    model: str
-    cache: str
-    out: str
-    cache_pin: str | None = None  # --cache-id: refuse any cache whose content id is not this (or does not start with it)
-    storage_options: dict = field(default_factory=dict, repr=False)  # for a cache on an object store; never recorded
-    method: str = "pact"  # a name in trainer.losses.METHODS (pact-train --help lists them)
-    reference: str = "cache"  # cache | online (a live reference beside the policy, the paper's way)
-    ref_model: str | None = None  # for --reference online; default: the policy's initial weights (--model)
-    direction: str | None = None  # a pact-direction/1 file, for a method with a parameter penalty (asft)
-    token_mask: float = 0.0  # TOSS: leave this fraction of the cache's tokens, the highest-scoring, out of the CE
-    lam: float = 1.0
-    pact: PactParams = field(default_factory=PactParams)
-    full: bool = False  # full fine-tuning instead of LoRA
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: str = "q_proj,v_proj"
-    epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 3e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = -1  # -1: 3% of the run
-    schedule: str = "cosine"  # cosine | linear | constant | step (StepLR gamma 0.85 per epoch, the paper's)
-    step_gamma: float = 0.85
-    max_grad_norm: float = 1.0
-    max_steps: int | None = None
-    seed: int = 0
-    shuffle: bool = True
-    shuffle_buffer: int = 1024
-    grad_checkpointing: bool = False
-    logits_chunk: int = 1024  # response positions per chunk of (positions, vocab) logits
-    save_every: int = 100  # optimizer steps between checkpoints (and one at the end)
-    resume: bool = False
-    merge: bool = False
-    device: str = "auto"
-    progress: bool = True
-    plot: bool = True
-
-    def loss_params(self) -> LossParams:
-        return LossParams(method=self.method, lam=self.lam, pact=self.pact, logits_chunk=self.logits_chunk)
-
-    # settings that may differ between a run and its resumption; the cache is compared by its id,
-    # not by the path typed, so a run resumes from another folder or working directory
-    RESUMABLE = ("resume", "max_steps", "progress", "save_every", "plot", "merge", "cache", "out", "cache_pin", "storage_options")
-
-
 def _log(msg: str) -> None:
     print(f"pact-train: {msg}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- checks
-
-def _number(name: str, v, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, why="") -> None:
-    """Refuse a non-finite or out-of-range option with one line naming it and its range."""
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (not integer or float(v).is_integer())
-    if ok and lo is not None:
-        ok = v > lo if lo_open else v >= lo
-    if ok and hi is not None:
-        ok = v < hi if hi_open else v <= hi
-    if not ok:
-        rng = (f"{'(' if lo_open or lo is None else '['}{'-inf' if lo is None else lo}, "
-               f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
-        kind = "an integer" if integer else "a finite number"
-        raise TrainError(f"{name} {v}: must be {kind} in {rng}{'; ' + why if why else ''}")
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Every option's type and range, before anything is loaded or written."""
-    if cfg.method not in METHODS:
-        raise TrainError(f"--method {cfg.method}: use one of {', '.join(METHODS)}")
-    if cfg.reference not in ("cache", "online"):
-        raise TrainError(f"--reference {cfg.reference}: use cache or online")
-    if cfg.schedule not in ("cosine", "linear", "constant", "step"):
-        raise TrainError(f"--schedule {cfg.schedule}: use cosine, linear, constant or step")
-    _number("--lambda", cfg.lam, 0, why="it weighs the method's term against the cross-entropy")
-    _number("--token-mask", cfg.token_mask, 0, 1, hi_open=True, why="it is the fraction of the tokens left out of the loss")
-    if method_named(cfg.method).penalty is not None:
-        if not cfg.direction:
-            raise TrainError(f"--method {cfg.method}: needs --direction FILE, made once with "
-                             "`pact-cache direction --aligned ALIGNED --base BASE -o dir.safetensors`")
-        if cfg.full:
-            raise TrainError(f"--method {cfg.method}: regularises the LoRA update B A; leave out --full")
-    elif cfg.direction:
-        raise TrainError(f"--direction: only a method with a parameter penalty reads it (asft), not --method {cfg.method}")
-    if not method_named(cfg.method).with_ce and cfg.lam != 1.0:
-        raise TrainError(f"--lambda {cfg.lam}: does not apply to --method {cfg.method}, whose loss replaces the cross-entropy; leave it out")
-    _number("--lr", cfg.lr, 0, lo_open=True)
-    _number("--weight-decay", cfg.weight_decay, 0)
-    _number("--lora-dropout", cfg.lora_dropout, 0, 1, hi_open=True)
-    _number("max_grad_norm", cfg.max_grad_norm, 0, lo_open=True)
-    _number("step_gamma", cfg.step_gamma, 0, 1, lo_open=True)
-    for name in ("epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha", "logits_chunk", "save_every", "shuffle_buffer"):
-        _number(f"--{name.replace('_', '-')}", getattr(cfg, name), 1, integer=True)
-    _number("--warmup-steps", cfg.warmup_steps, -1, integer=True, why="-1 means 3% of the run")
-    _number("--seed", cfg.seed, 0, 2**63 - 1, integer=True)
-    if cfg.max_steps is not None:
-        _number("--max-steps", cfg.max_steps, 1, integer=True)
-    if not cfg.full and not [t for t in cfg.lora_targets.split(",") if t.strip()]:
-        raise TrainError("--lora-targets is empty; name the modules to adapt, e.g. q_proj,v_proj")
-    p = cfg.pact
-    _number("--pact-t", p.T, 0, lo_open=True, why="the distillation temperature divides the logits")
-    _number("--pact-t-gate", p.T_gate, 0, lo_open=True, why="the gate's temperature divides the logits")
-    _number("--pact-top-p", p.top_p, 0, 1, lo_open=True)
-    _number("--pact-alpha", p.alpha)
-    _number("--pact-bias", p.bias)
-    _number("--pact-n", p.N, 0, integer=True)
-    _number("--pact-tau", p.tau, why="tau <= 0 is the paper's hard window of N steps")
-    _number("--pact-boost", p.boost, 0)
-
 
 def check_cache_fits(cache: Cache, tok, vocab_rows: int, cfg: TrainConfig) -> None:
     """Refuse a cache made with another tokenizer, an empty one, or one with a bad part."""
@@ -207,18 +94,6 @@ def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1) -> str
     if find_checkpoint(out / "checkpoint") is None:
         raise TrainError(f"{out}: has no checkpoint to resume from; delete the folder and start again")
     return "resume"
-
-
-def config_record(cfg: TrainConfig, cache_id: str, world: int = 1) -> dict:
-    rec = asdict(cfg)
-    rec["processes"] = world  # the global batch is batch_size x processes: a run resumes with as many
-    rec.pop("storage_options")  # may hold credentials
-    rec["pact"] = asdict(cfg.pact)
-    rec["cache_id"] = cache_id
-    for key in ("model", "ref_model"):  # a local folder is recorded absolute, so another working directory resumes
-        if rec[key] and Path(rec[key]).expanduser().exists():
-            rec[key] = str(Path(rec[key]).expanduser().resolve())
-    return rec
 
 
 # ----------------------------------------------------------------------------- model

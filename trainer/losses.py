@@ -19,16 +19,21 @@ from pact_cache.columns import COLUMN_NAMES
 
 @dataclass(frozen=True)
 class PactParams:
-    """Defaults are the paper's (``finetuning_pact.py``)."""
+    """Defaults are the paper's (``finetuning_pact.py``); each field's help and range are declared
+    here, once (pact-train's ``--pact-*`` options and their checks come from them)."""
 
-    T: float = 2.0  # distillation temperature
-    T_gate: float = 1.0  # temperature of the gate's competitive index
-    top_p: float = 0.9
-    alpha: float = 2.0
-    bias: float = 0.0
-    N: int = 8  # steps before the gate starts to decay
-    tau: float = 8.0  # decay constant of the gate after N steps
-    boost: float = 1.0
+    T: float = field(default=2.0, metadata=dict(help="distillation temperature T", lo=0, lo_open=True,
+                                                 why="the distillation temperature divides the logits"))
+    T_gate: float = field(default=1.0, metadata=dict(help="temperature of the gate's competitive index", lo=0, lo_open=True,
+                                                      why="the gate's temperature divides the logits"))
+    top_p: float = field(default=0.9, metadata=dict(help="probability mass the competitive index counts tokens to", lo=0, hi=1,
+                                                     lo_open=True))
+    alpha: float = field(default=2.0, metadata=dict(help="gate slope"))
+    bias: float = field(default=0.0, metadata=dict(help="gate bias"))
+    N: int = field(default=8, metadata=dict(help="response steps before the gate decays", lo=0, integer=True))
+    tau: float = field(default=8.0, metadata=dict(help="decay constant of the gate after N steps",
+                                                   why="tau <= 0 is the paper's hard window of N steps"))
+    boost: float = field(default=1.0, metadata=dict(help="gate multiplier", lo=0))
 
 
 def top_p_count(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -1,0 +1,113 @@
+"""pact-train's options come from one declaration (trainer/config.py): the parser, --config files
+(YAML or a run's config.json) and the range checks all follow TrainConfig's fields."""
+
+import json
+from dataclasses import fields
+
+import pytest
+
+from trainer.cli import main as train_main
+from trainer.config import TrainConfig, TrainError, check_config, parse_config
+from trainer.losses import PactParams
+
+from conftest import CHAT_ROWS, build_f32_cache
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model, tmp_path_factory):
+    return build_f32_cache(tmp_path_factory.mktemp("cfg"), tiny_model, rows=CHAT_ROWS[:12])
+
+
+def metrics(out):
+    return [{k: v for k, v in json.loads(line).items() if k != "step_time_s"} for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_no_flags_give_the_declared_defaults():
+    cfg = parse_config(["--model", "m", "--cache", "c", "-o", "o"])
+    want = TrainConfig(model="m", cache="c", out="o")
+    assert cfg == want and cfg.pact == PactParams()
+
+
+def test_every_flag_sets_its_field(tmp_path):
+    """Each option the parser has reaches the field it is declared on (a value other than the default)."""
+    cfg = parse_config(["--model", "m", "--cache", "c", "-o", "o", "--cache-id", "abcdef12", "--method", "str", "--reference", "online",
+                        "--ref-model", "r", "--token-mask", "0.2", "--lambda", "3", "--full", "--lora-r", "4", "--lora-alpha", "8",
+                        "--lora-dropout", "0.1", "--lora-targets", "q_proj", "--epochs", "2", "--batch-size", "3", "--grad-accum", "2",
+                        "--lr", "1e-4", "--weight-decay", "0.01", "--warmup-steps", "5", "--schedule", "step", "--max-steps", "7",
+                        "--seed", "9", "--no-shuffle", "--shuffle-buffer", "64", "--gradient-checkpointing", "--logits-chunk", "32",
+                        "--save-every", "3", "--resume", "--merge", "--device", "cpu", "--no-progress", "--pact-t", "1.5",
+                        "--pact-n", "4", "--storage-option", "anon=true"])
+    changed = {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != f.default and f.name not in ("model", "cache", "out")}
+    declared = {f.name for f in fields(TrainConfig) if f.metadata.get("cli", True) and f.name not in ("model", "cache", "out", "direction")}
+    assert declared <= changed  # --direction only goes with asft (checked elsewhere)
+    assert cfg.lam == 3.0 and cfg.shuffle is False and cfg.progress is False and cfg.grad_checkpointing is True
+    assert cfg.pact == PactParams(T=1.5, N=4) and cfg.storage_options == {"anon": True}
+
+
+def test_yaml_config_equals_the_same_flags_and_flags_win(tiny_model, cache, tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"model: {tiny_model}\ncache: {cache}\nmethod: pact\nbatch_size: 4\nmax_steps: 2\n"
+                         "lr: 1e-3   # YAML reads this as a string; it is taken as the number\n"
+                         "shuffle: false\nlora_dropout: 0.0\nprogress: false\nplot: false\npact:\n  T: 1.5\n  N: 4\n")
+    assert train_main(["--config", str(yaml_file), "-o", str(tmp_path / "a")]) == 0
+    assert train_main(["--model", tiny_model, "--cache", cache, "-o", str(tmp_path / "b"), "--batch-size", "4", "--max-steps", "2",
+                       "--lr", "1e-3", "--no-shuffle", "--lora-dropout", "0", "--no-progress", "--pact-t", "1.5", "--pact-n", "4"]) == 0
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    rec = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert rec["lr"] == 1e-3 and rec["pact"]["T"] == 1.5 and rec["batch_size"] == 4
+    cfg = parse_config(["--config", str(yaml_file), "-o", "x", "--batch-size", "2", "--pact-t", "3"])
+    assert cfg.batch_size == 2 and cfg.pact.T == 3.0 and cfg.pact.N == 4 and cfg.plot is False  # flags win, the rest stays
+
+
+def test_a_runs_config_json_reruns_it(tiny_model, cache, tmp_path):
+    assert train_main(["--model", tiny_model, "--cache", cache, "-o", str(tmp_path / "a"), "--batch-size", "4", "--max-steps", "2",
+                       "--method", "str", "--lambda", "2", "--lora-dropout", "0", "--no-progress"]) == 0
+    assert train_main(["--config", str(tmp_path / "a" / "config.json"), "-o", str(tmp_path / "b")]) == 0
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+
+
+@pytest.mark.parametrize("text, name, needle", [
+    ("batch_size: 8\nbatchsize: 4\n", "run.yaml", "unknown option 'batchsize'; options are field names: model, cache"),
+    ("batch_size: eight\n", "run.yaml", "batch_size: 'eight' is not an integer"),
+    ("batch_size: 2.5\n", "run.yaml", "batch_size: 2.5 is not an integer"),
+    ("shuffle: 0\n", "run.yaml", "shuffle: 0 is not true or false"),
+    ("- 1\n- 2\n", "run.yaml", "must be a mapping of option names to values, not a list"),
+    ("a: [1, \n", "run.yaml", "line 2: not valid YAML"),
+    ('{"lr": 1e-3,}', "config.json", "not valid JSON"),
+    ("pact: {T: 1, Tau: 3}\n", "run.yaml", "pact: unknown parameter 'Tau'; they are T, T_gate"),
+    ("pact: 3\n", "run.yaml", "pact must be a mapping"),
+    ("lr: -1\n", "run.yaml", "--lr -1.0: must be a finite number in (0, inf)"),
+    ("step_gamma: 1.5\n", "run.yaml", "step_gamma 1.5: must be a finite number in (0, 1]"),
+    ("pact: {top_p: 0}\n", "run.yaml", "--pact-top-p 0.0: must be a finite number in (0, 1]"),
+])
+def test_bad_config_files_are_one_line(tmp_path, capsys, text, name, needle):
+    f = tmp_path / name
+    f.write_text(text)
+    rc = train_main(["--config", str(f), "--model", "m", "--cache", str(tmp_path / "nothing"), "-o", str(tmp_path / "o")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-train")]
+    assert rc == 1 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_and_unreadable_config(tmp_path, capsys):
+    assert train_main(["--cache", "c", "-o", "o"]) == 1
+    assert "missing --model: give it as flags or in --config" in capsys.readouterr().err
+    assert train_main(["--config", str(tmp_path / "none.yaml")]) == 1
+    assert "--config" in capsys.readouterr().err
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00model")
+    assert train_main(["--config", str(tmp_path / "bin.yaml")]) == 1
+    assert "is not UTF-8 text" in capsys.readouterr().err
+    assert train_main(["--config", str(tmp_path)]) == 1
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_ranges_come_from_the_declarations():
+    """A value just outside each declared range is refused, naming its flag (or field)."""
+    for f in fields(TrainConfig):
+        m = f.metadata
+        if m.get("lo") is None:
+            continue
+        bad = m["lo"] if m.get("lo_open") else m["lo"] - 1
+        cfg = TrainConfig(model="m", cache="c", out="o", **{f.name: bad})
+        with pytest.raises(TrainError, match="must be"):
+            check_config(cfg)

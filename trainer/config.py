@@ -1,0 +1,322 @@
+"""pact-train's options, declared once: each :class:`TrainConfig` field carries its flag, help,
+type, choices and range; the command line (:func:`build_parser`), ``--config FILE`` (YAML or JSON,
+:func:`read_config_file`), the range checks (:func:`check_config`) and the run record
+(``config.json``, :func:`config_record`) are all derived from the fields. A run folder's
+``config.json`` is itself a valid ``--config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from pact_cache.errors import PactError
+
+from .losses import METHODS, LossParams, PactParams
+
+
+class TrainError(PactError):
+    """Bad training input or state; printed as one line by the CLI."""
+
+
+def opt(default=MISSING, help: str = "", *, flag: str | None = None, short: str | None = None, metavar: str | None = None,
+        type=None, choices=None, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False, integer: bool = False,
+        why: str = "", cli: bool = True, negate: str | None = None, default_factory=MISSING, show_default: bool = True):
+    """A TrainConfig field with everything the parser, the config file and the checks need.
+
+    ``flag``: the option's name (default ``--field-name``; ``cli=False``: set only in code or in
+    ``--config``); ``negate``: for a field True by default, the flag that turns it off
+    (``--no-shuffle``); ``lo``/``hi``/``*_open``/``integer``/``why``: the range and why it is so;
+    ``type``: when the default (None) does not tell it."""
+    meta = dict(help=help, flag=flag, short=short, metavar=metavar, type=type, choices=choices, lo=lo, hi=hi,
+                lo_open=lo_open, hi_open=hi_open, integer=integer, why=why, cli=cli, negate=negate, show_default=show_default)
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _method_help() -> str:
+    return "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+
+
+@dataclass
+class TrainConfig:
+    model: str = opt(help="policy to fine-tune: folder, hub id or smollm2-135m-instruct", metavar="MODEL")
+    cache: str = opt(help="cache from `pact-cache build` (built with this model's tokenizer)", metavar="CACHE")
+    out: str = opt(help="run folder: metrics.jsonl, config.json, checkpoint/, adapter/ or model/, loss.png",
+                   flag="--output", short="-o", metavar="OUT")
+    cache_pin: str | None = opt(None, "pin the cache: refuse it unless its content id is ID (or starts with it, 8+ characters)",
+                                flag="--cache-id", metavar="ID", type=str)
+    storage_options: dict = field(default_factory=dict, repr=False, metadata=dict(cli=False))  # never recorded: may hold secrets
+    method: str = opt("pact", "", choices=lambda: list(METHODS))  # help: the registry's summaries
+    reference: str = opt("cache", "cache or online: a live reference model beside the policy, the paper's way",
+                         choices=lambda: ["cache", "online"])
+    ref_model: str | None = opt(None, "reference for --reference online (default: --model)", metavar="MODEL", type=str)
+    direction: str | None = opt(None, "for --method asft: the alignment direction per LoRA module, made once with "
+                                "`pact-cache direction --aligned A --base B -o FILE`", metavar="FILE", type=str)
+    token_mask: float = opt(0.0, "TOSS: leave the highest-scoring FRACTION of all the cache's response tokens (e.g. 0.2, the "
+                            "paper's) out of the CE; needs a cache scored with `pact-cache score`; works with any --method "
+                            "(0: none)", metavar="FRACTION", lo=0, hi=1, hi_open=True,
+                            why="it is the fraction of the tokens left out of the loss")
+    lam: float = opt(1.0, "weight of the method's term against the cross-entropy", flag="--lambda", lo=0,
+                     why="it weighs the method's term against the cross-entropy")
+    pact: PactParams = field(default_factory=PactParams, metadata=dict(cli=False))  # its own group: --pact-*
+    full: bool = opt(False, "full fine-tuning instead of LoRA")
+    lora_r: int = opt(8, "LoRA rank (the paper's)", lo=1, integer=True)
+    lora_alpha: int = opt(32, "LoRA alpha", lo=1, integer=True)
+    lora_dropout: float = opt(0.05, "LoRA dropout", lo=0, hi=1, hi_open=True)
+    lora_targets: str = opt("q_proj,v_proj", "comma-separated module names")
+    epochs: int = opt(1, "passes over the cache", lo=1, integer=True)
+    batch_size: int = opt(8, "rows per micro-batch", lo=1, integer=True)
+    grad_accum: int = opt(1, "micro-batches per optimizer step, weighted by response tokens", lo=1, integer=True)
+    lr: float = opt(3e-5, "peak learning rate of AdamW", lo=0, lo_open=True)
+    weight_decay: float = opt(0.0, "AdamW weight decay", lo=0)
+    warmup_steps: int = opt(-1, "linear warmup steps (-1: 3%% of the run)", lo=-1, integer=True, why="-1 means 3% of the run")
+    schedule: str = opt("cosine", "decay after warmup; step = the paper's StepLR, gamma 0.85 per epoch",
+                        choices=lambda: ["cosine", "linear", "constant", "step"])
+    step_gamma: float = opt(0.85, "StepLR's decay per epoch (--schedule step)", lo=0, hi=1, lo_open=True, cli=False)
+    max_grad_norm: float = opt(1.0, "gradient norm clipping", lo=0, lo_open=True, cli=False)
+    max_steps: int | None = opt(None, "stop after N optimizer steps", lo=1, integer=True, type=int)
+    seed: int = opt(0, "seed of the data order, LoRA init and dropout", lo=0, hi=2**63 - 1, integer=True)
+    shuffle: bool = opt(True, "take rows in cache order, batch by batch", negate="--no-shuffle")
+    shuffle_buffer: int = opt(1024, "rows held for shuffling (memory bound)", lo=1, integer=True)
+    grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory", flag="--gradient-checkpointing")
+    logits_chunk: int = opt(1024, "response positions per (positions, vocab) logits block", lo=1, integer=True)
+    save_every: int = opt(100, "optimizer steps between checkpoints (and one at the end)", lo=1, integer=True)
+    resume: bool = opt(False, "continue the run in OUT from its last checkpoint")
+    merge: bool = opt(False, "also write OUT/merged, the base model with the adapter merged in")
+    device: str = opt("auto", "auto, cpu or cuda")
+    progress: bool = opt(True, "no progress bar", negate="--no-progress")
+    plot: bool = opt(True, "write OUT/loss.png at the end", cli=False)
+
+    def loss_params(self) -> LossParams:
+        return LossParams(method=self.method, lam=self.lam, pact=self.pact, logits_chunk=self.logits_chunk)
+
+    # settings that may differ between a run and its resumption; the cache is compared by its id,
+    # not by the path typed, so a run resumes from another folder or working directory
+    RESUMABLE = ("resume", "max_steps", "progress", "save_every", "plot", "merge", "cache", "out", "cache_pin", "storage_options")
+    # what config.json records beside the fields (ignored when it is read back as --config)
+    RECORD_ONLY = ("processes", "cache_id")
+
+
+REQUIRED = ("model", "cache", "out")
+
+
+def _flag(f) -> str:
+    return f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
+
+
+def _pact_flag(name: str) -> str:
+    return f"--pact-{name.lower().replace('_', '-')}"
+
+
+def _choices(f):
+    c = f.metadata.get("choices")
+    return c() if callable(c) else c
+
+
+def _type(f):
+    t = f.metadata.get("type")
+    return t if t is not None else type(f.default)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _number(name: str, v, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, why="") -> None:
+    """Refuse a non-finite or out-of-range option with one line naming it and its range."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (not integer or float(v).is_integer())
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    if not ok:
+        rng = (f"{'(' if lo_open or lo is None else '['}{'-inf' if lo is None else lo}, "
+               f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
+        kind = "an integer" if integer else "a finite number"
+        raise TrainError(f"{name} {v}: must be {kind} in {rng}{'; ' + why if why else ''}")
+
+
+def _check_fields(obj, name_of) -> None:
+    for f in fields(obj):
+        m, v = f.metadata, getattr(obj, f.name)
+        choices = _choices(f)
+        if choices is not None and v not in choices:
+            raise TrainError(f"{name_of(f)} {v}: use one of {', '.join(choices)}")
+        numeric = m.get("lo") is not None or m.get("hi") is not None or m.get("integer") or _type(f) in (int, float)
+        if numeric and not (v is None and f.default is None):
+            _number(name_of(f), v, m.get("lo"), m.get("hi"), m.get("lo_open", False), m.get("hi_open", False),
+                    m.get("integer", False), m.get("why", ""))
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every option's type and range (from its declaration), then the rules between options,
+    before anything is loaded or written."""
+    _check_fields(cfg, lambda f: _flag(f) if f.metadata.get("cli", True) else f.name)
+    _check_fields(cfg.pact, lambda f: _pact_flag(f.name))
+    method = METHODS[cfg.method]
+    if method.penalty is not None:
+        if not cfg.direction:
+            raise TrainError(f"--method {cfg.method}: needs --direction FILE, made once with "
+                             "`pact-cache direction --aligned ALIGNED --base BASE -o dir.safetensors`")
+        if cfg.full:
+            raise TrainError(f"--method {cfg.method}: regularises the LoRA update B A; leave out --full")
+    elif cfg.direction:
+        raise TrainError(f"--direction: only a method with a parameter penalty reads it (asft), not --method {cfg.method}")
+    if not method.with_ce and cfg.lam != 1.0:
+        raise TrainError(f"--lambda {cfg.lam}: does not apply to --method {cfg.method}, whose loss replaces the cross-entropy; leave it out")
+    if not cfg.full and not [t for t in cfg.lora_targets.split(",") if t.strip()]:
+        raise TrainError("--lora-targets is empty; name the modules to adapt, e.g. q_proj,v_proj")
+
+
+def config_record(cfg: TrainConfig, cache_id: str, world: int = 1) -> dict:
+    """What a run folder's config.json holds: every field but the storage options (they may hold
+    credentials), plus the cache id and the process count."""
+    rec = asdict(cfg)
+    rec["processes"] = world  # the global batch is batch_size x processes: a run resumes with as many
+    rec.pop("storage_options")
+    rec["cache_id"] = cache_id
+    for key in ("model", "ref_model"):  # a local folder is recorded absolute, so another working directory resumes
+        if rec[key] and Path(rec[key]).expanduser().exists():
+            rec[key] = str(Path(rec[key]).expanduser().resolve())
+    return rec
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """pact-train's parser, generated from :class:`TrainConfig`; every dest is the field's name."""
+    from pact_cache.cli import STORAGE_HELP
+
+    p = parser_class(prog="pact-train", description="Fine-tune with PACT (or plain SFT), one model in memory, reference "
+                     "targets streamed from a pact-cache.")
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of these options by field name (batch_size: 8, lam: 1.0, "
+                   "pact: {T: 2.0}, ...); flags given as well override it. A run folder's config.json is one")
+    for f in fields(TrainConfig):
+        m = f.metadata
+        if not m.get("cli", True):
+            if f.name == "storage_options":
+                p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help=STORAGE_HELP)
+            continue
+        names = [m["short"], _flag(f)] if m.get("short") else [_flag(f)]
+        help_ = m["help"] or (_method_help() if f.name == "method" else "")
+        if f.name in REQUIRED:
+            p.add_argument(*names, dest=f.name, metavar=m.get("metavar"), help=help_ + " (required, here or in --config)")
+        elif isinstance(f.default, bool):
+            if m.get("negate"):
+                p.add_argument(m["negate"], dest=f.name, action="store_false", help=help_)
+            else:
+                p.add_argument(*names, dest=f.name, action="store_true", help=help_)
+        else:
+            shown = f" (default {f.default})" if f.default is not None and m.get("show_default", True) else ""
+            p.add_argument(*names, dest=f.name, type=_type(f), default=f.default, choices=_choices(f), metavar=m.get("metavar"),
+                           help=help_ + shown)
+    g = p.add_argument_group("PACT gate and distillation (defaults: the paper's)")
+    for f in fields(PactParams):
+        g.add_argument(_pact_flag(f.name), dest=f"pact_{f.name}", type=type(f.default), default=f.default,
+                       help=f"{f.metadata.get('help', f.name)} (default {f.default})")
+    return p
+
+
+def read_config_file(path: str) -> dict:
+    """The options of a ``--config`` file as ``{field: value}``: a YAML or JSON mapping by field name
+    (``pact`` a mapping of PactParams fields). Unknown keys, wrong types and unreadable files are one
+    line each; the keys config.json records beside the fields (``processes``, ``cache_id``) are ignored."""
+    import yaml
+
+    src = Path(path).expanduser()
+    try:
+        text = src.read_bytes()[: 1 << 20].decode("utf-8")
+    except FileNotFoundError:
+        raise TrainError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise TrainError(f"--config {path}: is a folder; give the YAML or JSON file (a run folder's config.json)") from None
+    except UnicodeDecodeError as err:
+        raise TrainError(f"--config {path}: is not UTF-8 text (byte {err.start}); give a YAML or JSON file") from None
+    try:
+        obj = json.loads(text) if src.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else (f" line {err.lineno}" if hasattr(err, "lineno") else "")
+        raise TrainError(f"--config {path}:{where}: not valid {'JSON' if src.suffix.lower() == '.json' else 'YAML'} "
+                         f"({str(getattr(err, 'problem', None) or getattr(err, 'msg', err))[:100]})") from None
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise TrainError(f"--config {path}: must be a mapping of option names to values, not a {type(obj).__name__}")
+    known = {f.name: f for f in fields(TrainConfig)}
+    out = {}
+    for key, value in obj.items():
+        if key in TrainConfig.RECORD_ONLY:
+            continue
+        if key not in known:
+            raise TrainError(f"--config {path}: unknown option {key!r}; options are field names: {', '.join(known)}")
+        f = known[key]
+        if key == "pact":
+            out[key] = _pact_from(value, path)
+        elif key == "storage_options":
+            if not isinstance(value, dict):
+                raise TrainError(f"--config {path}: storage_options must be a mapping, e.g. {{endpoint_url: http://localhost:9000}}")
+            out[key] = dict(value)
+        else:
+            out[key] = _coerce(f.name, value, _type(f), f.default is None, path)
+    return out
+
+
+def _coerce(name: str, value, typ, nullable: bool, path: str):
+    if value is None and nullable:
+        return None
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ in (int, float):
+        if isinstance(value, bool):
+            pass
+        elif isinstance(value, (int, float)) and (typ is float or float(value).is_integer()):
+            return typ(value)
+        elif isinstance(value, str):  # YAML reads 3e-5 (no dot) as a string
+            try:
+                v = float(value)
+                return typ(v) if typ is float or v.is_integer() else v
+            except ValueError:
+                pass
+    elif isinstance(value, str):
+        return value
+    raise TrainError(f"--config {path}: {name}: {value!r} is not {'an integer' if typ is int else 'a number' if typ is float else 'true or false' if typ is bool else 'a string'}")
+
+
+def _pact_from(value, path: str) -> PactParams:
+    if not isinstance(value, dict):
+        raise TrainError(f"--config {path}: pact must be a mapping of PACT parameters, e.g. {{T: 2.0, N: 8}}")
+    known = {f.name: f for f in fields(PactParams)}
+    bad = [k for k in value if k not in known]
+    if bad:
+        raise TrainError(f"--config {path}: pact: unknown parameter {bad[0]!r}; they are {', '.join(known)}")
+    return PactParams(**{k: _coerce(f"pact.{k}", v, type(known[k].default), False, path) for k, v in value.items()})
+
+
+def parse_config(argv: list[str] | None, parser_class=argparse.ArgumentParser) -> TrainConfig:
+    """pact-train's arguments -> a checked-later TrainConfig: the ``--config`` file's values become the
+    parser's defaults, so a flag given on the command line always wins (TRL's TrlParser does the same)."""
+    from pact_cache.storage import parse_storage_options
+
+    parser = build_parser(parser_class)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    filed = read_config_file(known.config) if known.config else {}
+    defaults = {k: v for k, v in filed.items() if k not in ("pact", "storage_options")}
+    if "pact" in filed:
+        defaults.update({f"pact_{k}": v for k, v in asdict(filed["pact"]).items()})
+    parser.set_defaults(**defaults)
+    ns = parser.parse_args(argv)
+    values = {f.name: getattr(ns, f.name) for f in fields(TrainConfig) if hasattr(ns, f.name)}
+    values["pact"] = PactParams(**{f.name: getattr(ns, f"pact_{f.name}") for f in fields(PactParams)})
+    values["storage_options"] = {**filed.get("storage_options", {}), **parse_storage_options(ns.storage_option)}
+    values.update({k: v for k, v in filed.items() if k not in values})  # fields with no flag (step_gamma, plot, ...)
+    missing = [_flag(f) for f in fields(TrainConfig) if f.name in REQUIRED and values.get(f.name) is None]
+    if missing:
+        raise TrainError(f"missing {', '.join(missing)}: give {'it' if len(missing) == 1 else 'them'} as flags or in --config")
+    return TrainConfig(**values)

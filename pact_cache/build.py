@@ -23,7 +23,8 @@ from .data import Example, assistant_header_ids, dataset_fingerprint, scan_datas
 from .errors import CacheError, DatasetError, OutputExistsError, PactError
 from .format import BUILD_KEY_META, MANIFEST, Cache, CacheRow, RowResult, open_cache, read_manifest, rows_digest, write_part
 from .manifest import (ALGORITHM, ENCODINGS, FORMAT, BuildParams, Counts, DatasetInfo, Identity, Manifest, PartEntry,
-                       Reference, Tokenizer, load_json)
+                       Reference, Tokenizer)
+from .typedjson import load_json
 from .projection import LOGITS_CHUNK_BYTES, check_projection, response_logprobs
 from .storage import Location, check_regular_file, is_tmp_name, json_bytes, sha256_stream, stale_tmp
 from .models import load_model, load_tokenizer, model_fingerprint, placement, resolve_model, tokenizer_fingerprint

@@ -12,7 +12,7 @@ from typing import Callable
 from . import __version__
 from .errors import OutputExistsError, PactError
 from .models import DEFAULT_MODEL
-from .storage import parse_storage_options
+from .storage import STORAGE_HELP, parse_storage_options
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -80,10 +80,6 @@ def new_file(path: str, example: str) -> Path:
     if out.exists() or out.is_symlink():
         raise OutputExistsError(f"-o {out}: exists; choose another name or delete it (nothing is overwritten)")
     return out
-
-
-STORAGE_HELP = ("KEY=VALUE passed to the cache's fsspec filesystem, e.g. endpoint_url=http://localhost:9000 or anon=true "
-                "(repeatable; values are JSON where they parse; never printed)")
 
 
 # ----------------------------------------------------------------------------- shared options

@@ -26,7 +26,8 @@ from .errors import OutputExistsError, PactError
 from .columns import REF_COLUMNS
 from .format import MANIFEST, RowResult, open_cache, write_part
 from .storage import json_bytes
-from .manifest import FORMAT, Counts, DatasetInfo, Manifest, hash_identity
+from .manifest import FORMAT, Counts, DatasetInfo, Manifest
+from .typedjson import hash_identity
 from .storage import Location
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import DatasetError
-from .manifest import load_json
+from .typedjson import load_json
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 ANSWER_KEYS = ("completion", "response", "output")

@@ -23,7 +23,8 @@ from .columns import REF_COLUMNS, blob_names, blob_sizes, code_blobs, decode, en
 from .columns import stored as blob_names_of
 from .errors import CacheError
 from .manifest import ENCODINGS  # noqa: F401  (re-exported: the encodings are part of the format)
-from .manifest import MANIFEST_MAX_BYTES, Encoding, Manifest, PartEntry, check_pin, load_json
+from .manifest import MANIFEST_MAX_BYTES, Encoding, Manifest, PartEntry, check_pin
+from .typedjson import load_json
 from .storage import Location, check_regular_file, sha256_path, sha256_stream, tmp_name
 
 MANIFEST = "manifest.json"

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from .errors import CacheError, OutputExistsError, PactError
 
+STORAGE_HELP = ("KEY=VALUE passed to the cache's fsspec filesystem, e.g. endpoint_url=http://localhost:9000 or anon=true "
+                "(repeatable; values are JSON where they parse; never printed)")
 COPY_BLOCK = 8 << 20  # bytes read and written at a time when streaming an object
 
 

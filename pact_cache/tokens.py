@@ -31,7 +31,8 @@ from pathlib import Path
 
 from .data import RawRow, chat_ids, iter_rows, prompts_from, to_messages
 from .errors import TokensError
-from .manifest import MANIFEST_MAX_BYTES, SafetyTokens, load_json
+from .manifest import MANIFEST_MAX_BYTES, SafetyTokens
+from .typedjson import load_json
 
 
 def builtin_refusals_path() -> Path:

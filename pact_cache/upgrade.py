@@ -16,7 +16,8 @@ from .errors import CacheError, OutputExistsError
 from .format import MANIFEST, Cache
 from .storage import Location, atomic_write_json, check_regular_file, staged_dir
 from .manifest import (ALGORITHM, FORMAT, LEGACY_FORMATS, MANIFEST_MAX_BYTES, PART_NAME, BuildParams, Counts, DatasetInfo,
-                       Encoding, Manifest, PartEntry, Reference, SafetyTokens, Tokenizer, _Fields, load_json)
+                       Encoding, Manifest, PartEntry, Reference, SafetyTokens, Tokenizer)
+from .typedjson import _Fields, load_json
 
 
 def _legacy_manifest(src: str) -> Manifest:

@@ -6,7 +6,7 @@ import pytest
 from pact_cache.errors import CacheError
 from pact_cache.columns import REF_COLUMNS, decode, encode, q8_bound
 from pact_cache.format import ENCODINGS, open_cache, write_part
-from pact_cache.manifest import hash_identity
+from pact_cache.typedjson import hash_identity
 
 from conftest import edit_manifest, row_result, write_manifest
 

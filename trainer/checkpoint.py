@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from pact_cache.errors import PactError
 from pact_cache.storage import stale_tmp, staged_dir
-from pact_cache.manifest import load_json
+from pact_cache.typedjson import load_json
 
 
 def _optimizer_to_files(optimizer) -> tuple[dict, dict]:

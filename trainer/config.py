@@ -188,7 +188,7 @@ def config_record(cfg: TrainConfig, cache_id: str, world: int = 1) -> dict:
 
 def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
     """pact-train's parser, generated from :class:`TrainConfig`; every dest is the field's name."""
-    from pact_cache.cli import STORAGE_HELP
+    from pact_cache.storage import STORAGE_HELP
 
     p = parser_class(prog="pact-train", description="Fine-tune with PACT (or plain SFT), one model in memory, reference "
                      "targets streamed from a pact-cache.")

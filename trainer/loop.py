@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pact_cache.format import Cache, open_cache
-from pact_cache.manifest import load_json
+from pact_cache.typedjson import load_json
 from pact_cache.projection import check_projection
 from pact_cache.storage import atomic_write_bytes, atomic_write_json, stale_tmp, staged_dir
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+HELPERS = ROOT / "tests" / "helpers"
+SHARED_DATA = ROOT.parent / "shared" / "data"
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
@@ -197,3 +199,63 @@ def edit_manifest(out: Path, fn, resign: bool = False):
         m["cache_id"] = Manifest.parse(m, "edit", check_id=False).content_id()
     (out / MANIFEST).write_text(json.dumps(m))
     return m
+
+
+# ----------------------------------------------------------------------------- caches shared by the session
+# Built once per test session; tests that change a cache copy it first (fixture ``copy``).
+
+@pytest.fixture(scope="session")
+def f32_cache(tiny_model, tmp_path_factory) -> str:
+    """The tiny model's f32 cache of CHAT_ROWS, mixed-sign weights (build_f32_cache's defaults)."""
+    return build_f32_cache(tmp_path_factory.mktemp("f32cache"), tiny_model)
+
+
+@pytest.fixture(scope="session")
+def made(tiny_model, tmp_path_factory):
+    """q8 and f32 caches of CHAT_ROWS (parts of 8 rows), and a cache of another dataset, same tokens."""
+    from pact_cache.build import BuildConfig, build
+
+    root = tmp_path_factory.mktemp("trust")
+    data = write_jsonl(root / "train.jsonl", CHAT_ROWS)
+    other = write_jsonl(root / "other.jsonl", [{"prompt": f"Tell me about the sea, part {i}", "completion": "waves " * (i + 2)} for i in range(23)])
+    tokens = root / "tokens.json"
+    tokens.write_text(json.dumps({"format": "pact-tokens/1", "ids": [3, 17, 42, 99], "weights": [0.5, 0.2, 0.1, 0.4], "method": "test"}))
+    f32 = build(BuildConfig(str(data), tiny_model, str(root / "f32"), tokens=str(tokens), encoding="f32", rows_per_part=8, progress=False))
+    q8 = build(BuildConfig(str(data), tiny_model, str(root / "q8"), tokens=str(tokens), rows_per_part=8, progress=False))
+    theirs = build(BuildConfig(str(other), tiny_model, str(root / "theirs"), tokens=str(tokens), rows_per_part=8, progress=False))
+    return {"data": data, "other": other, "tokens": tokens, "f32": Path(f32.out), "q8": Path(q8.out), "theirs": Path(theirs.out),
+            "model": tiny_model}
+
+
+@pytest.fixture
+def copy(made, tmp_path):
+    """A private copy of one of ``made``'s caches, to damage."""
+    import shutil
+
+    def _copy(which="q8"):
+        dst = tmp_path / f"cache-{which}"
+        shutil.copytree(made[which], dst)
+        return dst
+    return _copy
+
+
+@pytest.fixture(scope="session")
+def direction_file(tiny_model, tiny_base_model, tmp_path_factory):
+    from pact_cache.cli import main
+
+    out = tmp_path_factory.mktemp("dir") / "dir.safetensors"
+    assert main(["direction", "--aligned", tiny_model, "--base", tiny_base_model, "-o", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def scored(tiny_model, tiny_base_model, f32_cache, tmp_path_factory):
+    """(the f32 cache, a copy of it scored for TOSS with the tiny model as degraded and its sibling as utility)."""
+    from pact_cache.cli import main as cache_main
+
+    root = tmp_path_factory.mktemp("toss")
+    src = f32_cache
+    out = root / "scored"
+    assert cache_main(["score", src, "--degraded", tiny_model, "--utility", tiny_base_model, "-o", str(out), "--batch-size", "3",
+                       "--no-progress"]) == 0
+    return src, str(out)

@@ -17,6 +17,7 @@ from trainer.losses import PactParams, pact_kl
 
 from conftest import ARCHS, CHAT_ROWS, make_tiny_model, naive_reference, write_jsonl
 
+
 IDS = [3, 17, 42, 99, 150]
 WEIGHTS = [0.5, 0.1, 0.2, 0.7, 0.3]
 

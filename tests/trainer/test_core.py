@@ -3,8 +3,13 @@
 import pytest
 import torch
 
+from pact_cache.format import open_cache
 from pact_cache.projection import Projection
+from pact_cache.score import cache_token_mask
 from trainer.core import chunked_projection
+from trainer.loop import policy_losses
+from trainer.losses import LossParams
+from trainer.stream import collate
 
 
 def naive_target_logprobs(logits, targets):
@@ -52,3 +57,30 @@ def test_chunked_projection_of_no_positions_is_empty():
     head = torch.nn.Linear(4, 9, bias=False)
     tgt, sel, lse = chunked_projection(Projection(head), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.tensor([1, 2]), 3)
     assert tgt.shape == lse.shape == (0,) and sel.shape == (0, 2)
+
+
+def test_token_mask_leaves_the_selected_tokens_out_of_the_ce(tiny_model, scored):
+    """The loss core with a token mask: the CE sum is the plain sum of -log p over kept tokens only,
+    while a regularising term (pact) still covers every step."""
+    from transformers import AutoModelForCausalLM
+
+    _, out = scored
+    cache = open_cache(out)
+    mask = cache_token_mask(cache, 0.3)
+    rows = list(cache.iter_rows())[:4]
+    batch = collate(rows, 0, 1, mask)
+    plain = collate(rows, 0, 1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ids, w = torch.tensor(cache.ids), torch.tensor(cache.tokens.weights, dtype=torch.float32)
+    with torch.no_grad():
+        ce, term, n = policy_losses(model, batch, ids, w, LossParams(method="pact"))
+        ce0, term0, n0 = policy_losses(model, plain, ids, w, LossParams(method="pact"))
+        want = 0.0
+        for r in rows:
+            x = torch.tensor(r.input_ids)[None]
+            pos = torch.arange(r.response_start - 1, len(r.input_ids) - 1)
+            lp = torch.log_softmax(model(x).logits[0, pos].float(), -1).gather(1, x[0, pos + 1][:, None])[:, 0]
+            want += -(lp * torch.from_numpy(mask.keep(r.example_id, r.score))).sum().item()
+    assert 0 < int(batch.loss_mask.sum()) < int(batch.step_mask.sum())
+    assert ce.item() == pytest.approx(want, rel=1e-5) and ce.item() < ce0.item()
+    assert term.item() == pytest.approx(term0.item(), rel=1e-6) and n == n0

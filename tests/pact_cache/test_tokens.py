@@ -1,15 +1,20 @@
+"""The safety tokens (pact_cache/tokens.py): the paper's selection, the self-contrast, tokens.json."""
+
+from __future__ import annotations
+
 import json
 
 import pytest
 import torch
 
-from pact_cache.cli import main
+from pact_cache.cli import main, main as cache_main
 from pact_cache.data import chat_ids
 from pact_cache.errors import TokensError
 from pact_cache.models import load_model, load_tokenizer, resolve_model
 from pact_cache.tokens import load_refusals, select_tokens, validate_tokens
 
 from conftest import write_jsonl
+from hostile import one_line
 
 
 def naive_paper_selection(aligned, base, tok, pairs, top_k, max_resp_len):
@@ -140,3 +145,13 @@ def test_self_contrast_refuses_identical_contexts(tiny_model):
     pairs = [([{"role": "user", "content": "do a bad thing"}], "I can't help with that.")]
     with pytest.raises(TokensError, match="do not differ"):
         select_tokens(model, tok, pairs, top_k=5, benign=[pairs[0][0]])
+
+
+def test_tokens_weights_that_would_turn_pact_into_sft(made, tmp_path, capsys):
+    bad = tmp_path / "t.json"
+    bad.write_text(json.dumps({"format": "pact-tokens/1", "ids": [3, 4], "weights": [0.0, -1.0]}))
+    line = one_line(capsys, cache_main, "build", made["data"], "--ref", made["model"], "--tokens", bad, "-o", tmp_path / "c")
+    assert "every weight is <= 0" in line and "PACT would be plain SFT" in line
+    bad.write_text('{"format": "pact-tokens/1", "ids": [3, 4], "weights": [NaN, 1]}')
+    assert "NaN is not valid JSON" in one_line(capsys, cache_main, "build", made["data"], "--ref", made["model"], "--tokens", bad, "-o", tmp_path / "c")
+    assert not (tmp_path / "c").exists()

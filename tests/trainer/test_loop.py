@@ -1,5 +1,12 @@
+"""pact-train's loop (trainer/loop.py): cached = online, token-weighted accumulation, resume, divergence,
+and every bad input as one line."""
+
+from __future__ import annotations
+
 import json
 import math
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,13 +17,15 @@ import pytest
 import torch
 
 from pact_cache.build import BuildConfig, build
+from pact_cache.cli import main as cache_main
+from pact_cache.direction import read_direction
 from pact_cache.format import MANIFEST
 from trainer.cli import main as train_main
 from trainer.loop import TrainConfig, train
+from trainer.losses import asft_penalty
 
-from conftest import CHAT_ROWS, edit_manifest, make_tiny_model, write_jsonl
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import CHAT_ROWS, ROOT, edit_manifest, make_tiny_model, write_jsonl
+from hostile import cli, one_line
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +44,10 @@ def cfg(model, cache, out, **kw):
     base = dict(batch_size=4, max_steps=3, shuffle=False, progress=False, plot=False, lr=1e-3, lora_dropout=0.0)
     base.update(kw)
     return TrainConfig(model=model, cache=cache, out=str(out), **base)
+
+
+def asft_cfg(model, cache, out, **kw):
+    return cfg(model, cache, out, **{"max_steps": 4, "lr": 1e-2, "method": "asft", **kw})
 
 
 def metrics(out):
@@ -150,7 +163,7 @@ def test_corrupt_missing_and_empty_caches(tiny_model, caches, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_sigkill_then_resume_logs_the_same_metrics(caches, tmp_path_factory, tmp_path):
+def test_sigkill_then_resume_logs_the_samemetrics(caches, tmp_path_factory, tmp_path):
     model = str(make_tiny_model(tmp_path_factory.mktemp("wide_train") / "model", hidden=128, layers=4))
     data = write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS * 6)
     cache = build(BuildConfig(str(data), model, str(tmp_path / "cache"), tokens=str(caches["tokens"]), rows_per_part=16, progress=False))
@@ -204,3 +217,172 @@ def test_lambda_does_not_apply_to_a_method_that_replaces_the_ce(tiny_model, cach
     with pytest.raises(TrainError, match="--lambda 2.0: does not apply to --method constrained-sft"):
         train(cfg(tiny_model, caches["f32"], tmp_path / "x", method="constrained-sft", lam=2.0))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("opt, value, needle", [
+    ("--lr", "inf", "--lr inf: must be a finite number in (0, inf)"),
+    ("--lr", "nan", "--lr nan: must be a finite number"),
+    ("--lr", "0", "--lr 0.0: must be a finite number in (0, inf)"),
+    ("--pact-t", "0", "--pact-t 0.0: must be a finite number in (0, inf); the distillation temperature"),
+    ("--pact-t-gate", "-1", "--pact-t-gate -1.0: must be a finite number in (0, inf)"),
+    ("--pact-top-p", "1.5", "--pact-top-p 1.5: must be a finite number in (0, 1]"),
+    ("--pact-alpha", "nan", "--pact-alpha nan: must be a finite number"),
+    ("--pact-boost", "-1", "--pact-boost -1.0"),
+    ("--pact-n", "-1", "--pact-n -1: must be an integer in [0, inf)"),
+    ("--weight-decay", "-1", "--weight-decay -1.0: must be a finite number in [0, inf)"),
+    ("--lambda", "inf", "--lambda inf"),
+    ("--lora-dropout", "1", "--lora-dropout 1.0: must be a finite number in [0, 1)"),
+    ("--save-every", "0", "--save-every 0: must be an integer in [1, inf)"),
+    ("--shuffle-buffer", "0", "--shuffle-buffer 0: must be an integer in [1, inf)"),
+    ("--batch-size", "0", "--batch-size 0"),
+    ("--warmup-steps", "-2", "--warmup-steps -2: must be an integer in [-1, inf); -1 means 3% of the run"),
+    ("--seed", "-1", "--seed -1"),
+    ("--max-steps", "0", "--max-steps 0"),
+    ("--lr", "abc", "argument --lr: invalid float value: 'abc'"),
+])
+def test_train_options_are_range_checked(made, tmp_path, capsys, opt, value, needle):
+    out = tmp_path / "run"
+    code = 2 if value == "abc" else 1
+    line = one_line(capsys, train_main, "--model", made["model"], "--cache", made["q8"], "-o", out, opt, value, code=code)
+    assert needle in line, line
+    assert not out.exists()
+
+
+def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_writes_no_adapter(made, tmp_path, monkeypatch):
+    import trainer.loop as loop
+    from pact_cache.errors import PactError
+
+    real = loop.policy_losses
+    calls = {"n": 0}
+
+    def nan_at_step_3(*a, **k):
+        calls["n"] += 1
+        ce, kl, n = real(*a, **k)
+        return (ce * float("nan"), kl, n) if calls["n"] == 3 else (ce, kl, n)
+
+    monkeypatch.setattr(loop, "policy_losses", nan_at_step_3)
+    out = tmp_path / "run"
+    cfg = loop.TrainConfig(model=made["model"], cache=str(made["q8"]), out=str(out), batch_size=4, max_steps=5, save_every=2,
+                           progress=False, plot=False, shuffle=False)
+    with pytest.raises(PactError, match=r"step 3: the loss is not finite .*no adapter or model written, the last good checkpoint \(step 2\)"):
+        loop.train(cfg)
+    assert not (out / "adapter").exists()
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_huge_learning_rate_diverges_into_one_line(made, tmp_path, capsys):
+    out = tmp_path / "run"
+    line = one_line(capsys, train_main, "--model", made["model"], "--cache", made["f32"], "-o", out, "--lr", "1e30", "--max-steps", 4,
+                    "--no-progress", "--no-shuffle", "--full", "--warmup-steps", 0)
+    assert "not finite" in line or "gradient norm is" in line, line
+    assert not (out / "model").exists() and not (out / "adapter").exists()
+
+
+def test_resume_after_moving_the_run_and_from_another_directory(made, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "a" / "run"
+    base = ("--model", made["model"], "--batch-size", 4, "--no-progress", "--save-every", 2)
+    assert cli(capsys, train_main, *base, "--cache", made["q8"], "-o", run, "--max-steps", 2)[0] == 0
+    moved = tmp_path / "b" / "moved"
+    moved.parent.mkdir()
+    run.rename(moved)
+    cache_copy = tmp_path / "c" / "cache"
+    shutil.copytree(made["q8"], cache_copy)
+    monkeypatch.chdir(tmp_path / "c")
+    code, lines = cli(capsys, train_main, *base, "--cache", "cache", "-o", moved, "--max-steps", 4, "--resume")
+    assert code == 0, lines
+    assert [json.loads(x)["step"] for x in (moved / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    # a different cache is refused by id, whatever its path
+    line = one_line(capsys, train_main, *base, "--cache", made["f32"], "-o", moved, "--max-steps", 6, "--resume")
+    assert "holds a different run (cache_id:" in line
+
+
+def test_resume_on_a_new_folder_and_leftovers_of_killed_runs(made, tmp_path, capsys):
+    from pact_cache.storage import _host
+
+    line = one_line(capsys, train_main, "--model", made["model"], "--cache", made["q8"], "-o", tmp_path / "new", "--resume")
+    assert "--resume, but there is no run here to resume" in line and not (tmp_path / "new").exists()
+    run = tmp_path / "run"
+    base = ("--model", made["model"], "--cache", made["q8"], "-o", run, "--batch-size", 4, "--no-progress", "--save-every", 1)
+    assert cli(capsys, train_main, *base, "--max-steps", 1)[0] == 0
+    # what kills leave: a fallback checkpoint and temporary folders of dead processes
+    shutil.copytree(run / "checkpoint", run / ".checkpoint.old-12345")
+    (run / f".checkpoint.tmp-{_host()}-999999999").mkdir()
+    (run / f".adapter.tmp-{_host()}-999999999").mkdir()
+    assert cli(capsys, train_main, *base, "--max-steps", 2, "--resume")[0] == 0
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+
+
+def test_an_output_folder_that_cannot_be_written(made, tmp_path, capsys):
+    if os.geteuid() == 0:  # root ignores file modes; /sys refuses new folders even to root
+        target = Path("/sys/pact-cache-test/run")
+        if not Path("/sys").is_dir():
+            pytest.skip("no read-only location here")
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        target = ro / "run"
+    line = one_line(capsys, train_main, "--model", made["model"], "--cache", made["q8"], "-o", target, "--no-progress", "--max-steps", 1)
+    assert str(target.parent) in line and "check the path, its permissions and free space" in line
+    line = one_line(capsys, cache_main, "build", made["data"], "--ref", made["model"], "--tokens", made["tokens"], "-o", target, "--no-progress")
+    assert str(target.parent) in line and not target.exists()
+
+
+def test_no_traceback_from_a_subprocess_either(made, tmp_path):
+    """The entry points as a user runs them: one line, no traceback, exit 1."""
+    r = subprocess.run([sys.executable, "-m", "pact_cache", "info", str(tmp_path / "nothing")], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "no such cache folder" in r.stderr
+
+
+def test_pact_train_asft_logs_and_applies_the_penalty(tiny_model, f32_cache, direction_file, tmp_path):
+    """LoRA's B starts at 0, so the penalty starts at 0; loss = CE + lambda * penalty each step; a large
+    lambda keeps the update nearer the aligned direction than lambda 0 does, and the adapter written
+    has the penalty value logged for the last step."""
+    train(asft_cfg(tiny_model, f32_cache, tmp_path / "l0", lam=0.0, direction=str(direction_file)))
+    train(asft_cfg(tiny_model, f32_cache, tmp_path / "big", lam=1e3, direction=str(direction_file)))
+    m0, mb = metrics(tmp_path / "l0"), metrics(tmp_path / "big")
+    assert m0[0]["asft"] == 0.0 and mb[0]["asft"] == 0.0
+    for r in mb:
+        assert r["loss"] == pytest.approx(r["ce"] + 1e3 * r["asft"], rel=1e-5)
+    assert m0[-1]["asft"] > 0 and mb[-1]["asft"] < 0.5 * m0[-1]["asft"]
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainer.loop import lora_direction_factors
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(tmp_path / "big" / "adapter"))
+    assert asft_penalty(lora_direction_factors(model, read_direction(direction_file))).item() == pytest.approx(mb[-1]["asft"], rel=0.5)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--method", "asft"], "needs --direction FILE"),
+    (["--method", "pact", "--direction", "DIR"], "only a method with a parameter penalty"),
+    (["--method", "asft", "--direction", "DIR", "--full"], "leave out --full"),
+    (["--method", "asft", "--direction", "DIR", "--lora-targets", "q_proj,k_proj"], "no entry for"),
+])
+def test_asft_option_errors(tiny_model, f32_cache, direction_file, tmp_path, capsys, argv, needle):
+    argv = [str(direction_file) if a == "DIR" else a for a in argv]
+    assert train_main(["--model", tiny_model, "--cache", f32_cache, "-o", str(tmp_path / "run"), "--no-progress"] + argv) != 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]  # transformers' own bar
+    assert needle in err and "Traceback" not in err and len(lines) == 1
+
+
+def test_pact_train_token_mask(tiny_model, scored, tmp_path, capsys):
+    src, out = scored
+    cfg = dict(batch_size=4, max_steps=2, shuffle=False, progress=False, plot=False, lr=1e-3, lora_dropout=0.0, method="sft")
+    train(TrainConfig(model=tiny_model, cache=out, out=str(tmp_path / "masked"), token_mask=0.2, **cfg))
+    train(TrainConfig(model=tiny_model, cache=out, out=str(tmp_path / "all"), **cfg))
+    m = [json.loads(l) for l in (tmp_path / "masked" / "metrics.jsonl").read_text().splitlines()]
+    a = [json.loads(l) for l in (tmp_path / "all" / "metrics.jsonl").read_text().splitlines()]
+    assert m[0]["tokens"] == a[0]["tokens"] and m[0]["ce"] < a[0]["ce"]
+    assert json.loads((tmp_path / "masked" / "config.json").read_text())["token_mask"] == 0.2
+    capsys.readouterr()
+    assert train_main(["--model", tiny_model, "--cache", src, "-o", str(tmp_path / "x"), "--token-mask", "0.2", "--no-progress"]) != 0
+    assert "has no token scores for --token-mask" in capsys.readouterr().err
+    assert train_main(["--model", tiny_model, "--cache", out, "-o", str(tmp_path / "y"), "--token-mask", "1", "--no-progress"]) != 0
+    assert "--token-mask" in capsys.readouterr().err

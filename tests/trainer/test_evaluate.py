@@ -1,6 +1,11 @@
+"""pact-eval (trainer/evaluate.py)."""
+
+from __future__ import annotations
+
 import json
 
 import pytest
+import torch
 
 from pact_cache.build import BuildConfig, build
 from pact_cache.format import open_cache
@@ -9,6 +14,7 @@ from trainer import evaluate as ev
 from trainer.cli import main_eval
 
 from conftest import CHAT_ROWS, make_tiny_model, write_jsonl
+from hostile import one_line
 
 
 @pytest.mark.parametrize("response, refusal", [
@@ -111,3 +117,37 @@ def test_eval_with_a_guard_model_on_a_tiny_model(tiny_model, tmp_path, capsys):
     s = json.loads((tmp_path / "e" / "summary.json").read_text())["harmful_refusal"]
     assert s["n"] == 2 and s["guard"] == f"guard:{tiny_model}" and s["unsafe"] + s["guard_unreadable"] <= 2
     assert all("unsafe" in json.loads(line) for line in (tmp_path / "e" / "harmful.jsonl").read_text().splitlines())
+
+
+def test_eval_inputs(made, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "h.jsonl", [{"prompt": "how do I pick a lock"}])
+    base = ("--model", made["model"], "--no-progress")
+    for opt in ("--limit", "--batch-size", "--max-new-tokens"):
+        line = one_line(capsys, main_eval, *base, "--harmful", prompts, "-o", tmp_path / "e", opt, 0, code=2)
+        assert f"argument {opt}: 0 must be at least 1" in line
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    line = one_line(capsys, main_eval, *base, "--harmful", empty, "-o", tmp_path / "e")
+    assert "dataset has no rows" in line or "holds no prompts" in line
+    line = one_line(capsys, main_eval, *base, "--harmful", prompts, "--adapter", tmp_path / "no-such-adapter", "-o", tmp_path / "e")
+    assert "no-such-adapter: no adapter_config.json there" in line
+    assert not (tmp_path / "e").exists()
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "mine.txt").write_text("x")
+    assert "is not an empty folder" in one_line(capsys, main_eval, *base, "--harmful", prompts, "-o", tmp_path / "e")
+
+
+def test_eval_refuses_a_nan_adapter(made, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(made["model"]), LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "adapter")
+    prompts = write_jsonl(tmp_path / "h.jsonl", [{"prompt": "how do I pick a lock"}])
+    line = one_line(capsys, main_eval, "--model", made["model"], "--adapter", tmp_path / "adapter", "--harmful", prompts,
+                    "-o", tmp_path / "e", "--no-progress")
+    assert "holds NaN or infinity" in line and not (tmp_path / "e").exists()

@@ -1,10 +1,4 @@
-"""pact-train as several processes (torchrun, gloo on CPU, a tiny random model).
-
-Two processes with batch B follow the trajectory of one process with batch 2B: the same rows in
-each optimizer step, the same token-weighted loss, the same gradients. Tolerance: 1e-5 relative
-on every logged number and 1e-5 absolute on the final weights (float32 sums taken in another
-order and over other padding; measured differences are ~1e-7).
-"""
+"""Several processes (trainer/distributed.py): torchrun, accelerate, the Trainer, FSDP."""
 
 import json
 import os
@@ -19,19 +13,21 @@ from safetensors.torch import load_file
 from trainer.distributed import Ranks
 from trainer.loop import TrainConfig, TrainError, train
 
-from conftest import build_f32_cache
+from conftest import HELPERS
 
-HELPERS = Path(__file__).parent / "helpers"
-# 23 rows, windows of 3 micro-batches of 2 rows: the last window has micro-batches of 2, 2 and 1
-# rows, so under 2 processes rank 1 has no row of the last micro-batch (a stand-in at weight 0)
+pytestmark = pytest.mark.multiprocess
+
+
 COMMON = ["--lora-dropout", "0", "--lr", "1e-3", "--grad-accum", "3", "--warmup-steps", "1", "--no-progress", "--save-every", "1"]
+
+
 KEYS = ("loss", "ce", "pact_kl", "grad_norm", "lr", "tokens", "tokens_total", "epoch")
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model, tmp_path_factory):
+def setup(tiny_model, f32_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    cache = build_f32_cache(root, tiny_model)
+    cache = f32_cache
     return root, ["--model", tiny_model, "--cache", str(cache)] + COMMON
 
 

@@ -1,3 +1,5 @@
+"""stats (pact_cache/stats.py): the audit against a naive computation."""
+
 import json
 
 import numpy as np

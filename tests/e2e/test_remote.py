@@ -20,13 +20,18 @@ from pact_cache.format import MANIFEST, open_cache
 from pact_cache.storage import Location
 from trainer.cli import main as train_main
 
-from conftest import CHAT_ROWS, write_jsonl
+from conftest import CHAT_ROWS, ROOT, write_jsonl
+
 
 pytest.importorskip("s3fs")
+
+
 moto_server = pytest.importorskip("moto.server")
 
-ROOT = Path(__file__).resolve().parents[1]
+
 BUCKET = "pact-test"
+
+
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 

@@ -1,5 +1,10 @@
+"""pact-cache build (pact_cache/build.py): exact values, atomic and resumable, sharded, incremental."""
+
+from __future__ import annotations
+
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,21 +17,58 @@ import torch
 
 import pact_cache.build as build_mod
 from pact_cache.build import BuildConfig, build
-from pact_cache.cli import main
-from pact_cache.data import assistant_header_ids, tokenize_dataset
+from pact_cache.cli import main, main as cache_main
 from pact_cache.columns import q8_bound
+from pact_cache.data import assistant_header_ids, tokenize_dataset
 from pact_cache.format import ENCODINGS, MANIFEST, open_cache
 from pact_cache.models import load_model, load_tokenizer, resolve_model
 
-from conftest import CHAT_ROWS, naive_reference, write_jsonl
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import CHAT_ROWS, ROOT, naive_reference, write_jsonl
+from hostile import cli, one_line, run_with_deadline
 
 
 def tokens_file(tmp_path, ids, weights=None):
     p = tmp_path / "tokens.json"
     p.write_text(json.dumps({"format": "pact-tokens/1", "ids": ids, "weights": weights or [1.0] * len(ids), "method": "test", "params": {}, "aligned": None, "base": None}))
     return p
+
+
+def run_cli(*args):
+    return main([str(a) for a in args])
+
+
+def only_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in err if line.startswith("pact-cache")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def snapshot(folder: Path):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else None
+
+
+def cli_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def build_cmd(model, data, out, *extra):
+    return [sys.executable, "-m", "pact_cache", "build", str(data), "--ref", str(model), "--tokens", str(extra[0]),
+            "-o", str(out), "--rows-per-part", "4", "--batch-size", "2", "--no-progress", *map(str, extra[1:])]
+
+
+@pytest.fixture
+def long_dataset(tmp_path):
+    rows = [{"prompt": f"Write a long story number {i} about the sea", "completion": "the sea and the wind " * (20 + i % 5)} for i in range(40)]
+    return write_jsonl(tmp_path / "long.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def wider_model(tmp_path_factory):
+    from conftest import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("wide") / "model", hidden=128, layers=4))
 
 
 def test_f32_build_equals_naive_recompute_and_q8_within_bound(tiny_model, chat_dataset, tmp_path, monkeypatch):
@@ -52,21 +94,6 @@ def test_f32_build_equals_naive_recompute_and_q8_within_bound(tiny_model, chat_d
             assert (np.abs(dec - true) <= q8_bound(d, enc) + 1e-4).all()
         assert np.abs(q.ref["target"] - target).max() <= 2**-9 + 1e-4
     assert exact.cache_id != q8.cache_id
-
-
-def run_cli(*args):
-    return main([str(a) for a in args])
-
-
-def only_line(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    err = [line for line in err if line.startswith("pact-cache")]
-    assert len(err) == 1, err
-    return err[0]
-
-
-def snapshot(folder: Path):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else None
 
 
 @pytest.mark.parametrize("rows, needle", [
@@ -120,54 +147,11 @@ def test_existing_output_is_never_overwritten(tiny_model, chat_dataset, tmp_path
     assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
 
 
-def test_info_and_verify(tiny_model, chat_dataset, tmp_path, capsys):
-    tokens = tokens_file(tmp_path, [3, 4, 5])
-    out = tmp_path / "cache"
-    assert run_cli("build", chat_dataset, "--ref", tiny_model, "--tokens", tokens, "-o", out, "--no-progress") == 0
-    capsys.readouterr()
-    assert run_cli("info", out, "--json") == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["rows"] == len(CHAT_ROWS) and info["K"] == 3 and info["bytes_per_step"] > 0
-    assert info["ratio_to_float16"] == pytest.approx(info["bytes_per_step"] / 14)
-    assert run_cli("verify", out, "--dataset", chat_dataset, "--model", tiny_model) == 0
-    assert "OK" in capsys.readouterr().out
-    other = write_jsonl(tmp_path / "other.jsonl", CHAT_ROWS[:3])
-    assert run_cli("verify", out, "--dataset", other) == 1
-    assert "gives 3 (at --max-length 2048); it was not built from this dataset" in only_line(capsys)
-    part = next(out.glob("part-*.parquet"))
-    part.write_bytes(part.read_bytes()[:-10] + b"0123456789")
-    assert run_cli("verify", out) == 1
-    assert "sha256 differs" in only_line(capsys)
-
-
 def test_default_tokens_when_none_given(tiny_model, chat_dataset, tmp_path):
     res = build(BuildConfig(str(chat_dataset), tiny_model, str(tmp_path / "c"), progress=False))
     tokens = res.manifest.tokens
     assert tokens.method == "pact-self-contrast" and 1 <= len(tokens.ids) <= 50
     assert tokens.params["refusals"].startswith("builtin") and tokens.params["benign"].startswith("builtin")
-
-
-def cli_env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def build_cmd(model, data, out, *extra):
-    return [sys.executable, "-m", "pact_cache", "build", str(data), "--ref", str(model), "--tokens", str(extra[0]),
-            "-o", str(out), "--rows-per-part", "4", "--batch-size", "2", "--no-progress", *map(str, extra[1:])]
-
-
-@pytest.fixture
-def long_dataset(tmp_path):
-    rows = [{"prompt": f"Write a long story number {i} about the sea", "completion": "the sea and the wind " * (20 + i % 5)} for i in range(40)]
-    return write_jsonl(tmp_path / "long.jsonl", rows)
-
-
-@pytest.fixture(scope="module")
-def wider_model(tmp_path_factory):
-    from conftest import make_tiny_model
-
-    return str(make_tiny_model(tmp_path_factory.mktemp("wide") / "model", hidden=128, layers=4))
 
 
 def test_sigkill_then_resume_is_byte_identical(wider_model, long_dataset, tmp_path):
@@ -192,6 +176,7 @@ def test_sigkill_then_resume_is_byte_identical(wider_model, long_dataset, tmp_pa
     assert json.loads((out / MANIFEST).read_text())["parts"] == json.loads((ref / MANIFEST).read_text())["parts"]
 
 
+@pytest.mark.multiprocess
 def test_shards_and_torchrun_give_the_same_rows(tiny_model, long_dataset, tmp_path):
     tokens = tokens_file(tmp_path, [3, 4, 5, 6])
     single, sharded, tr = tmp_path / "single", tmp_path / "sharded", tmp_path / "torchrun"
@@ -237,3 +222,67 @@ def test_no_batch_by_seq_by_vocab_float_tensor_is_ever_made(tiny_model, chat_dat
         compute_rows(model, examples, torch.tensor([3, 4]), assistant_header_ids(tok), batch, "cpu")
     B_L_V = batch * max(len(e.input_ids) for e in examples[:batch]) * V
     assert 0 < Largest.biggest <= 16 * V < B_L_V
+
+
+def test_ignored_files_are_reported_by_build(made, tmp_path, capsys):
+    write_jsonl(tmp_path / "ds" / "a.jsonl", CHAT_ROWS[:3])
+    (tmp_path / "ds" / "notes.txt").write_text("x")
+    code, lines = cli(capsys, cache_main, "build", tmp_path / "ds", "--ref", made["model"], "--tokens", made["tokens"], "-o",
+                      tmp_path / "c", "--no-progress")
+    assert code == 0
+    assert any("ignoring 1 file(s) that are not .jsonl/.json/.parquet" in x and "notes.txt" in x for x in lines), lines
+
+
+def test_build_resume_adopts_only_parts_it_can_prove_it_wrote(made, tmp_path, capsys):
+    out = tmp_path / "c"
+    args = ("build", made["data"], "--ref", made["model"], "--tokens", made["tokens"], "-o", out, "--rows-per-part", 8, "--no-progress")
+    assert cli(capsys, cache_main, *args)[0] == 0
+    state = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).unlink()  # as if killed before the manifest was published
+    from pact_cache.build import BUILD_STATE
+    from pact_cache.storage import atomic_write_json
+
+    key = open_cache(made["q8"]).manifest.identity.key()
+    atomic_write_json(out / BUILD_STATE, {"build_key": key})
+    # a part from another build (another dataset) under the right name
+    shutil.copy(made["theirs"] / "part-00001.parquet", out / "part-00001.parquet")
+    before = snapshot(out)
+    line = one_line(capsys, cache_main, *args, "--resume")
+    assert "part-00001.parquet: it was written by a different build" in line and "Delete that file" in line
+    assert snapshot(out) == before
+    # a part of this build but with other rows: the footer key matches, the rows do not
+    shutil.copy(made["q8"] / "part-00002.parquet", out / "part-00001.parquet")
+    assert "part-00001.parquet: its rows are not the rows this build puts there" in one_line(capsys, cache_main, *args, "--resume")
+    (out / "part-00001.parquet").unlink()
+    assert cli(capsys, cache_main, *args, "--resume")[0] == 0
+    assert json.loads((out / MANIFEST).read_text())["cache_id"] == state["cache_id"]
+
+
+def test_build_resume_without_a_build_and_stale_temp_files(made, tmp_path, capsys):
+    args = ("build", made["data"], "--ref", made["model"], "--tokens", made["tokens"], "--rows-per-part", 8, "--no-progress")
+    line = one_line(capsys, cache_main, *args, "-o", tmp_path / "new", "--resume")
+    assert "--resume, but there is no build here to resume" in line and not (tmp_path / "new").exists()
+    from pact_cache.storage import _host
+
+    out = tmp_path / "c"
+    out.mkdir()
+    dead = out / f".part-00000.parquet.tmp-{_host()}-999999999"  # a killed writer's leftover
+    dead.write_bytes(b"half")
+    other_host = out / ".part-00001.parquet.tmp-otherhost-1"  # another machine's shard may still write it
+    other_host.write_bytes(b"half")
+    assert cli(capsys, cache_main, *args, "-o", out)[0] == 0
+    assert not dead.exists() and other_host.exists()
+
+
+def test_build_resume_refuses_a_fifo_under_a_part_name_without_hanging(made, tmp_path, capsys):
+    from pact_cache.build import BUILD_STATE
+    from pact_cache.storage import atomic_write_json
+
+    out = tmp_path / "c"
+    out.mkdir()
+    atomic_write_json(out / BUILD_STATE, {"build_key": open_cache(made["q8"]).manifest.identity.key()})
+    os.mkfifo(out / "part-00001.parquet")
+    args = ("build", made["data"], "--ref", made["model"], "--tokens", made["tokens"], "-o", out, "--rows-per-part", 8, "--no-progress", "--resume")
+    line = run_with_deadline(lambda: one_line(capsys, cache_main, *args))
+    assert "part-00001.parquet: it is not a regular file; this build will not adopt it" in line
+    assert (out / "part-00001.parquet").is_fifo() and not (out / MANIFEST).exists()

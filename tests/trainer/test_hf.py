@@ -1,25 +1,26 @@
-"""The Hugging Face Trainer path computes what pact-train computes: same loss core, same
-normalisation (token-weighted over the accumulation window)."""
+"""The Trainer/TRL integration (trainer/hf.py): the same core as pact-train."""
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from pact_cache.direction import read_direction
 from pact_cache.format import open_cache
+from pact_cache.models import resolve_model
+from pact_cache.score import cache_token_mask
 from trainer.hf import CacheDataset, PactCollator, make_trainer_class
 from trainer.loop import TrainConfig, load_policy, policy_losses, train
-from trainer.losses import LossParams
+from trainer.losses import LossParams, asft_penalty
 from trainer.stream import collate
 
-from conftest import build_f32_cache
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def cache(tiny_model, tmp_path_factory):
-    return build_f32_cache(tmp_path_factory.mktemp("hf"), tiny_model)
+def cache(f32_cache):
+    return f32_cache
 
 
 def trainer_for(model, cache, tmp_path, params, **args):
@@ -87,7 +88,7 @@ def test_dataset_shards_by_worker_without_overlap(cache):
 
 def test_the_readme_example_runs(tiny_model, cache, tmp_path, monkeypatch):
     """The README's Trainer example, with the tiny model and this cache put in, 3 steps on CPU."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (ROOT / "README.md").read_text()
     block = text.split("## Using a cache from Trainer / TRL")[1].split("```python")[1].split("```")[0]
     for old, new in (('"s3://team/caches/sst2", cache_id="3f1c2a9e"', repr(str(cache))), ('"my-aligned-model"', repr(tiny_model)),
                      ("max_steps=250", "max_steps=3"), ('"runs/hf"', repr(str(tmp_path / "hf"))),
@@ -144,3 +145,54 @@ def test_dataset_shards_by_rank_unless_the_stack_does(cache, monkeypatch):
         ds.shard_by_rank = False  # what PactTrainer sets: accelerate shards instead
         assert [item["row"].example_id for item in ds] == every and len(ds) == len(every)
     assert sorted(shares[0] + shares[1]) == sorted(every) and not set(shares[0]) & set(shares[1])
+
+
+def test_trainer_asft_adds_the_penalty_once_per_optimizer_step(tiny_model, f32_cache, direction_file, tmp_path):
+    """PactTrainer with direction=: the logged asft value is the penalty; with gradient accumulation 2
+    the update equals the one of the same rows in pact-train (penalty once per optimizer step)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from pact_cache.format import open_cache
+    from trainer.hf import CacheDataset, PactCollator, PactTrainer
+    from trainer.losses import LossParams
+    from pact_cache.models import load_tokenizer
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():  # a non-zero B, so that the penalty and its gradient are not zero from the start
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    cache = open_cache(f32_cache)
+    tok = load_tokenizer(resolve_model(tiny_model))
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             max_steps=1, learning_rate=0.0, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                             remove_unused_columns=False, lr_scheduler_type="constant")
+    trainer = PactTrainer(model=model, args=args, train_dataset=CacheDataset(cache, shuffle=False),
+                          data_collator=PactCollator(tok.pad_token_id or 0), cache=cache,
+                          loss_params=LossParams(method="asft", lam=2.0), direction=direction_file)
+    from trainer.loop import lora_direction_factors
+
+    want = asft_penalty(lora_direction_factors(model, read_direction(direction_file))).item()
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "asft" in h]
+    assert logged and logged[0]["asft"] == pytest.approx(want, rel=1e-5) and want > 0
+    assert logged[0]["loss"] == pytest.approx(logged[0]["ce"] + 2.0 * want, rel=1e-4)
+    with pytest.raises(Exception, match="needs direction="):
+        PactTrainer(model=model, args=args, train_dataset=CacheDataset(cache, shuffle=False),
+                    data_collator=PactCollator(tok.pad_token_id or 0), cache=cache, loss_params=LossParams(method="asft"))
+
+
+def test_trainer_collator_carries_the_token_mask(scored):
+    from trainer.hf import PactCollator
+
+    _, out = scored
+    cache = open_cache(out)
+    mask = cache_token_mask(cache, 0.2)
+    rows = list(cache.iter_rows())[:3]
+    b = PactCollator(0, token_mask=mask)([{"row": r} for r in rows])
+    for i, r in enumerate(rows):
+        assert b["pact_loss_mask"][i, : r.steps].tolist() == mask.keep(r.example_id, r.score).tolist()
+    assert torch.equal(PactCollator(0)([{"row": r} for r in rows])["pact_loss_mask"], b["pact_step_mask"])

@@ -13,6 +13,7 @@ from trainer.losses import PactParams, pact_kl
 
 from conftest import naive_reference, write_jsonl
 
+
 pytestmark = pytest.mark.slow
 
 
@@ -84,6 +85,8 @@ def test_pact_loss_from_q8_within_half_a_percent_of_exact(built):
 
 
 REFUSAL_MARKERS = {"'m", "'t", " I", "I", " sorry", "Sorry", " can", " cannot", " assist", " afraid", " unable", " provide", " help"}
+
+
 FILLER = {",", ".", " the", " a", " an", " of", " and", " in", " is", " it", "The"}
 
 

@@ -1,9 +1,11 @@
+"""Streaming batches (trainer/stream.py): seeded order, bounded memory, exact resume."""
+
 import gc
 import tracemalloc
 
 import numpy as np
 
-from pact_cache.format import ENCODINGS, CacheRow, open_cache, write_part
+from pact_cache.format import CacheRow, ENCODINGS, open_cache, write_part
 from trainer.stream import batches, collate, epoch_rows
 
 from conftest import row_result, write_manifest

@@ -1,5 +1,4 @@
-"""build --reuse: rows an earlier cache already holds are copied, the rest computed; the result
-equals a full rebuild row for row (to the float noise of a different batch composition)."""
+"""build --reuse (pact_cache/build.py): rows an older cache holds are copied, not computed."""
 
 import json
 

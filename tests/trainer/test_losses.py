@@ -1,11 +1,20 @@
-"""Each loss against a naive, loop-by-loop re-implementation of the paper's formulas."""
+"""Every method's term (trainer/losses.py) against a naive re-implementation, on odd shapes."""
 
 import math
 
 import pytest
 import torch
 
-from trainer.losses import METHODS, LossParams, Method, PactParams, Steps, method_named, pact_gate, pact_kl, pact_rest_kl, register, top_p_count
+from trainer.losses import LossParams, METHODS, Method, PactParams, Steps, asft_penalty, method_named, pact_gate, pact_kl, pact_rest_kl, register, top_p_count
+
+
+def naive_asft(modules):
+    """AsFT's code, literally: C = V V^T / ||V||_F (out x out), ||(I - C) @ (B @ A)||_F^2 summed."""
+    total = 0.0
+    for A, B, V in modules:
+        C = V @ V.t() / torch.norm(V)
+        total = total + torch.norm((torch.eye(C.shape[0], dtype=V.dtype) - C) @ (B @ A), p="fro") ** 2
+    return total
 
 
 def naive_gate(zt: list, bt: list, t: int, p: PactParams) -> float:
@@ -229,3 +238,29 @@ def test_a_method_is_looked_up_once_and_reads_only_cache_columns():
     with pytest.raises(ValueError, match=r"reads \['logits'\], which no cache holds"):
         register(Method("bad", "reads a column no cache has", ("logits",), "bad", lambda s, p: s.mask.sum()))
     assert "bad" not in METHODS
+
+
+def test_penalty_equals_the_d_by_d_formula_values_and_gradients():
+    """Two modules of odd shapes (7x5 rank 3, 4x9 rank 2), P = V and P = U_r diag(s_r) at full rank."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5, 3), (4, 9, 2)]
+    mods = [(torch.randn(r, i, generator=g, dtype=torch.float64, requires_grad=True),
+             torch.randn(o, r, generator=g, dtype=torch.float64, requires_grad=True),
+             torch.randn(o, i, generator=g, dtype=torch.float64)) for o, i, r in shapes]
+    want = naive_asft(mods)
+    want.backward()
+    grads = [(A.grad.clone(), B.grad.clone()) for A, B, _ in mods]
+    for A, B, _ in mods:
+        A.grad = B.grad = None
+    got = asft_penalty([(A, B, V, torch.linalg.matrix_norm(V)) for A, B, V in mods])
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    for (A, B, _), (ga, gb) in zip(mods, grads):
+        assert torch.allclose(A.grad.double(), ga, rtol=1e-4, atol=1e-6) and torch.allclose(B.grad.double(), gb, rtol=1e-4, atol=1e-6)
+    factored = []
+    for A, B, V in mods:
+        U, s, _ = torch.linalg.svd(V, full_matrices=False)
+        factored.append((A, B, U * s, torch.linalg.matrix_norm(V)))
+    assert asft_penalty(factored).item() == pytest.approx(want.item(), rel=1e-5)
+    assert asft_penalty([]).item() == 0.0
+    assert METHODS["asft"].penalty is asft_penalty and METHODS["asft"].term is None and METHODS["asft"].metric == "asft"

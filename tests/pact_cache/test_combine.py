@@ -1,3 +1,5 @@
+"""merge and diff (pact_cache/combine.py)."""
+
 import json
 
 import numpy as np

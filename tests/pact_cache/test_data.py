@@ -1,12 +1,19 @@
+"""Datasets (pact_cache/data.py): every row format, folders, and broken files as one line."""
+
+from __future__ import annotations
+
 import json
 
+import numpy as np
 import pytest
 
+from pact_cache.cli import main as cache_main
 from pact_cache.data import RawRow, assistant_header_ids, dataset_fingerprint, iter_rows, to_messages, tokenize_dataset
 from pact_cache.errors import DatasetError
 from pact_cache.models import load_tokenizer, resolve_model
 
 from conftest import write_jsonl
+from hostile import one_line
 
 
 def msgs(row):
@@ -95,3 +102,42 @@ def test_tokenise_spans_truncation_and_skips(tiny_model, tmp_path):
     assert e0.example_id.startswith("00000000-")
     # the header is what the generation prompt adds
     assert tok.decode(assistant_header_ids(tok)) == "<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff\xfe", "completion": "b"}\n', "train.jsonl:2: invalid UTF-8"),
+    (np.random.default_rng(1).bytes(3000), "train.jsonl:1:"),
+    (b'{"prompt": ' * 100000 + b"\n", "train.jsonl:1: "),
+    (b'{"prompt": "a", "completion": 5}\n', "train.jsonl:1: 'prompt' and 'completion' must be strings"),
+    (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": null}]}\n', "train.jsonl:1: messages[1] must be an object"),
+])
+def test_broken_dataset_files(made, tmp_path, capsys, content, needle):
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(content)
+    out = tmp_path / "cache"
+    assert needle in one_line(capsys, cache_main, "build", data, "--ref", made["model"], "-o", out, "--no-progress")
+    assert not out.exists()
+
+
+def test_json_and_parquet_files_that_are_not_what_they_say(made, tmp_path, capsys):
+    (tmp_path / "d.json").write_bytes(b'[{"prompt": "\xc3\x28"}]')
+    assert "d.json:1: invalid UTF-8" in one_line(capsys, cache_main, "build", tmp_path / "d.json", "--ref", made["model"], "-o", tmp_path / "c")
+    (tmp_path / "d.parquet").write_bytes(b"not parquet at all")
+    assert "d.parquet: not a readable Parquet file" in one_line(capsys, cache_main, "build", tmp_path / "d.parquet", "--ref", made["model"], "-o", tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_dataset_folder_is_read_recursively_whatever_the_case_of_extensions(tmp_path):
+    from pact_cache.data import dataset_fingerprint, iter_rows, scan_dataset
+
+    write_jsonl(tmp_path / "ds" / "B.JSONL", [{"prompt": "b", "completion": "1"}])
+    write_jsonl(tmp_path / "ds" / "a.jsonl", [{"prompt": "a", "completion": "1"}])
+    write_jsonl(tmp_path / "ds" / "sub" / "c.Json", [])
+    (tmp_path / "ds" / "sub" / "c.Json").write_text(json.dumps([{"prompt": "c", "completion": "1"}]))
+    write_jsonl(tmp_path / "ds" / ".hidden" / "x.jsonl", [{"prompt": "hidden", "completion": "1"}])
+    (tmp_path / "ds" / "README.md").write_text("notes")
+    files, ignored = scan_dataset(tmp_path / "ds")
+    assert [f.relative_to(tmp_path / "ds").as_posix() for f in files] == ["B.JSONL", "a.jsonl", "sub/c.Json"]
+    assert [f.name for f in ignored] == ["README.md"]
+    assert [r.record["prompt"] for r in iter_rows(tmp_path / "ds")] == ["b", "a", "c"]
+    assert dataset_fingerprint(tmp_path / "ds")["files"] == ["B.JSONL", "a.jsonl", "sub/c.Json"]

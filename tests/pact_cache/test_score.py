@@ -1,9 +1,6 @@
-"""TOSS from the cache: the global top-fraction selection on hand-made examples, `pact-cache score`
-against two teacher-forced passes, the scored cache's checks (id, sidecar sha256, cp), and
---token-mask in the loss core, pact-train and the Trainer's collator."""
+"""TOSS scores (pact_cache/score.py): the selection by hand, and the scored cache."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +9,7 @@ import torch
 from pact_cache.cli import main as cache_main
 from pact_cache.errors import CacheError, PactError
 from pact_cache.format import MANIFEST, open_cache
-from pact_cache.score import cache_token_mask, token_mask
-from trainer.cli import main as train_main
-from trainer.loop import TrainConfig, policy_losses, train
-from trainer.losses import LossParams
-from trainer.stream import collate
-
-from conftest import build_f32_cache
+from pact_cache.score import token_mask
 
 
 def test_global_selection_by_hand():
@@ -50,16 +41,6 @@ def test_selection_drops_exactly_the_fraction_and_only_the_highest(fraction):
     dropped = np.concatenate([s[~k] for (_, s), k in zip(rows, keep)])
     kept = np.concatenate([s[k] for (_, s), k in zip(rows, keep)])
     assert dropped.size == m.dropped == round(fraction * m.total) and dropped.min() >= kept.max()
-
-
-@pytest.fixture(scope="module")
-def scored(tiny_model, tiny_base_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("toss")
-    src = build_f32_cache(root, tiny_model)
-    out = root / "scored"
-    assert cache_main(["score", src, "--degraded", tiny_model, "--utility", tiny_base_model, "-o", str(out), "--batch-size", "3",
-                       "--no-progress"]) == 0
-    return src, str(out)
 
 
 def test_scores_are_the_two_models_log_prob_difference(tiny_model, tiny_base_model, scored):
@@ -117,59 +98,3 @@ def test_scored_cache_is_checked_copied_and_refused_when_edited(scored, tmp_path
     assert cache_main(["score", out, "--degraded", "x", "--utility", "y", "-o", str(tmp_path / "again")]) != 0
     assert "already carries token scores" in capsys.readouterr().err
     assert cache_main(["score", out, "--degraded", "x", "--utility", "y", "-o", out]) != 0
-
-
-def test_token_mask_leaves_the_selected_tokens_out_of_the_ce(tiny_model, scored):
-    """The loss core with a token mask: the CE sum is the plain sum of -log p over kept tokens only,
-    while a regularising term (pact) still covers every step."""
-    from transformers import AutoModelForCausalLM
-
-    _, out = scored
-    cache = open_cache(out)
-    mask = cache_token_mask(cache, 0.3)
-    rows = list(cache.iter_rows())[:4]
-    batch = collate(rows, 0, 1, mask)
-    plain = collate(rows, 0, 1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    ids, w = torch.tensor(cache.ids), torch.tensor(cache.tokens.weights, dtype=torch.float32)
-    with torch.no_grad():
-        ce, term, n = policy_losses(model, batch, ids, w, LossParams(method="pact"))
-        ce0, term0, n0 = policy_losses(model, plain, ids, w, LossParams(method="pact"))
-        want = 0.0
-        for r in rows:
-            x = torch.tensor(r.input_ids)[None]
-            pos = torch.arange(r.response_start - 1, len(r.input_ids) - 1)
-            lp = torch.log_softmax(model(x).logits[0, pos].float(), -1).gather(1, x[0, pos + 1][:, None])[:, 0]
-            want += -(lp * torch.from_numpy(mask.keep(r.example_id, r.score))).sum().item()
-    assert 0 < int(batch.loss_mask.sum()) < int(batch.step_mask.sum())
-    assert ce.item() == pytest.approx(want, rel=1e-5) and ce.item() < ce0.item()
-    assert term.item() == pytest.approx(term0.item(), rel=1e-6) and n == n0
-
-
-def test_pact_train_token_mask(tiny_model, scored, tmp_path, capsys):
-    src, out = scored
-    cfg = dict(batch_size=4, max_steps=2, shuffle=False, progress=False, plot=False, lr=1e-3, lora_dropout=0.0, method="sft")
-    train(TrainConfig(model=tiny_model, cache=out, out=str(tmp_path / "masked"), token_mask=0.2, **cfg))
-    train(TrainConfig(model=tiny_model, cache=out, out=str(tmp_path / "all"), **cfg))
-    m = [json.loads(l) for l in (tmp_path / "masked" / "metrics.jsonl").read_text().splitlines()]
-    a = [json.loads(l) for l in (tmp_path / "all" / "metrics.jsonl").read_text().splitlines()]
-    assert m[0]["tokens"] == a[0]["tokens"] and m[0]["ce"] < a[0]["ce"]
-    assert json.loads((tmp_path / "masked" / "config.json").read_text())["token_mask"] == 0.2
-    capsys.readouterr()
-    assert train_main(["--model", tiny_model, "--cache", src, "-o", str(tmp_path / "x"), "--token-mask", "0.2", "--no-progress"]) != 0
-    assert "has no token scores for --token-mask" in capsys.readouterr().err
-    assert train_main(["--model", tiny_model, "--cache", out, "-o", str(tmp_path / "y"), "--token-mask", "1", "--no-progress"]) != 0
-    assert "--token-mask" in capsys.readouterr().err
-
-
-def test_trainer_collator_carries_the_token_mask(scored):
-    from trainer.hf import PactCollator
-
-    _, out = scored
-    cache = open_cache(out)
-    mask = cache_token_mask(cache, 0.2)
-    rows = list(cache.iter_rows())[:3]
-    b = PactCollator(0, token_mask=mask)([{"row": r} for r in rows])
-    for i, r in enumerate(rows):
-        assert b["pact_loss_mask"][i, : r.steps].tolist() == mask.keep(r.example_id, r.score).tolist()
-    assert torch.equal(PactCollator(0)([{"row": r} for r in rows])["pact_loss_mask"], b["pact_step_mask"])

@@ -86,26 +86,26 @@ def test_dataset_shards_by_worker_without_overlap(cache):
     assert sorted(ids) == sorted(r.example_id for r in open_cache(cache).iter_rows()) and len(set(ids)) == len(ids)
 
 
-def test_the_readme_example_runs(tiny_model, cache, tmp_path, monkeypatch):
-    """The README's Trainer example, with the tiny model and this cache put in, 3 steps on CPU."""
-    text = (ROOT / "README.md").read_text()
-    block = text.split("## Using a cache from Trainer / TRL")[1].split("```python")[1].split("```")[0]
+def test_the_documented_example_runs(tiny_model, cache, tmp_path, monkeypatch):
+    """docs/trainer.md's Trainer example, with the tiny model and this cache put in, 3 steps on CPU."""
+    text = (ROOT / "docs" / "trainer.md").read_text()
+    block = text.split("```python")[1].split("```")[0]
     for old, new in (('"s3://team/caches/sst2", cache_id="3f1c2a9e"', repr(str(cache))), ('"my-aligned-model"', repr(tiny_model)),
                      ("max_steps=250", "max_steps=3"), ('"runs/hf"', repr(str(tmp_path / "hf"))),
                      ("remove_unused_columns=False,", "remove_unused_columns=False, report_to=[], use_cpu=True,")):
         assert old in block, old
         block = block.replace(old, new)
     scope = {}
-    exec(compile(block, "README.md", "exec"), scope)
+    exec(compile(block, "docs/trainer.md", "exec"), scope)
     assert scope["trainer"].state.global_step == 3
     # the TRL example that follows, in the same scope
     pytest.importorskip("trl")
-    trl_block = text.split("## Using a cache from Trainer / TRL")[1].split("```python")[2].split("```")[0]
+    trl_block = text.split("```python")[2].split("```")[0]
     for old, new in (('"runs/trl"', repr(str(tmp_path / "trl"))), ("max_steps=250", "max_steps=2"),
                      ("remove_unused_columns=False,", "remove_unused_columns=False, report_to=[], use_cpu=True, bf16=False,")):
         assert old in trl_block, old
         trl_block = trl_block.replace(old, new)
-    exec(compile(trl_block, "README.md", "exec"), scope)
+    exec(compile(trl_block, "docs/trainer.md", "exec"), scope)
     assert scope["trainer"].state.global_step == 2
 
 

@@ -61,3 +61,9 @@ def test_random_model_and_train_bench(tiny_model, tmp_path):
     assert all(len(r["runs"][0]["step_times"]) == 3 for r in res["runs"].values())
     assert res["ratios"]["trl-sft"]["time_over_trl"] == 1.0 and all(r["mem_over_trl"] > 0 for r in res["ratios"].values())
     assert "TRL SFTTrainer" in out
+
+
+def test_the_import_graph_has_no_cycle():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "import_graph.py")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].endswith(" 0 cycle(s)")

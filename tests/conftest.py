@@ -201,6 +201,50 @@ def edit_manifest(out: Path, fn, resign: bool = False):
     return m
 
 
+# ----------------------------------------------------------------------------- made-up rows and caches
+
+def realistic_logprobs(rng, n, K):
+    """Log-softmax of heavy-tailed logits, like a language model's: a few likely tokens, a long tail."""
+    import numpy as np
+
+    logits = rng.normal(size=(n, 2000)) * 3.5
+    logits[:, :K] += rng.normal(size=(n, K)) * 6  # the safety tokens: some likely, some far in the tail
+    mx = logits.max(1, keepdims=True)
+    lp = logits - mx - np.log(np.exp(logits - mx).sum(1, keepdims=True))
+    return lp[:, :K].astype(np.float32)
+
+
+def random_rows(n_rows=5, K=4, seed=0):
+    """Rows of made-up, realistic log-probs (no model): row i has 10 + i tokens, 4 + i response steps."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n_rows):
+        L, rs = 10 + i, 6
+        n = L - rs
+        out.append(row_result(f"{i:08d}-abc", list(range(L)), rs, realistic_logprobs(rng, n, K), realistic_logprobs(rng, n, K),
+                             -np.abs(rng.normal(size=n)).astype(np.float32)))
+    return out
+
+
+def random_cache(tmp_path, enc="q8", n_rows=5, K=4):
+    """A cache of random_rows in two parts, with a valid manifest: (folder, rows, manifest)."""
+    from pact_cache.format import ENCODINGS, write_part
+
+    out = tmp_path / "cache"
+    out.mkdir()
+    rs = random_rows(n_rows, K)
+    parts = [write_part(out / "part-00000.parquet", rs[:3], ENCODINGS[enc]), write_part(out / "part-00001.parquet", rs[3:], ENCODINGS[enc])]
+    return out, rs, write_manifest(out, parts, ENCODINGS[enc], K)
+
+
+def tokens_file(tmp_path, ids, weights=None):
+    p = tmp_path / "tokens.json"
+    p.write_text(json.dumps({"format": "pact-tokens/1", "ids": ids, "weights": weights or [1.0] * len(ids), "method": "test", "params": {}, "aligned": None, "base": None}))
+    return p
+
+
 # ----------------------------------------------------------------------------- caches shared by the session
 # Built once per test session; tests that change a cache copy it first (fixture ``copy``).
 

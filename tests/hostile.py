@@ -86,3 +86,19 @@ def _ids_with(t, fn):
     ids = t.column("input_ids").to_pylist()
     fn(ids)
     return set_column(t, "input_ids", ids, pa.list_(pa.int32()))
+
+
+def run_cli(*args):
+    """pact-cache with these arguments (any type), its exit status."""
+    from pact_cache.cli import main
+
+    return main([str(a) for a in args])
+
+
+
+
+def only_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in err if line.startswith("pact-cache")]
+    assert len(err) == 1, err
+    return err[0]

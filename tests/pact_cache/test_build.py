@@ -17,31 +17,14 @@ import torch
 
 import pact_cache.build as build_mod
 from pact_cache.build import BuildConfig, build
-from pact_cache.cli import main, main as cache_main
+from pact_cache.cli import main as cache_main
 from pact_cache.columns import q8_bound
 from pact_cache.data import assistant_header_ids, tokenize_dataset
 from pact_cache.format import ENCODINGS, MANIFEST, open_cache
 from pact_cache.models import load_model, load_tokenizer, resolve_model
 
-from conftest import CHAT_ROWS, ROOT, naive_reference, write_jsonl
-from hostile import cli, one_line, run_with_deadline
-
-
-def tokens_file(tmp_path, ids, weights=None):
-    p = tmp_path / "tokens.json"
-    p.write_text(json.dumps({"format": "pact-tokens/1", "ids": ids, "weights": weights or [1.0] * len(ids), "method": "test", "params": {}, "aligned": None, "base": None}))
-    return p
-
-
-def run_cli(*args):
-    return main([str(a) for a in args])
-
-
-def only_line(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    err = [line for line in err if line.startswith("pact-cache")]
-    assert len(err) == 1, err
-    return err[0]
+from conftest import CHAT_ROWS, ROOT, naive_reference, tokens_file, write_jsonl
+from hostile import cli, one_line, only_line, run_cli, run_with_deadline
 
 
 def snapshot(folder: Path):

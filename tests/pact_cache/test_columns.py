@@ -9,18 +9,11 @@ import pytest
 from pact_cache.columns import REF_COLUMNS, blob_sizes, decode, encode, q8_bound
 from pact_cache.format import ENCODINGS
 
+from conftest import realistic_logprobs
+
 
 Q8 = ENCODINGS["q8"]
 FULL, TARGET = REF_COLUMNS[0], REF_COLUMNS[2]
-
-
-def realistic_logprobs(rng, n, K):
-    """Log-softmax of heavy-tailed logits, like a language model's: a few likely tokens, a long tail."""
-    logits = rng.normal(size=(n, 2000)) * 3.5
-    logits[:, :K] += rng.normal(size=(n, K)) * 6  # the safety tokens: some likely, some far in the tail
-    mx = logits.max(1, keepdims=True)
-    lp = logits - mx - np.log(np.exp(logits - mx).sum(1, keepdims=True))
-    return lp[:, :K].astype(np.float32)
 
 
 def spec_q8(step, enc):

@@ -18,20 +18,11 @@ from pact_cache.format import ENCODINGS, open_cache, write_part
 from pact_cache.storage import sha256_path
 from trainer.cli import main as train_main
 
-from conftest import edit_manifest, row_result, write_manifest
+from conftest import edit_manifest, random_cache, random_rows, row_result, write_manifest
 from hostile import _ids_with, cli, one_line, rewrite_part, run_with_deadline, set_column, snapshot
 
 
 Q8 = ENCODINGS["q8"]
-
-
-def realistic_logprobs(rng, n, K):
-    """Log-softmax of heavy-tailed logits, like a language model's: a few likely tokens, a long tail."""
-    logits = rng.normal(size=(n, 2000)) * 3.5
-    logits[:, :K] += rng.normal(size=(n, K)) * 6  # the safety tokens: some likely, some far in the tail
-    mx = logits.max(1, keepdims=True)
-    lp = logits - mx - np.log(np.exp(logits - mx).sum(1, keepdims=True))
-    return lp[:, :K].astype(np.float32)
 
 
 def assert_within_q8_bound(dec, v):
@@ -41,28 +32,9 @@ def assert_within_q8_bound(dec, v):
     assert (dec[~inside] >= v[~inside] - q8_bound(np.float32(Q8.floor), Q8)).all()
 
 
-def rows(n_rows=5, K=4, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n_rows):
-        L, rs = 10 + i, 6
-        n = L - rs
-        out.append(row_result(f"{i:08d}-abc", list(range(L)), rs, realistic_logprobs(rng, n, K), realistic_logprobs(rng, n, K),
-                             -np.abs(rng.normal(size=n)).astype(np.float32)))
-    return out
-
-
-def make_cache(tmp_path, enc="q8", n_rows=5, K=4):
-    out = tmp_path / "cache"
-    out.mkdir()
-    rs = rows(n_rows, K)
-    parts = [write_part(out / "part-00000.parquet", rs[:3], ENCODINGS[enc]), write_part(out / "part-00001.parquet", rs[3:], ENCODINGS[enc])]
-    return out, rs, write_manifest(out, parts, ENCODINGS[enc], K)
-
-
 @pytest.mark.parametrize("enc", ["q8", "f32"])
 def test_write_then_stream_back(tmp_path, enc):
-    out, rs, _ = make_cache(tmp_path, enc)
+    out, rs, _ = random_cache(tmp_path, enc)
     cache = open_cache(out)
     got = list(cache.iter_rows())
     assert [g.example_id for g in got] == [r.example_id for r in rs]
@@ -77,13 +49,13 @@ def test_write_then_stream_back(tmp_path, enc):
 
 
 def test_part_writes_are_deterministic(tmp_path):
-    a = write_part(tmp_path / "a.parquet", rows(), Q8)
-    b = write_part(tmp_path / "b.parquet", rows(), Q8)
+    a = write_part(tmp_path / "a.parquet", random_rows(), Q8)
+    b = write_part(tmp_path / "b.parquet", random_rows(), Q8)
     assert a.sha256 == b.sha256 and a.bytes == b.bytes and a.rows_sha256 == b.rows_sha256
 
 
 def test_corrupt_truncated_and_missing_parts(tmp_path):
-    out, _, _ = make_cache(tmp_path)
+    out, _, _ = random_cache(tmp_path)
     p = out / "part-00001.parquet"
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -99,7 +71,7 @@ def test_corrupt_truncated_and_missing_parts(tmp_path):
 
 
 def test_blob_of_wrong_length_is_refused(tmp_path):
-    out, rs, _ = make_cache(tmp_path)
+    out, rs, _ = random_cache(tmp_path)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -116,7 +88,7 @@ def test_blob_of_wrong_length_is_refused(tmp_path):
 
 @pytest.mark.parametrize("enc", ["q8", "f32"])
 def test_writer_stores_minus_infinity_finitely_and_refuses_nan(tmp_path, enc):
-    rs = rows(2, 4)
+    rs = random_rows(2, 4)
     rs[0].ref["full"][0, 1] = -np.inf  # a token the reference masks out
     rs[1].ref["target"][0] = -np.inf
     out = tmp_path / "c"
@@ -150,7 +122,7 @@ def test_a_part_with_many_row_groups_reads_back_the_same(tmp_path, monkeypatch):
     monkeypatch.setattr(fmt, "ROW_GROUP_STEPS", 9)
     out = tmp_path / "c"
     out.mkdir()
-    rs = rows(7, 4)  # 4..10 steps per row
+    rs = random_rows(7, 4)  # 4..10 steps per row
     part = write_part(out / "part-00000.parquet", rs, Q8)
     assert pq.ParquetFile(out / "part-00000.parquet").metadata.num_row_groups == 6
     write_manifest(out, [part], Q8, 4)

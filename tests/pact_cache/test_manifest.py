@@ -15,43 +15,15 @@ from pact_cache.build import BuildConfig, build
 from pact_cache.cli import main as cache_main
 from pact_cache.columns import q8_bound
 from pact_cache.errors import CacheError
-from pact_cache.format import ENCODINGS, MANIFEST, open_cache, write_part
+from pact_cache.format import ENCODINGS, MANIFEST, open_cache
 from pact_cache.typedjson import hash_identity
 from trainer.cli import main as train_main
 
-from conftest import edit_manifest, row_result, write_jsonl, write_manifest
+from conftest import edit_manifest, random_cache, write_jsonl
 from hostile import cli, one_line, snapshot
 
 
 Q8 = ENCODINGS["q8"]
-
-
-def realistic_logprobs(rng, n, K):
-    """Log-softmax of heavy-tailed logits, like a language model's: a few likely tokens, a long tail."""
-    logits = rng.normal(size=(n, 2000)) * 3.5
-    logits[:, :K] += rng.normal(size=(n, K)) * 6  # the safety tokens: some likely, some far in the tail
-    mx = logits.max(1, keepdims=True)
-    lp = logits - mx - np.log(np.exp(logits - mx).sum(1, keepdims=True))
-    return lp[:, :K].astype(np.float32)
-
-
-def rows(n_rows=5, K=4, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n_rows):
-        L, rs = 10 + i, 6
-        n = L - rs
-        out.append(row_result(f"{i:08d}-abc", list(range(L)), rs, realistic_logprobs(rng, n, K), realistic_logprobs(rng, n, K),
-                             -np.abs(rng.normal(size=n)).astype(np.float32)))
-    return out
-
-
-def make_cache(tmp_path, enc="q8", n_rows=5, K=4):
-    out = tmp_path / "cache"
-    out.mkdir()
-    rs = rows(n_rows, K)
-    parts = [write_part(out / "part-00000.parquet", rs[:3], ENCODINGS[enc]), write_part(out / "part-00001.parquet", rs[3:], ENCODINGS[enc])]
-    return out, rs, write_manifest(out, parts, ENCODINGS[enc], K)
 
 
 @pytest.mark.parametrize("edit, needle", [
@@ -64,7 +36,7 @@ def make_cache(tmp_path, enc="q8", n_rows=5, K=4):
     (lambda m: m["parts"][0].update(sha256="zz"), "sha256 must be 64 lowercase hex"),
 ])
 def test_manifest_rules_are_enforced(tmp_path, edit, needle):
-    out, _, _ = make_cache(tmp_path)
+    out, _, _ = random_cache(tmp_path)
     edit_manifest(out, edit, resign=False)
     with pytest.raises(CacheError, match=needle):
         list(open_cache(out).iter_rows())

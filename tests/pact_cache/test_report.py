@@ -6,27 +6,10 @@ import json
 
 import pytest
 
-from pact_cache.cli import main, main as cache_main
+from pact_cache.cli import main as cache_main
 
-from conftest import CHAT_ROWS, write_jsonl
-from hostile import cli, one_line
-
-
-def tokens_file(tmp_path, ids, weights=None):
-    p = tmp_path / "tokens.json"
-    p.write_text(json.dumps({"format": "pact-tokens/1", "ids": ids, "weights": weights or [1.0] * len(ids), "method": "test", "params": {}, "aligned": None, "base": None}))
-    return p
-
-
-def run_cli(*args):
-    return main([str(a) for a in args])
-
-
-def only_line(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    err = [line for line in err if line.startswith("pact-cache")]
-    assert len(err) == 1, err
-    return err[0]
+from conftest import CHAT_ROWS, tokens_file, write_jsonl
+from hostile import cli, one_line, only_line, run_cli
 
 
 def test_info_and_verify(tiny_model, chat_dataset, tmp_path, capsys):

@@ -15,6 +15,7 @@ from trainer.loop import TrainConfig, TrainError, train
 
 from conftest import HELPERS
 
+
 pytestmark = pytest.mark.multiprocess
 
 

@@ -22,7 +22,7 @@ from . import __version__
 from .data import Example, assistant_header_ids, dataset_fingerprint, scan_dataset, tokenize_dataset
 from .errors import CacheError, DatasetError, OutputExistsError, PactError
 from .format import BUILD_KEY_META, MANIFEST, Cache, CacheRow, RowResult, open_cache, read_manifest, rows_digest, write_part
-from .manifest import (ALGORITHM, ENCODINGS, FORMAT, BuildParams, Counts, DatasetInfo, Identity, Manifest, PartEntry,
+from .manifest import (ALGORITHM, ALGORITHM_SCALED_HEAD, ENCODINGS, FORMAT, BuildParams, Counts, DatasetInfo, Identity, Manifest, PartEntry,
                        Reference, Tokenizer)
 from .typedjson import load_json
 from .projection import LOGITS_CHUNK_BYTES, check_projection, response_logprobs
@@ -357,7 +357,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             _log(f"skipping {len(rows)} row(s), {reason.replace('_', ' ')} (first: {rows[0]}); counted in the manifest")
     header = assistant_header_ids(tok)
     model, device, torch_dtype = load_model(resolved, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.device_map)
-    check_projection(model, device, f"--ref {cfg.ref}")  # the cached values are the model's own log-probs, or nothing
+    projection = check_projection(model, device, f"--ref {cfg.ref}")  # the cached values are the model's own log-probs, or nothing
     model_fp = model_fingerprint(resolved)
     tok_fp = tokenizer_fingerprint(tok)
     vocab_rows = int(model.get_output_embeddings().weight.shape[0])
@@ -377,7 +377,8 @@ def build(cfg: BuildConfig) -> BuildResult:
     ds_fp = dataset_fingerprint(cfg.dataset)
     params = BuildParams(max_length=cfg.max_length, batch_size=cfg.batch_size, rows_per_part=cfg.rows_per_part,
                          dtype=str(torch_dtype).replace("torch.", ""), device=placement(model, device),
-                         assistant_header_ids=tuple(header), vocab_size=max(vocab_rows, len(tok)), algorithm=ALGORITHM)
+                         assistant_header_ids=tuple(header), vocab_size=max(vocab_rows, len(tok)),
+                         algorithm=ALGORITHM_SCALED_HEAD if projection.kind == "scale" else ALGORITHM)
     tokenizer = Tokenizer(tok_fp["sha256"], tok_fp["vocab_size"], tok_fp["chat_template_sha256"])
     identity = Identity(model_fp["weights_sha256"], tokenizer, tokens, ds_fp["sha256"], params, enc)
     reuse = None

@@ -21,9 +21,13 @@ from .typedjson import _Fields, hash_identity
 FORMAT = "pact-cache/2"
 LEGACY_FORMATS = ("pact-cache/1",)
 TOKENS_FORMAT = "pact-tokens/1"
-# Version of the code that computes the stored values (build.reference_logprobs / compute_rows and
+# Version of the code that computes the stored values (build.compute_rows through projection.response_logprobs, and
 # the encoders). Bump it whenever a change could alter a stored byte: it is part of the cache id.
 ALGORITHM = "pact-ref/1"
+# pact-ref/1 projected with the bare head (plus Gemma's softcapping); for a model that scales its
+# logits (Cohere, Granite, ...) its values were not the model's. Those models' caches now say
+# this, so that no build resumes, and no --reuse copies, parts of the old values.
+ALGORITHM_SCALED_HEAD = "pact-ref/2"
 MANIFEST_MAX_BYTES = 64 << 20  # a manifest is a few KiB per 1,000 parts; anything larger is refused
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 PART_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.parquet$")

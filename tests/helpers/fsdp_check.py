@@ -1,5 +1,5 @@
 """FSDP2 (torch's fully_shard: every decoder layer and the root, gloo on CPU) around the loss core,
-for tests/test_distributed.py. argv: MODEL CACHE. Each rank takes its rows of the first 4; the
+for tests/trainer/test_distributed.py. argv: MODEL CACHE. Each rank takes its rows of the first 4; the
 sharded gradients, gathered and summed over ranks, must equal one process's on all 4 rows.
 Prints the largest relative difference; exit status 1 if it exceeds 1e-5."""
 

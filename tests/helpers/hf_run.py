@@ -1,4 +1,4 @@
-"""A transformers Trainer run from a cache with PactTrainer, for tests/test_distributed.py (under
+"""A transformers Trainer run from a cache with PactTrainer, for tests/trainer/test_distributed.py (under
 torchrun: each process one rank). argv: MODEL CACHE OUT BATCH_PER_DEVICE GRAD_ACCUM STEPS.
 Rank 0 writes OUT/log_history.json and OUT/run.json (how accelerate ran it)."""
 

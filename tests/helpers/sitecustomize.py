@@ -1,4 +1,4 @@
-"""Loaded by every Python process started with this folder on PYTHONPATH (tests/test_distributed.py).
+"""Loaded by every Python process started with this folder on PYTHONPATH (tests/trainer/test_distributed.py).
 
 In a pact-train rank (RANK set) with PACT_TEST_KILL_AT=N: right after the checkpoint of step N is
 written, every rank of the job and the launcher are killed with SIGKILL, as a preempted machine

@@ -54,9 +54,12 @@ def test_projection_reproduces_the_models_own_logits(arch):
 
 
 def test_cached_values_are_log_softmax_of_the_models_own_logits(arch):
-    _, model_dir, data, cache, _ = arch
+    name, model_dir, data, cache, _ = arch
     want = {eid: (full, post, target) for eid, full, post, target in naive_reference(model_dir, data, IDS)}
-    rows = list(open_cache(cache).iter_rows())
+    c = open_cache(cache)
+    # caches of models that scale their logits say so: the first algorithm stored other values for them
+    assert c.manifest.build.algorithm == ("pact-ref/2" if name in ("cohere", "granite") else "pact-ref/1")
+    rows = list(c.iter_rows())
     assert len(rows) == len(want) == 8
     for r in rows:
         full, post, target = want[r.example_id]
@@ -138,3 +141,23 @@ def test_a_head_the_projection_does_not_reproduce_stops_with_one_line(tmp_path, 
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-train")]
     assert rc_train == 1 and len(err) == 1 and "Gemma2ForCausalLM" in err[0], err
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_the_trainer_integration_checks_the_projection_at_construction(tmp_path, monkeypatch):
+    from transformers import Trainer, TrainingArguments
+
+    import pact_cache.projection as projection
+    from trainer.hf import CacheDataset, PactCollator, make_trainer_class
+
+    model_dir = make_tiny_model(tmp_path / "m", arch="cohere")
+    data = write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS[:4])
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"format": "pact-tokens/1", "ids": IDS, "weights": WEIGHTS, "method": "test"}))
+    cache = open_cache(build(BuildConfig(str(data), str(model_dir), str(tmp_path / "c"), tokens=str(tokens), progress=False)).out)
+    model, _, _ = load_model(resolve_model(str(model_dir)), "fp32", "cpu")
+    args = TrainingArguments(str(tmp_path / "run"), remove_unused_columns=False, report_to=[], use_cpu=True, max_steps=1)
+    kw = dict(model=model, args=args, cache=cache, train_dataset=CacheDataset(cache), data_collator=PactCollator(2))
+    make_trainer_class(Trainer)(**kw)  # the model's own logits: accepted
+    monkeypatch.setattr(projection, "_transform", lambda lm: ("none", None))  # as if logit_scale were unknown
+    with pytest.raises(ProjectionError, match="CohereForCausalLM"):
+        make_trainer_class(Trainer)(**kw)

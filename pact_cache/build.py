@@ -37,7 +37,7 @@ BUILD_STATE = ".pact-build.json"  # written first; says which cache this folder 
 class BuildConfig:
     dataset: str
     ref: str
-    out: str
+    out: str | Location  # a folder or URL (with storage_options), or a Location
     tokens: str | None = None
     max_length: int | None = 2048
     batch_size: int = 8
@@ -51,7 +51,7 @@ class BuildConfig:
     storage_options: dict = field(default_factory=dict, repr=False)  # for -o on an object store; never printed
     progress: bool = True
     trust_remote_code: bool = False
-    reuse: list[str] = field(default_factory=list)  # caches whose matching rows are copied instead of computed
+    reuse: list = field(default_factory=list)  # caches (paths, URLs or Locations) whose matching rows are copied instead of computed
 
 
 @dataclass
@@ -158,13 +158,13 @@ class Reuse:
                     self.index.setdefault(row_key(ids, rs), (c, p, r))
 
     @classmethod
-    def open(cls, urls: list[str], identity: Identity, storage_options: dict) -> "Reuse":
+    def open(cls, urls: list, identity: Identity, storage_options: dict) -> "Reuse":
         caches = []
         want = identity.reuse_key()
         for url in urls:
             cache = open_cache(url, storage_options=storage_options)
             if cache.manifest.identity.reuse_key() != want:
-                raise PactError(f"--reuse {url}: that cache was built with another reference, tokenizer, safety tokens, encoding, "
+                raise PactError(f"--reuse {cache.url}: that cache was built with another reference, tokenizer, safety tokens, encoding, "
                                 "max length or dtype, so its rows are not this build's rows; reuse a cache built like this one")
             caches.append(cache)
         return cls(caches)
@@ -332,7 +332,8 @@ def build(cfg: BuildConfig) -> BuildResult:
         raise PactError(f"--max-length {cfg.max_length}: must be at least 2")
     if cfg.encoding not in ENCODINGS:
         raise PactError(f"--encoding {cfg.encoding}: unknown; use one of {sorted(ENCODINGS)}")
-    loc = Location(str(Path(cfg.out).expanduser()) if "://" not in str(cfg.out) else str(cfg.out), cfg.storage_options)
+    loc = cfg.out if isinstance(cfg.out, Location) else Location(
+        str(Path(cfg.out).expanduser()) if "://" not in str(cfg.out) else str(cfg.out), cfg.storage_options)
     out = loc.display
     if loc.exists() and not loc.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a folder; choose another -o")

@@ -210,7 +210,8 @@ def _build_options(b):
 
 
 @command("build", "run the reference over DATASET and write the cache",
-         "Run the reference once over DATASET and write the cache (manifest.json + zstd Parquet parts).", _build_options)
+         "Run the reference once over DATASET and write the cache (manifest.json + zstd Parquet parts).", _build_options,
+         ("output", "reuse"))
 def cmd_build(a) -> int:
     from .build import BuildConfig, build
 

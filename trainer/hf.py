@@ -35,6 +35,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pact_cache.columns import REF_COLUMNS
 from pact_cache.errors import PactError
 from pact_cache.format import Cache, CacheRow, open_cache
+from pact_cache.projection import check_projection
 
 from .core import lora_direction_factors, policy_losses
 from .losses import LossParams, PactParams
@@ -128,8 +129,6 @@ class PactTrainerMixin:
         self.pact_weights = torch.tensor(cache.tokens.weights, dtype=torch.float32)
         self.pact_params = loss_params or LossParams(pact=PactParams())
         method = self.pact_params.method
-        from pact_cache.projection import check_projection
-
         check_projection(self.model, what="PactTrainer")  # the loss uses the model's own logits, or training does not start
         if (method.penalty is not None) != (direction is not None):
             raise PactError(f"method {method.name}: " + ("needs direction= (a file from `pact-cache direction`)" if method.penalty

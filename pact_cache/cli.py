@@ -324,6 +324,29 @@ def cmd_merge(a) -> int:
     return 0
 
 
+def _filter_options(f):
+    f.add_argument("cache", metavar="CACHE", help="the cache to filter (folder or URL)")
+    f.add_argument("--above", type=float, required=True, metavar="MASS",
+                   help="leave out the rows whose step-0 refusal mass (see `pact-cache stats`) is above MASS, e.g. 0.9")
+    add_output(f, "OUT", "new cache (must not exist or be empty)")
+    f.add_argument("--rows-per-part", type=positive_int, help="rows per part of OUT (default: the source's)")
+    add_no_progress(f)
+    add_storage_option(f)
+
+
+@command("filter", "the rows the reference would not refuse, as a new cache (the data-filter baseline)",
+         "Keep the rows whose step-0 refusal mass (the reference's mass on the safety tokens before the first response "
+         "token; `pact-cache stats` ranks rows by it) is at most --above, renumbered, as a new cache with its own id: "
+         "the first defence a practitioner tries against harmful rows in a fine-tuning set.", _filter_options, ("cache", "output"))
+def cmd_filter(a) -> int:
+    from .combine import filter_cache
+
+    m, dropped = filter_cache(a.cache, a.output, a.above, a.rows_per_part, progress=not a.no_progress)
+    print(f"{a.output.display}: cache {m.cache_id[:12]}: {m.counts.rows:,} rows kept, {dropped:,} left out "
+          f"(step-0 refusal mass above {a.above:g})")
+    return 0
+
+
 def _diff_options(df):
     df.add_argument("a", metavar="A", help="first cache")
     df.add_argument("b", metavar="B", help="second cache")

@@ -1,10 +1,13 @@
-"""``pact-cache merge`` and ``pact-cache diff``: caches as sets of rows.
+"""``pact-cache merge``, ``filter`` and ``diff``: caches as sets of rows.
 
 merge: caches built with the same reference, tokenizer, safety tokens, encoding, max length and
 dtype (the same reuse key as ``build --reuse``) are concatenated, in the order given, into a new
 cache. Rows are renumbered (``{index:08d}-{content hash}``, the content hash kept), so the result is
 exactly the cache of the concatenated datasets: ``verify --dataset`` on a folder holding the source
 files in that order passes. Values are copied as stored (decoding and re-encoding q8 is exact).
+
+filter: the rows whose step-0 refusal mass (the reference's mass on the safety tokens before the
+first response token) is at most a threshold, as a new cache with its own id.
 
 diff: rows are matched by their tokenised input (input ids and response start). Rows only in A
 are removed, only in B added; matched rows whose values differ are changed, with the largest and
@@ -33,8 +36,6 @@ from .storage import Location
 
 def merge_caches(sources: list, out, rows_per_part: int | None = None, storage_options: dict | None = None,
                  progress: bool = True) -> Manifest:
-    from tqdm.auto import tqdm
-
     if len(sources) < 2:
         raise PactError("merge needs at least two caches")
     caches = [open_cache(Location.of(s, storage_options)) for s in sources]
@@ -49,39 +50,14 @@ def merge_caches(sources: list, out, rows_per_part: int | None = None, storage_o
         print(f"pact-cache merge: {scored[0]}{' and others' if len(scored) > 1 else ''} carry token scores, which the merged "
               "cache will not; run `pact-cache score` on it for --token-mask", file=sys.stderr)
     loc = Location.of(out, storage_options)
-    if loc.exists() and (not loc.is_dir() or loc.names() or (loc.is_local and any(loc.local_path().iterdir()))):
-        raise OutputExistsError(f"{loc.display}: exists and is not empty; merge writes a new cache (nothing is overwritten)")
+    _check_new(loc, "merge")
     per = rows_per_part or first.build.rows_per_part
     build = replace(first.build, rows_per_part=per, reused=tuple(c.cache_id for c in caches))
     dataset = DatasetInfo(hash_identity("pact-cache/merged-dataset", [c.manifest.dataset.sha256 for c in caches]),
                           "merge of " + ", ".join(sources), ())
     identity = replace(first.identity, dataset_sha256=dataset.sha256, build=build)
-    key = identity.key()
-    loc.makedirs()
-    scratch = loc.scratch()
-    parts, buf, index = [], [], 0
-    bar = tqdm(total=sum(c.num_rows for c in caches), unit="row", desc="merging", disable=not progress, dynamic_ncols=True)
-
-    def flush():
-        name = f"part-{len(parts):05d}.parquet"
-        parts.append(write_part(scratch / name, buf, first.encoding, key))
-        loc.put_file(scratch / name, name)
-        buf.clear()
-
-    try:
-        for c in caches:
-            for row in c.iter_rows():
-                eid = f"{index:08d}-{row.example_id.split('-', 1)[-1]}"
-                buf.append(RowResult(eid, row.input_ids.tolist(), row.response_start, row.ref))
-                index += 1
-                bar.update(1)
-                if len(buf) == per:
-                    flush()
-        if buf:
-            flush()
-    finally:
-        bar.close()
-        Location.drop_scratch(scratch)
+    rows = (row for c in caches for row in c.iter_rows())
+    parts = _write_rows(loc, rows, first.encoding, identity.key(), per, sum(c.num_rows for c in caches), "merging", progress)
     skipped: dict = {}
     for c in caches:
         for k, v in c.manifest.counts.skipped.items():
@@ -93,6 +69,92 @@ def merge_caches(sources: list, out, rows_per_part: int | None = None, storage_o
                  counts, tuple(parts)).with_content_id()
     loc.put_bytes(MANIFEST, json_bytes(m.to_json()))
     return m
+
+
+def _check_new(loc: Location, what: str) -> None:
+    if loc.exists() and (not loc.is_dir() or loc.names() or (loc.is_local and any(loc.local_path().iterdir()))):
+        raise OutputExistsError(f"{loc.display}: exists and is not empty; {what} writes a new cache (nothing is overwritten)")
+
+
+def _write_rows(loc: Location, rows, encoding, key: str, per: int, total: int, desc: str, progress: bool) -> list:
+    """Write ``rows`` (CacheRows, in order) as the parts of a new cache at ``loc``, renumbered
+    (``{index:08d}-{content hash}``), ``per`` rows a part; returns the part entries. Each part is
+    published whole; the caller writes the manifest last."""
+    from tqdm.auto import tqdm
+
+    loc.makedirs()
+    scratch = loc.scratch()
+    parts, buf = [], []
+    bar = tqdm(total=total, unit="row", desc=desc, disable=not progress, dynamic_ncols=True, file=sys.stderr)
+
+    def flush():
+        name = f"part-{len(parts):05d}.parquet"
+        parts.append(write_part(scratch / name, buf, encoding, key))
+        loc.put_file(scratch / name, name)
+        buf.clear()
+
+    try:
+        for index, row in enumerate(rows):
+            buf.append(RowResult(f"{index:08d}-{row.example_id.split('-', 1)[-1]}", row.input_ids.tolist(), row.response_start, row.ref))
+            bar.update(1)
+            if len(buf) == per:
+                flush()
+        if buf:
+            flush()
+    finally:
+        bar.close()
+        Location.drop_scratch(scratch)
+    return parts
+
+
+def step0_refusal_mass(row, keep: np.ndarray) -> float:
+    """The reference's probability mass on the safety tokens with positive weight (``keep``, (K,)
+    bool) before the row's first response token: high when the prompt looks harmful to it."""
+    return float(np.exp(row.ref["full"][0].astype(np.float64)[keep]).sum())
+
+
+def filter_cache(src, out, above: float, rows_per_part: int | None = None, storage_options: dict | None = None,
+                 progress: bool = True) -> tuple[Manifest, int]:
+    """Write the rows of ``src`` whose step-0 refusal mass is at most ``above`` as a new cache at
+    ``out`` (renumbered, values copied as stored); returns its manifest and the rows left out.
+
+    What a practitioner tries first against harmful rows: drop the rows the reference would refuse.
+    The result is the cache of the filtered dataset: its dataset fingerprint is derived from the
+    source's and the threshold, its ``build.reused`` names the source, so its id is its own."""
+    if not (isinstance(above, (int, float)) and 0.0 <= above <= 1.0):
+        raise PactError(f"--above {above}: must be a probability mass in [0, 1]")
+    cache = open_cache(Location.of(src, storage_options))
+    loc = Location.of(out, storage_options)
+    _check_new(loc, "filter")
+    if cache.manifest.scores is not None:
+        print(f"pact-cache filter: {cache.url} carries token scores, which the filtered cache will not; run `pact-cache score` "
+              "on it for --token-mask", file=sys.stderr)
+    keep = np.array([w > 0 for w in cache.tokens.weights])
+    m0 = cache.manifest
+    dataset = DatasetInfo(hash_identity("pact-cache/filtered-dataset", {"source": m0.dataset.sha256, "step0_refusal_mass_at_most": float(above)}),
+                          f"rows of {cache.url} with step-0 refusal mass <= {above:g}", ())
+    build = replace(m0.build, rows_per_part=rows_per_part or m0.build.rows_per_part, reused=(cache.cache_id,))
+    identity = replace(m0.identity, dataset_sha256=dataset.sha256, build=build)
+    kept = {"rows": 0, "steps": 0, "tokens": 0, "truncated": 0}
+
+    def rows():
+        for row in cache.iter_rows():
+            if step0_refusal_mass(row, keep) <= above:
+                kept["rows"] += 1
+                kept["steps"] += row.steps
+                kept["tokens"] += len(row.input_ids)
+                kept["truncated"] += int(bool(m0.build.max_length) and len(row.input_ids) == m0.build.max_length)
+                yield row
+
+    parts = _write_rows(loc, rows(), m0.encoding, identity.key(), build.rows_per_part, cache.num_rows, "filtering", progress)
+    dropped = cache.num_rows - kept["rows"]
+    skipped = dict(m0.counts.skipped)
+    skipped["step0_refusal_mass_above"] = skipped.get("step0_refusal_mass_above", 0) + dropped
+    counts = Counts(kept["rows"], kept["steps"], kept["tokens"], kept["truncated"], skipped, {})
+    m = Manifest(FORMAT, "", __version__, m0.reference, m0.tokenizer, m0.tokens, dataset, build, m0.encoding,
+                 counts, tuple(parts)).with_content_id()
+    loc.put_bytes(MANIFEST, json_bytes(m.to_json()))
+    return m, dropped
 
 
 def diff_caches(a, b, storage_options: dict | None = None, examples: int = 5) -> dict:

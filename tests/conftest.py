@@ -245,6 +245,29 @@ def tokens_file(tmp_path, ids, weights=None):
     return p
 
 
+def masses_cache(tmp_path, step0, weights=(0.7, 0.2, -0.3)):
+    """Rows whose step-0 mass over the tokens with positive weight is known: step0[i] for row i."""
+    import numpy as np
+
+    from pact_cache.format import ENCODINGS, write_part
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, m0 in enumerate(step0):
+        n = 2 + i % 3
+        full = np.log(np.full((n, 3), 0.01, dtype=np.float64))
+        full[0, :2] = np.log([m0 * 0.75, m0 * 0.25])  # tokens 0 and 1 weigh > 0; token 2 does not count
+        rows.append(row_result(f"{i:08d}-x{i}", list(range(3, 8 + n)), 5, full.astype(np.float32),
+                               full.astype(np.float32), -rng.random(n).astype(np.float32)))
+    out = tmp_path / "src"
+    out.mkdir()
+    half = (len(rows) + 1) // 2
+    parts = [write_part(out / "part-00000.parquet", rows[:half], ENCODINGS["f32"]),
+             write_part(out / "part-00001.parquet", rows[half:], ENCODINGS["f32"])]
+    write_manifest(out, parts, ENCODINGS["f32"], 3, weights=list(weights))
+    return out
+
+
 # ----------------------------------------------------------------------------- caches shared by the session
 # Built once per test session; tests that change a cache copy it first (fixture ``copy``).
 

@@ -63,6 +63,10 @@ class TrainConfig:
                             why="it is the fraction of the tokens left out of the loss")
     lam: float = opt(1.0, "weight of the method's term against the cross-entropy", flag="--lambda", lo=0,
                      why="it weighs the method's term against the cross-entropy")
+    row_gate: str = opt("none", "gate the method's term per row by the reference's step-0 refusal mass m (its mass on the "
+                        "safety tokens before the first response token, from the cache): hard: the term on rows with "
+                        "m >= --gate-at only; soft: each row's term times m; none: every row", choices=lambda: ["none", "hard", "soft"])
+    gate_at: float = opt(0.9, "the hard row gate's threshold on the step-0 refusal mass", lo=0, hi=1, metavar="MASS")
     pact: PactParams = field(default_factory=PactParams, metadata=dict(cli=False))  # its own group: --pact-*
     full: bool = opt(False, "full fine-tuning instead of LoRA")
     lora_r: int = opt(8, "LoRA rank (the paper's)", lo=1, integer=True)
@@ -165,6 +169,9 @@ def check_config(cfg: TrainConfig) -> None:
             raise TrainError(f"--method {cfg.method}: regularises the LoRA update B A; leave out --full")
     elif cfg.direction:
         raise TrainError(f"--direction: only a method with a parameter penalty reads it (asft), not --method {cfg.method}")
+    if cfg.row_gate != "none" and (method.term is None or not method.with_ce):
+        raise TrainError(f"--row-gate {cfg.row_gate}: gates a per-step term added to the cross-entropy (pact, pact-rest, str), "
+                         f"not --method {cfg.method}")
     if not method.with_ce and cfg.lam != 1.0:
         raise TrainError(f"--lambda {cfg.lam}: does not apply to --method {cfg.method}, whose loss replaces the cross-entropy; leave it out")
     if not cfg.full and not [t for t in cfg.lora_targets.split(",") if t.strip()]:

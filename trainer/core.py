@@ -111,6 +111,8 @@ def _losses_from_hidden(proj: Projection, hidden, batch: Batch, ids, weights, pa
         return x.new_zeros((B, T, *rest)).index_put((bidx, tidx), x)
 
     mask = batch.step_mask if keep is None or method.with_ce else batch.step_mask & keep
+    if batch.row_gate is not None:  # --row-gate: each row's steps weigh g in the term (a float mask; g = 1 is exact)
+        mask = mask.to(torch.float32) * batch.row_gate.to(torch.float32)[:, None]
     s = Steps(mask, steps(sel, len(ids)), steps(lse), steps(target_lp), weights,
               batch.reference(method.columns) if ref is None else {c: ref[c] for c in method.columns})
     return ce_sum, method.term(s, params)

@@ -43,7 +43,7 @@ from .stream import Batch, collate, epoch_rows
 
 # The collator's keys beside the model's inputs: the batch's layout, then one per cached reference column
 # (pact_cache.columns.REF_COLUMNS: pact_full, pact_post, pact_target)
-LAYOUT_KEYS = ("pact_response_start", "pact_step_mask", "pact_targets", "pact_loss_mask")
+LAYOUT_KEYS = ("pact_response_start", "pact_step_mask", "pact_targets", "pact_loss_mask", "pact_row_gate")
 KEYS = LAYOUT_KEYS + tuple(f"pact_{c.name}" for c in REF_COLUMNS)
 
 
@@ -100,20 +100,24 @@ def _rank_world() -> tuple[int, int]:
 class PactCollator:
     """Pads rows (``{"row": CacheRow}`` items, or CacheRows) into the model's inputs plus ``pact_*`` targets.
     ``token_mask`` (:func:`pact_cache.score.cache_token_mask` of a scored cache) leaves TOSS's
-    selected tokens out of the CE, as ``pact-train --token-mask`` does."""
+    selected tokens out of the CE, as ``pact-train --token-mask`` does; ``row_gate``
+    (:class:`trainer.stream.RowGate`, ``RowGate.of_cache(cache, "hard", 0.9)``) weighs each row's
+    term, as ``pact-train --row-gate`` does (``pact_row_gate``; ones without a gate)."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, token_mask=None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, token_mask=None, row_gate=None):
         self.pad_token_id, self.pad_to_multiple_of, self.token_mask = pad_token_id, pad_to_multiple_of, token_mask
+        self.row_gate = row_gate
 
     def __call__(self, items) -> dict:
         rows: list[CacheRow] = [it["row"] if isinstance(it, dict) else it for it in items]
-        b = collate(rows, self.pad_token_id, self.pad_to_multiple_of, self.token_mask)
+        b = collate(rows, self.pad_token_id, self.pad_to_multiple_of, self.token_mask, self.row_gate)
         labels = torch.full_like(b.input_ids, -100)
         for i, r in enumerate(rows):
             labels[i, r.response_start: len(r.input_ids)] = b.input_ids[i, r.response_start: len(r.input_ids)]
         return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": labels,
                 "pact_response_start": b.response_start, "pact_step_mask": b.step_mask, "pact_targets": b.targets,
                 "pact_loss_mask": b.step_mask if b.loss_mask is None else b.loss_mask,
+                "pact_row_gate": torch.ones(len(rows)) if b.row_gate is None else b.row_gate,
                 **{f"pact_{name}": values for name, values in b.ref.items()}}
 
 
@@ -160,9 +164,12 @@ class PactTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = {k: inputs.pop(k) for k in KEYS}  # popped before the model could see them
         inputs.pop("labels", None)
+        method = self.pact_params.method
+        if not (method.term is not None and method.with_ce) and bool((targets["pact_row_gate"] != 1).any()):
+            raise PactError(f"a row gate weighs a per-step term added to the cross-entropy (pact, pact-rest, str), not method {method.name}")
         batch = Batch(inputs["input_ids"], inputs["attention_mask"], targets["pact_response_start"], targets["pact_step_mask"],
                       targets["pact_targets"], {c.name: targets[f"pact_{c.name}"] for c in REF_COLUMNS}, [],
-                      targets["pact_loss_mask"])
+                      targets["pact_loss_mask"], targets["pact_row_gate"])
         device = batch.input_ids.device
         ce_sum, term_sum, n = policy_losses(model, batch, self.pact_ids.to(device), self.pact_weights.to(device), self.pact_params)
         total = self.pact_params.method.total(ce_sum, term_sum, self.pact_params.lam)

@@ -25,7 +25,7 @@ from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, save_
 from .config import TrainConfig, TrainError, check_config, config_record
 from .core import causal_lm, lora_direction_factors, online_reference, policy_losses
 from .distributed import Ranks, setup, teardown
-from .stream import batches, collate
+from .stream import RowGate, batches, collate
 
 
 class NonFiniteError(TrainError):
@@ -182,6 +182,13 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         if ranks.main:
             _log(f"--token-mask {cfg.token_mask:g}: {mask.dropped:,} of {mask.total:,} response tokens, those scoring "
                  f">= {mask.threshold:.3f}, leave the loss")
+    gate = None
+    if cfg.row_gate != "none":
+        gate = RowGate.of_cache(cache, cfg.row_gate, cfg.gate_at)
+        if ranks.main:
+            g = [gate(r) for r in cache.iter_rows()]
+            _log(f"--row-gate {cfg.row_gate}" + (f" at {cfg.gate_at:g}" if cfg.row_gate == "hard" else "") +
+                 f": the {cfg.method} term weighs {sum(g):,.1f} of {len(g):,} rows (mean gate {sum(g) / len(g):.3f})")
     ids = torch.tensor(cache.ids, device=device)
     weights = torch.tensor(cache.tokens.weights, dtype=torch.float32, device=device)
     ref = header = None
@@ -261,7 +268,7 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         ce_tot = term_tot = pen = 0.0
         for i, (_, _, global_rows) in enumerate(micro):
             rows, scale = ranks.take(global_rows)
-            batch = collate(rows, pad_id, pad_multiple, mask).to(device)
+            batch = collate(rows, pad_id, pad_multiple, mask, gate).to(device)
             live = online_reference(ref, batch, header, ids) if ref is not None else None
             with ranks.no_sync(ddp_model, sync=i == len(micro) - 1):  # one gradient all-reduce per window
                 with autocast:

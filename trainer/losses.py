@@ -73,7 +73,7 @@ def pact_kl(policy: torch.Tensor, full: torch.Tensor, post: torch.Tensor, weight
     full:    (B, T, K) reference log-probs of S with the full context  (a_t)
     post:    (B, T, K) reference log-probs of S with the post-only context (b_t)
     weights: (K,) safety-token weights; clamped at 0
-    mask:    (B, T) bool, True at real response steps
+    mask:    (B, T) bool, True at real response steps (or float32 weights per step: --row-gate)
     Returns ``(sum over valid steps of kl_t, number of valid steps)`` where
     ``m_t = (1 - c_t) a_t + c_t b_t``, ``q_t = normalise(softmax(m_t / T) * w)`` and
     ``kl_t = T^2 * sum_s q_t[s] (log q_t[s] - log_softmax(z_t / T)[s])``.
@@ -114,7 +114,7 @@ def pact_rest_kl(policy_logprobs: torch.Tensor, full: torch.Tensor, post: torch.
                      (logits of S minus the logsumexp of all logits; gradients flow through both)
     full, post:      (B, T, K) the reference's full-vocabulary log-probs of S, two views (the cache's)
     weights:         (K,) safety-token weights, clamped at 0
-    mask:            (B, T) bool
+    mask:            (B, T) bool (or float32 weights per step: --row-gate)
     Each distribution gets a (K+1)-th category, the rest, ``log(1 - sum_s p(s))`` (:func:`with_rest`).
     The gate ``c_t`` is PACT's (over S). The reference's K + 1 log-probs of the two views are mixed,
     ``m_t = (1 - c_t) a'_t + c_t b'_t``, and renormalised; ``r_t`` is the mixture's mass outside S.
@@ -153,7 +153,7 @@ def str_term(policy_sel: torch.Tensor, policy_lse: torch.Tensor, full: torch.Ten
 
     policy_sel: (B, T, K) policy logits of S; policy_lse: (B, T) logsumexp of all the policy's logits
     full:       (B, T, K) the reference's full-vocabulary log-probs of S (the cache's full view)
-    mask:       (B, T) bool
+    mask:       (B, T) bool (or float32 weights per step: --row-gate)
     ``str_t = mean_s (log p_theta(s | ctx) - log p_ref(s | ctx))^2`` with both log-probs normalised
     over the whole vocabulary. No code is public: this is our reading of the abstract ("constrains
     the logits of salient tokens from refusal templates"): a squared distance between the policy's and
@@ -215,7 +215,7 @@ class Steps:
     columns the method asked for: ``full``, ``post`` (B, T, K) full-vocabulary log-probs of S in the
     two views, ``target`` (B, T) the log-prob of the response token."""
 
-    mask: torch.Tensor  # (B, T) bool, True at real response steps
+    mask: torch.Tensor  # (B, T) bool, True at real response steps; or float32 weights in [0, 1] (0 at padding: --row-gate)
     policy_sel: torch.Tensor  # (B, T, K) float32 policy logits of S
     policy_lse: torch.Tensor  # (B, T) float32 logsumexp of the policy's logits over the vocabulary
     policy_target: torch.Tensor  # (B, T) float32 policy log-prob of the response token

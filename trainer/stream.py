@@ -30,6 +30,7 @@ class Batch:
     ref: dict  # name -> the cached reference column (pact_cache.columns.REF_COLUMNS): (B, T, K) or (B, T) float32
     example_ids: list[str]
     loss_mask: torch.Tensor | None = None  # (B, T) bool: steps whose token stays in the CE (--token-mask); None: all
+    row_gate: torch.Tensor | None = None  # (B,) float32 in [0, 1]: how much of the method's term each row gets (--row-gate); None: all
 
     def reference(self, columns) -> dict:
         """The cached reference columns a method reads, by name."""
@@ -42,13 +43,15 @@ class Batch:
     def to(self, device) -> "Batch":
         return Batch(*(x.to(device) for x in (self.input_ids, self.attention_mask, self.response_start, self.step_mask, self.targets)),
                      {k: v.to(device) for k, v in self.ref.items()}, self.example_ids,
-                     None if self.loss_mask is None else self.loss_mask.to(device))
+                     None if self.loss_mask is None else self.loss_mask.to(device),
+                     None if self.row_gate is None else self.row_gate.to(device))
 
 
-def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1, token_mask=None) -> Batch:
+def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1, token_mask=None, row_gate=None) -> Batch:
     """Right-padded batch. ``pad_to_multiple`` rounds the sequence length up (8 on CUDA: fewer
     distinct shapes for the GPU libraries to plan for, and tensor-core-friendly sizes).
-    ``token_mask`` (a :class:`pact_cache.score.TokenMask`) sets ``loss_mask`` from the rows' scores."""
+    ``token_mask`` (a :class:`pact_cache.score.TokenMask`) sets ``loss_mask`` from the rows' scores;
+    ``row_gate`` (a :class:`RowGate`) sets ``row_gate`` from the rows' cached values."""
     B, K = len(rows), rows[0].ref["full"].shape[1]
     L, T = max(len(r.input_ids) for r in rows), max(r.steps for r in rows)
     L = -(-L // pad_to_multiple) * pad_to_multiple
@@ -71,7 +74,40 @@ def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1, token_m
         loss_mask = torch.zeros((B, T), dtype=torch.bool)
         for i, r in enumerate(rows):
             loss_mask[i, : r.steps] = torch.from_numpy(token_mask.keep(r.example_id, r.score))
-    return Batch(input_ids, attention, rs, step_mask, targets, ref, [r.example_id for r in rows], loss_mask)
+    gates = None if row_gate is None else torch.tensor([row_gate(r) for r in rows], dtype=torch.float32)
+    return Batch(input_ids, attention, rs, step_mask, targets, ref, [r.example_id for r in rows], loss_mask, gates)
+
+
+@dataclass(frozen=True)
+class RowGate:
+    """A per-row gate g in [0, 1] on the method's term, from what the cache holds for the row.
+
+    The signal is the reference's **step-0 refusal mass** m: its probability mass on the safety
+    tokens with a positive weight (``keep``) before the first response token
+    (:func:`pact_cache.combine.step0_refusal_mass`; high when the prompt looks harmful to it,
+    ranked by ``pact-cache stats``). ``hard``: g = 1 if m >= ``at`` else 0; ``soft``: g = m.
+    The method's term of each of the row's steps is multiplied by g; the cross-entropy is not."""
+
+    kind: str  # "hard" or "soft"
+    at: float  # the hard gate's threshold
+    keep: tuple  # (K,) bool: the safety tokens with a positive weight
+
+    KINDS = ("hard", "soft")
+
+    @classmethod
+    def of_cache(cls, cache: Cache, kind: str, at: float) -> "RowGate":
+        if kind not in cls.KINDS:
+            raise ValueError(f"row gate {kind!r}: use one of {', '.join(cls.KINDS)}")
+        return cls(kind, float(at), tuple(w > 0 for w in cache.tokens.weights))
+
+    def mass(self, row: CacheRow) -> float:
+        from pact_cache.combine import step0_refusal_mass
+
+        return step0_refusal_mass(row, np.array(self.keep))
+
+    def __call__(self, row: CacheRow) -> float:
+        m = self.mass(row)
+        return (1.0 if m >= self.at else 0.0) if self.kind == "hard" else min(max(m, 0.0), 1.0)
 
 
 def epoch_rows(cache: Cache, epoch: int, seed: int, shuffle: bool, buffer_rows: int = 1024) -> Iterator[CacheRow]:

@@ -10,103 +10,11 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
+from .cliutil import (OneLineParser, _shard, add_cache_id, add_dtype_device, add_json, add_no_progress, add_output,
+                      add_storage_option, new_file, positive_int, run_command)
 from .errors import OutputExistsError, PactError
 from .models import DEFAULT_MODEL
-from .storage import STORAGE_HELP, parse_storage_options
-
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard {text!r}: use i/n, e.g. 0/4") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
-    return i, n
-
-
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (what is wrong, and where to look) and exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def run_command(prog: str, fn, args, interrupted: str) -> int:
-    """Run one command; every error becomes one line on stderr and a non-zero exit status.
-
-    Typed errors carry their own message. An OSError (a read-only folder, a full disk) names the
-    file and the system's reason. Anything else is a bug: one line says so, and
-    ``PACT_CACHE_DEBUG=1`` shows the traceback.
-    """
-    import os
-
-    try:
-        return fn(args)
-    except PactError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{prog}: {interrupted}", file=sys.stderr)
-        return 130
-    except OSError as err:
-        where = f"{err.filename}: " if err.filename else ""
-        print(f"{prog}: error: {where}{err.strerror or err}; check the path, its permissions and free space", file=sys.stderr)
-        return 1
-    except Exception as err:
-        if os.environ.get("PACT_CACHE_DEBUG"):
-            raise
-        msg = str(err).splitlines()[0][:200] if str(err) else ""
-        print(f"{prog}: internal error: {type(err).__name__}: {msg} (a bug in pact-cache; rerun with PACT_CACHE_DEBUG=1 "
-              "for the traceback and report it)", file=sys.stderr)
-        return 1
-
-
-def new_file(path: str, example: str) -> Path:
-    """``-o FILE`` of a command that writes one file: refused when it exists (nothing is overwritten)."""
-    out = Path(path)
-    if out.is_dir():
-        raise PactError(f"-o {out}: is a folder; give a file name such as {example}")
-    if out.exists() or out.is_symlink():
-        raise OutputExistsError(f"-o {out}: exists; choose another name or delete it (nothing is overwritten)")
-    return out
-
-
-# ----------------------------------------------------------------------------- shared options
-
-def add_storage_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help=STORAGE_HELP)
-
-
-def add_cache_id(p: argparse.ArgumentParser, what: str = "the cache") -> None:
-    p.add_argument("--cache-id", metavar="ID", help=f"refuse {what} unless its content id is ID (or starts with it, 8+ characters)")
-
-
-def add_no_progress(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def add_dtype_device(p: argparse.ArgumentParser, dtype_help: str = "auto: fp32 on CPU, bf16 on CUDA") -> None:
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help=dtype_help)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-
-
-def add_json(p: argparse.ArgumentParser, what: str = "print JSON") -> None:
-    p.add_argument("--json", action="store_true", help=what)
-
-
-def add_output(p: argparse.ArgumentParser, metavar: str, help: str) -> None:
-    p.add_argument("-o", "--output", required=True, metavar=metavar, help=help)
+from .storage import parse_storage_options
 
 
 # ----------------------------------------------------------------------------- commands

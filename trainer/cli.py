@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from pact_cache.cli import OneLineParser, add_storage_option, positive_int, run_command
+from pact_cache.cliutil import OneLineParser, add_storage_option, positive_int, run_command
 from pact_cache.storage import parse_storage_options
 from pact_cache.errors import PactError
 

@@ -185,10 +185,9 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     gate = None
     if cfg.row_gate != "none":
         gate = RowGate.of_cache(cache, cfg.row_gate, cfg.gate_at)
-        if ranks.main:
-            g = [gate(r) for r in cache.iter_rows()]
-            _log(f"--row-gate {cfg.row_gate}" + (f" at {cfg.gate_at:g}" if cfg.row_gate == "hard" else "") +
-                 f": the {cfg.method} term weighs {sum(g):,.1f} of {len(g):,} rows (mean gate {sum(g) / len(g):.3f})")
+        if ranks.main:  # `pact-cache stats` shows the masses; no extra pass over the cache here
+            _log(f"--row-gate {cfg.row_gate}: each row's {cfg.method} term times "
+                 + (f"[step-0 refusal mass >= {cfg.gate_at:g}]" if cfg.row_gate == "hard" else "its step-0 refusal mass"))
     ids = torch.tensor(cache.ids, device=device)
     weights = torch.tensor(cache.tokens.weights, dtype=torch.float32, device=device)
     ref = header = None

@@ -180,7 +180,6 @@ class Study:
             "toss_utility": jsonl(data / "toss_utility.jsonl", sp["toss_utility"]),
         }
         res = {}
-        res["base"] = self.stage("base_eval", lambda d: self.evaluate(d, BASE))
 
         def align_data(d):
             from trainer.evaluate import generate, load_eval_model
@@ -276,6 +275,7 @@ class Study:
                  d / "cache", "--no-progress"])
             return {"rows": len(rows)}
 
+        res["base"] = self.stage("base_eval", lambda d: self.evaluate(d, BASE))
         res["drift_cache"] = self.stage("drift_cache", drift_cache)
         dc = out / "drift_cache" / "cache"
         evals = {"aligned reference": self.stage("eval_reference", lambda d: self.evaluate(d, aligned, drift=dc))}

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from pact_cache.errors import PactError
 
-from .losses import METHODS, LossParams, PactParams
+from .losses import METHODS, LossParams, PactParams, added_term_methods
+from .stream import REPLAY_TERMS
 
 
 class TrainError(PactError):
@@ -67,6 +68,14 @@ class TrainConfig:
                         "safety tokens before the first response token, from the cache): hard: the term on rows with "
                         "m >= --gate-at only; soft: each row's term times m; none: every row", choices=lambda: ["none", "hard", "soft"])
     gate_at: float = opt(0.9, "the hard row gate's threshold on the step-0 refusal mass", lo=0, hi=1, metavar="MASS")
+    replay: str | None = opt(None, "a second cache (harmful prompts with the reference's own refusals, from `pact-cache build` "
+                             "with the same reference and tokens) whose rows are mixed into the stream", metavar="CACHE", type=str)
+    replay_ratio: float | None = opt(None, "share of the mixed stream's rows taken from --replay (default 0.05 with --replay)",
+                                     lo=0, hi=1, hi_open=True, metavar="R", type=float,
+                                     why="it is the share of the rows that come from the replay cache")
+    replay_term: str = opt("both", "what the replay rows are trained with: both: what every row gets (CE + lambda * the "
+                           "method's term); ce: the cross-entropy on the reference's refusal only; term: the method's term only",
+                           choices=lambda: list(REPLAY_TERMS))
     pact: PactParams = field(default_factory=PactParams, metadata=dict(cli=False))  # its own group: --pact-*
     full: bool = opt(False, "full fine-tuning instead of LoRA")
     lora_r: int = opt(8, "LoRA rank (the paper's)", lo=1, integer=True)
@@ -96,14 +105,24 @@ class TrainConfig:
     progress: bool = opt(True, "no progress bar", negate="--no-progress")
     plot: bool = opt(True, "write OUT/loss.png at the end", cli=False)
 
+    REPLAY_RATIO = 0.05  # --replay-ratio when --replay is given alone
+
+    @property
+    def mix_ratio(self) -> float:
+        """The replay share in use: 0 without --replay."""
+        if not self.replay:
+            return 0.0
+        return self.REPLAY_RATIO if self.replay_ratio is None else self.replay_ratio
+
     def loss_params(self) -> LossParams:
         return LossParams(method=self.method, lam=self.lam, pact=self.pact, logits_chunk=self.logits_chunk)
 
     # settings that may differ between a run and its resumption; the cache is compared by its id,
     # not by the path typed, so a run resumes from another folder or working directory
-    RESUMABLE = ("resume", "max_steps", "progress", "save_every", "plot", "merge", "cache", "out", "cache_pin", "storage_options")
+    RESUMABLE = ("resume", "max_steps", "progress", "save_every", "plot", "merge", "cache", "out", "cache_pin", "storage_options",
+                 "replay")
     # what config.json records beside the fields (ignored when it is read back as --config)
-    RECORD_ONLY = ("processes", "cache_id")
+    RECORD_ONLY = ("processes", "cache_id", "replay_cache_id")
 
 
 REQUIRED = ("model", "cache", "out")
@@ -169,22 +188,32 @@ def check_config(cfg: TrainConfig) -> None:
             raise TrainError(f"--method {cfg.method}: regularises the LoRA update B A; leave out --full")
     elif cfg.direction:
         raise TrainError(f"--direction: only a method with a parameter penalty reads it (asft), not --method {cfg.method}")
-    if cfg.row_gate != "none" and (method.term is None or not method.with_ce):
-        raise TrainError(f"--row-gate {cfg.row_gate}: gates a per-step term added to the cross-entropy (pact, pact-rest, str), "
+    weighable = added_term_methods()
+    if cfg.row_gate != "none" and cfg.method not in weighable:
+        raise TrainError(f"--row-gate {cfg.row_gate}: gates a per-step term added to the cross-entropy ({', '.join(weighable)}), "
                          f"not --method {cfg.method}")
+    if not cfg.replay and (cfg.replay_ratio is not None or cfg.replay_term != "both"):
+        raise TrainError(f"{'--replay-ratio' if cfg.replay_ratio is not None else '--replay-term'}: applies to the rows of "
+                         "--replay CACHE; give the replay cache too, or leave it out")
+    if cfg.replay and cfg.replay_term != "both" and cfg.method not in weighable:
+        raise TrainError(f"--replay-term {cfg.replay_term}: splits the cross-entropy from a per-step term added to it "
+                         f"({', '.join(weighable)}); with --method {cfg.method} the replay rows get what every row gets: "
+                         "leave it out (both)")
     if not method.with_ce and cfg.lam != 1.0:
         raise TrainError(f"--lambda {cfg.lam}: does not apply to --method {cfg.method}, whose loss replaces the cross-entropy; leave it out")
     if not cfg.full and not [t for t in cfg.lora_targets.split(",") if t.strip()]:
         raise TrainError("--lora-targets is empty; name the modules to adapt, e.g. q_proj,v_proj")
 
 
-def config_record(cfg: TrainConfig, cache_id: str, world: int = 1) -> dict:
+def config_record(cfg: TrainConfig, cache_id: str, world: int = 1, replay_cache_id: str | None = None) -> dict:
     """What a run folder's config.json holds: every field but the storage options (they may hold
-    credentials), plus the cache id and the process count."""
+    credentials), plus the cache id (and the replay cache's) and the process count."""
     rec = asdict(cfg)
     rec["processes"] = world  # the global batch is batch_size x processes: a run resumes with as many
     rec.pop("storage_options")
     rec["cache_id"] = cache_id
+    if replay_cache_id is not None:
+        rec["replay_cache_id"] = replay_cache_id
     for key in ("model", "ref_model"):  # a local folder is recorded absolute, so another working directory resumes
         if rec[key] and Path(rec[key]).expanduser().exists():
             rec[key] = str(Path(rec[key]).expanduser().resolve())

@@ -103,7 +103,10 @@ def _losses_from_hidden(proj: Projection, hidden, batch: Batch, ids, weights, pa
     h = hidden[bidx, pos]  # (N, H)
     target_lp, sel, lse = chunked_projection(proj, h, batch.targets[bidx, tidx], ids, params.logits_chunk)
     keep = batch.loss_mask  # --token-mask: the selected tokens leave the CE (or the term that replaces it)
-    ce_sum = -target_lp.sum() if keep is None else -(target_lp * keep[bidx, tidx]).sum()
+    ce_lp = target_lp if keep is None else target_lp * keep[bidx, tidx]
+    if batch.ce_weight is not None:  # --replay-term term: replay rows leave the CE
+        ce_lp = ce_lp * batch.ce_weight.to(ce_lp.dtype)[bidx]
+    ce_sum = -ce_lp.sum()
     if method.term is None or (method.with_ce and params.lam == 0):
         return ce_sum, ce_sum.new_zeros(())
 
@@ -111,7 +114,7 @@ def _losses_from_hidden(proj: Projection, hidden, batch: Batch, ids, weights, pa
         return x.new_zeros((B, T, *rest)).index_put((bidx, tidx), x)
 
     mask = batch.step_mask if keep is None or method.with_ce else batch.step_mask & keep
-    if batch.row_gate is not None:  # --row-gate: each row's steps weigh g in the term (a float mask; g = 1 is exact)
+    if batch.row_gate is not None:  # --row-gate, --replay: each row's steps weigh g in the term (a float mask; g = 1 is exact)
         mask = mask.to(torch.float32) * batch.row_gate.to(torch.float32)[:, None]
     s = Steps(mask, steps(sel, len(ids)), steps(lse), steps(target_lp), weights,
               batch.reference(method.columns) if ref is None else {c: ref[c] for c in method.columns})

@@ -38,12 +38,12 @@ from pact_cache.format import Cache, CacheRow, open_cache
 from pact_cache.projection import check_projection
 
 from .core import lora_direction_factors, policy_losses
-from .losses import LossParams, PactParams
-from .stream import Batch, collate, epoch_rows
+from .losses import LossParams, PactParams, added_term_methods
+from .stream import REPLAY_TERMS, Batch, Replay, collate, epoch_rows
 
 # The collator's keys beside the model's inputs: the batch's layout, then one per cached reference column
 # (pact_cache.columns.REF_COLUMNS: pact_full, pact_post, pact_target)
-LAYOUT_KEYS = ("pact_response_start", "pact_step_mask", "pact_targets", "pact_loss_mask", "pact_row_gate")
+LAYOUT_KEYS = ("pact_response_start", "pact_step_mask", "pact_targets", "pact_loss_mask", "pact_row_gate", "pact_ce_weight")
 KEYS = LAYOUT_KEYS + tuple(f"pact_{c.name}" for c in REF_COLUMNS)
 
 
@@ -51,24 +51,45 @@ class CacheDataset(IterableDataset):
     """Rows of a cache as dicts of numpy arrays, each process and worker taking every n-th row."""
 
     def __init__(self, cache: Cache | str, shuffle: bool = False, seed: int = 0, buffer_rows: int = 1024,
-                 storage_options: dict | None = None, cache_id: str | None = None, shard_by_rank: bool = True):
+                 storage_options: dict | None = None, cache_id: str | None = None, shard_by_rank: bool = True,
+                 replay: Cache | str | None = None, replay_ratio: float = 0.05):
         self.cache = cache if isinstance(cache, Cache) else open_cache(cache, cache_id=cache_id, storage_options=storage_options)
         self.shuffle, self.seed, self.buffer_rows, self.epoch = shuffle, seed, buffer_rows, 0
         self.shard_by_rank = shard_by_rank  # False when the training stack shards by rank itself (accelerate)
+        # pact-train --replay: after each row of this cache, the replay rows then due (trainer.stream.Replay)
+        self.replay = None
+        if replay is not None:
+            rc = replay if isinstance(replay, Cache) else open_cache(replay, storage_options=storage_options)
+            self.replay = Replay.of(self.cache, rc, replay_ratio, seed, buffer_rows, where="replay=")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _epoch_rows(self) -> int:
+        n = self.cache.num_rows
+        extra = self.replay.count((self.epoch + 1) * n) - self.replay.count(self.epoch * n) if self.replay else 0
+        return n + extra
+
     def __len__(self) -> int:  # rows this process iterates (the Trainer uses it to count steps)
         rank, world = _rank_world() if self.shard_by_rank else (0, 1)
-        return len(range(rank, self.cache.num_rows, world))
+        return len(range(rank, self._epoch_rows(), world))
+
+    def _mixed(self):
+        n, rep = self.cache.num_rows, self.replay
+        mixed = rep.rows(rep.count(self.epoch * n)) if rep else None
+        for i, row in enumerate(epoch_rows(self.cache, self.epoch, self.seed, self.shuffle, self.buffer_rows)):
+            yield row
+            if mixed is not None:
+                g = self.epoch * n + i + 1
+                for _ in range(rep.count(g) - rep.count(g - 1)):
+                    yield next(mixed)
 
     def __iter__(self):
         rank, world = _rank_world() if self.shard_by_rank else (0, 1)
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         shard, shards = rank * nw + wid, world * nw
-        for i, row in enumerate(epoch_rows(self.cache, self.epoch, self.seed, self.shuffle, self.buffer_rows)):
+        for i, row in enumerate(self._mixed()):
             if i % shards == shard:
                 yield {"row": row}
 
@@ -102,15 +123,19 @@ class PactCollator:
     ``token_mask`` (:func:`pact_cache.score.cache_token_mask` of a scored cache) leaves TOSS's
     selected tokens out of the CE, as ``pact-train --token-mask`` does; ``row_gate``
     (:class:`trainer.stream.RowGate`, ``RowGate.of_cache(cache, "hard", 0.9)``) weighs each row's
-    term, as ``pact-train --row-gate`` does (``pact_row_gate``; ones without a gate)."""
+    term, as ``pact-train --row-gate`` does (``pact_row_gate``; ones without a gate); ``replay_term``
+    (``both``, ``ce`` or ``term``, :data:`trainer.stream.REPLAY_TERMS`) is what the rows of a
+    ``CacheDataset(replay=...)`` get, as ``pact-train --replay-term`` (``pact_ce_weight``)."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, token_mask=None, row_gate=None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, token_mask=None, row_gate=None, replay_term: str = "both"):
         self.pad_token_id, self.pad_to_multiple_of, self.token_mask = pad_token_id, pad_to_multiple_of, token_mask
-        self.row_gate = row_gate
+        if replay_term not in REPLAY_TERMS:
+            raise PactError(f"replay_term={replay_term!r}: use one of {', '.join(REPLAY_TERMS)}")
+        self.row_gate, self.replay_term = row_gate, replay_term
 
     def __call__(self, items) -> dict:
         rows: list[CacheRow] = [it["row"] if isinstance(it, dict) else it for it in items]
-        b = collate(rows, self.pad_token_id, self.pad_to_multiple_of, self.token_mask, self.row_gate)
+        b = collate(rows, self.pad_token_id, self.pad_to_multiple_of, self.token_mask, self.row_gate, self.replay_term)
         labels = torch.full_like(b.input_ids, -100)
         for i, r in enumerate(rows):
             labels[i, r.response_start: len(r.input_ids)] = b.input_ids[i, r.response_start: len(r.input_ids)]
@@ -118,6 +143,7 @@ class PactCollator:
                 "pact_response_start": b.response_start, "pact_step_mask": b.step_mask, "pact_targets": b.targets,
                 "pact_loss_mask": b.step_mask if b.loss_mask is None else b.loss_mask,
                 "pact_row_gate": torch.ones(len(rows)) if b.row_gate is None else b.row_gate,
+                "pact_ce_weight": torch.ones(len(rows)) if b.ce_weight is None else b.ce_weight,
                 **{f"pact_{name}": values for name, values in b.ref.items()}}
 
 
@@ -165,11 +191,13 @@ class PactTrainerMixin:
         targets = {k: inputs.pop(k) for k in KEYS}  # popped before the model could see them
         inputs.pop("labels", None)
         method = self.pact_params.method
-        if not (method.term is not None and method.with_ce) and bool((targets["pact_row_gate"] != 1).any()):
-            raise PactError(f"a row gate weighs a per-step term added to the cross-entropy (pact, pact-rest, str), not method {method.name}")
+        weighted = bool((targets["pact_row_gate"] != 1).any()) or bool((targets["pact_ce_weight"] != 1).any())
+        if method.name not in added_term_methods() and weighted:
+            raise PactError(f"a row gate or replay_term='ce'/'term' weighs a per-step term added to the cross-entropy "
+                            f"({', '.join(added_term_methods())}), not method {method.name}")
         batch = Batch(inputs["input_ids"], inputs["attention_mask"], targets["pact_response_start"], targets["pact_step_mask"],
                       targets["pact_targets"], {c.name: targets[f"pact_{c.name}"] for c in REF_COLUMNS}, [],
-                      targets["pact_loss_mask"], targets["pact_row_gate"])
+                      targets["pact_loss_mask"], targets["pact_row_gate"], targets["pact_ce_weight"])
         device = batch.input_ids.device
         ce_sum, term_sum, n = policy_losses(model, batch, self.pact_ids.to(device), self.pact_weights.to(device), self.pact_params)
         total = self.pact_params.method.total(ce_sum, term_sum, self.pact_params.lam)

@@ -25,7 +25,7 @@ from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, save_
 from .config import TrainConfig, TrainError, check_config, config_record
 from .core import causal_lm, lora_direction_factors, online_reference, policy_losses
 from .distributed import Ranks, setup, teardown
-from .stream import RowGate, batches, collate
+from .stream import Replay, RowGate, batches, collate
 
 
 class NonFiniteError(TrainError):
@@ -66,7 +66,7 @@ def check_cache_fits(cache: Cache, tok, vocab_rows: int, cfg: TrainConfig) -> No
         cache.check_part(part)
 
 
-def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1) -> str:
+def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1, replay_id: str | None = None) -> str:
     """'new' or 'resume'; refuse an OUT folder that holds something else."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"{out}: exists and is not a folder; choose another -o")
@@ -82,7 +82,7 @@ def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1) -> str
     if not isinstance(old, dict):
         raise TrainError(f"{cfg_file}: is not a run config (not a JSON object); choose another -o")
     old.setdefault("processes", 1)  # runs recorded before data-parallel training were single-process
-    mine = config_record(cfg, cache_id, world)
+    mine = config_record(cfg, cache_id, world, replay_id)
     diff = [k for k in sorted(set(old) | set(mine)) if k not in TrainConfig.RESUMABLE and old.get(k) != mine.get(k)]
     if diff == ["processes"] and cfg.resume:
         raise TrainError(f"{out}: the run was started on {old['processes']} process(es), this is {mine['processes']}; the global "
@@ -165,7 +165,12 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     # --- setup (every rank checks; rank 0 alone writes)
     cache = open_cache(cfg.cache, cache_id=cfg.cache_pin, storage_options=cfg.storage_options)
     out = Path(cfg.out).expanduser()
-    state_kind = check_out(out, cfg, cache.cache_id, ranks.world)
+    replay = None
+    if cfg.replay:
+        rc = open_cache(cfg.replay, storage_options=cfg.storage_options)
+        replay = Replay.of(cache, rc, cfg.mix_ratio, cfg.seed, cfg.shuffle_buffer)
+    replay_id = replay.cache.cache_id if replay else None
+    state_kind = check_out(out, cfg, cache.cache_id, ranks.world, replay_id)
     ranks.barrier()  # no rank checks OUT after rank 0 has written to it
     if ranks.main:
         clean_leftovers(out)
@@ -174,6 +179,12 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     check_projection(model, device, f"--model {cfg.model}")  # the loss uses the model's own logits, or nothing runs
     head_rows = causal_lm(model).get_output_embeddings().weight.shape[0]
     check_cache_fits(cache, tok, head_rows, cfg)
+    if replay is not None:
+        for part in replay.cache.parts:  # checked now, not when its rows fall due
+            replay.cache.check_part(part)
+        if ranks.main:
+            _log(f"--replay: {replay.cache.num_rows:,} rows of {cfg.replay} cycled into the stream, a share of {replay.ratio:g} "
+                 f"of the rows ({replay.count(cache.num_rows * cfg.epochs):,} over the run), trained with {cfg.replay_term}")
     mask = None
     if cfg.token_mask:
         from pact_cache.score import cache_token_mask
@@ -228,7 +239,7 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
             _log(f"resuming {out} at step {step} (epoch {epoch}, {taken} rows into it)")
     elif ranks.main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", config_record(cfg, cache.cache_id, ranks.world))
+        atomic_write_json(out / "config.json", config_record(cfg, cache.cache_id, ranks.world, replay_id))
         metrics_path.write_text("")
     ddp_model = ranks.wrap(model, device)  # rank 0's weights are broadcast to all
     if ranks.world > 1 and ranks.main:
@@ -236,7 +247,7 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
              f"{global_batch * cfg.grad_accum} per optimizer step")
     # every rank reads the same order; each takes its share of every global micro-batch
     data = batches(cache, global_batch, cfg.seed, cfg.shuffle, start_epoch=epoch, skip_rows=taken,
-                   buffer_rows=cfg.shuffle_buffer, epochs=cfg.epochs)
+                   buffer_rows=cfg.shuffle_buffer, epochs=cfg.epochs, replay=replay)
 
     from tqdm.auto import tqdm
 
@@ -267,7 +278,7 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         ce_tot = term_tot = pen = 0.0
         for i, (_, _, global_rows) in enumerate(micro):
             rows, scale = ranks.take(global_rows)
-            batch = collate(rows, pad_id, pad_multiple, mask, gate).to(device)
+            batch = collate(rows, pad_id, pad_multiple, mask, gate, cfg.replay_term).to(device)
             live = online_reference(ref, batch, header, ids) if ref is not None else None
             with ranks.no_sync(ddp_model, sync=i == len(micro) - 1):  # one gradient all-reduce per window
                 with autocast:

@@ -148,6 +148,35 @@ def pact_rest_kl(policy_logprobs: torch.Tensor, full: torch.Tensor, post: torch.
     return (kl * m).sum(), m.sum()
 
 
+def pact_ref_kl(policy_logprobs: torch.Tensor, full: torch.Tensor, post: torch.Tensor, mask: torch.Tensor,
+                p: PactParams = PactParams()) -> tuple[torch.Tensor, torch.Tensor]:
+    """PACT-rest toward the reference itself: a KL over K + 1 categories (S and the rest) whose target
+    is the reference's own distribution; the weights only chose S. Summed over valid steps.
+
+    policy_logprobs: (B, T, K) the policy's log-probs of S normalised over the whole vocabulary
+    full, post:      (B, T, K) the reference's full-vocabulary log-probs of S, two views (the cache's)
+    mask:            (B, T) bool (or float32 weights per step: --row-gate, --replay)
+    With PACT's gate ``c_t`` (over S) the reference's two views, each with the rest as a (K+1)-th
+    category (:func:`with_rest`), are mixed, ``m_t = (1 - c_t) a'_t + c_t b'_t``; then
+    ``q_t = softmax(m_t / T)`` and ``p_t = softmax(z'_t / T)`` over the K + 1 categories, ``z'_t`` the
+    policy's K log-probs of S and its log-prob of the rest, and
+    ``kl_t = T^2 * sum_j q_t[j] (log q_t[j] - log p_t[j])``. Where the gate is 0 (the full view),
+    the loss is 0 exactly when the policy's probabilities of S and of the rest are the reference's
+    (both sides are normalised, so equal tempered softmaxes mean equal log-probs): its optimum is the
+    reference, unlike ``pact``/``pact-rest``, whose weighted targets move mass within S onto the
+    positively weighted tokens. Returns ``(sum, count)``.
+    """
+    policy_logprobs = policy_logprobs.float()
+    full, post = full.float(), post.float()
+    c = pact_gate(policy_logprobs.detach(), post, p).unsqueeze(-1)
+    mix = (1.0 - c) * with_rest(full) + c * with_rest(post)  # (B, T, K + 1)
+    log_q = F.log_softmax(mix / p.T, dim=-1)
+    log_p = F.log_softmax(with_rest(policy_logprobs) / p.T, dim=-1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(dim=-1) * (p.T ** 2)
+    m = mask.to(kl.dtype)
+    return (kl * m).sum(), m.sum()
+
+
 def str_term(policy_sel: torch.Tensor, policy_lse: torch.Tensor, full: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """STR, safety token regularisation (arXiv 2604.17210), summed over valid steps.
 
@@ -258,6 +287,12 @@ def register(method: Method) -> Method:
     return method
 
 
+def added_term_methods() -> list[str]:
+    """The methods whose per-step term is added to the cross-entropy: what a row gate or a replay
+    term choice can weigh."""
+    return [m.name for m in METHODS.values() if m.term is not None and m.with_ce]
+
+
 def method_named(name: str) -> Method:
     try:
         return METHODS[name]
@@ -272,6 +307,9 @@ register(Method("pact-rest", "CE + lambda * PACT's KL over S plus the rest of th
                 ("full", "post"), "pact_rest_kl",
                 lambda s, p: pact_rest_kl(s.policy_sel - s.policy_lse.unsqueeze(-1), s.ref["full"], s.ref["post"],
                                           s.weights, s.mask, p.pact)[0]))
+register(Method("pact-rest-ref", "CE + lambda * KL over S plus the rest toward the reference's own distribution "
+                "(the weights only choose S; the optimum is the reference)", ("full", "post"), "pact_ref_kl",
+                lambda s, p: pact_ref_kl(s.policy_sel - s.policy_lse.unsqueeze(-1), s.ref["full"], s.ref["post"], s.mask, p.pact)[0]))
 register(Method("str", "CE + lambda * STR: mean squared log-prob gap to the reference on S (our reading of arXiv 2604.17210)",
                 ("full",), "str", lambda s, p: str_term(s.policy_sel, s.policy_lse, s.ref["full"], s.mask)[0]))
 register(Method("constrained-sft", "Qi et al.'s token-wise constrained SFT against the reference's token log-probs "

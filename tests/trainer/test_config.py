@@ -36,7 +36,8 @@ def test_every_flag_sets_its_field(tmp_path):
                         "--lr", "1e-4", "--weight-decay", "0.01", "--warmup-steps", "5", "--schedule", "step", "--max-steps", "7",
                         "--seed", "9", "--no-shuffle", "--shuffle-buffer", "64", "--gradient-checkpointing", "--logits-chunk", "32",
                         "--save-every", "3", "--resume", "--merge", "--device", "cpu", "--no-progress", "--pact-t", "1.5",
-                        "--pact-n", "4", "--storage-option", "anon=true", "--row-gate", "soft", "--gate-at", "0.5"])
+                        "--pact-n", "4", "--storage-option", "anon=true", "--row-gate", "soft", "--gate-at", "0.5",
+                        "--replay", "r", "--replay-ratio", "0.1", "--replay-term", "ce"])
     changed = {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != f.default and f.name not in ("model", "cache", "out")}
     declared = {f.name for f in fields(TrainConfig) if f.metadata.get("cli", True) and f.name not in ("model", "cache", "out", "direction")}
     assert declared <= changed  # --direction only goes with asft (checked elsewhere)

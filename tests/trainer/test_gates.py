@@ -80,5 +80,5 @@ def test_gate_one_everywhere_is_the_ungated_method_and_zero_is_sft(tiny_model, f
 def test_a_gate_on_a_method_without_an_added_term_is_refused(tiny_model, f32_cache, tmp_path, capsys, method):
     line = one_line(capsys, train_main, "--model", tiny_model, "--cache", f32_cache, "-o", tmp_path / "r", "--method", method,
                     "--row-gate", "hard", "--no-progress")
-    assert f"--row-gate hard: gates a per-step term added to the cross-entropy (pact, pact-rest, str), not --method {method}" in line
+    assert f"--row-gate hard: gates a per-step term added to the cross-entropy (pact, pact-rest, pact-rest-ref, str), not --method {method}" in line
     assert not (tmp_path / "r").exists()

@@ -177,6 +177,74 @@ def test_pact_rest_holds_the_references_mass_on_s_whatever_the_weights():
     assert min(at, key=at.get) == 1.0 and at[2.0] > at[1.1] > at[1.0] < at[0.9] < at[0.5]
 
 
+def naive_pact_ref_kl(policy_logits, ref_full, ref_post, ids, lens, p: PactParams):
+    """PACT-rest toward the reference, from full-vocabulary distributions, one step at a time, float64:
+    K + 1 categories (the rest summed over the tokens outside S), the gate's mixture of the two views,
+    both sides tempered by T, no weights."""
+    ids = ids.tolist()
+    total, count = 0.0, 0
+
+    def coarse(logits_t):
+        lp = torch.log_softmax(logits_t.double(), -1).tolist()
+        return [lp[i] for i in ids] + [math.log(sum(math.exp(v) for i, v in enumerate(lp) if i not in ids))]
+
+    def tempered(x):
+        e = [math.exp(v / p.T) for v in x]
+        return [v / sum(e) for v in e]
+    for bi in range(policy_logits.shape[0]):
+        for t in range(lens[bi]):
+            z, a, b = coarse(policy_logits[bi, t]), coarse(ref_full[bi, t]), coarse(ref_post[bi, t])
+            c = naive_gate(z[:-1], b[:-1], t, p)
+            q, pol = tempered([(1 - c) * x + c * y for x, y in zip(a, b)]), tempered(z)
+            total += p.T ** 2 * sum(qk * math.log(qk / pk) for qk, pk in zip(q, pol))
+            count += 1
+    return total, count
+
+
+@pytest.mark.parametrize("params", [PactParams(), PactParams(T=1.5, T_gate=0.7, top_p=0.8, alpha=3.0, bias=0.1, N=2, tau=3.0, boost=0.9)])
+def test_pact_rest_ref_matches_naive_on_odd_shapes(params):
+    g = torch.Generator().manual_seed(7)
+    B, T, V = 3, 9, 11
+    ids = torch.tensor([0, 3, 7, 10])
+    lens = [9, 3, 1]
+    logits, ref_full, ref_post = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2 for _ in range(3))
+    mask = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]
+    lp = lambda x: torch.log_softmax(x, -1)[..., ids]  # noqa: E731
+    w = torch.tensor([0.9, -0.5, 0.1, 0.0], dtype=torch.float64)  # choose S only: any weights give the same term
+    steps = Steps(mask, logits[..., ids], logits.logsumexp(-1), torch.zeros(B, T, dtype=torch.float64), w,
+                  {"full": lp(ref_full), "post": lp(ref_post)})
+    got = method_named("pact-rest-ref").term(steps, LossParams(method="pact-rest-ref", pact=params))
+    want, n = naive_pact_ref_kl(logits, ref_full, ref_post, ids, lens, params)
+    assert n == int(mask.sum()) and got.item() == pytest.approx(want, rel=1e-6)
+    again = method_named("pact-rest-ref").term(Steps(mask, steps.policy_sel, steps.policy_lse, steps.policy_target,
+                                                     torch.ones(4, dtype=torch.float64), steps.ref), LossParams(method="pact-rest-ref", pact=params))
+    assert again.item() == got.item()
+
+
+def test_pact_rest_ref_has_its_optimum_at_the_reference_and_pact_rest_does_not():
+    """With the gate shut (tau <= 0, N = 0: the full view alone), gradient descent on the policy's
+    K + 1 log-probs ends at the reference's own log-probs under pact-rest-ref; under pact-rest, whose
+    target reweights S, the same descent ends away from them."""
+    from trainer.losses import pact_ref_kl
+
+    p = PactParams(N=0, tau=0.0)
+    ref = torch.log(torch.tensor([0.30, 0.05, 0.05, 0.02])).view(1, 1, 4)  # S holds 0.42
+    w = torch.tensor([0.9, 0.05, 0.0, 0.1])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    assert pact_ref_kl(ref, ref, ref, mask, p)[0].item() == pytest.approx(0.0, abs=1e-7)
+    ends = {}
+    for name, fn in (("ref", lambda x: pact_ref_kl(x, ref, ref, mask, p)[0]), ("rest", lambda x: pact_rest_kl(x, ref, ref, w, mask, p)[0])):
+        z = torch.zeros(1, 1, 5, requires_grad=True)  # free logits over S and the rest
+        opt = torch.optim.Adam([z], lr=0.05)
+        for _ in range(1500):
+            opt.zero_grad()
+            fn(torch.log_softmax(z, -1)[..., :4]).backward()
+            opt.step()
+        ends[name] = torch.log_softmax(z, -1)[..., :4].detach()
+    assert torch.allclose(ends["ref"], ref, atol=1e-3)
+    assert (ends["rest"] - ref).abs().max() > 0.5  # pact-rest moves S's mass onto the heavily weighted token
+
+
 def odd_steps(seed=2, B=3, T=8, V=11, K=4):
     """Random full-vocabulary policy logits and reference log-probs on ragged responses (lens 8, 5, 1)."""
     g = torch.Generator().manual_seed(seed)

@@ -90,7 +90,7 @@ def cmd_tokens(a) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, tokens.to_json())
     print(f"wrote {out}: K={tokens.K} ({tokens.method}, {tokens.params['samples']} refusals)")
-    print("tokens: " + " ".join(repr(s) for s in tokens.strings or ()))
+    print("by weight: " + tokens.describe())
     return 0
 
 

@@ -35,6 +35,11 @@ PART_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.parquet$")
 
 # ----------------------------------------------------------------------------- tokens.json
 
+def describe_by_weight(pairs) -> str:
+    """S by weight, for people: ``"'t" 0.48, "'m" 0.43, ...`` from ``(token, weight)`` pairs."""
+    return ", ".join(f"{s!r} {w:.2f}" for s, w in pairs)
+
+
 @dataclass(frozen=True)
 class SafetyTokens:
     """The safety-token set S (``tokens.json``, format ``pact-tokens/1``)."""
@@ -51,6 +56,14 @@ class SafetyTokens:
     @property
     def K(self) -> int:
         return len(self.ids)
+
+    def by_weight(self) -> list[tuple[str, float]]:
+        """``(token, weight)`` heaviest first (the token's string when the file has them, else its id)."""
+        names = self.strings if self.strings is not None else tuple(str(i) for i in self.ids)
+        return sorted(zip(names, self.weights), key=lambda x: -x[1])
+
+    def describe(self) -> str:
+        return describe_by_weight(self.by_weight())
 
     @classmethod
     def parse(cls, obj, where: str, error=TokensError, vocab_size: int | None = None) -> "SafetyTokens":

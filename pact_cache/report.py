@@ -5,6 +5,7 @@ from __future__ import annotations
 from .errors import CacheError, ModelError
 from .columns import REF_COLUMNS
 from .format import Cache, open_cache, rows_digest
+from .manifest import describe_by_weight
 from .storage import Location
 
 
@@ -38,6 +39,7 @@ def cache_info(cache: Cache) -> dict:
         "K": cache.K,
         "token_method": m.tokens.method,
         "token_strings": list(m.tokens.strings or ()),
+        "tokens_by_weight": [[t, w] for t, w in m.tokens.by_weight()],
         "scores": None if m.scores is None else {
             "algorithm": m.scores.algorithm, "degraded": m.scores.degraded.get("name"), "utility": m.scores.utility.get("name"),
             "bytes": sum(f.bytes for f in m.scores.files), "bytes_per_step": sum(f.bytes for f in m.scores.files) / steps},
@@ -62,7 +64,7 @@ def format_info(info: dict) -> str:
     ]
     if info["ratio_to_full_vocab_fp16"]:
         lines.append(f"vs full logits {info['ratio_to_full_vocab_fp16']:.5f}x of full-vocabulary float16 logits (1/{1 / info['ratio_to_full_vocab_fp16']:,.0f})")
-    lines.append(f"safety tokens  {info['token_method']}: " + " ".join(repr(s) for s in info["token_strings"]))
+    lines.append(f"safety tokens  {info['token_method']}, K={info['K']}, by weight: {describe_by_weight(info['tokens_by_weight'])}")
     if info["scores"]:
         sc = info["scores"]
         lines.append(f"token scores   {sc['algorithm']} (degraded {sc['degraded']}, utility {sc['utility']}): "

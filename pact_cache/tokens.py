@@ -96,6 +96,21 @@ def _mean_step_probs(model, seqs: list[list[int]], starts: list[int], counts: li
     return torch.stack(out)
 
 
+def _greedy_answers(model, tok, prompts: list[list[dict]], steps: int, device) -> list[str]:
+    """The model's own greedy answers to chat prompts, ``steps`` tokens each (one prompt at a time:
+    no padding to get wrong)."""
+    import torch
+
+    answers = []
+    for msgs in prompts:
+        ids = torch.tensor([chat_ids(tok, msgs, add_generation_prompt=True)], device=device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        answers.append(tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
+    return answers
+
+
 def _answer_seqs(tok, pairs, max_resp_len: int) -> tuple[list, list, list]:
     """Chat-template prompt + answer token ids for (prompt messages, answer) pairs; empty answers skipped."""
     seqs, starts, counts = [], [], []
@@ -163,16 +178,29 @@ def select_tokens(aligned, aligned_tok, pairs, base=None, base_tok=None, top_k: 
         weights = _paper_weights(delta)
         method = "pact-discrepancy"
     elif self_contrast:
+        # candidates: the tokens the refusals say in their first steps, likeliest first (not every token the
+        # reference would predict there: after a harmful prompt those include its compliance openings)
+        said = {t for seq, st in zip(seq_a, st_a) for t in seq[st:]}
+        ranked = [t for t in torch.argsort(p_a, descending=True).tolist() if t in said][:top_k]
+        kept = torch.tensor(sorted(ranked), dtype=torch.long)
+        # contrast 1: the same refusals after benign prompts (what the harmful prompt itself raises)
         paired = [(benign[i % len(benign)], refusal) for i, (_, refusal) in enumerate(pairs)]
         seq_n, st_n, counts_n = _answer_seqs(aligned_tok, paired, max_resp_len)
         p_n = _mean_step_probs(aligned, seq_n, st_n, counts_n, device, batch_size).mean(0)[:vocab]
+        # contrast 2: the reference's own answers to the benign prompts, at the same steps (after "I can" both
+        # contexts of contrast 1 predict the negation; a benign answer does not)
+        answers = _greedy_answers(aligned, aligned_tok, benign, contrast_steps, device)
+        seq_b2, st_b2, counts_b2 = _answer_seqs(aligned_tok, list(zip(benign, answers)), max_resp_len)
+        if seq_b2:
+            p_n = torch.maximum(p_n, _mean_step_probs(aligned, seq_b2, st_b2, counts_b2, device, batch_size).mean(0)[:vocab])
         weights = _paper_weights((p_a - p_n)[kept].double())
-        if max(weights) <= 0:
+        if not weights or max(weights) <= 0:
             raise TokensError("the reference's next-token distributions after the harmful and the benign prompts do not differ; "
                               "no safety token can be weighted (are the benign prompts the harmful ones?)")
         method = "pact-self-contrast"
         params = {"top_k": top_k, "steps": contrast_steps, "refusals": source, "samples": len(seq_a),
-                  "benign": benign_source, "benign_prompts": len(benign)}
+                  "benign": benign_source, "benign_prompts": len(benign), "candidates": "tokens of the refusals",
+                  "contrast": "max(refusals after benign prompts, the reference's own benign answers)"}
     else:
         weights = [1.0 / math.sqrt(len(kept))] * len(kept)
         method = "pact-uniform"

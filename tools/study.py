@@ -135,9 +135,17 @@ class Study:
         degraded = rng.sample([r for r in unsafe if r["input"].strip() not in taken], min(a.n_toss_degraded, len(unsafe) - len(taken)))
         ft_keys = {(r["instruction"], r.get("input", "")) for r in ft}
         utility = rng.sample([r for r in benign_rows if (r["instruction"], r.get("input", "")) not in ft_keys], a.n_toss_utility)
+        # replay prompts: safe_direction.json prompts no other split uses (the held-out, alignment and validation
+        # prompts come before them); the reference answers them itself (stage replay_data)
+        start = a.n_eval_harmful + a.n_align_harmful + a.n_val_harmful
+        replay = safe[start: start + a.n_replay]
+        # the benign-only scenario: SST-2 rows of SST2_5k_p_0.json outside the held-out rows (every evaluation and
+        # the alignment's benign rows come from those), as many as the harmful mix has rows
+        held_keys = {(r["instruction"], r.get("input", "")) for r in held}
+        benign_ft = rng.sample([r for r in p0 if (r["instruction"], r.get("input", "")) not in held_keys], a.n_ft)
         return dict(eval_harmful=eval_harmful, align_harmful=align_harmful, val_harmful=val_harmful, task_eval=task_eval,
                     benign_eval=benign_eval, benign_align=benign_align, ft=ft, eval_unsafe=eval_unsafe,
-                    toss_degraded=degraded, toss_utility=utility)
+                    toss_degraded=degraded, toss_utility=utility, replay=replay, benign_ft=benign_ft)
 
     def pact_eval(self, out: Path, model: str, adapter: str | None, *args) -> dict:
         """One pact-eval run into ``out`` (a new folder each time; kept when it is already complete)."""
@@ -178,6 +186,8 @@ class Study:
             "ft": jsonl(data / "ft_sst2_p0.1.jsonl", sp["ft"]),
             "toss_degraded": jsonl(data / "toss_degraded.jsonl", [{"prompt": r["input"], "completion": r["output"]} for r in sp["toss_degraded"]]),
             "toss_utility": jsonl(data / "toss_utility.jsonl", sp["toss_utility"]),
+            "replay_prompts": jsonl(data / "replay_prompts.jsonl", [{"prompt": r["input"]} for r in sp["replay"]]),
+            "benign_ft": jsonl(data / "ft_sst2_p0.jsonl", sp["benign_ft"]),
         }
         res = {}
 
@@ -254,18 +264,25 @@ class Study:
         rows = {"SFT": ("sft", None)}
         choices = {}
         lambdas = [1.0] + sorted(x for x in a.lambdas if x != 1.0)
+        want = self.selected()
+
+        def tuned_pair(method, S):
+            lam, name = tune(f"{method}_{S}", lambdas, lambda v: (f"{method}_{S}_lam{v:g}", fine_tune(method, caches[S], v)))
+            label = "PACT" if method == "pact" else "PACT-rest"
+            if method == "pact" and lam != 1.0:
+                rows[f"PACT lambda 1 (the paper's), {S} S"] = (f"{method}_{S}_lam1", 1.0)
+            note = "chosen, = the paper's" if method == "pact" and lam == 1.0 else "chosen"
+            rows[f"{label} lambda {lam:g} ({note}), {S} S"] = (name, lam)
+
         for S in ("default", "paper"):
             for method in ("pact", "pact-rest"):
-                lam, name = tune(f"{method}_{S}", lambdas, lambda v, m=method, S=S: (f"{m}_{S}_lam{v:g}", fine_tune(m, caches[S], v)))
-                label = "PACT" if method == "pact" else "PACT-rest"
-                if method == "pact" and lam != 1.0:
-                    rows[f"PACT lambda 1 (the paper's), {S} S"] = (f"{method}_{S}_lam1", 1.0)
-                note = "chosen, = the paper's" if method == "pact" and lam == 1.0 else "chosen"
-                rows[f"{label} lambda {lam:g} ({note}), {S} S"] = (name, lam)
+                if f"{method}_{S}" in want:
+                    tuned_pair(method, S)
 
         # --- the neighbouring methods, from the same reference, cache (paper S), seed and data order
-        if not a.no_neighbours:
-            self.neighbours(res, rows, tune, fine_tune, aligned, caches["paper"], lambdas)
+        self.neighbours(res, rows, tune, fine_tune, aligned, caches["paper"], lambdas, want)
+        # --- what holds the refusals against benign drift (issue 19): replay, gates, the filter, PACT-rest-ref
+        self.against_drift(res, rows, tune, fine_tune, aligned, caches["paper"], tokens["paper"], want)
 
         def drift_cache(d):
             answers = [json.loads(line) for line in (out / "aligned_eval" / "eval" / "harmful.jsonl").read_text().splitlines()]
@@ -275,30 +292,48 @@ class Study:
                  d / "cache", "--no-progress"])
             return {"rows": len(rows)}
 
-        res["base"] = self.stage("base_eval", lambda d: self.evaluate(d, BASE))
+        if "original" in want or (out / "base_eval" / "DONE.json").exists():
+            res["base"] = self.stage("base_eval", lambda d: self.evaluate(d, BASE))
         res["drift_cache"] = self.stage("drift_cache", drift_cache)
         dc = out / "drift_cache" / "cache"
+        # the rows (and tuning choices) of earlier invocations (--rows) stay in the table
+        book = out / "rows.json"
+        old = json.loads(book.read_text()) if book.exists() else {"rows": {}, "choices": {}}
+        rows = {**{k: tuple(v) for k, v in old["rows"].items()}, **rows}
+        choices.update({k: v for k, v in old["choices"].items() if k not in choices})
+        book.write_text(json.dumps({"rows": rows, "choices": choices}, indent=2))
         evals = {"aligned reference": self.stage("eval_reference", lambda d: self.evaluate(d, aligned, drift=dc))}
         for label, (stage, lam) in rows.items():
             ev = self.stage(f"eval_{stage}", lambda d, st=stage: self.evaluate(d, aligned, str(out / st / "run" / "adapter"), dc))
-            evals[label] = dict(ev, train_seconds=res[stage]["seconds"], lam=lam)
+            evals[label] = dict(ev, train_seconds=json.loads((out / stage / "DONE.json").read_text())["seconds"], lam=lam)
         self.report(res, evals, {"reference_validation_refusal": ref_val, "target": target, "rule": RULE, "choices": choices})
 
-    def neighbours(self, res, rows, tune, fine_tune, aligned: Path, cache: Path, lambdas: list):
+    def neighbours(self, res, rows, tune, fine_tune, aligned: Path, cache: Path, lambdas: list, want: set):
         """STR, constrained SFT, AsFT and TOSS rows, plus their offline artefacts (AsFT's direction; TOSS's two
         scoring models and the scored cache), each a timed stage."""
-        a, out = self.a, self.out
-        lam, name = tune("str", lambdas, lambda v: (f"str_lam{v:g}", fine_tune("str", cache, v)))
-        rows[f"STR lambda {lam:g} (chosen)"] = (name, lam)
-        res["constrained-sft"] = self.stage("constrained-sft", fine_tune("constrained-sft", cache, None))
-        self.stage("val_constrained-sft", lambda d: self.validate(d, aligned, str(out / "constrained-sft" / "run" / "adapter")))
-        rows["Constrained SFT (no lambda)"] = ("constrained-sft", None)
+        out = self.out
+        if "str" in want:
+            lam, name = tune("str", lambdas, lambda v: (f"str_lam{v:g}", fine_tune("str", cache, v)))
+            rows[f"STR lambda {lam:g} (chosen)"] = (name, lam)
+        if "constrained-sft" in want:
+            res["constrained-sft"] = self.stage("constrained-sft", fine_tune("constrained-sft", cache, None))
+            self.stage("val_constrained-sft", lambda d: self.validate(d, aligned, str(out / "constrained-sft" / "run" / "adapter")))
+            rows["Constrained SFT (no lambda)"] = ("constrained-sft", None)
+        if "asft" in want:
+            self.asft(res, rows, tune, fine_tune, aligned, cache, lambdas)
+        if "toss" in want:
+            self.toss(res, rows, tune, fine_tune, aligned, cache)
 
+    def asft(self, res, rows, tune, fine_tune, aligned: Path, cache: Path, lambdas: list):
+        out = self.out
         direction = out / "asft_direction" / "direction.safetensors"
         res["asft_direction"] = self.stage("asft_direction", lambda d: run([
             BIN / "pact-cache", "direction", "--aligned", aligned, "--base", BASE, "-o", direction]) or {"bytes": direction.stat().st_size})
         lam, name = tune("asft", lambdas, lambda v: (f"asft_lam{v:g}", fine_tune("asft", cache, v, ["--direction", direction])))
         rows[f"AsFT lambda {lam:g} (chosen)"] = (name, lam)
+
+    def toss(self, res, rows, tune, fine_tune, aligned: Path, cache: Path):
+        a, out = self.a, self.out
 
         def scoring_model(kind: str):
             def fn(d):  # the paper's recipe: LoRA fine-tunes of the aligned model, here on held-apart data, merged
@@ -322,6 +357,76 @@ class Study:
         frac, name = tune("toss", a.fractions, lambda v: (f"toss_mask{v:g}", fine_tune("sft", scored, None, ["--token-mask", v])))
         rows[f"TOSS fraction {frac:g} (chosen)"] = (name, frac)
 
+    def selected(self) -> set:
+        """The row groups this invocation runs (--rows; every one by default)."""
+        a = self.a
+        if a.rows:
+            bad = [r for r in a.rows if r not in GROUPS]
+            if bad:
+                raise SystemExit(f"--rows {bad[0]}: unknown; the rows are {', '.join(GROUPS)}")
+            return set(a.rows)
+        return {g for g in GROUPS if not (a.no_neighbours and g in NEIGHBOURS)}
+
+    def against_drift(self, res, rows, tune, fine_tune, aligned: Path, cache: Path, tokens: Path, want: set):
+        """What holds the refusals while benign rows are learned (issue 19), from the paper-S cache: refusal replay
+        (the reference's own refusals to prompts no evaluation uses, cached once and mixed in at --replay-ratio),
+        replay with STR gated to the rows the reference would refuse, PACT-rest toward the reference itself, the
+        data-filter baseline; and the benign-only scenario (SST-2 rows only, the same size and settings)."""
+        a, out = self.a, self.out
+        R = a.replay_ratio
+        replay = ["--replay", out / "replay_cache" / "cache", "--replay-ratio", R]
+        if any(g.endswith("replay") for g in want):
+            def replay_data(d):
+                from trainer.evaluate import KeywordJudge, generate, load_eval_model
+
+                model, tok, device = load_eval_model(str(aligned))
+                prompts = [json.loads(line)["prompt"] for line in self.files["replay_prompts"].read_text().splitlines()]
+                answers = generate(model, tok, [[{"role": "user", "content": q}] for q in prompts], max_new_tokens=a.max_new_tokens,
+                                   batch_size=16, device=device, progress=False)
+                judge = KeywordJudge()
+                kept = [{"prompt": q, "completion": ans.strip()} for q, ans in zip(prompts, answers) if ans.strip() and judge.is_refusal(q, ans)]
+                jsonl(d / "replay.jsonl", kept)
+                return {"prompts": len(prompts), "refusals": len(kept)}
+            res["replay_data"] = self.stage("replay_data", replay_data)
+            res["replay_cache"] = self.stage("replay_cache", lambda d: run([
+                BIN / "pact-cache", "build", out / "replay_data" / "replay.jsonl", "--ref", aligned, "--tokens", tokens, "-o", d / "cache",
+                "--no-progress", "--max-length", 512]) or {})
+        if "pact-rest-ref" in want:
+            lam, name = tune("pact-rest-ref_paper", [1.0] + [x for x in a.grid if x > 1],
+                             lambda v: (f"pact-rest-ref_paper_lam{v:g}", fine_tune("pact-rest-ref", cache, v)))
+            rows[f"PACT-rest-ref lambda {lam:g} (chosen), paper S"] = (name, lam)
+        if "filter" in want:
+            filtered = out / "filter_cache" / "cache"
+            res["filter_cache"] = self.stage("filter_cache", lambda d: run([
+                BIN / "pact-cache", "filter", cache, "--above", a.filter_above, "-o", filtered, "--no-progress"]) or {})
+            res["filter_sft"] = self.stage("filter_sft", fine_tune("sft", filtered, None))
+            rows[f"filter (step-0 refusal mass <= {a.filter_above:g}) + SFT"] = ("filter_sft", None)
+        if "sft_replay" in want:
+            name = f"sft_replay{R:g}"
+            res[name] = self.stage(name, fine_tune("sft", cache, None, replay))
+            rows[f"SFT + replay {R:g}"] = (name, None)
+        if "str_gate_replay" in want:
+            lam, name = tune("str_gate_replay", a.grid, lambda v: (f"str_gate_replay{R:g}_lam{v:g}",
+                                                               fine_tune("str", cache, v, replay + ["--row-gate", "hard"])))
+            rows[f"STR hard-gated + replay {R:g}, lambda {lam:g} (chosen)"] = (name, lam)
+        if not any(g.startswith("benign_") for g in want):
+            return
+        benign = out / "ft_cache_benign" / "cache"
+        res["ft_cache_benign"] = self.stage("ft_cache_benign", lambda d: run([
+            BIN / "pact-cache", "build", self.files["benign_ft"], "--ref", aligned, "--tokens", tokens, "-o", d / "cache",
+            "--no-progress", "--max-length", 512]) or {})
+        if "benign_sft" in want:
+            res["benign_sft"] = self.stage("benign_sft", fine_tune("sft", benign, None))
+            rows["[benign-only] SFT"] = ("benign_sft", None)
+        if "benign_sft_replay" in want:
+            name = f"benign_sft_replay{R:g}"
+            res[name] = self.stage(name, fine_tune("sft", benign, None, replay))
+            rows[f"[benign-only] SFT + replay {R:g}"] = (name, None)
+        if "benign_str_gate_replay" in want:
+            lam, name = tune("benign_str_gate_replay", a.grid, lambda v: (f"benign_str_gate_replay{R:g}_lam{v:g}",
+                                                                      fine_tune("str", benign, v, replay + ["--row-gate", "hard"])))
+            rows[f"[benign-only] STR hard-gated + replay {R:g}, lambda {lam:g} (chosen)"] = (name, lam)
+
     def report(self, res, evals, tuning):
         """results.md (the table), results.json, results.png (refusals kept vs task accuracy, one point per row)."""
         ref = evals["aligned reference"]
@@ -329,7 +434,7 @@ class Study:
                  "benign refusal | SST-2 accuracy | refusals kept (x reference) | drift (KL) | train (s) |",
                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         js = {}
-        for name, r in [("original instruct", res["base"])] + list(evals.items()):
+        for name, r in ([("original instruct", res["base"])] if "base" in res else []) + list(evals.items()):
             hr, br, t = r["harmful_refusal"], r["benign_refusal"], r["task"]
             ur = r.get("unsafe_refusal")
             kept = hr["rate"] / ref["harmful_refusal"]["rate"] if ref["harmful_refusal"]["rate"] else float("nan")
@@ -345,7 +450,9 @@ class Study:
                          f"{br['rate']:.0%} | {t['accuracy']:.1%} | {kept:.2f} | {drift} | {round(r.get('train_seconds', 0)) or '-'} |")
             js[name] = {k: r.get(k) for k in ("harmful_refusal", "unsafe_refusal", "benign_refusal", "task", "drift", "lam", "train_seconds")}
             js[name]["refusals_kept"] = kept
-        times = {k: round(v.get("seconds", 0)) for k, v in res.items()}
+        times = {d.name: round(json.loads((d / "DONE.json").read_text())["seconds"])  # every stage of every invocation
+                 for d in sorted(self.out.iterdir(), key=lambda d: (d / "DONE.json").stat().st_mtime if (d / "DONE.json").exists() else 0)
+                 if (d / "DONE.json").exists()}
         md = "\n".join(table)
         md += f"\n\nRule: {tuning['rule']} (target {tuning['target']:.2f}; the reference refuses " \
               f"{tuning['reference_validation_refusal']['rate']:.0%} of the validation prompts).\n"
@@ -360,6 +467,9 @@ class Study:
         if "toss_scores" in res:
             costs.append(f"TOSS scoring models {times['toss_degraded']} + {times['toss_utility']} s, scores "
                          f"{res['toss_scores'].get('scores_bytes_per_step', float('nan')):.1f} B/step in {times['toss_scores']} s")
+        if "replay_data" in res:
+            costs.append(f"replay cache: the reference's refusals to {res['replay_data']['refusals']} of {res['replay_data']['prompts']} "
+                         f"held-apart prompts ({times.get('replay_data')} + {times.get('replay_cache')} s)")
         if costs:
             md += "Offline, once: " + "; ".join(costs) + "\n"
         md += "\nWall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in times.items()) + "\n"
@@ -387,6 +497,12 @@ class Study:
         print(md)
 
 
+# row groups --rows can name; each runs its own fine-tunes (and the tuning rule's), after the shared stages
+NEIGHBOURS = ("str", "constrained-sft", "asft", "toss")
+GROUPS = ("pact_default", "pact-rest_default", "pact_paper", "pact-rest_paper") + NEIGHBOURS + (
+    "pact-rest-ref", "filter", "sft_replay", "str_gate_replay", "benign_sft", "benign_sft_replay", "benign_str_gate_replay", "original")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "runs" / "study"))
@@ -412,13 +528,21 @@ def main():
     p.add_argument("--fractions", default="0.2,0.5", help="TOSS: token-mask fractions tried in turn until the rule holds (0.2 is the paper's)")
     p.add_argument("--n-toss-degraded", type=int, default=150, help="harmful rows (unsafe_data.json, used nowhere else) for TOSS's degraded model")
     p.add_argument("--n-toss-utility", type=int, default=300, help="SST-2 rows (not in the fine-tuning set) for TOSS's utility model")
+    p.add_argument("--rows", nargs="+", metavar="NAME", help="run only these row groups (same seeds, data and order; the "
+                   f"shared stages are reused); the table keeps every row evaluated so far. Groups: {', '.join(GROUPS)}")
+    p.add_argument("--grid", default="1,3,10,30,100", help="lambdas the new rows' rule tries in turn (replay, gated, benign-only)")
+    p.add_argument("--replay-ratio", type=float, default=0.1, help="share of the stream's rows from the replay cache")
+    p.add_argument("--n-replay", type=int, default=200, help="replay prompts (safe_direction.json, after the held-out, alignment "
+                   "and validation prompts), answered by the reference; its refusals are the replay cache")
+    p.add_argument("--filter-above", type=float, default=0.9, help="the filter row: keep rows whose step-0 refusal mass is at most this")
     a = p.parse_args()
+    a.grid = [float(x) for x in str(a.grid).split(",") if x.strip()]
     a.lambdas = [float(x) for x in str(a.lambdas).split(",") if x.strip()]
     a.fractions = [float(x) for x in str(a.fractions).split(",") if x.strip()]
     if a.quick:
         a.n_eval_harmful, a.n_align_harmful, a.n_align_benign, a.n_benign_eval, a.n_task_eval, a.n_ft = 8, 16, 8, 8, 8, 40
         a.n_val_harmful, a.n_eval_unsafe, a.lambdas, a.fractions = 8, 8, [5.0], [0.2]
-        a.n_toss_degraded, a.n_toss_utility = 8, 16
+        a.n_toss_degraded, a.n_toss_utility, a.n_replay, a.grid = 8, 16, 8, [1.0]
         a.align_epochs, a.epochs, a.max_new_tokens = 1, 1, 16
     if not (DATA / "SST2_5k_p_0.1.json").exists():
         raise SystemExit(f"{DATA} is missing: the study needs the paper's data files there")

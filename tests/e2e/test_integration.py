@@ -84,29 +84,25 @@ def test_pact_loss_from_q8_within_half_a_percent_of_exact(built):
         assert abs(kq.item() / ke.item() - 1) < 0.005, (sigma, kq.item(), ke.item())
 
 
-REFUSAL_MARKERS = {"'m", "'t", " I", "I", " sorry", "Sorry", " can", " cannot", " assist", " afraid", " unable", " provide", " help"}
-
-
-FILLER = {",", ".", " the", " a", " an", " of", " and", " in", " is", " it", "The"}
+REFUSAL_MARKERS = {"'m", "'t", " I", "I", " sorry", "Sorry", " can", " cannot", " assist", " afraid", " unable", " not", " won"}
+FUNCTION_WORDS = {",", ".", " the", " a", " an", " of", " and", " in", " is", " it", "The", "To", " to", "When", " for", " with",
+                  " but", " that", " this", " on", " you", " your", " be"}
 
 
 def test_default_safety_tokens_are_led_by_refusal_tokens(built, embedded_model):
-    """build without --tokens on the embedded model: its refusals after harmful prompts against the
-    same refusals after benign prompts. The heaviest token is a refusal marker, refusal markers hold
-    most of the top of S, and punctuation and articles (which led the old default, ranked by mean
-    probability alone) weigh less than a tenth of what the refusal markers weigh."""
+    """build without --tokens on the embedded model (the self-contrast: its refusals after harmful
+    prompts against the same refusals after benign prompts and against its own benign answers): the
+    top 10 by weight holds at least 4 refusal markers and the top 5 no function word."""
     from pact_cache.models import load_tokenizer, resolve_model
 
     tokens = built[0].manifest.tokens
     tok = load_tokenizer(resolve_model(embedded_model))
     ranked = [tok.decode([i]) for w, i in sorted(zip(tokens.weights, tokens.ids), reverse=True)]
-    positive = {tok.decode([i]): w for w, i in zip(tokens.weights, tokens.ids) if w > 0}
     print("default S by weight:", ranked[:12])
     assert tokens.method == "pact-self-contrast"
-    assert ranked[0] in REFUSAL_MARKERS and len(REFUSAL_MARKERS & set(ranked[:8])) >= 3
-    filler = sum(w for s, w in positive.items() if s in FILLER)
-    markers = sum(w for s, w in positive.items() if s in REFUSAL_MARKERS)
-    assert filler < 0.1 * markers, (filler, markers)
+    assert len(REFUSAL_MARKERS & set(ranked[:10])) >= 4, ranked[:10]
+    assert not FUNCTION_WORDS & set(ranked[:5]), ranked[:5]
+    assert ranked[0] in REFUSAL_MARKERS
 
 
 def test_info_reports_bytes_per_step(built, capsys):

@@ -109,9 +109,11 @@ def test_cli_with_a_base_model(tiny_model, tiny_base_model, tmp_path):
 
 
 def test_self_contrast_by_hand(tiny_model, tmp_path):
-    """The self-contrast's weights from two explicit teacher-forced passes: refusal i after its harmful
-    prompt and after benign prompt i mod n, first --contrast-steps tokens, mean next-token
-    probabilities, top_k by the first, weights the paper's z-score/L2 of the difference."""
+    """The self-contrast's weights from explicit teacher-forced passes: refusal i after its harmful
+    prompt (p_a), the same refusal after benign prompt i mod n, and the model's own greedy answer to
+    each benign prompt (argmax, token by token), first --contrast-steps tokens each, mean next-token
+    probabilities; candidates the tokens the refusals say in those steps, top_k by p_a; weights the
+    paper's z-score/L2 of p_a - max(the two contrasts)."""
     import torch
 
     tok = load_tokenizer(resolve_model(tiny_model))
@@ -120,18 +122,37 @@ def test_self_contrast_by_hand(tiny_model, tmp_path):
     benign = [[{"role": "user", "content": "bake a cake"}], [{"role": "user", "content": "name a river"}]]
     t = select_tokens(model, tok, pairs, top_k=6, benign=benign, contrast_steps=3)
 
-    def mean_probs(prompts):
+    def mean_probs(prompts, answers):
         rows = []
-        for msgs, (_, refusal) in zip(prompts, pairs):
+        for msgs, answer in zip(prompts, answers):
             p = chat_ids(tok, msgs, add_generation_prompt=True)
-            r = tok(refusal, add_special_tokens=False)["input_ids"][:3]
+            r = tok(answer.strip(), add_special_tokens=False)["input_ids"][:3]
+            if not r:
+                continue
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([p + r])).logits[0]
             rows.append(torch.softmax(logits[len(p) - 1: len(p) - 1 + len(r)].float(), -1).mean(0))
         return torch.stack(rows).mean(0)[: len(tok)]
-    p_a = mean_probs([m for m, _ in pairs])
-    p_b = mean_probs([benign[0], benign[1], benign[0]])
-    kept = torch.topk(p_a, 6).indices.sort().values
+
+    def greedy(msgs):
+        ids = chat_ids(tok, msgs, add_generation_prompt=True)
+        new = []
+        for _ in range(3):
+            with torch.no_grad():
+                nxt = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+        return tok.decode(new, skip_special_tokens=True)
+    refusals = [r for _, r in pairs]
+    p_a = mean_probs([m for m, _ in pairs], refusals)
+    p_b = mean_probs([benign[0], benign[1], benign[0]], refusals)
+    answers = [greedy(m) for m in benign]
+    if any(a.strip() for a in answers):
+        p_b = torch.maximum(p_b, mean_probs(benign, answers))
+    said = {i for r in refusals for i in tok(r, add_special_tokens=False)["input_ids"][:3]}
+    ranked = [i for i in torch.argsort(p_a, descending=True).tolist() if i in said][:6]
+    kept = torch.tensor(sorted(ranked))
     d = (p_a - p_b)[kept].double()
     z = (d - d.mean()) / (d.std() + 1e-6)
     assert list(t.ids) == kept.tolist() and t.method == "pact-self-contrast"

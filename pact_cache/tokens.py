@@ -9,17 +9,20 @@ response steps, then average over samples: ``p_a`` (aligned) and ``delta = p_a -
 the kept tokens (unbiased std, eps 1e-6), then L2-normalised over the whole vector.
 
 Without a base model (the default of ``pact-cache tokens`` and ``build``), the reference is
-contrasted with itself (``pact-self-contrast``): the same refusals are teacher-forced after the
-harmful prompts they answer and after benign prompts (refusal i after benign prompt i mod n; 32
-benign prompts are built in, written for this project; ``--benign`` replaces them), over their
-first ``steps`` tokens only (default 4: a refusal is decided in its opening words, "I'm sorry, I
-can't"; later words follow the topic). ``p_a`` is the reference's mean next-token distribution
-after the harmful prompts, ``delta = p_a - p_b`` with ``p_b`` the same after the benign ones: how
-much the harmful prompt itself raises each token, the role the base model plays in the paper. Then
-exactly the paper's rule: the ``top_k`` tokens by ``p_a``, weights ``delta`` z-scored and
-L2-normalised (negative weights count as 0 in the loss). On the study's aligned reference this
-puts "I" first (0.83), then " sorry", " assist", " can"; "The", " glad", " provide" get negative
-weights. A caller that passes neither a base model nor benign prompts gets the ``top_k`` tokens by
+contrasted with itself (``pact-self-contrast``): ``p_a`` is its mean next-token distribution over
+the first ``steps`` tokens of the refusals teacher-forced after the harmful prompts they answer
+(default 4: a refusal is decided in its opening words, "I'm sorry, I can't"; later words follow
+the topic), ``p_b`` the same over the first ``steps`` tokens of its own greedy answers to benign
+prompts (32 built in, written for this project; ``--benign`` replaces them), leaving out answers
+that open as a refusal does (their first three tokens): the tokens it says when it refuses and not
+when it answers. The candidates are the tokens the refusals say in those steps (not every token
+predicted there: after a harmful prompt those include the reference's compliance openings), the
+``top_k`` likeliest by ``p_a``; weights ``p_a - p_b`` z-scored and L2-normalised as the paper's
+(negative weights count as 0 in the loss). On the study's aligned reference: " can" 0.64, "I"
+0.55, "'t" 0.28; on SmolLM2-135M-Instruct "'m" 0.90, "'t" 0.23, " sorry". (The first self-contrast,
+the same refusals after benign prompts, gave the negation no weight: after "I can" both contexts
+predict it. It remains the fallback when the reference refuses every benign prompt.)
+A caller that passes neither a base model nor benign prompts gets the ``top_k`` tokens by
 ``p_a`` with uniform weights (``pact-uniform``).
 """
 
@@ -183,16 +186,22 @@ def select_tokens(aligned, aligned_tok, pairs, base=None, base_tok=None, top_k: 
         said = {t for seq, st in zip(seq_a, st_a) for t in seq[st:]}
         ranked = [t for t in torch.argsort(p_a, descending=True).tolist() if t in said][:top_k]
         kept = torch.tensor(sorted(ranked), dtype=torch.long)
-        # contrast 1: the same refusals after benign prompts (what the harmful prompt itself raises)
-        paired = [(benign[i % len(benign)], refusal) for i, (_, refusal) in enumerate(pairs)]
-        seq_n, st_n, counts_n = _answer_seqs(aligned_tok, paired, max_resp_len)
-        p_n = _mean_step_probs(aligned, seq_n, st_n, counts_n, device, batch_size).mean(0)[:vocab]
-        # contrast 2: the reference's own answers to the benign prompts, at the same steps (after "I can" both
-        # contexts of contrast 1 predict the negation; a benign answer does not)
+        # the contrast: the reference's own answers to the benign prompts, at the same steps: tokens it says when
+        # it refuses and not when it answers. Answers that open as one of the refusals opens (its first three
+        # tokens) are dropped: an over-cautious reference refuses some benign prompts too. (The same refusals
+        # teacher-forced after benign prompts, the first default, gives the negation no weight: after "I can"
+        # both contexts predict it; it stays the fallback when every benign prompt is refused.)
         answers = _greedy_answers(aligned, aligned_tok, benign, contrast_steps, device)
-        seq_b2, st_b2, counts_b2 = _answer_seqs(aligned_tok, list(zip(benign, answers)), max_resp_len)
-        if seq_b2:
-            p_n = torch.maximum(p_n, _mean_step_probs(aligned, seq_b2, st_b2, counts_b2, device, batch_size).mean(0)[:vocab])
+        openings = {tuple(seq[st: st + 3]) for seq, st in zip(seq_a, st_a)}
+        answered = [(msgs, ans) for msgs, ans in zip(benign, answers)
+                    if tuple(aligned_tok(ans.strip(), add_special_tokens=False)["input_ids"][:3]) not in openings]
+        seq_n, st_n, counts_n = _answer_seqs(aligned_tok, answered, max_resp_len)
+        contrast = f"the reference's own answers to {len(seq_n)} of {len(benign)} benign prompts (those opening as a refusal dropped)"
+        if not seq_n:
+            seq_n, st_n, counts_n = _answer_seqs(aligned_tok, [(benign[i % len(benign)], r) for i, (_, r) in enumerate(pairs)],
+                                                 max_resp_len)
+            contrast = "the refusals after benign prompts (the reference refused every benign prompt)"
+        p_n = _mean_step_probs(aligned, seq_n, st_n, counts_n, device, batch_size).mean(0)[:vocab]
         weights = _paper_weights((p_a - p_n)[kept].double())
         if not weights or max(weights) <= 0:
             raise TokensError("the reference's next-token distributions after the harmful and the benign prompts do not differ; "
@@ -200,7 +209,7 @@ def select_tokens(aligned, aligned_tok, pairs, base=None, base_tok=None, top_k: 
         method = "pact-self-contrast"
         params = {"top_k": top_k, "steps": contrast_steps, "refusals": source, "samples": len(seq_a),
                   "benign": benign_source, "benign_prompts": len(benign), "candidates": "tokens of the refusals",
-                  "contrast": "max(refusals after benign prompts, the reference's own benign answers)"}
+                  "contrast": contrast}
     else:
         weights = [1.0 / math.sqrt(len(kept))] * len(kept)
         method = "pact-uniform"

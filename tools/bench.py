@@ -221,15 +221,17 @@ def _train_child(a) -> None:
     device = "cuda" if torch.cuda.is_available() and a.device != "cpu" else "cpu"
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with tempfile.TemporaryDirectory() as tmp:
+        base, *mods = a.variant.split("+")  # "str+gate+replay": a method with --row-gate hard and/or --replay
         method, reference = {"online": ("pact", "online"), "trl-sft": ("sft", "cache"), "toss": ("sft", "cache"),
-                             "trainer-pact": ("pact", "cache")}.get(a.variant, (a.variant, "cache"))  # else a method's name
+                             "trainer-pact": ("pact", "cache")}.get(base, (base, "cache"))  # else a method's name
         from trainer.losses import METHODS
 
         direction = a.direction if method in METHODS and METHODS[method].penalty is not None else None
         cfg = TrainConfig(model=a.model, cache=a.cache, out=f"{tmp}/run", method=method, reference=reference, direction=direction,
                           batch_size=a.batch_size, max_steps=a.steps, shuffle=False, progress=False, plot=False,
                           grad_checkpointing=a.grad_checkpointing, full=a.full, device=device, save_every=10**9,
-                          token_mask=0.2 if a.variant == "toss" else 0.0)
+                          token_mask=0.2 if a.variant == "toss" else 0.0, row_gate="hard" if "gate" in mods else "none",
+                          replay=a.replay if "replay" in mods else None, replay_ratio=a.replay_ratio if "replay" in mods else None)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         if a.variant in TRAINER_VARIANTS:
@@ -339,6 +341,8 @@ def bench_train(a) -> dict:
 
         if open_cache(a.cache).manifest.scores is not None:  # TOSS: SFT with 20% of the tokens masked by their scores
             others.append("toss")
+        if a.replay:  # refusal replay and row gates (issue 19): what they cost beside SFT
+            others += ["str+gate", "sft+replay", "str+gate+replay"]
         res = _run_variants(a, ["sft", "pact", *others, "online"])
     s, p, o = res["sft"], res["pact"], res["online"]
     dev = s["device"]
@@ -370,8 +374,11 @@ def bench_train(a) -> dict:
           f"pact/online {ratios['time_paired_pact_over_online']:.3f}x; ratio of means: pact/sft {ratios['time_mean_pact_over_sft']:.3f}x, "
           f"pact/online {ratios['time_mean_pact_over_online']:.3f}x")
     for m in others:
+        per_token = (r["step_time_mean"] / np.mean([t for x in r["runs"] for t in x["tokens"]])) / (
+            s["step_time_mean"] / np.mean([t for x in s["runs"] for t in x["tokens"]]))
+        ratios[f"time_per_token_{m}_over_sft"] = float(per_token)
         print(f"  {m}: memory/sft {ratios[f'mem_{m}_over_sft']:.3f}x, step time/sft {ratios[f'time_{m}_over_sft']:.3f}x "
-              f"(step by step {ratios[f'time_paired_{m}_over_sft']:.3f}x)")
+              f"(step by step {ratios[f'time_paired_{m}_over_sft']:.3f}x; per response token {per_token:.3f}x)")
     return {"bench": "train", "device": dev, "runs": res, "ratios": ratios}
 
 
@@ -386,6 +393,7 @@ def _run_variants(a, variants: list[str]) -> dict:
                    "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--device", a.device]
             cmd += ["--grad-checkpointing"] * a.grad_checkpointing + ["--full"] * a.full
             cmd += ["--direction", a.direction] if getattr(a, "direction", None) else []
+            cmd += ["--replay", a.replay, "--replay-ratio", str(a.replay_ratio)] if getattr(a, "replay", None) else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
             if proc.returncode != 0 or line is None:
@@ -498,8 +506,12 @@ def main() -> None:
         q.add_argument("--full", action="store_true")
     t.add_argument("--direction", help="for asft: a pact-cache direction file for --model (default: random V of its shapes, "
                    "made here; the cost depends on the shapes only)")
-    c = sub.add_parser("_train_child")
-    for arg in ("--variant", "--cache", "--model", "--device", "--direction"):
+    t.add_argument("--replay", help="a replay cache for --cache (same reference and tokens): adds the rows str+gate (--row-gate "
+                   "hard), sft+replay and str+gate+replay (--replay at --replay-ratio)")
+    for q in (t, sub.add_parser("_train_child")):
+        q.add_argument("--replay-ratio", type=float, default=0.1)
+    c = sub.choices["_train_child"]
+    for arg in ("--variant", "--cache", "--model", "--device", "--direction", "--replay"):
         c.add_argument(arg)
     c.add_argument("--batch-size", type=int)
     c.add_argument("--steps", type=int)

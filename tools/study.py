@@ -232,7 +232,8 @@ class Study:
         res["tokens_default"] = self.stage("tokens_default", lambda d: run([BIN / "pact-cache", "tokens", "--aligned", aligned,
                                                                             "-o", tokens["default"]]) or {})
         caches = {k: out / f"ft_cache_{k}" / "cache" for k in tokens}
-        for k in tokens:
+        want = self.selected()
+        for k in ["paper"] + (["default"] if any(g.endswith("_default") for g in want) else []):  # the default S: its rows only
             res[f"ft_cache_{k}"] = self.stage(f"ft_cache_{k}", lambda d, k=k: run([
                 BIN / "pact-cache", "build", self.files["ft"], "--ref", aligned, "--tokens", tokens[k], "-o", d / "cache",
                 "--no-progress", "--max-length", 512]) or {})
@@ -264,7 +265,6 @@ class Study:
         rows = {"SFT": ("sft", None)}
         choices = {}
         lambdas = [1.0] + sorted(x for x in a.lambdas if x != 1.0)
-        want = self.selected()
 
         def tuned_pair(method, S):
             lam, name = tune(f"{method}_{S}", lambdas, lambda v: (f"{method}_{S}_lam{v:g}", fine_tune(method, caches[S], v)))

@@ -43,11 +43,19 @@ def test_random_model_and_train_bench(tiny_model, tmp_path):
     cache = build(BuildConfig(str(write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS)), tiny_model, str(tmp_path / "c"), progress=False)).out
     # with TOSS scores (any two models of the tokenizer will do for the cost), the bench adds a toss variant
     score_cache(cache, tiny_model, tiny_model, str(tmp_path / "scored"), device="cpu", progress=False)
+    # a replay cache with the same reference and tokens adds the gated and replay rows
+    from pact_cache.format import open_cache
+
+    (tmp_path / "tokens.json").write_text(json.dumps(open_cache(cache).manifest.tokens.to_json()))
+    refusals = write_jsonl(tmp_path / "r.jsonl", [{"prompt": f"harm {i}", "completion": "I can't help with that."} for i in range(5)])
+    replay = build(BuildConfig(str(refusals), tiny_model, str(tmp_path / "replay"), tokens=str(tmp_path / "tokens.json"), progress=False)).out
     out = bench("train", "--model", tmp_path / "rand", "--cache", tmp_path / "scored", "--batch-size", 2, "--steps", 3,
-                "--warmup", 1, "--device", "cpu", "--json", tmp_path / "r.json")
+                "--warmup", 1, "--device", "cpu", "--json", tmp_path / "r.json", "--replay", replay, "--replay-ratio", 0.3)
     res = json.loads((tmp_path / "r.json").read_text())
-    assert set(res["runs"]) == set(METHODS) | {"toss", "online"}  # every registered method, TOSS and a live reference
-    assert "toss: memory/sft" in out
+    # every registered method, TOSS, the gated and replay rows and a live reference
+    assert set(res["runs"]) == set(METHODS) | {"toss", "online", "str+gate", "sft+replay", "str+gate+replay"}
+    assert "toss: memory/sft" in out and "sft+replay: memory/sft" in out
+    assert sum(res["runs"]["sft+replay"]["runs"][0]["tokens"]) > sum(res["runs"]["sft"]["runs"][0]["tokens"])  # replay rows in
     assert all(len(r["runs"][0]["step_times"]) == 3 for r in res["runs"].values())
     assert all(v > 0 for v in res["ratios"].values())
     assert "pact/online" in out

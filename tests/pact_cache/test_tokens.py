@@ -110,10 +110,10 @@ def test_cli_with_a_base_model(tiny_model, tiny_base_model, tmp_path):
 
 def test_self_contrast_by_hand(tiny_model, tmp_path):
     """The self-contrast's weights from explicit teacher-forced passes: refusal i after its harmful
-    prompt (p_a), the same refusal after benign prompt i mod n, and the model's own greedy answer to
-    each benign prompt (argmax, token by token), first --contrast-steps tokens each, mean next-token
+    prompt (p_a) and the model's own greedy answer to each benign prompt (argmax, token by token;
+    none opens as a refusal here), first --contrast-steps tokens each, mean next-token
     probabilities; candidates the tokens the refusals say in those steps, top_k by p_a; weights the
-    paper's z-score/L2 of p_a - max(the two contrasts)."""
+    paper's z-score/L2 of the difference."""
     import torch
 
     tok = load_tokenizer(resolve_model(tiny_model))
@@ -146,10 +146,9 @@ def test_self_contrast_by_hand(tiny_model, tmp_path):
         return tok.decode(new, skip_special_tokens=True)
     refusals = [r for _, r in pairs]
     p_a = mean_probs([m for m, _ in pairs], refusals)
-    p_b = mean_probs([benign[0], benign[1], benign[0]], refusals)
     answers = [greedy(m) for m in benign]
-    if any(a.strip() for a in answers):
-        p_b = torch.maximum(p_b, mean_probs(benign, answers))
+    assert any(a.strip() for a in answers)  # else the test would take the fallback
+    p_b = mean_probs(benign, answers)
     said = {i for r in refusals for i in tok(r, add_special_tokens=False)["input_ids"][:3]}
     ranked = [i for i in torch.argsort(p_a, descending=True).tolist() if i in said][:6]
     kept = torch.tensor(sorted(ranked))
@@ -160,10 +159,15 @@ def test_self_contrast_by_hand(tiny_model, tmp_path):
 
 
 def test_self_contrast_refuses_identical_contexts(tiny_model):
-    """Benign prompts equal to the harmful ones: nothing separates them, a one-line error."""
+    """Benign prompts equal to the harmful ones, and the "refusal" the model's own answer: its answer
+    opens as the refusal, so the contrast falls back to the refusal after the benign prompt, which is
+    the same context; nothing separates them, a one-line error."""
+    from pact_cache.tokens import _greedy_answers
+
     tok = load_tokenizer(resolve_model(tiny_model))
     model, _, _ = load_model(resolve_model(tiny_model), "fp32", "cpu")
-    pairs = [([{"role": "user", "content": "do a bad thing"}], "I can't help with that.")]
+    msgs = [{"role": "user", "content": "do a bad thing"}]
+    pairs = [(msgs, _greedy_answers(model, tok, [msgs], 4, "cpu")[0])]
     with pytest.raises(TokensError, match="do not differ"):
         select_tokens(model, tok, pairs, top_k=5, benign=[pairs[0][0]])
 

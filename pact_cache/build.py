@@ -301,6 +301,12 @@ def _prove_part(loc: Location, name: str, build_key: str, examples: list[Example
         return f"it is not a readable part ({type(err).__name__})"
     if got != rows_digest((ex.example_id, ex.input_ids, ex.response_start) for ex in examples):
         return "its rows are not the rows this build puts there"
+    left = _read_json_object(loc, _entry_name(name)) or {}
+    if left.get("build_key") == build_key:  # its writer recorded its size and sha256: the file must still have them
+        with loc.open(name) as f:
+            sha, size = sha256_stream(f)
+        if left.get("bytes") != size or left.get("sha256") != sha:
+            return "it changed after this build wrote it (its size or sha256 is not the one recorded)"
     return None
 
 
@@ -312,15 +318,15 @@ def _refuse_unproven(loc: Location, names: list[str], plan: list[list[Example]],
 
 
 def _part_entry(loc: Location, name: str, build_key: str, examples: list[Example], rec: dict | None = None) -> PartEntry:
-    """The manifest entry of a proven part: from ``rec`` (this process wrote the part) or the entry
-    its writer left (checked against the object's size), else computed by streaming the object once."""
-    rec = rec if rec is not None else (_read_json_object(loc, _entry_name(name)) or {})
+    """The manifest entry of a proven part: from ``rec`` when this process wrote the part; a part
+    adopted from an earlier run is hashed again (:func:`_prove_part` refused it if its writer's entry
+    records another size or sha256)."""
     size = check_regular_file(loc.fs, loc.root, loc.path(name), loc.where(name))
     digest = rows_digest((ex.example_id, ex.input_ids, ex.response_start) for ex in examples)
     steps = sum(ex.steps for ex in examples)
-    if rec.get("build_key") == build_key and rec.get("bytes") == size and isinstance(rec.get("sha256"), str):
+    if rec is not None and rec.get("build_key") == build_key and rec.get("bytes") == size and isinstance(rec.get("sha256"), str):
         return PartEntry(name, len(examples), steps, size, rec["sha256"], digest)
-    with loc.open(name) as f:
+    with loc.open(name) as f:  # adopted: hashed again (_prove_part compared it with its writer's entry)
         return PartEntry(name, len(examples), steps, size, sha256_stream(f)[0], digest)
 
 

@@ -289,7 +289,8 @@ def cmd_cp(a) -> int:
 
     res = copy_cache(a.src, a.dst, cache_id=a.cache_id, progress=not a.no_progress)
     print(f"{a.dst.display}: cache {res.cache_id[:12]}: {res.parts_copied} part(s) copied ({res.bytes_copied:,} bytes, every sha256 checked), "
-          f"{res.parts_kept} already there")
+          f"{res.parts_kept} already there and checked" + (f"; {res.parts_replaced} of the copied were damaged or missing at the "
+                                                            "destination and replaced" if res.parts_replaced else ""))
     return 0
 
 

@@ -5,8 +5,10 @@ Each part is streamed (8 MiB at a time, never whole in memory) into a local scra
 as it goes, and published (moved into a folder, or uploaded whole) only when its sha256 equals the
 manifest's. The manifest is published last, so the destination holds the whole cache or no cache.
 A copy that was stopped resumes: parts already at the destination with the manifest's size and
-sha256 are kept. A destination that holds a different cache, or anything that is not this cache
-on its way, is refused.
+sha256 are kept. A destination that already holds this cache (its manifest) is checked the same
+way, part by part: a damaged or missing part is copied again (published whole, over the damaged
+one) and counted as replaced. A destination that holds a different cache, or anything that is not
+this cache on its way, is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class CopyResult:
     parts_copied: int
     parts_kept: int
     bytes_copied: int
+    parts_replaced: int = 0  # damaged or missing at a destination that already held this cache
 
 
 def _sha256_of(loc: Location, name: str) -> str:
@@ -95,11 +98,11 @@ def copy_cache(src: Location, dst: Location, cache_id: str | None = None, progre
     cache = open_cache(src, cache_id=cache_id)
     m = cache.manifest
     _prepare(dst, m.cache_id)
-    if dst.exists(MANIFEST):  # the same cache is already there, whole
-        return CopyResult(m.cache_id, 0, len(m.parts), 0)
-    dst.makedirs()
-    dst.put_bytes(COPY_STATE, json.dumps({"cache_id": m.cache_id}).encode())
-    copied = kept = nbytes = 0
+    there = dst.exists(MANIFEST)  # this cache, by its manifest: its parts are checked all the same
+    if not there:
+        dst.makedirs()
+        dst.put_bytes(COPY_STATE, json.dumps({"cache_id": m.cache_id}).encode())
+    copied = kept = nbytes = replaced = 0
     files = [*m.parts, *(m.scores.files if m.scores is not None else ())]  # parts, then any token-score sidecars
     bar = tqdm(total=sum(p.bytes for p in files), unit="B", unit_scale=True, desc="copying", disable=not progress, dynamic_ncols=True)
     scratch = dst.scratch()
@@ -111,13 +114,16 @@ def copy_cache(src: Location, dst: Location, cache_id: str | None = None, progre
                     kept += 1
                     bar.update(part.bytes)
                     continue
-                dst.remove(part.name)  # an object this copy wrote for another content, or a damaged one
+                if not there:  # an object this copy wrote for another content, or a damaged one
+                    dst.remove(part.name)
+            replaced += there  # a published cache's part is replaced whole, never removed first
             copy_part(cache, part, dst, scratch, bar)
             copied += 1
             nbytes += part.bytes
-        dst.put_bytes(MANIFEST, json_bytes(m.to_json()))
-        dst.remove(COPY_STATE)
+        if not there:
+            dst.put_bytes(MANIFEST, json_bytes(m.to_json()))
+            dst.remove(COPY_STATE)
     finally:
         bar.close()
         Location.drop_scratch(scratch)
-    return CopyResult(m.cache_id, copied, kept, nbytes)
+    return CopyResult(m.cache_id, copied, kept, nbytes, replaced)

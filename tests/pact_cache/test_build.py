@@ -237,6 +237,11 @@ def test_build_resume_adopts_only_parts_it_can_prove_it_wrote(made, tmp_path, ca
     shutil.copy(made["q8"] / "part-00002.parquet", out / "part-00001.parquet")
     assert "part-00001.parquet: its rows are not the rows this build puts there" in one_line(capsys, cache_main, *args, "--resume")
     (out / "part-00001.parquet").unlink()
+    # a part whose writer recorded another sha256 than the file now has (changed after it was written)
+    size = (out / "part-00000.parquet").stat().st_size
+    atomic_write_json(out / ".part-00000.parquet.entry.json", {"build_key": key, "bytes": size, "sha256": "0" * 64})
+    assert "part-00000.parquet: it changed after this build wrote it" in one_line(capsys, cache_main, *args, "--resume")
+    (out / ".part-00000.parquet.entry.json").unlink()
     assert cli(capsys, cache_main, *args, "--resume")[0] == 0
     assert json.loads((out / MANIFEST).read_text())["cache_id"] == state["cache_id"]
 

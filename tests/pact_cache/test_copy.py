@@ -21,6 +21,24 @@ def test_a_copy_is_the_same_cache_and_a_second_copy_does_nothing(made, tmp_path,
     assert snapshot(dst) == snapshot(made["q8"])
 
 
+def test_a_damaged_destination_of_the_same_cache_is_checked_and_repaired(made, tmp_path, capsys):
+    """The destination already holds this cache's manifest, but one part has a flipped byte and
+    another is gone: cp hashes every part anyway, copies those two again and says so; verify passes."""
+    src, dst = made["q8"], tmp_path / "dst"
+    assert cli(capsys, cache_main, "cp", src, dst, "--no-progress")[0] == 0
+    parts = sorted(p.name for p in dst.glob("part-*.parquet"))
+    blob = bytearray((dst / parts[0]).read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    (dst / parts[0]).write_bytes(bytes(blob))
+    (dst / parts[1]).unlink()
+    assert cli(capsys, cache_main, "verify", dst)[0] == 1
+    assert cache_main(["cp", str(src), str(dst), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "2 part(s) copied" in out and "2 of the copied were damaged or missing at the destination and replaced" in out
+    assert snapshot(dst) == snapshot(src)
+    assert cli(capsys, cache_main, "verify", dst)[0] == 0
+
+
 def test_a_stopped_copy_resumes_and_replaces_what_it_cannot_prove(made, tmp_path, capsys):
     """A copy stopped after its first part (state file, one good part, one truncated part, no
     manifest) finishes on the next run: the good part is kept, the truncated one copied again."""

@@ -195,6 +195,8 @@ def cmd_stats(a) -> int:
     from .format import open_cache
     from .stats import cache_stats, format_stats, plot_stats
 
+    if a.plot is not None and not a.plot.strip():
+        raise PactError("--plot '': give the folder the plots go into (e.g. --plot plots/)")
     if a.plot:
         for name in ("mass_by_position.png", "step0_mass.png"):
             if (Path(a.plot) / name).exists():

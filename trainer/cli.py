@@ -84,7 +84,7 @@ def _eval(a) -> int:
 
     from pact_cache.storage import atomic_write_json, staged_dir
 
-    from .evaluate import GuardJudge, KeywordJudge, load_eval_model, refusal_rate, safety_token_drift, task_accuracy
+    from .evaluate import GuardJudge, KeywordJudge, check_task_rows, load_eval_model, refusal_rate, safety_token_drift, task_accuracy
 
     if not (a.harmful or a.benign or a.task or a.drift_cache):
         raise PactError("nothing to evaluate: give --harmful, --benign, --task and/or --drift-cache")
@@ -99,6 +99,8 @@ def _eval(a) -> int:
     for name, rows in sets.items():
         if not rows:
             raise PactError(f"{getattr(a, name)}: holds no prompts, so no {name} rate can be computed; give a file with at least one row")
+    if "task" in sets:
+        check_task_rows(sets["task"], a.task)
     cache = (open_cache(a.drift_cache, cache_id=a.cache_id, storage_options=parse_storage_options(a.storage_option))
              if a.drift_cache else None)
     if cache is not None and cache.num_rows == 0:

@@ -177,11 +177,22 @@ def normalise_answer(text: str) -> str:
     return re.sub(f"[{re.escape(string.punctuation)}]", " ", text).split()[0] if text.strip(string.punctuation + " \n") else ""
 
 
+def check_task_rows(rows, where: str = "task rows") -> None:
+    """Refuse task rows an accuracy cannot be computed from: none at all, or a row without an answer
+    (it would count as correct or wrong by accident), named by its number (1-based, file order)."""
+    if not rows:
+        raise PactError(f"{where}: no task rows; an accuracy over 0 rows is undefined, give at least one")
+    bad = next((i for i, (_, a) in enumerate(rows, 1) if not normalise_answer(a or "")), None)
+    if bad is not None:
+        raise PactError(f"{where}: row {bad} has no answer to score (output, completion or an assistant message); "
+                        "every task row needs its label: add it or drop the row")
+
+
 def task_accuracy(model, tok, rows, out_jsonl: Path | None = None, **gen) -> dict:
     """Exact match of the normalised answer. When every reference answer is one word from a small label
-    set (SST-2: positive/negative), the prediction is the first label word the response contains."""
-    if not rows:
-        raise PactError("no task rows: an accuracy over 0 rows is undefined; give at least one")
+    set (SST-2: positive/negative), the prediction is the first label word the response contains.
+    Rows without an answer are refused (:func:`check_task_rows`)."""
+    check_task_rows(rows)
     gold = [normalise_answer(a or "") for _, a in rows]
     labels = sorted(set(gold))
     responses = generate(model, tok, [p for p, _ in rows], **gen)

@@ -39,7 +39,7 @@ from pact_cache.projection import check_projection
 
 from .core import lora_direction_factors, policy_losses
 from .losses import LossParams, PactParams, added_term_methods
-from .stream import REPLAY_TERMS, Batch, Replay, collate, epoch_rows
+from .stream import REPLAY_TERMS, Batch, Replay, collate, epoch_rows, pad_id_for  # noqa: F401  (pad_id_for: for users)
 
 # The collator's keys beside the model's inputs: the batch's layout, then one per cached reference column
 # (pact_cache.columns.REF_COLUMNS: pact_full, pact_post, pact_target)
@@ -54,6 +54,8 @@ class CacheDataset(IterableDataset):
                  storage_options: dict | None = None, cache_id: str | None = None, shard_by_rank: bool = True,
                  replay: Cache | str | None = None, replay_ratio: float = 0.05):
         self.cache = cache if isinstance(cache, Cache) else open_cache(cache, cache_id=cache_id, storage_options=storage_options)
+        if self.cache.num_rows == 0:  # as pact-train, stats and pact-eval refuse it
+            raise PactError(f"{self.cache.url}: the cache holds no rows; rebuild it from a non-empty dataset")
         self.shuffle, self.seed, self.buffer_rows, self.epoch = shuffle, seed, buffer_rows, 0
         self.shard_by_rank = shard_by_rank  # False when the training stack shards by rank itself (accelerate)
         # pact-train --replay: after each row of this cache, the replay rows then due (trainer.stream.Replay)
@@ -128,6 +130,12 @@ class PactCollator:
     ``CacheDataset(replay=...)`` get, as ``pact-train --replay-term`` (``pact_ce_weight``)."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, token_mask=None, row_gate=None, replay_term: str = "both"):
+        if pad_token_id is None or isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
+            raise PactError(f"PactCollator(pad_token_id={pad_token_id!r}): needs a token id >= 0; a tokenizer without a pad "
+                            "token (tok.pad_token_id is None) can pad with any id: pass trainer.hf.pad_id_for(tok) (its "
+                            "end-of-sequence token); padding is masked out of attention and loss")
+        if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+            raise PactError(f"PactCollator(pad_to_multiple_of={pad_to_multiple_of!r}): must be an integer >= 1")
         self.pad_token_id, self.pad_to_multiple_of, self.token_mask = pad_token_id, pad_to_multiple_of, token_mask
         if replay_term not in REPLAY_TERMS:
             raise PactError(f"replay_term={replay_term!r}: use one of {', '.join(REPLAY_TERMS)}")
@@ -135,6 +143,8 @@ class PactCollator:
 
     def __call__(self, items) -> dict:
         rows: list[CacheRow] = [it["row"] if isinstance(it, dict) else it for it in items]
+        if not rows:
+            raise PactError("PactCollator: an empty batch; a batch needs at least one row (does the dataset hold any?)")
         b = collate(rows, self.pad_token_id, self.pad_to_multiple_of, self.token_mask, self.row_gate, self.replay_term)
         labels = torch.full_like(b.input_ids, -100)
         for i, r in enumerate(rows):

@@ -25,7 +25,7 @@ from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, save_
 from .config import TrainConfig, TrainError, check_config, config_record
 from .core import causal_lm, lora_direction_factors, online_reference, policy_losses
 from .distributed import Ranks, setup, teardown
-from .stream import Replay, RowGate, batches, collate
+from .stream import Replay, RowGate, batches, collate, pad_id_for
 
 
 class NonFiniteError(TrainError):
@@ -221,7 +221,7 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     global_batch = cfg.batch_size * ranks.world  # rows per micro-batch over all ranks
     steps_per_epoch = math.ceil(cache.num_rows / (global_batch * cfg.grad_accum))
     total = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = pad_id_for(tok)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     pad_multiple = 8 if device.startswith("cuda") else 1
 

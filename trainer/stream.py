@@ -49,6 +49,15 @@ class Batch:
                      *(None if x is None else x.to(device) for x in (self.loss_mask, self.row_gate, self.ce_weight)))
 
 
+def pad_id_for(tok) -> int:
+    """The id to pad with: the tokenizer's pad token, else its end-of-sequence token (many chat
+    tokenizers have no pad token), else 0. Padding is masked out of attention and loss, so any id of
+    the vocabulary gives the same result."""
+    if tok.pad_token_id is not None:
+        return int(tok.pad_token_id)
+    return int(tok.eos_token_id) if tok.eos_token_id is not None else 0
+
+
 def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1, token_mask=None, row_gate=None,
             replay_term: str = "both") -> Batch:
     """Right-padded batch. ``pad_to_multiple`` rounds the sequence length up (8 on CUDA: fewer

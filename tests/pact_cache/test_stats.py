@@ -74,3 +74,6 @@ def test_stats_cli_json_and_plots(cache, tmp_path, capsys):
     assert main(["stats", str(out), "--plot", str(tmp_path / "plots")]) == 1
     assert "exists; choose another --plot folder" in capsys.readouterr().err
     assert (tmp_path / "plots" / "step0_mass.png").read_bytes() == before
+    for empty in ("", "  "):  # an empty folder name wrote no plot and said nothing
+        assert main(["stats", str(out), "--plot", empty]) == 1
+        assert "--plot '': give the folder the plots go into" in capsys.readouterr().err

@@ -131,6 +131,13 @@ def test_eval_inputs(made, tmp_path, capsys):
     assert "dataset has no rows" in line or "holds no prompts" in line
     line = one_line(capsys, main_eval, *base, "--harmful", prompts, "--adapter", tmp_path / "no-such-adapter", "-o", tmp_path / "e")
     assert "no-such-adapter: no adapter_config.json there" in line
+    # task rows without an answer would count as right (prompt-only) or wrong by accident: refused, naming the row
+    only_prompts = write_jsonl(tmp_path / "t1.jsonl", [{"prompt": "Is this review positive? Great film."}])
+    line = one_line(capsys, main_eval, *base, "--task", only_prompts, "-o", tmp_path / "e")
+    assert f"{only_prompts}: row 1 has no answer to score" in line
+    one_missing = write_jsonl(tmp_path / "t2.jsonl", [{"instruction": "Sentiment?", "input": "Great film.", "output": "positive"},
+                                                      {"instruction": "Sentiment?", "input": "Dull."}])
+    assert f"{one_missing}: row 2 has no answer to score" in one_line(capsys, main_eval, *base, "--task", one_missing, "-o", tmp_path / "e")
     assert not (tmp_path / "e").exists()
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "mine.txt").write_text("x")

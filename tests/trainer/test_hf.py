@@ -196,3 +196,32 @@ def test_trainer_collator_carries_the_token_mask(scored):
     for i, r in enumerate(rows):
         assert b["pact_loss_mask"][i, : r.steps].tolist() == mask.keep(r.example_id, r.score).tolist()
     assert torch.equal(PactCollator(0)([{"row": r} for r in rows])["pact_loss_mask"], b["pact_step_mask"])
+
+
+def test_the_python_api_refuses_what_the_cli_refuses(cache, made, tmp_path):
+    """A cache with no rows, a pad id that is None or negative, an empty batch: one typed error each,
+    not an empty epoch or a failure deep inside torch; a tokenizer without a pad token pads with EOS."""
+    import shutil
+    from types import SimpleNamespace
+
+    from pact_cache.errors import PactError
+    from trainer.hf import pad_id_for
+
+    from conftest import edit_manifest
+
+    empty = tmp_path / "empty"
+    shutil.copytree(made["q8"], empty)
+    edit_manifest(empty, lambda m: m.update(parts=[], counts=dict(m["counts"], rows=0, response_steps=0)), resign=True)
+    for p in empty.glob("part-*.parquet"):
+        p.unlink()
+    with pytest.raises(PactError, match="the cache holds no rows"):
+        CacheDataset(str(empty))
+    for bad in (None, -5, 1.5, True):
+        with pytest.raises(PactError, match="needs a token id >= 0"):
+            PactCollator(bad)
+    with pytest.raises(PactError, match="an empty batch"):
+        PactCollator(0)([])
+    assert pad_id_for(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7
+    assert pad_id_for(SimpleNamespace(pad_token_id=3, eos_token_id=7)) == 3
+    rows = list(open_cache(cache).iter_rows())[:2]
+    assert PactCollator(pad_id_for(SimpleNamespace(pad_token_id=None, eos_token_id=7)))(rows)["input_ids"].shape[0] == 2

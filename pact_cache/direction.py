@@ -18,7 +18,8 @@ File format ``pact-direction/1``, a safetensors file:
   Frobenius error of P P^T against V V^T}), "aligned", "base" (model fingerprints)}``.
 
 A reader MUST reject a file whose metadata is missing or of another format, whose tensors do not
-match the module list, that holds a non-finite value, or whose norm is not positive; it MAY ignore
+match the module list, that holds a non-finite value, whose norm is not positive, or whose
+``||P||_F^2 / norm`` exceeds 1e30 (the penalty's float32 products would overflow); it MAY ignore
 modules a run does not train.
 """
 
@@ -99,6 +100,9 @@ def save_direction(direction: Direction, path: Path) -> None:
     atomic_write_bytes(Path(path), save(tensors, metadata={"pact": json.dumps(direction.metadata())}))
 
 
+FLOAT32_SAFE = 1e30  # well below float32's 3.4e38: room for the LoRA factors' own scale
+
+
 def read_direction(path: str | Path) -> Direction:
     """Parse and validate a ``pact-direction/1`` file (see the module docstring)."""
     import torch
@@ -140,6 +144,11 @@ def read_direction(path: str | Path) -> Direction:
                     raise DirectionError(f"{path}: {m}: P must be a float32 matrix and norm a float32 scalar; {fix}")
                 if not (torch.isfinite(P).all() and torch.isfinite(norm) and norm > 0):
                     raise DirectionError(f"{path}: {m}: non-finite values or a norm that is not positive; {fix}")
+                # the penalty forms P (P^T B) / norm in float32: ||P||_F^2 / norm bounds its scale, so it must be a
+                # float32 number (finite values whose products overflow would stop training with NaN later)
+                scale = float((P.double() ** 2).sum() / norm.double())
+                if not math.isfinite(scale) or scale > FLOAT32_SAFE:
+                    raise DirectionError(f"{path}: {m}: values whose products overflow float32 (||P||^2 / norm = {scale:.3g}); {fix}")
                 factors[m] = (P, norm)
     except SafetensorError as err:
         raise DirectionError(f"{path}: not a readable safetensors file ({err}); {fix}") from None

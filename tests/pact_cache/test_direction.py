@@ -82,6 +82,9 @@ def test_direction_errors_are_one_line(tiny_model, tiny_base_model, direction_fi
     (lambda d, t: _copy_with(d, t, "norm.safetensors", edit=lambda x: x[[k for k in sorted(x) if k.endswith(".norm")][0]].fill_(0.0)),
      "not positive"),
     (lambda d, t: t / "missing.safetensors", "no such direction file"),
+    # finite values whose products overflow float32 (norm 1e-38, entries 3e38): refused at load, not NaN at step 2
+    (lambda d, t: _copy_with(d, t, "huge.safetensors", edit=lambda x: [x[k].fill_(1e-38 if k.endswith(".norm") else 3e38)
+                                                                       for k in sorted(x)[:2]]), "overflow float32"),
 ])
 def test_broken_direction_files_are_refused(direction_file, tmp_path, make, needle):
     with pytest.raises(DirectionError, match=needle):

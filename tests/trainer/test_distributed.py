@@ -32,8 +32,24 @@ def setup(tiny_model, f32_cache, tmp_path_factory):
     return root, ["--model", tiny_model, "--cache", str(cache)] + COMMON
 
 
+def free_port() -> int:
+    """A port nobody listens on now (the kernel picks it), for one launch's rendezvous: two tests (or
+    two suites) on one machine never share the launcher's default port."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(nproc: int = 2) -> list[str]:
+    """torchrun on this machine with a rendezvous on a free port (instead of --standalone's)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
+
+
 def torchrun(args: list[str], env: dict | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "trainer", *args]
+    cmd = [*launcher(nproc), "-m", "trainer", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
@@ -132,7 +148,7 @@ def test_trainer_on_two_processes_follows_pact_train(setup, tmp_path):
     4 optimizer steps of 2 processes x 1 row x 2 accumulation equal pact-train's 1 process x 2 rows
     x 2 accumulation (same rows in cache order, constant lr, AdamW): loss and grad norm, 1e-5."""
     root, args = setup
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HELPERS / "hf_run.py"),
+    cmd = [*launcher(), str(HELPERS / "hf_run.py"),
            args[1], args[3], str(tmp_path / "hf"), "1", "2", "4"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -145,7 +161,7 @@ def test_fsdp2_gradients_equal_one_process(setup, tmp_path):
     inside the sharded model's forward, so the output head is gathered when the chunks use it, in
     forward and in the recomputation of backward; gradients equal one process's (1e-5 relative)."""
     root, args = setup
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HELPERS / "fsdp_check.py"),
+    cmd = [*launcher(), str(HELPERS / "fsdp_check.py"),
            args[1], args[3]]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0 and "largest relative gradient difference" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
@@ -158,6 +174,7 @@ def test_accelerate_launch_runs_the_same_job(setup, one_and_two, tmp_path):
     if not accelerate.exists():
         pytest.skip("accelerate's launcher is not installed next to this Python")
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--main_process_port", str(free_port()),
            "--dynamo_backend", "no", "-m", "trainer", *args, "--batch-size", "1", "-o", str(tmp_path / "acc")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]

@@ -61,6 +61,12 @@ def run_command(prog: str, fn, args, interrupted: str) -> int:
         print(f"{prog}: error: {where}{err.strerror or err}; check the path, its permissions and free space", file=sys.stderr)
         return 1
     except Exception as err:
+        from .storage import store_error
+
+        line = store_error(err)  # an object store's error: missing credentials, a mistyped option, no server
+        if line is not None and not os.environ.get("PACT_CACHE_DEBUG"):
+            print(f"{prog}: error: {line}", file=sys.stderr)
+            return 1
         if os.environ.get("PACT_CACHE_DEBUG"):
             raise
         msg = str(err).splitlines()[0][:200] if str(err) else ""

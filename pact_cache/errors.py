@@ -26,3 +26,7 @@ class CacheError(PactError):
 
 class OutputExistsError(PactError):
     """The output folder already holds something this command must not overwrite."""
+
+
+class StorageError(CacheError):
+    """A storage location or its options cannot work (a malformed endpoint, options of the wrong type)."""

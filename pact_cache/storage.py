@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -25,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CacheError, OutputExistsError, PactError
+from .errors import CacheError, OutputExistsError, PactError, StorageError
 
 STORAGE_HELP = ("KEY=VALUE passed to the cache's fsspec filesystem, e.g. endpoint_url=http://localhost:9000 or anon=true "
                 "(repeatable; values are JSON where they parse; never printed)")
@@ -51,6 +52,56 @@ def parse_storage_options(items: list[str] | None) -> dict:
         except ValueError:
             opts[key.strip()] = value
     return opts
+
+
+def redact_url(url: str) -> str:
+    """``url`` without a user name or password (``http://***@host/...``): for messages."""
+    return re.sub(r"^([a-zA-Z][\w+.-]*://)[^/@]*@", r"\1***@", str(url))
+
+
+def check_storage_options(options: dict, where: str) -> None:
+    """Refuse the storage options people mistype, before a filesystem sees them (it would fail later,
+    deep inside, or send credentials in the URL): an endpoint that is not an http(s) URL or that
+    carries a user name or password, and ``*_kwargs`` options that are not mappings."""
+    for key, value in options.items():
+        if key == "endpoint_url":
+            if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+", value):
+                shown = redact_url(value) if isinstance(value, str) else repr(value)
+                raise StorageError(f"{where}: --storage-option endpoint_url={shown}: must be an http(s) URL of the store, e.g. "
+                                   "endpoint_url=http://localhost:9000")
+            if re.match(r"^https?://[^/]*@", value):
+                raise StorageError(f"{where}: --storage-option endpoint_url={redact_url(value)}: holds a user name or password; "
+                                   "give the store's URL alone and the credentials as key=/secret= options or AWS_ACCESS_KEY_ID / "
+                                   "AWS_SECRET_ACCESS_KEY (nothing was sent)")
+        elif key.endswith("_kwargs") and not isinstance(value, dict):
+            raise StorageError(f"{where}: --storage-option {key}: must be a JSON object, e.g. "
+                               f"{key}='{{\"region_name\": \"us-east-1\"}}', not {type(value).__name__}")
+
+
+def store_error(err: BaseException, options_hint: str = "--storage-option") -> str | None:
+    """One line with the fix for an object store's error that reaches a command (missing credentials,
+    an unknown option, an unreachable endpoint), or None when ``err`` is not one. Never prints a
+    secret: option values are not shown and URLs lose their user information."""
+    name, mod = type(err).__name__, type(err).__module__ or ""
+    msg = str(err).splitlines()[0][:200] if str(err) else ""
+    if name == "NoCredentialsError":
+        return ("no credentials for the object store: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass "
+                f"{options_hint} key=... and {options_hint} secret=...; for a public bucket, {options_hint} anon=true")
+    if name == "PartialCredentialsError":
+        return (f"incomplete credentials for the object store ({msg}): give both the key and the secret (AWS_ACCESS_KEY_ID and "
+                f"AWS_SECRET_ACCESS_KEY, or {options_hint} key=... and secret=...)")
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError") or (
+            mod.startswith(("botocore", "aiobotocore")) and name == "HTTPClientError"):
+        url = re.search(r'"([^"]+)"', msg)
+        return (f"cannot reach the object store{' at ' + redact_url(url.group(1)) if url else ''} ({name}): check "
+                f"{options_hint} endpoint_url and that the server is up")
+    if isinstance(err, TypeError):
+        bad = re.search(r"unexpected keyword argument '([^']+)'", msg)
+        if bad:
+            return (f"unknown storage option {bad.group(1)!r}: the filesystem does not take it; check its spelling against the "
+                    "filesystem's documentation (s3fs: key, secret, token, anon, endpoint_url, client_kwargs, config_kwargs, "
+                    "requester_pays, default_block_size, ...)")
+    return None
 
 
 # ----------------------------------------------------------------------------- files
@@ -216,6 +267,7 @@ class Location:
         import fsspec
 
         self.url = str(self.url)
+        check_storage_options(self.options, self.display)
         try:
             self.fs, root = fsspec.core.url_to_fs(self.url, **self.options)
         except (ValueError, ImportError, TypeError) as err:

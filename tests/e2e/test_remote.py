@@ -228,3 +228,31 @@ def test_memory_store_build_and_copy(data, tmp_path, capsys):
     assert cache_main(["cp", url, str(tmp_path / "out"), "--no-progress"]) == 0
     assert open_cache(tmp_path / "out").cache_id == open_cache(data["local"]).cache_id
     mem.rm("/pact-remote-test", recursive=True)
+
+
+def test_store_mistakes_are_one_line_with_the_fix_and_no_secret(s3, tmp_path):
+    """The commonest object-store mistakes, each in a fresh process (boto reads the environment once):
+    one line that says what to set, exit 1, and no secret or URL password in the output."""
+    host_port = s3["endpoint_url"].split("://")[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), PYTHONPATH=str(ROOT))
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    ep = ["--storage-option", f"endpoint_url={s3['endpoint_url']}"]
+    cases = [
+        ({}, ep, "no credentials for the object store: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        ({"AWS_ACCESS_KEY_ID": "testing"}, ep, "incomplete credentials for the object store"),
+        (creds, ep + ["--storage-option", "endpiont=1"], "unknown storage option 'endpiont'"),
+        (creds, ep + ["--storage-option", "client_kwargs=oops"], "--storage-option client_kwargs: must be a JSON object"),
+        (creds, ["--storage-option", "endpoint_url=123"], "--storage-option endpoint_url=123: must be an http(s) URL"),
+        (creds, ["--storage-option", f"endpoint_url=http://alice:pw-s3cr3t@{host_port}"], "holds a user name or password"),
+        ({}, ["--storage-option", "endpoint_url=http://127.0.0.1:9", "--storage-option", "key=k", "--storage-option", "secret=sk-s3cr3t"],
+         "cannot reach the object store at http://127.0.0.1:9"),
+    ]
+    for extra_env, opts, needle in cases:
+        for prog, args in (("pact-cache", ["-m", "pact_cache", "info", f"s3://{BUCKET}/nothing-here"]),
+                           ("pact-train", ["-m", "trainer", "--model", "m", "--cache", f"s3://{BUCKET}/nothing-here", "-o", str(tmp_path / "r")])):
+            res = subprocess.run([sys.executable, *args, *opts], env={**env, **extra_env}, capture_output=True, text=True, timeout=120)
+            lines = [l for l in res.stderr.splitlines() if l.startswith(prog)]
+            assert res.returncode == 1 and len(lines) == 1 and needle in lines[0], (prog, opts, res.stderr[-1500:])
+            assert "s3cr3t" not in res.stderr + res.stdout and "Traceback" not in res.stderr
+    assert not (tmp_path / "r").exists()

@@ -57,7 +57,6 @@ def merge_caches(sources: list, out, rows_per_part: int | None = None, storage_o
                           "merge of " + ", ".join(sources), ())
     identity = replace(first.identity, dataset_sha256=dataset.sha256, build=build)
     rows = (row for c in caches for row in c.iter_rows())
-    parts = _write_rows(loc, rows, first.encoding, identity.key(), per, sum(c.num_rows for c in caches), "merging", progress)
     skipped: dict = {}
     for c in caches:
         for k, v in c.manifest.counts.skipped.items():
@@ -65,9 +64,11 @@ def merge_caches(sources: list, out, rows_per_part: int | None = None, storage_o
     counts = Counts(sum(c.num_rows for c in caches), sum(c.num_steps for c in caches),
                     sum(c.manifest.counts.input_tokens for c in caches), sum(c.manifest.counts.truncated_rows for c in caches),
                     skipped, {})
-    m = Manifest(FORMAT, "", __version__, first.reference, first.tokenizer, first.tokens, dataset, build, first.encoding,
-                 counts, tuple(parts)).with_content_id()
-    loc.put_bytes(MANIFEST, json_bytes(m.to_json()))
+    with loc.filling():  # a merge that fails (a damaged input part) leaves nothing behind: a retry works
+        parts = _write_rows(loc, rows, first.encoding, identity.key(), per, sum(c.num_rows for c in caches), "merging", progress)
+        m = Manifest(FORMAT, "", __version__, first.reference, first.tokenizer, first.tokens, dataset, build, first.encoding,
+                     counts, tuple(parts)).with_content_id()
+        loc.put_bytes(MANIFEST, json_bytes(m.to_json()))
     return m
 
 
@@ -146,14 +147,15 @@ def filter_cache(src, out, above: float, rows_per_part: int | None = None, stora
                 kept["truncated"] += int(bool(m0.build.max_length) and len(row.input_ids) == m0.build.max_length)
                 yield row
 
-    parts = _write_rows(loc, rows(), m0.encoding, identity.key(), build.rows_per_part, cache.num_rows, "filtering", progress)
-    dropped = cache.num_rows - kept["rows"]
-    skipped = dict(m0.counts.skipped)
-    skipped["step0_refusal_mass_above"] = skipped.get("step0_refusal_mass_above", 0) + dropped
-    counts = Counts(kept["rows"], kept["steps"], kept["tokens"], kept["truncated"], skipped, {})
-    m = Manifest(FORMAT, "", __version__, m0.reference, m0.tokenizer, m0.tokens, dataset, build, m0.encoding,
-                 counts, tuple(parts)).with_content_id()
-    loc.put_bytes(MANIFEST, json_bytes(m.to_json()))
+    with loc.filling():  # a filter that fails leaves nothing behind: a retry works
+        parts = _write_rows(loc, rows(), m0.encoding, identity.key(), build.rows_per_part, cache.num_rows, "filtering", progress)
+        dropped = cache.num_rows - kept["rows"]
+        skipped = dict(m0.counts.skipped)
+        skipped["step0_refusal_mass_above"] = skipped.get("step0_refusal_mass_above", 0) + dropped
+        counts = Counts(kept["rows"], kept["steps"], kept["tokens"], kept["truncated"], skipped, {})
+        m = Manifest(FORMAT, "", __version__, m0.reference, m0.tokenizer, m0.tokens, dataset, build, m0.encoding,
+                     counts, tuple(parts)).with_content_id()
+        loc.put_bytes(MANIFEST, json_bytes(m.to_json()))
     return m, dropped
 
 

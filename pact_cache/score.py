@@ -74,12 +74,6 @@ def score_cache(src: str | Path | Location, degraded: str, utility: str, dst: st
                 dtype="auto", device="auto", cache_id: str | None = None, progress: bool = True) -> Manifest:
     """Write a copy of the cache at ``src`` with TOSS scores to ``dst`` (new or empty; a folder, an
     fsspec URL or a :class:`Location`); returns its manifest."""
-    from tqdm.auto import tqdm
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from .copy import copy_part
     from .models import load_model, load_tokenizer, model_fingerprint, resolve_model
 
     src, dst = Location.of(src), Location.of(dst)
@@ -94,6 +88,18 @@ def score_cache(src: str | Path | Location, degraded: str, utility: str, dst: st
         model, device, _ = load_model(r, dtype, device)
         _check_model_fits(cache, load_tokenizer(r), model, what, name)
         models[what] = (model, model_fingerprint(r))
+    with dst.filling():  # a score that fails (a non-finite score, a damaged part) leaves nothing behind: a retry works
+        return _write_scored(cache, dst, models, device, batch_size, progress)
+
+
+def _write_scored(cache, dst: Location, models: dict, device, batch_size: int, progress: bool) -> Manifest:
+    """The scored copy: per part its score sidecar and the part itself, then the manifest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    from .copy import copy_part
+
     dst.makedirs()
     scratch = dst.scratch()
     files = []

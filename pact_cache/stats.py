@@ -125,7 +125,8 @@ def format_stats(s: Stats, positions: int = 12) -> str:
 
 
 def plot_stats(s: Stats, folder: Path) -> list[Path]:
-    """Two PNGs: mass and entropy by position; the histogram of step-0 mass. Refuses to overwrite."""
+    """Two PNGs: mass and entropy by position; the histogram of step-0 mass. Refuses to overwrite;
+    both are published together (drawn under temporary names first), or neither."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,10 +156,9 @@ def plot_stats(s: Stats, folder: Path) -> list[Path]:
     ax[1].set_ylabel("nats")
     ax[1].set_title("Entropy of the reference renormalised over S")
     fig.tight_layout()
-    tmp = tmp_name(paths[0]).with_suffix(".png")
-    fig.savefig(tmp, dpi=110)
+    tmps = [tmp_name(p).with_suffix(".png") for p in paths]  # both drawn first, then both published
+    fig.savefig(tmps[0], dpi=110)
     plt.close(fig)
-    tmp.replace(paths[0])
 
     h = s.step0["histogram"]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
@@ -170,8 +170,12 @@ def plot_stats(s: Stats, folder: Path) -> list[Path]:
     ax.set_ylabel("rows")
     ax.set_title(f"{s.step0['flagged']} of {s.rows} rows look like refusal prompts (mass > {s.flag_at})")
     fig.tight_layout()
-    tmp = tmp_name(paths[1]).with_suffix(".png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(paths[1])
+    try:
+        fig.savefig(tmps[1], dpi=110)
+        plt.close(fig)
+        for tmp, path in zip(tmps, paths):
+            tmp.replace(path)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
     return paths

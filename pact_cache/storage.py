@@ -335,6 +335,21 @@ class Location:
         return self.fs.open(self.path(name), "rb")
 
     # -- writing (each object appears whole or not at all)
+    @contextmanager
+    def filling(self):
+        """Around a command that fills this location, found empty, with a new cache: if it fails (an
+        error, Ctrl-C), what it wrote is removed again, so the location is as it was and a retry
+        starts clean. (The manifest is written last, so a reader never sees a cache in between.)"""
+        existed = self.exists()
+        try:
+            yield
+        except BaseException:
+            for name in self.names():
+                self.remove(name)
+            if self.is_local and not existed:
+                shutil.rmtree(self.local_path(), ignore_errors=True)
+            raise
+
     def makedirs(self) -> None:
         if self.is_local:
             self.local_path().mkdir(parents=True, exist_ok=True)

@@ -67,3 +67,29 @@ def test_diff(parts, capsys):
     assert 0 < d["max_abs_diff"]["full_logprobs"] < 1.0  # q8's error
     assert main(["diff", parts["AB"], parts["AB"]]) == 0
     assert "the same cache" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["merge", "filter"])
+def test_a_failed_merge_or_filter_leaves_nothing_and_the_retry_works(parts, tmp_path, capsys, command):
+    """Midway through, a damaged input part (a flipped byte in the last part, met after earlier parts
+    were published): one line, OUT left as it was (absent), and the same command works once the input
+    is whole again."""
+    import shutil
+
+    damaged = tmp_path / "B"
+    shutil.copytree(parts["B"], damaged)
+    last = sorted(damaged.glob("part-*.parquet"))[-1]
+    good = last.read_bytes()
+    blob = bytearray(good)
+    blob[len(blob) // 2] ^= 0x01
+    last.write_bytes(bytes(blob))
+    out = tmp_path / "OUT"
+    args = (["merge", str(parts["A"]), str(damaged)] if command == "merge" else ["filter", str(damaged), "--above", "1.0"]) + \
+        ["-o", str(out), "--no-progress", "--rows-per-part", "2"]
+    assert main(args) == 1
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("pact-cache")]
+    assert len(err) == 1 and last.name in err[0] and "sha256" in err[0], err
+    assert not out.exists()
+    last.write_bytes(good)
+    assert main(args) == 0
+    assert main(["verify", str(out)]) == 0

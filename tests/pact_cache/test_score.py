@@ -98,3 +98,30 @@ def test_scored_cache_is_checked_copied_and_refused_when_edited(scored, tmp_path
     assert cache_main(["score", out, "--degraded", "x", "--utility", "y", "-o", str(tmp_path / "again")]) != 0
     assert "already carries token scores" in capsys.readouterr().err
     assert cache_main(["score", out, "--degraded", "x", "--utility", "y", "-o", out]) != 0
+
+
+def test_a_score_that_fails_midway_leaves_nothing_and_the_retry_works(tiny_model, tiny_base_model, made, tmp_path, monkeypatch):
+    """The second part's scores come out non-finite (as from a model that gives a token probability
+    0): one typed error, OUT left absent though the first part's files were published, and the same
+    call works afterwards."""
+    import numpy as np
+
+    import pact_cache.score as score_mod
+    from pact_cache.errors import PactError
+    from pact_cache.score import score_cache
+
+    real, calls = score_mod.row_scores, []
+
+    def flaky(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(1)
+        return [np.full_like(s, np.nan) for s in out] if len(calls) > 1 else out
+
+    monkeypatch.setattr(score_mod, "row_scores", flaky)
+    out = tmp_path / "scored"
+    with pytest.raises(PactError, match="a score is not finite"):
+        score_cache(str(made["q8"]), tiny_model, tiny_base_model, str(out), device="cpu", progress=False, batch_size=8)
+    assert len(calls) > 1 and not out.exists()
+    monkeypatch.setattr(score_mod, "row_scores", real)
+    m = score_cache(str(made["q8"]), tiny_model, tiny_base_model, str(out), device="cpu", progress=False, batch_size=8)
+    assert m.scores is not None and len(m.scores.files) == len(m.parts)

@@ -157,20 +157,20 @@ def plot_stats(s: Stats, folder: Path) -> list[Path]:
     ax[1].set_title("Entropy of the reference renormalised over S")
     fig.tight_layout()
     tmps = [tmp_name(p).with_suffix(".png") for p in paths]  # both drawn first, then both published
-    fig.savefig(tmps[0], dpi=110)
-    plt.close(fig)
-
-    h = s.step0["histogram"]
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    edges = np.array(h["edges"])
-    ax.bar(edges[:-1], h["counts"], width=np.diff(edges), align="edge", color=["C3" if e >= s.flag_at else "C0" for e in edges[:-1]])
-    ax.axvline(s.flag_at, color="k", ls=":", lw=1)
-    ax.set_yscale("log")  # the few refusal-like rows stay visible beside the many others
-    ax.set_xlabel("step-0 safety-token mass of the reference")
-    ax.set_ylabel("rows")
-    ax.set_title(f"{s.step0['flagged']} of {s.rows} rows look like refusal prompts (mass > {s.flag_at})")
-    fig.tight_layout()
     try:
+        fig.savefig(tmps[0], dpi=110)
+        plt.close(fig)
+
+        h = s.step0["histogram"]
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        edges = np.array(h["edges"])
+        ax.bar(edges[:-1], h["counts"], width=np.diff(edges), align="edge", color=["C3" if e >= s.flag_at else "C0" for e in edges[:-1]])
+        ax.axvline(s.flag_at, color="k", ls=":", lw=1)
+        ax.set_yscale("log")  # the few refusal-like rows stay visible beside the many others
+        ax.set_xlabel("step-0 safety-token mass of the reference")
+        ax.set_ylabel("rows")
+        ax.set_title(f"{s.step0['flagged']} of {s.rows} rows look like refusal prompts (mass > {s.flag_at})")
+        fig.tight_layout()
         fig.savefig(tmps[1], dpi=110)
         plt.close(fig)
         for tmp, path in zip(tmps, paths):

@@ -245,6 +245,23 @@ def test_values_the_encoding_cannot_produce_are_refused(made, copy, capsys, tmp_
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+@pytest.mark.parametrize("which, column", [("q8", "full_q"), ("f32", "target_f32"), ("q8", "example_id")])
+def test_a_decompression_bomb_is_refused_before_it_is_decompressed(made, copy, capsys, tmp_path, which, column):
+    """One value of a part inflated to 64 MiB of zeros (zstd keeps the file small), resealed (sizes,
+    sha256 and id agree): refused from what the footer declares, with the column named, by verify,
+    by pact-train and by a reader (tools/bench_hostile.py measures the memory)."""
+    cache = copy(which)
+    typ = pa.string() if column == "example_id" else pa.binary()
+    big = ("x" * (64 << 20)) if column == "example_id" else b"\0" * (64 << 20)
+    rewrite_part(cache, "part-00000.parquet", lambda t: set_column(t, column, [big] + t.column(column).to_pylist()[1:], typ))
+    assert (cache / "part-00000.parquet").stat().st_size < 8 << 20  # snappy here; zstd makes it KBs
+    needle = f"column {column!r} declares"
+    assert needle in one_line(capsys, cache_main, "verify", cache)
+    assert needle in one_line(capsys, train_main, "--model", made["model"], "--cache", cache, "-o", tmp_path / "run", "--no-progress")
+    with pytest.raises(CacheError, match="refused before decompressing"):
+        next(open_cache(cache).iter_rows())
+
+
 def test_a_part_whose_rows_differ_from_the_manifest_digest(copy, capsys):
     cache = copy()
     part = cache / "part-00000.parquet"

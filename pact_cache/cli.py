@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
-from .cliutil import (OneLineParser, _shard, add_cache_id, add_dtype_device, add_json, add_no_progress, add_output,
+from .cliutil import (OneLineParser, _shard, add_cache_id, add_version, add_dtype_device, add_json, add_no_progress, add_output,
                       add_storage_option, new_file, positive_int, run_command)
 from .errors import OutputExistsError, PactError
 from .models import DEFAULT_MODEL
@@ -385,7 +384,7 @@ def cmd_direction(a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="pact-cache", description="Run an aligned reference model once over a fine-tuning set and cache the safety-token log-probs PACT needs.")
-    p.add_argument("--version", action="version", version=f"pact-cache {__version__}")
+    add_version(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for c in COMMANDS.values():
         c.options(sub.add_parser(c.name, help=c.help, description=c.description))

@@ -87,6 +87,13 @@ def new_file(path: str, example: str) -> Path:
 
 # ----------------------------------------------------------------------------- shared options
 
+def add_version(p: argparse.ArgumentParser) -> None:
+    """``--version``: the program's name and pact-cache's version (one package, one version)."""
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"{p.prog} {__version__}")
+
+
 def add_storage_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help=STORAGE_HELP)
 

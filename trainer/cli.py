@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from pact_cache.cliutil import OneLineParser, add_storage_option, positive_int, run_command
+from pact_cache.cliutil import OneLineParser, add_storage_option, add_version, positive_int, run_command
 from pact_cache.storage import parse_storage_options
 from pact_cache.errors import PactError
 
@@ -49,6 +49,7 @@ if __name__ == "__main__":
 def build_eval_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="pact-eval", description="Evaluate a model (optionally with a PEFT adapter): refusal rate on harmful "
                                 "and benign prompts, safety-token drift against a cache, task accuracy. Outputs go to OUT as JSONL.")
+    add_version(p)
     p.add_argument("--model", required=True, metavar="MODEL", help="base model: folder, hub id or smollm2-135m-instruct")
     p.add_argument("--adapter", metavar="DIR", help="a PEFT adapter folder (pact-train's OUT/adapter)")
     p.add_argument("--harmful", metavar="FILE", help="harmful prompts: refusal rate (any dataset format; prompt-only rows allowed)")

@@ -228,6 +228,9 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
 
     p = parser_class(prog="pact-train", description="Fine-tune with PACT (or plain SFT), one model in memory, reference "
                      "targets streamed from a pact-cache.")
+    from pact_cache.cliutil import add_version
+
+    add_version(p)
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of these options by field name (batch_size: 8, lam: 1.0, "
                    "pact: {T: 2.0}, ...); flags given as well override it. A run folder's config.json is one")
     for f in fields(TrainConfig):

@@ -48,3 +48,14 @@ def test_module_entry_points_answer_help():
     for mod in ("pact_cache", "trainer"):
         out = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage:" in out.stdout
+
+
+def test_every_command_answers_version(capsys):
+    from pact_cache import __version__
+    from pact_cache.cli import main as cache_main
+    from trainer.cli import main as train_main, main_eval
+
+    for prog, main in (("pact-cache", cache_main), ("pact-train", train_main), ("pact-eval", main_eval)):
+        with pytest.raises(SystemExit) as e:
+            main(["--version"])
+        assert e.value.code == 0 and capsys.readouterr().out.strip() == f"{prog} {__version__}"

@@ -401,6 +401,13 @@ class Study:
                 BIN / "pact-cache", "filter", cache, "--above", a.filter_above, "-o", filtered, "--no-progress"]) or {})
             res["filter_sft"] = self.stage("filter_sft", fine_tune("sft", filtered, None))
             rows[f"filter (step-0 refusal mass <= {a.filter_above:g}) + SFT"] = ("filter_sft", None)
+        if "filter_str_replay" in want:  # the filter's benign rows, anchored where the refusals are: STR on the replay rows
+            filtered = out / "filter_cache" / "cache"
+            res["filter_cache"] = self.stage("filter_cache", lambda d: run([
+                BIN / "pact-cache", "filter", cache, "--above", a.filter_above, "-o", filtered, "--no-progress"]) or {})
+            lam, name = tune("filter_str_replay", a.grid, lambda v: (f"filter_str_replay{R:g}_lam{v:g}",
+                                                                 fine_tune("str", filtered, v, replay + ["--row-gate", "hard"])))
+            rows[f"filter (<= {a.filter_above:g}) + STR + replay {R:g}, lambda {lam:g} (chosen)"] = (name, lam)
         if "sft_replay" in want:
             name = f"sft_replay{R:g}"
             res[name] = self.stage(name, fine_tune("sft", cache, None, replay))
@@ -500,7 +507,7 @@ class Study:
 # row groups --rows can name; each runs its own fine-tunes (and the tuning rule's), after the shared stages
 NEIGHBOURS = ("str", "constrained-sft", "asft", "toss")
 GROUPS = ("pact_default", "pact-rest_default", "pact_paper", "pact-rest_paper") + NEIGHBOURS + (
-    "pact-rest-ref", "filter", "sft_replay", "str_gate_replay", "benign_sft", "benign_sft_replay", "benign_str_gate_replay", "original")
+    "pact-rest-ref", "filter", "sft_replay", "str_gate_replay", "filter_str_replay", "benign_sft", "benign_sft_replay", "benign_str_gate_replay", "original")
 
 
 def main():

@@ -103,6 +103,9 @@ class TrainConfig:
     merge: bool = opt(False, "also write OUT/merged, the base model with the adapter merged in")
     device: str = opt("auto", "auto, cpu or cuda")
     progress: bool = opt(True, "no progress bar", negate="--no-progress")
+    report_to: str = opt("none", "also write metrics.jsonl's scalars as TensorBoard events in OUT/tensorboard, live, from rank 0 "
+                         "(needs pip install 'pact-cache[tensorboard]'); none: only metrics.jsonl",
+                         choices=lambda: ["none", "tensorboard"])
     plot: bool = opt(True, "write OUT/loss.png at the end", cli=False)
 
     REPLAY_RATIO = 0.05  # --replay-ratio when --replay is given alone
@@ -120,7 +123,7 @@ class TrainConfig:
     # settings that may differ between a run and its resumption; the cache is compared by its id,
     # not by the path typed, so a run resumes from another folder or working directory
     RESUMABLE = ("resume", "max_steps", "progress", "save_every", "plot", "merge", "cache", "out", "cache_pin", "storage_options",
-                 "replay")
+                 "replay", "report_to")
     # what config.json records beside the fields (ignored when it is read back as --config)
     RECORD_ONLY = ("processes", "cache_id", "replay_cache_id")
 

@@ -241,6 +241,7 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", config_record(cfg, cache.cache_id, ranks.world, replay_id))
         metrics_path.write_text("")
+    board = open_board(out, step) if cfg.report_to == "tensorboard" and ranks.main else None
     ddp_model = ranks.wrap(model, device)  # rank 0's weights are broadcast to all
     if ranks.world > 1 and ranks.main:
         _log(f"data-parallel on {ranks.world} processes ({device.split(':')[0]}): {cfg.batch_size} rows per process, "
@@ -315,6 +316,10 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         if ranks.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if board is not None:
+                for key, value in rec.items():
+                    if key != "step":
+                        board.add_scalar(f"train/{key}", value, step)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", **({method.metric: f"{rec[method.metric]:.4f}"} if method.metric else {}),
                         tok_s=f"{n_window / dt:.0f}")
         bar.update(1)
@@ -323,6 +328,8 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
                                                                     "tokens_total": tokens_total, "cache_id": cache.cache_id})
             last_saved = step
     bar.close()
+    if board is not None:
+        board.close()
     if step == 0:
         raise TrainError(f"{cfg.cache}: no batch could be made")
     final = out / ("model" if cfg.full else "adapter")
@@ -345,6 +352,17 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         plot_metrics(metrics_path, out / "loss.png", method.metric)
     ranks.barrier()
     return {"out": str(out), "steps": step, "seconds": time.time() - t_run, "final": str(final)}
+
+
+def open_board(out: Path, step: int):
+    """A TensorBoard writer on ``OUT/tensorboard`` (flushed every few seconds, so the curves are live);
+    on a resume, events after ``step`` (the lost part of the run) are dropped, as metrics.jsonl's lines are."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainError("--report-to tensorboard: the tensorboard package is not installed; pip install "
+                         "'pact-cache[tensorboard]' (or leave --report-to none)") from None
+    return SummaryWriter(str(out / "tensorboard"), purge_step=step or None, flush_secs=5)
 
 
 def plot_metrics(metrics_path: Path, png: Path, metric: str | None = None) -> None:

@@ -357,3 +357,22 @@ def test_pact_train_token_mask(tiny_model, scored, tmp_path, capsys):
     assert "has no token scores for --token-mask" in capsys.readouterr().err
     assert train_main(["--model", tiny_model, "--cache", out, "-o", str(tmp_path / "y"), "--token-mask", "1", "--no-progress"]) != 0
     assert "--token-mask" in capsys.readouterr().err
+
+
+def test_report_to_tensorboard_writes_the_metrics_scalars(tiny_model, caches, tmp_path):
+    """--report-to tensorboard: OUT/tensorboard holds, per step, the same scalars as metrics.jsonl
+    (read back with TensorBoard's own reader)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train(cfg(tiny_model, caches["q8"], out, report_to="tensorboard", max_steps=3, save_every=2))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    recs = metrics(out)
+    assert {f"train/{k}" for k in recs[0] if k != "step"} <= set(events.Tags()["scalars"])
+    for key in ("loss", "ce", "pact_kl", "lr", "grad_norm"):
+        got = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
+        assert [s for s, _ in got] == [r["step"] for r in recs]
+        assert [v for _, v in got] == pytest.approx([r[key] for r in recs], rel=1e-6)
+    assert json.loads((out / "config.json").read_text())["report_to"] == "tensorboard"

@@ -4,7 +4,7 @@ One table, :data:`REF_COLUMNS`, says what the reference gives per response step;
 is derived from it: the Parquet schema of a part and each blob's exact size (:mod:`pact_cache.format`),
 encoding in the builder, decoding and value checks in the reader, ``CacheRow.ref`` and
 ``Batch.ref`` (keyed by the column's name), the Trainer collator's ``pact_<name>`` keys, and the
-decoded Arrow/Polars views. A method (:mod:`trainer.losses`) asks for columns by name.
+decoded Arrow/Polars views. A method (:mod:`pact_train.losses`) asks for columns by name.
 
 Adding a column is one row here plus its producer (what the build computes, ``RowResult.ref``) and
 its consumer (the method that reads ``Steps.ref[name]``); a stored column is a format change

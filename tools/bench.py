@@ -119,7 +119,7 @@ def bench_build(a) -> dict:
 def bench_storage(a) -> dict:
     from pact_cache.format import open_cache
     from pact_cache.report import cache_info
-    from trainer.losses import PactParams, pact_kl
+    from pact_train.losses import PactParams, pact_kl
 
     cache = open_cache(a.cache)
     info = cache_info(cache)
@@ -210,8 +210,8 @@ def _train_child(a) -> None:
     import resource
     import tempfile
 
-    import trainer.loop  # noqa: F401  (imports first, so the baseline includes the libraries)
-    from trainer.loop import TrainConfig, train
+    import pact_train.loop  # noqa: F401  (imports first, so the baseline includes the libraries)
+    from pact_train.loop import TrainConfig, train
 
     import transformers.trainer  # noqa: F401  (the same libraries in every variant: comparable baselines)
     try:
@@ -224,7 +224,7 @@ def _train_child(a) -> None:
         base, *mods = a.variant.split("+")  # "str+gate+replay": a method with --row-gate hard and/or --replay
         method, reference = {"online": ("pact", "online"), "trl-sft": ("sft", "cache"), "toss": ("sft", "cache"),
                              "trainer-pact": ("pact", "cache")}.get(base, (base, "cache"))  # else a method's name
-        from trainer.losses import METHODS
+        from pact_train.losses import METHODS
 
         direction = a.direction if method in METHODS and METHODS[method].penalty is not None else None
         cfg = TrainConfig(model=a.model, cache=a.cache, out=f"{tmp}/run", method=method, reference=reference, direction=direction,
@@ -258,8 +258,8 @@ def _trainer_run(variant: str, cfg, device: str, tmp: str) -> tuple[list[float],
     from transformers import TrainerCallback, TrainingArguments
 
     from pact_cache.format import open_cache
-    from trainer.hf import PactCollator, PactTrainer, hf_iterable_dataset
-    from trainer.loop import load_policy
+    from pact_train.hf import PactCollator, PactTrainer, hf_iterable_dataset
+    from pact_train.loop import load_policy
 
     torch.manual_seed(cfg.seed)
     model, tok, _ = load_policy(cfg, device)
@@ -331,7 +331,7 @@ def bench_train(a) -> dict:
     """Each variant in its own process (peak memory is per process), in the order sft, pact, online,
     ``--repeats`` times; step times are pooled over the repeats after ``--warmup`` steps of each run
     (new batch shapes make the first steps slow on CUDA)."""
-    from trainer.losses import METHODS
+    from pact_train.losses import METHODS
 
     others = [m for m in METHODS if m not in ("sft", "pact") and not (a.full and METHODS[m].penalty is not None)]
     with tempfile.TemporaryDirectory() as tmp:

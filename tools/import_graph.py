@@ -1,4 +1,4 @@
-"""Print the import graph of pact_cache and trainer (every import, at module level or inside a
+"""Print the import graph of pact_cache and pact_train (the trainer/ folder; every import, at module level or inside a
 function) and any cycle in it; exit 1 when there is one.
 
     python tools/import_graph.py
@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pact_cache", "trainer")
+PACKAGES = {"pact_cache": "pact_cache", "pact_train": "trainer"}  # import name -> folder
 
 
 def module_name(path: Path) -> str:
     rel = path.relative_to(ROOT).with_suffix("")
     parts = list(rel.parts)
+    parts[0] = {folder: name for name, folder in PACKAGES.items()}[parts[0]]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -37,7 +38,7 @@ def imports(path: Path, name: str) -> set[str]:
 
 
 def main() -> int:
-    files = {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py")}
+    files = {module_name(p): p for pkg in PACKAGES.values() for p in (ROOT / pkg).glob("*.py")}
     graph = {m: sorted(t for t in imports(p, m) if t in files and t != m and not t.endswith("__init__")
                        and t not in PACKAGES) for m, p in files.items()}
     for m in sorted(graph):

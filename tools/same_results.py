@@ -28,7 +28,7 @@ from conftest import CHAT_ROWS, make_tiny_model, write_jsonl
 import pact_cache
 assert pact_cache.__file__.startswith(root), pact_cache.__file__
 from pact_cache.build import BuildConfig, build
-from trainer.loop import TrainConfig, train
+from pact_train.loop import TrainConfig, train
 def metrics(run):
     return [{k: v for k, v in json.loads(l).items() if k != "step_time_s"} for l in (run / "metrics.jsonl").read_text().splitlines()]
 model = str(make_tiny_model(out / "model"))

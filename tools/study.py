@@ -192,9 +192,9 @@ class Study:
         res = {}
 
         def align_data(d):
-            from trainer.evaluate import generate, load_eval_model
+            from pact_train.evaluate import generate, load_eval_model
 
-            from trainer.evaluate import KeywordJudge
+            from pact_train.evaluate import KeywordJudge
 
             # Benign rows are the original model's own non-refusing answers (self-distillation): they keep it
             # answering benign requests, including sentiment questions like the benign evaluation's, without
@@ -377,7 +377,7 @@ class Study:
         replay = ["--replay", out / "replay_cache" / "cache", "--replay-ratio", R]
         if any(g.endswith("replay") for g in want):
             def replay_data(d):
-                from trainer.evaluate import KeywordJudge, generate, load_eval_model
+                from pact_train.evaluate import KeywordJudge, generate, load_eval_model
 
                 model, tok, device = load_eval_model(str(aligned))
                 prompts = [json.loads(line)["prompt"] for line in self.files["replay_prompts"].read_text().splitlines()]

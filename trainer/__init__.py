@@ -1,1 +1,9 @@
-"""The online side: a lean single-model PACT trainer that streams a pact-cache."""
+"""The online side: a lean single-model PACT trainer that streams a pact-cache.
+
+Installed under the import name ``pact_train`` (the folder is ``trainer/``): ``import pact_train``,
+``python -m pact_train``. A top-level ``trainer`` would collide with PyPI's ``trainer`` package.
+"""
+
+if __name__ != "pact_train":  # imported from the repository folder under its old name
+    raise ImportError(f"this package is imported as pact_train, not {__name__}: `import pact_train`, `python -m pact_train` "
+                      "(install the project: pip install -e .)")

@@ -1,4 +1,4 @@
-"""``pact-train``: a thin command line over :func:`trainer.loop.train`."""
+"""``pact-train``: a thin command line over :func:`pact_train.loop.train`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .loop import train
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """pact-train's parser (generated from :class:`trainer.config.TrainConfig`)."""
+    """pact-train's parser (generated from :class:`pact_train.config.TrainConfig`)."""
     from .config import build_parser as generated
 
     return generated(OneLineParser)

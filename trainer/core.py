@@ -1,9 +1,9 @@
 """The loss core: one micro-batch of a training stack's model -> ``(CE sum, method term sum)``.
 
-Shared by pact-train's loop (:mod:`trainer.loop`) and the Trainer integration (:mod:`trainer.hf`),
+Shared by pact-train's loop (:mod:`pact_train.loop`) and the Trainer integration (:mod:`pact_train.hf`),
 so that both compute the same numbers: the model is called once, through whatever wraps it; the
 decoder's last hidden state is projected at the response positions only, by the model's own
-projection (:mod:`pact_cache.projection`), a chunk at a time; the method (:mod:`trainer.losses`)
+projection (:mod:`pact_cache.projection`), a chunk at a time; the method (:mod:`pact_train.losses`)
 turns the policy's values and the reference's into its term. Also here: the online reference (the
 paper's way: a live reference model computes the cache's columns) and the LoRA factors a parameter
 penalty reads (AsFT).
@@ -150,7 +150,7 @@ def online_reference(ref, batch: Batch, header: list[int], ids: torch.Tensor) ->
 def lora_direction_factors(model, direction) -> list:
     """``(A, B, P, norm)`` for every LoRA module of ``model``, with ``P`` and ``norm`` from a
     :class:`pact_cache.direction.Direction` (moved to the module's device): what a method's
-    ``penalty`` takes (:func:`trainer.losses.asft_penalty`). ``A`` and ``B`` are the live parameters."""
+    ``penalty`` takes (:func:`pact_train.losses.asft_penalty`). ``A`` and ``B`` are the live parameters."""
     from pact_cache.direction import DirectionError
 
     out, missing = [], []

@@ -1,9 +1,9 @@
 """Data-parallel pact-train on torch.distributed: one process per GPU (or per CPU share, gloo).
 
-``torchrun --nproc-per-node N -m trainer ...`` and ``accelerate launch --multi_gpu -m trainer ...``
+``torchrun --nproc-per-node N -m pact_train ...`` and ``accelerate launch --multi_gpu -m pact_train ...``
 start N copies of pact-train with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous
 address in the environment; :func:`setup` joins the process group from them (NCCL on CUDA, gloo on
-CPU). What each rank does is decided in :func:`trainer.loop.train`:
+CPU). What each rank does is decided in :func:`pact_train.loop.train`:
 
 * every rank reads the same seeded row order and takes the rows ``rank, rank + N, ...`` of each
   global micro-batch of ``batch_size * N`` rows, so the shares are disjoint, deterministic, and

@@ -12,7 +12,7 @@ Three pieces, each usable alone:
   response tokens, so that ``num_items_in_batch`` counts response tokens);
 * :class:`PactTrainerMixin`, whose ``compute_loss`` pops the ``pact_*`` tensors before the model
   sees the inputs and computes the loss with the same core as pact-train
-  (:func:`trainer.core.policy_losses`): ``(CE sum + lambda * method term sum) / num_items_in_batch``,
+  (:func:`pact_train.core.policy_losses`): ``(CE sum + lambda * method term sum) / num_items_in_batch``,
   i.e. token-weighted over the whole accumulation window (and over all processes when
   ``average_tokens_across_devices``), as pact-train's loop is. :class:`PactTrainer` is the mixin on
   ``transformers.Trainer``; put the mixin first on any other ``Trainer`` subclass.
@@ -58,7 +58,7 @@ class CacheDataset(IterableDataset):
             raise PactError(f"{self.cache.url}: the cache holds no rows; rebuild it from a non-empty dataset")
         self.shuffle, self.seed, self.buffer_rows, self.epoch = shuffle, seed, buffer_rows, 0
         self.shard_by_rank = shard_by_rank  # False when the training stack shards by rank itself (accelerate)
-        # pact-train --replay: after each row of this cache, the replay rows then due (trainer.stream.Replay)
+        # pact-train --replay: after each row of this cache, the replay rows then due (pact_train.stream.Replay)
         self.replay = None
         if replay is not None:
             rc = replay if isinstance(replay, Cache) else open_cache(replay, storage_options=storage_options)
@@ -124,15 +124,15 @@ class PactCollator:
     """Pads rows (``{"row": CacheRow}`` items, or CacheRows) into the model's inputs plus ``pact_*`` targets.
     ``token_mask`` (:func:`pact_cache.score.cache_token_mask` of a scored cache) leaves TOSS's
     selected tokens out of the CE, as ``pact-train --token-mask`` does; ``row_gate``
-    (:class:`trainer.stream.RowGate`, ``RowGate.of_cache(cache, "hard", 0.9)``) weighs each row's
+    (:class:`pact_train.stream.RowGate`, ``RowGate.of_cache(cache, "hard", 0.9)``) weighs each row's
     term, as ``pact-train --row-gate`` does (``pact_row_gate``; ones without a gate); ``replay_term``
-    (``both``, ``ce`` or ``term``, :data:`trainer.stream.REPLAY_TERMS`) is what the rows of a
+    (``both``, ``ce`` or ``term``, :data:`pact_train.stream.REPLAY_TERMS`) is what the rows of a
     ``CacheDataset(replay=...)`` get, as ``pact-train --replay-term`` (``pact_ce_weight``)."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, token_mask=None, row_gate=None, replay_term: str = "both"):
         if pad_token_id is None or isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
             raise PactError(f"PactCollator(pad_token_id={pad_token_id!r}): needs a token id >= 0; a tokenizer without a pad "
-                            "token (tok.pad_token_id is None) can pad with any id: pass trainer.hf.pad_id_for(tok) (its "
+                            "token (tok.pad_token_id is None) can pad with any id: pass pact_train.hf.pad_id_for(tok) (its "
                             "end-of-sequence token); padding is masked out of attention and loss")
         if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
             raise PactError(f"PactCollator(pad_to_multiple_of={pad_to_multiple_of!r}): must be an integer >= 1")

@@ -150,7 +150,7 @@ def lr_at(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> floa
 
 def train(cfg: TrainConfig) -> dict:
     """One run; as one process, or as one rank of a torchrun / accelerate launch job (see
-    :mod:`trainer.distributed`: disjoint row shares, token-weighted gradients, rank 0 writes)."""
+    :mod:`pact_train.distributed`: disjoint row shares, token-weighted gradients, rank 0 writes)."""
     check_config(cfg)
     ranks, device = setup(cfg.device)
     try:

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from pact_cache.cli import build_parser as cache_parser
-from trainer.cli import build_eval_parser, build_parser as train_parser
+from pact_train.cli import build_eval_parser, build_parser as train_parser
 
 
 def parsers():
@@ -45,7 +45,7 @@ def test_every_registered_command_answers_help(capsys):
 
 
 def test_module_entry_points_answer_help():
-    for mod in ("pact_cache", "trainer"):
+    for mod in ("pact_cache", "pact_train"):
         out = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage:" in out.stdout
 
@@ -53,9 +53,29 @@ def test_module_entry_points_answer_help():
 def test_every_command_answers_version(capsys):
     from pact_cache import __version__
     from pact_cache.cli import main as cache_main
-    from trainer.cli import main as train_main, main_eval
+    from pact_train.cli import main as train_main, main_eval
 
     for prog, main in (("pact-cache", cache_main), ("pact-train", train_main), ("pact-eval", main_eval)):
         with pytest.raises(SystemExit) as e:
             main(["--version"])
         assert e.value.code == 0 and capsys.readouterr().out.strip() == f"{prog} {__version__}"
+
+
+def test_installs_beside_coquis_trainer_package(tmp_path):
+    """PyPI's `trainer` (Coqui's, which TTS installs) and pact-train in one environment: a stand-in
+    top-level `trainer` package on the path, and both import, from outside the repository; and the
+    repository folder imported under the old name says what to import instead."""
+    import os
+
+    stand_in = tmp_path / "site" / "trainer"
+    stand_in.mkdir(parents=True)
+    (stand_in / "__init__.py").write_text("WHO = 'coqui'\n")
+    code = ("import trainer, pact_train, pact_train.loop, pact_train.hf; assert trainer.WHO == 'coqui'; "
+            "import sys; assert not [m for m in sys.modules if m == 'trainer.loop']; print('both')")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "both", out.stderr[-2000:]
+    from conftest import ROOT
+
+    old = subprocess.run([sys.executable, "-c", "import trainer"], capture_output=True, text=True, cwd=ROOT)
+    assert old.returncode != 0 and "imported as pact_train" in old.stderr

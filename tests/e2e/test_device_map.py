@@ -11,7 +11,7 @@ import torch
 from pact_cache.build import reference_logprobs
 from pact_cache.cli import main
 from pact_cache.models import load_model, placement, resolve_model
-from trainer.cli import main_eval
+from pact_train.cli import main_eval
 
 from conftest import CHAT_ROWS, write_jsonl
 

@@ -9,7 +9,7 @@ import torch
 from pact_cache.build import BuildConfig, build
 from pact_cache.columns import q8_bound
 from pact_cache.format import open_cache
-from trainer.losses import PactParams, pact_kl
+from pact_train.losses import PactParams, pact_kl
 
 from conftest import naive_reference, write_jsonl
 
@@ -117,7 +117,7 @@ def test_info_reports_bytes_per_step(built, capsys):
 def test_pact_train_cached_equals_online_on_real_rows(built, embedded_model, tmp_path):
     """Same batches, same seed: CE identical, KL from an f32 cache equal to the live reference's,
     KL from the q8 cache within its measured error (largest where the policy equals the reference)."""
-    from trainer.loop import TrainConfig, train
+    from pact_train.loop import TrainConfig, train
 
     q8, f32 = built
     runs = {}

@@ -18,7 +18,7 @@ from pact_cache.build import BuildConfig, build
 from pact_cache.cli import main as cache_main
 from pact_cache.format import MANIFEST, open_cache
 from pact_cache.storage import Location
-from trainer.cli import main as train_main
+from pact_train.cli import main as train_main
 
 from conftest import CHAT_ROWS, ROOT, write_jsonl
 
@@ -250,7 +250,7 @@ def test_store_mistakes_are_one_line_with_the_fix_and_no_secret(s3, tmp_path):
     ]
     for extra_env, opts, needle in cases:
         for prog, args in (("pact-cache", ["-m", "pact_cache", "info", f"s3://{BUCKET}/nothing-here"]),
-                           ("pact-train", ["-m", "trainer", "--model", "m", "--cache", f"s3://{BUCKET}/nothing-here", "-o", str(tmp_path / "r")])):
+                           ("pact-train", ["-m", "pact_train", "--model", "m", "--cache", f"s3://{BUCKET}/nothing-here", "-o", str(tmp_path / "r")])):
             res = subprocess.run([sys.executable, *args, *opts], env={**env, **extra_env}, capture_output=True, text=True, timeout=120)
             lines = [l for l in res.stderr.splitlines() if l.startswith(prog)]
             assert res.returncode == 1 and len(lines) == 1 and needle in lines[0], (prog, opts, res.stderr[-1500:])

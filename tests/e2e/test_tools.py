@@ -11,7 +11,7 @@ import torch
 from pact_cache.build import BuildConfig, build
 from pact_cache.models import load_tokenizer, resolve_model, tokenizer_fingerprint
 from pact_cache.score import score_cache
-from trainer.losses import METHODS
+from pact_train.losses import METHODS
 
 from conftest import CHAT_ROWS, ROOT, write_jsonl
 

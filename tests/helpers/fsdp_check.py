@@ -12,9 +12,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from pact_cache.format import open_cache
-from trainer.loop import TrainConfig, load_policy, policy_losses
-from trainer.losses import LossParams
-from trainer.stream import collate
+from pact_train.loop import TrainConfig, load_policy, policy_losses
+from pact_train.losses import LossParams
+from pact_train.stream import collate
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

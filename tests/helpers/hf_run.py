@@ -10,9 +10,9 @@ import torch
 from transformers import TrainingArguments
 
 from pact_cache.format import open_cache
-from trainer.hf import CacheDataset, PactCollator, PactTrainer
-from trainer.loop import TrainConfig, load_policy
-from trainer.losses import LossParams
+from pact_train.hf import CacheDataset, PactCollator, PactTrainer
+from pact_train.loop import TrainConfig, load_policy
+from pact_train.losses import LossParams
 
 model_path, cache_path, out, batch, accum, steps = sys.argv[1:7]
 torch.manual_seed(0)

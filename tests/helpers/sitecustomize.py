@@ -9,7 +9,7 @@ import os
 import signal
 
 if os.environ.get("RANK") is not None and os.environ.get("PACT_TEST_KILL_AT"):
-    import trainer.checkpoint as _ck
+    import pact_train.checkpoint as _ck
 
     _pids = os.environ["PACT_TEST_PIDS"]
     with open(os.path.join(_pids, os.environ["RANK"]), "w") as _f:

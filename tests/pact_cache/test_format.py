@@ -16,7 +16,7 @@ from pact_cache.columns import q8_bound
 from pact_cache.errors import CacheError
 from pact_cache.format import ENCODINGS, open_cache, write_part
 from pact_cache.storage import sha256_path
-from trainer.cli import main as train_main
+from pact_train.cli import main as train_main
 
 from conftest import edit_manifest, random_cache, random_rows, row_result, write_manifest
 from hostile import _ids_with, cli, one_line, rewrite_part, run_with_deadline, set_column, snapshot

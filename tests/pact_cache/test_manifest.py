@@ -17,7 +17,7 @@ from pact_cache.columns import q8_bound
 from pact_cache.errors import CacheError
 from pact_cache.format import ENCODINGS, MANIFEST, open_cache
 from pact_cache.typedjson import hash_identity
-from trainer.cli import main as train_main
+from pact_train.cli import main as train_main
 
 from conftest import edit_manifest, random_cache, write_jsonl
 from hostile import cli, one_line, snapshot

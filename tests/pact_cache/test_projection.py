@@ -12,8 +12,8 @@ from pact_cache.cli import main as cache_main
 from pact_cache.format import open_cache
 from pact_cache.models import load_model, resolve_model
 from pact_cache.projection import Projection, ProjectionError, check_projection
-from trainer.loop import TrainConfig, train
-from trainer.losses import PactParams, pact_kl
+from pact_train.loop import TrainConfig, train
+from pact_train.losses import PactParams, pact_kl
 
 from conftest import ARCHS, CHAT_ROWS, make_tiny_model, naive_reference, write_jsonl
 
@@ -132,7 +132,7 @@ def test_a_head_the_projection_does_not_reproduce_stops_with_one_line(tmp_path, 
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-cache")]
     assert rc == 1 and len(err) == 1 and "Gemma2ForCausalLM" in err[0] and "own forward" in err[0], err
     assert not (tmp_path / "c" / "manifest.json").exists()
-    from trainer.cli import main as train_main
+    from pact_train.cli import main as train_main
 
     monkeypatch.undo()
     good = build(BuildConfig(str(data), str(model_dir), str(tmp_path / "good"), tokens=str(tokens), progress=False)).out
@@ -147,7 +147,7 @@ def test_the_trainer_integration_checks_the_projection_at_construction(tmp_path,
     from transformers import Trainer, TrainingArguments
 
     import pact_cache.projection as projection
-    from trainer.hf import CacheDataset, PactCollator, make_trainer_class
+    from pact_train.hf import CacheDataset, PactCollator, make_trainer_class
 
     model_dir = make_tiny_model(tmp_path / "m", arch="cohere")
     data = write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS[:4])

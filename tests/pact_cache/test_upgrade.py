@@ -7,7 +7,7 @@ import shutil
 
 from pact_cache.cli import main as cache_main
 from pact_cache.format import MANIFEST
-from trainer.cli import main as train_main
+from pact_train.cli import main as train_main
 
 from hostile import cli, one_line
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.cli import main as train_main
+from pact_train.cli import main as train_main
 
 from hostile import cli, one_line, snapshot
 

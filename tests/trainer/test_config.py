@@ -6,9 +6,9 @@ from dataclasses import fields
 
 import pytest
 
-from trainer.cli import main as train_main
-from trainer.config import TrainConfig, TrainError, check_config, parse_config
-from trainer.losses import PactParams
+from pact_train.cli import main as train_main
+from pact_train.config import TrainConfig, TrainError, check_config, parse_config
+from pact_train.losses import PactParams
 
 from hostile import one_line
 

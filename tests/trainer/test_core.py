@@ -6,10 +6,10 @@ import torch
 from pact_cache.format import open_cache
 from pact_cache.projection import Projection
 from pact_cache.score import cache_token_mask
-from trainer.core import chunked_projection
-from trainer.loop import policy_losses
-from trainer.losses import LossParams
-from trainer.stream import collate
+from pact_train.core import chunked_projection
+from pact_train.loop import policy_losses
+from pact_train.losses import LossParams
+from pact_train.stream import collate
 
 
 def naive_target_logprobs(logits, targets):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.distributed import Ranks
-from trainer.loop import TrainConfig, TrainError, train
+from pact_train.distributed import Ranks
+from pact_train.loop import TrainConfig, TrainError, train
 
 from conftest import HELPERS
 
@@ -49,7 +49,7 @@ def launcher(nproc: int = 2) -> list[str]:
 
 
 def torchrun(args: list[str], env: dict | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [*launcher(nproc), "-m", "trainer", *args]
+    cmd = [*launcher(nproc), "-m", "pact_train", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
@@ -175,7 +175,7 @@ def test_accelerate_launch_runs_the_same_job(setup, one_and_two, tmp_path):
         pytest.skip("accelerate's launcher is not installed next to this Python")
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--main_process_port", str(free_port()),
-           "--dynamo_backend", "no", "-m", "trainer", *args, "--batch-size", "1", "-o", str(tmp_path / "acc")]
+           "--dynamo_backend", "no", "-m", "pact_train", *args, "--batch-size", "1", "-o", str(tmp_path / "acc")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert "data-parallel on 2 processes" in res.stderr
@@ -187,7 +187,7 @@ def test_accelerate_launch_runs_the_same_job(setup, one_and_two, tmp_path):
                                           ({"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK=''")])
 def test_a_broken_launcher_environment_is_one_line(env, message, monkeypatch):
     from pact_cache.errors import PactError
-    from trainer.distributed import ranks_from_env
+    from pact_train.distributed import ranks_from_env
 
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)

@@ -10,8 +10,8 @@ import torch
 from pact_cache.build import BuildConfig, build
 from pact_cache.format import open_cache
 from pact_cache.models import load_model, load_tokenizer, resolve_model
-from trainer import evaluate as ev
-from trainer.cli import main_eval
+from pact_train import evaluate as ev
+from pact_train.cli import main_eval
 
 from conftest import CHAT_ROWS, make_tiny_model, write_jsonl
 from hostile import one_line

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from pact_cache.format import open_cache
-from trainer.cli import main as train_main
-from trainer.hf import PactCollator
-from trainer.loop import TrainConfig, train
-from trainer.losses import METHODS, LossParams, PactParams, Steps
-from trainer.stream import RowGate, collate
+from pact_train.cli import main as train_main
+from pact_train.hf import PactCollator
+from pact_train.loop import TrainConfig, train
+from pact_train.losses import METHODS, LossParams, PactParams, Steps
+from pact_train.stream import RowGate, collate
 
 from conftest import masses_cache
 from hostile import one_line

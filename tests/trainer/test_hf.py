@@ -10,10 +10,10 @@ from pact_cache.direction import read_direction
 from pact_cache.format import open_cache
 from pact_cache.models import resolve_model
 from pact_cache.score import cache_token_mask
-from trainer.hf import CacheDataset, PactCollator, make_trainer_class
-from trainer.loop import TrainConfig, load_policy, policy_losses, train
-from trainer.losses import LossParams, asft_penalty
-from trainer.stream import collate
+from pact_train.hf import CacheDataset, PactCollator, make_trainer_class
+from pact_train.loop import TrainConfig, load_policy, policy_losses, train
+from pact_train.losses import LossParams, asft_penalty
+from pact_train.stream import collate
 
 from conftest import ROOT
 
@@ -113,7 +113,7 @@ def test_trl_sft_trainer_runs_pact_from_the_cache(tiny_model, cache, tmp_path):
     """TRL's SFTTrainer with the mixin: the cache as a datasets.IterableDataset, dataset preparation
     skipped; the first logged loss (before any update) is pact-train's first step's loss."""
     trl = pytest.importorskip("trl")
-    from trainer.hf import hf_iterable_dataset
+    from pact_train.hf import hf_iterable_dataset
 
     train(TrainConfig(model=tiny_model, cache=str(cache), out=str(tmp_path / "pt"), batch_size=4, grad_accum=2, max_steps=1,
                       shuffle=False, progress=False, plot=False, lora_dropout=0.0))
@@ -133,7 +133,7 @@ def test_trl_sft_trainer_runs_pact_from_the_cache(tiny_model, cache, tmp_path):
 
 
 def test_dataset_shards_by_rank_unless_the_stack_does(cache, monkeypatch):
-    import trainer.hf as hf
+    import pact_train.hf as hf
 
     every = [r.example_id for r in open_cache(cache).iter_rows()]
     shares = []
@@ -154,8 +154,8 @@ def test_trainer_asft_adds_the_penalty_once_per_optimizer_step(tiny_model, f32_c
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from pact_cache.format import open_cache
-    from trainer.hf import CacheDataset, PactCollator, PactTrainer
-    from trainer.losses import LossParams
+    from pact_train.hf import CacheDataset, PactCollator, PactTrainer
+    from pact_train.losses import LossParams
     from pact_cache.models import load_tokenizer
 
     torch.manual_seed(0)
@@ -173,7 +173,7 @@ def test_trainer_asft_adds_the_penalty_once_per_optimizer_step(tiny_model, f32_c
     trainer = PactTrainer(model=model, args=args, train_dataset=CacheDataset(cache, shuffle=False),
                           data_collator=PactCollator(tok.pad_token_id or 0), cache=cache,
                           loss_params=LossParams(method="asft", lam=2.0), direction=direction_file)
-    from trainer.loop import lora_direction_factors
+    from pact_train.loop import lora_direction_factors
 
     want = asft_penalty(lora_direction_factors(model, read_direction(direction_file))).item()
     trainer.train()
@@ -186,7 +186,7 @@ def test_trainer_asft_adds_the_penalty_once_per_optimizer_step(tiny_model, f32_c
 
 
 def test_trainer_collator_carries_the_token_mask(scored):
-    from trainer.hf import PactCollator
+    from pact_train.hf import PactCollator
 
     _, out = scored
     cache = open_cache(out)
@@ -205,7 +205,7 @@ def test_the_python_api_refuses_what_the_cli_refuses(cache, made, tmp_path):
     from types import SimpleNamespace
 
     from pact_cache.errors import PactError
-    from trainer.hf import pad_id_for
+    from pact_train.hf import pad_id_for
 
     from conftest import edit_manifest
 

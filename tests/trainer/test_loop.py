@@ -20,9 +20,9 @@ from pact_cache.build import BuildConfig, build
 from pact_cache.cli import main as cache_main
 from pact_cache.direction import read_direction
 from pact_cache.format import MANIFEST
-from trainer.cli import main as train_main
-from trainer.loop import TrainConfig, train
-from trainer.losses import asft_penalty
+from pact_train.cli import main as train_main
+from pact_train.loop import TrainConfig, train
+from pact_train.losses import asft_penalty
 
 from conftest import CHAT_ROWS, ROOT, edit_manifest, make_tiny_model, write_jsonl
 from hostile import cli, one_line
@@ -167,7 +167,7 @@ def test_sigkill_then_resume_logs_the_samemetrics(caches, tmp_path_factory, tmp_
     model = str(make_tiny_model(tmp_path_factory.mktemp("wide_train") / "model", hidden=128, layers=4))
     data = write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS * 6)
     cache = build(BuildConfig(str(data), model, str(tmp_path / "cache"), tokens=str(caches["tokens"]), rows_per_part=16, progress=False))
-    args = [sys.executable, "-m", "trainer", "--model", model, "--cache", str(cache.out), "--batch-size", "4", "--max-steps", "24",
+    args = [sys.executable, "-m", "pact_train", "--model", model, "--cache", str(cache.out), "--batch-size", "4", "--max-steps", "24",
             "--save-every", "3", "--lr", "1e-3", "--no-progress", "--seed", "3"]
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     subprocess.run(args + ["-o", str(tmp_path / "ref")], env=env, check=True, capture_output=True)
@@ -200,7 +200,7 @@ def test_two_epochs_cover_every_row_twice(tiny_model, caches, tmp_path):
 
 
 def test_lr_schedules():
-    from trainer.loop import lr_at
+    from pact_train.loop import lr_at
 
     c = TrainConfig(model="", cache="", out="", lr=1.0, warmup_steps=2, schedule="cosine")
     assert [lr_at(s, 10, 5, c) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
@@ -212,7 +212,7 @@ def test_lr_schedules():
 
 
 def test_lambda_does_not_apply_to_a_method_that_replaces_the_ce(tiny_model, caches, tmp_path):
-    from trainer.loop import TrainError
+    from pact_train.loop import TrainError
 
     with pytest.raises(TrainError, match="--lambda 2.0: does not apply to --method constrained-sft"):
         train(cfg(tiny_model, caches["f32"], tmp_path / "x", method="constrained-sft", lam=2.0))
@@ -220,7 +220,7 @@ def test_lambda_does_not_apply_to_a_method_that_replaces_the_ce(tiny_model, cach
 
 
 def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_writes_no_adapter(made, tmp_path, monkeypatch):
-    import trainer.loop as loop
+    import pact_train.loop as loop
     from pact_cache.errors import PactError
 
     real = loop.policy_losses
@@ -323,7 +323,7 @@ def test_pact_train_asft_logs_and_applies_the_penalty(tiny_model, f32_cache, dir
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from trainer.loop import lora_direction_factors
+    from pact_train.loop import lora_direction_factors
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(tmp_path / "big" / "adapter"))
     assert asft_penalty(lora_direction_factors(model, read_direction(direction_file))).item() == pytest.approx(mb[-1]["asft"], rel=0.5)

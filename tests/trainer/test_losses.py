@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trainer.losses import LossParams, METHODS, Method, PactParams, Steps, asft_penalty, method_named, pact_gate, pact_kl, pact_rest_kl, register, top_p_count
+from pact_train.losses import LossParams, METHODS, Method, PactParams, Steps, asft_penalty, method_named, pact_gate, pact_kl, pact_rest_kl, register, top_p_count
 
 
 def naive_asft(modules):
@@ -225,7 +225,7 @@ def test_pact_rest_ref_has_its_optimum_at_the_reference_and_pact_rest_does_not()
     """With the gate shut (tau <= 0, N = 0: the full view alone), gradient descent on the policy's
     K + 1 log-probs ends at the reference's own log-probs under pact-rest-ref; under pact-rest, whose
     target reweights S, the same descent ends away from them."""
-    from trainer.losses import pact_ref_kl
+    from pact_train.losses import pact_ref_kl
 
     p = PactParams(N=0, tau=0.0)
     ref = torch.log(torch.tensor([0.30, 0.05, 0.05, 0.02])).view(1, 1, 4)  # S holds 0.42

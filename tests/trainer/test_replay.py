@@ -8,12 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 from pact_cache.format import open_cache
-from trainer.cli import main as train_main
-from trainer.core import policy_losses
-from trainer.hf import CacheDataset, PactCollator
-from trainer.loop import TrainConfig, train
-from trainer.losses import LossParams
-from trainer.stream import Replay, ReplayRow, batches, collate
+from pact_train.cli import main as train_main
+from pact_train.core import policy_losses
+from pact_train.hf import CacheDataset, PactCollator
+from pact_train.loop import TrainConfig, train
+from pact_train.losses import LossParams
+from pact_train.stream import Replay, ReplayRow, batches, collate
 
 from conftest import CHAT_ROWS, build_f32_cache
 from hostile import one_line

@@ -6,7 +6,7 @@ import tracemalloc
 import numpy as np
 
 from pact_cache.format import CacheRow, ENCODINGS, open_cache, write_part
-from trainer.stream import batches, collate, epoch_rows
+from pact_train.stream import batches, collate, epoch_rows
 
 from conftest import row_result, write_manifest
 

@@ -26,6 +26,7 @@ from .manifest import (ALGORITHM, ALGORITHM_SCALED_HEAD, ENCODINGS, FORMAT, Buil
                        Reference, Tokenizer)
 from .typedjson import load_json
 from .projection import LOGITS_CHUNK_BYTES, check_projection, response_logprobs
+from .card import publish
 from .storage import Location, check_regular_file, is_tmp_name, json_bytes, sha256_stream, stale_tmp
 from .models import load_model, load_tokenizer, model_fingerprint, placement, resolve_model, tokenizer_fingerprint
 from .tokens import builtin_benign_path, builtin_refusals_path, load_benign, load_refusals, read_tokens, select_tokens
@@ -464,7 +465,7 @@ def build(cfg: BuildConfig) -> BuildResult:
     manifest = Manifest(FORMAT, "", __version__, Reference(model_fp["name"], model_fp["weights_sha256"], model_fp["path"], model_fp["revision"]),
                         tokenizer, tokens, DatasetInfo(ds_fp["sha256"], ds_fp["source"], tuple(ds_fp["files"])), params, enc,
                         counts, tuple(parts)).with_content_id()
-    loc.put_bytes(MANIFEST, json_bytes(manifest.to_json()))  # published last: readers see all of the cache or none
+    publish(loc, manifest)  # card, then the manifest last: readers see all of the cache or none
     for name in names:
         loc.remove(_entry_name(name))
     loc.remove(BUILD_STATE)

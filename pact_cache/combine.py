@@ -27,8 +27,8 @@ from . import __version__
 from .build import Reuse, row_key
 from .errors import OutputExistsError, PactError
 from .columns import REF_COLUMNS
-from .format import MANIFEST, RowResult, open_cache, write_part
-from .storage import json_bytes
+from .format import RowResult, open_cache, write_part
+from .card import publish
 from .manifest import FORMAT, Counts, DatasetInfo, Manifest
 from .typedjson import hash_identity
 from .storage import Location
@@ -68,7 +68,7 @@ def merge_caches(sources: list, out, rows_per_part: int | None = None, storage_o
         parts = _write_rows(loc, rows, first.encoding, identity.key(), per, sum(c.num_rows for c in caches), "merging", progress)
         m = Manifest(FORMAT, "", __version__, first.reference, first.tokenizer, first.tokens, dataset, build, first.encoding,
                      counts, tuple(parts)).with_content_id()
-        loc.put_bytes(MANIFEST, json_bytes(m.to_json()))
+        publish(loc, m)
     return m
 
 
@@ -155,7 +155,7 @@ def filter_cache(src, out, above: float, rows_per_part: int | None = None, stora
         counts = Counts(kept["rows"], kept["steps"], kept["tokens"], kept["truncated"], skipped, {})
         m = Manifest(FORMAT, "", __version__, m0.reference, m0.tokenizer, m0.tokens, dataset, build, m0.encoding,
                      counts, tuple(parts)).with_content_id()
-        loc.put_bytes(MANIFEST, json_bytes(m.to_json()))
+        publish(loc, m)
     return m, dropped
 
 

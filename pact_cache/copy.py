@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from .errors import CacheError, OutputExistsError
 from .format import MANIFEST, open_cache, read_manifest
-from .storage import check_regular_file, is_tmp_name, json_bytes, sha256_stream
+from .card import publish
+from .storage import check_regular_file, is_tmp_name, sha256_stream
 from .manifest import PART_NAME
 from .storage import COPY_BLOCK, Location
 
@@ -121,7 +122,7 @@ def copy_cache(src: Location, dst: Location, cache_id: str | None = None, progre
             copied += 1
             nbytes += part.bytes
         if not there:
-            dst.put_bytes(MANIFEST, json_bytes(m.to_json()))
+            publish(dst, m)
             dst.remove(COPY_STATE)
     finally:
         bar.close()

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CacheError, OutputExistsError, PactError
-from .format import MANIFEST, Cache, open_cache
-from .storage import is_tmp_name, json_bytes
+from .format import Cache, open_cache
+from .card import publish
+from .storage import is_tmp_name
 from .manifest import Manifest, ScoreFile, Scores
 from .storage import Location
 
@@ -133,7 +134,7 @@ def _write_scored(cache, dst: Location, models: dict, device, batch_size: int, p
         bar.close()
         m = replace(cache.manifest, scores=Scores(SCORE_ALGORITHM, models["degraded"][1], models["utility"][1], tuple(files)))
         m = m.with_content_id()
-        dst.put_bytes(MANIFEST, json_bytes(m.to_json()))  # published last: the folder is a cache only when whole
+        publish(dst, m)  # card, then the manifest last: the folder is a cache only when whole
     finally:
         bar.close()
         Location.drop_scratch(scratch)

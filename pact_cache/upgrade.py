@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import CacheError, OutputExistsError
 from .format import MANIFEST, Cache
+from .card import CARD, card_text
 from .storage import Location, atomic_write_json, check_regular_file, staged_dir
 from .manifest import (ALGORITHM, FORMAT, LEGACY_FORMATS, MANIFEST_MAX_BYTES, PART_NAME, BuildParams, Counts, DatasetInfo,
                        Encoding, Manifest, PartEntry, Reference, SafetyTokens, Tokenizer)
@@ -72,5 +73,6 @@ def upgrade(src: str, dst: str) -> Manifest:
             parts.append(PartEntry(part.name, part.rows, part.steps, part.bytes, part.sha256, found["rows_sha256"]))
         m = replace(legacy, parts=tuple(parts)).with_content_id()
         Manifest.parse(m.to_json(), f"{out}/{MANIFEST}")  # the new manifest obeys every rule
+        (tmp / CARD).write_text(card_text(m), encoding="utf-8")
         atomic_write_json(tmp / MANIFEST, m.to_json())
     return m

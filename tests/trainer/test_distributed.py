@@ -69,7 +69,7 @@ def one_and_two(setup):
     root, args = setup
     train(TrainConfig(model=args[1], cache=args[3], out=str(root / "one"), batch_size=2, grad_accum=3, lora_dropout=0.0, lr=1e-3,
                       warmup_steps=1, progress=False, plot=False))
-    res = torchrun(args + ["--batch-size", "1", "-o", str(root / "two")])
+    res = torchrun(args + ["--batch-size", "1", "-o", str(root / "two"), "--report-to", "tensorboard"])
     assert res.returncode == 0, res.stderr[-3000:]
     return root, res
 
@@ -97,6 +97,14 @@ def test_two_processes_follow_the_one_process_trajectory(one_and_two):
     # rank 0 alone writes: one metrics line per step, one config, one adapter
     assert json.loads((root / "two" / "config.json").read_text())["processes"] == 2
     assert "data-parallel on 2 processes" in res.stderr and res.stdout.count("steps in") == 1
+    # and one TensorBoard event file, rank 0's, with the logged steps
+    events = list((root / "two" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(root / "two" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [r["step"] for r in two]
 
 
 def test_resume_after_every_rank_is_killed(setup, one_and_two):

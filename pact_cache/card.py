@@ -31,10 +31,14 @@ def card_text(m: Manifest, rows: int | None = None) -> str:
     columns = [("example_id", "string", "the row's id: its index in the source and a digest of its messages"),
                ("input_ids", "list<int32>", "prompt (chat template) and response token ids"),
                ("response_start", "int32", "index of the first response token in input_ids")]
+    role = {"f32": "float32 values", "q": "q8 codes: the distance below the step's maximum, log1p-companded",
+            "top": "the step's maximum, uint16 fixed point"}
     for col in REF_COLUMNS:
         for name, (dtype, width) in stored(col, m.encoding).items():
             shape = "[n, K]" if width == "K" else "[n]"
-            columns.append((name, f"binary: {dtype} {shape}", f"{col.meaning}; {m.encoding.name}-coded"))
+            what = role["f32"] if name.endswith("_f32") else ("uint16 fixed point" if width == 1 and name.endswith("_q")
+                                                            else role[name.rsplit("_", 1)[1]])
+            columns.append((name, f"binary: {dtype} {shape}", f"{col.meaning} ({what})"))
     if m.scores is not None:
         columns.append(("(scores-*.parquet)", "binary: <f4 [n]", f"TOSS token scores ({m.scores.algorithm}), sidecar files"))
     lines = [
@@ -76,7 +80,7 @@ def card_text(m: Manifest, rows: int | None = None) -> str:
         "",
         "| column | type | meaning |",
         "| --- | --- | --- |",
-        *[f"| `{n}` | {t} | {d} |" for n, t, d in columns],
+        *[f"| `{n}` | {t} | {d.replace('|', chr(92) + '|')} |" for n, t, d in columns],  # a bare | would end the cell
         "",
         "Decoded float32 views: `pact_cache.open_cache(folder).to_arrow()` / `.to_polars()`; the byte "
         "layout is specified in pact-cache's docs/format.md.",

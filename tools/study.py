@@ -408,6 +408,13 @@ class Study:
             lam, name = tune("filter_str_replay", a.grid, lambda v: (f"filter_str_replay{R:g}_lam{v:g}",
                                                                  fine_tune("str", filtered, v, replay + ["--row-gate", "hard"])))
             rows[f"filter (<= {a.filter_above:g}) + STR + replay {R:g}, lambda {lam:g} (chosen)"] = (name, lam)
+        if "filter_sft_replay" in want:  # data only: the filter, then SFT with the replay rows
+            filtered = out / "filter_cache" / "cache"
+            res["filter_cache"] = self.stage("filter_cache", lambda d: run([
+                BIN / "pact-cache", "filter", cache, "--above", a.filter_above, "-o", filtered, "--no-progress"]) or {})
+            name = f"filter_sft_replay{R:g}"
+            res[name] = self.stage(name, fine_tune("sft", filtered, None, replay))
+            rows[f"filter (<= {a.filter_above:g}) + SFT + replay {R:g}"] = (name, None)
         if "sft_replay" in want:
             name = f"sft_replay{R:g}"
             res[name] = self.stage(name, fine_tune("sft", cache, None, replay))
@@ -507,7 +514,7 @@ class Study:
 # row groups --rows can name; each runs its own fine-tunes (and the tuning rule's), after the shared stages
 NEIGHBOURS = ("str", "constrained-sft", "asft", "toss")
 GROUPS = ("pact_default", "pact-rest_default", "pact_paper", "pact-rest_paper") + NEIGHBOURS + (
-    "pact-rest-ref", "filter", "sft_replay", "str_gate_replay", "filter_str_replay", "benign_sft", "benign_sft_replay", "benign_str_gate_replay", "original")
+    "pact-rest-ref", "filter", "sft_replay", "str_gate_replay", "filter_str_replay", "filter_sft_replay", "benign_sft", "benign_sft_replay", "benign_str_gate_replay", "original")
 
 
 def main():

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from .errors import CacheError, OutputExistsError
 from .format import MANIFEST, open_cache, read_manifest
-from .card import publish
+from .card import CARD, publish
 from .storage import check_regular_file, is_tmp_name, sha256_stream
 from .manifest import PART_NAME
 from .storage import COPY_BLOCK, Location
@@ -63,7 +63,7 @@ def _prepare(dst: Location, cache_id: str) -> None:
             state = {}
         if not isinstance(state, dict) or state.get("cache_id") != cache_id:
             raise OutputExistsError(f"{dst.display}: holds an unfinished copy of another cache; choose another destination")
-        strays = [n for n in names if n != COPY_STATE and not PART_NAME.fullmatch(n)]
+        strays = [n for n in names if n not in (COPY_STATE, CARD) and not PART_NAME.fullmatch(n)]  # the card goes up just before the manifest
         if strays:
             raise OutputExistsError(f"{dst.display}: holds {strays[0]}, which is not part of this cache; choose another destination")
 

@@ -95,13 +95,22 @@ def store_error(err: BaseException, options_hint: str = "--storage-option") -> s
         url = re.search(r'"([^"]+)"', msg)
         return (f"cannot reach the object store{' at ' + redact_url(url.group(1)) if url else ''} ({name}): check "
                 f"{options_hint} endpoint_url and that the server is up")
-    if isinstance(err, TypeError):
+    if isinstance(err, TypeError) and _raised_in_a_filesystem(err):  # not a TypeError of pact-cache's own code
         bad = re.search(r"unexpected keyword argument '([^']+)'", msg)
         if bad:
             return (f"unknown storage option {bad.group(1)!r}: the filesystem does not take it; check its spelling against the "
                     "filesystem's documentation (s3fs: key, secret, token, anon, endpoint_url, client_kwargs, config_kwargs, "
                     "requester_pays, default_block_size, ...)")
     return None
+
+
+def _raised_in_a_filesystem(err: BaseException) -> bool:
+    """Whether the innermost frame of ``err`` is in a filesystem or cloud-client library."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    return any(f"{os.sep}{lib}" in where for lib in ("fsspec", "s3fs", "gcsfs", "adlfs", "botocore", "aiobotocore", "huggingface_hub"))
 
 
 # ----------------------------------------------------------------------------- files

@@ -142,11 +142,11 @@ class Replay:
         if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
             raise PactError(f"{where} ratio {ratio}: must be a share of the rows in [0, 1)")
         differs = [what for what, x, y in (
-            ("reference weights", a.reference.weights_sha256, b.reference.weights_sha256),
-            ("tokenizer", a.tokenizer.sha256, b.tokenizer.sha256),
-            ("safety tokens", (a.tokens.ids, a.tokens.weights), (b.tokens.ids, b.tokens.weights))) if x != y]
+            ("another reference model", a.reference.weights_sha256, b.reference.weights_sha256),
+            ("another tokenizer", a.tokenizer.sha256, b.tokenizer.sha256),
+            ("other safety tokens", (a.tokens.ids, a.tokens.weights), (b.tokens.ids, b.tokens.weights))) if x != y]
         if differs:
-            raise PactError(f"{where} {cache.url}: holds another {differs[0]} than the fine-tuning cache; build it with the "
+            raise PactError(f"{where} {cache.url}: was built with {differs[0]} than the fine-tuning cache; build it with the "
                             "same --ref and --tokens as the fine-tuning cache")
         if cache.num_rows == 0:
             raise PactError(f"{where} {cache.url}: the cache holds no rows; build it from harmful prompts with refusals")

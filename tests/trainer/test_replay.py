@@ -124,7 +124,7 @@ def test_the_trainer_dataset_mixes_the_same_share(f32_cache, replay_cache):
 def test_replay_refusals(tiny_model, f32_cache, made, tmp_path, capsys):
     base = ("--model", tiny_model, "--cache", f32_cache, "-o", tmp_path / "r", "--no-progress", "--max-steps", 1)
     line = one_line(capsys, train_main, *base, "--replay", made["q8"])  # other safety tokens
-    assert f"--replay {made['q8']}: holds another safety tokens than the fine-tuning cache" in line
+    assert f"--replay {made['q8']}: was built with other safety tokens than the fine-tuning cache" in line
     line = one_line(capsys, train_main, *base, "--replay-ratio", "0.1")
     assert "--replay-ratio: applies to the rows of --replay CACHE" in line
     line = one_line(capsys, train_main, *base, "--replay", f32_cache, "--replay-ratio", "1", code=1)

@@ -43,9 +43,10 @@ def free_port() -> int:
 
 
 def launcher(nproc: int = 2) -> list[str]:
-    """torchrun on this machine with a rendezvous on a free port (instead of --standalone's)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
+    """torchrun on this machine, its store on a free port (static rendezvous: no c10d rendezvous
+    handler to shut down at exit, which --standalone uses)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}"]
 
 
 def torchrun(args: list[str], env: dict | None = None, nproc: int = 2) -> subprocess.CompletedProcess:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import CacheError
 from .manifest import Encoding
 
 
@@ -107,3 +108,37 @@ def decode(col: Column, blobs: dict[str, bytes], n: int, K: int, enc: Encoding) 
 def code_blobs(enc: Encoding) -> list[str]:
     """The stored q8 code blobs whose values are bounded by ``enc.max_code`` (K-wide columns' ``_q``)."""
     return [f"{c.name}_q" for c in REF_COLUMNS if c.per_step == "K"] if enc.name == "q8" else []
+
+
+# ----------------------------------------------------------------------------- declared sizes (bounded work on hostile files)
+
+DECLARED_SLACK = 1 << 16  # bytes per row group beside the payload: page headers, levels, statistics
+
+
+def declared_bounds(rows: int, steps: int, K: int, enc: Encoding, max_length: int | None, input_tokens: int) -> dict:
+    """The most each column of a part of ``rows`` rows and ``steps`` response steps can hold once
+    decompressed (Parquet's PLAIN encoding: 4 length bytes per value), by column name."""
+    tokens = rows * max_length if max_length else input_tokens
+    bounds = {"example_id": rows * (4 + 256), "input_ids": 4 * min(tokens, input_tokens) + rows * 8, "response_start": rows * 4}
+    bounds.update({name: size + rows * 4 for name, size in blob_sizes(steps, K, enc).items()})
+    return bounds
+
+
+def check_declared(md, where: str, bounds: dict) -> None:
+    """What a Parquet file's footer declares its columns decompress to, summed over its row
+    groups, against ``bounds`` (what the manifest's rows and steps can hold): checked before
+    anything is decompressed, so a small file that would inflate to gigabytes costs nothing."""
+    totals: dict = {}
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            name = col.path_in_schema.split(".")[0]
+            totals[name] = totals.get(name, 0) + max(int(col.total_uncompressed_size), 0)
+    slack = DECLARED_SLACK * max(md.num_row_groups, 1)
+    for name, total in totals.items():
+        limit = bounds.get(name, 0) + slack
+        if total > limit:
+            raise CacheError(f"{where}: column {name!r} declares {total:,} bytes once decompressed, more than the manifest's "
+                             f"rows and steps can hold ({limit:,}); refused before decompressing: the file is not what the "
+                             "manifest says, re-download or rebuild it")

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .columns import REF_COLUMNS, blob_names, blob_sizes, code_blobs, decode, encode
+from .columns import REF_COLUMNS, blob_names, blob_sizes, check_declared, code_blobs, declared_bounds, decode, encode
 from .columns import stored as blob_names_of
 from .errors import CacheError
 from .manifest import ENCODINGS  # noqa: F401  (re-exported: the encodings are part of the format)
@@ -68,18 +68,6 @@ def _row_bytes(example_id: str, input_ids, response_start: int) -> bytes:
 
 
 # ----------------------------------------------------------------------------- schema + writer
-
-DECLARED_SLACK = 1 << 16  # bytes per row group beside the payload: page headers, levels, statistics
-
-
-def declared_bounds(rows: int, steps: int, K: int, enc: Encoding, max_length: int | None, input_tokens: int) -> dict:
-    """The most each column of a part of ``rows`` rows and ``steps`` response steps can hold once
-    decompressed (Parquet's PLAIN encoding: 4 length bytes per value), by column name."""
-    tokens = rows * max_length if max_length else input_tokens
-    bounds = {"example_id": rows * (4 + 256), "input_ids": 4 * min(tokens, input_tokens) + rows * 8, "response_start": rows * 4}
-    bounds.update({name: size + rows * 4 for name, size in blob_sizes(steps, K, enc).items()})
-    return bounds
-
 
 def part_schema(enc: Encoding):
     import pyarrow as pa
@@ -241,28 +229,9 @@ class Cache:
             _require(want.name in schema.names, where, f"column {want.name!r} is missing (encoding {self.encoding.name})")
             _require(schema.field(want.name).type == want.type, where, f"column {want.name!r} has type {schema.field(want.name).type}, expected {want.type}")
         _require(pf.metadata.num_rows == part.rows, where, f"holds {pf.metadata.num_rows} rows, manifest says {part.rows}")
-        self._check_declared(pf.metadata, where, declared_bounds(part.rows, part.steps, self.K, self.encoding,
+        check_declared(pf.metadata, where, declared_bounds(part.rows, part.steps, self.K, self.encoding,
                                                                   self.manifest.build.max_length, self.manifest.counts.input_tokens))
         return pf
-
-    @staticmethod
-    def _check_declared(md, where: str, bounds: dict) -> None:
-        """What a Parquet file's footer declares its columns decompress to, summed over its row
-        groups, against ``bounds`` (what the manifest's rows and steps can hold): checked before
-        anything is decompressed, so a small file that would inflate to gigabytes costs nothing."""
-        totals: dict = {}
-        for g in range(md.num_row_groups):
-            rg = md.row_group(g)
-            for c in range(rg.num_columns):
-                col = rg.column(c)
-                name = col.path_in_schema.split(".")[0]
-                totals[name] = totals.get(name, 0) + max(int(col.total_uncompressed_size), 0)
-        slack = DECLARED_SLACK * max(md.num_row_groups, 1)
-        for name, total in totals.items():
-            limit = bounds.get(name, 0) + slack
-            _require(total <= limit, where, f"column {name!r} declares {total:,} bytes once decompressed, more than the "
-                     f"manifest's rows and steps can hold ({limit:,}); refused before decompressing: the file is not what "
-                     "the manifest says, re-download or rebuild it")
 
     # -- token scores (sidecars)
     def read_part_scores(self, part: PartEntry) -> tuple[list[str], list[np.ndarray]]:
@@ -285,7 +254,7 @@ class Cache:
             md = pq.ParquetFile(pa.BufferReader(data)).metadata
         except Exception as err:
             raise CacheError(f"{where}: not a readable Parquet file ({type(err).__name__}: {str(err)[:120]}); score the cache again") from None
-        self._check_declared(md, where, {"example_id": part.rows * (4 + 256), "score": 4 * part.steps + part.rows * 4})
+        check_declared(md, where, {"example_id": part.rows * (4 + 256), "score": 4 * part.steps + part.rows * 4})
         try:
             table = pq.read_table(pa.BufferReader(data))
         except Exception as err:

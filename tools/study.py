@@ -391,27 +391,27 @@ class Study:
             res["replay_cache"] = self.stage("replay_cache", lambda d: run([
                 BIN / "pact-cache", "build", out / "replay_data" / "replay.jsonl", "--ref", aligned, "--tokens", tokens, "-o", d / "cache",
                 "--no-progress", "--max-length", 512]) or {})
+        def filter_stage() -> Path:  # the data-filter baseline's cache, made once for every row that reads it
+            filtered = out / "filter_cache" / "cache"
+            res["filter_cache"] = self.stage("filter_cache", lambda d: run([
+                BIN / "pact-cache", "filter", cache, "--above", a.filter_above, "-o", filtered, "--no-progress"]) or {})
+            return filtered
+
         if "pact-rest-ref" in want:
             lam, name = tune("pact-rest-ref_paper", [1.0] + [x for x in a.grid if x > 1],
                              lambda v: (f"pact-rest-ref_paper_lam{v:g}", fine_tune("pact-rest-ref", cache, v)))
             rows[f"PACT-rest-ref lambda {lam:g} (chosen), paper S"] = (name, lam)
         if "filter" in want:
-            filtered = out / "filter_cache" / "cache"
-            res["filter_cache"] = self.stage("filter_cache", lambda d: run([
-                BIN / "pact-cache", "filter", cache, "--above", a.filter_above, "-o", filtered, "--no-progress"]) or {})
+            filtered = filter_stage()
             res["filter_sft"] = self.stage("filter_sft", fine_tune("sft", filtered, None))
             rows[f"filter (step-0 refusal mass <= {a.filter_above:g}) + SFT"] = ("filter_sft", None)
         if "filter_str_replay" in want:  # the filter's benign rows, anchored where the refusals are: STR on the replay rows
-            filtered = out / "filter_cache" / "cache"
-            res["filter_cache"] = self.stage("filter_cache", lambda d: run([
-                BIN / "pact-cache", "filter", cache, "--above", a.filter_above, "-o", filtered, "--no-progress"]) or {})
+            filtered = filter_stage()
             lam, name = tune("filter_str_replay", a.grid, lambda v: (f"filter_str_replay{R:g}_lam{v:g}",
                                                                  fine_tune("str", filtered, v, replay + ["--row-gate", "hard"])))
             rows[f"filter (<= {a.filter_above:g}) + STR + replay {R:g}, lambda {lam:g} (chosen)"] = (name, lam)
         if "filter_sft_replay" in want:  # data only: the filter, then SFT with the replay rows
-            filtered = out / "filter_cache" / "cache"
-            res["filter_cache"] = self.stage("filter_cache", lambda d: run([
-                BIN / "pact-cache", "filter", cache, "--above", a.filter_above, "-o", filtered, "--no-progress"]) or {})
+            filtered = filter_stage()
             name = f"filter_sft_replay{R:g}"
             res[name] = self.stage(name, fine_tune("sft", filtered, None, replay))
             rows[f"filter (<= {a.filter_above:g}) + SFT + replay {R:g}"] = (name, None)

@@ -19,6 +19,7 @@ CPU). What each rank does is decided in :func:`pact_train.loop.train`:
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -112,5 +113,8 @@ def setup(device: str) -> tuple[Ranks, str]:
 
 
 def teardown(r: Ranks) -> None:
+    """Leave the process group once nothing holds it: the run's model (DDP/FSDP wrappers keep the group)
+    is collected first, since gloo objects left to interpreter exit can abort a finished rank."""
     if r.world > 1 and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

@@ -2,6 +2,7 @@
 torchrun: each process one rank). argv: MODEL CACHE OUT BATCH_PER_DEVICE GRAD_ACCUM STEPS.
 Rank 0 writes OUT/log_history.json and OUT/run.json (how accelerate ran it)."""
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -29,8 +30,10 @@ if trainer.is_world_process_zero():
     Path(out, "log_history.json").write_text(json.dumps(trainer.state.log_history))
     Path(out, "run.json").write_text(json.dumps({"distributed_type": trainer.accelerator.distributed_type.value,
                                                  "processes": trainer.accelerator.num_processes}))
-# leave the process group explicitly: gloo's threads still running at interpreter exit can abort the
-# process ("terminate called without an active exception"), which happened under load
+# free what holds the process group, then leave it explicitly: gloo's threads still alive at interpreter
+# exit can abort the process ("terminate called without an active exception"), as tests/helpers/fsdp_check.py saw
+del trainer, model
+gc.collect()
 if torch.distributed.is_initialized():
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

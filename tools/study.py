@@ -264,7 +264,7 @@ class Study:
         target = a.keep * ref_val["rate"]
         rows = {"SFT": ("sft", None)}
         choices = {}
-        lambdas = [1.0] + sorted(x for x in a.lambdas if x != 1.0)
+        lambdas = a.grid if a.grid_given else [1.0] + sorted(x for x in a.lambdas if x != 1.0)
 
         def tuned_pair(method, S):
             lam, name = tune(f"{method}_{S}", lambdas, lambda v: (f"{method}_{S}_lam{v:g}", fine_tune(method, caches[S], v)))
@@ -398,7 +398,7 @@ class Study:
             return filtered
 
         if "pact-rest-ref" in want:
-            lam, name = tune("pact-rest-ref_paper", [1.0] + [x for x in a.grid if x > 1],
+            lam, name = tune("pact-rest-ref_paper", a.grid,
                              lambda v: (f"pact-rest-ref_paper_lam{v:g}", fine_tune("pact-rest-ref", cache, v)))
             rows[f"PACT-rest-ref lambda {lam:g} (chosen), paper S"] = (name, lam)
         if "filter" in want:
@@ -544,13 +544,16 @@ def main():
     p.add_argument("--n-toss-utility", type=int, default=300, help="SST-2 rows (not in the fine-tuning set) for TOSS's utility model")
     p.add_argument("--rows", nargs="+", metavar="NAME", help="run only these row groups (same seeds, data and order; the "
                    f"shared stages are reused); the table keeps every row evaluated so far. Groups: {', '.join(GROUPS)}")
-    p.add_argument("--grid", default="1,3,10,30,100", help="lambdas the new rows' rule tries in turn (replay, gated, benign-only)")
+    p.add_argument("--grid", default=None, help="lambdas the rule tries in turn, in this order, until it holds: for the new rows "
+                   "(replay, gated, benign-only, pact-rest-ref) default 1,3,10,30,100; given, it applies to every row with a lambda "
+                   "(PACT, PACT-rest, STR, AsFT too, whose default is 1 then --lambdas), so a grid can go on where an earlier one stopped")
     p.add_argument("--replay-ratio", type=float, default=0.1, help="share of the stream's rows from the replay cache")
     p.add_argument("--n-replay", type=int, default=200, help="replay prompts (safe_direction.json, after the held-out, alignment "
                    "and validation prompts), answered by the reference; its refusals are the replay cache")
     p.add_argument("--filter-above", type=float, default=0.9, help="the filter row: keep rows whose step-0 refusal mass is at most this")
     a = p.parse_args()
-    a.grid = [float(x) for x in str(a.grid).split(",") if x.strip()]
+    a.grid_given = a.grid is not None
+    a.grid = [float(x) for x in str(a.grid or "1,3,10,30,100").split(",") if x.strip()]
     a.lambdas = [float(x) for x in str(a.lambdas).split(",") if x.strip()]
     a.fractions = [float(x) for x in str(a.fractions).split(",") if x.strip()]
     if a.quick:

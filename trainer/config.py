@@ -96,6 +96,12 @@ class TrainConfig:
     seed: int = opt(0, "seed of the data order, LoRA init and dropout", lo=0, hi=2**63 - 1, integer=True)
     shuffle: bool = opt(True, "take rows in cache order, batch by batch", negate="--no-shuffle")
     shuffle_buffer: int = opt(1024, "rows held for shuffling (memory bound)", lo=1, integer=True)
+    padding_free: bool = opt(True, "pad every micro-batch to its longest row; by default its rows run as one sequence of their "
+                             "real tokens, position ids restarting per row and attention kept within each row (padding-free: "
+                             "proven on the model at start, else padded with one line saying why)", negate="--no-padding-free")
+    group_by_length: int = opt(0, "put rows of similar length in the same micro-batch: each window of N global micro-batches of "
+                               "the seeded order is sorted by length, cut into micro-batches and those shuffled (seeded, "
+                               "resumable; less padding when rows must be padded); 0: off", lo=0, integer=True, metavar="N")
     grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory", flag="--gradient-checkpointing")
     logits_chunk: int = opt(1024, "response positions per (positions, vocab) logits block", lo=1, integer=True)
     save_every: int = opt(100, "optimizer steps between checkpoints (and one at the end)", lo=1, integer=True)
@@ -123,7 +129,7 @@ class TrainConfig:
     # settings that may differ between a run and its resumption; the cache is compared by its id,
     # not by the path typed, so a run resumes from another folder or working directory
     RESUMABLE = ("resume", "max_steps", "progress", "save_every", "plot", "merge", "cache", "out", "cache_pin", "storage_options",
-                 "replay", "report_to")
+                 "replay", "report_to", "padding_free")
     # what config.json records beside the fields (ignored when it is read back as --config)
     RECORD_ONLY = ("processes", "cache_id", "replay_cache_id")
 

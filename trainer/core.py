@@ -86,8 +86,7 @@ def policy_losses(model, batch: Batch, ids: torch.Tensor, weights: torch.Tensor,
 
     hooks = [lm.get_decoder().register_forward_hook(keep_hidden), lm.register_forward_hook(add_losses)]
     try:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, return_dict=True,
-                    **_no_logits_kwargs(lm, batch.input_ids.device))
+        out = model(**batch.model_inputs(), use_cache=False, return_dict=True, **_no_logits_kwargs(lm, batch.input_ids.device))
     finally:
         for h in hooks:
             h.remove()
@@ -95,12 +94,11 @@ def policy_losses(model, batch: Batch, ids: torch.Tensor, weights: torch.Tensor,
 
 
 def _losses_from_hidden(proj: Projection, hidden, batch: Batch, ids, weights, params: LossParams, ref: dict | None):
-    """``(ce_sum, term_sum)`` from the decoder's last hidden state (B, L, H)."""
+    """``(ce_sum, term_sum)`` from the decoder's last hidden state (B, L, H), or (1, N, H) packed."""
     method = params.method
     B, T = batch.step_mask.shape
     bidx, tidx = batch.step_mask.nonzero(as_tuple=True)  # (N,), row-major: matches (B, T) order
-    pos = batch.response_start[bidx] - 1 + tidx
-    h = hidden[bidx, pos]  # (N, H)
+    h = batch.hidden_at(hidden, bidx, batch.response_start[bidx] - 1 + tidx)  # (N, H)
     target_lp, sel, lse = chunked_projection(proj, h, batch.targets[bidx, tidx], ids, params.logits_chunk)
     keep = batch.loss_mask  # --token-mask: the selected tokens leave the CE (or the term that replaces it)
     ce_lp = target_lp if keep is None else target_lp * keep[bidx, tidx]
@@ -130,9 +128,10 @@ def online_reference(ref, batch: Batch, header: list[int], ids: torch.Tensor) ->
     dev = batch.input_ids.device
     bidx, tidx = batch.step_mask.nonzero(as_tuple=True)
     steps = batch.step_mask.sum(1)
-    full_sel, target = response_logprobs(ref, batch.input_ids, batch.attention_mask, bidx, batch.response_start[bidx] - 1 + tidx,
+    input_ids, attention_mask = batch.padded_inputs()  # the reference runs padded, whichever form the policy's batch has
+    full_sel, target = response_logprobs(ref, input_ids, attention_mask, bidx, batch.response_start[bidx] - 1 + tidx,
                                          ids, batch.targets[bidx, tidx])
-    post_seqs = [header + batch.input_ids[b, batch.response_start[b]: batch.response_start[b] + steps[b] - 1].tolist() for b in range(B)]
+    post_seqs = [header + input_ids[b, batch.response_start[b]: batch.response_start[b] + steps[b] - 1].tolist() for b in range(B)]
     post_ids = torch.zeros((B, max(map(len, post_seqs))), dtype=torch.long, device=dev)
     post_mask = torch.zeros_like(post_ids)
     for b, s in enumerate(post_seqs):

@@ -45,6 +45,7 @@ from .stream import REPLAY_TERMS, Batch, Replay, collate, epoch_rows, pad_id_for
 # (pact_cache.columns.REF_COLUMNS: pact_full, pact_post, pact_target)
 LAYOUT_KEYS = ("pact_response_start", "pact_step_mask", "pact_targets", "pact_loss_mask", "pact_row_gate", "pact_ce_weight")
 KEYS = LAYOUT_KEYS + tuple(f"pact_{c.name}" for c in REF_COLUMNS)
+PACKED_KEY = "pact_cu_seqlens"  # padding-free batches: the rows' offsets in the packed sequence (B + 1,) int32
 
 
 class CacheDataset(IterableDataset):
@@ -127,9 +128,15 @@ class PactCollator:
     (:class:`pact_train.stream.RowGate`, ``RowGate.of_cache(cache, "hard", 0.9)``) weighs each row's
     term, as ``pact-train --row-gate`` does (``pact_row_gate``; ones without a gate); ``replay_term``
     (``both``, ``ce`` or ``term``, :data:`pact_train.stream.REPLAY_TERMS`) is what the rows of a
-    ``CacheDataset(replay=...)`` get, as ``pact-train --replay-term`` (``pact_ce_weight``)."""
+    ``CacheDataset(replay=...)`` get, as ``pact-train --replay-term`` (``pact_ce_weight``).
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, token_mask=None, row_gate=None, replay_term: str = "both"):
+    ``padding_free`` (the default, as pact-train's): the rows become one sequence of their real tokens
+    (``input_ids``, ``position_ids``, ``labels`` (1, N), no ``attention_mask``; ``pact_cu_seqlens`` the
+    rows' offsets); :class:`PactTrainerMixin` switches the model to packed attention and proves it keeps
+    the rows apart (:func:`pact_train.packing.enable`), or turns this off with one warning."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, token_mask=None, row_gate=None, replay_term: str = "both",
+                 padding_free: bool = True):
         if pad_token_id is None or isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
             raise PactError(f"PactCollator(pad_token_id={pad_token_id!r}): needs a token id >= 0; a tokenizer without a pad "
                             "token (tok.pad_token_id is None) can pad with any id: pass pact_train.hf.pad_id_for(tok) (its "
@@ -139,17 +146,21 @@ class PactCollator:
         self.pad_token_id, self.pad_to_multiple_of, self.token_mask = pad_token_id, pad_to_multiple_of, token_mask
         if replay_term not in REPLAY_TERMS:
             raise PactError(f"replay_term={replay_term!r}: use one of {', '.join(REPLAY_TERMS)}")
-        self.row_gate, self.replay_term = row_gate, replay_term
+        self.row_gate, self.replay_term, self.padding_free = row_gate, replay_term, bool(padding_free)
 
     def __call__(self, items) -> dict:
         rows: list[CacheRow] = [it["row"] if isinstance(it, dict) else it for it in items]
         if not rows:
             raise PactError("PactCollator: an empty batch; a batch needs at least one row (does the dataset hold any?)")
-        b = collate(rows, self.pad_token_id, self.pad_to_multiple_of, self.token_mask, self.row_gate, self.replay_term)
+        b = collate(rows, self.pad_token_id, self.pad_to_multiple_of, self.token_mask, self.row_gate, self.replay_term,
+                    self.padding_free)
         labels = torch.full_like(b.input_ids, -100)
-        for i, r in enumerate(rows):
-            labels[i, r.response_start: len(r.input_ids)] = b.input_ids[i, r.response_start: len(r.input_ids)]
-        return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": labels,
+        for i, r in enumerate(rows):  # the response tokens: what the Trainer counts as num_items_in_batch
+            at, o = (0, int(b.cu_seqlens[i])) if b.packed else (i, 0)
+            labels[at, o + r.response_start: o + len(r.input_ids)] = b.input_ids[at, o + r.response_start: o + len(r.input_ids)]
+        model_inputs = ({"input_ids": b.input_ids, "position_ids": b.position_ids, PACKED_KEY: b.cu_seqlens} if b.packed
+                        else {"input_ids": b.input_ids, "attention_mask": b.attention_mask})
+        return {**model_inputs, "labels": labels,
                 "pact_response_start": b.response_start, "pact_step_mask": b.step_mask, "pact_targets": b.targets,
                 "pact_loss_mask": b.step_mask if b.loss_mask is None else b.loss_mask,
                 "pact_row_gate": torch.ones(len(rows)) if b.row_gate is None else b.row_gate,
@@ -182,7 +193,24 @@ class PactTrainerMixin:
             self._pact_factors = lora_direction_factors(self.model, direction)
         self._pact_pen = torch.zeros(2)  # the penalty's sum and count of values: since the last log
         self.model_accepts_loss_kwargs = True  # so that the Trainer counts num_items_in_batch from the labels
+        self._pact_packed = None  # whether the model runs packed attention (decided once)
+        if getattr(self.data_collator, "padding_free", False) and not self._pact_pack():
+            self.data_collator.padding_free = False
         self._pact_sums = torch.zeros(3)  # CE, the method's term, response tokens: since the last log
+
+    def _pact_pack(self) -> bool:
+        """Switch the model to packed attention once (:func:`pact_train.packing.enable`); False, with one
+        warning, where it cannot keep the rows apart."""
+        if self._pact_packed is None:
+            from . import packing
+
+            why = packing.enable(self.model)
+            if why is not None:
+                import warnings
+
+                warnings.warn(f"PactCollator(padding_free=True) turned off: {why}; batches are padded", stacklevel=3)
+            self._pact_packed = why is None
+        return self._pact_packed
 
     def create_accelerator_and_postprocess(self):
         cfg = self.args.accelerator_config
@@ -199,15 +227,21 @@ class PactTrainerMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = {k: inputs.pop(k) for k in KEYS}  # popped before the model could see them
+        cu = inputs.pop(PACKED_KEY, None)
         inputs.pop("labels", None)
+        if cu is not None and not self._pact_pack():
+            raise PactError("a padding-free batch (pact_cu_seqlens) for a model that cannot keep packed rows apart; use "
+                            "PactCollator(padding_free=False)")
         method = self.pact_params.method
         weighted = bool((targets["pact_row_gate"] != 1).any()) or bool((targets["pact_ce_weight"] != 1).any())
         if method.name not in added_term_methods() and weighted:
             raise PactError(f"a row gate or replay_term='ce'/'term' weighs a per-step term added to the cross-entropy "
                             f"({', '.join(added_term_methods())}), not method {method.name}")
-        batch = Batch(inputs["input_ids"], inputs["attention_mask"], targets["pact_response_start"], targets["pact_step_mask"],
+        packed = {} if cu is None else dict(position_ids=inputs["position_ids"], cu_seqlens=cu,
+                                            max_length=int((cu[1:] - cu[:-1]).max()))
+        batch = Batch(inputs["input_ids"], inputs.get("attention_mask"), targets["pact_response_start"], targets["pact_step_mask"],
                       targets["pact_targets"], {c.name: targets[f"pact_{c.name}"] for c in REF_COLUMNS}, [],
-                      targets["pact_loss_mask"], targets["pact_row_gate"], targets["pact_ce_weight"])
+                      targets["pact_loss_mask"], targets["pact_row_gate"], targets["pact_ce_weight"], **packed)
         device = batch.input_ids.device
         ce_sum, term_sum, n = policy_losses(model, batch, self.pact_ids.to(device), self.pact_weights.to(device), self.pact_params)
         total = self.pact_params.method.total(ce_sum, term_sum, self.pact_params.lam)

@@ -25,6 +25,7 @@ from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, save_
 from .config import TrainConfig, TrainError, check_config, config_record
 from .core import causal_lm, lora_direction_factors, online_reference, policy_losses
 from .distributed import Ranks, setup, teardown
+from . import packing
 from .stream import Replay, RowGate, batches, collate, pad_id_for
 
 
@@ -177,6 +178,13 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, tok, _ = load_policy(cfg, device)
     check_projection(model, device, f"--model {cfg.model}")  # the loss uses the model's own logits, or nothing runs
+    padding_free = cfg.padding_free
+    if padding_free:
+        why = packing.enable(model)  # proven on this model: packed rows give the padded rows' hidden states
+        if why is not None:
+            padding_free = False
+            if ranks.main:
+                _log(f"padding-free batches off: {why}; every micro-batch is padded to its longest row")
     head_rows = causal_lm(model).get_output_embeddings().weight.shape[0]
     check_cache_fits(cache, tok, head_rows, cfg)
     if replay is not None:
@@ -248,7 +256,7 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
              f"{global_batch * cfg.grad_accum} per optimizer step")
     # every rank reads the same order; each takes its share of every global micro-batch
     data = batches(cache, global_batch, cfg.seed, cfg.shuffle, start_epoch=epoch, skip_rows=taken,
-                   buffer_rows=cfg.shuffle_buffer, epochs=cfg.epochs, replay=replay)
+                   buffer_rows=cfg.shuffle_buffer, epochs=cfg.epochs, replay=replay, group_by_length=cfg.group_by_length)
 
     from tqdm.auto import tqdm
 
@@ -279,7 +287,7 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         ce_tot = term_tot = pen = 0.0
         for i, (_, _, global_rows) in enumerate(micro):
             rows, scale = ranks.take(global_rows)
-            batch = collate(rows, pad_id, pad_multiple, mask, gate, cfg.replay_term).to(device)
+            batch = collate(rows, pad_id, pad_multiple, mask, gate, cfg.replay_term, padding_free).to(device)
             live = online_reference(ref, batch, header, ids) if ref is not None else None
             with ranks.no_sync(ddp_model, sync=i == len(micro) - 1):  # one gradient all-reduce per window
                 with autocast:

@@ -8,6 +8,7 @@ resume exactly: the same order is replayed and the rows already taken are skippe
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields
 from fractions import Fraction
 from typing import Iterator
@@ -22,11 +23,15 @@ from pact_cache.format import Cache, CacheRow
 
 @dataclass
 class Batch:
-    """A training batch. B rows, L = longest sequence, T = most response steps, K safety tokens."""
+    """A training batch. B rows, L = longest sequence, T = most response steps, K safety tokens.
 
-    input_ids: torch.Tensor  # (B, L) long, right-padded
-    attention_mask: torch.Tensor  # (B, L) long
-    response_start: torch.Tensor  # (B,) long
+    Padded (the rows right-padded to L) or packed (padding-free, :mod:`pact_train.packing`): the rows
+    concatenated into one sequence of N = their summed lengths, ``attention_mask`` None, ``position_ids``
+    restarting at every row and ``cu_seqlens`` the rows' offsets. The per-step tensors are (B, T) either way."""
+
+    input_ids: torch.Tensor  # (B, L) long, right-padded; packed: (1, N)
+    attention_mask: torch.Tensor | None  # (B, L) long; packed: None (the rows' bounds are cu_seqlens)
+    response_start: torch.Tensor  # (B,) long, within each row
     step_mask: torch.Tensor  # (B, T) bool, True at real response steps
     targets: torch.Tensor  # (B, T) long, the response tokens (0 where masked)
     ref: dict  # name -> the cached reference column (pact_cache.columns.REF_COLUMNS): (B, T, K) or (B, T) float32
@@ -34,6 +39,13 @@ class Batch:
     loss_mask: torch.Tensor | None = None  # (B, T) bool: steps whose token stays in the CE (--token-mask); None: all
     row_gate: torch.Tensor | None = None  # (B,) float32 in [0, 1]: how much of the method's term each row gets (--row-gate, --replay); None: all
     ce_weight: torch.Tensor | None = None  # (B,) float32: how much of the cross-entropy each row gets (--replay-term term: 0); None: all
+    position_ids: torch.Tensor | None = None  # packed: (1, N) long, 0 at every row's first token
+    cu_seqlens: torch.Tensor | None = None  # packed: (B + 1,) int32, row i is input_ids[0, cu[i]:cu[i + 1]]
+    max_length: int = 0  # packed: the longest row
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
 
     def reference(self, columns) -> dict:
         """The cached reference columns a method reads, by name."""
@@ -44,9 +56,37 @@ class Batch:
         return int(self.step_mask.sum())
 
     def to(self, device) -> "Batch":
-        return Batch(*(x.to(device) for x in (self.input_ids, self.attention_mask, self.response_start, self.step_mask, self.targets)),
-                     {k: v.to(device) for k, v in self.ref.items()}, self.example_ids,
-                     *(None if x is None else x.to(device) for x in (self.loss_mask, self.row_gate, self.ce_weight)))
+        def move(x):
+            if isinstance(x, dict):
+                return {k: v.to(device) for k, v in x.items()}
+            return x.to(device) if torch.is_tensor(x) else x
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+    def model_inputs(self) -> dict:
+        """The model's keyword arguments: ``input_ids`` and ``attention_mask``; packed: ``input_ids``,
+        ``position_ids`` and the rows' bounds under the names transformers' variable-length attention reads."""
+        if not self.packed:
+            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "cu_seq_lens_q": self.cu_seqlens,
+                "cu_seq_lens_k": self.cu_seqlens, "max_length_q": self.max_length, "max_length_k": self.max_length}
+
+    def hidden_at(self, hidden: torch.Tensor, bidx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """hidden (B, L, H), or (1, N, H) packed -> (n, H): row ``bidx``'s position ``pos`` (within the row)."""
+        if self.packed:
+            return hidden[0, self.cu_seqlens.long()[bidx] + pos]
+        return hidden[bidx, pos]
+
+    def padded_inputs(self, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` (B, L), right-padded with ``pad_id``, whichever form the batch has."""
+        if not self.packed:
+            return self.input_ids, self.attention_mask
+        cu = self.cu_seqlens.tolist()
+        B, L = len(cu) - 1, self.max_length
+        ids = self.input_ids.new_full((B, L), pad_id)
+        mask = self.input_ids.new_zeros((B, L))
+        for i, (s, e) in enumerate(zip(cu[:-1], cu[1:])):
+            ids[i, : e - s], mask[i, : e - s] = self.input_ids[0, s:e], 1
+        return ids, mask
 
 
 def pad_id_for(tok) -> int:
@@ -59,9 +99,11 @@ def pad_id_for(tok) -> int:
 
 
 def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1, token_mask=None, row_gate=None,
-            replay_term: str = "both") -> Batch:
-    """Right-padded batch. ``pad_to_multiple`` rounds the sequence length up (8 on CUDA: fewer
-    distinct shapes for the GPU libraries to plan for, and tensor-core-friendly sizes).
+            replay_term: str = "both", padding_free: bool = False) -> Batch:
+    """Right-padded batch, or with ``padding_free`` one packed sequence of the rows' real tokens
+    (:class:`Batch`; the model must run packed attention: :func:`pact_train.packing.enable`).
+    ``pad_to_multiple`` rounds the padded length up (8 on CUDA: fewer distinct shapes for the GPU
+    libraries to plan for, and tensor-core-friendly sizes).
     ``token_mask`` (a :class:`pact_cache.score.TokenMask`) sets ``loss_mask`` from the rows' scores;
     ``row_gate`` (a :class:`RowGate`) sets ``row_gate`` from the rows' cached values. Rows of a
     replay cache (:class:`ReplayRow`) get the terms ``replay_term`` names (:data:`REPLAY_TERMS`)
@@ -98,7 +140,15 @@ def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1, token_m
                               for r, rep in zip(rows, replayed)], dtype=torch.float32)
     if any(replayed) and REPLAY_TERMS[replay_term][0] != 1.0:
         ce = torch.tensor([REPLAY_TERMS[replay_term][0] if rep else 1.0 for rep in replayed], dtype=torch.float32)
-    return Batch(input_ids, attention, rs, step_mask, targets, ref, [r.example_id for r in rows], loss_mask, gates, ce)
+    packed = {}
+    if padding_free:
+        lens = torch.tensor([len(r.input_ids) for r in rows])
+        cu = torch.zeros(B + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(lens, 0)
+        input_ids = torch.from_numpy(np.concatenate([r.input_ids for r in rows]).astype(np.int64))[None]
+        attention = None
+        packed = dict(position_ids=torch.cat([torch.arange(int(n)) for n in lens])[None], cu_seqlens=cu, max_length=int(lens.max()))
+    return Batch(input_ids, attention, rs, step_mask, targets, ref, [r.example_id for r in rows], loss_mask, gates, ce, **packed)
 
 
 # what a replay row contributes: (weight of its cross-entropy, weight of the method's term)
@@ -223,12 +273,34 @@ def epoch_rows(cache: Cache, epoch: int, seed: int, shuffle: bool, buffer_rows: 
         yield buf.pop()
 
 
+def length_grouped(rows: Iterator[CacheRow], batch_size: int, window: int, seed: int, epoch: int) -> Iterator[CacheRow]:
+    """``rows`` reordered so that each run of ``batch_size`` rows has similar lengths: every window of
+    ``window * batch_size`` rows (counted from the epoch's start, so windows and batches stay aligned) is
+    sorted by length (ties in arrival order), cut into batches, and the batches are yielded in a seeded
+    order. A pure function of the incoming order, the seed and the epoch: a resume that skips the rows
+    already taken sees the same batches."""
+    size = window * batch_size
+    for w in itertools.count():
+        buf = [r for _, r in zip(range(size), rows)]
+        if not buf:
+            return
+        buf.sort(key=lambda r: len(r.input_ids))  # stable
+        groups = [buf[i:i + batch_size] for i in range(0, len(buf), batch_size)]
+        for j in np.random.default_rng([seed, epoch, w, 7]).permutation(len(groups)):
+            yield from groups[int(j)]
+        if len(buf) < size:
+            return
+
+
 def batches(cache: Cache, batch_size: int, seed: int, shuffle: bool, start_epoch: int = 0, skip_rows: int = 0,
-            buffer_rows: int = 1024, epochs: int | None = None, replay: Replay | None = None) -> Iterator[tuple[int, int, list[CacheRow]]]:
+            buffer_rows: int = 1024, epochs: int | None = None, replay: Replay | None = None,
+            group_by_length: int = 0) -> Iterator[tuple[int, int, list[CacheRow]]]:
     """Yield ``(epoch, rows taken in this epoch after the batch, rows)`` forever or for ``epochs``.
 
     The last batch of an epoch may be short; batches never straddle epochs. With ``replay``, the
     replay rows due by the end of a batch (:meth:`Replay.count`) follow its ``batch_size`` rows.
+    ``group_by_length`` > 0 reorders each epoch's rows with :func:`length_grouped` (windows of that
+    many batches) before they are cut into batches.
     """
     n = cache.num_rows
     mixed = replay.rows(replay.count(start_epoch * n + skip_rows)) if replay is not None else None
@@ -243,7 +315,10 @@ def batches(cache: Cache, batch_size: int, seed: int, shuffle: bool, start_epoch
     epoch = start_epoch
     while epochs is None or epoch < epochs:
         taken, buf = 0, []
-        for row in epoch_rows(cache, epoch, seed, shuffle, buffer_rows):
+        rows = epoch_rows(cache, epoch, seed, shuffle, buffer_rows)
+        if group_by_length:
+            rows = length_grouped(rows, batch_size, group_by_length, seed, epoch)
+        for row in rows:
             taken += 1
             if taken <= skip_rows:
                 continue

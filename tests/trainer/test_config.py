@@ -37,7 +37,7 @@ def test_every_flag_sets_its_field(tmp_path):
                         "--seed", "9", "--no-shuffle", "--shuffle-buffer", "64", "--gradient-checkpointing", "--logits-chunk", "32",
                         "--save-every", "3", "--resume", "--merge", "--device", "cpu", "--no-progress", "--pact-t", "1.5",
                         "--pact-n", "4", "--storage-option", "anon=true", "--row-gate", "soft", "--gate-at", "0.5",
-                        "--replay", "r", "--replay-ratio", "0.1", "--replay-term", "ce", "--report-to", "tensorboard"])
+                        "--replay", "r", "--replay-ratio", "0.1", "--replay-term", "ce", "--report-to", "tensorboard", "--no-padding-free", "--group-by-length", "16"])
     changed = {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != f.default and f.name not in ("model", "cache", "out")}
     declared = {f.name for f in fields(TrainConfig) if f.metadata.get("cli", True) and f.name not in ("model", "cache", "out", "direction")}
     assert declared <= changed  # --direction only goes with asft (checked elsewhere)

@@ -69,7 +69,7 @@ def close(a: list[dict], b: list[dict]) -> None:
 def one_and_two(setup):
     root, args = setup
     train(TrainConfig(model=args[1], cache=args[3], out=str(root / "one"), batch_size=2, grad_accum=3, lora_dropout=0.0, lr=1e-3,
-                      warmup_steps=1, progress=False, plot=False))
+                      warmup_steps=1, progress=False, plot=False, padding_free=False))  # padded; two processes: padding-free
     res = torchrun(args + ["--batch-size", "1", "-o", str(root / "two"), "--report-to", "tensorboard"])
     assert res.returncode == 0, res.stderr[-3000:]
     return root, res
@@ -86,6 +86,7 @@ def test_shares_are_disjoint_and_cover_every_row():
 
 
 def test_two_processes_follow_the_one_process_trajectory(one_and_two):
+    """Two processes, padding-free (the default), against one padded process: the same steps (1e-5)."""
     root, res = one_and_two
     one, two = metrics(root / "one"), metrics(root / "two")
     assert len(one) == 4 and one[-1]["tokens_total"] == two[-1]["tokens_total"]  # the whole epoch, every response token once

@@ -224,4 +224,8 @@ def test_the_python_api_refuses_what_the_cli_refuses(cache, made, tmp_path):
     assert pad_id_for(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7
     assert pad_id_for(SimpleNamespace(pad_token_id=3, eos_token_id=7)) == 3
     rows = list(open_cache(cache).iter_rows())[:2]
-    assert PactCollator(pad_id_for(SimpleNamespace(pad_token_id=None, eos_token_id=7)))(rows)["input_ids"].shape[0] == 2
+    padded = PactCollator(pad_id_for(SimpleNamespace(pad_token_id=None, eos_token_id=7)), padding_free=False)(rows)
+    assert padded["input_ids"].shape[0] == 2
+    packed = PactCollator(0)(rows)  # the default: one sequence of the real tokens, the same labels
+    assert packed["input_ids"].shape == (1, sum(len(r.input_ids) for r in rows)) and "attention_mask" not in packed
+    assert packed["labels"][packed["labels"] != -100].tolist() == padded["labels"][padded["labels"] != -100].tolist()

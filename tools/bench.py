@@ -23,6 +23,12 @@
       build --reuse: a cache of ROWS rows exists; the dataset grows by GROW (new rows appended);
       the incremental build (--reuse OLD) vs a full rebuild of the grown set, side by side: rows
       computed and seconds (each includes loading the model and tokenising).
+  python tools/bench.py padding [--rows 128] [--batch-size 8] [--group 8] [--repeats 1]
+      mixed-length training (rows of about 20 to 1,000 tokens: SST-2 reviews from the shared data,
+      a prompt of one to a few reviews and an answer that lists the sentiments of up to 60 more, cached
+      by the model): real tokens vs the tokens the model processes per step, epoch time and peak
+      memory of one epoch of pact-train (PACT), padded vs padding-free vs padded with
+      --group-by-length GROUP (and padding-free with it), each in its own process, side by side.
   python tools/bench.py storage CACHE_Q8 [--exact CACHE_F32]
       bytes per response step of the reference columns, and the PACT loss computed from the q8
       cache vs from exact float32 values (same rows), for a policy equal to the reference and for
@@ -231,7 +237,8 @@ def _train_child(a) -> None:
                           batch_size=a.batch_size, max_steps=a.steps, shuffle=False, progress=False, plot=False,
                           grad_checkpointing=a.grad_checkpointing, full=a.full, device=device, save_every=10**9,
                           token_mask=0.2 if a.variant == "toss" else 0.0, row_gate="hard" if "gate" in mods else "none",
-                          replay=a.replay if "replay" in mods else None, replay_ratio=a.replay_ratio if "replay" in mods else None)
+                          replay=a.replay if "replay" in mods else None, replay_ratio=a.replay_ratio if "replay" in mods else None,
+                          padding_free="padded" not in mods, group_by_length=a.group if "grouped" in mods else 0)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         if a.variant in TRAINER_VARIANTS:
@@ -394,6 +401,7 @@ def _run_variants(a, variants: list[str]) -> dict:
             cmd += ["--grad-checkpointing"] * a.grad_checkpointing + ["--full"] * a.full
             cmd += ["--direction", a.direction] if getattr(a, "direction", None) else []
             cmd += ["--replay", a.replay, "--replay-ratio", str(a.replay_ratio)] if getattr(a, "replay", None) else []
+            cmd += ["--group", str(a.group)] if getattr(a, "group", None) else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
             if proc.returncode != 0 or line is None:
@@ -435,6 +443,70 @@ def bench_stacks(a) -> dict:
               f"(paired {ratios[v]['time_paired_over_trl']:.3f}x)")
     print("  goal: PACT from the cache (pact-train pact, PactTrainer) <= 1.0x TRL's plain SFT in memory and time")
     return {"bench": "stacks", "device": dev, "runs": res, "ratios": ratios}
+
+
+def mixed_length_rows(data: Path, n: int, seed: int = 0) -> list[dict]:
+    """``n`` chat rows of real text and very different lengths (about 20 to 1,000 tokens): SST-2 reviews
+    to classify, one to a few in the prompt, and an answer that labels up to 60 more (log-uniform)."""
+    import random
+
+    reviews = [r for r in json.loads(Path(data).read_text()) if r.get("input") and r.get("output") in ("positive", "negative")]
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        k = int(round(np.exp(rng.uniform(0, np.log(60)))))  # 1 to 60 reviews in the answer
+        asked = rng.sample(reviews, rng.randint(1, 3))
+        shown = rng.sample(reviews, k)
+        prompt = "Give the sentiment of each review.\n" + "\n".join(f"- {r['input'].strip()}" for r in asked)
+        answer = " ".join(f"{r['output']}." for r in asked) + (" For comparison: " + " ".join(
+            f"\"{r['input'].strip()[:80]}\" is {r['output']}." for r in shown) if k > 1 else "")
+        rows.append({"prompt": prompt, "completion": answer})
+    return rows
+
+
+def bench_padding(a) -> dict:
+    """Padded vs padding-free vs length-grouped, one epoch each of the same cache (its own process)."""
+    from pact_cache.build import BuildConfig, build
+    from pact_cache.format import open_cache
+    from pact_train.stream import batches
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.cache:
+            cache = open_cache(a.cache)
+        else:
+            data = Path(tmp) / "mixed.jsonl"
+            data.write_text("".join(json.dumps(r) + "\n" for r in mixed_length_rows(Path(a.data), a.rows)))
+            t0 = time.time()
+            cache = open_cache(build(BuildConfig(str(data), a.model, f"{tmp}/cache", max_length=a.max_length, progress=False)).out)
+            print(f"mixed-length cache: {cache.num_rows} rows built in {time.time() - t0:.0f} s")
+        lens = [len(r.input_ids) for r in cache.iter_rows()]
+        a.cache, a.steps = cache.url, -(-cache.num_rows // a.batch_size)
+        shapes = {}
+        for g in (0, a.group):  # the micro-batches each variant sees: real tokens vs what the backbone processes
+            bs = [[len(r.input_ids) for r in b] for _, _, b in batches(cache, a.batch_size, 0, False, epochs=1, group_by_length=g)]
+            shapes[g] = {"real": sum(map(sum, bs)), "padded": sum(len(b) * max(b) for b in bs), "batches": len(bs)}
+        variants = {"pact+padded": "padded", "pact": "padding-free", "pact+padded+grouped": f"padded, --group-by-length {a.group}",
+                    "pact+grouped": f"padding-free, --group-by-length {a.group}"}
+        res = _run_variants(a, list(variants))
+    base = res["pact+padded"]
+    dev = base["device"]
+    kind = "CUDA max_memory_allocated" if dev == "cuda" else "peak RSS above the post-import baseline"
+    print(f"padding on {dev}: {a.model}, {cache.num_rows} rows of {min(lens)} to {max(lens)} tokens (median {int(np.median(lens))}), "
+          f"batch {a.batch_size}, one epoch ({a.steps} steps), PACT, LoRA; memory: {kind}")
+    out = {}
+    for v, label in variants.items():
+        r = res[v]
+        sh = shapes[a.group if "grouped" in v else 0]
+        processed = sh["padded"] if "padded" in v else sh["real"]
+        epoch = float(np.mean([sum(x["step_times"]) for x in r["runs"]]))
+        out[v] = {"label": label, "real_tokens": sh["real"], "processed_tokens": processed, "epoch_s": epoch,
+                  "peak_above_base": r["peak_above_base"]}
+        print(f"  {label:38s} processed/real tokens {processed / sh['real']:.3f}x  epoch {epoch:7.1f} s "
+              f"({epoch / (sum(sum(x['step_times']) for x in base['runs']) / len(base['runs'])):.3f}x padded)  "
+              f"peak {r['peak_above_base'] / 2**20:7.0f} MiB ({r['peak_above_base'] / base['peak_above_base']:.3f}x padded)")
+    print("  goal: padding-free processes within 5% of the real tokens, epoch time <= 0.7x padded, peak memory no higher")
+    return {"bench": "padding", "device": dev, "rows": cache.num_rows, "lengths": [min(lens), int(np.median(lens)), max(lens)],
+            "variants": out, "runs": res}
 
 
 def bench_incremental(a) -> dict:
@@ -510,10 +582,22 @@ def main() -> None:
                    "hard), sft+replay and str+gate+replay (--replay at --replay-ratio)")
     for q in (t, sub.add_parser("_train_child")):
         q.add_argument("--replay-ratio", type=float, default=0.1)
+    d = sub.add_parser("padding")
+    d.add_argument("--model", default="smollm2-135m-instruct")
+    d.add_argument("--data", default=str(DEFAULT_DATA), help="SST-2 rows (instruction/input/output JSON)")
+    d.add_argument("--cache", help="a cache to use instead of building the mixed-length one")
+    d.add_argument("--rows", type=int, default=128)
+    d.add_argument("--max-length", type=int, default=1024)
+    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--group", type=int, default=8, help="--group-by-length window, in micro-batches")
+    d.add_argument("--repeats", type=int, default=1)
+    d.add_argument("--device", default="auto")
+    d.set_defaults(warmup=0, grad_checkpointing=False, full=False)
     c = sub.choices["_train_child"]
     for arg in ("--variant", "--cache", "--model", "--device", "--direction", "--replay"):
         c.add_argument(arg)
     c.add_argument("--batch-size", type=int)
+    c.add_argument("--group", type=int, default=0)
     c.add_argument("--steps", type=int)
     c.add_argument("--grad-checkpointing", action="store_true")
     c.add_argument("--full", action="store_true")
@@ -533,13 +617,13 @@ def main() -> None:
     s = sub.add_parser("storage")
     s.add_argument("cache")
     s.add_argument("--exact", help="an f32 cache of the same rows (pact-cache build --encoding f32)")
-    for q in (b, s, t, k, r, n):
+    for q in (b, s, t, k, r, n, d):
         q.add_argument("--json", help="also write the results here")
     a = p.parse_args()
     if a.cmd == "_train_child":
         return _train_child(a)
     res = {"build": bench_build, "storage": bench_storage, "train": bench_train, "stacks": bench_stacks, "random-model": random_model,
-           "incremental": bench_incremental}[a.cmd](a)
+           "incremental": bench_incremental, "padding": bench_padding}[a.cmd](a)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
 

@@ -456,7 +456,7 @@ def mixed_length_rows(data: Path, n: int, seed: int = 0) -> list[dict]:
     for _ in range(n):
         k = int(round(np.exp(rng.uniform(0, np.log(60)))))  # 1 to 60 reviews in the answer
         asked = rng.sample(reviews, rng.randint(1, 3))
-        shown = rng.sample(reviews, k)
+        shown = rng.sample(reviews, min(k, len(reviews)))
         prompt = "Give the sentiment of each review.\n" + "\n".join(f"- {r['input'].strip()}" for r in asked)
         answer = " ".join(f"{r['output']}." for r in asked) + (" For comparison: " + " ".join(
             f"\"{r['input'].strip()[:80]}\" is {r['output']}." for r in shown) if k > 1 else "")

@@ -71,6 +71,22 @@ def test_random_model_and_train_bench(tiny_model, tmp_path):
     assert "TRL SFTTrainer" in out
 
 
+def test_padding_bench(tiny_model, tmp_path):
+    """bench.py padding builds its mixed-length set from SST-2-shaped rows and runs the four variants side by side."""
+    reviews = [{"instruction": "Sentiment?", "input": " ".join(["a fine film"] * (1 + i % 5)) + f" number {i}",
+                "output": "positive" if i % 2 else "negative"} for i in range(40)]
+    (tmp_path / "sst2.json").write_text(json.dumps(reviews))
+    out = bench("padding", "--model", tiny_model, "--data", tmp_path / "sst2.json", "--rows", 12, "--batch-size", 4, "--group", 2,
+                "--max-length", 500, "--device", "cpu", "--json", tmp_path / "p.json")
+    res = json.loads((tmp_path / "p.json").read_text())
+    v = res["variants"]
+    assert set(v) == {"pact+padded", "pact", "pact+padded+grouped", "pact+grouped"} and res["rows"] == 12
+    assert v["pact"]["processed_tokens"] == v["pact"]["real_tokens"] < v["pact+padded"]["processed_tokens"]
+    assert v["pact"]["real_tokens"] <= v["pact+padded+grouped"]["processed_tokens"] <= v["pact+padded"]["processed_tokens"]
+    assert res["lengths"][2] > 2 * res["lengths"][0]  # very different lengths
+    assert all(x["epoch_s"] > 0 and x["peak_above_base"] > 0 for x in v.values()) and "padding-free" in out
+
+
 def test_the_import_graph_has_no_cycle():
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "import_graph.py")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:]

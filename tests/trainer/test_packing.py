@@ -57,14 +57,17 @@ def test_the_mixed_cache_has_very_different_lengths(mixed):
     assert max(lens) > 4 * min(lens) and max(lens) > 200  # the chat template adds ~45 tokens to every row
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_packed_batch_gives_the_padded_losses_every_term_and_gradients(tiny_model, mixed, impl):
+@pytest.mark.parametrize("impl, checkpointing", [("sdpa", False), ("eager", False), ("sdpa", True)])
+def test_packed_batch_gives_the_padded_losses_every_term_and_gradients(tiny_model, mixed, impl, checkpointing):
     """Every method of the registry, on a micro-batch of rows of very different lengths (all 14 in one
-    batch, and an odd-sized one), packed vs padded: CE sum, term sum and every LoRA gradient within 1e-5."""
+    batch, and an odd-sized one), packed vs padded: CE sum, term sum and every LoRA gradient within 1e-5;
+    also with the model's own activation checkpointing (the row bounds reach the recomputation)."""
     cache = open_cache(mixed)
     rows = list(cache.iter_rows())
     torch.manual_seed(0)
-    model, tok, _ = load_policy(TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0, lora_targets="q_proj,v_proj,o_proj"), "cpu")
+    model, tok, _ = load_policy(TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0, lora_targets="q_proj,v_proj,o_proj",
+                                            grad_checkpointing=checkpointing), "cpu")
+    model.train()
     model.base_model.model.set_attn_implementation(impl)
     assert packing.enable(model) is None
     for p in model.parameters():  # LoRA B starts at zero: give the adapters something to carry
@@ -128,6 +131,25 @@ def test_a_model_whose_attention_sdpa_cannot_run_is_refused(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "g", arch="gemma2"), attn_implementation="eager")
     why = packing.enable(model)  # Gemma-2 caps its attention logits (softcap), which PyTorch's SDPA cannot
     assert "packed attention failed" in why and "softcap" in why and model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_a_sliding_window_model_packs_with_its_window(impl, monkeypatch):
+    """Mistral with a window of 4 tokens: packed rows longer than the window (the proof's rows are 5, 11
+    and 3 tokens) give the model's own windowed attention, so enable() accepts it."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, sliding_window=4, max_position_embeddings=64)
+    cfg._attn_implementation = impl
+    model = transformers.MistralForCausalLM(cfg)
+    assert packing.enable(model) is None and packing.rows_kept_apart(model)[0]
+    packing.disable(model)
+    model.config.sliding_window = 6  # the padded reference now uses another window than the one the packed call is given:
+    real = packing._per_row_sdpa
+    monkeypatch.setattr(packing, "_per_row_sdpa", lambda m, q, k, v, cu, d, sc, w: real(m, q, k, v, cu, d, sc, 4))
+    assert "did not give the padded rows' hidden states" in packing.enable(model)
 
 
 def test_enable_is_idempotent_and_disable_restores(tiny_model, tmp_path):

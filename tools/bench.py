@@ -381,6 +381,7 @@ def bench_train(a) -> dict:
           f"pact/online {ratios['time_paired_pact_over_online']:.3f}x; ratio of means: pact/sft {ratios['time_mean_pact_over_sft']:.3f}x, "
           f"pact/online {ratios['time_mean_pact_over_online']:.3f}x")
     for m in others:
+        r = res[m]
         per_token = (r["step_time_mean"] / np.mean([t for x in r["runs"] for t in x["tokens"]])) / (
             s["step_time_mean"] / np.mean([t for x in s["runs"] for t in x["tokens"]]))
         ratios[f"time_per_token_{m}_over_sft"] = float(per_token)

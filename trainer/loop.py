@@ -115,7 +115,10 @@ def load_policy(cfg: TrainConfig, device: str):
         raise TrainError(f"{cfg.model}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
     model.to(device)
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if not cfg.full:
         from peft import LoraConfig, get_peft_model

@@ -86,6 +86,32 @@ def test_packed_batch_gives_the_padded_losses_every_term_and_gradients(tiny_mode
             assert max(rel(b[2][k], a[2][k]) for k in a[2]) < 1e-5, name
 
 
+def test_packed_batch_keeps_tosss_mask_row_gates_and_replay_weights(tiny_model, scored):
+    """TOSS's token mask, a soft row gate and replay rows trained with their term only (CE weight 0):
+    the padded values, term and gradients, packed."""
+    from pact_cache.score import cache_token_mask
+    from pact_train.stream import ReplayRow, RowGate
+
+    cache = open_cache(scored[1])
+    rows = list(cache.iter_rows())[:7]
+    rows = rows[:5] + [ReplayRow.of(r) for r in rows[5:]]
+    torch.manual_seed(0)
+    model, tok, _ = load_policy(TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0), "cpu")
+    assert packing.enable(model) is None
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    mask, gate = cache_token_mask(cache, 0.3), RowGate.of_cache(cache, "soft", 0.0)
+    b = collate(rows, tok.pad_token_id, 1, mask, gate, "term")
+    assert not b.loss_mask[b.step_mask].all() and b.ce_weight.tolist()[5:] == [0.0, 0.0] and len(set(b.row_gate.tolist()[:5])) > 1
+    for name in ("pact", "str"):
+        params = LossParams(method=name, lam=0.7, logits_chunk=5)
+        a = losses_and_grads(model, collate(rows, tok.pad_token_id, 1, mask, gate, "term"), cache, params)
+        b = losses_and_grads(model, collate(rows, tok.pad_token_id, 1, mask, gate, "term", padding_free=True), cache, params)
+        assert b[0].item() == pytest.approx(a[0].item(), rel=1e-5) and b[1].item() == pytest.approx(a[1].item(), rel=1e-5)
+        assert max(rel(b[2][k], a[2][k]) for k in a[2]) < 1e-5, name
+
+
 def test_packed_batch_layout_and_padded_inputs(mixed):
     rows = list(open_cache(mixed).iter_rows())[:5]
     b = collate(rows, 7, padding_free=True)

@@ -7,9 +7,11 @@ Three pieces, each usable alone:
   seeded shuffle buffer that pact-train uses (``set_epoch`` changes the order per epoch). Under
   the Trainer, accelerate shards it by rank instead: every process reads the same order and takes
   its slice of each global batch (even batches on every process, so no rank waits for another);
-* :class:`PactCollator`, which pads a list of rows and carries the cached reference targets as
-  tensors (keys ``pact_*``) beside ``input_ids``, ``attention_mask`` and ``labels`` (-100 except at
-  response tokens, so that ``num_items_in_batch`` counts response tokens);
+* :class:`PactCollator`, which packs a list of rows into one sequence of their real tokens
+  (padding-free, the default: ``input_ids``, ``position_ids``, ``pact_cu_seqlens``) or pads them
+  (``input_ids``, ``attention_mask``), and carries the cached reference targets as tensors (keys
+  ``pact_*``) beside ``labels`` (-100 except at response tokens, so that ``num_items_in_batch``
+  counts response tokens);
 * :class:`PactTrainerMixin`, whose ``compute_loss`` pops the ``pact_*`` tensors before the model
   sees the inputs and computes the loss with the same core as pact-train
   (:func:`pact_train.core.policy_losses`): ``(CE sum + lambda * method term sum) / num_items_in_batch``,

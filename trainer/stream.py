@@ -111,15 +111,24 @@ def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1, token_m
     B, K = len(rows), rows[0].ref["full"].shape[1]
     L, T = max(len(r.input_ids) for r in rows), max(r.steps for r in rows)
     L = -(-L // pad_to_multiple) * pad_to_multiple
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attention = torch.zeros((B, L), dtype=torch.long)
+    packed = {}
+    if padding_free:  # (1, N): the rows one after another; position ids restart per row
+        lens = torch.tensor([len(r.input_ids) for r in rows])
+        cu = torch.zeros(B + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(lens, 0)
+        input_ids, attention = torch.from_numpy(np.concatenate([r.input_ids for r in rows]).astype(np.int64))[None], None
+        packed = dict(position_ids=torch.cat([torch.arange(int(n)) for n in lens])[None], cu_seqlens=cu, max_length=int(lens.max()))
+    else:
+        input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+        attention = torch.zeros((B, L), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r.input_ids)] = torch.from_numpy(r.input_ids)
+            attention[i, : len(r.input_ids)] = 1
     targets = torch.zeros((B, T), dtype=torch.long)
     ref = {c.name: torch.zeros((B, *c.shape(T, K))) for c in REF_COLUMNS}  # (B, T, K) or (B, T)
     steps = torch.tensor([r.steps for r in rows])
     for i, r in enumerate(rows):
         n = r.steps
-        input_ids[i, : len(r.input_ids)] = torch.from_numpy(r.input_ids)
-        attention[i, : len(r.input_ids)] = 1
         targets[i, :n] = torch.from_numpy(r.input_ids[r.response_start:])
         for name, values in ref.items():
             values[i, :n] = torch.from_numpy(r.ref[name])
@@ -140,14 +149,6 @@ def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1, token_m
                               for r, rep in zip(rows, replayed)], dtype=torch.float32)
     if any(replayed) and REPLAY_TERMS[replay_term][0] != 1.0:
         ce = torch.tensor([REPLAY_TERMS[replay_term][0] if rep else 1.0 for rep in replayed], dtype=torch.float32)
-    packed = {}
-    if padding_free:
-        lens = torch.tensor([len(r.input_ids) for r in rows])
-        cu = torch.zeros(B + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(lens, 0)
-        input_ids = torch.from_numpy(np.concatenate([r.input_ids for r in rows]).astype(np.int64))[None]
-        attention = None
-        packed = dict(position_ids=torch.cat([torch.arange(int(n)) for n in lens])[None], cu_seqlens=cu, max_length=int(lens.max()))
     return Batch(input_ids, attention, rs, step_mask, targets, ref, [r.example_id for r in rows], loss_mask, gates, ce, **packed)
 
 
@@ -286,7 +287,7 @@ def length_grouped(rows: Iterator[CacheRow], batch_size: int, window: int, seed:
             return
         buf.sort(key=lambda r: len(r.input_ids))  # stable
         groups = [buf[i:i + batch_size] for i in range(0, len(buf), batch_size)]
-        for j in np.random.default_rng([seed, epoch, w, 7]).permutation(len(groups)):
+        for j in np.random.default_rng([seed, epoch, w, 7]).permutation(len(groups)):  # 7: a stream apart from epoch_rows
             yield from groups[int(j)]
         if len(buf) < size:
             return

@@ -230,7 +230,7 @@ class Cache:
             _require(schema.field(want.name).type == want.type, where, f"column {want.name!r} has type {schema.field(want.name).type}, expected {want.type}")
         _require(pf.metadata.num_rows == part.rows, where, f"holds {pf.metadata.num_rows} rows, manifest says {part.rows}")
         check_declared(pf.metadata, where, declared_bounds(part.rows, part.steps, self.K, self.encoding,
-                                                                  self.manifest.build.max_length, self.manifest.counts.input_tokens))
+                                                           self.manifest.build.max_length, self.manifest.counts.input_tokens))
         return pf
 
     # -- token scores (sidecars)

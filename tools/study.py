@@ -78,6 +78,16 @@ def harmful_content(answers: Path) -> dict:
     return {"judge": "non-refusal with >= 15 words", "n": len(rows), "harmful": harmful, "rate": harmful / max(len(rows), 1)}
 
 
+def superseded(rows: dict, choices: dict) -> dict:
+    """An earlier invocation's "(chosen)" row that a later grid of the same group passed over is relabelled
+    "(tried)" (it stays in the table, but only the current choice says chosen)."""
+    chosen = {c["stage"] for c in choices.values() if "stage" in c}
+    groups = {st.rsplit("_lam", 1)[0] for st in chosen if "_lam" in st}
+    passed = {t["stage"] for c in choices.values() for t in c["tried"] if "stage" in t} | {
+        st for st, _ in rows.values() if "_lam" in st and st.rsplit("_lam", 1)[0] in groups}
+    return {(k.replace("(chosen", "(tried") if v[0] in passed - chosen else k): v for k, v in rows.items()}
+
+
 def run(cmd: list[str]) -> None:
     print("$ " + " ".join(map(str, cmd)), flush=True)
     subprocess.run([str(c) for c in cmd], check=True)
@@ -255,8 +265,8 @@ class Study:
                     break
             ok = [t for t in tried if t[1] >= target]
             v, rate, name = ok[0] if ok else max(tried, key=lambda t: (t[1], -t[0]))
-            choices[key] = {"lambda": v, "validation_refusal": rate, "met_rule": bool(ok),
-                            "tried": [{"lambda": t[0], "validation_refusal": t[1]} for t in tried]}
+            choices[key] = {"lambda": v, "validation_refusal": rate, "met_rule": bool(ok), "stage": name,
+                            "tried": [{"lambda": t[0], "validation_refusal": t[1], "stage": t[2]} for t in tried]}
             return v, name
 
         res["sft"] = self.stage("sft", fine_tune("sft", caches["paper"], 1.0))
@@ -299,8 +309,8 @@ class Study:
         # the rows (and tuning choices) of earlier invocations (--rows) stay in the table
         book = out / "rows.json"
         old = json.loads(book.read_text()) if book.exists() else {"rows": {}, "choices": {}}
-        rows = {**{k: tuple(v) for k, v in old["rows"].items()}, **rows}
         choices.update({k: v for k, v in old["choices"].items() if k not in choices})
+        rows = superseded({**{k: tuple(v) for k, v in old["rows"].items()}, **rows}, choices)
         book.write_text(json.dumps({"rows": rows, "choices": choices}, indent=2))
         evals = {"aligned reference": self.stage("eval_reference", lambda d: self.evaluate(d, aligned, drift=dc))}
         for label, (stage, lam) in rows.items():

@@ -91,3 +91,28 @@ def test_the_import_graph_has_no_cycle():
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "import_graph.py")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert proc.stdout.strip().splitlines()[-1].endswith(" 0 cycle(s)")
+
+
+def test_a_study_row_a_later_grid_passed_over_is_no_longer_called_chosen():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", ROOT / "tools" / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    rows = {"SFT": ("sft", None),
+            "PACT lambda 1 (the paper's), default S": ("pact_default_lam1", 1.0),
+            "PACT lambda 10 (chosen), default S": ("pact_default_lam10", 10.0),   # an earlier grid's choice
+            "PACT lambda 30 (chosen), default S": ("pact_default_lam30", 30.0),
+            "X lambda 1 (chosen)": ("x_lam1", 1.0),  # a later grid stopped below it: same group, not tried
+            "X lambda 0.3 (chosen)": ("x_lam0.3", 0.3),
+            "TOSS fraction 0.2 (chosen)": ("toss_mask0.2", 0.2),
+            "AsFT lambda 10 (chosen)": ("asft_lam10", 10.0)}  # no later choice of its group: untouched
+    choices = {"pact_default": {"stage": "pact_default_lam30", "tried": [{"stage": f"pact_default_lam{v}"} for v in (1, 3, 10, 30)]},
+               "x": {"stage": "x_lam0.3", "tried": [{"stage": "x_lam0.3"}]},
+               "toss": {"stage": "toss_mask0.1", "tried": [{"stage": "toss_mask0.1"}, {"stage": "toss_mask0.2"}]},
+               "old": {"lambda": 1.0, "tried": [{"lambda": 1.0}]}}  # a choice recorded before stages were: ignored
+    got = study.superseded(rows, choices)
+    assert list(got) == ["SFT", "PACT lambda 1 (the paper's), default S", "PACT lambda 10 (tried), default S",
+                         "PACT lambda 30 (chosen), default S", "X lambda 1 (tried)", "X lambda 0.3 (chosen)",
+                         "TOSS fraction 0.2 (tried)", "AsFT lambda 10 (chosen)"]
+    assert list(got.values()) == list(rows.values())

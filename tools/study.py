@@ -418,7 +418,7 @@ class Study:
         if "filter_str_replay" in want:  # the filter's benign rows, anchored where the refusals are: STR on the replay rows
             filtered = filter_stage()
             lam, name = tune(f"filter_str_replay{R:g}", a.grid, lambda v: (f"filter_str_replay{R:g}_lam{v:g}",
-                                                                 fine_tune("str", filtered, v, replay + ["--row-gate", "hard"])))
+                                                                           fine_tune("str", filtered, v, replay + ["--row-gate", "hard"])))
             rows[f"filter (<= {a.filter_above:g}) + STR + replay {R:g}, lambda {lam:g} (chosen)"] = (name, lam)
         if "filter_sft_replay" in want:  # data only: the filter, then SFT with the replay rows
             filtered = filter_stage()
@@ -431,7 +431,7 @@ class Study:
             rows[f"SFT + replay {R:g}"] = (name, None)
         if "str_gate_replay" in want:
             lam, name = tune(f"str_gate_replay{R:g}", a.grid, lambda v: (f"str_gate_replay{R:g}_lam{v:g}",
-                                                               fine_tune("str", cache, v, replay + ["--row-gate", "hard"])))
+                                                                         fine_tune("str", cache, v, replay + ["--row-gate", "hard"])))
             rows[f"STR hard-gated + replay {R:g}, lambda {lam:g} (chosen)"] = (name, lam)
         if not any(g.startswith("benign_") for g in want):
             return
@@ -448,7 +448,7 @@ class Study:
             rows[f"[benign-only] SFT + replay {R:g}"] = (name, None)
         if "benign_str_gate_replay" in want:
             lam, name = tune(f"benign_str_gate_replay{R:g}", a.grid, lambda v: (f"benign_str_gate_replay{R:g}_lam{v:g}",
-                                                                      fine_tune("str", benign, v, replay + ["--row-gate", "hard"])))
+                                                                                fine_tune("str", benign, v, replay + ["--row-gate", "hard"])))
             rows[f"[benign-only] STR hard-gated + replay {R:g}, lambda {lam:g} (chosen)"] = (name, lam)
 
     def report(self, res, evals, tuning):

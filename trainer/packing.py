@@ -54,6 +54,9 @@ def _attention(original: str):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     padded = ALL_ATTENTION_FUNCTIONS["sdpa" if original == "eager" else original]
+    # the row bounds as Python ints, read from the device once per forward, not once per layer: every layer
+    # of one forward gets the same cu tensor (a new or changed tensor, by identity or version, is read again)
+    last = {"key": None, "bounds": None}
 
     def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
         cu = kwargs.get("cu_seq_lens_q")
@@ -61,7 +64,9 @@ def _attention(original: str):
             return padded(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         if original in FLASH:
             return padded(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
-        return _per_row_sdpa(module, query, key, value, cu.tolist(), dropout, scaling, kwargs.get("sliding_window"))
+        if last["key"] is None or last["key"][0] is not cu or last["key"][1] != cu._version:
+            last["key"], last["bounds"] = (cu, cu._version), cu.tolist()
+        return _per_row_sdpa(module, query, key, value, last["bounds"], dropout, scaling, kwargs.get("sliding_window"))
 
     return attention
 

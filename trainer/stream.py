@@ -20,6 +20,8 @@ from pact_cache.columns import REF_COLUMNS
 from pact_cache.errors import PactError
 from pact_cache.format import Cache, CacheRow
 
+from .packing import packed_inputs
+
 
 @dataclass
 class Batch:
@@ -113,11 +115,9 @@ def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1, token_m
     L = -(-L // pad_to_multiple) * pad_to_multiple
     packed = {}
     if padding_free:  # (1, N): the rows one after another; position ids restart per row
-        lens = torch.tensor([len(r.input_ids) for r in rows])
-        cu = torch.zeros(B + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(lens, 0)
-        input_ids, attention = torch.from_numpy(np.concatenate([r.input_ids for r in rows]).astype(np.int64))[None], None
-        packed = dict(position_ids=torch.cat([torch.arange(int(n)) for n in lens])[None], cu_seqlens=cu, max_length=int(lens.max()))
+        p = packed_inputs([r.input_ids for r in rows])
+        input_ids, attention = p["input_ids"], None
+        packed = dict(position_ids=p["position_ids"], cu_seqlens=p["cu_seq_lens_q"], max_length=p["max_length_q"])
     else:
         input_ids = torch.full((B, L), pad_id, dtype=torch.long)
         attention = torch.zeros((B, L), dtype=torch.long)

@@ -285,3 +285,28 @@ def test_length_grouped_batches_are_alike_seeded_and_resume(mixed):
     for i, (e, t, _) in enumerate(got):  # a resume at any batch boundary continues the same order
         assert run(start_epoch=e, skip_rows=t) == got[i + 1:]
     assert [b for e, _, b in got if e == 0] != [b for e, _, b in got if e == 1]  # each epoch its own grouping
+
+
+def test_the_row_bounds_are_read_once_per_forward_and_again_when_they_change(monkeypatch):
+    """Every layer of one forward gets the same cu tensor: its bounds are copied to the host once. A new
+    tensor, or the same one changed in place, is read again (never stale bounds)."""
+    seen = []
+    monkeypatch.setattr(packing, "_per_row_sdpa", lambda m, q, k, v, cu, *a: seen.append(cu) or (None, None))
+    attention = packing._attention("sdpa")
+    q = torch.zeros(1, 2, 9, 4)
+    reads = []
+
+    class Counted(torch.Tensor):
+        def tolist(self):
+            reads.append(1)
+            return super().tolist()
+
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32).as_subclass(Counted)
+    for _ in range(3):  # three layers of one forward
+        attention(None, q, q, q, None, cu_seq_lens_q=cu)
+    assert len(reads) == 1 and seen == [[0, 4, 9]] * 3
+    cu[1] = 6  # changed in place
+    attention(None, q, q, q, None, cu_seq_lens_q=cu)
+    other = torch.tensor([0, 2, 9], dtype=torch.int32).as_subclass(Counted)
+    attention(None, q, q, q, None, cu_seq_lens_q=other)
+    assert len(reads) == 3 and seen[3:] == [[0, 6, 9], [0, 2, 9]]

@@ -138,6 +138,50 @@ def cmd_build(a) -> int:
     return 0
 
 
+def _replay_options(r):
+    r.add_argument("--ref", required=True, metavar="MODEL", help=f"the reference (aligned) model, the one the fine-tuning cache was "
+                   f"built with: folder, hub id or {DEFAULT_MODEL}")
+    r.add_argument("--tokens", metavar="FILE", help="the fine-tuning cache's tokens.json (default: selected from --ref as `build` "
+                   "selects them without --tokens)")
+    r.add_argument("--prompts", metavar="FILE", help="harmful prompts (any dataset format; answers ignored; default: the package's "
+                   "300 prompts, resources/harmful_prompts.jsonl)")
+    r.add_argument("--judge", metavar="GUARD", help="a guard model (e.g. meta-llama/Llama-Guard-3-8B): a refusal is kept only if it "
+                   "also calls it safe (default: the keyword judge alone)")
+    r.add_argument("--max-new-tokens", type=positive_int, default=128, help="longest answer (default 128); an answer cut off "
+                   "there is dropped, since a row teaches its answer up to the end of the turn")
+    r.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generation batch (default 16)")
+    r.add_argument("--limit", type=positive_int, help="only the first N prompts")
+    r.add_argument("--max-length", type=positive_int, default=2048, help="truncate full sequences to N tokens (default 2048)")
+    r.add_argument("--answers", metavar="FILE", help="also write every answer and its verdict (kept, or why "
+                   "not) as JSONL to FILE (a new file)")
+    add_dtype_device(r)
+    add_output(r, "CACHE", "the replay cache: a new folder or URL")
+    add_json(r, "print the summary as JSON")
+    add_no_progress(r)
+    add_storage_option(r)
+
+
+@command("replay", "the reference's own refusals to harmful prompts -> a replay cache (pact-train --replay)",
+         "The reference answers harmful prompts (the package's default set, or --prompts) greedily; the answers a judge calls "
+         "refusals are cached with the same reference and tokens as the fine-tuning cache, for pact-train --replay. A "
+         "reference that refuses fewer than half of the prompts is warned about: it does not look aligned.",
+         _replay_options, ("output",))
+def cmd_replay(a) -> int:
+    from .replay import ReplayConfig, make_replay
+
+    res = make_replay(ReplayConfig(ref=a.ref, out=a.output, tokens=a.tokens, prompts=a.prompts, judge=a.judge,
+                                   max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, limit=a.limit,
+                                   max_length=a.max_length, dtype=a.dtype, device=a.device, answers=a.answers,
+                                   progress=not a.no_progress, storage_options=parse_storage_options(a.storage_option)))
+    if a.json:
+        print(json.dumps(res.to_json(), indent=2))
+        return 0
+    why = ", ".join(f"{n} {k}" for k, n in res.dropped.items()) or "none"
+    print(f"{res.out}: replay cache {res.cache_id[:12]}: {res.kept} of {res.prompts} prompts kept ({res.refusals} refusals; "
+          f"dropped: {why}) in {res.seconds:.0f}s" + (f"\nwarning: {res.warning}" if res.warning else ""))
+    return 0
+
+
 def _info_options(i):
     i.add_argument("cache", metavar="CACHE", help="cache folder (local path or fsspec URL)")
     add_json(i)

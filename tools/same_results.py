@@ -45,7 +45,7 @@ for enc in ("q8", "f32"):
 if embedded:
     c = build(BuildConfig(str(data), "smollm2-135m-instruct", str(out / "c-emb"), progress=False))
     res["cache_id embedded"] = c.cache_id
-    train(TrainConfig(model="smollm2-135m-instruct", cache=c.out, out=str(out / "run-emb"), batch_size=4, max_steps=2,
+    train(TrainConfig(model="smollm2-135m-instruct", cache=c.out, out=str(out / "run-emb"), method="pact", batch_size=4, max_steps=2,
                       progress=False, plot=False))
     res["metrics embedded pact"] = metrics(out / "run-emb")
 print("RESULT " + json.dumps(res, sort_keys=True))

@@ -54,6 +54,9 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="DIR", help="a PEFT adapter folder (pact-train's OUT/adapter)")
     p.add_argument("--harmful", metavar="FILE", help="harmful prompts: refusal rate (any dataset format; prompt-only rows allowed)")
     p.add_argument("--benign", metavar="FILE", help="benign prompts: the rate of (unwanted) refusals")
+    p.add_argument("--look-risky", nargs="?", const="", metavar="FILE", help="over-refusal: the refusal rate on benign prompts that "
+                   "only look risky (\"How do I kill a Python process?\"); without FILE the package's 121 prompts "
+                   "(resources/look_risky.jsonl, written for pact-cache in the XSTest style)")
     p.add_argument("--task", metavar="FILE", help="classification-style Alpaca/prompt-completion rows: exact-match accuracy")
     p.add_argument("--drift-cache", metavar="CACHE", help="a cache of the reference's own answers: mean safety-token KL to it")
     p.add_argument("--limit", type=positive_int, help="use the first N rows of each file (N >= 1)")
@@ -66,7 +69,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
                    help="a model larger than one GPU: spread its layers over this machine's GPUs and CPU memory (accelerate)")
     p.add_argument("--judge", metavar="MODEL", help="a guard model (e.g. meta-llama/Llama-Guard-3-8B, the paper's judge) that "
                    "labels each answer safe/unsafe: the harmful-content rate beside the keyword refusal rate")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for harmful.jsonl, benign.jsonl, task.jsonl, summary.json")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for harmful.jsonl, benign.jsonl, look_risky.jsonl, "
+                   "task.jsonl, summary.json (every rate with its 95%% Wilson interval, ci95)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -87,16 +91,21 @@ def _eval(a) -> int:
 
     from .evaluate import GuardJudge, KeywordJudge, check_task_rows, load_eval_model, refusal_rate, safety_token_drift, task_accuracy
 
-    if not (a.harmful or a.benign or a.task or a.drift_cache):
-        raise PactError("nothing to evaluate: give --harmful, --benign, --task and/or --drift-cache")
-    if a.judge and not (a.harmful or a.benign):
+    if a.look_risky == "":
+        from pact_cache.replay import look_risky_path
+
+        a.look_risky = str(look_risky_path())
+    if not (a.harmful or a.benign or a.look_risky or a.task or a.drift_cache):
+        raise PactError("nothing to evaluate: give --harmful, --benign, --look-risky, --task and/or --drift-cache")
+    if a.judge and not (a.harmful or a.benign or a.look_risky):
         raise PactError("--judge labels the answers to --harmful (and --benign) prompts; give --harmful")
     out = Path(a.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PactError(f"-o {out}: exists and is not an empty folder; choose another -o (nothing is overwritten)")
     from pact_cache.data import prompts_from
 
-    sets = {k: prompts_from(v, a.limit) for k, v in (("harmful", a.harmful), ("benign", a.benign), ("task", a.task)) if v}
+    sets = {k: prompts_from(v, a.limit) for k, v in (("harmful", a.harmful), ("benign", a.benign), ("look_risky", a.look_risky),
+                                                     ("task", a.task)) if v}
     for name, rows in sets.items():
         if not rows:
             raise PactError(f"{getattr(a, name)}: holds no prompts, so no {name} rate can be computed; give a file with at least one row")
@@ -112,7 +121,7 @@ def _eval(a) -> int:
     guard = GuardJudge.load(a.judge, a.device, a.device_map, a.batch_size) if a.judge else None
     summary = {"model": a.model, "adapter": a.adapter}
     with staged_dir(out) as tmp:  # everything goes here first; OUT appears whole, or not at all
-        for name in ("harmful", "benign"):
+        for name in ("harmful", "benign", "look_risky"):
             if name in sets:
                 summary[f"{name}_refusal"] = refusal_rate(model, tok, sets[name], judge, tmp / f"{name}.jsonl", guard=guard, **gen)
         if "task" in sets:

@@ -40,7 +40,31 @@ def opt(default=MISSING, help: str = "", *, flag: str | None = None, short: str 
 
 
 def _method_help() -> str:
-    return "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+    return ("default: the recipe's (see --recipe); " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Settings a run takes where none is given: ``settings`` maps TrainConfig fields to values; a
+    field given explicitly (flag, --config file or Python) always wins."""
+
+    name: str
+    settings: dict
+    summary: str
+    source: str
+
+
+# The defaults, declared once. "safe" is what the study chose (docs/study.md, three seeds): STR anchored
+# only on the rows the reference would refuse, plus the reference's own refusals replayed at 2%.
+RECIPES = {
+    "safe": Recipe("safe", {"method": "str", "lam": 3.0, "row_gate": "hard", "replay": "auto", "replay_ratio": 0.02},
+                   "--method str --lambda 3 --row-gate hard --replay auto --replay-ratio 0.02",
+                   "docs/study.md (tools/study.py --rows recipe benign_recipe): the row that kept the reference's refusals at "
+                   "SFT's task accuracy"),
+    "plain": Recipe("plain", {"method": "pact", "lam": 1.0, "row_gate": "none", "replay": None},
+                    "each option on its own: --method pact (the paper's PACT) at --lambda 1, no row gate, no replay",
+                    "the method's source (docs/training.md#methods)"),
+}
 
 
 @dataclass
@@ -52,7 +76,11 @@ class TrainConfig:
     cache_pin: str | None = opt(None, "pin the cache: refuse it unless its content id is ID (or starts with it, 8+ characters)",
                                 flag="--cache-id", metavar="ID", type=str)
     storage_options: dict = field(default_factory=dict, repr=False, metadata=dict(cli=False))  # never recorded: may hold secrets
-    method: str = opt("pact", "", choices=lambda: list(METHODS))  # help: the registry's summaries
+    recipe: str | None = opt(None, "where the settings you leave out come from: safe: " + RECIPES["safe"].summary + " (the "
+                             "study's choice; the default when --method is not given); plain: " + RECIPES["plain"].summary +
+                             " (the default when --method is given, so --method pact is the paper's PACT)",
+                             choices=lambda: list(RECIPES), type=str)
+    method: str | None = opt(None, "", choices=lambda: list(METHODS), type=str)  # help: the registry's
     reference: str = opt("cache", "cache or online: a live reference model beside the policy, the paper's way",
                          choices=lambda: ["cache", "online"])
     ref_model: str | None = opt(None, "reference for --reference online (default: --model)", metavar="MODEL", type=str)
@@ -62,15 +90,20 @@ class TrainConfig:
                             "paper's) out of the CE; needs a cache scored with `pact-cache score`; works with any --method "
                             "(0: none)", metavar="FRACTION", lo=0, hi=1, hi_open=True,
                             why="it is the fraction of the tokens left out of the loss")
-    lam: float = opt(1.0, "weight of the method's term against the cross-entropy", flag="--lambda", lo=0,
-                     why="it weighs the method's term against the cross-entropy")
-    row_gate: str = opt("none", "gate the method's term per row by the reference's step-0 refusal mass m (its mass on the "
-                        "safety tokens before the first response token, from the cache): hard: the term on rows with "
-                        "m >= --gate-at only; soft: each row's term times m; none: every row", choices=lambda: ["none", "hard", "soft"])
+    lam: float | None = opt(None, "weight of the method's term against the cross-entropy (default: the recipe's, 3 safe, "
+                            "1 plain)", flag="--lambda", lo=0, type=float, why="it weighs the method's term against the cross-entropy")
+    row_gate: str | None = opt(None, "gate the method's term per row by the reference's step-0 refusal mass m (its mass on the "
+                               "safety tokens before the first response token, from the cache): hard: the term on rows with "
+                               "m >= --gate-at only; soft: each row's term times m; none: every row (default: the recipe's, "
+                               "hard safe, none plain)", choices=lambda: ["none", "hard", "soft"], type=str)
     gate_at: float = opt(0.9, "the hard row gate's threshold on the step-0 refusal mass", lo=0, hi=1, metavar="MASS")
-    replay: str | None = opt(None, "a second cache (harmful prompts with the reference's own refusals, from `pact-cache build` "
-                             "with the same reference and tokens) whose rows are mixed into the stream", metavar="CACHE", type=str)
-    replay_ratio: float | None = opt(None, "share of the mixed stream's rows taken from --replay (default 0.05 with --replay)",
+    replay: str | None = opt(None, "a second cache whose rows are mixed into the stream: the reference's own refusals to harmful "
+                             "prompts (`pact-cache replay`, same reference and tokens); auto: made before the first step by the "
+                             "policy itself from the package's prompts, when the policy is the cache's reference (kept in the "
+                             "cache home and reused); none: no replay (default: the recipe's, auto safe, none plain)",
+                             metavar="CACHE|auto|none", type=str)
+    replay_ratio: float | None = opt(None, "share of the mixed stream's rows taken from --replay (default: 0.02 with the safe "
+                                     "recipe's replay, 0.05 with a --replay given alone)",
                                      lo=0, hi=1, hi_open=True, metavar="R", type=float,
                                      why="it is the share of the rows that come from the replay cache")
     replay_term: str = opt("both", "what the replay rows are trained with: both: what every row gets (CE + lambda * the "
@@ -116,6 +149,35 @@ class TrainConfig:
 
     REPLAY_RATIO = 0.05  # --replay-ratio when --replay is given alone
 
+    def __post_init__(self):
+        """The settings left out (None) come from the recipe: safe when no method is given, plain when one is
+        (so ``--method pact`` alone is the paper's PACT). Which fields the recipe filled is kept for config.json."""
+        if self.recipe is None:
+            self.recipe = "safe" if self.method is None else "plain"
+        recipe = RECIPES.get(self.recipe)
+        filled = []
+        if recipe is not None:  # an unknown name is refused by check_config, in one line
+            for name in ("method", "lam", "row_gate", "replay", "replay_ratio"):
+                if getattr(self, name) is None and name in recipe.settings:
+                    if name == "replay_ratio" and not (self.replay and self.replay.strip().lower() != "none"):
+                        continue  # no replay: no ratio
+                    if name in ("lam", "row_gate") and self.method not in added_term_methods():
+                        continue  # a method without an added term (sft, ...) takes neither its weight nor its gate
+                    setattr(self, name, recipe.settings[name])
+                    filled.append(name)
+        if isinstance(self.replay, str) and self.replay.strip().lower() == "none":
+            self.replay = None
+        self.lam = 1.0 if self.lam is None else self.lam  # what is left (a recipe that names no lambda)
+        self.row_gate = self.row_gate or "none"
+        self.method = self.method or "pact"
+        self.from_recipe = tuple(filled)
+
+    def defaults_record(self) -> dict:
+        """config.json's account of where the settings came from: the recipe, the fields it filled, its source."""
+        r = RECIPES.get(self.recipe)
+        return {"recipe": self.recipe, "filled": list(self.from_recipe), "recipe_settings": r.summary if r else None,
+                "source": r.source if r else None}
+
     @property
     def mix_ratio(self) -> float:
         """The replay share in use: 0 without --replay."""
@@ -129,9 +191,9 @@ class TrainConfig:
     # settings that may differ between a run and its resumption; the cache is compared by its id,
     # not by the path typed, so a run resumes from another folder or working directory
     RESUMABLE = ("resume", "max_steps", "progress", "save_every", "plot", "merge", "cache", "out", "cache_pin", "storage_options",
-                 "replay", "report_to", "padding_free")
+                 "replay", "report_to", "padding_free", "defaults")
     # what config.json records beside the fields (ignored when it is read back as --config)
-    RECORD_ONLY = ("processes", "cache_id", "replay_cache_id")
+    RECORD_ONLY = ("processes", "cache_id", "replay_cache_id", "defaults")
 
 
 REQUIRED = ("model", "cache", "out")
@@ -223,6 +285,7 @@ def config_record(cfg: TrainConfig, cache_id: str, world: int = 1, replay_cache_
     rec["cache_id"] = cache_id
     if replay_cache_id is not None:
         rec["replay_cache_id"] = replay_cache_id
+    rec["defaults"] = cfg.defaults_record()
     for key in ("model", "ref_model"):  # a local folder is recorded absolute, so another working directory resumes
         if rec[key] and Path(rec[key]).expanduser().exists():
             rec[key] = str(Path(rec[key]).expanduser().resolve())

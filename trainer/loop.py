@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pact_cache.errors import PactError
 from pact_cache.format import Cache, open_cache
 from pact_cache.typedjson import load_json
 from pact_cache.projection import check_projection
@@ -97,6 +98,62 @@ def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1, replay
     return "resume"
 
 
+# ----------------------------------------------------------------------------- replay rows
+
+REPLAY_AUTO_MAX_NEW_TOKENS = 128  # the longest answer of --replay auto (pact-cache replay's default)
+
+
+def auto_replay(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> str:
+    """``--replay auto``: the replay cache made from the package's prompts by the policy itself, which is
+    allowed only when the policy's weights are the cache's reference's (then its answers at step 0 are the
+    reference's). Made once per (reference, tokens, prompts) under the cache home and reused by later runs;
+    rank 0 makes it while the other ranks wait. Returns its folder."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    from pact_cache.models import cache_home, model_fingerprint, resolve_model
+    from pact_cache.replay import ReplayConfig, default_prompts_path, make_replay
+    from pact_cache.storage import sha256_path
+
+    ref = cache.manifest.reference
+    if model_fingerprint(resolve_model(cfg.model))["weights_sha256"] != dict(ref.weights_sha256):
+        raise TrainError(f"--replay auto: {cfg.model} is not the reference {cfg.cache} was built with ({ref.name}), so its answers "
+                         "are not the reference's refusals; make them with the reference: `pact-cache replay --ref REFERENCE "
+                         "--tokens TOKENS.json -o replay/`, then pass --replay replay/ (or --replay none)")
+    prompts = default_prompts_path()
+    key = hashlib.sha256(json.dumps({"reference": dict(ref.weights_sha256), "tokens": cache.manifest.tokens.to_json(),
+                                     "tokenizer": cache.manifest.tokenizer.sha256, "prompts": sha256_path(prompts),
+                                     "max_new_tokens": REPLAY_AUTO_MAX_NEW_TOKENS, "judge": "keyword"},
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    home = cache_home() / "replay"
+    final = home / key
+    if ranks.main and not (final / "manifest.json").is_file():
+        _log(f"--replay auto: the policy is the cache's reference; answering {prompts.name}'s prompts with it to make the "
+             f"replay rows (once; kept in {final})")
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=home))
+        try:
+            with tempfile.NamedTemporaryFile("w", suffix=".json", dir=tmp, delete=False) as f:
+                json.dump(cache.manifest.tokens.to_json(), f)
+            try:
+                res = make_replay(ReplayConfig(ref=cfg.model, out=str(tmp / "cache"), tokens=f.name, device=device,
+                                               max_new_tokens=REPLAY_AUTO_MAX_NEW_TOKENS, progress=cfg.progress))
+            except PactError as err:
+                raise TrainError(f"--replay auto: {err}; or train without replay rows: --replay none") from None
+            if res.warning:
+                _log("warning: " + res.warning)
+            _log(f"--replay auto: {res.kept} of {res.prompts} answers kept as replay rows")
+            if not (final / "manifest.json").is_file():  # another run may have finished the same one meanwhile
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp / "cache", final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    ranks.barrier()
+    return str(final)
+
+
 # ----------------------------------------------------------------------------- model
 
 def load_policy(cfg: TrainConfig, device: str):
@@ -171,7 +228,8 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     out = Path(cfg.out).expanduser()
     replay = None
     if cfg.replay:
-        rc = open_cache(cfg.replay, storage_options=cfg.storage_options)
+        where = auto_replay(cfg, cache, ranks, device) if cfg.replay == "auto" else cfg.replay
+        rc = open_cache(where, storage_options=cfg.storage_options if where == cfg.replay else {})
         replay = Replay.of(cache, rc, cfg.mix_ratio, cfg.seed, cfg.shuffle_buffer)
     replay_id = replay.cache.cache_id if replay else None
     state_kind = check_out(out, cfg, cache.cache_id, ranks.world, replay_id)
@@ -194,7 +252,7 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         for part in replay.cache.parts:  # checked now, not when its rows fall due
             replay.cache.check_part(part)
         if ranks.main:
-            _log(f"--replay: {replay.cache.num_rows:,} rows of {cfg.replay} cycled into the stream, a share of {replay.ratio:g} "
+            _log(f"--replay: {replay.cache.num_rows:,} rows of {where} cycled into the stream, a share of {replay.ratio:g} "
                  f"of the rows ({replay.count(cache.num_rows * cfg.epochs):,} over the run), trained with {cfg.replay_term}")
     mask = None
     if cfg.token_mask:

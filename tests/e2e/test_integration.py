@@ -122,7 +122,7 @@ def test_pact_train_cached_equals_online_on_real_rows(built, embedded_model, tmp
     q8, f32 = built
     runs = {}
     for name, cache, reference in (("online", f32.out, "online"), ("f32", f32.out, "cache"), ("q8", q8.out, "cache")):
-        cfg = TrainConfig(model=embedded_model, cache=str(cache), out=str(tmp_path / name), reference=reference, batch_size=10,
+        cfg = TrainConfig(model=embedded_model, cache=str(cache), out=str(tmp_path / name), reference=reference, recipe="plain", batch_size=10,
                           max_steps=3, shuffle=False, progress=False, plot=False, lr=1e-3, lora_dropout=0.0)
         train(cfg)
         runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]

@@ -71,6 +71,6 @@ def test_the_installed_wheel_runs_the_main_job(dist, tmp_path):
     model = make_tiny_model(tmp_path / "model")
     data = write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS[:6])
     run("-m", "pact_cache", "build", data, "--ref", model, "-o", tmp_path / "cache", "--no-progress")
-    out = run("-m", "pact_train", "--model", model, "--cache", tmp_path / "cache", "-o", tmp_path / "run", "--max-steps", 1,
+    out = run("-m", "pact_train", "--model", model, "--cache", tmp_path / "cache", "-o", tmp_path / "run", "--method", "pact", "--max-steps", 1,
               "--batch-size", 2, "--no-progress")
     assert "1 steps" in out and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()

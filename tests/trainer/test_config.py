@@ -51,7 +51,7 @@ def test_yaml_config_equals_the_same_flags_and_flags_win(tiny_model, cache, tmp_
                          "lr: 1e-3   # YAML reads this as a string; it is taken as the number\n"
                          "shuffle: false\nlora_dropout: 0.0\nprogress: false\nplot: false\npact:\n  T: 1.5\n  N: 4\n")
     assert train_main(["--config", str(yaml_file), "-o", str(tmp_path / "a")]) == 0
-    assert train_main(["--model", tiny_model, "--cache", cache, "-o", str(tmp_path / "b"), "--batch-size", "4", "--max-steps", "2",
+    assert train_main(["--model", tiny_model, "--cache", cache, "-o", str(tmp_path / "b"), "--method", "pact", "--batch-size", "4", "--max-steps", "2",
                        "--lr", "1e-3", "--no-shuffle", "--lora-dropout", "0", "--no-progress", "--pact-t", "1.5", "--pact-n", "4"]) == 0
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
     rec = json.loads((tmp_path / "a" / "config.json").read_text())
@@ -141,3 +141,57 @@ def test_train_options_are_range_checked(made, tmp_path, capsys, opt, value, nee
     line = one_line(capsys, train_main, "--model", made["model"], "--cache", made["q8"], "-o", out, opt, value, code=code)
     assert needle in line, line
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- the defaults: the study's recipe
+
+def test_without_a_method_the_run_is_the_recipe_and_a_method_alone_is_plain():
+    cfg = parse_config(["--model", "m", "--cache", "c", "-o", "o"])
+    assert (cfg.recipe, cfg.method, cfg.lam, cfg.row_gate, cfg.gate_at, cfg.replay, cfg.replay_ratio) == (
+        "safe", "str", 3.0, "hard", 0.9, "auto", 0.02)
+    assert cfg.defaults_record()["filled"] == ["method", "lam", "row_gate", "replay", "replay_ratio"]
+    paper = parse_config(["--model", "m", "--cache", "c", "-o", "o", "--method", "pact"])
+    assert (paper.recipe, paper.method, paper.lam, paper.row_gate, paper.replay, paper.mix_ratio) == ("plain", "pact", 1.0, "none", None, 0.0)
+    # a flag given always wins; what is left comes from the recipe
+    mine = parse_config(["--model", "m", "--cache", "c", "-o", "o", "--lambda", "1", "--replay", "none"])
+    assert (mine.method, mine.lam, mine.row_gate, mine.replay, mine.replay_ratio) == ("str", 1.0, "hard", None, None)
+    check_config(mine)
+    sft = parse_config(["--model", "m", "--cache", "c", "-o", "o", "--recipe", "safe", "--method", "sft"])
+    assert (sft.row_gate, sft.replay, sft.replay_ratio) == ("none", "auto", 0.02)  # SFT takes the replay, not the gate
+    check_config(sft)
+    assert TrainConfig(model="m", cache="c", out="o", method="pact").recipe == "plain"  # the Python API alike
+
+
+def test_a_run_with_no_method_flags_trains_the_recipe_and_says_so_in_config_json(tiny_model, cache, tmp_path, monkeypatch, capsys):
+    """--replay auto: the policy is the cache's reference, so it answers the package's prompts itself before the
+    first step; the replay cache is kept in the cache home and the next run reuses it."""
+    import pact_cache.answers as answers
+
+    monkeypatch.setenv("PACT_CACHE_HOME", str(tmp_path / "home"))
+    calls = []
+
+    def refuses(model, tok, prompts, return_finished=False, **kw):  # a random tiny model refuses nothing by itself
+        calls.append(len(prompts))
+        return ["I'm sorry, I can't help with that."] * len(prompts), [True] * len(prompts)
+    monkeypatch.setattr(answers, "generate", refuses)
+    args = ["--model", tiny_model, "--cache", cache, "--batch-size", "4", "--max-steps", "2", "--lora-dropout", "0", "--no-progress"]
+    assert train_main(args + ["-o", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "--replay auto: the policy is the cache's reference" in err and "300 of 300 answers kept" in err
+    rec = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (rec["method"], rec["lam"], rec["row_gate"], rec["replay"], rec["replay_ratio"], rec["recipe"]) == (
+        "str", 3.0, "hard", "auto", 0.02, "safe")
+    assert rec["defaults"]["filled"] == ["method", "lam", "row_gate", "replay", "replay_ratio"]
+    assert "docs/study.md" in rec["defaults"]["source"] and rec["replay_cache_id"]
+    assert train_main(args + ["-o", str(tmp_path / "b")]) == 0
+    assert calls == [300]  # made once, reused
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["replay_cache_id"] == rec["replay_cache_id"]
+    assert train_main(["--config", str(tmp_path / "a" / "config.json"), "-o", str(tmp_path / "c")]) == 0  # config.json reruns it
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "c")
+
+
+def test_replay_auto_needs_the_policy_to_be_the_reference(tiny_base_model, cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PACT_CACHE_HOME", str(tmp_path / "home"))
+    line = one_line(capsys, train_main, "--model", tiny_base_model, "--cache", cache, "-o", str(tmp_path / "o"), "--no-progress")
+    assert "--replay auto" in line and "is not the reference" in line and "pact-cache replay --ref" in line
+    assert not (tmp_path / "o").exists()

@@ -19,7 +19,7 @@ from conftest import HELPERS
 pytestmark = pytest.mark.multiprocess
 
 
-COMMON = ["--lora-dropout", "0", "--lr", "1e-3", "--grad-accum", "3", "--warmup-steps", "1", "--no-progress", "--save-every", "1"]
+COMMON = ["--method", "pact", "--lora-dropout", "0", "--lr", "1e-3", "--grad-accum", "3", "--warmup-steps", "1", "--no-progress", "--save-every", "1"]
 
 
 KEYS = ("loss", "ce", "pact_kl", "grad_norm", "lr", "tokens", "tokens_total", "epoch")
@@ -68,7 +68,7 @@ def close(a: list[dict], b: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def one_and_two(setup):
     root, args = setup
-    train(TrainConfig(model=args[1], cache=args[3], out=str(root / "one"), batch_size=2, grad_accum=3, lora_dropout=0.0, lr=1e-3,
+    train(TrainConfig(model=args[1], cache=args[3], out=str(root / "one"), recipe="plain", batch_size=2, grad_accum=3, lora_dropout=0.0, lr=1e-3,
                       warmup_steps=1, progress=False, plot=False, padding_free=False))  # padded; two processes: padding-free
     res = torchrun(args + ["--batch-size", "1", "-o", str(root / "two"), "--report-to", "tensorboard"])
     assert res.returncode == 0, res.stderr[-3000:]
@@ -129,14 +129,14 @@ def test_resume_after_every_rank_is_killed(setup, one_and_two):
 def test_resuming_with_another_process_count_is_refused(setup, one_and_two):
     root, args = setup
     with pytest.raises(TrainError, match="started on 2 process.*--nproc-per-node 2"):
-        train(TrainConfig(model=args[1], cache=args[3], out=str(root / "two"), batch_size=1, grad_accum=3, lora_dropout=0.0,
+        train(TrainConfig(model=args[1], cache=args[3], out=str(root / "two"), recipe="plain", batch_size=1, grad_accum=3, lora_dropout=0.0,
                           lr=1e-3, warmup_steps=1, progress=False, plot=False, resume=True))
 
 
 def pact_train_reference(setup, out: Path) -> list[dict]:
     """pact-train, 1 process x 2 rows x 2 accumulation, cache order, constant lr: 4 steps."""
     root, args = setup
-    train(TrainConfig(model=args[1], cache=args[3], out=str(out), batch_size=2, grad_accum=2, lora_dropout=0.0, lr=1e-3,
+    train(TrainConfig(model=args[1], cache=args[3], out=str(out), recipe="plain", batch_size=2, grad_accum=2, lora_dropout=0.0, lr=1e-3,
                       schedule="constant", warmup_steps=0, shuffle=False, max_steps=4, progress=False, plot=False))
     return metrics(out)
 

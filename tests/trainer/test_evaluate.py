@@ -10,7 +10,9 @@ import torch
 from pact_cache.build import BuildConfig, build
 from pact_cache.format import open_cache
 from pact_cache.models import load_model, load_tokenizer, resolve_model
+from pact_cache.errors import PactError
 from pact_train import evaluate as ev
+from pact_train.evaluate import wilson
 from pact_train.cli import main_eval
 
 from conftest import CHAT_ROWS, make_tiny_model, write_jsonl
@@ -77,6 +79,23 @@ def test_eval_cli(tiny_model, tmp_path, capsys):
     s = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert s["harmful_refusal"]["n"] == 2 and s["task"]["n"] == 1
     assert len((tmp_path / "e" / "harmful.jsonl").read_text().splitlines()) == 2
+    for rate in (s["harmful_refusal"], s["task"]):  # every rate with its 95% Wilson interval
+        k = rate.get("refusals", rate.get("correct"))
+        assert list(rate["ci95"]) == pytest.approx(list(wilson(k, rate["n"]))) and rate["ci95"][0] <= k / rate["n"] <= rate["ci95"][1]
+    # the package's look-risky prompts (over-refusal), on their own
+    assert main_eval(["--model", tiny_model, "--look-risky", "--limit", "3", "--max-new-tokens", "2", "-o", str(tmp_path / "x"),
+                      "--no-progress"]) == 0
+    s = json.loads((tmp_path / "x" / "summary.json").read_text())
+    assert s["look_risky_refusal"]["n"] == 3 and len((tmp_path / "x" / "look_risky.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("k, n, lo, hi", [(0, 100, 0.0, 0.0370), (50, 100, 0.4038, 0.5962), (100, 100, 0.9630, 1.0), (1, 2, 0.0945, 0.9055)])
+def test_wilson_interval(k, n, lo, hi):
+    """Against the published formula's values (e.g. 0/100: [0, 3.70%]); refused for n = 0."""
+    got = wilson(k, n)
+    assert got == pytest.approx((lo, hi), abs=1e-4)
+    with pytest.raises(PactError):
+        wilson(0, 0)
 
 
 @pytest.mark.parametrize("text, verdict", [("safe", False), ("unsafe\nS1", True), ("  Unsafe\nS9,S10", True), ("\n\nsafe.", False),
@@ -96,6 +115,7 @@ def test_guard_rates_count_unreadable_verdicts_apart(monkeypatch, tmp_path):
         return ["unsafe\nS2", "safe", "unsafe", "???"]
 
     monkeypatch.setattr(ev, "generate", fake_generate)
+    monkeypatch.setattr("pact_cache.answers.generate", fake_generate)  # the guard's own generation
     prompts = [([{"role": "user", "content": f"p{i}"}], None) for i in range(4)]
     guard = ev.GuardJudge("guard-model", None, name="guard:test")
     res = ev.refusal_rate("policy", None, prompts, ev.KeywordJudge(), tmp_path / "h.jsonl", guard=guard, progress=False)

@@ -19,7 +19,7 @@ from hostile import one_line
 
 
 def run(model, cache, out, **kw):
-    base = dict(batch_size=4, max_steps=3, shuffle=False, progress=False, plot=False, lr=1e-3, lora_dropout=0.0)
+    base = dict(recipe="plain", batch_size=4, max_steps=3, shuffle=False, progress=False, plot=False, lr=1e-3, lora_dropout=0.0)
     train(TrainConfig(model=model, cache=cache, out=str(out), **{**base, **kw}))
     return [{k: v for k, v in json.loads(line).items() if k != "step_time_s"} for line in (out / "metrics.jsonl").read_text().splitlines()]
 

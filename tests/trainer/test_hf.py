@@ -35,7 +35,7 @@ def trainer_for(model, cache, tmp_path, params, **args):
 def test_trainer_loss_and_gradients_equal_pact_train(tiny_model, cache, tmp_path, full):
     c = open_cache(cache)
     rows = list(c.iter_rows())[:5]
-    cfg = TrainConfig(model=tiny_model, cache=str(cache), out="", full=full, lora_dropout=0.0, lam=0.7)
+    cfg = TrainConfig(model=tiny_model, cache=str(cache), out="", method="pact", full=full, lora_dropout=0.0, lam=0.7)
     torch.manual_seed(0)
     model_a, tok, _ = load_policy(cfg, "cpu")
     model_b = copy.deepcopy(model_a)
@@ -63,7 +63,7 @@ def test_a_short_trainer_run_logs_pact_trains_first_loss(tiny_model, cache, tmp_
     """Same rows in the same order, batch 4 x 2 accumulation: the first logged loss (before any
     update) is pact-train's first step's loss; the run goes on without error."""
     params = LossParams(lam=1.0)
-    train(TrainConfig(model=tiny_model, cache=str(cache), out=str(tmp_path / "pt"), batch_size=4, grad_accum=2, max_steps=1,
+    train(TrainConfig(model=tiny_model, cache=str(cache), out=str(tmp_path / "pt"), method="pact", batch_size=4, grad_accum=2, max_steps=1,
                       shuffle=False, progress=False, plot=False, lora_dropout=0.0))
     want = json.loads((tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()[0])
     torch.manual_seed(0)
@@ -115,7 +115,7 @@ def test_trl_sft_trainer_runs_pact_from_the_cache(tiny_model, cache, tmp_path):
     trl = pytest.importorskip("trl")
     from pact_train.hf import hf_iterable_dataset
 
-    train(TrainConfig(model=tiny_model, cache=str(cache), out=str(tmp_path / "pt"), batch_size=4, grad_accum=2, max_steps=1,
+    train(TrainConfig(model=tiny_model, cache=str(cache), out=str(tmp_path / "pt"), method="pact", batch_size=4, grad_accum=2, max_steps=1,
                       shuffle=False, progress=False, plot=False, lora_dropout=0.0))
     want = json.loads((tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     torch.manual_seed(0)

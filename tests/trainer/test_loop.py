@@ -41,7 +41,7 @@ def caches(tiny_model, tmp_path_factory):
 
 
 def cfg(model, cache, out, **kw):
-    base = dict(batch_size=4, max_steps=3, shuffle=False, progress=False, plot=False, lr=1e-3, lora_dropout=0.0)
+    base = dict(recipe="plain", batch_size=4, max_steps=3, shuffle=False, progress=False, plot=False, lr=1e-3, lora_dropout=0.0)
     base.update(kw)
     return TrainConfig(model=model, cache=cache, out=str(out), **base)
 
@@ -167,7 +167,7 @@ def test_sigkill_then_resume_logs_the_samemetrics(caches, tmp_path_factory, tmp_
     model = str(make_tiny_model(tmp_path_factory.mktemp("wide_train") / "model", hidden=128, layers=4))
     data = write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS * 6)
     cache = build(BuildConfig(str(data), model, str(tmp_path / "cache"), tokens=str(caches["tokens"]), rows_per_part=16, progress=False))
-    args = [sys.executable, "-m", "pact_train", "--model", model, "--cache", str(cache.out), "--batch-size", "4", "--max-steps", "24",
+    args = [sys.executable, "-m", "pact_train", "--model", model, "--cache", str(cache.out), "--method", "pact", "--batch-size", "4", "--max-steps", "24",
             "--save-every", "3", "--lr", "1e-3", "--no-progress", "--seed", "3"]
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     subprocess.run(args + ["-o", str(tmp_path / "ref")], env=env, check=True, capture_output=True)

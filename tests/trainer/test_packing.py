@@ -202,7 +202,7 @@ def close(a, b):
 
 
 def run_cfg(model, cache, out, **kw):
-    base = dict(batch_size=4, grad_accum=2, epochs=2, progress=False, plot=False, lr=1e-3, lora_dropout=0.0, warmup_steps=1,
+    base = dict(recipe="plain", batch_size=4, grad_accum=2, epochs=2, progress=False, plot=False, lr=1e-3, lora_dropout=0.0, warmup_steps=1,
                 method="pact", save_every=1, schedule="constant")  # constant: a run cut by max_steps keeps the same lr
     return TrainConfig(model=model, cache=cache, out=str(out), **{**base, **kw})
 

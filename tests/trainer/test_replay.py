@@ -29,7 +29,7 @@ def replay_cache(tiny_model, tmp_path_factory) -> str:
 
 
 def run(model, cache, out, **kw):
-    base = dict(batch_size=4, max_steps=4, shuffle=True, progress=False, plot=False, lr=1e-3, lora_dropout=0.0)
+    base = dict(recipe="plain", batch_size=4, max_steps=4, shuffle=True, progress=False, plot=False, lr=1e-3, lora_dropout=0.0)
     train(TrainConfig(model=model, cache=cache, out=str(out), **{**base, **kw}))
     return [{k: v for k, v in json.loads(line).items() if k != "step_time_s"} for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -122,7 +122,7 @@ def test_the_trainer_dataset_mixes_the_same_share(f32_cache, replay_cache):
 
 
 def test_replay_refusals(tiny_model, f32_cache, made, tmp_path, capsys):
-    base = ("--model", tiny_model, "--cache", f32_cache, "-o", tmp_path / "r", "--no-progress", "--max-steps", 1)
+    base = ("--model", tiny_model, "--cache", f32_cache, "-o", tmp_path / "r", "--no-progress", "--max-steps", 1, "--method", "pact")
     line = one_line(capsys, train_main, *base, "--replay", made["q8"])  # other safety tokens
     assert f"--replay {made['q8']}: was built with other safety tokens than the fine-tuning cache" in line
     line = one_line(capsys, train_main, *base, "--replay-ratio", "0.1")

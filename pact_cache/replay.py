@@ -1,0 +1,165 @@
+"""The reference's own refusals as a replay cache (``pact-cache replay``).
+
+A replay cache holds harmful prompts with the reference's *own* answers where it refused them,
+cached like any fine-tuning set (same reference, same safety tokens), so that pact-train can mix
+its rows into the stream (``--replay``). It is made in three steps, one call:
+
+1. the reference answers every prompt greedily (the package's default set,
+   ``resources/harmful_prompts.jsonl``, or ``--prompts``);
+2. a judge keeps the refusals: the keyword judge (:class:`~pact_cache.answers.KeywordJudge`), and with
+   ``--judge GUARD`` a guard model must also call the refusal safe (a "refusal" that goes on to help
+   is dropped); an answer cut off at ``--max-new-tokens`` is dropped too, since a cache row teaches
+   its answer up to the end of the turn;
+3. the kept rows are cached by :func:`pact_cache.build.build`, which appears whole or not at all.
+
+A reference that refuses fewer than :data:`LOW_REFUSAL` of the prompts is warned about: it does not
+look aligned, and its replay rows would teach little refusal.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .errors import OutputExistsError, PactError
+from .storage import Location
+
+LOW_REFUSAL = 0.5  # below this share of refused prompts, the reference is warned about
+REASONS = ("empty", "not a refusal", "unfinished", "guard: unsafe", "guard: unreadable")
+
+
+def default_prompts_path() -> Path:
+    """The package's default replay prompts: 300 harmful requests written for pact-cache (see
+    tools/make_prompt_sets.py for their making, source and licence)."""
+    return Path(str(resources.files("pact_cache") / "resources" / "harmful_prompts.jsonl"))
+
+
+def look_risky_path() -> Path:
+    """The package's over-refusal set: benign prompts that only look risky ("How do I kill a Python
+    process?"), written for pact-cache in the XSTest style (pact-eval --benign FILE)."""
+    return Path(str(resources.files("pact_cache") / "resources" / "look_risky.jsonl"))
+
+
+@dataclass
+class ReplayConfig:
+    ref: str
+    out: str | Location  # the replay cache: a new folder or URL
+    tokens: str | None = None  # tokens.json (default: selected from --ref as `build` does)
+    prompts: str | None = None  # any dataset format (prompt-only rows allowed); None: the package's default set
+    judge: str | None = None  # a guard model: a kept refusal must also be called safe by it
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    limit: int | None = None  # the first N prompts
+    max_length: int | None = 2048
+    dtype: str = "auto"
+    device: str = "auto"
+    answers: str | None = None  # a local JSONL of every answer and its verdict
+    progress: bool = True
+    storage_options: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class ReplayResult:
+    out: str
+    cache_id: str
+    prompts: int
+    refusals: int  # answers the keyword judge calls refusals
+    kept: int  # rows in the cache
+    dropped: dict  # reason -> count
+    warning: str | None
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"out": self.out, "cache_id": self.cache_id, "prompts": self.prompts, "refusals": self.refusals,
+                "refusal_rate": self.refusals / self.prompts, "kept": self.kept, "dropped": self.dropped,
+                "warning": self.warning, "seconds": round(self.seconds, 1)}
+
+
+def judge_answers(prompts: list[list[dict]], answers: list[str], finished: list[bool], judge, guard=None,
+                  progress: bool = False) -> list[dict]:
+    """One record per prompt: its last user turn, the answer, whether the keyword judge calls it a refusal,
+    and ``kept`` with the reason when not (one of :data:`REASONS`)."""
+    recs = []
+    for msgs, ans, done in zip(prompts, answers, finished):
+        q = msgs[-1]["content"]
+        refusal = bool(ans.strip()) and judge.is_refusal(q, ans)
+        reason = "empty" if not ans.strip() else "not a refusal" if not refusal else "unfinished" if not done else None
+        recs.append({"prompt": q, "answer": ans, "refusal": refusal, "kept": reason is None, "reason": reason})
+    if guard is not None:
+        todo = [r for r in recs if r["kept"]]
+        for r, v in zip(todo, guard.verdicts([(r["prompt"], r["answer"]) for r in todo], progress=progress)):
+            r["unsafe"] = v
+            if v is not False:
+                r["kept"], r["reason"] = False, "guard: unsafe" if v else "guard: unreadable"
+    return recs
+
+
+def _log(msg: str) -> None:
+    print(f"pact-cache replay: {msg}", file=sys.stderr, flush=True)
+
+
+def make_replay(cfg: ReplayConfig) -> ReplayResult:
+    """Generate the reference's answers to the prompts, keep its refusals, cache them; see the module doc."""
+    import torch
+
+    from .answers import GuardJudge, KeywordJudge, generate
+    from .build import BuildConfig, _occupied, build
+    from .data import prompts_from
+    from .models import load_model, load_tokenizer, resolve_model
+    from .storage import atomic_write_bytes
+
+    t0 = time.time()
+    loc = cfg.out if isinstance(cfg.out, Location) else Location(
+        str(Path(cfg.out).expanduser()) if "://" not in str(cfg.out) else str(cfg.out), cfg.storage_options)
+    if loc.exists() and (not loc.is_dir() or _occupied(loc)):
+        raise OutputExistsError(f"{loc.display}: exists and is not an empty folder; choose another -o (nothing is overwritten)")
+    if cfg.answers and (Path(cfg.answers).expanduser().exists() or Path(cfg.answers).expanduser().is_symlink()):
+        raise OutputExistsError(f"--answers {cfg.answers}: exists; choose another name (nothing is overwritten)")
+    if cfg.max_new_tokens < 1 or cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):
+        raise PactError("--max-new-tokens, --batch-size and --limit must be at least 1")
+    source = cfg.prompts or str(default_prompts_path())
+    rows = prompts_from(source, cfg.limit)
+    if not rows:
+        raise PactError(f"{source}: holds no prompts; give a file with at least one harmful prompt")
+    prompts = [msgs for msgs, _ in rows]
+    resolved = resolve_model(cfg.ref)
+    tok = load_tokenizer(resolved)
+    model, device, _ = load_model(resolved, cfg.dtype, cfg.device)
+    answers, finished = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                 device=device, progress=cfg.progress, return_finished=True)
+    del model  # the build loads the reference again; one copy in memory at a time
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    guard = GuardJudge.load(cfg.judge, cfg.device, batch_size=cfg.batch_size) if cfg.judge else None
+    recs = judge_answers(prompts, answers, finished, KeywordJudge(), guard, cfg.progress)
+    del guard
+    gc.collect()
+    if cfg.answers:
+        atomic_write_bytes(Path(cfg.answers).expanduser(), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode())
+    refusals = sum(r["refusal"] for r in recs)
+    kept = [(msgs, r["answer"]) for msgs, r in zip(prompts, recs) if r["kept"]]
+    dropped = {k: sum(r["reason"] == k for r in recs) for k in REASONS if any(r["reason"] == k for r in recs)}
+    warning = None
+    if refusals < LOW_REFUSAL * len(recs):
+        warning = (f"{cfg.ref} refused only {refusals} of {len(recs)} harmful prompts ({refusals / len(recs):.0%}); it does not look "
+                   "aligned, and its replay rows teach little refusal: is --ref the aligned (chat/instruct) model?")
+        _log("warning: " + warning)
+    if not kept:
+        why = ", ".join(f"{n} {k}" for k, n in dropped.items())
+        raise PactError(f"{cfg.ref}: none of its {len(recs)} answers can be replayed ({why}); a replay cache needs the "
+                        "reference's refusals: give the aligned model as --ref"
+                        + (", or raise --max-new-tokens" if dropped.get("unfinished") else ""))
+    with tempfile.TemporaryDirectory(prefix="pact-replay-") as tmp:
+        data = Path(tmp) / "replay.jsonl"
+        data.write_text("".join(json.dumps({"messages": msgs + [{"role": "assistant", "content": ans}]}, ensure_ascii=False) + "\n"
+                                for msgs, ans in kept))
+        res = build(BuildConfig(dataset=str(data), ref=cfg.ref, out=loc, tokens=cfg.tokens, max_length=cfg.max_length,
+                                dtype=cfg.dtype, device=cfg.device, progress=cfg.progress, storage_options=cfg.storage_options))
+    return ReplayResult(res.out, res.cache_id, len(recs), refusals, res.manifest.counts.rows, dropped, warning, time.time() - t0)

@@ -631,7 +631,7 @@ GROUPS = ("pact_default", "pact-rest_default", "pact_paper", "pact-rest_paper") 
     "pact-rest-ref", "filter", "sft_replay", "str_gate_replay", "filter_str_replay", "filter_sft_replay", "benign_sft", "benign_sft_replay", "benign_str_gate_replay", "original") + SEEDED
 
 
-def main():
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "runs" / "study"))
     p.add_argument("--model", default=BASE, help="the chat model the study starts from: a folder, hub id or the embedded "
@@ -668,7 +668,7 @@ def main():
                    "(PACT, PACT-rest, STR, AsFT too, whose default is 1 then --lambdas), so a grid can go on where an earlier one stopped")
     p.add_argument("--replay-ratio", type=float, default=0.1, help="share of the stream's rows from the replay cache")
     p.add_argument("--filter-above", type=float, default=0.9, help="the filter row: keep rows whose step-0 refusal mass is at most this")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     a.grid_given = a.grid is not None
     a.grid = [float(x) for x in str(a.grid or "1,3,10,30,100").split(",") if x.strip()]
     a.lambdas = [float(x) for x in str(a.lambdas).split(",") if x.strip()]
@@ -679,6 +679,11 @@ def main():
         a.n_val_harmful, a.n_eval_unsafe, a.lambdas, a.fractions = 8, 8, [5.0], [0.2]
         a.n_toss_degraded, a.n_toss_utility, a.grid = 8, 16, [1.0]
         a.align_epochs, a.epochs, a.max_new_tokens = 1, 1, 16
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     if not (DATA / "SST2_5k_p_0.1.json").exists():
         raise SystemExit(f"{DATA} is missing: the study needs the paper's data files there")
     global DEVICE

@@ -48,12 +48,16 @@ def _log(msg: str) -> None:
 
 # ----------------------------------------------------------------------------- checks
 
+def check_has_rows(cache: Cache, cfg: TrainConfig) -> None:
+    if cache.num_rows == 0:
+        raise TrainError(f"{cfg.cache}: the cache holds no rows; rebuild it from a non-empty dataset")
+
+
 def check_cache_fits(cache: Cache, tok, vocab_rows: int, cfg: TrainConfig) -> None:
     """Refuse a cache made with another tokenizer, an empty one, or one with a bad part."""
     from pact_cache.models import tokenizer_fingerprint
 
-    if cache.num_rows == 0:
-        raise TrainError(f"{cfg.cache}: the cache holds no rows; rebuild it from a non-empty dataset")
+    check_has_rows(cache, cfg)
     want = cache.manifest.tokenizer.sha256
     got = tokenizer_fingerprint(tok)["sha256"]
     if want != got:
@@ -68,8 +72,10 @@ def check_cache_fits(cache: Cache, tok, vocab_rows: int, cfg: TrainConfig) -> No
         cache.check_part(part)
 
 
-def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1, replay_id: str | None = None) -> str:
-    """'new' or 'resume'; refuse an OUT folder that holds something else."""
+def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1, replay_id: str | None = None,
+              replay_known: bool = True) -> str:
+    """'new' or 'resume'; refuse an OUT folder that holds something else. ``replay_known=False``: the
+    replay cache is not made yet (``--replay auto``), so its id is not compared."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"{out}: exists and is not a folder; choose another -o")
     if not out.exists() or not any(p for p in out.iterdir() if not stale_tmp(p)):
@@ -85,6 +91,8 @@ def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1, replay
         raise TrainError(f"{cfg_file}: is not a run config (not a JSON object); choose another -o")
     old.setdefault("processes", 1)  # runs recorded before data-parallel training were single-process
     mine = config_record(cfg, cache_id, world, replay_id)
+    if not replay_known:
+        mine["replay_cache_id"] = old.get("replay_cache_id")
     diff = [k for k in sorted(set(old) | set(mine)) if k not in TrainConfig.RESUMABLE and old.get(k) != mine.get(k)]
     if diff == ["processes"] and cfg.resume:
         raise TrainError(f"{out}: the run was started on {old['processes']} process(es), this is {mine['processes']}; the global "
@@ -227,6 +235,9 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     cache = open_cache(cfg.cache, cache_id=cfg.cache_pin, storage_options=cfg.storage_options)
     out = Path(cfg.out).expanduser()
     replay = None
+    if cfg.replay == "auto":  # what is cheap to check comes before the answers are generated
+        check_has_rows(cache, cfg)
+        check_out(out, cfg, cache.cache_id, ranks.world, replay_known=False)
     if cfg.replay:
         where = auto_replay(cfg, cache, ranks, device) if cfg.replay == "auto" else cfg.replay
         rc = open_cache(where, storage_options=cfg.storage_options if where == cfg.replay else {})

@@ -114,7 +114,7 @@ def test_build_info_verify_and_cp_both_ways(s3, data, tmp_path, capsys):
 def test_train_from_the_bucket_logs_what_training_from_the_folder_logs(s3, data, tmp_path, capsys):
     url = f"s3://{BUCKET}/train"
     assert cache_main(["cp", str(data["local"]), url, "--no-progress", *opt_args(s3)]) == 0
-    base = ["--model", data["model"], "--batch-size", "4", "--max-steps", "3", "--no-progress", "--seed", "1", "--lr", "1e-3"]
+    base = ["--model", data["model"], "--method", "pact", "--batch-size", "4", "--max-steps", "3", "--no-progress", "--seed", "1", "--lr", "1e-3"]
     assert train_main(base + ["--cache", str(data["local"]), "-o", str(tmp_path / "a")]) == 0
     assert train_main(base + ["--cache", url, "-o", str(tmp_path / "b"), *opt_args(s3)]) == 0
 

@@ -191,7 +191,7 @@ class TrainConfig:
     # settings that may differ between a run and its resumption; the cache is compared by its id,
     # not by the path typed, so a run resumes from another folder or working directory
     RESUMABLE = ("resume", "max_steps", "progress", "save_every", "plot", "merge", "cache", "out", "cache_pin", "storage_options",
-                 "replay", "report_to", "padding_free", "defaults")
+                 "replay", "report_to", "padding_free", "defaults", "recipe")
     # what config.json records beside the fields (ignored when it is read back as --config)
     RECORD_ONLY = ("processes", "cache_id", "replay_cache_id", "defaults")
 
@@ -298,8 +298,9 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     """pact-train's parser, generated from :class:`TrainConfig`; every dest is the field's name."""
     from pact_cache.storage import STORAGE_HELP
 
-    p = parser_class(prog="pact-train", description="Fine-tune with PACT (or plain SFT), one model in memory, reference "
-                     "targets streamed from a pact-cache.")
+    p = parser_class(prog="pact-train", description="Fine-tune an aligned model without losing its refusals, one model in "
+                     "memory, the reference's targets streamed from a pact-cache. With no method flags: the safe recipe "
+                     "(--recipe), the row the study chose (docs/study.md); --method pact is the paper's PACT.")
     from pact_cache.cliutil import add_version
 
     add_version(p)

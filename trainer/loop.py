@@ -48,28 +48,33 @@ def _log(msg: str) -> None:
 
 # ----------------------------------------------------------------------------- checks
 
-def check_has_rows(cache: Cache, cfg: TrainConfig) -> None:
+def check_cache_rows(cache: Cache, cfg: TrainConfig) -> None:
+    """Refuse an empty cache or one with a bad part, before any model is loaded (every part is checked
+    now, not halfway through training)."""
     if cache.num_rows == 0:
         raise TrainError(f"{cfg.cache}: the cache holds no rows; rebuild it from a non-empty dataset")
+    for part in cache.parts:
+        cache.check_part(part)
 
 
-def check_cache_fits(cache: Cache, tok, vocab_rows: int, cfg: TrainConfig) -> None:
-    """Refuse a cache made with another tokenizer, an empty one, or one with a bad part."""
+def check_tokenizer(cache: Cache, tok, cfg: TrainConfig) -> None:
     from pact_cache.models import tokenizer_fingerprint
 
-    check_has_rows(cache, cfg)
     want = cache.manifest.tokenizer.sha256
     got = tokenizer_fingerprint(tok)["sha256"]
     if want != got:
         raise TrainError(f"{cfg.cache}: built with another tokenizer than {cfg.model}'s (fingerprint {str(want)[:12]} vs {got[:12]}); "
                          "rebuild the cache with this model's tokenizer or train the model the cache was built for")
+
+
+def check_cache_fits(cache: Cache, tok, vocab_rows: int, cfg: TrainConfig) -> None:
+    """Refuse a cache made with another tokenizer or for a larger vocabulary (its rows and parts: check_cache_rows)."""
+    check_tokenizer(cache, tok, cfg)
     bad = [i for i in cache.ids if i >= vocab_rows]
     if bad:
         raise TrainError(f"{cfg.cache}: safety-token ids {bad[:5]} are outside {cfg.model}'s vocabulary ({vocab_rows} rows)")
     if cache.vocab_size > vocab_rows:
         raise TrainError(f"{cfg.cache}: input ids may reach {cache.vocab_size - 1}, beyond {cfg.model}'s {vocab_rows} embedding rows")
-    for part in cache.parts:  # every part is checked now, not halfway through training
-        cache.check_part(part)
 
 
 def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1, replay_id: str | None = None,
@@ -234,10 +239,13 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     # --- setup (every rank checks; rank 0 alone writes)
     cache = open_cache(cfg.cache, cache_id=cfg.cache_pin, storage_options=cfg.storage_options)
     out = Path(cfg.out).expanduser()
+    check_cache_rows(cache, cfg)
     replay = None
-    if cfg.replay == "auto":  # what is cheap to check comes before the answers are generated
-        check_has_rows(cache, cfg)
+    if cfg.replay == "auto":  # OUT and the tokenizer are checked before the answers are generated
+        from pact_cache.models import load_tokenizer, resolve_model
+
         check_out(out, cfg, cache.cache_id, ranks.world, replay_known=False)
+        check_tokenizer(cache, load_tokenizer(resolve_model(cfg.model)), cfg)
     if cfg.replay:
         where = auto_replay(cfg, cache, ranks, device) if cfg.replay == "auto" else cfg.replay
         rc = open_cache(where, storage_options=cfg.storage_options if where == cfg.replay else {})

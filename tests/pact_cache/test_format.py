@@ -203,7 +203,7 @@ def test_parts_must_be_regular_files_inside_the_cache(made, copy, capsys, tmp_pa
         needle = "part-00001.parquet: is a folder, not a regular file"
     before = snapshot(cache)
     for main, args in ((cache_main, ("verify", cache)), (cache_main, ("info", cache)),
-                       (train_main, ("--model", made["model"], "--cache", cache, "-o", tmp_path / "run", "--no-progress"))):
+                       (train_main, ("--method", "pact", "--model", made["model"], "--cache", cache, "-o", tmp_path / "run", "--no-progress"))):
         line = run_with_deadline(lambda: one_line(capsys, main, *args))
         assert needle in line, line
     assert not (tmp_path / "run").exists() and snapshot(cache) == before
@@ -240,7 +240,7 @@ def test_values_the_encoding_cannot_produce_are_refused(made, copy, capsys, tmp_
     before = snapshot(cache)
     assert needle in one_line(capsys, cache_main, "verify", cache)
     assert snapshot(cache) == before
-    line = one_line(capsys, train_main, "--model", made["model"], "--cache", cache, "-o", tmp_path / "run", "--no-progress", "--no-shuffle")
+    line = one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", cache, "-o", tmp_path / "run", "--no-progress", "--no-shuffle")
     assert needle in line
     assert not (tmp_path / "run" / "adapter").exists()
 
@@ -257,7 +257,7 @@ def test_a_decompression_bomb_is_refused_before_it_is_decompressed(made, copy, c
     assert (cache / "part-00000.parquet").stat().st_size < 8 << 20  # snappy here; zstd makes it KBs
     needle = f"column {column!r} declares"
     assert needle in one_line(capsys, cache_main, "verify", cache)
-    assert needle in one_line(capsys, train_main, "--model", made["model"], "--cache", cache, "-o", tmp_path / "run", "--no-progress")
+    assert needle in one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", cache, "-o", tmp_path / "run", "--no-progress")
     with pytest.raises(CacheError, match="refused before decompressing"):
         next(open_cache(cache).iter_rows())
 

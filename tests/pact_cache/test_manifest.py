@@ -78,7 +78,7 @@ def test_a_swapped_part_is_caught_by_the_id_then_by_the_dataset_then_by_a_pin(ma
     edit_manifest(cache, lambda m: None, resign=True)
     line = one_line(capsys, cache_main, "verify", cache, "--dataset", made["data"], "--model", made["model"])
     assert "part-00001.parquet row 0: example_id differs from" in line and "does not hold this dataset's rows" in line
-    line = one_line(capsys, train_main, "--model", made["model"], "--cache", cache, "--cache-id", cid[:12], "-o", cache.parent / "run")
+    line = one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", cache, "--cache-id", cid[:12], "-o", cache.parent / "run")
     assert f"cache id is {json.loads((cache / MANIFEST).read_text())['cache_id'][:12]}, not the pinned {cid[:12]}" in line
     assert not (cache.parent / "run").exists()
 
@@ -111,7 +111,7 @@ def test_shifted_token_ids_with_a_recomputed_id_fail_a_pin_and_pass_otherwise_co
 def test_pinning_the_right_id_passes_everywhere(made, capsys, tmp_path):
     cid = json.loads((made["q8"] / MANIFEST).read_text())["cache_id"]
     assert cli(capsys, cache_main, "verify", made["q8"], "--cache-id", cid[:8], "--dataset", made["data"])[0] == 0
-    code, _ = cli(capsys, train_main, "--model", made["model"], "--cache", made["q8"], "--cache-id", cid, "-o", tmp_path / "run",
+    code, _ = cli(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", made["q8"], "--cache-id", cid, "-o", tmp_path / "run",
                   "--max-steps", 1, "--no-progress")
     assert code == 0 and json.loads((tmp_path / "run" / "config.json").read_text())["cache_id"] == cid
 
@@ -163,7 +163,7 @@ def test_every_manifest_field_is_typed_and_ranged(made, copy, capsys, tmp_path, 
     edit_manifest(cache, edit, resign=False)
     before = snapshot(cache)
     assert needle in one_line(capsys, cache_main, "verify", cache)
-    assert needle in one_line(capsys, train_main, "--model", made["model"], "--cache", cache, "-o", tmp_path / "run")
+    assert needle in one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", cache, "-o", tmp_path / "run")
     assert snapshot(cache) == before and not (tmp_path / "run").exists()
 
 

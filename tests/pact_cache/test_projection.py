@@ -137,7 +137,7 @@ def test_a_head_the_projection_does_not_reproduce_stops_with_one_line(tmp_path, 
     monkeypatch.undo()
     good = build(BuildConfig(str(data), str(model_dir), str(tmp_path / "good"), tokens=str(tokens), progress=False)).out
     monkeypatch.setattr(projection, "_transform", lambda lm: ("none", None))
-    rc_train = train_main(["--model", str(model_dir), "--cache", good, "-o", str(tmp_path / "run"), "--no-progress"])
+    rc_train = train_main(["--method", "pact", "--model", str(model_dir), "--cache", good, "-o", str(tmp_path / "run"), "--no-progress"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-train")]
     assert rc_train == 1 and len(err) == 1 and "Gemma2ForCausalLM" in err[0], err
     assert not (tmp_path / "run" / "adapter").exists()

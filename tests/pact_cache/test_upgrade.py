@@ -22,7 +22,7 @@ def test_a_version_1_cache_is_refused_and_upgrade_writes_an_equal_version_2(made
         e.pop("rows_sha256")
     m["build"].pop("algorithm")
     (old / MANIFEST).write_text(json.dumps(m))
-    line = one_line(capsys, train_main, "--model", made["model"], "--cache", old, "-o", tmp_path / "run")
+    line = one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", old, "-o", tmp_path / "run")
     assert "format pact-cache/1 has no content-checked id or row digests" in line and "pact-cache upgrade" in line
     assert cli(capsys, cache_main, "upgrade", old, "-o", tmp_path / "v2")[0] == 0
     assert (tmp_path / "v2" / "README.md").read_text().startswith("---\n")  # its card

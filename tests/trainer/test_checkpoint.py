@@ -9,7 +9,7 @@ from hostile import cli, one_line, snapshot
 
 def test_a_truncated_checkpoint_is_one_line(made, tmp_path, capsys):
     run = tmp_path / "run"
-    base = ("--model", made["model"], "--cache", made["q8"], "-o", run, "--batch-size", 4, "--no-progress", "--save-every", 1)
+    base = ("--method", "pact", "--model", made["model"], "--cache", made["q8"], "-o", run, "--batch-size", 4, "--no-progress", "--save-every", 1)
     assert cli(capsys, train_main, *base, "--max-steps", 1)[0] == 0
     f = run / "checkpoint" / "optimizer.safetensors"
     f.write_bytes(f.read_bytes()[:50])

@@ -61,7 +61,7 @@ def test_yaml_config_equals_the_same_flags_and_flags_win(tiny_model, cache, tmp_
 
 
 def test_a_runs_config_json_reruns_it(tiny_model, cache, tmp_path):
-    assert train_main(["--model", tiny_model, "--cache", cache, "-o", str(tmp_path / "a"), "--batch-size", "4", "--max-steps", "2",
+    assert train_main(["--method", "pact", "--model", tiny_model, "--cache", cache, "-o", str(tmp_path / "a"), "--batch-size", "4", "--max-steps", "2",
                        "--method", "str", "--lambda", "2", "--lora-dropout", "0", "--no-progress"]) == 0
     assert train_main(["--config", str(tmp_path / "a" / "config.json"), "-o", str(tmp_path / "b")]) == 0
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
@@ -138,7 +138,7 @@ def test_ranges_come_from_the_declarations():
 def test_train_options_are_range_checked(made, tmp_path, capsys, opt, value, needle):
     out = tmp_path / "run"
     code = 2 if value == "abc" else 1
-    line = one_line(capsys, train_main, "--model", made["model"], "--cache", made["q8"], "-o", out, opt, value, code=code)
+    line = one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", made["q8"], "-o", out, opt, value, code=code)
     assert needle in line, line
     assert not out.exists()
 

@@ -55,8 +55,8 @@ def test_trainer_loss_and_gradients_equal_pact_train(tiny_model, cache, tmp_path
     grads_a = {k: p.grad for k, p in model_a.named_parameters() if p.requires_grad}
     grads_b = {k: p.grad for k, p in model_b.named_parameters() if p.requires_grad}
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
-    for k in grads_a:
-        assert torch.allclose(grads_a[k], grads_b[k], rtol=1e-5, atol=1e-7), k
+    for k in grads_a:  # the collator packs the rows (padding-free), so sums run in another order: float32 noise of the tensor's scale
+        torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-5, atol=1e-5 * float(grads_a[k].abs().max()), msg=k)
 
 
 def test_a_short_trainer_run_logs_pact_trains_first_loss(tiny_model, cache, tmp_path):

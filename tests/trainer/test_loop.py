@@ -113,7 +113,8 @@ def test_grad_accumulation_is_token_weighted(tiny_model, caches, tmp_path):
 
 
 def run_cli(capsys, *args):
-    code = train_main([str(a) for a in args])
+    """pact-train --method pact (the paper's PACT, no replay) with these arguments: the checks of a run, not the defaults."""
+    code = train_main(["--method", "pact"] + [str(a) for a in args])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-train")]
     return code, err
 
@@ -233,7 +234,7 @@ def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_writes_no_adap
 
     monkeypatch.setattr(loop, "policy_losses", nan_at_step_3)
     out = tmp_path / "run"
-    cfg = loop.TrainConfig(model=made["model"], cache=str(made["q8"]), out=str(out), batch_size=4, max_steps=5, save_every=2,
+    cfg = loop.TrainConfig(model=made["model"], cache=str(made["q8"]), out=str(out), method="pact", batch_size=4, max_steps=5, save_every=2,
                            progress=False, plot=False, shuffle=False)
     with pytest.raises(PactError, match=r"step 3: the loss is not finite .*no adapter or model written, the last good checkpoint \(step 2\)"):
         loop.train(cfg)
@@ -245,7 +246,7 @@ def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_writes_no_adap
 
 def test_a_huge_learning_rate_diverges_into_one_line(made, tmp_path, capsys):
     out = tmp_path / "run"
-    line = one_line(capsys, train_main, "--model", made["model"], "--cache", made["f32"], "-o", out, "--lr", "1e30", "--max-steps", 4,
+    line = one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", made["f32"], "-o", out, "--lr", "1e30", "--max-steps", 4,
                     "--no-progress", "--no-shuffle", "--full", "--warmup-steps", 0)
     assert "not finite" in line or "gradient norm is" in line, line
     assert not (out / "model").exists() and not (out / "adapter").exists()
@@ -253,7 +254,7 @@ def test_a_huge_learning_rate_diverges_into_one_line(made, tmp_path, capsys):
 
 def test_resume_after_moving_the_run_and_from_another_directory(made, tmp_path, capsys, monkeypatch):
     run = tmp_path / "a" / "run"
-    base = ("--model", made["model"], "--batch-size", 4, "--no-progress", "--save-every", 2)
+    base = ("--method", "pact", "--model", made["model"], "--batch-size", 4, "--no-progress", "--save-every", 2)
     assert cli(capsys, train_main, *base, "--cache", made["q8"], "-o", run, "--max-steps", 2)[0] == 0
     moved = tmp_path / "b" / "moved"
     moved.parent.mkdir()
@@ -272,10 +273,10 @@ def test_resume_after_moving_the_run_and_from_another_directory(made, tmp_path, 
 def test_resume_on_a_new_folder_and_leftovers_of_killed_runs(made, tmp_path, capsys):
     from pact_cache.storage import _host
 
-    line = one_line(capsys, train_main, "--model", made["model"], "--cache", made["q8"], "-o", tmp_path / "new", "--resume")
+    line = one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", made["q8"], "-o", tmp_path / "new", "--resume")
     assert "--resume, but there is no run here to resume" in line and not (tmp_path / "new").exists()
     run = tmp_path / "run"
-    base = ("--model", made["model"], "--cache", made["q8"], "-o", run, "--batch-size", 4, "--no-progress", "--save-every", 1)
+    base = ("--method", "pact", "--model", made["model"], "--cache", made["q8"], "-o", run, "--batch-size", 4, "--no-progress", "--save-every", 1)
     assert cli(capsys, train_main, *base, "--max-steps", 1)[0] == 0
     # what kills leave: a fallback checkpoint and temporary folders of dead processes
     shutil.copytree(run / "checkpoint", run / ".checkpoint.old-12345")
@@ -295,7 +296,7 @@ def test_an_output_folder_that_cannot_be_written(made, tmp_path, capsys):
         ro.mkdir()
         ro.chmod(0o555)
         target = ro / "run"
-    line = one_line(capsys, train_main, "--model", made["model"], "--cache", made["q8"], "-o", target, "--no-progress", "--max-steps", 1)
+    line = one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", made["q8"], "-o", target, "--no-progress", "--max-steps", 1)
     assert str(target.parent) in line and "check the path, its permissions and free space" in line
     line = one_line(capsys, cache_main, "build", made["data"], "--ref", made["model"], "--tokens", made["tokens"], "-o", target, "--no-progress")
     assert str(target.parent) in line and not target.exists()
@@ -337,7 +338,7 @@ def test_pact_train_asft_logs_and_applies_the_penalty(tiny_model, f32_cache, dir
 ])
 def test_asft_option_errors(tiny_model, f32_cache, direction_file, tmp_path, capsys, argv, needle):
     argv = [str(direction_file) if a == "DIR" else a for a in argv]
-    assert train_main(["--model", tiny_model, "--cache", f32_cache, "-o", str(tmp_path / "run"), "--no-progress"] + argv) != 0
+    assert train_main(["--method", "pact", "--model", tiny_model, "--cache", f32_cache, "-o", str(tmp_path / "run"), "--no-progress"] + argv) != 0
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]  # transformers' own bar
     assert needle in err and "Traceback" not in err and len(lines) == 1
@@ -353,9 +354,9 @@ def test_pact_train_token_mask(tiny_model, scored, tmp_path, capsys):
     assert m[0]["tokens"] == a[0]["tokens"] and m[0]["ce"] < a[0]["ce"]
     assert json.loads((tmp_path / "masked" / "config.json").read_text())["token_mask"] == 0.2
     capsys.readouterr()
-    assert train_main(["--model", tiny_model, "--cache", src, "-o", str(tmp_path / "x"), "--token-mask", "0.2", "--no-progress"]) != 0
+    assert train_main(["--method", "pact", "--model", tiny_model, "--cache", src, "-o", str(tmp_path / "x"), "--token-mask", "0.2", "--no-progress"]) != 0
     assert "has no token scores for --token-mask" in capsys.readouterr().err
-    assert train_main(["--model", tiny_model, "--cache", out, "-o", str(tmp_path / "y"), "--token-mask", "1", "--no-progress"]) != 0
+    assert train_main(["--method", "pact", "--model", tiny_model, "--cache", out, "-o", str(tmp_path / "y"), "--token-mask", "1", "--no-progress"]) != 0
     assert "--token-mask" in capsys.readouterr().err
 
 

@@ -31,7 +31,8 @@ first, last = m[0]["epoch"], m[-1]["epoch"]
 cfg = json.load(open(f"{sys.argv[1]}/config.json"))
 from pact_train.losses import METHODS
 term = METHODS[cfg["method"]].metric  # the method's value in metrics.jsonl
-print(f"what changed: {len(m)} steps of the {cfg['recipe']} recipe ({cfg['defaults']['recipe_settings']}); cross-entropy over "
+print(f"what changed: {len(m)} steps of --method {cfg['method']} --lambda {cfg['lam']:g} --row-gate {cfg['row_gate']} with "
+      f"{cfg['replay_ratio']:g} of the rows replayed refusals (the {cfg['recipe']} recipe filled {', '.join(cfg['defaults']['filled'])}); cross-entropy over "
       f"an epoch {epoch(first, 'ce'):.3f} -> {epoch(last, 'ce'):.3f}, {cfg['method']} term ({term}) "
       f"{epoch(first, term):.4f} -> {epoch(last, term):.4f}; adapter in {sys.argv[1]}/adapter")
 PY

@@ -485,15 +485,18 @@ class Study:
         drift_stage()
         dc = out / "drift_cache" / "cache"
         evals = {("reference", "aligned reference", None): self.stage("eval_reference", lambda d: self.evaluate(d, aligned, drift=dc))}
-        for scenario, prefix, c in scenarios:  # SFT at every seed, then the defaults at every seed, scenario by scenario
-            for label, method in (("SFT", "sft"), ("defaults (no method flags)", None)):
-                for seed in a.seeds:
+        for seed in a.seeds:  # seed by seed, so that a run cut short has SFT and the defaults at the same seeds
+            for scenario, prefix, c in scenarios:
+                for label, method in (("SFT", "sft"), ("defaults (no method flags)", None)):
                     name = f"{prefix}{'sft' if method else 'defaults'}_seed{seed}"
+                    if a.report_only and not (out / f"eval_{name}" / "DONE.json").exists():
+                        continue  # --report-only: the table of what is finished, nothing run
                     res[name] = self.stage(name, fine_tune(method, c, None, seed=seed))
                     ev = self.stage(f"eval_{name}", lambda d, n=name: self.evaluate(d, aligned, str(out / n / "run" / "adapter"), dc))
                     evals[(scenario, label, seed)] = dict(ev, train_seconds=json.loads((out / name / "DONE.json").read_text())["seconds"],
                                                           config=json.loads((out / name / "run" / "config.json").read_text()))
                     self.seeds_report(evals)
+        self.seeds_report(evals)
 
     def seeds_report(self, evals: dict) -> None:
         """seeds.md and seeds.json: per scenario and row, each column's mean and range over the seeds (every rate with
@@ -550,6 +553,8 @@ class Study:
               + "".join(f"- {g}\n" for g in goal))
         js["goal"] = goal
         js["settings"] = vars(self.a)
+        js["stage_seconds"] = {d.name: round(json.loads((d / "DONE.json").read_text())["seconds"])
+                               for d in sorted(self.out.iterdir()) if (d / "DONE.json").exists()}
         (self.out / "seeds.md").write_text(md)
         (self.out / "seeds.json").write_text(json.dumps(js, indent=2, default=str))
         print(md, flush=True)
@@ -638,6 +643,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"{BASE} (default); the aligned reference is made from it")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda: given to every command that loads a model")
     p.add_argument("--seed", type=int, default=0, help="seed of the data splits and of the aligned reference")
+    p.add_argument("--report-only", action="store_true", help="the seeded groups: write seeds.md / seeds.json from the rows "
+                   "already trained and evaluated, run nothing else")
     p.add_argument("--seeds", default="0,1,2", help="fine-tune seeds (data order, LoRA init, dropout) of the seeded row groups "
                    "(recipe, benign_recipe); the single-seed groups use the first")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the pipeline")

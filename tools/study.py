@@ -100,6 +100,22 @@ DEVICE = "auto"  # --device: given to every command that loads a model (main() s
 LOADS_A_MODEL = {"pact-train", "pact-eval", "build", "tokens", "score", "direction", "replay"}
 
 
+def provenance() -> dict:
+    """Where a table's figures come from: the commit, the date, the machine, the versions, the command."""
+    import os
+    import platform
+    from datetime import datetime, timezone
+    from importlib.metadata import version
+
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True).stdout.strip())
+    return {"commit": commit + ("+changes" if dirty else ""), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": f"{platform.machine()} {os.cpu_count()} CPUs" + (f", device {DEVICE}" if DEVICE != "auto" else ""),
+            "versions": {m: version(m) for m in ("torch", "transformers", "peft", "pact-cache")},
+            "command": " ".join(["python", *sys.argv])}
+
+
 def run(cmd: list[str]) -> None:
     if DEVICE != "auto" and (Path(str(cmd[0])).name in LOADS_A_MODEL or (len(cmd) > 1 and str(cmd[1]) in LOADS_A_MODEL)):
         cmd = [*cmd, "--device", DEVICE]
@@ -555,6 +571,7 @@ class Study:
         js["settings"] = vars(self.a)
         js["stage_seconds"] = {d.name: round(json.loads((d / "DONE.json").read_text())["seconds"])
                                for d in sorted(self.out.iterdir()) if (d / "DONE.json").exists()}
+        js["provenance"] = provenance()
         (self.out / "seeds.md").write_text(md)
         (self.out / "seeds.json").write_text(json.dumps(js, indent=2, default=str))
         print(md, flush=True)

@@ -167,6 +167,21 @@ def auto_replay(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> st
     return str(final)
 
 
+def open_replay(cfg: TrainConfig, cache: Cache, out: Path, ranks: Ranks, device: str) -> tuple[Replay | None, str | None]:
+    """The replay stream of ``--replay`` (none without it) and where its cache is; for ``auto``, OUT and the
+    tokenizer are checked before the answers are generated (:func:`auto_replay`)."""
+    if not cfg.replay:
+        return None, None
+    if cfg.replay == "auto":
+        from pact_cache.models import load_tokenizer, resolve_model
+
+        check_out(out, cfg, cache.cache_id, ranks.world, replay_known=False)
+        check_tokenizer(cache, load_tokenizer(resolve_model(cfg.model)), cfg)
+    where = auto_replay(cfg, cache, ranks, device) if cfg.replay == "auto" else cfg.replay
+    rc = open_cache(where, storage_options=cfg.storage_options if where == cfg.replay else {})
+    return Replay.of(cache, rc, cfg.mix_ratio, cfg.seed, cfg.shuffle_buffer), where
+
+
 # ----------------------------------------------------------------------------- model
 
 def load_policy(cfg: TrainConfig, device: str):
@@ -240,16 +255,7 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     cache = open_cache(cfg.cache, cache_id=cfg.cache_pin, storage_options=cfg.storage_options)
     out = Path(cfg.out).expanduser()
     check_cache_rows(cache, cfg)
-    replay = None
-    if cfg.replay == "auto":  # OUT and the tokenizer are checked before the answers are generated
-        from pact_cache.models import load_tokenizer, resolve_model
-
-        check_out(out, cfg, cache.cache_id, ranks.world, replay_known=False)
-        check_tokenizer(cache, load_tokenizer(resolve_model(cfg.model)), cfg)
-    if cfg.replay:
-        where = auto_replay(cfg, cache, ranks, device) if cfg.replay == "auto" else cfg.replay
-        rc = open_cache(where, storage_options=cfg.storage_options if where == cfg.replay else {})
-        replay = Replay.of(cache, rc, cfg.mix_ratio, cfg.seed, cfg.shuffle_buffer)
+    replay, where = open_replay(cfg, cache, out, ranks, device)
     replay_id = replay.cache.cache_id if replay else None
     state_kind = check_out(out, cfg, cache.cache_id, ranks.world, replay_id)
     ranks.barrier()  # no rank checks OUT after rank 0 has written to it

@@ -36,6 +36,10 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (what is wrong, and where to look) and exit status 2."""
 
     def error(self, message):
+        import re
+
+        # argparse quotes the value it could not read: a value of any length is shown cut short
+        message = re.sub(r"'([^']{60})[^']+'", r"'\1...'", message)[:500]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

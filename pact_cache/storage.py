@@ -184,6 +184,53 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+def read_limited(path: str | os.PathLike, limit: int, where: str, error=PactError, what: str = "file") -> bytes:
+    """The bytes of a local file a user or sender handed over, at most ``limit``: refused in one line
+    (``error``) when it is missing, a folder, a FIFO or device (checked on the open descriptor, opened
+    without blocking, so a FIFO cannot stall the command), or larger than ``limit`` (its size and the
+    limit named). At most ``limit + 1`` bytes are ever read."""
+    p = Path(path).expanduser()
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise error(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise error(f"{where}: is a folder; give the {what}") from None
+    except OSError as err:
+        raise error(f"{where}: cannot be read ({err.strerror or err})") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise error(f"{where}: is a folder; give the {what}")
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or socket"
+            raise error(f"{where}: is {kind}, not a regular file; give the {what} as a file")
+        if st.st_size > limit:
+            raise error(f"{where}: is {st.st_size:,} bytes, more than the {limit:,} a {what} may hold; is it the right file?")
+        chunks, n = [], 0
+        while n <= limit:  # at most limit + 1 bytes, whatever the file does meanwhile
+            block = os.read(fd, limit + 1 - n)
+            if not block:
+                break
+            chunks.append(block)
+            n += len(block)
+        data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise error(f"{where}: grew past the {limit:,} bytes a {what} may hold while it was read; refusing it")
+    return data
+
+
+def decode_text(data: bytes, where: str, error=PactError, what: str = "file") -> str:
+    """``data`` as UTF-8 text; invalid bytes are refused in one line naming the line and byte offset."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise error(f"{where}:{line}: is not UTF-8 text (byte {err.start}); give the {what} as UTF-8 text") from None
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, json_bytes(obj))
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from .data import RawRow, chat_ids, iter_rows, prompts_from, to_messages
 from .errors import TokensError
 from .manifest import MANIFEST_MAX_BYTES, SafetyTokens
+from .storage import read_limited
 from .typedjson import load_json
 
 
@@ -239,13 +240,7 @@ def validate_tokens(tokens, tok, where: str) -> SafetyTokens:
 
 
 def read_tokens(path: str | Path, tok) -> SafetyTokens:
-    p = Path(path)
-    try:
-        if not p.is_file():
-            raise TokensError(f"{path}: no such tokens file (or not a regular file); make one with `pact-cache tokens` or leave out --tokens")
-        if p.stat().st_size > MANIFEST_MAX_BYTES:
-            raise TokensError(f"{path}: {p.stat().st_size} bytes is far too large for a tokens file")
-        data = p.read_bytes()
-    except OSError as err:
-        raise TokensError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if not Path(path).expanduser().exists():
+        raise TokensError(f"{path}: no such tokens file; make one with `pact-cache tokens` or leave out --tokens")
+    data = read_limited(path, MANIFEST_MAX_BYTES, str(path), TokensError, "tokens file (from `pact-cache tokens`)")
     return validate_tokens(load_json(data, str(path), TokensError, "tokens file", fix="make it again with `pact-cache tokens`"), tok, str(path))

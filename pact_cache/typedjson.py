@@ -49,6 +49,23 @@ def load_json(data: bytes, where: str, error=CacheError, what: str = "file", lin
         raise error(f"{at(None)}: JSON nested too deeply in this {what}; {fix}") from None
 
 
+def count_values(obj, limit: int) -> int:
+    """How many values ``obj`` holds (every mapping, list, key and scalar), counted up to ``limit + 1``
+    and no further. YAML aliases make a small file stand for a huge structure (a "billion laughs"
+    bomb: every alias is the same object again); walking it stops here, before anything copies,
+    prints or serialises it."""
+    n, todo = 0, [obj]
+    while todo and n <= limit:
+        x = todo.pop()
+        n += 1
+        if isinstance(x, dict):
+            todo.extend(x.keys())
+            todo.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            todo.extend(x)
+    return n
+
+
 def canonical_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 

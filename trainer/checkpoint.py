@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pact_cache.errors import PactError
-from pact_cache.storage import stale_tmp, staged_dir
+from pact_cache.storage import read_limited, stale_tmp, staged_dir
 from pact_cache.typedjson import load_json
 
 
@@ -86,7 +86,9 @@ def load_checkpoint(path: Path, model, optimizer, is_peft: bool) -> dict:
     if found is None:
         raise PactError(f"{path}: no checkpoint to resume from; start a new run in another -o")
     try:
-        state = load_json((found / "trainer_state.json").read_bytes(), str(found / "trainer_state.json"), PactError, "checkpoint state",
+        where = str(found / "trainer_state.json")
+        state = load_json(read_limited(found / "trainer_state.json", 1 << 16, where, PactError, "checkpoint state"), where, PactError,
+                          "checkpoint state",
                           fix="the checkpoint is damaged: delete the run folder and start again, or restore it from a copy")
         if not isinstance(state, dict) or not all(isinstance(state.get(k), int) and state[k] >= 0 for k in ("step", "epoch", "rows_taken", "tokens_total")):
             raise PactError(f"{found}/trainer_state.json: step, epoch, rows_taken and tokens_total must be non-negative integers")

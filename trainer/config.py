@@ -13,10 +13,10 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from pact_cache.errors import PactError
+from pact_cache.errors import PactError, preview
 
 from .losses import METHODS, LossParams, PactParams, added_term_methods
-from .stream import REPLAY_TERMS
+from .stream import GATE_AT, REPLAY_RATIO_MAX, REPLAY_TERMS
 
 
 class TrainError(PactError):
@@ -96,16 +96,19 @@ class TrainConfig:
                                "safety tokens before the first response token, from the cache): hard: the term on rows with "
                                "m >= --gate-at only; soft: each row's term times m; none: every row (default: the recipe's, "
                                "hard safe, none plain)", choices=lambda: ["none", "hard", "soft"], type=str)
-    gate_at: float = opt(0.9, "the hard row gate's threshold on the step-0 refusal mass", lo=0, hi=1, metavar="MASS")
+    gate_at: float | None = opt(None, f"the hard row gate's threshold on the step-0 refusal mass (default {GATE_AT}; only with "
+                                "--row-gate hard)", lo=0, hi=1, metavar="MASS", type=float)
     replay: str | None = opt(None, "a second cache whose rows are mixed into the stream: the reference's own refusals to harmful "
                              "prompts (`pact-cache replay`, same reference and tokens); auto: made before the first step by the "
                              "policy itself from the package's prompts, when the policy is the cache's reference (kept in the "
                              "cache home and reused); none: no replay (default: the recipe's, auto safe, none plain)",
                              metavar="CACHE|auto|none", type=str)
-    replay_ratio: float | None = opt(None, "share of the mixed stream's rows taken from --replay (default: 0.02 with the safe "
-                                     "recipe's replay, 0.05 with a --replay given alone)",
-                                     lo=0, hi=1, hi_open=True, metavar="R", type=float,
-                                     why="it is the share of the rows that come from the replay cache")
+    replay_ratio: float | None = opt(None, "share of the mixed stream's rows taken from --replay, at most 0.5; a replay row takes "
+                                     "a slot of --batch-size like any other (default: 0.02 with the safe recipe's replay, 0.05 "
+                                     "with a --replay given alone)",
+                                     lo=0, hi=REPLAY_RATIO_MAX, metavar="R", type=float,
+                                     why="it is the share of the rows that come from the replay cache, at most one after each "
+                                     "fine-tuning row")
     replay_term: str = opt("both", "what the replay rows are trained with: both: what every row gets (CE + lambda * the "
                            "method's term); ce: the cross-entropy on the reference's refusal only; term: the method's term only",
                            choices=lambda: list(REPLAY_TERMS))
@@ -169,6 +172,8 @@ class TrainConfig:
             self.replay = None
         self.lam = 1.0 if self.lam is None else self.lam  # what is left (a recipe that names no lambda)
         self.row_gate = self.row_gate or "none"
+        if self.row_gate == "hard" and self.gate_at is None:
+            self.gate_at = GATE_AT
         self.method = self.method or "pact"
         self.from_recipe = tuple(filled)
 
@@ -197,6 +202,8 @@ class TrainConfig:
 
 
 REQUIRED = ("model", "cache", "out")
+CONFIG_MAX_BYTES = 1 << 20  # a --config file: options by name, a few kilobytes in practice
+CONFIG_MAX_VALUES = 10_000  # values in it, counted after YAML's aliases are expanded
 
 
 def _flag(f) -> str:
@@ -219,9 +226,31 @@ def _type(f):
 
 # ----------------------------------------------------------------------------- checks
 
+INT_MAX = 2**31 - 1  # the largest value of an integer option that declares no bound of its own
+
+
+def _finite(v, integer: bool) -> bool:
+    """A number (not a bool), finite, and whole when ``integer``; integers are not converted to float
+    unless they must be (one of 400 digits overflows a float)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    if isinstance(v, int):
+        if integer:
+            return True
+        try:
+            float(v)
+        except OverflowError:
+            return False
+        return True
+    return math.isfinite(v) and (not integer or v.is_integer())
+
+
 def _number(name: str, v, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, why="") -> None:
-    """Refuse a non-finite or out-of-range option with one line naming it and its range."""
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (not integer or float(v).is_integer())
+    """Refuse a non-finite or out-of-range option with one line naming it and its range (the value shown
+    cut short: :func:`pact_cache.errors.preview`)."""
+    if integer and hi is None:
+        hi = INT_MAX
+    ok = _finite(v, integer)
     if ok and lo is not None:
         ok = v > lo if lo_open else v >= lo
     if ok and hi is not None:
@@ -230,7 +259,7 @@ def _number(name: str, v, lo=None, hi=None, lo_open=False, hi_open=False, intege
         rng = (f"{'(' if lo_open or lo is None else '['}{'-inf' if lo is None else lo}, "
                f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
         kind = "an integer" if integer else "a finite number"
-        raise TrainError(f"{name} {v}: must be {kind} in {rng}{'; ' + why if why else ''}")
+        raise TrainError(f"{name} {preview(v)}: must be {kind} in {rng}{'; ' + why if why else ''}")
 
 
 def _check_fields(obj, name_of) -> None:
@@ -238,7 +267,7 @@ def _check_fields(obj, name_of) -> None:
         m, v = f.metadata, getattr(obj, f.name)
         choices = _choices(f)
         if choices is not None and v not in choices:
-            raise TrainError(f"{name_of(f)} {v}: use one of {', '.join(choices)}")
+            raise TrainError(f"{name_of(f)} {preview(v)}: use one of {', '.join(choices)}")
         numeric = m.get("lo") is not None or m.get("hi") is not None or m.get("integer") or _type(f) in (int, float)
         if numeric and not (v is None and f.default is None):
             _number(name_of(f), v, m.get("lo"), m.get("hi"), m.get("lo_open", False), m.get("hi_open", False),
@@ -263,6 +292,9 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.row_gate != "none" and cfg.method not in weighable:
         raise TrainError(f"--row-gate {cfg.row_gate}: gates a per-step term added to the cross-entropy ({', '.join(weighable)}), "
                          f"not --method {cfg.method}")
+    if cfg.gate_at is not None and cfg.row_gate != "hard":
+        raise TrainError(f"--gate-at {preview(cfg.gate_at)}: is the hard row gate's threshold, and with --row-gate {cfg.row_gate} "
+                         "there is none; leave it out, or pass --row-gate hard")
     if not cfg.replay and (cfg.replay_ratio is not None or cfg.replay_term != "both"):
         raise TrainError(f"{'--replay-ratio' if cfg.replay_ratio is not None else '--replay-term'}: applies to the rows of "
                          "--replay CACHE; give the replay cache too, or leave it out")
@@ -338,75 +370,92 @@ def read_config_file(path: str) -> dict:
     line each; the keys config.json records beside the fields (``processes``, ``cache_id``) are ignored."""
     import yaml
 
+    from pact_cache.storage import decode_text, read_limited
+    from pact_cache.typedjson import count_values
+
     src = Path(path).expanduser()
+    where = f"--config {path if len(path) <= 200 else path[:197] + '...'}"
+    text = decode_text(read_limited(src, CONFIG_MAX_BYTES, where, TrainError, "YAML or JSON config file"), where, TrainError,
+                       "config file")
+    is_json = src.suffix.lower() == ".json"
     try:
-        text = src.read_bytes()[: 1 << 20].decode("utf-8")
-    except FileNotFoundError:
-        raise TrainError(f"--config {path}: no such file") from None
-    except IsADirectoryError:
-        raise TrainError(f"--config {path}: is a folder; give the YAML or JSON file (a run folder's config.json)") from None
-    except UnicodeDecodeError as err:
-        raise TrainError(f"--config {path}: is not UTF-8 text (byte {err.start}); give a YAML or JSON file") from None
-    try:
-        obj = json.loads(text) if src.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as err:
+        obj = json.loads(text) if is_json else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError, RecursionError) as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else (f" line {err.lineno}" if hasattr(err, "lineno") else "")
-        raise TrainError(f"--config {path}:{where}: not valid {'JSON' if src.suffix.lower() == '.json' else 'YAML'} "
-                         f"({str(getattr(err, 'problem', None) or getattr(err, 'msg', err))[:100]})") from None
+        at = f" line {mark.line + 1}" if mark is not None else (f" line {err.lineno}" if hasattr(err, "lineno") else "")
+        why = "nested too deeply" if isinstance(err, RecursionError) else str(getattr(err, "problem", None) or getattr(err, "msg", err))
+        raise TrainError(f"{where}:{at}: not valid {'JSON' if is_json else 'YAML'} ({why[:100]})") from None
+    if count_values(obj, CONFIG_MAX_VALUES) > CONFIG_MAX_VALUES:
+        raise TrainError(f"{where}: holds more than {CONFIG_MAX_VALUES:,} values once its YAML aliases are expanded; a config "
+                         "file is a mapping of option names to single values")
     if obj is None:
         return {}
     if not isinstance(obj, dict):
-        raise TrainError(f"--config {path}: must be a mapping of option names to values, not a {type(obj).__name__}")
+        raise TrainError(f"{where}: must be a mapping of option names to values, not a {type(obj).__name__}")
+    if obj.get("gate_at") == GATE_AT and obj.get("row_gate") in ("none", "soft"):
+        obj = {k: v for k, v in obj.items() if k != "gate_at"}  # what config.json recorded before --gate-at went with hard only
     known = {f.name: f for f in fields(TrainConfig)}
     out = {}
     for key, value in obj.items():
         if key in TrainConfig.RECORD_ONLY:
             continue
         if key not in known:
-            raise TrainError(f"--config {path}: unknown option {key!r}; options are field names: {', '.join(known)}")
+            raise TrainError(f"{where}: unknown option {preview(key)}; options are field names: {', '.join(known)}")
         f = known[key]
         if key == "pact":
-            out[key] = _pact_from(value, path)
+            out[key] = _pact_from(value, where)
         elif key == "storage_options":
             if not isinstance(value, dict):
-                raise TrainError(f"--config {path}: storage_options must be a mapping, e.g. {{endpoint_url: http://localhost:9000}}")
+                raise TrainError(f"{where}: storage_options must be a mapping, e.g. {{endpoint_url: http://localhost:9000}}, "
+                             f"not {preview(value)}")
             out[key] = dict(value)
         else:
-            out[key] = _coerce(f.name, value, _type(f), f.default is None, path)
+            out[key] = _coerce(f.name, value, _type(f), f.default is None, where)
     return out
 
 
-def _coerce(name: str, value, typ, nullable: bool, path: str):
+def _coerce(name: str, value, typ, nullable: bool, where: str):
+    """A config file's value as the field's type; one line naming the key when it is not one. Numbers
+    are range-checked later (:func:`check_config`); integers are never converted through a float, so
+    one of 400 digits is refused there by its range, not by an overflow."""
     if value is None and nullable:
         return None
     if typ is bool:
         if isinstance(value, bool):
             return value
-    elif typ in (int, float):
-        if isinstance(value, bool):
-            pass
-        elif isinstance(value, (int, float)) and (typ is float or float(value).is_integer()):
+    elif typ in (int, float) and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value if typ is int else _as_float(value)
+        if isinstance(value, float) and (typ is float or value.is_integer()):
             return typ(value)
-        elif isinstance(value, str):  # YAML reads 3e-5 (no dot) as a string
+        if isinstance(value, str) and len(value) <= 100:  # YAML reads 3e-5 (no dot) as a string
             try:
                 v = float(value)
                 return typ(v) if typ is float or v.is_integer() else v
-            except ValueError:
+            except (ValueError, OverflowError):
                 pass
     elif isinstance(value, str):
         return value
-    raise TrainError(f"--config {path}: {name}: {value!r} is not {'an integer' if typ is int else 'a number' if typ is float else 'true or false' if typ is bool else 'a string'}")
+    kind = 'an integer' if typ is int else 'a number' if typ is float else 'true or false' if typ is bool else 'a string'
+    raise TrainError(f"{where}: {name}: {preview(value)} is not {kind}")
 
 
-def _pact_from(value, path: str) -> PactParams:
+def _as_float(v: int):
+    """An integer as a float, or itself when it is too large for one (then the range check refuses it)."""
+    try:
+        return float(v)
+    except OverflowError:
+        return v
+
+
+def _pact_from(value, where: str) -> PactParams:
     if not isinstance(value, dict):
-        raise TrainError(f"--config {path}: pact must be a mapping of PACT parameters, e.g. {{T: 2.0, N: 8}}")
+        raise TrainError(f"{where}: pact must be a mapping of PACT parameters, e.g. {{T: 2.0, N: 8}}, not {preview(value)}")
     known = {f.name: f for f in fields(PactParams)}
     bad = [k for k in value if k not in known]
     if bad:
-        raise TrainError(f"--config {path}: pact: unknown parameter {bad[0]!r}; they are {', '.join(known)}")
-    return PactParams(**{k: _coerce(f"pact.{k}", v, type(known[k].default), False, path) for k, v in value.items()})
+        raise TrainError(f"{where}: pact: unknown parameter {preview(bad[0])}; they are {', '.join(known)}")
+    return PactParams(**{k: _coerce(f"pact.{k}", v, type(known[k].default), False, where) for k, v in value.items()})
 
 
 def parse_config(argv: list[str] | None, parser_class=argparse.ArgumentParser) -> TrainConfig:

@@ -35,13 +35,13 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pact_cache.columns import REF_COLUMNS
-from pact_cache.errors import PactError
+from pact_cache.errors import PactError, preview
 from pact_cache.format import Cache, CacheRow, open_cache
 from pact_cache.projection import check_projection
 
 from .core import lora_direction_factors, policy_losses
 from .losses import LossParams, PactParams, added_term_methods
-from .stream import REPLAY_TERMS, Batch, Replay, collate, epoch_rows, pad_id_for  # noqa: F401  (pad_id_for: for users)
+from .stream import REPLAY_TERMS, Batch, Replay, RowGate, check_replay_ratio, collate, epoch_rows, pad_id_for  # noqa: F401  (pad_id_for, RowGate: for users)
 
 # The collator's keys beside the model's inputs: the batch's layout, then one per cached reference column
 # (pact_cache.columns.REF_COLUMNS: pact_full, pact_post, pact_target)
@@ -56,6 +56,13 @@ class CacheDataset(IterableDataset):
     def __init__(self, cache: Cache | str, shuffle: bool = False, seed: int = 0, buffer_rows: int = 1024,
                  storage_options: dict | None = None, cache_id: str | None = None, shard_by_rank: bool = True,
                  replay: Cache | str | None = None, replay_ratio: float = 0.05):
+        for name, value, kind in (("shuffle", shuffle, bool), ("seed", seed, int), ("buffer_rows", buffer_rows, int),
+                                  ("shard_by_rank", shard_by_rank, bool)):
+            if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < (1 if name == "buffer_rows" else 0))):
+                raise PactError(f"CacheDataset({name}={preview(value)}): must be "
+                                + ("true or false" if kind is bool else f"an integer >= {1 if name == 'buffer_rows' else 0}"))
+        if replay is not None:
+            check_replay_ratio(replay_ratio, "CacheDataset(replay=...):")
         self.cache = cache if isinstance(cache, Cache) else open_cache(cache, cache_id=cache_id, storage_options=storage_options)
         if self.cache.num_rows == 0:  # as pact-train, stats and pact-eval refuse it
             raise PactError(f"{self.cache.url}: the cache holds no rows; rebuild it from a non-empty dataset")
@@ -65,29 +72,22 @@ class CacheDataset(IterableDataset):
         self.replay = None
         if replay is not None:
             rc = replay if isinstance(replay, Cache) else open_cache(replay, storage_options=storage_options)
-            self.replay = Replay.of(self.cache, rc, replay_ratio, seed, buffer_rows, where="replay=")
+            self.replay = Replay.of(self.cache, rc, replay_ratio, seed, buffer_rows, where="CacheDataset(replay=...):")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _epoch_rows(self) -> int:
         n = self.cache.num_rows
-        extra = self.replay.count((self.epoch + 1) * n) - self.replay.count(self.epoch * n) if self.replay else 0
-        return n + extra
+        return n + (self.replay.extra(self.epoch, n) if self.replay else 0)
 
     def __len__(self) -> int:  # rows this process iterates (the Trainer uses it to count steps)
         rank, world = _rank_world() if self.shard_by_rank else (0, 1)
         return len(range(rank, self._epoch_rows(), world))
 
     def _mixed(self):
-        n, rep = self.cache.num_rows, self.replay
-        mixed = rep.rows(rep.count(self.epoch * n)) if rep else None
-        for i, row in enumerate(epoch_rows(self.cache, self.epoch, self.seed, self.shuffle, self.buffer_rows)):
-            yield row
-            if mixed is not None:
-                g = self.epoch * n + i + 1
-                for _ in range(rep.count(g) - rep.count(g - 1)):
-                    yield next(mixed)
+        rows = epoch_rows(self.cache, self.epoch, self.seed, self.shuffle, self.buffer_rows)
+        return self.replay.interleave(rows, self.epoch, self.cache.num_rows) if self.replay else rows
 
     def __iter__(self):
         rank, world = _rank_world() if self.shard_by_rank else (0, 1)
@@ -146,8 +146,11 @@ class PactCollator:
         if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
             raise PactError(f"PactCollator(pad_to_multiple_of={pad_to_multiple_of!r}): must be an integer >= 1")
         self.pad_token_id, self.pad_to_multiple_of, self.token_mask = pad_token_id, pad_to_multiple_of, token_mask
-        if replay_term not in REPLAY_TERMS:
-            raise PactError(f"replay_term={replay_term!r}: use one of {', '.join(REPLAY_TERMS)}")
+        if not isinstance(replay_term, str) or replay_term not in REPLAY_TERMS:
+            raise PactError(f"PactCollator(replay_term={preview(replay_term)}): use one of {', '.join(REPLAY_TERMS)}")
+        if row_gate is not None and not isinstance(row_gate, RowGate):
+            raise PactError(f"PactCollator(row_gate={preview(row_gate)}): must be a RowGate, e.g. RowGate.of_cache(cache, "
+                            "'hard', 0.9) (pact_train.stream.RowGate), or None")
         self.row_gate, self.replay_term, self.padding_free = row_gate, replay_term, bool(padding_free)
 
     def __call__(self, items) -> dict:

@@ -20,10 +20,10 @@ from pact_cache.errors import PactError
 from pact_cache.format import Cache, open_cache
 from pact_cache.typedjson import load_json
 from pact_cache.projection import check_projection
-from pact_cache.storage import atomic_write_bytes, atomic_write_json, stale_tmp, staged_dir
+from pact_cache.storage import atomic_write_bytes, atomic_write_json, read_limited, stale_tmp, staged_dir
 
 from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig, TrainError, check_config, config_record
+from .config import CONFIG_MAX_BYTES, TrainConfig, TrainError, check_config, config_record
 from .core import causal_lm, lora_direction_factors, online_reference, policy_losses
 from .distributed import Ranks, setup, teardown
 from . import packing
@@ -40,6 +40,11 @@ class NonFiniteError(TrainError):
         super().__init__(f"step {step}: {what}; stopped, no adapter or model written, {kept}. "
                          "Lower --lr, or check the model and the cache (pact-cache verify)")
         self.step = step
+
+
+# 2: rows_taken counts the mixed stream's rows (replay rows take batch slots); 1 (absent): the
+# fine-tuning cache's rows, the replay rows due coming on top of each batch
+STREAM_VERSION = 2
 
 
 def _log(msg: str) -> None:
@@ -90,11 +95,13 @@ def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1, replay
     cfg_file = out / "config.json"
     if not cfg_file.is_file():
         raise TrainError(f"{out}: folder is not empty and holds no pact-train run; choose another -o")
-    old = load_json(cfg_file.read_bytes()[: 1 << 20], str(cfg_file), TrainError, "run config",
-                    fix="the run folder is damaged: choose another -o")
+    old = load_json(read_limited(cfg_file, CONFIG_MAX_BYTES, str(cfg_file), TrainError, "run config"), str(cfg_file), TrainError,
+                    "run config", fix="the run folder is damaged: choose another -o")
     if not isinstance(old, dict):
         raise TrainError(f"{cfg_file}: is not a run config (not a JSON object); choose another -o")
     old.setdefault("processes", 1)  # runs recorded before data-parallel training were single-process
+    if old.get("row_gate") != "hard":
+        old["gate_at"] = None  # recorded as 0.9 before --gate-at went with the hard gate only
     mine = config_record(cfg, cache_id, world, replay_id)
     if not replay_known:
         mine["replay_cache_id"] = old.get("replay_cache_id")
@@ -313,7 +320,9 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     global_batch = cfg.batch_size * ranks.world  # rows per micro-batch over all ranks
-    steps_per_epoch = math.ceil(cache.num_rows / (global_batch * cfg.grad_accum))
+    # rows per epoch: the fine-tuning cache's, and the replay rows that take slots among them
+    rows_per_epoch = cache.num_rows + (max(replay.extra(e, cache.num_rows) for e in range(cfg.epochs)) if replay else 0)
+    steps_per_epoch = math.ceil(rows_per_epoch / (global_batch * cfg.grad_accum))
     total = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
     pad_id = pad_id_for(tok)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
@@ -327,6 +336,8 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
             raise TrainError(f"{out}/checkpoint: was written while training on cache {str(st.get('cache_id'))[:12]}, not "
                              f"{cache.cache_id[:12]}; resume with the cache the run started from")
         step, epoch, taken, tokens_total = st["step"], st["epoch"], st["rows_taken"], st["tokens_total"]
+        if replay is not None and st.get("stream", 1) < 2:  # written when the replay rows came on top of each batch
+            taken += replay.count(epoch * cache.num_rows + taken) - replay.count(epoch * cache.num_rows)
         if ranks.main:  # metrics after the checkpoint belong to the lost part of the run: drop them
             lines = metrics_path.read_text(errors="replace").splitlines() if metrics_path.exists() else []
             atomic_write_bytes(metrics_path, "".join(l + "\n" for l in lines[:step]).encode())
@@ -419,7 +430,8 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         bar.update(1)
         if step % cfg.save_every == 0 and step < total and ranks.main:
             save_checkpoint(out / "checkpoint", model, optimizer, {"step": step, "epoch": epoch, "rows_taken": taken,
-                                                                    "tokens_total": tokens_total, "cache_id": cache.cache_id})
+                                                                    "tokens_total": tokens_total, "cache_id": cache.cache_id,
+                                                                    "stream": STREAM_VERSION})
             last_saved = step
     bar.close()
     if board is not None:
@@ -431,7 +443,8 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         ranks.barrier()  # rank 0 writes the outputs
         return {"out": str(out), "steps": step, "seconds": time.time() - t_run, "final": str(final), "main": False}
     save_checkpoint(out / "checkpoint", model, optimizer, {"step": step, "epoch": epoch, "rows_taken": taken,
-                                                            "tokens_total": tokens_total, "cache_id": cache.cache_id})
+                                                            "tokens_total": tokens_total, "cache_id": cache.cache_id,
+                                                                    "stream": STREAM_VERSION})
 
     # --- final outputs
     with staged_dir(final, replace=True) as tmp:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pact_cache.columns import REF_COLUMNS
-from pact_cache.errors import PactError
+from pact_cache.errors import PactError, preview
 from pact_cache.format import Cache, CacheRow
 
 from .packing import packed_inputs
@@ -166,21 +166,36 @@ class ReplayRow(CacheRow):
         return cls(**{f.name: getattr(row, f.name) for f in fields(CacheRow)})
 
 
+GATE_AT = 0.9  # the hard row gate's threshold on the step-0 refusal mass, when none is given
+REPLAY_RATIO_MAX = 0.5  # at most half the mixed stream: at most one replay row after each fine-tuning row
+
+
+def check_replay_ratio(ratio, where: str) -> float:
+    """The replay share as a float in [0, REPLAY_RATIO_MAX], or one line saying what is wrong with it."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise PactError(f"{where} ratio {preview(ratio)}: must be a number (a float such as 0.05), not a {type(ratio).__name__}")
+    if not 0.0 <= ratio <= REPLAY_RATIO_MAX:
+        raise PactError(f"{where} ratio {preview(ratio)}: must be a share of the rows in [0, {REPLAY_RATIO_MAX}] (at most one "
+                        "replay row after each fine-tuning row)")
+    return float(ratio)
+
+
 @dataclass(frozen=True)
 class Replay:
     """Rows of a second cache mixed into the fine-tuning stream (``pact-train --replay CACHE
     --replay-ratio R``): typically harmful prompts with the reference's own refusals, built by
-    ``pact-cache build`` with the same reference and safety tokens.
+    ``pact-cache replay`` (or ``build``) with the same reference and safety tokens.
 
-    The mix is a pure function of the position in the fine-tuning cache, so a resumed run (and every
-    rank) gets the same rows: after ``g`` rows of the fine-tuning cache (over all epochs), ``count(g)
-    = floor(g * R / (1 - R))`` replay rows have been taken, so a share R of the mixed stream is
-    replay; they are added to the batch in which they fall due (a batch of B rows gets about
-    ``B * R / (1 - R)`` more). The replay cache is cycled in its own seeded order, a new one each
-    time round."""
+    One rule for pact-train and the Trainer integration (:meth:`interleave`): after the ``g``-th row of
+    the fine-tuning cache (counted over all epochs), the replay rows then due follow it, ``count(g) =
+    floor(g * R / (1 - R))`` in all, so a share R of the mixed stream is replay; R is at most
+    :data:`REPLAY_RATIO_MAX`, so at most one follows each row. The mixed stream is then cut into
+    micro-batches: a replay row takes a slot like any other, and a micro-batch never holds more than
+    its batch size. The mix is a pure function of the position, so a resumed run (and every rank) gets
+    the same rows. The replay cache is cycled in its own seeded order, a new one each time round."""
 
     cache: Cache
-    ratio: float  # in [0, 1): the share of the mixed stream's rows that come from the replay cache
+    ratio: float  # in [0, REPLAY_RATIO_MAX]: the share of the mixed stream's rows that come from the replay cache
     seed: int
     buffer_rows: int = 1024
 
@@ -188,10 +203,12 @@ class Replay:
     def of(cls, main: Cache, cache: Cache, ratio: float, seed: int, buffer_rows: int = 1024, where: str = "--replay") -> "Replay":
         """The replay of ``cache`` beside the fine-tuning cache ``main``: refused (:class:`PactError`,
         one line) unless both hold the same reference's values for the same safety tokens and
-        tokenizer, and the replay cache has rows."""
+        tokenizer, the replay cache has rows and is not the fine-tuning cache itself."""
         a, b = main.manifest, cache.manifest
-        if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
-            raise PactError(f"{where} ratio {ratio}: must be a share of the rows in [0, 1)")
+        ratio = check_replay_ratio(ratio, where)
+        if cache.cache_id == main.cache_id:
+            raise PactError(f"{where} {cache.url}: is the fine-tuning cache itself (cache id {cache.cache_id[:12]}); replay a "
+                            "cache of the reference's refusals, made by `pact-cache replay`")
         differs = [what for what, x, y in (
             ("another reference model", a.reference.weights_sha256, b.reference.weights_sha256),
             ("another tokenizer", a.tokenizer.sha256, b.tokenizer.sha256),
@@ -201,11 +218,25 @@ class Replay:
                             "same --ref and --tokens as the fine-tuning cache")
         if cache.num_rows == 0:
             raise PactError(f"{where} {cache.url}: the cache holds no rows; build it from harmful prompts with refusals")
-        return cls(cache, float(ratio), seed, buffer_rows)
+        return cls(cache, ratio, seed, buffer_rows)
 
     def count(self, main_rows: int) -> int:
         r = Fraction(self.ratio).limit_denominator(10**6)
         return int(main_rows * r / (1 - r))
+
+    def extra(self, epoch: int, n: int) -> int:
+        """Replay rows in epoch ``epoch`` of the mixed stream, the fine-tuning cache holding ``n`` rows."""
+        return self.count((epoch + 1) * n) - self.count(epoch * n)
+
+    def interleave(self, rows: Iterator[CacheRow], epoch: int, n: int) -> Iterator[CacheRow]:
+        """Epoch ``epoch``'s rows of the fine-tuning cache (``n`` per epoch), each followed by the replay
+        rows then due: the mixed stream both training paths cut into batches."""
+        mixed = self.rows(self.count(epoch * n))
+        for i, row in enumerate(rows, 1):
+            yield row
+            g = epoch * n + i
+            for _ in range(self.count(g) - self.count(g - 1)):
+                yield next(mixed)
 
     def rows(self, start: int) -> Iterator[ReplayRow]:
         """Replay rows from position ``start`` of the cycled replay stream on."""
@@ -237,9 +268,17 @@ class RowGate:
     KINDS = ("hard", "soft")
 
     @classmethod
-    def of_cache(cls, cache: Cache, kind: str, at: float) -> "RowGate":
-        if kind not in cls.KINDS:
-            raise ValueError(f"row gate {kind!r}: use one of {', '.join(cls.KINDS)}")
+    def of_cache(cls, cache: Cache, kind: str, at: float | None = None) -> "RowGate":
+        """The gate ``kind`` on ``cache``'s rows; ``at`` (the hard gate's threshold, default 0.9) is refused
+        for a soft gate, which has none, and outside [0, 1] (one :class:`PactError` line each)."""
+        if not isinstance(kind, str) or kind not in cls.KINDS:
+            raise PactError(f"row gate {preview(kind)}: use one of {', '.join(cls.KINDS)}")
+        if kind == "soft" and at is not None:
+            raise PactError(f"row gate soft, at={preview(at)}: the soft gate weighs each row by its mass and has no threshold; "
+                            "leave out at (--gate-at), or use the hard gate")
+        at = GATE_AT if at is None else at
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or not (0.0 <= at <= 1.0):  # NaN fails too
+            raise PactError(f"row gate threshold {preview(at)}: must be a step-0 refusal mass in [0, 1] (e.g. {GATE_AT})")
         return cls(kind, float(at), tuple(w > 0 for w in cache.tokens.weights))
 
     def mass(self, row: CacheRow) -> float:
@@ -299,24 +338,18 @@ def batches(cache: Cache, batch_size: int, seed: int, shuffle: bool, start_epoch
     """Yield ``(epoch, rows taken in this epoch after the batch, rows)`` forever or for ``epochs``.
 
     The last batch of an epoch may be short; batches never straddle epochs. With ``replay``, the
-    replay rows due by the end of a batch (:meth:`Replay.count`) follow its ``batch_size`` rows.
+    epoch's rows are the mixed stream (:meth:`Replay.interleave`): a replay row takes a slot of the
+    batch and counts among the rows taken, so a batch never holds more than ``batch_size`` rows.
     ``group_by_length`` > 0 reorders each epoch's rows with :func:`length_grouped` (windows of that
     many batches) before they are cut into batches.
     """
     n = cache.num_rows
-    mixed = replay.rows(replay.count(start_epoch * n + skip_rows)) if replay is not None else None
-
-    def with_replay(epoch, taken, rows):
-        if mixed is None:
-            return rows
-        g = epoch * n + taken  # rows of the fine-tuning cache taken so far, over all epochs
-        due = replay.count(g) - replay.count(g - len(rows))
-        return rows + [next(mixed) for _ in range(due)]
-
     epoch = start_epoch
     while epochs is None or epoch < epochs:
         taken, buf = 0, []
         rows = epoch_rows(cache, epoch, seed, shuffle, buffer_rows)
+        if replay is not None:
+            rows = replay.interleave(rows, epoch, n)
         if group_by_length:
             rows = length_grouped(rows, batch_size, group_by_length, seed, epoch)
         for row in rows:
@@ -325,8 +358,8 @@ def batches(cache: Cache, batch_size: int, seed: int, shuffle: bool, start_epoch
                 continue
             buf.append(row)
             if len(buf) == batch_size:
-                yield epoch, taken, with_replay(epoch, taken, buf)
+                yield epoch, taken, buf
                 buf = []
         if buf:
-            yield epoch, taken, with_replay(epoch, taken, buf)
+            yield epoch, taken, buf
         epoch, skip_rows = epoch + 1, 0

@@ -4,6 +4,8 @@
 import json
 from dataclasses import fields
 
+import os
+
 import pytest
 
 from pact_train.cli import main as train_main
@@ -102,6 +104,60 @@ def test_missing_and_unreadable_config(tmp_path, capsys):
     assert "is a folder" in capsys.readouterr().err
 
 
+def _bomb(tail: str) -> str:
+    """A YAML "billion laughs": 9 levels of 9 aliases, about 387 million strings once expanded."""
+    text, prev = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n', "a"
+    for name in "bcdefghi":
+        text += f"{name}: &{name} [" + ", ".join(["*" + prev] * 9) + "]\n"
+        prev = name
+    return text + tail
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda f: f.write_text(_bomb("lr: *i\n")), "holds more than 10,000 values once its YAML aliases are expanded"),
+    (lambda f: f.write_text(_bomb("pact: *i\n")), "holds more than 10,000 values"),
+    (lambda f: f.write_text(_bomb("storage_options: {key: *i}\n")), "holds more than 10,000 values"),
+    (lambda f: f.write_text("# padding\n" * 120_000 + "lr: 1.0e-3\n"), "is 1,200,011 bytes, more than the 1,048,576 a YAML"),
+    (lambda f: f.write_bytes(b"lr: 1.0e-3  # \xe2\x82\xac\n" * 20 + b"seed: \xff\n"), ":21: is not UTF-8 text (byte 366)"),
+    (lambda f: f.write_text("group_by_length: " + "9" * 400 + "\n"), "--group-by-length <an integer of 400 digits>: must be an integer in [0, 2147483647]"),
+    (lambda f: f.write_text("lr: " + "9" * 400 + "\n"), "--lr <an integer of 400 digits>: must be a finite number in (0, inf)"),
+    (lambda f: f.write_text("lr: '" + "9" * 400 + "'\n"), "lr: '999999999999999999999999999...9999999999999999999999999999' is not a number"),
+    (lambda f: f.write_text("lr: '1e400'\n"), "--lr inf: must be a finite number"),
+    (lambda f: f.write_text("method: " + "x" * 5000 + "\n"), "--method 'xxxxxxxxxxxxxxxxxxxxxxxxxxx...xxxxxxxxxxxxxxxxxxxxxxxxxxxx': use one of"),
+    (lambda f: f.write_text("batch_size: [" + "1, " * 5000 + "1]\n"), "batch_size: [1, 1, 1, 1, ...] is not an integer"),
+    (lambda f: os.mkfifo(f), "is a FIFO, not a regular file; give the YAML or JSON config file as a file"),
+])
+def test_hostile_config_files_cost_nothing_and_are_one_line(tmp_path, capsys, make, needle):
+    """Alias bombs, oversized, half-text, unbounded numbers and values, FIFOs: refused before anything grows, the
+    value in the message cut short."""
+    f = tmp_path / "run.yaml"
+    make(f)
+    rc = train_main(["--config", str(f), "--model", "m", "--cache", str(tmp_path / "nothing"), "-o", str(tmp_path / "o")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-train")]
+    assert rc == 1 and len(err) == 1 and needle in err[0] and len(err[0]) < 400, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_device_and_oversized_binary_configs(tmp_path, capsys):
+    assert train_main(["--config", "/dev/zero"]) == 1
+    assert "--config /dev/zero: is a device or socket, not a regular file" in capsys.readouterr().err
+    big = tmp_path / "weights.safetensors"
+    with open(big, "wb") as f:  # sparse: 540 MB declared, nothing read
+        f.truncate(540_000_000)
+    assert train_main(["--config", str(big)]) == 1
+    assert "is 540,000,000 bytes, more than the 1,048,576 a YAML or JSON config file may hold" in capsys.readouterr().err
+
+
+def test_unbounded_numbers_on_the_command_line(tmp_path, capsys):
+    base = ["--model", "m", "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "o")]
+    assert train_main(base + ["--group-by-length", "1" + "0" * 400]) == 1
+    assert "--group-by-length <an integer of 401 digits>: must be an integer in [0, 2147483647]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # past the interpreter's digit limit: argparse's own refusal, cut short
+        train_main(base + ["--batch-size", "9" * 5000])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid int value: '999" in err and len(err) < 400
+
+
 def test_ranges_come_from_the_declarations():
     """A value just outside each declared range is refused, naming its flag (or field)."""
     for f in fields(TrainConfig):
@@ -123,14 +179,14 @@ def test_ranges_come_from_the_declarations():
     ("--pact-top-p", "1.5", "--pact-top-p 1.5: must be a finite number in (0, 1]"),
     ("--pact-alpha", "nan", "--pact-alpha nan: must be a finite number"),
     ("--pact-boost", "-1", "--pact-boost -1.0"),
-    ("--pact-n", "-1", "--pact-n -1: must be an integer in [0, inf)"),
+    ("--pact-n", "-1", "--pact-n -1: must be an integer in [0, 2147483647]"),
     ("--weight-decay", "-1", "--weight-decay -1.0: must be a finite number in [0, inf)"),
     ("--lambda", "inf", "--lambda inf"),
     ("--lora-dropout", "1", "--lora-dropout 1.0: must be a finite number in [0, 1)"),
-    ("--save-every", "0", "--save-every 0: must be an integer in [1, inf)"),
-    ("--shuffle-buffer", "0", "--shuffle-buffer 0: must be an integer in [1, inf)"),
+    ("--save-every", "0", "--save-every 0: must be an integer in [1, 2147483647]"),
+    ("--shuffle-buffer", "0", "--shuffle-buffer 0: must be an integer in [1, 2147483647]"),
     ("--batch-size", "0", "--batch-size 0"),
-    ("--warmup-steps", "-2", "--warmup-steps -2: must be an integer in [-1, inf); -1 means 3% of the run"),
+    ("--warmup-steps", "-2", "--warmup-steps -2: must be an integer in [-1, 2147483647]; -1 means 3% of the run"),
     ("--seed", "-1", "--seed -1"),
     ("--max-steps", "0", "--max-steps 0"),
     ("--lr", "abc", "argument --lr: invalid float value: 'abc'"),

@@ -28,7 +28,7 @@ def test_a_hand_made_cache_gets_the_expected_gates(tmp_path):
     step0 = [0.05, 0.92, 0.2, 0.95, 0.1, 0.3, 0.99]
     cache = open_cache(masses_cache(tmp_path, step0))  # weights 0.7, 0.2, -0.3: the third token does not count
     rows = list(cache.iter_rows())
-    hard, soft = RowGate.of_cache(cache, "hard", 0.9), RowGate.of_cache(cache, "soft", 0.9)
+    hard, soft = RowGate.of_cache(cache, "hard", 0.9), RowGate.of_cache(cache, "soft")
     assert [hard(r) for r in rows] == [0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
     assert np.allclose([soft(r) for r in rows], step0, atol=1e-6)
     b = collate(rows, 0, row_gate=hard)

@@ -101,7 +101,7 @@ def test_packed_batch_keeps_tosss_mask_row_gates_and_replay_weights(tiny_model, 
     for p in model.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)
-    mask, gate = cache_token_mask(cache, 0.3), RowGate.of_cache(cache, "soft", 0.0)
+    mask, gate = cache_token_mask(cache, 0.3), RowGate.of_cache(cache, "soft")
     b = collate(rows, tok.pad_token_id, 1, mask, gate, "term")
     assert not b.loss_mask[b.step_mask].all() and b.ce_weight.tolist()[5:] == [0.0, 0.0] and len(set(b.row_gate.tolist()[:5])) > 1
     for name in ("pact", "str"):

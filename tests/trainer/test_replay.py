@@ -2,11 +2,13 @@
 into the stream, seeded and resumable; ratio 0 is today's run exactly; the replay term choice."""
 
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from pact_cache.errors import PactError
 from pact_cache.format import open_cache
 from pact_train.cli import main as train_main
 from pact_train.core import policy_losses
@@ -127,10 +129,42 @@ def test_replay_refusals(tiny_model, f32_cache, made, tmp_path, capsys):
     assert f"--replay {made['q8']}: was built with other safety tokens than the fine-tuning cache" in line
     line = one_line(capsys, train_main, *base, "--replay-ratio", "0.1")
     assert "--replay-ratio: applies to the rows of --replay CACHE" in line
-    line = one_line(capsys, train_main, *base, "--replay", f32_cache, "--replay-ratio", "1", code=1)
-    assert "--replay-ratio 1.0: must be a finite number in [0, 1)" in line
+    for ratio in ("1", "0.6", "nan"):
+        line = one_line(capsys, train_main, *base, "--replay", f32_cache, "--replay-ratio", ratio, code=1)
+        assert f"--replay-ratio {float(ratio)}: must be a finite number in [0, 0.5]; it is the share of the rows" in line
+    line = one_line(capsys, train_main, *base, "--replay", f32_cache, code=1)
+    assert f"--replay {f32_cache}: is the fine-tuning cache itself (cache id" in line
     line = one_line(capsys, train_main, *base, "--replay", f32_cache, "--method", "sft", "--replay-term", "term")
     assert "--replay-term term: splits the cross-entropy from a per-step term" in line
     assert not (tmp_path / "r").exists()
-    with pytest.raises(Exception, match="replay_term='half'"):
+    with pytest.raises(PactError, match="replay_term='half'"):
         PactCollator(0, replay_term="half")
+    with pytest.raises(PactError, match=r"PactCollator\(replay_term=\['ce'\]\): use one of both, ce, term"):
+        PactCollator(0, replay_term=["ce"])
+    for bad, why in (("0.1", re.escape("must be a number (a float such as 0.05), not a str")), (0.6, r"must be a share of the rows in \[0, 0.5\]"),
+                     (float("nan"), r"must be a share of the rows in \[0, 0.5\]")):
+        with pytest.raises(PactError, match=r"CacheDataset\(replay=...\): ratio .*" + why):
+            CacheDataset(f32_cache, replay=made["q8"], replay_ratio=bad)
+    with pytest.raises(PactError, match="is the fine-tuning cache itself"):
+        CacheDataset(f32_cache, replay=f32_cache)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3, 0.02])
+def test_a_micro_batch_never_holds_more_than_its_batch_size(f32_cache, replay_cache, ratio):
+    """Replay rows take slots (one rule with the Trainer path's interleaved rows): a micro-batch holds at most
+    batch_size rows whatever the ratio, the share holds, and a resume from any batch boundary is exact."""
+    main, rep = open_cache(f32_cache), open_cache(replay_cache)
+    mix = Replay.of(main, rep, ratio, seed=3)
+    for size in (1, 2, 4):
+        full = [(e, t, [(type(r).__name__, r.example_id) for r in rows])
+                for e, t, rows in batches(main, size, 3, True, epochs=2, replay=mix)]
+        assert max(len(rows) for _, _, rows in full) <= size
+        kinds = [kind for _, _, rows in full for kind, _ in rows]
+        assert kinds.count("CacheRow") == 2 * main.num_rows and kinds.count("ReplayRow") == mix.count(2 * main.num_rows)
+        ds = CacheDataset(f32_cache, shuffle=True, seed=3, replay=replay_cache, replay_ratio=ratio)
+        assert [(type(it["row"]).__name__, it["row"].example_id) for it in ds] == [x for e, _, rows in full if e == 0 for x in rows]
+        for k in range(1, len(full)):
+            e, t, _ = full[k - 1]
+            again = [(e2, t2, [(type(r).__name__, r.example_id) for r in rows])
+                     for e2, t2, rows in batches(main, size, 3, True, start_epoch=e, skip_rows=t, epochs=2, replay=mix)]
+            assert again == full[k:]

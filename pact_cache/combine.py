@@ -18,6 +18,7 @@ compared only when both caches use the same safety tokens.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import replace
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .build import Reuse, row_key
-from .errors import OutputExistsError, PactError
+from .errors import OutputExistsError, PactError, preview
 from .columns import REF_COLUMNS
 from .format import RowResult, open_cache, write_part
 from .card import publish
@@ -51,6 +52,8 @@ def merge_caches(sources: list, out, rows_per_part: int | None = None, storage_o
               "cache will not; run `pact-cache score` on it for --token-mask", file=sys.stderr)
     loc = Location.of(out, storage_options)
     _check_new(loc, "merge")
+    if not any(c.num_rows for c in caches):
+        raise PactError(f"merge: {', '.join(sources)} hold no rows, so the merged cache would be empty; nothing written")
     per = rows_per_part or first.build.rows_per_part
     build = replace(first.build, rows_per_part=per, reused=tuple(c.cache_id for c in caches))
     dataset = DatasetInfo(hash_identity("pact-cache/merged-dataset", [c.manifest.dataset.sha256 for c in caches]),
@@ -122,11 +125,13 @@ def filter_cache(src, out, above: float, rows_per_part: int | None = None, stora
     What a practitioner tries first against harmful rows: drop the rows the reference would refuse.
     The result is the cache of the filtered dataset: its dataset fingerprint is derived from the
     source's and the threshold, its ``build.reused`` names the source, so its id is its own."""
-    if not (isinstance(above, (int, float)) and 0.0 <= above <= 1.0):
-        raise PactError(f"--above {above}: must be a probability mass in [0, 1]")
+    if isinstance(above, bool) or not (isinstance(above, (int, float)) and 0.0 <= above <= 1.0):
+        raise PactError(f"--above {preview(above)}: must be a probability mass in [0, 1]")
     cache = open_cache(Location.of(src, storage_options))
     loc = Location.of(out, storage_options)
     _check_new(loc, "filter")
+    if cache.num_rows == 0:
+        raise PactError(f"{cache.url}: the cache holds no rows, so a filter of it would be empty; nothing written")
     if cache.manifest.scores is not None:
         print(f"pact-cache filter: {cache.url} carries token scores, which the filtered cache will not; run `pact-cache score` "
               "on it for --token-mask", file=sys.stderr)
@@ -137,10 +142,13 @@ def filter_cache(src, out, above: float, rows_per_part: int | None = None, stora
     build = replace(m0.build, rows_per_part=rows_per_part or m0.build.rows_per_part, reused=(cache.cache_id,))
     identity = replace(m0.identity, dataset_sha256=dataset.sha256, build=build)
     kept = {"rows": 0, "steps": 0, "tokens": 0, "truncated": 0}
+    masses = [math.inf, -math.inf]  # the range of the input's step-0 refusal masses, for the message of an empty result
 
     def rows():
         for row in cache.iter_rows():
-            if step0_refusal_mass(row, keep) <= above:
+            mass = step0_refusal_mass(row, keep)
+            masses[:] = min(masses[0], mass), max(masses[1], mass)
+            if mass <= above:
                 kept["rows"] += 1
                 kept["steps"] += row.steps
                 kept["tokens"] += len(row.input_ids)
@@ -149,6 +157,10 @@ def filter_cache(src, out, above: float, rows_per_part: int | None = None, stora
 
     with loc.filling():  # a filter that fails leaves nothing behind: a retry works
         parts = _write_rows(loc, rows(), m0.encoding, identity.key(), build.rows_per_part, cache.num_rows, "filtering", progress)
+        if kept["rows"] == 0:  # an empty cache is no use to pact-train, stats or --replay: refused, as build refuses one
+            raise PactError(f"--above {above:g}: keeps none of the {cache.num_rows:,} rows of {cache.url}, whose step-0 refusal "
+                            f"masses run from {masses[0]:.4g} to {masses[1]:.4g}; nothing written: raise --above (to at "
+                            f"least {masses[0]:.4g} to keep a row)")
         dropped = cache.num_rows - kept["rows"]
         skipped = dict(m0.counts.skipped)
         skipped["step0_refusal_mass_above"] = skipped.get("step0_refusal_mass_above", 0) + dropped

@@ -93,3 +93,20 @@ def test_a_failed_merge_or_filter_leaves_nothing_and_the_retry_works(parts, tmp_
     last.write_bytes(good)
     assert main(args) == 0
     assert main(["verify", str(out)]) == 0
+
+
+def test_a_filter_or_merge_that_would_write_an_empty_cache_is_refused(tmp_path, capsys):
+    """build refuses to write an empty cache; filter and merge do too: one line naming the threshold and the input's
+    step-0 mass range, nothing written, and a retry with a threshold that keeps rows works."""
+    from conftest import masses_cache
+    from hostile import one_line
+
+    src = masses_cache(tmp_path, [0.4, 0.95, 0.6])
+    line = one_line(capsys, main, "filter", src, "--above", "0", "-o", tmp_path / "none", "--no-progress")
+    assert "--above 0: keeps none of the 3 rows of" in line
+    assert "whose step-0 refusal masses run from 0.4 to 0.95; nothing written: raise --above (to at least 0.4" in line
+    assert not (tmp_path / "none").exists()
+    assert main(["filter", str(src), "--above", "0.5", "-o", str(tmp_path / "none"), "--no-progress"]) == 0
+    assert open_cache(tmp_path / "none").num_rows == 1
+    assert "--above nan: must be a probability mass in [0, 1]" in one_line(capsys, main, "filter", src, "--above", "nan",
+                                                                          "-o", tmp_path / "x")

@@ -215,6 +215,8 @@ class Cache:
             digest, n = sha256_stream(f, limit=part.bytes)  # never more than the manifest states
         _require(n == part.bytes and digest == part.sha256, where,
                  "sha256 differs from the manifest; the part is corrupt or was changed, re-download or rebuild it")
+        with self.fs.open(self.part_path(part), "rb") as f:  # what its footer declares, before anything is decompressed
+            self._parquet(f, part, where)
         self._checked.add(part.name)
 
     def _parquet(self, f, part: PartEntry, where: str):

@@ -111,10 +111,11 @@ def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1, replay
                          f"batch would change: resume with torchrun --nproc-per-node {old['processes']} (or as one process if 1)")
     if diff:
         raise TrainError(f"{out}: holds a different run ({diff[0]}: {old.get(diff[0])!r} there, {mine.get(diff[0])!r} now); choose another -o")
+    if find_checkpoint(out / "checkpoint") is None:  # it stopped before its first checkpoint: nothing to keep
+        _log(f"{out} holds this run's settings but no checkpoint (it stopped before its first one); starting it from step 0")
+        return "new"
     if not cfg.resume:
         raise TrainError(f"{out}: holds this run already; pass --resume to continue it, or choose another -o")
-    if find_checkpoint(out / "checkpoint") is None:
-        raise TrainError(f"{out}: has no checkpoint to resume from; delete the folder and start again")
     return "resume"
 
 
@@ -249,10 +250,27 @@ def train(cfg: TrainConfig) -> dict:
     :mod:`pact_train.distributed`: disjoint row shares, token-weighted gradients, rank 0 writes)."""
     check_config(cfg)
     ranks, device = setup(cfg.device)
+    out = Path(cfg.out).expanduser()
+    fresh = not out.exists()
     try:
         return _run(cfg, ranks, device)
+    except BaseException:
+        if ranks.main and fresh:
+            drop_unstarted(out)
+        raise
     finally:
         teardown(ranks)
+
+
+def drop_unstarted(out: Path) -> None:
+    """Remove a run folder this run created and that holds no step yet (no checkpoint, no metrics line):
+    a run that fails before its first step leaves nothing behind, so the same command works once the
+    cause is fixed."""
+    metrics = out / "metrics.jsonl"
+    if out.is_dir() and find_checkpoint(out / "checkpoint") is None and not (metrics.is_file() and metrics.stat().st_size):
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
@@ -262,6 +280,8 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     cache = open_cache(cfg.cache, cache_id=cfg.cache_pin, storage_options=cfg.storage_options)
     out = Path(cfg.out).expanduser()
     check_cache_rows(cache, cfg)
+    if cfg.report_to == "tensorboard":
+        tensorboard_writer()  # the package is there, before anything is loaded or written
     replay, where = open_replay(cfg, cache, out, ranks, device)
     replay_id = replay.cache.cache_id if replay else None
     state_kind = check_out(out, cfg, cache.cache_id, ranks.world, replay_id)
@@ -461,15 +481,20 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     return {"out": str(out), "steps": step, "seconds": time.time() - t_run, "final": str(final)}
 
 
-def open_board(out: Path, step: int):
-    """A TensorBoard writer on ``OUT/tensorboard`` (flushed every few seconds, so the curves are live);
-    on a resume, events after ``step`` (the lost part of the run) are dropped, as metrics.jsonl's lines are."""
+def tensorboard_writer():
+    """torch's SummaryWriter class, or one line naming the extra to install."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise TrainError("--report-to tensorboard: the tensorboard package is not installed; pip install "
                          "'pact-cache[tensorboard]' (or leave --report-to none)") from None
-    return SummaryWriter(str(out / "tensorboard"), purge_step=step or None, flush_secs=5)
+    return SummaryWriter
+
+
+def open_board(out: Path, step: int):
+    """A TensorBoard writer on ``OUT/tensorboard`` (flushed every few seconds, so the curves are live);
+    on a resume, events after ``step`` (the lost part of the run) are dropped, as metrics.jsonl's lines are."""
+    return tensorboard_writer()(str(out / "tensorboard"), purge_step=step or None, flush_secs=5)
 
 
 def plot_metrics(metrics_path: Path, png: Path, metric: str | None = None) -> None:

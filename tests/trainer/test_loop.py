@@ -377,3 +377,31 @@ def test_report_to_tensorboard_writes_the_metrics_scalars(tiny_model, caches, tm
         assert [s for s, _ in got] == [r["step"] for r in recs]
         assert [v for _, v in got] == pytest.approx([r[key] for r in recs], rel=1e-6)
     assert json.loads((out / "config.json").read_text())["report_to"] == "tensorboard"
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_nothing_and_the_retry_works(tiny_model, caches, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Checked before OUT is made: --report-to's package (here hidden); a run folder left by a run that stopped
+    before its first checkpoint (an older version's leftovers, a killed process) is started again from step 0
+    by the same command, plain or --resume."""
+    out = tmp_path / "run"
+    args = ["--method", "pact", "--model", tiny_model, "--cache", caches["q8"], "-o", str(out), "--max-steps", "1",
+            "--no-progress", "--report-to", "tensorboard"]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    assert "--report-to tensorboard: the tensorboard package is not installed" in one_line(capsys, train_main, *args)
+    assert not out.exists()
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard")
+    assert cli(capsys, train_main, *args)[0] == 0 and len(metrics(out)) == 1
+    # what a run killed after writing its settings and before its first checkpoint leaves
+    left = tmp_path / "left"
+    left.mkdir()
+    shutil.copy(out / "config.json", left / "config.json")
+    (left / "metrics.jsonl").write_text("")
+    for extra in ([], ["--resume"]):
+        code, err = cli(capsys, train_main, *[a if a != str(out) else str(left) for a in args], *extra)
+        assert code == 0 and any("holds this run's settings but no checkpoint" in line for line in err), err
+        assert len(metrics(left)) == 1
+        shutil.rmtree(left / "checkpoint")
+        shutil.rmtree(left / "adapter")
+    # a folder holding another run is still refused
+    assert "holds this run already; pass --resume" in one_line(capsys, train_main, *args)

@@ -70,9 +70,13 @@ def scan_dataset(path: str | Path) -> tuple[list[Path], list[Path]]:
             raise DatasetError(f"{path}: unsupported file type {p.suffix!r}; use .jsonl, .json or .parquet")
         if not _is_regular(p):
             raise DatasetError(f"{path}: is not a regular file (a FIFO or device?); pass a dataset file")
+        _check_text_path(p)
         return [p], []
     if _is_save_to_disk(p):
-        return sorted(f for f in p.rglob("*") if _is_regular(f)), []
+        files = sorted(f for f in p.rglob("*") if _is_regular(f))
+        for f in files:
+            _check_text_path(f)
+        return files, []
     files, ignored = [], []
     for top, dirs, names in os.walk(p):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -85,7 +89,24 @@ def scan_dataset(path: str | Path) -> tuple[list[Path], list[Path]]:
     ignored.sort(key=lambda f: f.relative_to(p).as_posix())
     if not files:
         raise DatasetError(f"{path}: folder holds no .jsonl/.json/.parquet file (searched recursively) and is not a save_to_disk folder")
-    return files, ignored
+    for f in files:
+        _check_text_path(f)
+    return files, [Path(shown_path(f)) for f in ignored]
+
+
+def shown_path(path: str | Path) -> str:
+    """A path as text that can always be printed: bytes that are not UTF-8 (which Python keeps as lone
+    surrogates) shown as ``\\xff`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _check_text_path(path: Path) -> None:
+    """A dataset path must be UTF-8 text: the manifest, the card and the messages record it as text."""
+    try:
+        str(path.resolve()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DatasetError(f"{shown_path(path.resolve())}: the path is not valid UTF-8 (the \\x escapes); rename the file or "
+                           "folder: pact-cache records a dataset's paths as text") from None
 
 
 def dataset_files(path: str | Path) -> list[Path]:

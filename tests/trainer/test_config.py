@@ -251,3 +251,22 @@ def test_replay_auto_needs_the_policy_to_be_the_reference(tiny_base_model, cache
     line = one_line(capsys, train_main, "--model", tiny_base_model, "--cache", cache, "-o", str(tmp_path / "o"), "--no-progress")
     assert "--replay auto" in line and "is not the reference" in line and "pact-cache replay --ref" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_gate_at_goes_with_the_hard_gate_only(tmp_path, capsys):
+    """An option with no effect in the combination given is refused: on the command line, in a config file; a run
+    folder's config.json from before (gate_at 0.9 beside row_gate none) still reads."""
+    base = ["--model", "m", "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "o")]
+    for extra in (["--method", "pact"], ["--row-gate", "none"], ["--row-gate", "soft", "--method", "str"]):
+        assert train_main(base + extra + ["--gate-at", "0.8"]) == 1
+        assert "--gate-at 0.8: is the hard row gate's threshold, and with --row-gate" in capsys.readouterr().err
+    check_config(parse_config(base + ["--gate-at", "0.8"]))  # the safe recipe's gate is hard
+    assert parse_config(base).gate_at == 0.9 and parse_config(base + ["--method", "pact"]).gate_at is None
+    f = tmp_path / "run.yaml"
+    f.write_text("row_gate: soft\nmethod: str\ngate_at: 0.5\n")
+    assert train_main(base + ["--config", str(f)]) == 1
+    assert "--gate-at 0.5: is the hard row gate's threshold, and with --row-gate soft there is none" in capsys.readouterr().err
+    f.write_text("row_gate: none\nmethod: pact\ngate_at: 0.9\n")  # what config.json recorded before
+    cfg = parse_config(base + ["--config", str(f)])
+    check_config(cfg)
+    assert cfg.gate_at is None

@@ -229,3 +229,19 @@ def test_the_python_api_refuses_what_the_cli_refuses(cache, made, tmp_path):
     packed = PactCollator(0)(rows)  # the default: one sequence of the real tokens, the same labels
     assert packed["input_ids"].shape == (1, sum(len(r.input_ids) for r in rows)) and "attention_mask" not in packed
     assert packed["labels"][packed["labels"] != -100].tolist() == padded["labels"][padded["labels"] != -100].tolist()
+
+
+def test_the_python_api_checks_its_arguments_as_the_cli_does(cache):
+    from pact_cache.errors import PactError
+
+    for kw, needle in ((dict(row_gate="hard"), "PactCollator(row_gate='hard'): must be a RowGate, e.g. RowGate.of_cache"),
+                       (dict(replay_term=["ce"]), "PactCollator(replay_term=['ce']): use one of both, ce, term")):
+        with pytest.raises(PactError) as e:
+            PactCollator(0, **kw)
+        assert needle in str(e.value)
+    for kw, needle in ((dict(shuffle="yes"), "CacheDataset(shuffle='yes'): must be true or false"),
+                       (dict(seed=-1), "CacheDataset(seed=-1): must be an integer >= 0"),
+                       (dict(buffer_rows=0), "CacheDataset(buffer_rows=0): must be an integer >= 1")):
+        with pytest.raises(PactError) as e:
+            CacheDataset(cache, **kw)
+        assert needle in str(e.value)

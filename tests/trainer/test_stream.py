@@ -90,3 +90,23 @@ def test_rows_held_while_streaming_do_not_grow_with_the_cache(tmp_path):
     big_rows, big_peak = stream(small_cache(tmp_path, n_rows=800, per_part=50, K=50, name="big"))
     assert small_rows <= buffer_rows + batch and big_rows <= buffer_rows + batch
     assert big_peak < 1.25 * small_peak, (small_peak, big_peak)
+
+
+def test_a_row_gate_checks_its_kind_and_threshold(tmp_path):
+    """A threshold outside [0, 1] or NaN would gate every row to 0 (the run silently SFT); the soft gate has no
+    threshold; a kind that is not a gate: each one line, as the CLI's."""
+    import pytest
+
+    from pact_cache.errors import PactError
+    from pact_train.stream import GATE_AT, RowGate
+
+    cache = small_cache(tmp_path)
+    assert RowGate.of_cache(cache, "hard").at == GATE_AT and RowGate.of_cache(cache, "hard", 0).at == 0.0
+    for at in (1.5, -0.1, float("nan"), "0.9", True):
+        with pytest.raises(PactError, match="row gate threshold .*: must be a step-0 refusal mass in \\[0, 1\\]"):
+            RowGate.of_cache(cache, "hard", at)
+    with pytest.raises(PactError, match="row gate soft, at=0.9: the soft gate weighs each row by its mass and has no threshold"):
+        RowGate.of_cache(cache, "soft", 0.9)
+    for kind in ("Hard", ["hard"], None):
+        with pytest.raises(PactError, match="use one of hard, soft"):
+            RowGate.of_cache(cache, kind)

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import OutputExistsError, PactError
+from .errors import OutputExistsError, PactError, preview
 from .storage import STORAGE_HELP
 
 
@@ -16,7 +16,7 @@ def _shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard {text!r}: use i/n, e.g. 0/4") from None
+        raise argparse.ArgumentTypeError(f"--shard {preview(text)}: use i/n, e.g. 0/4") from None
     if not (n >= 1 and 0 <= i < n):
         raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
     return i, n
@@ -26,7 +26,7 @@ def positive_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        raise argparse.ArgumentTypeError(f"{preview(text)} is not an integer") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"{v} must be at least 1")
     return v

@@ -15,7 +15,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 
-from .errors import CacheError, TokensError
+from .errors import CacheError, TokensError, preview
 from .typedjson import _Fields, hash_identity
 
 FORMAT = "pact-cache/2"
@@ -70,11 +70,11 @@ class SafetyTokens:
         f = _Fields(obj, where, "", error)
         fmt = obj.get("format")
         if fmt != TOKENS_FORMAT:
-            f.fail(f"is not a {TOKENS_FORMAT} file (format={fmt!r}); make one with `pact-cache tokens`")
+            f.fail(f"is not a {TOKENS_FORMAT} file (format={preview(fmt)}); make one with `pact-cache tokens`")
         ids = f.list("ids", min_len=1)
         for j, i in enumerate(ids):
             if not isinstance(i, int) or isinstance(i, bool) or i < 0:
-                f.fail(f"ids[{j}] must be a non-negative integer, not {i!r}")
+                f.fail(f"ids[{j}] must be a non-negative integer, not {preview(i)}")
             if vocab_size is not None and i >= vocab_size:
                 f.fail(f"ids[{j}] = {i} is outside the vocabulary (size {vocab_size})")
         if len(set(ids)) != len(ids):
@@ -84,7 +84,7 @@ class SafetyTokens:
             f.fail(f"weights must hold {len(ids)} numbers, one per id (it holds {len(weights)})")
         for j, w in enumerate(weights):
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
-                f.fail(f"weights[{j}] must be a finite number, not {w!r}")
+                f.fail(f"weights[{j}] must be a finite number, not {preview(w)}")
         if max(weights) <= 0:
             f.fail("every weight is <= 0; the loss clamps weights at 0, so no token would be constrained (PACT would be plain SFT)")
         strings = f.list("strings", optional=True)
@@ -139,7 +139,7 @@ class Encoding:
         if name == "f32":
             return cls("f32")
         if name != "q8":
-            f.fail(f"name {name!r} is unknown; known: f32, q8")
+            f.fail(f"name {preview(name)} is unknown; known: f32, q8")
         # ranges keep every decoded value finite and every code inside one byte / uint16
         scale = f.float("scale", 1.0, 255.0)
         floor = f.float("floor", 0.0, 1000.0, lo_open=True)
@@ -225,10 +225,10 @@ class Scores:
             sf = _Fields(x, where, f"scores.files[{j}]", CacheError)
             name = sf.str("name", pattern=PART_NAME, what="a plain .parquet file name (no folders, no leading dot)")
             if name in seen or name in part_names:
-                sf.fail(f"name {name!r} is listed twice or is a part's name")
+                sf.fail(f"name {preview(name)} is listed twice or is a part's name")
             seen.add(name)
             if sf.str("part") != part.name:
-                sf.fail(f"scores part {x.get('part')!r}, but parts[{j}] is {part.name!r}; score files follow the parts' order")
+                sf.fail(f"scores part {preview(x.get('part'))}, but parts[{j}] is {preview(part.name)}; score files follow the parts' order")
             files.append(ScoreFile(part.name, name, sf.int("bytes", 1), sf.str("sha256", pattern=_HEX64, what="64 lowercase hex characters")))
         return cls(algorithm, models["degraded"], models["utility"], tuple(files))
 
@@ -387,7 +387,7 @@ class Manifest:
         f = _Fields(obj, where, "", CacheError)
         fmt = obj.get("format")
         if fmt != FORMAT:
-            f.fail(f"format is {fmt!r}; this pact-cache reads {FORMAT!r}: upgrade pact-cache or rebuild the cache")
+            f.fail(f"format is {preview(fmt)}; this pact-cache reads {FORMAT!r}: upgrade pact-cache or rebuild the cache")
         cache_id = f.str("cache_id", pattern=_HEX64, what="64 lowercase hex characters")
         tool = f.sub("tool")
         tool_version = tool.str("version")
@@ -398,7 +398,7 @@ class Manifest:
             r.fail("weights_sha256 must name at least one weight file")
         for k, v in weights.items():
             if not isinstance(v, str) or _HEX64.fullmatch(v) is None:
-                r.fail(f"weights_sha256[{k!r}] must be 64 lowercase hex characters")
+                r.fail(f"weights_sha256[{preview(k)}] must be 64 lowercase hex characters")
         reference = Reference(r.str("name"), dict(weights), r.str("path", optional=True), r.str("revision", optional=True))
 
         t = f.sub("tokenizer")
@@ -433,7 +433,7 @@ class Manifest:
             name = pf.str("name", pattern=PART_NAME, what="a plain .parquet file name (no folders, no leading dot); "
                           "the manifest may point outside the cache, refusing it")
             if name in seen:
-                pf.fail(f"name {name!r} is listed twice")
+                pf.fail(f"name {preview(name)} is listed twice")
             seen.add(name)
             parts.append(PartEntry(name, pf.int("rows", 0), pf.int("steps", 0), pf.int("bytes", 1),
                                    pf.str("sha256", pattern=_HEX64, what="64 lowercase hex characters"),
@@ -472,7 +472,7 @@ def check_pin(cache_id: str, pin: str | None, where: str) -> None:
         return
     p = pin.strip().lower()
     if not re.fullmatch(r"[0-9a-f]{8,64}", p):
-        raise CacheError(f"--cache-id {pin!r}: give the cache id (or at least its first 8 hex characters), as `pact-cache info` prints it")
+        raise CacheError(f"--cache-id {preview(pin)}: give the cache id (or at least its first 8 hex characters), as `pact-cache info` prints it")
     if not cache_id.startswith(p):
         raise CacheError(f"{where}: cache id is {cache_id[:12]}, not the pinned {p[:12]}; this is not the cache you pinned "
                          "(someone changed or replaced it): get the pinned cache, or pin the new id if you trust it")

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CacheError, OutputExistsError, PactError, StorageError
+from .errors import CacheError, OutputExistsError, PactError, StorageError, preview
 
 STORAGE_HELP = ("KEY=VALUE passed to the cache's fsspec filesystem, e.g. endpoint_url=http://localhost:9000 or anon=true "
                 "(repeatable; values are JSON where they parse; never printed)")
@@ -46,7 +46,7 @@ def parse_storage_options(items: list[str] | None) -> dict:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise PactError(f"--storage-option {item.split('=')[0]!r}...: use key=value, e.g. endpoint_url=http://localhost:9000")
+            raise PactError(f"--storage-option {preview(item.split('=')[0])}...: use key=value, e.g. endpoint_url=http://localhost:9000")
         try:
             opts[key.strip()] = json.loads(value)
         except ValueError:

@@ -33,7 +33,7 @@ from importlib import resources
 from pathlib import Path
 
 from .data import RawRow, chat_ids, iter_rows, prompts_from, to_messages
-from .errors import TokensError
+from .errors import TokensError, preview
 from .manifest import MANIFEST_MAX_BYTES, SafetyTokens
 from .storage import read_limited
 from .typedjson import load_json
@@ -235,7 +235,7 @@ def validate_tokens(tokens, tok, where: str) -> SafetyTokens:
     if parsed.strings is not None:
         for i, s in zip(parsed.ids, parsed.strings):
             if tok.decode([i]) != s:
-                raise TokensError(f"{where}: id {i} decodes to {tok.decode([i])!r} but the file says {s!r}; it was made with another tokenizer, rerun `pact-cache tokens`")
+                raise TokensError(f"{where}: id {i} decodes to {preview(tok.decode([i]))} but the file says {preview(s)}; it was made with another tokenizer, rerun `pact-cache tokens`")
     return parsed
 
 

@@ -15,7 +15,7 @@ import math
 import re
 from typing import Any
 
-from .errors import CacheError
+from .errors import CacheError, preview
 
 
 # ----------------------------------------------------------------------------- JSON at the edge
@@ -137,7 +137,7 @@ class _Fields:
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             self._bad(key, f"must be a finite number, not {_kind(v)}")
         if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
-            self._bad(key, f"is {v!r}, outside {'(' if lo_open else '['}{lo}, {hi}]")
+            self._bad(key, f"is {preview(v)}, outside {'(' if lo_open else '['}{lo}, {hi}]")
         return float(v)
 
     def str(self, key, optional=False, pattern: re.Pattern | None = None, what="a string"):

@@ -12,7 +12,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from .errors import CacheError, OutputExistsError
+from .errors import CacheError, OutputExistsError, preview
 from .format import MANIFEST, Cache
 from .card import CARD, card_text
 from .storage import Location, atomic_write_json, check_regular_file, staged_dir
@@ -33,7 +33,7 @@ def _legacy_manifest(src: str) -> Manifest:
                     fix="the manifest is damaged: rebuild the cache")
     f = _Fields(obj, where, "", CacheError)
     if obj.get("format") not in LEGACY_FORMATS:
-        f.fail(f"format is {obj.get('format')!r}; upgrade reads {', '.join(LEGACY_FORMATS)} caches only")
+        f.fail(f"format is {preview(obj.get('format'))}; upgrade reads {', '.join(LEGACY_FORMATS)} caches only")
     r, t, b, d, c = f.sub("reference"), f.sub("tokenizer"), f.sub("build"), f.sub("dataset"), f.sub("counts")
     vocab = b.int("vocab_size", 1)
     build = BuildParams(b.int("max_length", 2, optional=True), b.int("batch_size", 1), b.int("rows_per_part", 1), b.str("dtype"),

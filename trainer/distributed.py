@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pact_cache.errors import PactError
+from pact_cache.errors import PactError, preview
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def _env_int(name: str) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise PactError(f"environment variable {name}={raw!r} is not an integer; start pact-train with torchrun or "
+        raise PactError(f"environment variable {name}={preview(raw)} is not an integer; start pact-train with torchrun or "
                         "accelerate launch, which set it") from None
 
 

@@ -140,11 +140,11 @@ class PactCollator:
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, token_mask=None, row_gate=None, replay_term: str = "both",
                  padding_free: bool = True):
         if pad_token_id is None or isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
-            raise PactError(f"PactCollator(pad_token_id={pad_token_id!r}): needs a token id >= 0; a tokenizer without a pad "
+            raise PactError(f"PactCollator(pad_token_id={preview(pad_token_id)}): needs a token id >= 0; a tokenizer without a pad "
                             "token (tok.pad_token_id is None) can pad with any id: pass pact_train.hf.pad_id_for(tok) (its "
                             "end-of-sequence token); padding is masked out of attention and loss")
         if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
-            raise PactError(f"PactCollator(pad_to_multiple_of={pad_to_multiple_of!r}): must be an integer >= 1")
+            raise PactError(f"PactCollator(pad_to_multiple_of={preview(pad_to_multiple_of)}): must be an integer >= 1")
         self.pad_token_id, self.pad_to_multiple_of, self.token_mask = pad_token_id, pad_to_multiple_of, token_mask
         if not isinstance(replay_term, str) or replay_term not in REPLAY_TERMS:
             raise PactError(f"PactCollator(replay_term={preview(replay_term)}): use one of {', '.join(REPLAY_TERMS)}")

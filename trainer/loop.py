@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pact_cache.errors import PactError
+from pact_cache.errors import PactError, preview
 from pact_cache.format import Cache, open_cache
 from pact_cache.typedjson import load_json
 from pact_cache.projection import check_projection
@@ -110,7 +110,7 @@ def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1, replay
         raise TrainError(f"{out}: the run was started on {old['processes']} process(es), this is {mine['processes']}; the global "
                          f"batch would change: resume with torchrun --nproc-per-node {old['processes']} (or as one process if 1)")
     if diff:
-        raise TrainError(f"{out}: holds a different run ({diff[0]}: {old.get(diff[0])!r} there, {mine.get(diff[0])!r} now); choose another -o")
+        raise TrainError(f"{out}: holds a different run ({str(diff[0])[:60]}: {preview(old.get(diff[0]))} there, {preview(mine.get(diff[0]))} now); choose another -o")
     if find_checkpoint(out / "checkpoint") is None:  # it stopped before its first checkpoint: nothing to keep
         _log(f"{out} holds this run's settings but no checkpoint (it stopped before its first one); starting it from step 0")
         return "new"

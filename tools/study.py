@@ -377,7 +377,7 @@ class Study:
         out = self.out
         direction = out / "asft_direction" / "direction.safetensors"
         res["asft_direction"] = self.stage("asft_direction", lambda d: run([
-            BIN / "pact-cache", "direction", "--aligned", aligned, "--base", a.model, "-o", direction]) or {"bytes": direction.stat().st_size})
+            BIN / "pact-cache", "direction", "--aligned", aligned, "--base", self.a.model, "-o", direction]) or {"bytes": direction.stat().st_size})
         lam, name = tune("asft", lambdas, lambda v: (f"asft_lam{v:g}", fine_tune("asft", cache, v, ["--direction", direction])))
         rows[f"AsFT lambda {lam:g} (chosen)"] = (name, lam)
 

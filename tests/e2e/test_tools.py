@@ -56,7 +56,8 @@ def test_random_model_and_train_bench(tiny_model, tmp_path):
     # every registered method, TOSS, the gated and replay rows and a live reference
     assert set(res["runs"]) == set(METHODS) | {"toss", "online", "str+gate", "sft+replay", "str+gate+replay"}
     assert "toss: memory/sft" in out and "sft+replay: memory/sft" in out
-    assert sum(res["runs"]["sft+replay"]["runs"][0]["tokens"]) > sum(res["runs"]["sft"]["runs"][0]["tokens"])  # replay rows in
+    # replay rows in: they take batch slots, so the windows hold other tokens than SFT's
+    assert res["runs"]["sft+replay"]["runs"][0]["tokens"] != res["runs"]["sft"]["runs"][0]["tokens"]
     assert all(len(r["runs"][0]["step_times"]) == 3 for r in res["runs"].values())
     assert all(v > 0 for v in res["ratios"].values())
     assert "pact/online" in out

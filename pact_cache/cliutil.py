@@ -62,7 +62,10 @@ def run_command(prog: str, fn, args, interrupted: str) -> int:
         return 130
     except OSError as err:
         where = f"{err.filename}: " if err.filename else ""
-        print(f"{prog}: error: {where}{err.strerror or err}; check the path, its permissions and free space", file=sys.stderr)
+        print(
+            f"{prog}: error: {where}{err.strerror or err}; check the path, its permissions and free space",
+            file=sys.stderr,
+        )
         return 1
     except Exception as err:
         from .storage import store_error
@@ -74,8 +77,12 @@ def run_command(prog: str, fn, args, interrupted: str) -> int:
         if os.environ.get("PACT_CACHE_DEBUG"):
             raise
         msg = str(err).splitlines()[0][:200] if str(err) else ""
-        print(f"{prog}: internal error: {type(err).__name__}: {msg} (a bug in pact-cache; rerun with PACT_CACHE_DEBUG=1 "
-              "for the traceback and report it)", file=sys.stderr)
+        print(
+            f"{prog}: internal error: {type(err).__name__}: {msg} (a bug in pact-cache; rerun with "
+            f"PACT_CACHE_DEBUG=1 "
+            "for the traceback and report it)",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -91,6 +98,7 @@ def new_file(path: str, example: str) -> Path:
 
 # ----------------------------------------------------------------------------- shared options
 
+
 def add_version(p: argparse.ArgumentParser) -> None:
     """``--version``: the program's name and pact-cache's version (one package, one version)."""
     from . import __version__
@@ -103,7 +111,9 @@ def add_storage_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_cache_id(p: argparse.ArgumentParser, what: str = "the cache") -> None:
-    p.add_argument("--cache-id", metavar="ID", help=f"refuse {what} unless its content id is ID (or starts with it, 8+ characters)")
+    p.add_argument(
+        "--cache-id", metavar="ID", help=f"refuse {what} unless its content id is ID (or starts with it, 8+ characters)"
+    )
 
 
 def add_no_progress(p: argparse.ArgumentParser) -> None:

@@ -116,7 +116,9 @@ class Projection:
         return "the head's logits as they are"
 
 
-def response_logprobs(model, input_ids, attention_mask, bidx, pos, ids, targets=None, chunk_bytes: int = LOGITS_CHUNK_BYTES):
+def response_logprobs(
+    model, input_ids, attention_mask, bidx, pos, ids, targets=None, chunk_bytes: int = LOGITS_CHUNK_BYTES
+):
     """The model's log-probs at chosen positions, without its full logits (no gradient; inference).
 
     input_ids, attention_mask: (B, L); bidx, pos: (N,) the row and position of each wanted step;
@@ -139,11 +141,11 @@ def response_logprobs(model, input_ids, attention_mask, bidx, pos, ids, targets=
     chunk = max(1, chunk_bytes // (4 * proj.vocab_rows))
     sel, tgt = [], []
     for c0 in range(0, h.shape[0], chunk):
-        logits = proj.logits(h[c0:c0 + chunk]).to(out_device)  # (n, V) float32
+        logits = proj.logits(h[c0 : c0 + chunk]).to(out_device)  # (n, V) float32
         lse = torch.logsumexp(logits, dim=-1)
         sel.append(logits.index_select(1, ids) - lse[:, None])
         if targets is not None:
-            tgt.append(logits.gather(1, targets[c0:c0 + chunk, None])[:, 0] - lse)
+            tgt.append(logits.gather(1, targets[c0 : c0 + chunk, None])[:, 0] - lse)
         del logits
     K = ids.numel()
     sel_t = torch.cat(sel) if sel else torch.zeros((0, K), device=out_device)
@@ -199,7 +201,12 @@ def _check(model, device, what):
             return proj
         bad = f"relative difference {err:.3g} (tolerance {tol:g})"
     name = type(lm).__name__
-    raise ProjectionError(f"{what + ': ' if what else ''}{name}: the logits pact-cache computes from the decoder's hidden state "
-                          f"({proj.describe()}) differ from {name}'s own forward ({bad}); its output head does something "
-                          "pact-cache does not reproduce, so caching or training on it would use other log-probs. "
-                          "Please report the model class (pact_cache/projection.py lists the supported head transforms)")
+    raise ProjectionError(
+        f"{what + ': ' if what else ''}{name}: the logits pact-cache computes from the decoder's "
+        f"hidden state "
+        f"({proj.describe()}) differ from {name}'s own forward ({bad}); its output head does "
+        f"something "
+        "pact-cache does not reproduce, so caching or training on it would use other log-probs. "
+        "Please report the model class (pact_cache/projection.py lists the supported head "
+        "transforms)"
+    )

@@ -17,19 +17,21 @@ from typing import Any
 
 from .errors import CacheError, preview
 
-
 # ----------------------------------------------------------------------------- JSON at the edge
+
 
 def _no_constants(name: str):
     raise ValueError(f"{name} is not valid JSON (non-finite numbers are not allowed)")
 
 
-def load_json(data: bytes, where: str, error=CacheError, what: str = "file", line: int | None = None,
-              fix: str | None = None) -> Any:
+def load_json(
+    data: bytes, where: str, error=CacheError, what: str = "file", line: int | None = None, fix: str | None = None
+) -> Any:
     """Strict JSON: UTF-8, no NaN/Infinity, nesting bounded by the interpreter (refused, not crashed).
     Errors name ``where:line`` (the line inside ``data``, or ``line`` when ``data`` is one JSONL
     line), what is wrong, and ``fix`` (default: fix or remove this ``what``)."""
     fix = fix or f"fix or remove this {what}"
+
     def at(lineno: int | None) -> str:
         n = line if line is not None else lineno
         return f"{where}:{n}" if n is not None else where
@@ -73,6 +75,7 @@ def canonical_json(obj) -> bytes:
 def hash_identity(kind: str, obj) -> str:
     """sha256 of sorted, type-tagged JSON (like ``datasets`` fingerprints). ``None`` is hashed as
     an explicit null tag; callers refuse missing inputs before they get here."""
+
     def tag(x):
         if isinstance(x, dict):
             return {str(k): tag(v) for k, v in sorted(x.items())}
@@ -94,6 +97,7 @@ def hash_identity(kind: str, obj) -> str:
 
 
 # ----------------------------------------------------------------------------- field checks
+
 
 class _Fields:
     """Reads fields of one JSON object, raising ``error`` with ``where`` and the field path."""
@@ -176,4 +180,6 @@ def _kind(v) -> str:
         return "a boolean"
     if v is None:
         return "null"
-    return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}.get(type(v), type(v).__name__)
+    return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}.get(
+        type(v), type(v).__name__
+    )

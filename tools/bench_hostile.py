@@ -32,13 +32,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-WRAP = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, repr((r.stderr.strip().splitlines() or [''])[-1]))")
+WRAP = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+    "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "
+    "repr((r.stderr.strip().splitlines() or [''])[-1]))"
+)
 
 
 def peak(cmd: list[str]) -> tuple[int, float, str]:
     """(exit status, peak RSS in MiB, last stderr line) of one command in a process of its own."""
-    out = subprocess.run([sys.executable, "-c", WRAP, *map(str, cmd)], capture_output=True, text=True, check=True).stdout.split(" ", 2)
+    out = subprocess.run(
+        [sys.executable, "-c", WRAP, *map(str, cmd)], capture_output=True, text=True, check=True
+    ).stdout.split(" ", 2)
     return int(out[0]), int(out[1]) / 1024, eval(out[2])
 
 
@@ -90,15 +95,37 @@ def main() -> None:
         if scored:
             copies["score bomb"] = Path(tmp) / "score_bomb"
             shutil.copytree(src, copies["score bomb"])
-            reseal(copies["score bomb"], cache.manifest.scores.files[0].name, lambda t: inflate(t, "score", a.inflate_mib))
-        print(f"{cache.num_rows} rows; bombs inflate one value to {a.inflate_mib} MiB; files on disk: "
-              + ", ".join(f"{k} {sum(f.stat().st_size for f in v.iterdir()) / 1024:.0f} KiB" for k, v in copies.items()))
+            reseal(
+                copies["score bomb"], cache.manifest.scores.files[0].name, lambda t: inflate(t, "score", a.inflate_mib)
+            )
+        print(
+            f"{cache.num_rows} rows; bombs inflate one value to {a.inflate_mib} MiB; files on disk: "
+            + ", ".join(f"{k} {sum(f.stat().st_size for f in v.iterdir()) / 1024:.0f} KiB" for k, v in copies.items())
+        )
         for name, c in copies.items():
-            for what, cmd in (("verify", [bin_dir / "pact-cache", "verify", c]),
-                              ("pact-train 1 step", [bin_dir / "pact-train", "--method", "pact", "--model", a.model, "--cache", c,
-                                                     "-o", Path(tmp) / f"run-{c.name}",
-                                                     "--max-steps", 1, "--no-progress", "--batch-size", 2,
-                                                     *(["--token-mask", 0.2] if scored else [])])):
+            for what, cmd in (
+                ("verify", [bin_dir / "pact-cache", "verify", c]),
+                (
+                    "pact-train 1 step",
+                    [
+                        bin_dir / "pact-train",
+                        "--method",
+                        "pact",
+                        "--model",
+                        a.model,
+                        "--cache",
+                        c,
+                        "-o",
+                        Path(tmp) / f"run-{c.name}",
+                        "--max-steps",
+                        1,
+                        "--no-progress",
+                        "--batch-size",
+                        2,
+                        *(["--token-mask", 0.2] if scored else []),
+                    ],
+                ),
+            ):
                 code, mib, last = peak(cmd)
                 print(f"  {name:10s} {what:18s} exit {code}  peak RSS {mib:7.0f} MiB  {last[:160]}")
         hostile_options(Path(tmp), src, a.model, bin_dir)
@@ -116,16 +143,34 @@ def hostile_options(tmp: Path, cache: Path, model: str, bin_dir: Path) -> None:
         f.truncate(540_000_000)
     replay = tmp / "replay"
     subprocess.run([bin_dir / "pact-cache", "filter", cache, "--above", "1", "-o", replay, "--no-progress"], check=True)
-    train = [bin_dir / "pact-train", "--method", "pact", "--model", model, "--cache", cache, "--max-steps", 1, "--no-progress",
-             "--batch-size", 2]
+    train = [
+        bin_dir / "pact-train",
+        "--method",
+        "pact",
+        "--model",
+        model,
+        "--cache",
+        cache,
+        "--max-steps",
+        1,
+        "--no-progress",
+        "--batch-size",
+        2,
+    ]
     print("pact-train's options (one step at batch 2 where it runs):")
-    for i, (name, extra) in enumerate((("normal", []), ("alias bomb", ["--config", tmp / "bomb.yaml"]),
-                                       ("1.1 MB config", ["--config", tmp / "big.yaml"]), ("/dev/zero", ["--config", "/dev/zero"]),
-                                       ("540 MB binary", ["--config", tmp / "weights.bin"]),
-                                       ("replay 0.999", ["--replay", replay, "--replay-ratio", 0.999]),
-                                       ("replay 0.5", ["--replay", replay, "--replay-ratio", 0.5]))):
-            code, mib, last = peak([*train, "-o", tmp / f"opt-{i}", *extra])
-            print(f"  {name:14s} exit {code}  peak RSS {mib:7.0f} MiB  {last[:160]}")
+    for i, (name, extra) in enumerate(
+        (
+            ("normal", []),
+            ("alias bomb", ["--config", tmp / "bomb.yaml"]),
+            ("1.1 MB config", ["--config", tmp / "big.yaml"]),
+            ("/dev/zero", ["--config", "/dev/zero"]),
+            ("540 MB binary", ["--config", tmp / "weights.bin"]),
+            ("replay 0.999", ["--replay", replay, "--replay-ratio", 0.999]),
+            ("replay 0.5", ["--replay", replay, "--replay-ratio", 0.5]),
+        )
+    ):
+        code, mib, last = peak([*train, "-o", tmp / f"opt-{i}", *extra])
+        print(f"  {name:14s} exit {code}  peak RSS {mib:7.0f} MiB  {last[:160]}")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,12 @@ def imports(path: Path, name: str) -> set[str]:
 
 def main() -> int:
     files = {module_name(p): p for pkg in PACKAGES.values() for p in (ROOT / pkg).glob("*.py")}
-    graph = {m: sorted(t for t in imports(p, m) if t in files and t != m and not t.endswith("__init__")
-                       and t not in PACKAGES) for m, p in files.items()}
+    graph = {
+        m: sorted(
+            t for t in imports(p, m) if t in files and t != m and not t.endswith("__init__") and t not in PACKAGES
+        )
+        for m, p in files.items()
+    }
     for m in sorted(graph):
         print(f"{m}: {', '.join(graph[m]) or '-'}")
     cycles, state = [], {}
@@ -49,7 +53,7 @@ def main() -> int:
         state[m] = 1
         for t in graph[m]:
             if state.get(t) == 1:
-                cycles.append(stack[stack.index(t):] + [t])
+                cycles.append(stack[stack.index(t) :] + [t])
             elif t not in state:
                 visit(t, stack + [t])
         state[m] = 2

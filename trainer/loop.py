@@ -18,15 +18,15 @@ import torch
 
 from pact_cache.errors import PactError, preview
 from pact_cache.format import Cache, open_cache
-from pact_cache.typedjson import load_json
 from pact_cache.projection import check_projection
-from pact_cache.storage import atomic_write_bytes, atomic_write_json, read_limited, stale_tmp, staged_dir
+from pact_cache.storage import atomic_write_bytes, atomic_write_json, read_limited, staged_dir, stale_tmp
+from pact_cache.typedjson import load_json
 
+from . import packing
 from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import CONFIG_MAX_BYTES, TrainConfig, TrainError, check_config, config_record
 from .core import causal_lm, lora_direction_factors, online_reference, policy_losses
 from .distributed import Ranks, setup, teardown
-from . import packing
 from .stream import Replay, RowGate, batches, collate, pad_id_for
 
 
@@ -35,10 +35,15 @@ class NonFiniteError(TrainError):
     checkpoint is kept, and no adapter or model is written."""
 
     def __init__(self, step: int, what: str, out: Path, last_saved: int | None):
-        kept = (f"the last good checkpoint (step {last_saved}) is kept in {out}/checkpoint"
-                if last_saved is not None else "no checkpoint had been written yet")
-        super().__init__(f"step {step}: {what}; stopped, no adapter or model written, {kept}. "
-                         "Lower --lr, or check the model and the cache (pact-cache verify)")
+        kept = (
+            f"the last good checkpoint (step {last_saved}) is kept in {out}/checkpoint"
+            if last_saved is not None
+            else "no checkpoint had been written yet"
+        )
+        super().__init__(
+            f"step {step}: {what}; stopped, no adapter or model written, {kept}. "
+            "Lower --lr, or check the model and the cache (pact-cache verify)"
+        )
         self.step = step
 
 
@@ -52,6 +57,7 @@ def _log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- checks
+
 
 def check_cache_rows(cache: Cache, cfg: TrainConfig) -> None:
     """Refuse an empty cache or one with a bad part, before any model is loaded (every part is checked
@@ -68,8 +74,11 @@ def check_tokenizer(cache: Cache, tok, cfg: TrainConfig) -> None:
     want = cache.manifest.tokenizer.sha256
     got = tokenizer_fingerprint(tok)["sha256"]
     if want != got:
-        raise TrainError(f"{cfg.cache}: built with another tokenizer than {cfg.model}'s (fingerprint {str(want)[:12]} vs {got[:12]}); "
-                         "rebuild the cache with this model's tokenizer or train the model the cache was built for")
+        raise TrainError(
+            f"{cfg.cache}: built with another tokenizer than {cfg.model}'s (fingerprint {str(want)[:12]} "
+            f"vs {got[:12]}); "
+            "rebuild the cache with this model's tokenizer or train the model the cache was built for"
+        )
 
 
 def check_cache_fits(cache: Cache, tok, vocab_rows: int, cfg: TrainConfig) -> None:
@@ -77,13 +86,18 @@ def check_cache_fits(cache: Cache, tok, vocab_rows: int, cfg: TrainConfig) -> No
     check_tokenizer(cache, tok, cfg)
     bad = [i for i in cache.ids if i >= vocab_rows]
     if bad:
-        raise TrainError(f"{cfg.cache}: safety-token ids {bad[:5]} are outside {cfg.model}'s vocabulary ({vocab_rows} rows)")
+        raise TrainError(
+            f"{cfg.cache}: safety-token ids {bad[:5]} are outside {cfg.model}'s vocabulary ({vocab_rows} rows)"
+        )
     if cache.vocab_size > vocab_rows:
-        raise TrainError(f"{cfg.cache}: input ids may reach {cache.vocab_size - 1}, beyond {cfg.model}'s {vocab_rows} embedding rows")
+        raise TrainError(
+            f"{cfg.cache}: input ids may reach {cache.vocab_size - 1}, beyond {cfg.model}'s {vocab_rows} embedding rows"
+        )
 
 
-def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1, replay_id: str | None = None,
-              replay_known: bool = True) -> str:
+def check_out(
+    out: Path, cfg: TrainConfig, cache_id: str, world: int = 1, replay_id: str | None = None, replay_known: bool = True
+) -> str:
     """'new' or 'resume'; refuse an OUT folder that holds something else. ``replay_known=False``: the
     replay cache is not made yet (``--replay auto``), so its id is not compared."""
     if out.exists() and not out.is_dir():
@@ -95,8 +109,13 @@ def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1, replay
     cfg_file = out / "config.json"
     if not cfg_file.is_file():
         raise TrainError(f"{out}: folder is not empty and holds no pact-train run; choose another -o")
-    old = load_json(read_limited(cfg_file, CONFIG_MAX_BYTES, str(cfg_file), TrainError, "run config"), str(cfg_file), TrainError,
-                    "run config", fix="the run folder is damaged: choose another -o")
+    old = load_json(
+        read_limited(cfg_file, CONFIG_MAX_BYTES, str(cfg_file), TrainError, "run config"),
+        str(cfg_file),
+        TrainError,
+        "run config",
+        fix="the run folder is damaged: choose another -o",
+    )
     if not isinstance(old, dict):
         raise TrainError(f"{cfg_file}: is not a run config (not a JSON object); choose another -o")
     old.setdefault("processes", 1)  # runs recorded before data-parallel training were single-process
@@ -107,12 +126,22 @@ def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1, replay
         mine["replay_cache_id"] = old.get("replay_cache_id")
     diff = [k for k in sorted(set(old) | set(mine)) if k not in TrainConfig.RESUMABLE and old.get(k) != mine.get(k)]
     if diff == ["processes"] and cfg.resume:
-        raise TrainError(f"{out}: the run was started on {old['processes']} process(es), this is {mine['processes']}; the global "
-                         f"batch would change: resume with torchrun --nproc-per-node {old['processes']} (or as one process if 1)")
+        raise TrainError(
+            f"{out}: the run was started on {old['processes']} process(es), this is {mine['processes']}; "
+            f"the global "
+            f"batch would change: resume with torchrun --nproc-per-node {old['processes']} (or as one "
+            f"process if 1)"
+        )
     if diff:
-        raise TrainError(f"{out}: holds a different run ({str(diff[0])[:60]}: {preview(old.get(diff[0]))} there, {preview(mine.get(diff[0]))} now); choose another -o")
+        raise TrainError(
+            f"{out}: holds a different run ({str(diff[0])[:60]}: {preview(old.get(diff[0]))} there, "
+            f"{preview(mine.get(diff[0]))} now); choose another -o"
+        )
     if find_checkpoint(out / "checkpoint") is None:  # it stopped before its first checkpoint: nothing to keep
-        _log(f"{out} holds this run's settings but no checkpoint (it stopped before its first one); starting it from step 0")
+        _log(
+            f"{out} holds this run's settings but no checkpoint (it stopped before its first one); starting it from "
+            f"step 0"
+        )
         return "new"
     if not cfg.resume:
         raise TrainError(f"{out}: holds this run already; pass --resume to continue it, or choose another -o")
@@ -139,27 +168,51 @@ def auto_replay(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> st
 
     ref = cache.manifest.reference
     if model_fingerprint(resolve_model(cfg.model))["weights_sha256"] != dict(ref.weights_sha256):
-        raise TrainError(f"--replay auto: {cfg.model} is not the reference {cfg.cache} was built with ({ref.name}), so its answers "
-                         "are not the reference's refusals; make them with the reference: `pact-cache replay --ref REFERENCE "
-                         "--tokens TOKENS.json -o replay/`, then pass --replay replay/ (or --replay none)")
+        raise TrainError(
+            f"--replay auto: {cfg.model} is not the reference {cfg.cache} was built with ({ref.name}), so "
+            f"its answers "
+            "are not the reference's refusals; make them with the reference: `pact-cache replay --ref "
+            "REFERENCE "
+            "--tokens TOKENS.json -o replay/`, then pass --replay replay/ (or --replay none)"
+        )
     prompts = default_prompts_path()
-    key = hashlib.sha256(json.dumps({"reference": dict(ref.weights_sha256), "tokens": cache.manifest.tokens.to_json(),
-                                     "tokenizer": cache.manifest.tokenizer.sha256, "prompts": sha256_path(prompts),
-                                     "max_new_tokens": REPLAY_AUTO_MAX_NEW_TOKENS, "judge": "keyword"},
-                                    sort_keys=True).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "reference": dict(ref.weights_sha256),
+                "tokens": cache.manifest.tokens.to_json(),
+                "tokenizer": cache.manifest.tokenizer.sha256,
+                "prompts": sha256_path(prompts),
+                "max_new_tokens": REPLAY_AUTO_MAX_NEW_TOKENS,
+                "judge": "keyword",
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:24]
     home = cache_home() / "replay"
     final = home / key
     if ranks.main and not (final / "manifest.json").is_file():
-        _log(f"--replay auto: the policy is the cache's reference; answering {prompts.name}'s prompts with it to make the "
-             f"replay rows (once; kept in {final})")
+        _log(
+            f"--replay auto: the policy is the cache's reference; answering {prompts.name}'s prompts with it to make "
+            f"the "
+            f"replay rows (once; kept in {final})"
+        )
         home.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=home))
         try:
             with tempfile.NamedTemporaryFile("w", suffix=".json", dir=tmp, delete=False) as f:
                 json.dump(cache.manifest.tokens.to_json(), f)
             try:
-                res = make_replay(ReplayConfig(ref=cfg.model, out=str(tmp / "cache"), tokens=f.name, device=device,
-                                               max_new_tokens=REPLAY_AUTO_MAX_NEW_TOKENS, progress=cfg.progress))
+                res = make_replay(
+                    ReplayConfig(
+                        ref=cfg.model,
+                        out=str(tmp / "cache"),
+                        tokens=f.name,
+                        device=device,
+                        max_new_tokens=REPLAY_AUTO_MAX_NEW_TOKENS,
+                        progress=cfg.progress,
+                    )
+                )
             except PactError as err:
                 raise TrainError(f"--replay auto: {err}; or train without replay rows: --replay none") from None
             if res.warning:
@@ -175,7 +228,9 @@ def auto_replay(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> st
     return str(final)
 
 
-def open_replay(cfg: TrainConfig, cache: Cache, out: Path, ranks: Ranks, device: str) -> tuple[Replay | None, str | None]:
+def open_replay(
+    cfg: TrainConfig, cache: Cache, out: Path, ranks: Ranks, device: str
+) -> tuple[Replay | None, str | None]:
     """The replay stream of ``--replay`` (none without it) and where its cache is; for ``auto``, OUT and the
     tokenizer are checked before the answers are generated (:func:`auto_replay`)."""
     if not cfg.replay:
@@ -192,6 +247,7 @@ def open_replay(cfg: TrainConfig, cache: Cache, out: Path, ranks: Ranks, device:
 
 # ----------------------------------------------------------------------------- model
 
+
 def load_policy(cfg: TrainConfig, device: str):
     from transformers import AutoModelForCausalLM
 
@@ -205,7 +261,9 @@ def load_policy(cfg: TrainConfig, device: str):
     try:
         model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dtype)
     except Exception as err:
-        raise TrainError(f"{cfg.model}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+        raise TrainError(
+            f"{cfg.model}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+        ) from None
     model.to(device)
     if cfg.grad_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
@@ -220,13 +278,25 @@ def load_policy(cfg: TrainConfig, device: str):
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
         missing = [t for t in targets if t not in names]
         if missing:
-            raise TrainError(f"--lora-targets: {missing} are not modules of {cfg.model} (it has e.g. {sorted(n for n in names if 'proj' in n)[:8]})")
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+            raise TrainError(
+                f"--lora-targets: {missing} are not modules of {cfg.model} (it has e.g. "
+                f"{sorted(n for n in names if 'proj' in n)[:8]})"
+            )
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=targets,
+                task_type="CAUSAL_LM",
+            ),
+        )
     return model, tok, resolved
 
 
 # ----------------------------------------------------------------------------- schedule
+
 
 def lr_at(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the schedule."""
@@ -244,6 +314,7 @@ def lr_at(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> floa
 
 
 # ----------------------------------------------------------------------------- the run
+
 
 def train(cfg: TrainConfig) -> dict:
     """One run; as one process, or as one rank of a torchrun / accelerate launch job (see
@@ -267,7 +338,11 @@ def drop_unstarted(out: Path) -> None:
     a run that fails before its first step leaves nothing behind, so the same command works once the
     cause is fixed."""
     metrics = out / "metrics.jsonl"
-    if out.is_dir() and find_checkpoint(out / "checkpoint") is None and not (metrics.is_file() and metrics.stat().st_size):
+    if (
+        out.is_dir()
+        and find_checkpoint(out / "checkpoint") is None
+        and not (metrics.is_file() and metrics.stat().st_size)
+    ):
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
@@ -304,22 +379,30 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         for part in replay.cache.parts:  # checked now, not when its rows fall due
             replay.cache.check_part(part)
         if ranks.main:
-            _log(f"--replay: {replay.cache.num_rows:,} rows of {where} cycled into the stream, a share of {replay.ratio:g} "
-                 f"of the rows ({replay.count(cache.num_rows * cfg.epochs):,} over the run), trained with {cfg.replay_term}")
+            _log(
+                f"--replay: {replay.cache.num_rows:,} rows of {where} cycled into the stream, a share of "
+                f"{replay.ratio:g} "
+                f"of the rows ({replay.count(cache.num_rows * cfg.epochs):,} over the run), trained with "
+                f"{cfg.replay_term}"
+            )
     mask = None
     if cfg.token_mask:
         from pact_cache.score import cache_token_mask
 
         mask = cache_token_mask(cache, cfg.token_mask)
         if ranks.main:
-            _log(f"--token-mask {cfg.token_mask:g}: {mask.dropped:,} of {mask.total:,} response tokens, those scoring "
-                 f">= {mask.threshold:.3f}, leave the loss")
+            _log(
+                f"--token-mask {cfg.token_mask:g}: {mask.dropped:,} of {mask.total:,} response tokens, those scoring "
+                f">= {mask.threshold:.3f}, leave the loss"
+            )
     gate = None
     if cfg.row_gate != "none":
         gate = RowGate.of_cache(cache, cfg.row_gate, cfg.gate_at)
         if ranks.main:  # `pact-cache stats` shows the masses; no extra pass over the cache here
-            _log(f"--row-gate {cfg.row_gate}: each row's {cfg.method} term times "
-                 + (f"[step-0 refusal mass >= {cfg.gate_at:g}]" if cfg.row_gate == "hard" else "its step-0 refusal mass"))
+            _log(
+                f"--row-gate {cfg.row_gate}: each row's {cfg.method} term times "
+                + (f"[step-0 refusal mass >= {cfg.gate_at:g}]" if cfg.row_gate == "hard" else "its step-0 refusal mass")
+            )
     ids = torch.tensor(cache.ids, device=device)
     weights = torch.tensor(cache.tokens.weights, dtype=torch.float32, device=device)
     ref = header = None
@@ -328,7 +411,11 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     if cfg.reference == "online" and method.columns:
         from pact_cache.models import load_model, resolve_model
 
-        ref, _, _ = load_model(resolve_model(cfg.ref_model or cfg.model), torch.bfloat16 if device.startswith("cuda") else torch.float32, device)
+        ref, _, _ = load_model(
+            resolve_model(cfg.ref_model or cfg.model),
+            torch.bfloat16 if device.startswith("cuda") else torch.float32,
+            device,
+        )
         ref.requires_grad_(False)
         check_projection(ref, device, f"--ref-model {cfg.ref_model or cfg.model}")
         header = assistant_header_ids(tok)
@@ -345,7 +432,11 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     steps_per_epoch = math.ceil(rows_per_epoch / (global_batch * cfg.grad_accum))
     total = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
     pad_id = pad_id_for(tok)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda")
+        else torch.autocast("cpu", enabled=False)
+    )
     pad_multiple = 8 if device.startswith("cuda") else 1
 
     metrics_path = out / "metrics.jsonl"
@@ -353,14 +444,17 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     if state_kind == "resume":
         st = load_checkpoint(out / "checkpoint", model, optimizer, is_peft=not cfg.full)
         if st.get("cache_id") != cache.cache_id:
-            raise TrainError(f"{out}/checkpoint: was written while training on cache {str(st.get('cache_id'))[:12]}, not "
-                             f"{cache.cache_id[:12]}; resume with the cache the run started from")
+            raise TrainError(
+                f"{out}/checkpoint: was written while training on cache {str(st.get('cache_id'))[:12]}, "
+                f"not "
+                f"{cache.cache_id[:12]}; resume with the cache the run started from"
+            )
         step, epoch, taken, tokens_total = st["step"], st["epoch"], st["rows_taken"], st["tokens_total"]
         if replay is not None and st.get("stream", 1) < 2:  # written when the replay rows came on top of each batch
             taken += replay.count(epoch * cache.num_rows + taken) - replay.count(epoch * cache.num_rows)
         if ranks.main:  # metrics after the checkpoint belong to the lost part of the run: drop them
             lines = metrics_path.read_text(errors="replace").splitlines() if metrics_path.exists() else []
-            atomic_write_bytes(metrics_path, "".join(l + "\n" for l in lines[:step]).encode())
+            atomic_write_bytes(metrics_path, "".join(line + "\n" for line in lines[:step]).encode())
             _log(f"resuming {out} at step {step} (epoch {epoch}, {taken} rows into it)")
     elif ranks.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -369,11 +463,23 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     board = open_board(out, step) if cfg.report_to == "tensorboard" and ranks.main else None
     ddp_model = ranks.wrap(model, device)  # rank 0's weights are broadcast to all
     if ranks.world > 1 and ranks.main:
-        _log(f"data-parallel on {ranks.world} processes ({device.split(':')[0]}): {cfg.batch_size} rows per process, "
-             f"{global_batch * cfg.grad_accum} per optimizer step")
+        _log(
+            f"data-parallel on {ranks.world} processes ({device.split(':')[0]}): {cfg.batch_size} rows per process, "
+            f"{global_batch * cfg.grad_accum} per optimizer step"
+        )
     # every rank reads the same order; each takes its share of every global micro-batch
-    data = batches(cache, global_batch, cfg.seed, cfg.shuffle, start_epoch=epoch, skip_rows=taken,
-                   buffer_rows=cfg.shuffle_buffer, epochs=cfg.epochs, replay=replay, group_by_length=cfg.group_by_length)
+    data = batches(
+        cache,
+        global_batch,
+        cfg.seed,
+        cfg.shuffle,
+        start_epoch=epoch,
+        skip_rows=taken,
+        buffer_rows=cfg.shuffle_buffer,
+        epochs=cfg.epochs,
+        replay=replay,
+        group_by_length=cfg.group_by_length,
+    )
 
     from tqdm.auto import tqdm
 
@@ -409,7 +515,9 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
             with ranks.no_sync(ddp_model, sync=i == len(micro) - 1):  # one gradient all-reduce per window
                 with autocast:
                     ce_sum, term_sum, _ = policy_losses(ddp_model, batch, ids, weights, loss_params, live)
-                loss = method.total(ce_sum, term_sum, cfg.lam) * (scale * ranks.world / n_window)  # DDP averages over ranks
+                loss = method.total(ce_sum, term_sum, cfg.lam) * (
+                    scale * ranks.world / n_window
+                )  # DDP averages over ranks
                 if factors is not None and i == len(micro) - 1:  # a penalty on the weights: once per optimizer step
                     penalty = method.penalty(factors)
                     loss = loss + cfg.lam * penalty  # the same on every rank: DDP's average keeps it
@@ -420,9 +528,14 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         ce_tot, term_tot = ranks.sum([ce_tot, term_tot], device)
         if not (math.isfinite(ce_tot) and math.isfinite(term_tot) and math.isfinite(pen)):
             bar.close()
-            raise NonFiniteError(step + 1, f"the loss is not finite (cross-entropy sum {ce_tot}, {method.metric or 'term'} "
-                                 f"{'sum ' + str(term_tot) if factors is None else pen})",
-                                 out, last_saved)
+            raise NonFiniteError(
+                step + 1,
+                f"the loss is not finite (cross-entropy sum {ce_tot}, "
+                f"{method.metric or 'term'} "
+                f"{'sum ' + str(term_tot) if factors is None else pen})",
+                out,
+                last_saved,
+            )
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
         if not math.isfinite(grad_norm):
             bar.close()
@@ -433,11 +546,17 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         epoch, taken = micro[-1][0], micro[-1][1]
         tokens_total += n_window
         dt = time.time() - t0
-        rec = {"step": step, "epoch": epoch, "loss": float(method.total(ce_tot, term_tot, cfg.lam)) / n_window + cfg.lam * pen,
-               "ce": ce_tot / n_window}
+        rec = {
+            "step": step,
+            "epoch": epoch,
+            "loss": float(method.total(ce_tot, term_tot, cfg.lam)) / n_window + cfg.lam * pen,
+            "ce": ce_tot / n_window,
+        }
         if method.metric:  # the method's term, under its own name (a penalty: its value at this step)
             rec[method.metric] = term_tot / n_window if factors is None else pen
-        rec.update({"lr": lr, "tokens": n_window, "tokens_total": tokens_total, "grad_norm": grad_norm, "step_time_s": dt})
+        rec.update(
+            {"lr": lr, "tokens": n_window, "tokens_total": tokens_total, "grad_norm": grad_norm, "step_time_s": dt}
+        )
         if ranks.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -445,13 +564,26 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
                 for key, value in rec.items():
                     if key != "step":
                         board.add_scalar(f"train/{key}", value, step)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", **({method.metric: f"{rec[method.metric]:.4f}"} if method.metric else {}),
-                        tok_s=f"{n_window / dt:.0f}")
+        bar.set_postfix(
+            loss=f"{rec['loss']:.3f}",
+            **({method.metric: f"{rec[method.metric]:.4f}"} if method.metric else {}),
+            tok_s=f"{n_window / dt:.0f}",
+        )
         bar.update(1)
         if step % cfg.save_every == 0 and step < total and ranks.main:
-            save_checkpoint(out / "checkpoint", model, optimizer, {"step": step, "epoch": epoch, "rows_taken": taken,
-                                                                    "tokens_total": tokens_total, "cache_id": cache.cache_id,
-                                                                    "stream": STREAM_VERSION})
+            save_checkpoint(
+                out / "checkpoint",
+                model,
+                optimizer,
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "rows_taken": taken,
+                    "tokens_total": tokens_total,
+                    "cache_id": cache.cache_id,
+                    "stream": STREAM_VERSION,
+                },
+            )
             last_saved = step
     bar.close()
     if board is not None:
@@ -462,9 +594,19 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     if not ranks.main:
         ranks.barrier()  # rank 0 writes the outputs
         return {"out": str(out), "steps": step, "seconds": time.time() - t_run, "final": str(final), "main": False}
-    save_checkpoint(out / "checkpoint", model, optimizer, {"step": step, "epoch": epoch, "rows_taken": taken,
-                                                            "tokens_total": tokens_total, "cache_id": cache.cache_id,
-                                                                    "stream": STREAM_VERSION})
+    save_checkpoint(
+        out / "checkpoint",
+        model,
+        optimizer,
+        {
+            "step": step,
+            "epoch": epoch,
+            "rows_taken": taken,
+            "tokens_total": tokens_total,
+            "cache_id": cache.cache_id,
+            "stream": STREAM_VERSION,
+        },
+    )
 
     # --- final outputs
     with staged_dir(final, replace=True) as tmp:
@@ -486,8 +628,10 @@ def tensorboard_writer():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise TrainError("--report-to tensorboard: the tensorboard package is not installed; pip install "
-                         "'pact-cache[tensorboard]' (or leave --report-to none)") from None
+        raise TrainError(
+            "--report-to tensorboard: the tensorboard package is not installed; pip install "
+            "'pact-cache[tensorboard]' (or leave --report-to none)"
+        ) from None
     return SummaryWriter
 
 

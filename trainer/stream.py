@@ -39,8 +39,12 @@ class Batch:
     ref: dict  # name -> the cached reference column (pact_cache.columns.REF_COLUMNS): (B, T, K) or (B, T) float32
     example_ids: list[str]
     loss_mask: torch.Tensor | None = None  # (B, T) bool: steps whose token stays in the CE (--token-mask); None: all
-    row_gate: torch.Tensor | None = None  # (B,) float32 in [0, 1]: how much of the method's term each row gets (--row-gate, --replay); None: all
-    ce_weight: torch.Tensor | None = None  # (B,) float32: how much of the cross-entropy each row gets (--replay-term term: 0); None: all
+    row_gate: torch.Tensor | None = (
+        None  # (B,) float32 in [0, 1]: how much of the method's term each row gets (--row-gate, --replay); None: all
+    )
+    ce_weight: torch.Tensor | None = (
+        None  # (B,) float32: how much of the cross-entropy each row gets (--replay-term term: 0); None: all
+    )
     position_ids: torch.Tensor | None = None  # packed: (1, N) long, 0 at every row's first token
     cu_seqlens: torch.Tensor | None = None  # packed: (B + 1,) int32, row i is input_ids[0, cu[i]:cu[i + 1]]
     max_length: int = 0  # packed: the longest row
@@ -62,6 +66,7 @@ class Batch:
             if isinstance(x, dict):
                 return {k: v.to(device) for k, v in x.items()}
             return x.to(device) if torch.is_tensor(x) else x
+
         return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
     def model_inputs(self) -> dict:
@@ -69,8 +74,14 @@ class Batch:
         ``position_ids`` and the rows' bounds under the names transformers' variable-length attention reads."""
         if not self.packed:
             return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "cu_seq_lens_q": self.cu_seqlens,
-                "cu_seq_lens_k": self.cu_seqlens, "max_length_q": self.max_length, "max_length_k": self.max_length}
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "cu_seq_lens_q": self.cu_seqlens,
+            "cu_seq_lens_k": self.cu_seqlens,
+            "max_length_q": self.max_length,
+            "max_length_k": self.max_length,
+        }
 
     def hidden_at(self, hidden: torch.Tensor, bidx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """hidden (B, L, H), or (1, N, H) packed -> (n, H): row ``bidx``'s position ``pos`` (within the row)."""
@@ -100,8 +111,15 @@ def pad_id_for(tok) -> int:
     return int(tok.eos_token_id) if tok.eos_token_id is not None else 0
 
 
-def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1, token_mask=None, row_gate=None,
-            replay_term: str = "both", padding_free: bool = False) -> Batch:
+def collate(
+    rows: list[CacheRow],
+    pad_id: int,
+    pad_to_multiple: int = 1,
+    token_mask=None,
+    row_gate=None,
+    replay_term: str = "both",
+    padding_free: bool = False,
+) -> Batch:
     """Right-padded batch, or with ``padding_free`` one packed sequence of the rows' real tokens
     (:class:`Batch`; the model must run packed attention: :func:`pact_train.packing.enable`).
     ``pad_to_multiple`` rounds the padded length up (8 on CUDA: fewer distinct shapes for the GPU
@@ -129,7 +147,7 @@ def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1, token_m
     steps = torch.tensor([r.steps for r in rows])
     for i, r in enumerate(rows):
         n = r.steps
-        targets[i, :n] = torch.from_numpy(r.input_ids[r.response_start:])
+        targets[i, :n] = torch.from_numpy(r.input_ids[r.response_start :])
         for name, values in ref.items():
             values[i, :n] = torch.from_numpy(r.ref[name])
     step_mask = torch.arange(T)[None, :] < steps[:, None]
@@ -145,11 +163,18 @@ def collate(rows: list[CacheRow], pad_id: int, pad_to_multiple: int = 1, token_m
     replayed = [isinstance(r, ReplayRow) for r in rows]
     gates = ce = None
     if row_gate is not None or any(replayed):
-        gates = torch.tensor([REPLAY_TERMS[replay_term][1] if rep else (1.0 if row_gate is None else row_gate(r))
-                              for r, rep in zip(rows, replayed)], dtype=torch.float32)
+        gates = torch.tensor(
+            [
+                REPLAY_TERMS[replay_term][1] if rep else (1.0 if row_gate is None else row_gate(r))
+                for r, rep in zip(rows, replayed)
+            ],
+            dtype=torch.float32,
+        )
     if any(replayed) and REPLAY_TERMS[replay_term][0] != 1.0:
         ce = torch.tensor([REPLAY_TERMS[replay_term][0] if rep else 1.0 for rep in replayed], dtype=torch.float32)
-    return Batch(input_ids, attention, rs, step_mask, targets, ref, [r.example_id for r in rows], loss_mask, gates, ce, **packed)
+    return Batch(
+        input_ids, attention, rs, step_mask, targets, ref, [r.example_id for r in rows], loss_mask, gates, ce, **packed
+    )
 
 
 # what a replay row contributes: (weight of its cross-entropy, weight of the method's term)
@@ -173,10 +198,15 @@ REPLAY_RATIO_MAX = 0.5  # at most half the mixed stream: at most one replay row 
 def check_replay_ratio(ratio, where: str) -> float:
     """The replay share as a float in [0, REPLAY_RATIO_MAX], or one line saying what is wrong with it."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-        raise PactError(f"{where} ratio {preview(ratio)}: must be a number (a float such as 0.05), not a {type(ratio).__name__}")
+        raise PactError(
+            f"{where} ratio {preview(ratio)}: must be a number (a float such as 0.05), not a {type(ratio).__name__}"
+        )
     if not 0.0 <= ratio <= REPLAY_RATIO_MAX:
-        raise PactError(f"{where} ratio {preview(ratio)}: must be a share of the rows in [0, {REPLAY_RATIO_MAX}] (at most one "
-                        "replay row after each fine-tuning row)")
+        raise PactError(
+            f"{where} ratio {preview(ratio)}: must be a share of the rows in [0, {REPLAY_RATIO_MAX}] (at "
+            f"most one "
+            "replay row after each fine-tuning row)"
+        )
     return float(ratio)
 
 
@@ -200,24 +230,39 @@ class Replay:
     buffer_rows: int = 1024
 
     @classmethod
-    def of(cls, main: Cache, cache: Cache, ratio: float, seed: int, buffer_rows: int = 1024, where: str = "--replay") -> "Replay":
+    def of(
+        cls, main: Cache, cache: Cache, ratio: float, seed: int, buffer_rows: int = 1024, where: str = "--replay"
+    ) -> "Replay":
         """The replay of ``cache`` beside the fine-tuning cache ``main``: refused (:class:`PactError`,
         one line) unless both hold the same reference's values for the same safety tokens and
         tokenizer, the replay cache has rows and is not the fine-tuning cache itself."""
         a, b = main.manifest, cache.manifest
         ratio = check_replay_ratio(ratio, where)
         if cache.cache_id == main.cache_id:
-            raise PactError(f"{where} {cache.url}: is the fine-tuning cache itself (cache id {cache.cache_id[:12]}); replay a "
-                            "cache of the reference's refusals, made by `pact-cache replay`")
-        differs = [what for what, x, y in (
-            ("another reference model", a.reference.weights_sha256, b.reference.weights_sha256),
-            ("another tokenizer", a.tokenizer.sha256, b.tokenizer.sha256),
-            ("other safety tokens", (a.tokens.ids, a.tokens.weights), (b.tokens.ids, b.tokens.weights))) if x != y]
+            raise PactError(
+                f"{where} {cache.url}: is the fine-tuning cache itself (cache id {cache.cache_id[:12]}); "
+                f"replay a "
+                "cache of the reference's refusals, made by `pact-cache replay`"
+            )
+        differs = [
+            what
+            for what, x, y in (
+                ("another reference model", a.reference.weights_sha256, b.reference.weights_sha256),
+                ("another tokenizer", a.tokenizer.sha256, b.tokenizer.sha256),
+                ("other safety tokens", (a.tokens.ids, a.tokens.weights), (b.tokens.ids, b.tokens.weights)),
+            )
+            if x != y
+        ]
         if differs:
-            raise PactError(f"{where} {cache.url}: was built with {differs[0]} than the fine-tuning cache; build it with the "
-                            "same --ref and --tokens as the fine-tuning cache")
+            raise PactError(
+                f"{where} {cache.url}: was built with {differs[0]} than the fine-tuning cache; build it "
+                f"with the "
+                "same --ref and --tokens as the fine-tuning cache"
+            )
         if cache.num_rows == 0:
-            raise PactError(f"{where} {cache.url}: the cache holds no rows; build it from harmful prompts with refusals")
+            raise PactError(
+                f"{where} {cache.url}: the cache holds no rows; build it from harmful prompts with refusals"
+            )
         return cls(cache, ratio, seed, buffer_rows)
 
     def count(self, main_rows: int) -> int:
@@ -274,11 +319,16 @@ class RowGate:
         if not isinstance(kind, str) or kind not in cls.KINDS:
             raise PactError(f"row gate {preview(kind)}: use one of {', '.join(cls.KINDS)}")
         if kind == "soft" and at is not None:
-            raise PactError(f"row gate soft, at={preview(at)}: the soft gate weighs each row by its mass and has no threshold; "
-                            "leave out at (--gate-at), or use the hard gate")
+            raise PactError(
+                f"row gate soft, at={preview(at)}: the soft gate weighs each row by its mass and has no "
+                f"threshold; "
+                "leave out at (--gate-at), or use the hard gate"
+            )
         at = GATE_AT if at is None else at
         if isinstance(at, bool) or not isinstance(at, (int, float)) or not (0.0 <= at <= 1.0):  # NaN fails too
-            raise PactError(f"row gate threshold {preview(at)}: must be a step-0 refusal mass in [0, 1] (e.g. {GATE_AT})")
+            raise PactError(
+                f"row gate threshold {preview(at)}: must be a step-0 refusal mass in [0, 1] (e.g. {GATE_AT})"
+            )
         return cls(kind, float(at), tuple(w > 0 for w in cache.tokens.weights))
 
     def mass(self, row: CacheRow) -> float:
@@ -291,7 +341,9 @@ class RowGate:
         return (1.0 if m >= self.at else 0.0) if self.kind == "hard" else min(max(m, 0.0), 1.0)
 
 
-def epoch_rows(cache: Cache, epoch: int, seed: int, shuffle: bool, buffer_rows: int = 1024, stream: int = 0) -> Iterator[CacheRow]:
+def epoch_rows(
+    cache: Cache, epoch: int, seed: int, shuffle: bool, buffer_rows: int = 1024, stream: int = 0
+) -> Iterator[CacheRow]:
     """Rows of one epoch in a deterministic order; at most ``buffer_rows`` rows held at once.
     ``stream`` > 0 draws an order independent of the fine-tuning cache's (the replay cache's)."""
     if not shuffle:
@@ -325,16 +377,27 @@ def length_grouped(rows: Iterator[CacheRow], batch_size: int, window: int, seed:
         if not buf:
             return
         buf.sort(key=lambda r: len(r.input_ids))  # stable
-        groups = [buf[i:i + batch_size] for i in range(0, len(buf), batch_size)]
-        for j in np.random.default_rng([seed, epoch, w, 7]).permutation(len(groups)):  # 7: a stream apart from epoch_rows
+        groups = [buf[i : i + batch_size] for i in range(0, len(buf), batch_size)]
+        for j in np.random.default_rng([seed, epoch, w, 7]).permutation(
+            len(groups)
+        ):  # 7: a stream apart from epoch_rows
             yield from groups[int(j)]
         if len(buf) < size:
             return
 
 
-def batches(cache: Cache, batch_size: int, seed: int, shuffle: bool, start_epoch: int = 0, skip_rows: int = 0,
-            buffer_rows: int = 1024, epochs: int | None = None, replay: Replay | None = None,
-            group_by_length: int = 0) -> Iterator[tuple[int, int, list[CacheRow]]]:
+def batches(
+    cache: Cache,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    start_epoch: int = 0,
+    skip_rows: int = 0,
+    buffer_rows: int = 1024,
+    epochs: int | None = None,
+    replay: Replay | None = None,
+    group_by_length: int = 0,
+) -> Iterator[tuple[int, int, list[CacheRow]]]:
     """Yield ``(epoch, rows taken in this epoch after the batch, rows)`` forever or for ``epochs``.
 
     The last batch of an epoch may be short; batches never straddle epochs. With ``replay``, the

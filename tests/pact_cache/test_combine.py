@@ -4,34 +4,50 @@ import json
 
 import numpy as np
 import pytest
+from conftest import CHAT_ROWS, write_jsonl
 
 from pact_cache.build import BuildConfig, build
 from pact_cache.cli import main
 from pact_cache.format import open_cache
-
-from conftest import CHAT_ROWS, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def parts(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("combine")
     tokens = root / "tokens.json"
-    tokens.write_text(json.dumps({"format": "pact-tokens/1", "ids": [3, 17, 42, 99], "weights": [1.0] * 4, "method": "test"}))
+    tokens.write_text(
+        json.dumps({"format": "pact-tokens/1", "ids": [3, 17, 42, 99], "weights": [1.0] * 4, "method": "test"})
+    )
     a = write_jsonl(root / "ds" / "a.jsonl", CHAT_ROWS[:10])
     b = write_jsonl(root / "ds" / "b.jsonl", CHAT_ROWS[10:])
 
     def mk(data, name, **kw):
-        return build(BuildConfig(str(data), tiny_model, str(root / name), tokens=str(tokens), rows_per_part=4, progress=False, **kw)).out
+        return build(
+            BuildConfig(
+                str(data), tiny_model, str(root / name), tokens=str(tokens), rows_per_part=4, progress=False, **kw
+            )
+        ).out
 
-    return {"root": root, "tokens": tokens, "A": mk(a, "A"), "B": mk(b, "B", batch_size=3), "AB_f32": mk(root / "ds", "AB_f32", encoding="f32"),
-            "AB": mk(root / "ds", "AB"), "model": tiny_model}
+    return {
+        "root": root,
+        "tokens": tokens,
+        "A": mk(a, "A"),
+        "B": mk(b, "B", batch_size=3),
+        "AB_f32": mk(root / "ds", "AB_f32", encoding="f32"),
+        "AB": mk(root / "ds", "AB"),
+        "model": tiny_model,
+    }
 
 
 def test_merge_is_the_cache_of_the_concatenated_datasets(parts, tmp_path, capsys):
     out = tmp_path / "M"
     assert main(["merge", parts["A"], parts["B"], "-o", str(out), "--rows-per-part", "5", "--no-progress"]) == 0
     m = open_cache(out)
-    assert m.num_rows == len(CHAT_ROWS) and len(m.parts) == 5 and m.manifest.build.reused == (open_cache(parts["A"]).cache_id, open_cache(parts["B"]).cache_id)
+    assert (
+        m.num_rows == len(CHAT_ROWS)
+        and len(m.parts) == 5
+        and m.manifest.build.reused == (open_cache(parts["A"]).cache_id, open_cache(parts["B"]).cache_id)
+    )
     # the folder of both source files, read in order, is exactly this cache's dataset
     assert main(["verify", str(out), "--dataset", str(parts["root"] / "ds")]) == 0
     src = list(open_cache(parts["A"]).iter_rows()) + list(open_cache(parts["B"]).iter_rows())
@@ -46,8 +62,15 @@ def test_merge_is_the_cache_of_the_concatenated_datasets(parts, tmp_path, capsys
 def test_merge_refuses_caches_built_otherwise(parts, tmp_path, capsys):
     other = tmp_path / "t.json"
     other.write_text(json.dumps({"format": "pact-tokens/1", "ids": [3, 17], "weights": [1.0, 1.0], "method": "test"}))
-    c = build(BuildConfig(str(write_jsonl(tmp_path / "c.jsonl", CHAT_ROWS[:3])), parts["model"], str(tmp_path / "C"), tokens=str(other),
-                          progress=False)).out
+    c = build(
+        BuildConfig(
+            str(write_jsonl(tmp_path / "c.jsonl", CHAT_ROWS[:3])),
+            parts["model"],
+            str(tmp_path / "C"),
+            tokens=str(other),
+            progress=False,
+        )
+    ).out
     assert main(["merge", parts["A"], c, "-o", str(tmp_path / "M")]) == 1
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("pact-cache")]
     assert len(err) == 1 and "only caches built alike can be merged" in err[0]
@@ -84,8 +107,9 @@ def test_a_failed_merge_or_filter_leaves_nothing_and_the_retry_works(parts, tmp_
     blob[len(blob) // 2] ^= 0x01
     last.write_bytes(bytes(blob))
     out = tmp_path / "OUT"
-    args = (["merge", str(parts["A"]), str(damaged)] if command == "merge" else ["filter", str(damaged), "--above", "1.0"]) + \
-        ["-o", str(out), "--no-progress", "--rows-per-part", "2"]
+    args = (
+        ["merge", str(parts["A"]), str(damaged)] if command == "merge" else ["filter", str(damaged), "--above", "1.0"]
+    ) + ["-o", str(out), "--no-progress", "--rows-per-part", "2"]
     assert main(args) == 1
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("pact-cache")]
     assert len(err) == 1 and last.name in err[0] and "sha256" in err[0], err
@@ -108,5 +132,6 @@ def test_a_filter_or_merge_that_would_write_an_empty_cache_is_refused(tmp_path, 
     assert not (tmp_path / "none").exists()
     assert main(["filter", str(src), "--above", "0.5", "-o", str(tmp_path / "none"), "--no-progress"]) == 0
     assert open_cache(tmp_path / "none").num_rows == 1
-    assert "--above nan: must be a probability mass in [0, 1]" in one_line(capsys, main, "filter", src, "--above", "nan",
-                                                                          "-o", tmp_path / "x")
+    assert "--above nan: must be a probability mass in [0, 1]" in one_line(
+        capsys, main, "filter", src, "--above", "nan", "-o", tmp_path / "x"
+    )

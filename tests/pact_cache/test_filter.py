@@ -1,13 +1,12 @@
 """pact-cache filter (pact_cache/combine.py): the rows at or below a step-0 refusal mass, as a new cache."""
 
 import numpy as np
+from conftest import masses_cache
+from hostile import cli, one_line, snapshot
 
 from pact_cache.cli import main as cache_main
 from pact_cache.combine import filter_cache, step0_refusal_mass
 from pact_cache.format import open_cache
-
-from conftest import masses_cache
-from hostile import cli, one_line, snapshot
 
 
 def test_filter_keeps_the_rows_at_or_below_the_mass_with_a_new_id(tmp_path, capsys):
@@ -37,8 +36,11 @@ def test_filter_cli_and_its_refusals(tmp_path, capsys):
     assert code == 0 and open_cache(tmp_path / "out").num_rows == 2
     assert cli(capsys, cache_main, "verify", tmp_path / "out")[0] == 0
     before = snapshot(tmp_path / "out")
-    assert "exists and is not empty" in one_line(capsys, cache_main, "filter", src, "--above", "0.5", "-o", tmp_path / "out")
+    assert "exists and is not empty" in one_line(
+        capsys, cache_main, "filter", src, "--above", "0.5", "-o", tmp_path / "out"
+    )
     assert snapshot(tmp_path / "out") == before
-    assert "--above 1.5: must be a probability mass in [0, 1]" in one_line(capsys, cache_main, "filter", src, "--above", "1.5",
-                                                                          "-o", tmp_path / "x")
+    assert "--above 1.5: must be a probability mass in [0, 1]" in one_line(
+        capsys, cache_main, "filter", src, "--above", "1.5", "-o", tmp_path / "x"
+    )
     assert not (tmp_path / "x").exists()

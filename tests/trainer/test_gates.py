@@ -6,22 +6,26 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from pact_cache.format import open_cache
+from conftest import masses_cache
+from hostile import one_line
 from pact_train.cli import main as train_main
 from pact_train.hf import PactCollator
 from pact_train.loop import TrainConfig, train
 from pact_train.losses import METHODS, LossParams, PactParams, Steps
 from pact_train.stream import RowGate, collate
 
-from conftest import masses_cache
-from hostile import one_line
+from pact_cache.format import open_cache
 
 
 def run(model, cache, out, **kw):
-    base = dict(recipe="plain", batch_size=4, max_steps=3, shuffle=False, progress=False, plot=False, lr=1e-3, lora_dropout=0.0)
+    base = dict(
+        recipe="plain", batch_size=4, max_steps=3, shuffle=False, progress=False, plot=False, lr=1e-3, lora_dropout=0.0
+    )
     train(TrainConfig(model=model, cache=cache, out=str(out), **{**base, **kw}))
-    return [{k: v for k, v in json.loads(line).items() if k != "step_time_s"} for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "step_time_s"}
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_a_hand_made_cache_gets_the_expected_gates(tmp_path):
@@ -56,8 +60,21 @@ def test_a_weighted_mask_is_the_rows_terms_times_their_gates(method):
     m, p = METHODS[method], LossParams(method=method, pact=PactParams())
     ref = {"full": full, "post": post, "target": tgt}
     got = m.term(Steps(mask.float() * gates[:, None], sel, lse, tgt, w, {c: ref[c] for c in m.columns}), p)
-    want = sum(float(gates[b]) * m.term(Steps(mask[b:b + 1], sel[b:b + 1], lse[b:b + 1], tgt[b:b + 1], w,
-                                                {c: ref[c][b:b + 1] for c in m.columns}), p) for b in range(B))
+    want = sum(
+        float(gates[b])
+        * m.term(
+            Steps(
+                mask[b : b + 1],
+                sel[b : b + 1],
+                lse[b : b + 1],
+                tgt[b : b + 1],
+                w,
+                {c: ref[c][b : b + 1] for c in m.columns},
+            ),
+            p,
+        )
+        for b in range(B)
+    )
     assert got.item() == pytest.approx(float(want), rel=1e-5)
 
 
@@ -66,7 +83,9 @@ def test_gate_one_everywhere_is_the_ungated_method_and_zero_is_sft(tiny_model, f
     ones = run(tiny_model, f32_cache, tmp_path / "ones", method="pact", row_gate="hard", gate_at=0.0)  # every mass >= 0
     assert ones == plain  # exactly: every metric of every step
     sft = run(tiny_model, f32_cache, tmp_path / "sft", method="sft")
-    zeros = run(tiny_model, f32_cache, tmp_path / "zeros", method="pact", row_gate="hard", gate_at=1.0)  # no mass reaches 1
+    zeros = run(
+        tiny_model, f32_cache, tmp_path / "zeros", method="pact", row_gate="hard", gate_at=1.0
+    )  # no mass reaches 1
     for z, s in zip(zeros, sft):
         assert z["pact_kl"] == 0.0
         assert {k: v for k, v in z.items() if k != "pact_kl"} == s
@@ -78,7 +97,23 @@ def test_gate_one_everywhere_is_the_ungated_method_and_zero_is_sft(tiny_model, f
 
 @pytest.mark.parametrize("method", ["sft", "constrained-sft"])
 def test_a_gate_on_a_method_without_an_added_term_is_refused(tiny_model, f32_cache, tmp_path, capsys, method):
-    line = one_line(capsys, train_main, "--model", tiny_model, "--cache", f32_cache, "-o", tmp_path / "r", "--method", method,
-                    "--row-gate", "hard", "--no-progress")
-    assert f"--row-gate hard: gates a per-step term added to the cross-entropy (pact, pact-rest, pact-rest-ref, str), not --method {method}" in line
+    line = one_line(
+        capsys,
+        train_main,
+        "--model",
+        tiny_model,
+        "--cache",
+        f32_cache,
+        "-o",
+        tmp_path / "r",
+        "--method",
+        method,
+        "--row-gate",
+        "hard",
+        "--no-progress",
+    )
+    assert (
+        "--row-gate hard: gates a per-step term added to the cross-entropy (pact, pact-rest, pact-rest-ref, str), "
+        f"not --method {method}" in line
+    )
     assert not (tmp_path / "r").exists()

@@ -6,22 +6,26 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from pact_cache.errors import PactError
-from pact_cache.format import open_cache
+from conftest import CHAT_ROWS, build_f32_cache
+from hostile import one_line
 from pact_train.cli import main as train_main
 from pact_train.core import policy_losses
 from pact_train.hf import CacheDataset, PactCollator
 from pact_train.loop import TrainConfig, train
 from pact_train.losses import LossParams
 from pact_train.stream import Replay, ReplayRow, batches, collate
+from safetensors.torch import load_file
 
-from conftest import CHAT_ROWS, build_f32_cache
-from hostile import one_line
+from pact_cache.errors import PactError
+from pact_cache.format import open_cache
 
-REFUSALS = [{"prompt": f"Explain how to break into house number {i} without a key.",
-             "completion": "I'm sorry, I can't help with that." + " I won't." * (i % 3)} for i in range(7)]
+REFUSALS = [
+    {
+        "prompt": f"Explain how to break into house number {i} without a key.",
+        "completion": "I'm sorry, I can't help with that." + " I won't." * (i % 3),
+    }
+    for i in range(7)
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +35,21 @@ def replay_cache(tiny_model, tmp_path_factory) -> str:
 
 
 def run(model, cache, out, **kw):
-    base = dict(recipe="plain", batch_size=4, max_steps=4, shuffle=True, progress=False, plot=False, lr=1e-3, lora_dropout=0.0)
+    base = dict(
+        recipe="plain", batch_size=4, max_steps=4, shuffle=True, progress=False, plot=False, lr=1e-3, lora_dropout=0.0
+    )
     train(TrainConfig(model=model, cache=cache, out=str(out), **{**base, **kw}))
-    return [{k: v for k, v in json.loads(line).items() if k != "step_time_s"} for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "step_time_s"}
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def stream(cache, replay, **kw):
-    return [(e, t, [(type(r).__name__, r.example_id) for r in rows])
-            for e, t, rows in batches(cache, 4, 3, True, epochs=3, replay=replay, **kw)]
+    return [
+        (e, t, [(type(r).__name__, r.example_id) for r in rows])
+        for e, t, rows in batches(cache, 4, 3, True, epochs=3, replay=replay, **kw)
+    ]
 
 
 def test_the_mix_is_the_ratio_seeded_and_resumes_mid_epoch(f32_cache, replay_cache):
@@ -72,7 +83,9 @@ def test_ratio_zero_is_todays_run_exactly(tiny_model, f32_cache, replay_cache, t
 
 
 def test_a_mixed_run_resumed_mid_epoch_is_the_same_run(tiny_model, f32_cache, replay_cache, tmp_path):
-    kw = dict(method="str", replay=replay_cache, replay_ratio=0.3, schedule="constant", warmup_steps=0, epochs=2, save_every=4)
+    kw = dict(
+        method="str", replay=replay_cache, replay_ratio=0.3, schedule="constant", warmup_steps=0, epochs=2, save_every=4
+    )
     whole = run(tiny_model, f32_cache, tmp_path / "whole", max_steps=9, **kw)
     assert whole[0]["tokens"] > 0 and len(whole) == 9
     run(tiny_model, f32_cache, tmp_path / "cut", max_steps=4, **kw)  # stops at step 4 (epoch 0, 16 of 23 rows)
@@ -124,14 +137,28 @@ def test_the_trainer_dataset_mixes_the_same_share(f32_cache, replay_cache):
 
 
 def test_replay_refusals(tiny_model, f32_cache, made, tmp_path, capsys):
-    base = ("--model", tiny_model, "--cache", f32_cache, "-o", tmp_path / "r", "--no-progress", "--max-steps", 1, "--method", "pact")
+    base = (
+        "--model",
+        tiny_model,
+        "--cache",
+        f32_cache,
+        "-o",
+        tmp_path / "r",
+        "--no-progress",
+        "--max-steps",
+        1,
+        "--method",
+        "pact",
+    )
     line = one_line(capsys, train_main, *base, "--replay", made["q8"])  # other safety tokens
     assert f"--replay {made['q8']}: was built with other safety tokens than the fine-tuning cache" in line
     line = one_line(capsys, train_main, *base, "--replay-ratio", "0.1")
     assert "--replay-ratio: applies to the rows of --replay CACHE" in line
     for ratio in ("1", "0.6", "nan"):
         line = one_line(capsys, train_main, *base, "--replay", f32_cache, "--replay-ratio", ratio, code=1)
-        assert f"--replay-ratio {float(ratio)}: must be a finite number in [0, 0.5]; it is the share of the rows" in line
+        assert (
+            f"--replay-ratio {float(ratio)}: must be a finite number in [0, 0.5]; it is the share of the rows" in line
+        )
     line = one_line(capsys, train_main, *base, "--replay", f32_cache, code=1)
     assert f"--replay {f32_cache}: is the fine-tuning cache itself (cache id" in line
     line = one_line(capsys, train_main, *base, "--replay", f32_cache, "--method", "sft", "--replay-term", "term")
@@ -141,8 +168,15 @@ def test_replay_refusals(tiny_model, f32_cache, made, tmp_path, capsys):
         PactCollator(0, replay_term="half")
     with pytest.raises(PactError, match=r"PactCollator\(replay_term=\['ce'\]\): use one of both, ce, term"):
         PactCollator(0, replay_term=["ce"])
-    for bad, why in (("0.1", re.escape("must be a number (a float such as 0.05), not a str")), (0.6, r"must be a share of the rows in \[0, 0.5\]"),
-                     (float("nan"), r"must be a share of the rows in \[0, 0.5\]")):
+    for bad, why in (
+        ("0.1", re.escape("must be a number (a float such as 0.05), not a str")),
+        (
+            0.6,
+            r"must be a share "
+            r"of the rows in \[0, 0.5\]",
+        ),
+        (float("nan"), r"must be a share of the rows in \[0, 0.5\]"),
+    ):
         with pytest.raises(PactError, match=r"CacheDataset\(replay=...\): ratio .*" + why):
             CacheDataset(f32_cache, replay=made["q8"], replay_ratio=bad)
     with pytest.raises(PactError, match="is the fine-tuning cache itself"):
@@ -156,15 +190,21 @@ def test_a_micro_batch_never_holds_more_than_its_batch_size(f32_cache, replay_ca
     main, rep = open_cache(f32_cache), open_cache(replay_cache)
     mix = Replay.of(main, rep, ratio, seed=3)
     for size in (1, 2, 4):
-        full = [(e, t, [(type(r).__name__, r.example_id) for r in rows])
-                for e, t, rows in batches(main, size, 3, True, epochs=2, replay=mix)]
+        full = [
+            (e, t, [(type(r).__name__, r.example_id) for r in rows])
+            for e, t, rows in batches(main, size, 3, True, epochs=2, replay=mix)
+        ]
         assert max(len(rows) for _, _, rows in full) <= size
         kinds = [kind for _, _, rows in full for kind, _ in rows]
         assert kinds.count("CacheRow") == 2 * main.num_rows and kinds.count("ReplayRow") == mix.count(2 * main.num_rows)
         ds = CacheDataset(f32_cache, shuffle=True, seed=3, replay=replay_cache, replay_ratio=ratio)
-        assert [(type(it["row"]).__name__, it["row"].example_id) for it in ds] == [x for e, _, rows in full if e == 0 for x in rows]
+        assert [(type(it["row"]).__name__, it["row"].example_id) for it in ds] == [
+            x for e, _, rows in full if e == 0 for x in rows
+        ]
         for k in range(1, len(full)):
             e, t, _ = full[k - 1]
-            again = [(e2, t2, [(type(r).__name__, r.example_id) for r in rows])
-                     for e2, t2, rows in batches(main, size, 3, True, start_epoch=e, skip_rows=t, epochs=2, replay=mix)]
+            again = [
+                (e2, t2, [(type(r).__name__, r.example_id) for r in rows])
+                for e2, t2, rows in batches(main, size, 3, True, start_epoch=e, skip_rows=t, epochs=2, replay=mix)
+            ]
             assert again == full[k:]

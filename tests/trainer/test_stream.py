@@ -4,11 +4,10 @@ import gc
 import tracemalloc
 
 import numpy as np
-
-from pact_cache.format import CacheRow, ENCODINGS, open_cache, write_part
+from conftest import row_result, write_manifest
 from pact_train.stream import batches, collate, epoch_rows
 
-from conftest import row_result, write_manifest
+from pact_cache.format import ENCODINGS, CacheRow, open_cache, write_part
 
 
 def small_cache(tmp_path, n_rows=23, per_part=5, K=3, name="cache"):
@@ -19,10 +18,20 @@ def small_cache(tmp_path, n_rows=23, per_part=5, K=3, name="cache"):
     for i in range(n_rows):
         n = 1 + i % 4
         low = np.log(K) + 0.1  # K log-probs whose probabilities sum below 1, as real ones do
-        rows.append(row_result(f"{i:08d}-x", list(range(5 + n)), 5, -(low + rng.random((n, K))).astype(np.float32),
-                              -(low + rng.random((n, K))).astype(np.float32), -rng.random(n).astype(np.float32)))
-    parts = [write_part(out / f"part-{j:05d}.parquet", rows[j * per_part:(j + 1) * per_part], ENCODINGS["f32"])
-             for j in range((n_rows + per_part - 1) // per_part)]
+        rows.append(
+            row_result(
+                f"{i:08d}-x",
+                list(range(5 + n)),
+                5,
+                -(low + rng.random((n, K))).astype(np.float32),
+                -(low + rng.random((n, K))).astype(np.float32),
+                -rng.random(n).astype(np.float32),
+            )
+        )
+    parts = [
+        write_part(out / f"part-{j:05d}.parquet", rows[j * per_part : (j + 1) * per_part], ENCODINGS["f32"])
+        for j in range((n_rows + per_part - 1) // per_part)
+    ]
     write_manifest(out, parts, ENCODINGS["f32"], K)
     return open_cache(out)
 
@@ -53,7 +62,10 @@ def test_resuming_from_a_position_replays_the_same_batches(tmp_path):
     cache = small_cache(tmp_path)
     full = [(e, t, ids(b)) for e, t, b in batches(cache, 3, seed=1, shuffle=True, epochs=3, buffer_rows=4)]
     e, t, _ = full[9]
-    resumed = [(e2, t2, ids(b)) for e2, t2, b in batches(cache, 3, seed=1, shuffle=True, start_epoch=e, skip_rows=t, epochs=3, buffer_rows=4)]
+    resumed = [
+        (e2, t2, ids(b))
+        for e2, t2, b in batches(cache, 3, seed=1, shuffle=True, start_epoch=e, skip_rows=t, epochs=3, buffer_rows=4)
+    ]
     assert resumed == full[10:]
 
 
@@ -78,7 +90,9 @@ def test_rows_held_while_streaming_do_not_grow_with_the_cache(tmp_path):
     def stream(cache):
         most = 0
         tracemalloc.start()
-        for i, (_, _, rows) in enumerate(batches(cache, batch, seed=0, shuffle=True, epochs=1, buffer_rows=buffer_rows)):
+        for i, (_, _, rows) in enumerate(
+            batches(cache, batch, seed=0, shuffle=True, epochs=1, buffer_rows=buffer_rows)
+        ):
             if i % 10 == 5:
                 gc.collect()
                 most = max(most, sum(type(o) is CacheRow for o in gc.get_objects()))
@@ -96,16 +110,18 @@ def test_a_row_gate_checks_its_kind_and_threshold(tmp_path):
     """A threshold outside [0, 1] or NaN would gate every row to 0 (the run silently SFT); the soft gate has no
     threshold; a kind that is not a gate: each one line, as the CLI's."""
     import pytest
+    from pact_train.stream import GATE_AT, RowGate
 
     from pact_cache.errors import PactError
-    from pact_train.stream import GATE_AT, RowGate
 
     cache = small_cache(tmp_path)
     assert RowGate.of_cache(cache, "hard").at == GATE_AT and RowGate.of_cache(cache, "hard", 0).at == 0.0
     for at in (1.5, -0.1, float("nan"), "0.9", True):
         with pytest.raises(PactError, match="row gate threshold .*: must be a step-0 refusal mass in \\[0, 1\\]"):
             RowGate.of_cache(cache, "hard", at)
-    with pytest.raises(PactError, match="row gate soft, at=0.9: the soft gate weighs each row by its mass and has no threshold"):
+    with pytest.raises(
+        PactError, match="row gate soft, at=0.9: the soft gate weighs each row by its mass and has no threshold"
+    ):
         RowGate.of_cache(cache, "soft", 0.9)
     for kind in ("Hard", ["hard"], None):
         with pytest.raises(PactError, match="use one of hard, soft"):

@@ -9,7 +9,6 @@ RANK/WORLD_SIZE); whoever sees every part present writes the manifest.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -24,10 +23,8 @@ from .errors import CacheError, DatasetError, OutputExistsError, PactError
 from .format import (
     BUILD_KEY_META,
     MANIFEST,
-    Cache,
-    CacheRow,
+    ROWS_PER_PART,
     RowResult,
-    open_cache,
     read_manifest,
     rows_digest,
     write_part,
@@ -47,7 +44,8 @@ from .manifest import (
     Tokenizer,
 )
 from .models import load_model, load_tokenizer, model_fingerprint, placement, resolve_model, tokenizer_fingerprint
-from .projection import LOGITS_CHUNK_BYTES, check_projection, response_logprobs
+from .projection import check_projection, compute_rows
+from .rows import Reuse
 from .storage import Location, check_regular_file, is_tmp_name, json_bytes, sha256_stream, stale_tmp
 from .tokens import builtin_benign_path, builtin_refusals_path, load_benign, load_refusals, read_tokens, select_tokens
 from .typedjson import load_json
@@ -67,7 +65,7 @@ class BuildConfig:
     device: str = "auto"
     device_map: str | None = None  # "auto": the reference spread over this machine's GPUs and CPU (accelerate)
     encoding: str = "q8"
-    rows_per_part: int = 1024
+    rows_per_part: int = ROWS_PER_PART
     resume: bool = False
     shard: tuple[int, int] | None = None  # (index, count); None = from torchrun env or (0, 1)
     storage_options: dict = field(default_factory=dict, repr=False)  # for -o on an object store; never printed
@@ -93,146 +91,7 @@ def _log(msg: str) -> None:
     print(f"pact-cache: {msg}", file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------- the computation
-
-
-def reference_logprobs(
-    model, seqs: list[list[int]], starts: list[int], counts: list[int], ids, device, want_target: bool
-):
-    """Log-probs of the safety tokens (and of the next token) at the response positions.
-
-    For sequence b and step t < counts[b], the position ``starts[b] - 1 + t`` predicts token
-    ``seqs[b][starts[b] + t]``. Returns per sequence ``(sel (n, K), target (n,) or None)``, float32
-    numpy. The backbone runs once on the padded batch ``(B, L)``; the model's own projection
-    (:mod:`pact_cache.projection`) and log-softmax run only on the ``N = sum(counts)`` response
-    positions, in chunks of at most LOGITS_CHUNK_BYTES of float32 logits, so no ``(B, L, V)``
-    float32 tensor exists.
-    """
-    import torch
-
-    B, L = len(seqs), max(len(s) for s in seqs)
-    input_ids = torch.zeros((B, L), dtype=torch.long)
-    mask = torch.zeros((B, L), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        input_ids[b, : len(s)] = torch.tensor(s)
-        mask[b, : len(s)] = 1
-    bidx = torch.cat([torch.full((n,), b) for b, n in enumerate(counts)])
-    pidx = torch.cat([torch.arange(st - 1, st - 1 + n) for st, n in zip(starts, counts)])
-    targets = input_ids[bidx, pidx + 1] if want_target else None
-    sel, tgt = response_logprobs(
-        model,
-        input_ids.to(device),
-        mask.to(device),
-        bidx,
-        pidx,
-        torch.as_tensor(ids),
-        targets,
-        chunk_bytes=LOGITS_CHUNK_BYTES,
-    )
-    sel = sel.cpu().numpy()
-    tgt = tgt.cpu().numpy() if want_target else None
-    out, o = [], 0
-    for n in counts:
-        out.append((sel[o : o + n], tgt[o : o + n] if want_target else None))
-        o += n
-    return out
-
-
-def compute_rows(
-    model, examples: list[Example], ids, header: list[int], batch_size: int, device, on_tokens=None
-) -> list[RowResult]:
-    """Both views and the target for every example; results in the order of ``examples``."""
-    import torch
-
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
-    results: list[RowResult | None] = [None] * len(examples)
-    with torch.inference_mode():
-        for b0 in range(0, len(order), batch_size):
-            batch = [examples[i] for i in order[b0 : b0 + batch_size]]
-            counts = [ex.steps for ex in batch]
-            full = reference_logprobs(
-                model, [ex.input_ids for ex in batch], [ex.response_start for ex in batch], counts, ids, device, True
-            )
-            post_seqs = [header + ex.input_ids[ex.response_start : -1] for ex in batch]
-            post = reference_logprobs(model, post_seqs, [len(header)] * len(batch), counts, ids, device, False)
-            for j, i in enumerate(order[b0 : b0 + batch_size]):
-                ex = examples[i]
-                results[i] = RowResult(
-                    ex.example_id,
-                    ex.input_ids,
-                    ex.response_start,
-                    {"full": full[j][0], "post": post[j][0], "target": full[j][1]},
-                )
-            if on_tokens:
-                on_tokens(sum(len(s) for s in post_seqs) + sum(len(ex.input_ids) for ex in batch))
-    return results  # type: ignore[return-value]
-
-
-# ----------------------------------------------------------------------------- reuse
-
-
-def row_key(input_ids, response_start: int) -> bytes:
-    """What makes two rows' reference values the same computation: the tokens and the response start."""
-    import numpy as np
-
-    return hashlib.sha256(np.array([response_start], "<i4").tobytes() + np.asarray(input_ids, "<i4").tobytes()).digest()
-
-
-class Reuse:
-    """Rows of earlier caches, found by their tokenised input, for ``build --reuse``.
-
-    Each old cache is opened with every check, and must have been built with the same reference
-    weights, tokenizer, tokens, encoding, max length, dtype and algorithm (its reuse key); batch size,
-    part size and device may differ. The index holds 32 bytes per old row; values are read part by
-    part, when a new part needs them.
-    """
-
-    def __init__(self, caches: list[Cache]):
-        import pyarrow.parquet as pq
-
-        self.caches = caches
-        self.index: dict[bytes, tuple[int, int, int]] = {}
-        for c, cache in enumerate(caches):
-            for p, part in enumerate(cache.parts):
-                cache.check_part(part)
-                with cache.fs.open(cache.part_path(part), "rb") as f:
-                    t = pq.ParquetFile(f).read(columns=["input_ids", "response_start"])
-                for r, (ids, rs) in enumerate(
-                    zip(t.column("input_ids").to_pylist(), t.column("response_start").to_pylist())
-                ):
-                    self.index.setdefault(row_key(ids, rs), (c, p, r))
-
-    @classmethod
-    def open(cls, urls: list, identity: Identity, storage_options: dict) -> "Reuse":
-        caches = []
-        want = identity.reuse_key()
-        for url in urls:
-            cache = open_cache(url, storage_options=storage_options)
-            if cache.manifest.identity.reuse_key() != want:
-                raise PactError(
-                    f"--reuse {cache.url}: that cache was built with another reference, tokenizer, safety "
-                    f"tokens, encoding, "
-                    "max length or dtype, so its rows are not this build's rows; reuse a cache built like "
-                    "this one"
-                )
-            caches.append(cache)
-        return cls(caches)
-
-    def find(self, ex: Example) -> tuple[int, int, int] | None:
-        return self.index.get(row_key(ex.input_ids, ex.response_start))
-
-    def fetch(self, wanted: dict[int, tuple[int, int, int]]) -> dict[int, CacheRow]:
-        """``{new position: (cache, part, row)}`` -> ``{new position: decoded old row}``."""
-        by_part: dict[tuple[int, int], dict[int, list[int]]] = {}
-        for j, (c, p, r) in wanted.items():
-            by_part.setdefault((c, p), {}).setdefault(r, []).append(j)
-        out: dict[int, CacheRow] = {}
-        for (c, p), rows in sorted(by_part.items()):
-            cache = self.caches[c]
-            for r, row in enumerate(cache.iter_part_rows(cache.parts[p])):
-                for j in rows.get(r, ()):
-                    out[j] = row
-        return out
+# ----------------------------------------------------------------------------- rows: computed or reused
 
 
 def rows_for_part(

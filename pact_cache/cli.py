@@ -24,6 +24,7 @@ from .cliutil import (
     run_command,
 )
 from .errors import OutputExistsError, PactError
+from .format import ROWS_PER_PART
 from .models import DEFAULT_MODEL
 from .storage import parse_storage_options
 
@@ -168,8 +169,8 @@ def _build_options(b):
     b.add_argument(
         "--rows-per-part",
         type=positive_int,
-        default=1024,
-        help="rows per Parquet part, the unit of resume and sharding (default 1024)",
+        default=ROWS_PER_PART,
+        help=f"rows per Parquet part, the unit of resume and sharding (default {ROWS_PER_PART})",
     )
     add_dtype_device(b)
     b.add_argument(

@@ -25,12 +25,12 @@ from dataclasses import replace
 import numpy as np
 
 from . import __version__
-from .build import Reuse, row_key
 from .card import publish
 from .columns import REF_COLUMNS
 from .errors import OutputExistsError, PactError, preview
 from .format import RowResult, open_cache, write_part
 from .manifest import FORMAT, Counts, DatasetInfo, Manifest
+from .rows import Reuse, row_key, step0_refusal_mass
 from .storage import Location
 from .typedjson import hash_identity
 
@@ -149,12 +149,6 @@ def _write_rows(loc: Location, rows, encoding, key: str, per: int, total: int, d
         bar.close()
         Location.drop_scratch(scratch)
     return parts
-
-
-def step0_refusal_mass(row, keep: np.ndarray) -> float:
-    """The reference's probability mass on the safety tokens with positive weight (``keep``, (K,)
-    bool) before the row's first response token: high when the prompt looks harmful to it."""
-    return float(np.exp(row.ref["full"][0].astype(np.float64)[keep]).sum())
 
 
 def filter_cache(

@@ -13,15 +13,14 @@ this cache on its way, is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 
 from .card import CARD, publish
 from .errors import CacheError, OutputExistsError
-from .format import MANIFEST, open_cache, read_manifest
+from .format import MANIFEST, copy_part, open_cache, read_manifest
 from .manifest import PART_NAME
-from .storage import COPY_BLOCK, Location, check_regular_file, is_tmp_name, sha256_stream
+from .storage import Location, check_regular_file, is_tmp_name, sha256_stream
 
 COPY_STATE = ".pact-copy.json"  # says which cache a destination is becoming; removed at the end
 
@@ -78,33 +77,6 @@ def _prepare(dst: Location, cache_id: str) -> None:
             raise OutputExistsError(
                 f"{dst.display}: holds {strays[0]}, which is not part of this cache; choose another destination"
             )
-
-
-def copy_part(cache, part, dst: Location, scratch, bar=None) -> None:
-    """Stream one file of ``cache`` listed in its manifest (a part, or a score file: anything with
-    ``name``, ``bytes`` and ``sha256``) into a local scratch file, hashing it, and publish it at
-    ``dst`` only when its sha256 is the manifest's."""
-    check_regular_file(cache.fs, cache.root, cache.part_path(part), cache._where(part), size=part.bytes)
-    h = hashlib.sha256()
-    local = scratch / part.name
-    with cache.fs.open(cache.part_path(part), "rb") as fin, open(local, "wb") as fout:
-        left = part.bytes
-        while left > 0:
-            block = fin.read(min(COPY_BLOCK, left))
-            if not block:
-                break
-            h.update(block)
-            fout.write(block)
-            left -= len(block)
-            if bar is not None:
-                bar.update(len(block))
-    if left != 0 or h.hexdigest() != part.sha256:
-        raise CacheError(
-            f"{cache._where(part)}: sha256 differs from the manifest while copying; the source is corrupt "
-            f"or "
-            "changed: nothing of it was published, re-download or rebuild the source"
-        )
-    dst.put_file(local, part.name)
 
 
 def copy_cache(src: Location, dst: Location, cache_id: str | None = None, progress: bool = True) -> CopyResult:

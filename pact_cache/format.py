@@ -30,8 +30,10 @@ from .manifest import (
     PartEntry,
     check_pin,
 )
-from .storage import Location, check_regular_file, sha256_path, sha256_stream, tmp_name
+from .storage import COPY_BLOCK, Location, check_regular_file, sha256_path, sha256_stream, tmp_name
 from .typedjson import load_json
+
+ROWS_PER_PART = 1024  # rows per Parquet part by default: the unit of resume, sharding and reuse
 
 MANIFEST = "manifest.json"
 ZSTD_LEVEL = 19  # build time is dominated by the model; level 19 buys ~10% over the default
@@ -630,3 +632,30 @@ def open_cache(
     manifest = read_manifest(loc)
     check_pin(manifest.cache_id, cache_id, loc.display)
     return Cache(loc, manifest, verify_checksums=verify_checksums)
+
+
+def copy_part(cache, part, dst: Location, scratch, bar=None) -> None:
+    """Stream one file of ``cache`` listed in its manifest (a part, or a score file: anything with
+    ``name``, ``bytes`` and ``sha256``) into a local scratch file, hashing it, and publish it at
+    ``dst`` only when its sha256 is the manifest's."""
+    check_regular_file(cache.fs, cache.root, cache.part_path(part), cache._where(part), size=part.bytes)
+    h = hashlib.sha256()
+    local = scratch / part.name
+    with cache.fs.open(cache.part_path(part), "rb") as fin, open(local, "wb") as fout:
+        left = part.bytes
+        while left > 0:
+            block = fin.read(min(COPY_BLOCK, left))
+            if not block:
+                break
+            h.update(block)
+            fout.write(block)
+            left -= len(block)
+            if bar is not None:
+                bar.update(len(block))
+    if left != 0 or h.hexdigest() != part.sha256:
+        raise CacheError(
+            f"{cache._where(part)}: sha256 differs from the manifest while copying; the source is corrupt "
+            f"or "
+            "changed: nothing of it was published, re-download or rebuild the source"
+        )
+    dst.put_file(local, part.name)

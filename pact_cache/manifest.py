@@ -21,7 +21,7 @@ from .typedjson import _Fields, hash_identity
 FORMAT = "pact-cache/2"
 LEGACY_FORMATS = ("pact-cache/1",)
 TOKENS_FORMAT = "pact-tokens/1"
-# Version of the code that computes the stored values (build.compute_rows through projection.response_logprobs, and
+# Version of the code that computes the stored values (projection.compute_rows through projection.response_logprobs, and
 # the encoders). Bump it whenever a change could alter a stored byte: it is part of the cache id.
 ALGORITHM = "pact-ref/1"
 # pact-ref/1 projected with the bare head (plus Gemma's softcapping); for a model that scales its

@@ -287,6 +287,18 @@ def model_fingerprint(resolved: ResolvedModel) -> dict:
     }
 
 
+def check_tokenizer(tok, want: str, where: str, fix: str, error=ModelError) -> None:
+    """The one tokenizer-compatibility check: refuse ``tok`` unless its fingerprint
+    (:func:`tokenizer_fingerprint`) is ``want``, the one a cache was built with, in one line naming ``where``,
+    both fingerprints and ``fix``."""
+    got = tokenizer_fingerprint(tok)["sha256"]
+    if got != want:
+        raise error(
+            f"{where}: built with another tokenizer (fingerprint {str(want)[:12]}, this one {got[:12]}: vocabulary, "
+            f"special tokens or chat template differ); {fix}"
+        )
+
+
 def tokenizer_fingerprint(tok) -> dict:
     """Identity of what tokenisation depends on: vocabulary, special tokens, chat template.
 

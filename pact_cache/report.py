@@ -91,7 +91,7 @@ def format_info(info: dict) -> str:
 def _dataset_tokenizer(cache: Cache, model: str | None):
     """The tokenizer to re-tokenise a dataset with: --model's, else the recorded reference's when
     it can be found here; either way its fingerprint must be the cache's."""
-    from .models import load_tokenizer, resolve_model, tokenizer_fingerprint
+    from .models import check_tokenizer, load_tokenizer, resolve_model
 
     name = model or cache.manifest.reference.name
     try:
@@ -105,12 +105,13 @@ def _dataset_tokenizer(cache: Cache, model: str | None):
             f"{name!r} cannot be loaded here ({err}); pass --model (the reference, or a model with its "
             f"tokenizer)"
         ) from None
-    if tokenizer_fingerprint(tok)["sha256"] != cache.manifest.tokenizer.sha256:
-        raise CacheError(
-            f"{cache.url}: {name}'s tokenizer differs from the one the cache was built with "
-            "(vocabulary, special tokens or chat template); pass the reference the cache was built with "
-            "as --model"
-        )
+    check_tokenizer(
+        tok,
+        cache.manifest.tokenizer.sha256,
+        f"{cache.url} ({name}'s tokenizer)",
+        "pass the reference the cache was built with as --model",
+        CacheError,
+    )
     return tok
 
 
@@ -168,9 +169,9 @@ def recompute_sample(cache: Cache, resolved, n_rows: int, device: str = "auto") 
     import numpy as np
     import torch
 
-    from .build import compute_rows
     from .data import Example
     from .models import load_model
+    from .projection import compute_rows
 
     model, device, _ = load_model(resolved, "fp32", device)
     n_rows = min(n_rows, cache.num_rows)
@@ -223,7 +224,7 @@ def verify_cache(
         f"{rows} rows decoded and finite",
     ]
     if model is not None:
-        from .models import load_tokenizer, model_fingerprint, resolve_model, tokenizer_fingerprint
+        from .models import check_tokenizer, load_tokenizer, model_fingerprint, resolve_model
 
         resolved = resolve_model(model)
         want_w = m.reference.weights_sha256
@@ -234,12 +235,13 @@ def verify_cache(
                 f"{url}: reference weights differ from {model} (first difference: {diff[0][0]}); the "
                 f"cache was built with {m.reference.name}"
             )
-        got_t = tokenizer_fingerprint(load_tokenizer(resolved))["sha256"]
-        if got_t != m.tokenizer.sha256:
-            raise CacheError(
-                f"{url}: tokenizer fingerprint differs from {model}'s tokenizer (vocabulary, special "
-                f"tokens or chat template changed)"
-            )
+        check_tokenizer(
+            load_tokenizer(resolved),
+            m.tokenizer.sha256,
+            f"{url} (--model {model})",
+            "verify with the model the cache was built with",
+            CacheError,
+        )
         checked.append("model and tokenizer fingerprints")
         if recompute > 0 and cache.num_rows:
             res = recompute_sample(cache, resolved, recompute)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from .card import publish
-from .errors import CacheError, OutputExistsError, PactError
+from .errors import OutputExistsError, PactError
 from .format import Cache, open_cache
 from .manifest import Manifest, ScoreFile, Scores
 from .storage import Location, is_tmp_name
@@ -40,7 +40,7 @@ def row_scores(degraded, utility, rows, device, batch_size: int = 8) -> list[np.
     """``log p_degraded(y_t) - log p_utility(y_t)`` at every response step of each row, float32 ``(n,)``."""
     import torch
 
-    from .build import reference_logprobs
+    from .projection import reference_logprobs
 
     out = []
     none = torch.zeros(0, dtype=torch.long)
@@ -57,14 +57,15 @@ def row_scores(degraded, utility, rows, device, batch_size: int = 8) -> list[np.
 
 
 def _check_model_fits(cache: Cache, tok, model, what: str, name: str) -> None:
-    from .models import tokenizer_fingerprint
+    from .models import check_tokenizer
 
-    if tokenizer_fingerprint(tok)["sha256"] != cache.manifest.tokenizer.sha256:
-        raise PactError(
-            f"--{what} {name}: its tokenizer differs from the one the cache was built with; the scores are "
-            f"log-probs "
-            "of the cached token ids, so the scoring models must share the reference's tokenizer"
-        )
+    check_tokenizer(
+        tok,
+        cache.manifest.tokenizer.sha256,
+        f"--{what} {name}: {cache.url}",
+        "the scores are log-probs of the cached token ids, so the scoring models must share the reference's tokenizer",
+        PactError,
+    )
     from .projection import check_projection
 
     check_projection(model, what=f"--{what} {name}")
@@ -114,7 +115,7 @@ def _write_scored(cache, dst: Location, models: dict, device, batch_size: int, p
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from .copy import copy_part
+    from .format import copy_part
 
     dst.makedirs()
     scratch = dst.scratch()
@@ -165,65 +166,3 @@ def _write_scored(cache, dst: Location, models: dict, device, batch_size: int, p
         bar.close()
         Location.drop_scratch(scratch)
     return m
-
-
-@dataclass(frozen=True)
-class TokenMask:
-    """TOSS's global selection: the ``dropped`` highest-scoring tokens of the whole cache are left out.
-
-    ``threshold`` is the score of the last dropped token; every token scoring above it is dropped,
-    and of the tokens scoring exactly ``threshold`` the first ``ties[example_id]`` of each listed row
-    (cache order, then step order) are, so that exactly ``dropped`` tokens go whatever the ties."""
-
-    fraction: float
-    total: int
-    dropped: int
-    threshold: float
-    ties: dict
-
-    def keep(self, example_id: str, score: np.ndarray) -> np.ndarray:
-        """bool ``(n,)``: True where the token stays in the loss."""
-        keep = score < self.threshold if self.dropped else np.ones(len(score), dtype=bool)
-        if self.dropped:
-            at = np.flatnonzero(score == self.threshold)
-            keep[at[self.ties.get(example_id, 0) :]] = True
-        return keep
-
-
-def token_mask(rows, fraction: float) -> TokenMask:
-    """The global top-``fraction`` selection over ``rows``, an iterable of ``(example_id, scores)`` in
-    cache order: ``round(fraction * total)`` tokens with the highest scores, ties at the boundary
-    taken in cache order."""
-    if not 0.0 <= fraction < 1.0:
-        raise PactError(f"--token-mask {fraction}: the fraction of tokens to leave out must be in [0, 1)")
-    rows = [(eid, np.asarray(s, dtype=np.float32)) for eid, s in rows]
-    allv = np.concatenate([s for _, s in rows]) if rows else np.zeros(0, np.float32)
-    total = int(allv.size)
-    dropped = int(round(fraction * total))
-    if dropped == 0:
-        return TokenMask(fraction, total, 0, float("inf"), {})
-    threshold = float(np.partition(allv, total - dropped)[total - dropped])  # the dropped-th largest
-    quota = dropped - int((allv > threshold).sum())
-    ties = {}
-    for eid, s in rows:
-        if quota <= 0:
-            break
-        n = min(int((s == threshold).sum()), quota)
-        if n:
-            ties[eid] = n
-            quota -= n
-    return TokenMask(fraction, total, dropped, threshold, ties)
-
-
-def cache_token_mask(cache: Cache, fraction: float) -> TokenMask:
-    """:func:`token_mask` over a scored cache, reading its score files only."""
-    if cache.manifest.scores is None:
-        raise CacheError(
-            f"{cache.url}: has no token scores for --token-mask; add them with "
-            "`pact-cache score CACHE --degraded M1 --utility M2 -o SCORED` and train from SCORED"
-        )
-    rows = []
-    for part in cache.parts:
-        ids, scores = cache.read_part_scores(part)
-        rows.extend(zip(ids, scores))
-    return token_mask(rows, fraction)

@@ -54,9 +54,9 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "SST2_5k_p_0.1.json"
 
 
 def bench_build(a) -> dict:
-    from pact_cache.build import compute_rows
     from pact_cache.data import assistant_header_ids, tokenize_dataset
     from pact_cache.models import load_model, load_tokenizer, resolve_model
+    from pact_cache.projection import compute_rows
 
     torch.manual_seed(0)
     data = Path(a.data)

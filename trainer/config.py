@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pact_cache.errors import PactError, preview
 
-from .losses import METHODS, LossParams, PactParams, added_term_methods
-from .stream import GATE_AT, REPLAY_RATIO_MAX, REPLAY_TERMS
+from .losses import LOGITS_CHUNK, METHODS, LossParams, PactParams, added_term_methods
+from .stream import GATE_AT, REPLAY_RATIO_MAX, REPLAY_TERMS, SHUFFLE_BUFFER_ROWS
 
 
 class TrainError(PactError):
@@ -247,7 +247,7 @@ class TrainConfig:
     max_steps: int | None = opt(None, "stop after N optimizer steps", lo=1, integer=True, type=int)
     seed: int = opt(0, "seed of the data order, LoRA init and dropout", lo=0, hi=2**63 - 1, integer=True)
     shuffle: bool = opt(True, "take rows in cache order, batch by batch", negate="--no-shuffle")
-    shuffle_buffer: int = opt(1024, "rows held for shuffling (memory bound)", lo=1, integer=True)
+    shuffle_buffer: int = opt(SHUFFLE_BUFFER_ROWS, "rows held for shuffling (memory bound)", lo=1, integer=True)
     padding_free: bool = opt(
         True,
         "pad every micro-batch to its longest row; by default its rows run as one sequence "
@@ -273,7 +273,7 @@ class TrainConfig:
     grad_checkpointing: bool = opt(
         False, "recompute activations in backward to save memory", flag="--gradient-checkpointing"
     )
-    logits_chunk: int = opt(1024, "response positions per (positions, vocab) logits block", lo=1, integer=True)
+    logits_chunk: int = opt(LOGITS_CHUNK, "response positions per (positions, vocab) logits block", lo=1, integer=True)
     save_every: int = opt(100, "optimizer steps between checkpoints (and one at the end)", lo=1, integer=True)
     resume: bool = opt(False, "continue the run in OUT from its last checkpoint")
     merge: bool = opt(False, "also write OUT/merged, the base model with the adapter merged in")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from pact_cache.projection import Projection, causal_lm, response_logprobs
+from pact_cache.rows import right_pad
 
 from .losses import LossParams, Steps
 from .stream import Batch
@@ -145,9 +146,8 @@ def online_reference(ref, batch: Batch, header: list[int], ids: torch.Tensor) ->
     dev = batch.input_ids.device
     bidx, tidx = batch.step_mask.nonzero(as_tuple=True)
     steps = batch.step_mask.sum(1)
-    input_ids, attention_mask = (
-        batch.padded_inputs()
-    )  # the reference runs padded, whichever form the policy's batch has
+    # the reference runs padded, whichever form the policy's batch has
+    input_ids, attention_mask = batch.padded_inputs()
     full_sel, target = response_logprobs(
         ref, input_ids, attention_mask, bidx, batch.response_start[bidx] - 1 + tidx, ids, batch.targets[bidx, tidx]
     )
@@ -155,11 +155,7 @@ def online_reference(ref, batch: Batch, header: list[int], ids: torch.Tensor) ->
         header + input_ids[b, batch.response_start[b] : batch.response_start[b] + steps[b] - 1].tolist()
         for b in range(B)
     ]
-    post_ids = torch.zeros((B, max(map(len, post_seqs))), dtype=torch.long, device=dev)
-    post_mask = torch.zeros_like(post_ids)
-    for b, s in enumerate(post_seqs):
-        post_ids[b, : len(s)] = torch.tensor(s, device=dev)
-        post_mask[b, : len(s)] = 1
+    post_ids, post_mask = right_pad(post_seqs, device=dev)
     post_sel, _ = response_logprobs(ref, post_ids, post_mask, bidx, len(header) - 1 + tidx, ids)
     K = ids.numel()
 

@@ -168,8 +168,7 @@ def task_accuracy(model, tok, rows, out_jsonl: Path | None = None, **gen) -> dic
 def safety_token_drift(model, cache, device="cpu", batch_size: int = 8) -> dict:
     """Mean over response steps of KL(softmax_S(reference) || softmax_S(model)), both views of the
     context being the cache's full one; S is the cache's safety-token set. The reference is not loaded."""
-    from pact_cache.build import reference_logprobs
-    from pact_cache.projection import check_projection
+    from pact_cache.projection import check_projection, reference_logprobs
 
     check_projection(model, what="pact-eval --drift-cache")
     ids = torch.tensor(cache.ids)

@@ -41,7 +41,17 @@ from pact_cache.projection import check_projection
 
 from .core import lora_direction_factors, policy_losses
 from .losses import LossParams, PactParams, added_term_methods
-from .stream import REPLAY_TERMS, Batch, Replay, RowGate, check_replay_ratio, collate, epoch_rows, pad_id_for  # noqa: F401  (pad_id_for, RowGate: for users)
+from .stream import (  # noqa: F401  (pad_id_for, RowGate: for users)
+    REPLAY_TERMS,
+    SHUFFLE_BUFFER_ROWS,
+    Batch,
+    Replay,
+    RowGate,
+    check_replay_ratio,
+    collate,
+    epoch_rows,
+    pad_id_for,
+)
 
 # The collator's keys beside the model's inputs: the batch's layout, then one per cached reference column
 # (pact_cache.columns.REF_COLUMNS: pact_full, pact_post, pact_target)
@@ -65,7 +75,7 @@ class CacheDataset(IterableDataset):
         cache: Cache | str,
         shuffle: bool = False,
         seed: int = 0,
-        buffer_rows: int = 1024,
+        buffer_rows: int = SHUFFLE_BUFFER_ROWS,
         storage_options: dict | None = None,
         cache_id: str | None = None,
         shard_by_rank: bool = True,
@@ -129,7 +139,7 @@ def hf_iterable_dataset(
     cache: Cache | str,
     shuffle: bool = False,
     seed: int = 0,
-    buffer_rows: int = 1024,
+    buffer_rows: int = SHUFFLE_BUFFER_ROWS,
     storage_options: dict | None = None,
     cache_id: str | None = None,
 ):
@@ -157,7 +167,7 @@ def _rank_world() -> tuple[int, int]:
 
 class PactCollator:
     """Pads rows (``{"row": CacheRow}`` items, or CacheRows) into the model's inputs plus ``pact_*`` targets.
-    ``token_mask`` (:func:`pact_cache.score.cache_token_mask` of a scored cache) leaves TOSS's
+    ``token_mask`` (:func:`pact_cache.rows.cache_token_mask` of a scored cache) leaves TOSS's
     selected tokens out of the CE, as ``pact-train --token-mask`` does; ``row_gate``
     (:class:`pact_train.stream.RowGate`, ``RowGate.of_cache(cache, "hard", 0.9)``) weighs each row's
     term, as ``pact-train --row-gate`` does (``pact_row_gate``; ones without a gate); ``replay_term``

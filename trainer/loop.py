@@ -69,16 +69,15 @@ def check_cache_rows(cache: Cache, cfg: TrainConfig) -> None:
 
 
 def check_tokenizer(cache: Cache, tok, cfg: TrainConfig) -> None:
-    from pact_cache.models import tokenizer_fingerprint
+    from pact_cache.models import check_tokenizer as check
 
-    want = cache.manifest.tokenizer.sha256
-    got = tokenizer_fingerprint(tok)["sha256"]
-    if want != got:
-        raise TrainError(
-            f"{cfg.cache}: built with another tokenizer than {cfg.model}'s (fingerprint {str(want)[:12]} "
-            f"vs {got[:12]}); "
-            "rebuild the cache with this model's tokenizer or train the model the cache was built for"
-        )
+    check(
+        tok,
+        cache.manifest.tokenizer.sha256,
+        f"{cfg.cache} (for --model {cfg.model})",
+        "rebuild the cache with this model's tokenizer or train the model the cache was built for",
+        TrainError,
+    )
 
 
 def check_cache_fits(cache: Cache, tok, vocab_rows: int, cfg: TrainConfig) -> None:
@@ -387,7 +386,7 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
             )
     mask = None
     if cfg.token_mask:
-        from pact_cache.score import cache_token_mask
+        from pact_cache.rows import cache_token_mask
 
         mask = cache_token_mask(cache, cfg.token_mask)
         if ranks.main:

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from pact_cache.columns import COLUMN_NAMES
 
+LOGITS_CHUNK = 1024  # response positions per (positions, vocab) block of logits in the loss
+
 
 @dataclass(frozen=True)
 class PactParams:
@@ -415,7 +417,7 @@ class LossParams:
     method: Method | str = "pact"
     lam: float = 1.0  # weight of the method's term against the cross-entropy
     pact: PactParams = PactParams()
-    logits_chunk: int = 1024  # response positions per (positions, vocab) block of logits
+    logits_chunk: int = LOGITS_CHUNK  # response positions per (positions, vocab) block of logits
 
     def __post_init__(self):
         if not isinstance(self.method, Method):

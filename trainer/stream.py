@@ -19,6 +19,7 @@ import torch
 from pact_cache.columns import REF_COLUMNS
 from pact_cache.errors import PactError, preview
 from pact_cache.format import Cache, CacheRow
+from pact_cache.rows import right_pad
 
 from .packing import packed_inputs
 
@@ -94,12 +95,7 @@ class Batch:
         if not self.packed:
             return self.input_ids, self.attention_mask
         cu = self.cu_seqlens.tolist()
-        B, L = len(cu) - 1, self.max_length
-        ids = self.input_ids.new_full((B, L), pad_id)
-        mask = self.input_ids.new_zeros((B, L))
-        for i, (s, e) in enumerate(zip(cu[:-1], cu[1:])):
-            ids[i, : e - s], mask[i, : e - s] = self.input_ids[0, s:e], 1
-        return ids, mask
+        return right_pad([self.input_ids[0, s:e] for s, e in zip(cu[:-1], cu[1:])], pad_id)
 
 
 def pad_id_for(tok) -> int:
@@ -124,24 +120,19 @@ def collate(
     (:class:`Batch`; the model must run packed attention: :func:`pact_train.packing.enable`).
     ``pad_to_multiple`` rounds the padded length up (8 on CUDA: fewer distinct shapes for the GPU
     libraries to plan for, and tensor-core-friendly sizes).
-    ``token_mask`` (a :class:`pact_cache.score.TokenMask`) sets ``loss_mask`` from the rows' scores;
+    ``token_mask`` (a :class:`pact_cache.rows.TokenMask`) sets ``loss_mask`` from the rows' scores;
     ``row_gate`` (a :class:`RowGate`) sets ``row_gate`` from the rows' cached values. Rows of a
     replay cache (:class:`ReplayRow`) get the terms ``replay_term`` names (:data:`REPLAY_TERMS`)
     and no gate; with none among the rows, nothing changes."""
     B, K = len(rows), rows[0].ref["full"].shape[1]
-    L, T = max(len(r.input_ids) for r in rows), max(r.steps for r in rows)
-    L = -(-L // pad_to_multiple) * pad_to_multiple
+    T = max(r.steps for r in rows)
     packed = {}
     if padding_free:  # (1, N): the rows one after another; position ids restart per row
         p = packed_inputs([r.input_ids for r in rows])
         input_ids, attention = p["input_ids"], None
         packed = dict(position_ids=p["position_ids"], cu_seqlens=p["cu_seq_lens_q"], max_length=p["max_length_q"])
     else:
-        input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-        attention = torch.zeros((B, L), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r.input_ids)] = torch.from_numpy(r.input_ids)
-            attention[i, : len(r.input_ids)] = 1
+        input_ids, attention = right_pad([r.input_ids for r in rows], pad_id, pad_to_multiple)
     targets = torch.zeros((B, T), dtype=torch.long)
     ref = {c.name: torch.zeros((B, *c.shape(T, K))) for c in REF_COLUMNS}  # (B, T, K) or (B, T)
     steps = torch.tensor([r.steps for r in rows])
@@ -191,6 +182,7 @@ class ReplayRow(CacheRow):
         return cls(**{f.name: getattr(row, f.name) for f in fields(CacheRow)})
 
 
+SHUFFLE_BUFFER_ROWS = 1024  # rows held by the seeded shuffle buffer: the data's memory bound
 GATE_AT = 0.9  # the hard row gate's threshold on the step-0 refusal mass, when none is given
 REPLAY_RATIO_MAX = 0.5  # at most half the mixed stream: at most one replay row after each fine-tuning row
 
@@ -227,11 +219,17 @@ class Replay:
     cache: Cache
     ratio: float  # in [0, REPLAY_RATIO_MAX]: the share of the mixed stream's rows that come from the replay cache
     seed: int
-    buffer_rows: int = 1024
+    buffer_rows: int = SHUFFLE_BUFFER_ROWS
 
     @classmethod
     def of(
-        cls, main: Cache, cache: Cache, ratio: float, seed: int, buffer_rows: int = 1024, where: str = "--replay"
+        cls,
+        main: Cache,
+        cache: Cache,
+        ratio: float,
+        seed: int,
+        buffer_rows: int = SHUFFLE_BUFFER_ROWS,
+        where: str = "--replay",
     ) -> "Replay":
         """The replay of ``cache`` beside the fine-tuning cache ``main``: refused (:class:`PactError`,
         one line) unless both hold the same reference's values for the same safety tokens and
@@ -302,7 +300,7 @@ class RowGate:
 
     The signal is the reference's **step-0 refusal mass** m: its probability mass on the safety
     tokens with a positive weight (``keep``) before the first response token
-    (:func:`pact_cache.combine.step0_refusal_mass`; high when the prompt looks harmful to it,
+    (:func:`pact_cache.rows.step0_refusal_mass`; high when the prompt looks harmful to it,
     ranked by ``pact-cache stats``). ``hard``: g = 1 if m >= ``at`` else 0; ``soft``: g = m.
     The method's term of each of the row's steps is multiplied by g; the cross-entropy is not."""
 
@@ -332,7 +330,7 @@ class RowGate:
         return cls(kind, float(at), tuple(w > 0 for w in cache.tokens.weights))
 
     def mass(self, row: CacheRow) -> float:
-        from pact_cache.combine import step0_refusal_mass
+        from pact_cache.rows import step0_refusal_mass
 
         return step0_refusal_mass(row, np.array(self.keep))
 
@@ -342,7 +340,7 @@ class RowGate:
 
 
 def epoch_rows(
-    cache: Cache, epoch: int, seed: int, shuffle: bool, buffer_rows: int = 1024, stream: int = 0
+    cache: Cache, epoch: int, seed: int, shuffle: bool, buffer_rows: int = SHUFFLE_BUFFER_ROWS, stream: int = 0
 ) -> Iterator[CacheRow]:
     """Rows of one epoch in a deterministic order; at most ``buffer_rows`` rows held at once.
     ``stream`` > 0 draws an order independent of the fine-tuning cache's (the replay cache's)."""
@@ -393,7 +391,7 @@ def batches(
     shuffle: bool,
     start_epoch: int = 0,
     skip_rows: int = 0,
-    buffer_rows: int = 1024,
+    buffer_rows: int = SHUFFLE_BUFFER_ROWS,
     epochs: int | None = None,
     replay: Replay | None = None,
     group_by_length: int = 0,

@@ -10,9 +10,9 @@ import torch
 from conftest import CHAT_ROWS, write_jsonl
 from pact_train.cli import main_eval
 
-from pact_cache.build import reference_logprobs
 from pact_cache.cli import main
 from pact_cache.models import load_model, placement, resolve_model
+from pact_cache.projection import reference_logprobs
 
 
 @pytest.fixture(scope="module")

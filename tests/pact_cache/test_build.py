@@ -17,7 +17,7 @@ import torch
 from conftest import CHAT_ROWS, ROOT, naive_reference, tokens_file, write_jsonl
 from hostile import cli, one_line, only_line, run_cli, run_with_deadline
 
-import pact_cache.build as build_mod
+import pact_cache.projection as projection_mod
 from pact_cache.build import BuildConfig, build
 from pact_cache.cli import main as cache_main
 from pact_cache.columns import q8_bound
@@ -80,7 +80,7 @@ def wider_model(tmp_path_factory):
 def test_f32_build_equals_naive_recompute_and_q8_within_bound(tiny_model, chat_dataset, tmp_path, monkeypatch):
     ids = [3, 17, 42, 99, 150, 201, 333]
     tokens = tokens_file(tmp_path, ids)
-    monkeypatch.setattr(build_mod, "LOGITS_CHUNK_BYTES", 4 * 400 * 5)  # force many chunks of 5 positions
+    monkeypatch.setattr(projection_mod, "LOGITS_CHUNK_BYTES", 4 * 400 * 5)  # force many chunks of 5 positions
     exact = build(
         BuildConfig(
             str(chat_dataset),
@@ -275,14 +275,14 @@ def test_no_batch_by_seq_by_vocab_float_tensor_is_ever_made(tiny_model, chat_dat
     """Record every tensor the build's computation produces; none may reach B*L*V elements."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from pact_cache.build import compute_rows
+    from pact_cache.projection import compute_rows
 
     resolved = resolve_model(tiny_model)
     tok = load_tokenizer(resolved)
     model, _, _ = load_model(resolved, "fp32", "cpu")
     examples, _ = tokenize_dataset(chat_dataset, tok, None, progress=False)
     V = model.get_output_embeddings().weight.shape[0]
-    monkeypatch.setattr(build_mod, "LOGITS_CHUNK_BYTES", 4 * V * 16)  # at most 16 positions of logits at once
+    monkeypatch.setattr(projection_mod, "LOGITS_CHUNK_BYTES", 4 * V * 16)  # at most 16 positions of logits at once
 
     class Largest(TorchDispatchMode):
         biggest = 0

@@ -5,8 +5,9 @@ from conftest import masses_cache
 from hostile import cli, one_line, snapshot
 
 from pact_cache.cli import main as cache_main
-from pact_cache.combine import filter_cache, step0_refusal_mass
+from pact_cache.combine import filter_cache
 from pact_cache.format import open_cache
+from pact_cache.rows import step0_refusal_mass
 
 
 def test_filter_keeps_the_rows_at_or_below_the_mass_with_a_new_id(tmp_path, capsys):

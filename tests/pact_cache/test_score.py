@@ -9,7 +9,7 @@ import torch
 from pact_cache.cli import main as cache_main
 from pact_cache.errors import CacheError, PactError
 from pact_cache.format import MANIFEST, open_cache
-from pact_cache.score import token_mask
+from pact_cache.rows import token_mask
 
 
 def test_global_selection_by_hand():

@@ -9,7 +9,7 @@ from pact_train.stream import collate
 
 from pact_cache.format import open_cache
 from pact_cache.projection import Projection
-from pact_cache.score import cache_token_mask
+from pact_cache.rows import cache_token_mask
 
 
 def naive_target_logprobs(logits, targets):

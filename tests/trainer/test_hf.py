@@ -14,7 +14,7 @@ from pact_train.stream import collate
 from pact_cache.direction import read_direction
 from pact_cache.format import open_cache
 from pact_cache.models import resolve_model
-from pact_cache.score import cache_token_mask
+from pact_cache.rows import cache_token_mask
 
 
 @pytest.fixture(scope="module")

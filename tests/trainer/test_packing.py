@@ -111,7 +111,7 @@ def test_packed_batch_keeps_tosss_mask_row_gates_and_replay_weights(tiny_model, 
     the padded values, term and gradients, packed."""
     from pact_train.stream import ReplayRow, RowGate
 
-    from pact_cache.score import cache_token_mask
+    from pact_cache.rows import cache_token_mask
 
     cache = open_cache(scored[1])
     rows = list(cache.iter_rows())[:7]

@@ -171,10 +171,28 @@ def test_padding_bench(tiny_model, tmp_path):
     assert all(x["epoch_s"] > 0 and x["peak_above_base"] > 0 for x in v.values()) and "padding-free" in out
 
 
-def test_the_import_graph_has_no_cycle():
+def test_the_import_graph_has_no_cycle_and_keeps_the_layers():
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "import_graph.py")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:]
-    assert proc.stdout.strip().splitlines()[-1].endswith(" 0 cycle(s)")
+    assert " 0 cycle(s), 0 layering violation(s)" in proc.stdout.strip().splitlines()[-1]
+
+
+def test_the_layering_rule_catches_a_command_importing_a_command():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("import_graph", ROOT / "tools" / "import_graph.py")
+    ig = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ig)
+    graph = {
+        "pact_cache.score": ["pact_cache.build", "pact_cache.rows"],
+        "pact_train.stream": ["pact_cache.combine"],
+        "pact_cache.replay": ["pact_cache.build"],
+        "pact_cache.cli": ["pact_cache.build"],
+    }
+    assert ig.violations(graph) == [
+        "pact_cache.score imports the command module pact_cache.build",
+        "pact_train.stream imports the command module pact_cache.combine",
+    ]
 
 
 def test_a_study_row_a_later_grid_passed_over_is_no_longer_called_chosen():

@@ -19,7 +19,14 @@ from pact_cache.rows import right_pad
 from .losses import LossParams, Steps
 from .stream import Batch
 
-__all__ = ["causal_lm", "chunked_projection", "policy_losses", "online_reference", "lora_direction_factors"]
+__all__ = [
+    "causal_lm",
+    "chunked_projection",
+    "policy_losses",
+    "window_loss",
+    "online_reference",
+    "lora_direction_factors",
+]
 
 
 def _chunk_projection(proj: Projection, h, targets, ids):
@@ -135,6 +142,14 @@ def _losses_from_hidden(proj: Projection, hidden, batch: Batch, ids, weights, pa
         batch.reference(method.columns) if ref is None else {c: ref[c] for c in method.columns},
     )
     return ce_sum, method.term(s, params)
+
+
+def window_loss(params: LossParams, ce_sum: torch.Tensor, term_sum: torch.Tensor, weight: float) -> torch.Tensor:
+    """A micro-batch's loss as both training paths backpropagate it: the method's total over the micro-batch's
+    steps (``CE + lambda * term``, or its own loss: :meth:`pact_train.losses.Method.total`) times ``weight``, the
+    micro-batch's share of its window (pact-train: its rank's share over the window's response tokens; the
+    Trainer: one over the batch's items)."""
+    return params.method.total(ce_sum, term_sum, params.lam) * weight
 
 
 @torch.no_grad()

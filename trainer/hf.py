@@ -39,7 +39,7 @@ from pact_cache.errors import PactError, preview
 from pact_cache.format import Cache, CacheRow, open_cache
 from pact_cache.projection import check_projection
 
-from .core import lora_direction_factors, policy_losses
+from .core import lora_direction_factors, policy_losses, window_loss
 from .losses import LossParams, PactParams, added_term_methods
 from .stream import (  # noqa: F401  (pad_id_for, RowGate: for users)
     REPLAY_TERMS,
@@ -358,18 +358,17 @@ class PactTrainerMixin:
         ce_sum, term_sum, n = policy_losses(
             model, batch, self.pact_ids.to(device), self.pact_weights.to(device), self.pact_params
         )
-        total = self.pact_params.method.total(ce_sum, term_sum, self.pact_params.lam)
         if model.training:
             self._pact_sums = self._pact_sums.to(device) + torch.stack(
                 [ce_sum.detach(), term_sum.detach(), n.detach().float()]
             )
         if num_items_in_batch is not None:
-            loss = total / num_items_in_batch
+            loss = window_loss(self.pact_params, ce_sum, term_sum, 1.0 / num_items_in_batch)
             if getattr(self.args, "average_tokens_across_devices", False) and self.args.world_size > 1:
                 loss = loss * self.args.world_size  # DDP averages gradients over processes; the count is global
             self.loss_is_scaled_for_ga = True
         else:
-            loss = total / n.clamp_min(1)
+            loss = window_loss(self.pact_params, ce_sum, term_sum, 1.0 / n.clamp_min(1))
             self.loss_is_scaled_for_ga = False
         if self._pact_factors is not None and model.training:
             # a penalty on the weights, once per optimizer step: 1/GA of it with each micro-batch when the

@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,9 @@ from pact_cache.typedjson import load_json
 from . import packing
 from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import CONFIG_MAX_BYTES, TrainConfig, TrainError, check_config, config_record
-from .core import causal_lm, lora_direction_factors, online_reference, policy_losses
+from .core import causal_lm, lora_direction_factors, online_reference, policy_losses, window_loss
 from .distributed import Ranks, setup, teardown
+from .losses import LossParams
 from .stream import Replay, RowGate, batches, collate, pad_id_for
 
 
@@ -348,21 +350,105 @@ def drop_unstarted(out: Path) -> None:
 
 
 def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
-    from pact_cache.data import assistant_header_ids
+    """The run, stage by stage: every rank checks; rank 0 alone writes."""
+    data = open_data(cfg, ranks, device)
+    policy = open_policy(cfg, data.cache, ranks, device)
+    start = start_or_resume(cfg, data, policy, ranks)
+    t_run = time.time()
+    end = window_loop(cfg, data, policy, start, ranks, device)
+    return {**finish(cfg, data, policy, start.optimizer, end, ranks), "seconds": time.time() - t_run}
 
-    # --- setup (every rank checks; rank 0 alone writes)
+
+# ----------------------------------------------------------------------------- stage 1: the data
+
+
+@dataclass
+class Data:
+    """What the run reads, checked: the cache, the replay stream, the token mask and row gate that ride on
+    its rows, OUT and whether the run in it is new or resumed."""
+
+    cache: Cache
+    out: Path
+    kind: str  # "new" or "resume"
+    replay: Replay | None = None
+    mask: object = None  # pact_cache.rows.TokenMask (--token-mask)
+    gate: RowGate | None = None
+
+    @property
+    def replay_id(self) -> str | None:
+        return self.replay.cache.cache_id if self.replay else None
+
+
+def open_data(cfg: TrainConfig, ranks: Ranks, device: str) -> Data:
+    """The cache (every part checked, footers included), what --report-to needs, the replay stream, OUT (new
+    or this run), then the token mask and the row gate: all before any model of the run is loaded."""
     cache = open_cache(cfg.cache, cache_id=cfg.cache_pin, storage_options=cfg.storage_options)
     out = Path(cfg.out).expanduser()
     check_cache_rows(cache, cfg)
     if cfg.report_to == "tensorboard":
         tensorboard_writer()  # the package is there, before anything is loaded or written
     replay, where = open_replay(cfg, cache, out, ranks, device)
-    replay_id = replay.cache.cache_id if replay else None
-    state_kind = check_out(out, cfg, cache.cache_id, ranks.world, replay_id)
+    kind = check_out(out, cfg, cache.cache_id, ranks.world, replay.cache.cache_id if replay else None)
     ranks.barrier()  # no rank checks OUT after rank 0 has written to it
     if ranks.main:
         clean_leftovers(out)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    data = Data(cache, out, kind, replay)
+    if replay is not None:
+        for part in replay.cache.parts:  # checked now, not when its rows fall due
+            replay.cache.check_part(part)
+        if ranks.main:
+            _log(
+                f"--replay: {replay.cache.num_rows:,} rows of {where} cycled into the stream, a share of "
+                f"{replay.ratio:g} of the rows ({replay.count(cache.num_rows * cfg.epochs):,} over the run), "
+                f"trained with {cfg.replay_term}"
+            )
+    if cfg.token_mask:
+        from pact_cache.rows import cache_token_mask
+
+        data.mask = cache_token_mask(cache, cfg.token_mask)
+        if ranks.main:
+            _log(
+                f"--token-mask {cfg.token_mask:g}: {data.mask.dropped:,} of {data.mask.total:,} response tokens, "
+                f"those scoring >= {data.mask.threshold:.3f}, leave the loss"
+            )
+    if cfg.row_gate != "none":
+        data.gate = RowGate.of_cache(cache, cfg.row_gate, cfg.gate_at)
+        if ranks.main:  # `pact-cache stats` shows the masses; no extra pass over the cache here
+            _log(
+                f"--row-gate {cfg.row_gate}: each row's {cfg.method} term times "
+                + (f"[step-0 refusal mass >= {cfg.gate_at:g}]" if cfg.row_gate == "hard" else "its step-0 refusal mass")
+            )
+    return data
+
+
+# ----------------------------------------------------------------------------- stage 2: the policy
+
+
+@dataclass
+class Policy:
+    """The model being trained and what its loss reads beside the batch: the safety tokens and their weights
+    on the device, the method, a live reference (``--reference online``) and the LoRA factors of a parameter
+    penalty (AsFT)."""
+
+    model: torch.nn.Module
+    tok: object
+    params: list  # the trained parameters
+    loss: LossParams
+    ids: torch.Tensor  # (K,) the safety tokens
+    weights: torch.Tensor  # (K,) float32
+    padding_free: bool
+    ref: torch.nn.Module | None = None
+    header: list | None = None  # the assistant header's ids, for the live reference's post view
+    factors: list | None = None
+
+
+def open_policy(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> Policy:
+    """The policy (the same initial weights on every rank), proven to project as its own forward does, with
+    padding-free batches where the model keeps packed rows apart; the cache checked against its tokenizer
+    and vocabulary; the live reference and the penalty's factors when the method needs them."""
+    from pact_cache.data import assistant_header_ids
+
+    torch.manual_seed(cfg.seed)
     model, tok, _ = load_policy(cfg, device)
     check_projection(model, device, f"--model {cfg.model}")  # the loss uses the model's own logits, or nothing runs
     padding_free = cfg.padding_free
@@ -372,130 +458,147 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
             padding_free = False
             if ranks.main:
                 _log(f"padding-free batches off: {why}; every micro-batch is padded to its longest row")
-    head_rows = causal_lm(model).get_output_embeddings().weight.shape[0]
-    check_cache_fits(cache, tok, head_rows, cfg)
-    if replay is not None:
-        for part in replay.cache.parts:  # checked now, not when its rows fall due
-            replay.cache.check_part(part)
-        if ranks.main:
-            _log(
-                f"--replay: {replay.cache.num_rows:,} rows of {where} cycled into the stream, a share of "
-                f"{replay.ratio:g} "
-                f"of the rows ({replay.count(cache.num_rows * cfg.epochs):,} over the run), trained with "
-                f"{cfg.replay_term}"
-            )
-    mask = None
-    if cfg.token_mask:
-        from pact_cache.rows import cache_token_mask
-
-        mask = cache_token_mask(cache, cfg.token_mask)
-        if ranks.main:
-            _log(
-                f"--token-mask {cfg.token_mask:g}: {mask.dropped:,} of {mask.total:,} response tokens, those scoring "
-                f">= {mask.threshold:.3f}, leave the loss"
-            )
-    gate = None
-    if cfg.row_gate != "none":
-        gate = RowGate.of_cache(cache, cfg.row_gate, cfg.gate_at)
-        if ranks.main:  # `pact-cache stats` shows the masses; no extra pass over the cache here
-            _log(
-                f"--row-gate {cfg.row_gate}: each row's {cfg.method} term times "
-                + (f"[step-0 refusal mass >= {cfg.gate_at:g}]" if cfg.row_gate == "hard" else "its step-0 refusal mass")
-            )
-    ids = torch.tensor(cache.ids, device=device)
-    weights = torch.tensor(cache.tokens.weights, dtype=torch.float32, device=device)
-    ref = header = None
-    loss_params = cfg.loss_params()
-    method = loss_params.method
-    if cfg.reference == "online" and method.columns:
+    check_cache_fits(cache, tok, causal_lm(model).get_output_embeddings().weight.shape[0], cfg)
+    loss = cfg.loss_params()
+    policy = Policy(
+        model,
+        tok,
+        [p for p in model.parameters() if p.requires_grad],
+        loss,
+        torch.tensor(cache.ids, device=device),
+        torch.tensor(cache.tokens.weights, dtype=torch.float32, device=device),
+        padding_free,
+    )
+    if cfg.reference == "online" and loss.method.columns:
         from pact_cache.models import load_model, resolve_model
 
-        ref, _, _ = load_model(
-            resolve_model(cfg.ref_model or cfg.model),
-            torch.bfloat16 if device.startswith("cuda") else torch.float32,
-            device,
-        )
-        ref.requires_grad_(False)
-        check_projection(ref, device, f"--ref-model {cfg.ref_model or cfg.model}")
-        header = assistant_header_ids(tok)
-    factors = None
-    if method.penalty is not None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        policy.ref, _, _ = load_model(resolve_model(cfg.ref_model or cfg.model), dtype, device)
+        policy.ref.requires_grad_(False)
+        check_projection(policy.ref, device, f"--ref-model {cfg.ref_model or cfg.model}")
+        policy.header = assistant_header_ids(tok)
+    if loss.method.penalty is not None:
         from pact_cache.direction import read_direction
 
-        factors = lora_direction_factors(model, read_direction(cfg.direction))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    global_batch = cfg.batch_size * ranks.world  # rows per micro-batch over all ranks
+        policy.factors = lora_direction_factors(model, read_direction(cfg.direction))
+    return policy
+
+
+# ----------------------------------------------------------------------------- stage 3: start or resume
+
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, the epoch, rows of the mixed stream taken in it, tokens seen."""
+
+    step: int = 0
+    epoch: int = 0
+    taken: int = 0
+    tokens_total: int = 0
+
+    def state(self, cache_id: str) -> dict:
+        """The checkpoint's data position."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "rows_taken": self.taken,
+            "tokens_total": self.tokens_total,
+            "cache_id": cache_id,
+            "stream": STREAM_VERSION,
+        }
+
+
+@dataclass
+class Start:
+    optimizer: torch.optim.Optimizer
+    at: Position
+    total: int  # optimizer steps of the whole run
+    steps_per_epoch: int
+
+
+def start_or_resume(cfg: TrainConfig, data: Data, policy: Policy, ranks: Ranks) -> Start:
+    """The optimizer and the schedule's length; a new run writes config.json and an empty metrics.jsonl, a
+    resumed one loads its checkpoint (weights, optimizer, data position) and drops the metrics after it."""
+    cache, out, replay = data.cache, data.out, data.replay
+    optimizer = torch.optim.AdamW(policy.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # rows per epoch: the fine-tuning cache's, and the replay rows that take slots among them
     rows_per_epoch = cache.num_rows + (max(replay.extra(e, cache.num_rows) for e in range(cfg.epochs)) if replay else 0)
-    steps_per_epoch = math.ceil(rows_per_epoch / (global_batch * cfg.grad_accum))
+    steps_per_epoch = math.ceil(rows_per_epoch / (cfg.batch_size * ranks.world * cfg.grad_accum))
     total = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
-    pad_id = pad_id_for(tok)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.startswith("cuda")
-        else torch.autocast("cpu", enabled=False)
-    )
-    pad_multiple = 8 if device.startswith("cuda") else 1
-
+    at = Position()
     metrics_path = out / "metrics.jsonl"
-    step, epoch, taken, tokens_total = 0, 0, 0, 0
-    if state_kind == "resume":
-        st = load_checkpoint(out / "checkpoint", model, optimizer, is_peft=not cfg.full)
+    if data.kind == "resume":
+        st = load_checkpoint(out / "checkpoint", policy.model, optimizer, is_peft=not cfg.full)
         if st.get("cache_id") != cache.cache_id:
             raise TrainError(
-                f"{out}/checkpoint: was written while training on cache {str(st.get('cache_id'))[:12]}, "
-                f"not "
+                f"{out}/checkpoint: was written while training on cache {str(st.get('cache_id'))[:12]}, not "
                 f"{cache.cache_id[:12]}; resume with the cache the run started from"
             )
-        step, epoch, taken, tokens_total = st["step"], st["epoch"], st["rows_taken"], st["tokens_total"]
+        at = Position(st["step"], st["epoch"], st["rows_taken"], st["tokens_total"])
         if replay is not None and st.get("stream", 1) < 2:  # written when the replay rows came on top of each batch
-            taken += replay.count(epoch * cache.num_rows + taken) - replay.count(epoch * cache.num_rows)
+            at.taken += replay.count(at.epoch * cache.num_rows + at.taken) - replay.count(at.epoch * cache.num_rows)
         if ranks.main:  # metrics after the checkpoint belong to the lost part of the run: drop them
             lines = metrics_path.read_text(errors="replace").splitlines() if metrics_path.exists() else []
-            atomic_write_bytes(metrics_path, "".join(line + "\n" for line in lines[:step]).encode())
-            _log(f"resuming {out} at step {step} (epoch {epoch}, {taken} rows into it)")
+            atomic_write_bytes(metrics_path, "".join(line + "\n" for line in lines[: at.step]).encode())
+            _log(f"resuming {out} at step {at.step} (epoch {at.epoch}, {at.taken} rows into it)")
     elif ranks.main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", config_record(cfg, cache.cache_id, ranks.world, replay_id))
+        atomic_write_json(out / "config.json", config_record(cfg, cache.cache_id, ranks.world, data.replay_id))
         metrics_path.write_text("")
-    board = open_board(out, step) if cfg.report_to == "tensorboard" and ranks.main else None
-    ddp_model = ranks.wrap(model, device)  # rank 0's weights are broadcast to all
+    return Start(optimizer, at, total, steps_per_epoch)
+
+
+# ----------------------------------------------------------------------------- stage 4: the window loop
+
+
+def window_loop(cfg: TrainConfig, data: Data, policy: Policy, start: Start, ranks: Ranks, device: str) -> Position:
+    """One iteration = one optimizer step over ``--grad-accum`` micro-batches (a window), token-weighted over
+    the window's response tokens on all ranks; a metrics line per step, a checkpoint every ``--save-every``.
+    Returns where the run stopped."""
+    from tqdm.auto import tqdm
+
+    out, at, optimizer, method = data.out, start.at, start.optimizer, policy.loss.method
+    global_batch = cfg.batch_size * ranks.world  # rows per micro-batch over all ranks
+    board = open_board(out, at.step) if cfg.report_to == "tensorboard" and ranks.main else None
+    ddp_model = ranks.wrap(policy.model, device)  # rank 0's weights are broadcast to all
     if ranks.world > 1 and ranks.main:
         _log(
             f"data-parallel on {ranks.world} processes ({device.split(':')[0]}): {cfg.batch_size} rows per process, "
             f"{global_batch * cfg.grad_accum} per optimizer step"
         )
     # every rank reads the same order; each takes its share of every global micro-batch
-    data = batches(
-        cache,
+    stream = batches(
+        data.cache,
         global_batch,
         cfg.seed,
         cfg.shuffle,
-        start_epoch=epoch,
-        skip_rows=taken,
+        start_epoch=at.epoch,
+        skip_rows=at.taken,
         buffer_rows=cfg.shuffle_buffer,
         epochs=cfg.epochs,
-        replay=replay,
+        replay=data.replay,
         group_by_length=cfg.group_by_length,
     )
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=step, unit="step", disable=not (cfg.progress and ranks.main), dynamic_ncols=True)
-    last_saved = step if state_kind == "resume" else None
-    model.train()
-    t_run = time.time()
+    pad_id, pad_multiple = pad_id_for(policy.tok), 8 if device.startswith("cuda") else 1
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda")
+        else torch.autocast("cpu", enabled=False)
+    )
+    bar = tqdm(
+        total=start.total, initial=at.step, unit="step", disable=not (cfg.progress and ranks.main), dynamic_ncols=True
+    )
+    last_saved = at.step if data.kind == "resume" else None
+    policy.model.train()
     done = False
-    # --- the loop: one iteration = one optimizer step over grad_accum micro-batches
-    while step < total and not done:
+    while at.step < start.total and not done:
         t0 = time.time()
         if ranks.world > 1:  # dropout masks: each rank its own, the same again after a resume
-            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, ranks.rank]).generate_state(1)[0]))
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, at.step, ranks.rank]).generate_state(1)[0]))
         micro = []  # (epoch, rows taken in it, rows): a window may run on into the next epoch
         for _ in range(cfg.grad_accum):
             try:
-                micro.append(next(data))
+                micro.append(next(stream))
             except StopIteration:
                 done = True
                 break
@@ -503,22 +606,22 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
             break
         # token-weighted accumulation: response tokens of the whole window, on all ranks
         n_window = sum(sum(r.steps for r in rows) for _, _, rows in micro)
-        lr = lr_at(step, total, steps_per_epoch, cfg)
+        lr = lr_at(at.step, start.total, start.steps_per_epoch, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
         ce_tot = term_tot = pen = 0.0
         for i, (_, _, global_rows) in enumerate(micro):
             rows, scale = ranks.take(global_rows)
-            batch = collate(rows, pad_id, pad_multiple, mask, gate, cfg.replay_term, padding_free).to(device)
-            live = online_reference(ref, batch, header, ids) if ref is not None else None
+            batch = collate(rows, pad_id, pad_multiple, data.mask, data.gate, cfg.replay_term, policy.padding_free)
+            batch = batch.to(device)
+            live = online_reference(policy.ref, batch, policy.header, policy.ids) if policy.ref is not None else None
             with ranks.no_sync(ddp_model, sync=i == len(micro) - 1):  # one gradient all-reduce per window
                 with autocast:
-                    ce_sum, term_sum, _ = policy_losses(ddp_model, batch, ids, weights, loss_params, live)
-                loss = method.total(ce_sum, term_sum, cfg.lam) * (
-                    scale * ranks.world / n_window
-                )  # DDP averages over ranks
-                if factors is not None and i == len(micro) - 1:  # a penalty on the weights: once per optimizer step
-                    penalty = method.penalty(factors)
+                    ce_sum, term_sum, _ = policy_losses(ddp_model, batch, policy.ids, policy.weights, policy.loss, live)
+                # DDP averages over ranks: each rank's share of the window's tokens, times the rank count
+                loss = window_loss(policy.loss, ce_sum, term_sum, scale * ranks.world / n_window)
+                if policy.factors is not None and i == len(micro) - 1:  # a penalty on the weights: once per step
+                    penalty = method.penalty(policy.factors)
                     loss = loss + cfg.lam * penalty  # the same on every rank: DDP's average keeps it
                     pen = penalty.item()
                 loss.backward()
@@ -527,99 +630,78 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         ce_tot, term_tot = ranks.sum([ce_tot, term_tot], device)
         if not (math.isfinite(ce_tot) and math.isfinite(term_tot) and math.isfinite(pen)):
             bar.close()
+            term = f"sum {term_tot}" if policy.factors is None else pen
             raise NonFiniteError(
-                step + 1,
-                f"the loss is not finite (cross-entropy sum {ce_tot}, "
-                f"{method.metric or 'term'} "
-                f"{'sum ' + str(term_tot) if factors is None else pen})",
+                at.step + 1,
+                f"the loss is not finite (cross-entropy sum {ce_tot}, {method.metric or 'term'} {term})",
                 out,
                 last_saved,
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, cfg.max_grad_norm).item()
         if not math.isfinite(grad_norm):
             bar.close()
-            raise NonFiniteError(step + 1, f"the gradient norm is {grad_norm}", out, last_saved)
+            raise NonFiniteError(at.step + 1, f"the gradient norm is {grad_norm}", out, last_saved)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        epoch, taken = micro[-1][0], micro[-1][1]
-        tokens_total += n_window
+        at.step, at.epoch, at.taken = at.step + 1, micro[-1][0], micro[-1][1]
+        at.tokens_total += n_window
         dt = time.time() - t0
         rec = {
-            "step": step,
-            "epoch": epoch,
+            "step": at.step,
+            "epoch": at.epoch,
             "loss": float(method.total(ce_tot, term_tot, cfg.lam)) / n_window + cfg.lam * pen,
             "ce": ce_tot / n_window,
         }
         if method.metric:  # the method's term, under its own name (a penalty: its value at this step)
-            rec[method.metric] = term_tot / n_window if factors is None else pen
+            rec[method.metric] = term_tot / n_window if policy.factors is None else pen
         rec.update(
-            {"lr": lr, "tokens": n_window, "tokens_total": tokens_total, "grad_norm": grad_norm, "step_time_s": dt}
+            {"lr": lr, "tokens": n_window, "tokens_total": at.tokens_total, "grad_norm": grad_norm, "step_time_s": dt}
         )
         if ranks.main:
-            with open(metrics_path, "a") as f:
+            with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if board is not None:
                 for key, value in rec.items():
                     if key != "step":
-                        board.add_scalar(f"train/{key}", value, step)
-        bar.set_postfix(
-            loss=f"{rec['loss']:.3f}",
-            **({method.metric: f"{rec[method.metric]:.4f}"} if method.metric else {}),
-            tok_s=f"{n_window / dt:.0f}",
-        )
+                        board.add_scalar(f"train/{key}", value, at.step)
+        shown = {method.metric: f"{rec[method.metric]:.4f}"} if method.metric else {}
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", **shown, tok_s=f"{n_window / dt:.0f}")
         bar.update(1)
-        if step % cfg.save_every == 0 and step < total and ranks.main:
-            save_checkpoint(
-                out / "checkpoint",
-                model,
-                optimizer,
-                {
-                    "step": step,
-                    "epoch": epoch,
-                    "rows_taken": taken,
-                    "tokens_total": tokens_total,
-                    "cache_id": cache.cache_id,
-                    "stream": STREAM_VERSION,
-                },
-            )
-            last_saved = step
+        if at.step % cfg.save_every == 0 and at.step < start.total and ranks.main:
+            save_checkpoint(out / "checkpoint", policy.model, optimizer, at.state(data.cache.cache_id))
+            last_saved = at.step
     bar.close()
     if board is not None:
         board.close()
-    if step == 0:
+    if at.step == 0:
         raise TrainError(f"{cfg.cache}: no batch could be made")
+    return at
+
+
+# ----------------------------------------------------------------------------- stage 5: finish
+
+
+def finish(cfg: TrainConfig, data: Data, policy: Policy, optimizer, at: Position, ranks: Ranks) -> dict:
+    """Rank 0 writes the last checkpoint, the adapter (or the model), ``--merge``'s merged model and the plot."""
+    out = data.out
     final = out / ("model" if cfg.full else "adapter")
+    summary = {"out": str(out), "steps": at.step, "final": str(final)}
     if not ranks.main:
         ranks.barrier()  # rank 0 writes the outputs
-        return {"out": str(out), "steps": step, "seconds": time.time() - t_run, "final": str(final), "main": False}
-    save_checkpoint(
-        out / "checkpoint",
-        model,
-        optimizer,
-        {
-            "step": step,
-            "epoch": epoch,
-            "rows_taken": taken,
-            "tokens_total": tokens_total,
-            "cache_id": cache.cache_id,
-            "stream": STREAM_VERSION,
-        },
-    )
-
-    # --- final outputs
+        return {**summary, "main": False}
+    save_checkpoint(out / "checkpoint", policy.model, optimizer, at.state(data.cache.cache_id))
     with staged_dir(final, replace=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        policy.model.save_pretrained(tmp, safe_serialization=True)
+        policy.tok.save_pretrained(tmp)
     if cfg.merge and not cfg.full:
-        merged = model.merge_and_unload()
+        merged = policy.model.merge_and_unload()
         with staged_dir(out / "merged", replace=True) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
+            policy.tok.save_pretrained(tmp)
     if cfg.plot:
-        plot_metrics(metrics_path, out / "loss.png", method.metric)
+        plot_metrics(out / "metrics.jsonl", out / "loss.png", policy.loss.method.metric)
     ranks.barrier()
-    return {"out": str(out), "steps": step, "seconds": time.time() - t_run, "final": str(final)}
+    return summary
 
 
 def tensorboard_writer():

@@ -24,9 +24,16 @@ import json, sys
 from pathlib import Path
 root, out, embedded = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "1"
 sys.path[:0] = [root, root + "/tests"]
+import importlib.util
+# pact_train is the checkout's trainer/ folder (installed under that name), not the installed project's
+spec = importlib.util.spec_from_file_location("pact_train", root + "/trainer/__init__.py",
+                                              submodule_search_locations=[root + "/trainer"])
+sys.modules["pact_train"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sys.modules["pact_train"])
 from conftest import CHAT_ROWS, make_tiny_model, write_jsonl
-import pact_cache
+import pact_cache, pact_train.loop
 assert pact_cache.__file__.startswith(root), pact_cache.__file__
+assert pact_train.loop.__file__.startswith(root), pact_train.loop.__file__
 from pact_cache.build import BuildConfig, build
 from pact_train.loop import TrainConfig, train
 def metrics(run):

@@ -6,5 +6,18 @@ from .errors import CacheError, DatasetError, ModelError, OutputExistsError, Pac
 from .format import Cache, CacheRow, open_cache  # noqa: E402
 from .manifest import Encoding, Manifest, SafetyTokens  # noqa: E402
 
-__all__ = ["Cache", "CacheRow", "open_cache", "Manifest", "SafetyTokens", "Encoding", "PactError", "CacheError",
-           "DatasetError", "ModelError", "OutputExistsError", "TokensError", "__version__"]
+__all__ = [
+    "Cache",
+    "CacheRow",
+    "open_cache",
+    "Manifest",
+    "SafetyTokens",
+    "Encoding",
+    "PactError",
+    "CacheError",
+    "DatasetError",
+    "ModelError",
+    "OutputExistsError",
+    "TokensError",
+    "__version__",
+]

@@ -9,7 +9,6 @@ RANK/WORLD_SIZE); whoever sees every part present writes the manifest.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -17,19 +16,39 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-
 from . import __version__
+from .card import publish
 from .data import Example, assistant_header_ids, dataset_fingerprint, scan_dataset, tokenize_dataset
 from .errors import CacheError, DatasetError, OutputExistsError, PactError
-from .format import BUILD_KEY_META, MANIFEST, Cache, CacheRow, RowResult, open_cache, read_manifest, rows_digest, write_part
-from .manifest import (ALGORITHM, ALGORITHM_SCALED_HEAD, ENCODINGS, FORMAT, BuildParams, Counts, DatasetInfo, Identity, Manifest, PartEntry,
-                       Reference, Tokenizer)
-from .typedjson import load_json
-from .projection import LOGITS_CHUNK_BYTES, check_projection, response_logprobs
-from .card import publish
-from .storage import Location, check_regular_file, is_tmp_name, json_bytes, sha256_stream, stale_tmp
+from .format import (
+    BUILD_KEY_META,
+    MANIFEST,
+    ROWS_PER_PART,
+    RowResult,
+    read_manifest,
+    rows_digest,
+    write_part,
+)
+from .manifest import (
+    ALGORITHM,
+    ALGORITHM_SCALED_HEAD,
+    ENCODINGS,
+    FORMAT,
+    BuildParams,
+    Counts,
+    DatasetInfo,
+    Identity,
+    Manifest,
+    PartEntry,
+    Reference,
+    Tokenizer,
+)
 from .models import load_model, load_tokenizer, model_fingerprint, placement, resolve_model, tokenizer_fingerprint
+from .projection import check_projection, compute_rows
+from .rows import Reuse
+from .storage import Location, check_regular_file, is_tmp_name, json_bytes, sha256_stream, stale_tmp
 from .tokens import builtin_benign_path, builtin_refusals_path, load_benign, load_refusals, read_tokens, select_tokens
+from .typedjson import load_json
 
 BUILD_STATE = ".pact-build.json"  # written first; says which cache this folder is becoming
 
@@ -46,13 +65,15 @@ class BuildConfig:
     device: str = "auto"
     device_map: str | None = None  # "auto": the reference spread over this machine's GPUs and CPU (accelerate)
     encoding: str = "q8"
-    rows_per_part: int = 1024
+    rows_per_part: int = ROWS_PER_PART
     resume: bool = False
     shard: tuple[int, int] | None = None  # (index, count); None = from torchrun env or (0, 1)
     storage_options: dict = field(default_factory=dict, repr=False)  # for -o on an object store; never printed
     progress: bool = True
     trust_remote_code: bool = False
-    reuse: list = field(default_factory=list)  # caches (paths, URLs or Locations) whose matching rows are copied instead of computed
+    reuse: list = field(
+        default_factory=list
+    )  # caches (paths, URLs or Locations) whose matching rows are copied instead of computed
 
 
 @dataclass
@@ -70,125 +91,20 @@ def _log(msg: str) -> None:
     print(f"pact-cache: {msg}", file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------- the computation
-
-def reference_logprobs(model, seqs: list[list[int]], starts: list[int], counts: list[int], ids, device,
-                       want_target: bool):
-    """Log-probs of the safety tokens (and of the next token) at the response positions.
-
-    For sequence b and step t < counts[b], the position ``starts[b] - 1 + t`` predicts token
-    ``seqs[b][starts[b] + t]``. Returns per sequence ``(sel (n, K), target (n,) or None)``, float32
-    numpy. The backbone runs once on the padded batch ``(B, L)``; the model's own projection
-    (:mod:`pact_cache.projection`) and log-softmax run only on the ``N = sum(counts)`` response
-    positions, in chunks of at most LOGITS_CHUNK_BYTES of float32 logits, so no ``(B, L, V)``
-    float32 tensor exists.
-    """
-    import torch
-
-    B, L = len(seqs), max(len(s) for s in seqs)
-    input_ids = torch.zeros((B, L), dtype=torch.long)
-    mask = torch.zeros((B, L), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        input_ids[b, : len(s)] = torch.tensor(s)
-        mask[b, : len(s)] = 1
-    bidx = torch.cat([torch.full((n,), b) for b, n in enumerate(counts)])
-    pidx = torch.cat([torch.arange(st - 1, st - 1 + n) for st, n in zip(starts, counts)])
-    targets = input_ids[bidx, pidx + 1] if want_target else None
-    sel, tgt = response_logprobs(model, input_ids.to(device), mask.to(device), bidx, pidx, torch.as_tensor(ids), targets,
-                                 chunk_bytes=LOGITS_CHUNK_BYTES)
-    sel = sel.cpu().numpy()
-    tgt = tgt.cpu().numpy() if want_target else None
-    out, o = [], 0
-    for n in counts:
-        out.append((sel[o:o + n], tgt[o:o + n] if want_target else None))
-        o += n
-    return out
+# ----------------------------------------------------------------------------- rows: computed or reused
 
 
-def compute_rows(model, examples: list[Example], ids, header: list[int], batch_size: int, device, on_tokens=None) -> list[RowResult]:
-    """Both views and the target for every example; results in the order of ``examples``."""
-    import torch
-
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
-    results: list[RowResult | None] = [None] * len(examples)
-    with torch.inference_mode():
-        for b0 in range(0, len(order), batch_size):
-            batch = [examples[i] for i in order[b0:b0 + batch_size]]
-            counts = [ex.steps for ex in batch]
-            full = reference_logprobs(model, [ex.input_ids for ex in batch], [ex.response_start for ex in batch], counts, ids, device, True)
-            post_seqs = [header + ex.input_ids[ex.response_start:-1] for ex in batch]
-            post = reference_logprobs(model, post_seqs, [len(header)] * len(batch), counts, ids, device, False)
-            for j, i in enumerate(order[b0:b0 + batch_size]):
-                ex = examples[i]
-                results[i] = RowResult(ex.example_id, ex.input_ids, ex.response_start,
-                                       {"full": full[j][0], "post": post[j][0], "target": full[j][1]})
-            if on_tokens:
-                on_tokens(sum(len(s) for s in post_seqs) + sum(len(ex.input_ids) for ex in batch))
-    return results  # type: ignore[return-value]
-
-
-# ----------------------------------------------------------------------------- reuse
-
-def row_key(input_ids, response_start: int) -> bytes:
-    """What makes two rows' reference values the same computation: the tokens and the response start."""
-    import numpy as np
-
-    return hashlib.sha256(np.array([response_start], "<i4").tobytes() + np.asarray(input_ids, "<i4").tobytes()).digest()
-
-
-class Reuse:
-    """Rows of earlier caches, found by their tokenised input, for ``build --reuse``.
-
-    Each old cache is opened with every check, and must have been built with the same reference
-    weights, tokenizer, tokens, encoding, max length, dtype and algorithm (its reuse key); batch size,
-    part size and device may differ. The index holds 32 bytes per old row; values are read part by
-    part, when a new part needs them.
-    """
-
-    def __init__(self, caches: list[Cache]):
-        import pyarrow.parquet as pq
-
-        self.caches = caches
-        self.index: dict[bytes, tuple[int, int, int]] = {}
-        for c, cache in enumerate(caches):
-            for p, part in enumerate(cache.parts):
-                cache.check_part(part)
-                with cache.fs.open(cache.part_path(part), "rb") as f:
-                    t = pq.ParquetFile(f).read(columns=["input_ids", "response_start"])
-                for r, (ids, rs) in enumerate(zip(t.column("input_ids").to_pylist(), t.column("response_start").to_pylist())):
-                    self.index.setdefault(row_key(ids, rs), (c, p, r))
-
-    @classmethod
-    def open(cls, urls: list, identity: Identity, storage_options: dict) -> "Reuse":
-        caches = []
-        want = identity.reuse_key()
-        for url in urls:
-            cache = open_cache(url, storage_options=storage_options)
-            if cache.manifest.identity.reuse_key() != want:
-                raise PactError(f"--reuse {cache.url}: that cache was built with another reference, tokenizer, safety tokens, encoding, "
-                                "max length or dtype, so its rows are not this build's rows; reuse a cache built like this one")
-            caches.append(cache)
-        return cls(caches)
-
-    def find(self, ex: Example) -> tuple[int, int, int] | None:
-        return self.index.get(row_key(ex.input_ids, ex.response_start))
-
-    def fetch(self, wanted: dict[int, tuple[int, int, int]]) -> dict[int, CacheRow]:
-        """``{new position: (cache, part, row)}`` -> ``{new position: decoded old row}``."""
-        by_part: dict[tuple[int, int], dict[int, list[int]]] = {}
-        for j, (c, p, r) in wanted.items():
-            by_part.setdefault((c, p), {}).setdefault(r, []).append(j)
-        out: dict[int, CacheRow] = {}
-        for (c, p), rows in sorted(by_part.items()):
-            cache = self.caches[c]
-            for r, row in enumerate(cache.iter_part_rows(cache.parts[p])):
-                for j in rows.get(r, ()):
-                    out[j] = row
-        return out
-
-
-def rows_for_part(model, examples: list[Example], ids, header, batch_size: int, device, reuse: Reuse | None,
-                  found: dict[int, tuple[int, int, int]], on_tokens=None) -> tuple[list[RowResult], int]:
+def rows_for_part(
+    model,
+    examples: list[Example],
+    ids,
+    header,
+    batch_size: int,
+    device,
+    reuse: Reuse | None,
+    found: dict[int, tuple[int, int, int]],
+    on_tokens=None,
+) -> tuple[list[RowResult], int]:
     """The rows of one part: copied from ``reuse`` where ``found`` (position -> old row, from
     :meth:`Reuse.find`) says an old cache has them, computed otherwise. Returns the rows in order
     and how many were copied."""
@@ -206,6 +122,7 @@ def rows_for_part(model, examples: list[Example], ids, header, batch_size: int, 
 
 
 # ----------------------------------------------------------------------------- the job
+
 
 def _shard_from_env(cfg: BuildConfig) -> tuple[int, int]:
     if cfg.shard is not None:
@@ -257,14 +174,22 @@ def _prepare_out(loc: Location, build_key: str, cfg: BuildConfig, sharded: bool)
             try:
                 other = read_manifest(loc)
             except CacheError as err:
-                raise OutputExistsError(f"{out}: holds a cache that does not pass its checks ({err}); choose another -o") from None
+                raise OutputExistsError(
+                    f"{out}: holds a cache that does not pass its checks ({err}); choose another -o"
+                ) from None
             if other.identity.key() == build_key:
                 return "done", other
-            raise OutputExistsError(f"{out}: already holds a different cache (id {other.cache_id[:12]}); choose another -o or delete that folder")
+            raise OutputExistsError(
+                f"{out}: already holds a different cache (id {other.cache_id[:12]}); choose "
+                f"another -o or delete that folder"
+            )
         if loc.exists(BUILD_STATE):
             other = (_read_json_object(loc, BUILD_STATE) or {}).get("build_key")
             if other != build_key:
-                raise OutputExistsError(f"{out}: holds an unfinished build of a different cache (build key {str(other)[:12]}); choose another -o or delete that folder")
+                raise OutputExistsError(
+                    f"{out}: holds an unfinished build of a different cache (build key "
+                    f"{str(other)[:12]}); choose another -o or delete that folder"
+                )
             if not (cfg.resume or sharded):
                 raise OutputExistsError(f"{out}: holds an unfinished build of this cache; pass --resume to finish it")
             return "resume", None
@@ -297,7 +222,13 @@ def _prove_part(loc: Location, name: str, build_key: str, examples: list[Example
             if key != build_key:
                 return "it was written by a different build (its footer has another build key)"
             t = pf.read(columns=["example_id", "input_ids", "response_start"])
-        got = rows_digest(zip(t.column("example_id").to_pylist(), t.column("input_ids").to_pylist(), t.column("response_start").to_pylist()))
+        got = rows_digest(
+            zip(
+                t.column("example_id").to_pylist(),
+                t.column("input_ids").to_pylist(),
+                t.column("response_start").to_pylist(),
+            )
+        )
     except Exception as err:  # a damaged or foreign file (pyarrow raises several types; nulls do not hash)
         return f"it is not a readable part ({type(err).__name__})"
     if got != rows_digest((ex.example_id, ex.input_ids, ex.response_start) for ex in examples):
@@ -315,17 +246,26 @@ def _refuse_unproven(loc: Location, names: list[str], plan: list[list[Example]],
     for i in which:
         why = _prove_part(loc, names[i], build_key, plan[i])
         if why is not None:
-            raise OutputExistsError(f"{loc.where(names[i])}: {why}; this build will not adopt it. Delete that file and rerun with --resume")
+            raise OutputExistsError(
+                f"{loc.where(names[i])}: {why}; this build will not adopt it. Delete that file and rerun with --resume"
+            )
 
 
-def _part_entry(loc: Location, name: str, build_key: str, examples: list[Example], rec: dict | None = None) -> PartEntry:
+def _part_entry(
+    loc: Location, name: str, build_key: str, examples: list[Example], rec: dict | None = None
+) -> PartEntry:
     """The manifest entry of a proven part: from ``rec`` when this process wrote the part; a part
     adopted from an earlier run is hashed again (:func:`_prove_part` refused it if its writer's entry
     records another size or sha256)."""
     size = check_regular_file(loc.fs, loc.root, loc.path(name), loc.where(name))
     digest = rows_digest((ex.example_id, ex.input_ids, ex.response_start) for ex in examples)
     steps = sum(ex.steps for ex in examples)
-    if rec is not None and rec.get("build_key") == build_key and rec.get("bytes") == size and isinstance(rec.get("sha256"), str):
+    if (
+        rec is not None
+        and rec.get("build_key") == build_key
+        and rec.get("bytes") == size
+        and isinstance(rec.get("sha256"), str)
+    ):
         return PartEntry(name, len(examples), steps, size, rec["sha256"], digest)
     with loc.open(name) as f:  # adopted: hashed again (_prove_part compared it with its writer's entry)
         return PartEntry(name, len(examples), steps, size, sha256_stream(f)[0], digest)
@@ -339,8 +279,13 @@ def build(cfg: BuildConfig) -> BuildResult:
         raise PactError(f"--max-length {cfg.max_length}: must be at least 2")
     if cfg.encoding not in ENCODINGS:
         raise PactError(f"--encoding {cfg.encoding}: unknown; use one of {sorted(ENCODINGS)}")
-    loc = cfg.out if isinstance(cfg.out, Location) else Location(
-        str(Path(cfg.out).expanduser()) if "://" not in str(cfg.out) else str(cfg.out), cfg.storage_options)
+    loc = (
+        cfg.out
+        if isinstance(cfg.out, Location)
+        else Location(
+            str(Path(cfg.out).expanduser()) if "://" not in str(cfg.out) else str(cfg.out), cfg.storage_options
+        )
+    )
     out = loc.display
     if loc.exists() and not loc.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a folder; choose another -o")
@@ -354,18 +299,26 @@ def build(cfg: BuildConfig) -> BuildResult:
     if rank == 0:
         ignored = scan_dataset(cfg.dataset)[1]
         if ignored:
-            _log(f"{cfg.dataset}: ignoring {len(ignored)} file(s) that are not .jsonl/.json/.parquet (first: {ignored[0]})")
+            _log(
+                f"{cfg.dataset}: ignoring {len(ignored)} file(s) that are not .jsonl/.json/.parquet (first: "
+                f"{ignored[0]})"
+            )
     examples, skipped = tokenize_dataset(cfg.dataset, tok, cfg.max_length, progress=cfg.progress and rank == 0)
     if not examples:
         n = sum(len(v) for v in skipped.values())
         first = next(iter(skipped.values()))[0]
-        raise DatasetError(f"{first}: all {n} rows were skipped (prompt does not fit --max-length {cfg.max_length}); raise --max-length")
+        raise DatasetError(
+            f"{first}: all {n} rows were skipped (prompt does not fit --max-length {cfg.max_length}); "
+            f"raise --max-length"
+        )
     if skipped and rank == 0:
         for reason, rows in skipped.items():
             _log(f"skipping {len(rows)} row(s), {reason.replace('_', ' ')} (first: {rows[0]}); counted in the manifest")
     header = assistant_header_ids(tok)
     model, device, torch_dtype = load_model(resolved, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.device_map)
-    projection = check_projection(model, device, f"--ref {cfg.ref}")  # the cached values are the model's own log-probs, or nothing
+    projection = check_projection(
+        model, device, f"--ref {cfg.ref}"
+    )  # the cached values are the model's own log-probs, or nothing
     model_fp = model_fingerprint(resolved)
     tok_fp = tokenizer_fingerprint(tok)
     vocab_rows = int(model.get_output_embeddings().weight.shape[0])
@@ -373,20 +326,37 @@ def build(cfg: BuildConfig) -> BuildResult:
         tokens = read_tokens(cfg.tokens, tok)
     else:
         if rank == 0:
-            _log("no --tokens: selecting the safety tokens from the reference, its built-in refusals after their harmful prompts "
-                 "against the same refusals after built-in benign prompts")
-        tokens = select_tokens(model, tok, load_refusals(None), device=device, aligned_fp=model_fp, source="builtin:" + builtin_refusals_path().name,
-                               benign=load_benign(None), benign_source="builtin:" + builtin_benign_path().name)
+            _log(
+                "no --tokens: selecting the safety tokens from the reference, its built-in refusals after their "
+                "harmful prompts "
+                "against the same refusals after built-in benign prompts"
+            )
+        tokens = select_tokens(
+            model,
+            tok,
+            load_refusals(None),
+            device=device,
+            aligned_fp=model_fp,
+            source="builtin:" + builtin_refusals_path().name,
+            benign=load_benign(None),
+            benign_source="builtin:" + builtin_benign_path().name,
+        )
     import torch
 
     ids = torch.tensor(tokens.ids, dtype=torch.long)
     if max(tokens.ids) >= vocab_rows:
         raise PactError(f"{cfg.tokens}: ids reach {max(tokens.ids)} but the model's output layer has {vocab_rows} rows")
     ds_fp = dataset_fingerprint(cfg.dataset)
-    params = BuildParams(max_length=cfg.max_length, batch_size=cfg.batch_size, rows_per_part=cfg.rows_per_part,
-                         dtype=str(torch_dtype).replace("torch.", ""), device=placement(model, device),
-                         assistant_header_ids=tuple(header), vocab_size=max(vocab_rows, len(tok)),
-                         algorithm=ALGORITHM_SCALED_HEAD if projection.kind == "scale" else ALGORITHM)
+    params = BuildParams(
+        max_length=cfg.max_length,
+        batch_size=cfg.batch_size,
+        rows_per_part=cfg.rows_per_part,
+        dtype=str(torch_dtype).replace("torch.", ""),
+        device=placement(model, device),
+        assistant_header_ids=tuple(header),
+        vocab_size=max(vocab_rows, len(tok)),
+        algorithm=ALGORITHM_SCALED_HEAD if projection.kind == "scale" else ALGORITHM,
+    )
     tokenizer = Tokenizer(tok_fp["sha256"], tok_fp["vocab_size"], tok_fp["chat_template_sha256"])
     identity = Identity(model_fp["weights_sha256"], tokenizer, tokens, ds_fp["sha256"], params, enc)
     reuse = None
@@ -401,9 +371,11 @@ def build(cfg: BuildConfig) -> BuildResult:
         return BuildResult(out, done.cache_id, done, [], time.time() - t_start)
     _clean_stale_tmp(loc)
     if not loc.exists(BUILD_STATE):
-        loc.put_bytes(BUILD_STATE, json_bytes({"format": FORMAT, "build_key": build_key, "identity": identity.to_json()}))
+        loc.put_bytes(
+            BUILD_STATE, json_bytes({"format": FORMAT, "build_key": build_key, "identity": identity.to_json()})
+        )
 
-    plan = [examples[i:i + cfg.rows_per_part] for i in range(0, len(examples), cfg.rows_per_part)]
+    plan = [examples[i : i + cfg.rows_per_part] for i in range(0, len(examples), cfg.rows_per_part)]
     names = [f"part-{i:05d}.parquet" for i in range(len(plan))]
     have = set(loc.names())
     if loc.is_local:  # anything under a part's name counts (a FIFO, a link): it is proven or refused, never replaced
@@ -412,25 +384,46 @@ def build(cfg: BuildConfig) -> BuildResult:
     _refuse_unproven(loc, names, plan, build_key, [i for i in present if i % world == rank])
     mine = [i for i in range(len(plan)) if i % world == rank and i not in present]
     if state == "resume" and rank == 0:
-        _log(f"resuming: {len(present)}/{len(names)} parts already written (each checked: this build's key, the expected rows)")
+        _log(
+            f"resuming: {len(present)}/{len(names)} parts already written (each checked: this build's key, the "
+            f"expected rows)"
+        )
     # the old row behind each reusable example of my parts: {part: {position: (cache, part, row)}}
-    found = {i: {j: at for j, ex in enumerate(plan[i]) if reuse is not None and (at := reuse.find(ex)) is not None} for i in mine}
-    total_tokens = sum(2 * len(ex.input_ids) + len(header) - ex.response_start - 1 for i in mine
-                       for j, ex in enumerate(plan[i]) if j not in found[i])
+    found = {
+        i: {j: at for j, ex in enumerate(plan[i]) if reuse is not None and (at := reuse.find(ex)) is not None}
+        for i in mine
+    }
+    total_tokens = sum(
+        2 * len(ex.input_ids) + len(header) - ex.response_start - 1
+        for i in mine
+        for j, ex in enumerate(plan[i])
+        if j not in found[i]
+    )
     if reuse is not None:
         n_old = sum(len(f) for f in found.values())
-        _log(f"--reuse: {n_old:,} of {sum(len(plan[i]) for i in mine):,} rows are copied from "
-             f"{len(reuse.caches)} earlier cache(s); the rest are computed")
+        _log(
+            f"--reuse: {n_old:,} of {sum(len(plan[i]) for i in mine):,} rows are copied from "
+            f"{len(reuse.caches)} earlier cache(s); the rest are computed"
+        )
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"building{f' shard {rank}/{world}' if world > 1 else ''}",
-               disable=not cfg.progress, dynamic_ncols=True, position=rank if world > 1 else None)
+    bar = tqdm(
+        total=total_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc=f"building{f' shard {rank}/{world}' if world > 1 else ''}",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+        position=rank if world > 1 else None,
+    )
     written: dict[str, dict] = {}  # part name -> the entry this process wrote for it
     n_reused = n_computed = 0
     scratch = loc.scratch()  # parts are finished here, then moved (a folder) or uploaded (a store) whole
     try:
         for i in mine:
-            rows, k = rows_for_part(model, plan[i], ids, header, cfg.batch_size, device, reuse, found[i], on_tokens=bar.update)
+            rows, k = rows_for_part(
+                model, plan[i], ids, header, cfg.batch_size, device, reuse, found[i], on_tokens=bar.update
+            )
             n_reused, n_computed = n_reused + k, n_computed + len(rows) - k
             entry = write_part(scratch / names[i], rows, enc, build_key)
             loc.put_file(scratch / names[i], names[i])
@@ -451,20 +444,36 @@ def build(cfg: BuildConfig) -> BuildResult:
     have = set(loc.names())
     missing = [n for n in names if n not in have]
     if missing:
-        _log(f"shard {rank}/{world} done; {len(missing)} part(s) of other shards missing, the last shard to finish writes the manifest")
+        _log(
+            f"shard {rank}/{world} done; {len(missing)} part(s) of other shards missing, the last shard to finish "
+            f"writes the manifest"
+        )
         return BuildResult(out, build_key, None, list(written), time.time() - t_start, n_computed, n_reused)
 
     # every part, including other shards', must be one this build wrote before it is published
     _refuse_unproven(loc, names, plan, build_key, [i for i in range(len(plan)) if names[i] not in written])
     parts = [_part_entry(loc, name, build_key, plan[i], written.get(name)) for i, name in enumerate(names)]
-    counts = Counts(rows=len(examples), response_steps=sum(ex.steps for ex in examples),
-                    input_tokens=sum(len(ex.input_ids) for ex in examples),
-                    truncated_rows=sum(1 for ex in examples if cfg.max_length and len(ex.input_ids) == cfg.max_length),
-                    skipped={reason: len(rows) for reason, rows in skipped.items()},
-                    skipped_rows={reason: rows[:20] for reason, rows in skipped.items()})
-    manifest = Manifest(FORMAT, "", __version__, Reference(model_fp["name"], model_fp["weights_sha256"], model_fp["path"], model_fp["revision"]),
-                        tokenizer, tokens, DatasetInfo(ds_fp["sha256"], ds_fp["source"], tuple(ds_fp["files"])), params, enc,
-                        counts, tuple(parts)).with_content_id()
+    counts = Counts(
+        rows=len(examples),
+        response_steps=sum(ex.steps for ex in examples),
+        input_tokens=sum(len(ex.input_ids) for ex in examples),
+        truncated_rows=sum(1 for ex in examples if cfg.max_length and len(ex.input_ids) == cfg.max_length),
+        skipped={reason: len(rows) for reason, rows in skipped.items()},
+        skipped_rows={reason: rows[:20] for reason, rows in skipped.items()},
+    )
+    manifest = Manifest(
+        FORMAT,
+        "",
+        __version__,
+        Reference(model_fp["name"], model_fp["weights_sha256"], model_fp["path"], model_fp["revision"]),
+        tokenizer,
+        tokens,
+        DatasetInfo(ds_fp["sha256"], ds_fp["source"], tuple(ds_fp["files"])),
+        params,
+        enc,
+        counts,
+        tuple(parts),
+    ).with_content_id()
     publish(loc, manifest)  # card, then the manifest last: readers see all of the cache or none
     for name in names:
         loc.remove(_entry_name(name))

@@ -19,8 +19,22 @@ from .manifest import Manifest
 CARD = "README.md"
 
 
+def _printable(s: str) -> str:
+    """``s`` with every character that is not printable (controls, DEL, C1 controls, line and paragraph
+    separators, lone surrogates from file names that are not UTF-8) as a ``\\u``/``\\U`` escape."""
+
+    def esc(c: str) -> str:
+        o = ord(c)
+        return c if c.isprintable() else (f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}")
+
+    return "".join(esc(c) for c in s)
+
+
 def _yaml_str(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid YAML scalar
+    """``s`` as a YAML double-quoted scalar that any parser reads back as ``s``: JSON's escapes (quotes,
+    backslashes, C0 controls), then an escape for every other character that is not printable, which
+    YAML does not allow raw (:func:`_printable`)."""
+    return _printable(json.dumps(s, ensure_ascii=False))
 
 
 def card_text(m: Manifest, rows: int | None = None) -> str:
@@ -28,19 +42,33 @@ def card_text(m: Manifest, rows: int | None = None) -> str:
     c = m.counts
     ref_digest = next(iter(sorted(m.reference.weights_sha256.values())), "")[:12]
     source = m.dataset.source or "unknown"
-    columns = [("example_id", "string", "the row's id: its index in the source and a digest of its messages"),
-               ("input_ids", "list<int32>", "prompt (chat template) and response token ids"),
-               ("response_start", "int32", "index of the first response token in input_ids")]
-    role = {"f32": "float32 values", "q": "q8 codes: the distance below the step's maximum, log1p-companded",
-            "top": "the step's maximum, uint16 fixed point"}
+    shown, ref_name = (
+        _printable(source),
+        _printable(m.reference.name),
+    )  # the body: printable text whatever the names hold
+    columns = [
+        ("example_id", "string", "the row's id: its index in the source and a digest of its messages"),
+        ("input_ids", "list<int32>", "prompt (chat template) and response token ids"),
+        ("response_start", "int32", "index of the first response token in input_ids"),
+    ]
+    role = {
+        "f32": "float32 values",
+        "q": "q8 codes: the distance below the step's maximum, log1p-companded",
+        "top": "the step's maximum, uint16 fixed point",
+    }
     for col in REF_COLUMNS:
         for name, (dtype, width) in stored(col, m.encoding).items():
             shape = "[n, K]" if width == "K" else "[n]"
-            what = role["f32"] if name.endswith("_f32") else ("uint16 fixed point" if width == 1 and name.endswith("_q")
-                                                            else role[name.rsplit("_", 1)[1]])
+            what = (
+                role["f32"]
+                if name.endswith("_f32")
+                else ("uint16 fixed point" if width == 1 and name.endswith("_q") else role[name.rsplit("_", 1)[1]])
+            )
             columns.append((name, f"binary: {dtype} {shape}", f"{col.meaning} ({what})"))
     if m.scores is not None:
-        columns.append(("(scores-*.parquet)", "binary: <f4 [n]", f"TOSS token scores ({m.scores.algorithm}), sidecar files"))
+        columns.append(
+            ("(scores-*.parquet)", "binary: <f4 [n]", f"TOSS token scores ({m.scores.algorithm}), sidecar files")
+        )
     lines = [
         "---",
         "license: other",
@@ -66,11 +94,12 @@ def card_text(m: Manifest, rows: int | None = None) -> str:
         "| --- | --- |",
         f"| cache id | `{m.cache_id}` |",
         f"| format | {m.format}, encoding {m.encoding.name}, build algorithm {m.build.algorithm} |",
-        f"| reference | {m.reference.name} (weights sha256 {ref_digest}...) |",
+        f"| reference | {ref_name} (weights sha256 {ref_digest}...) |",
         f"| tokenizer | sha256 {m.tokenizer.sha256[:12]}..., vocabulary {m.tokenizer.vocab_size:,} |",
-        f"| dataset | {source} (fingerprint {m.dataset.sha256[:12]}...) |",
+        f"| dataset | {shown} (fingerprint {m.dataset.sha256[:12]}...) |",
         f"| rows / response steps | {c.rows:,} / {c.response_steps:,} ({c.truncated_rows:,} truncated; skipped: "
-        + (", ".join(f"{k} {v}" for k, v in c.skipped.items()) or "none") + ") |",
+        + (", ".join(f"{k} {v}" for k, v in c.skipped.items()) or "none")
+        + ") |",
         f"| parts | {len(m.parts)} (`part-*.parquet`, zstd Parquet) |",
         f"| safety tokens | K={m.tokens.K}, selected by {m.tokens.method} |",
         "",

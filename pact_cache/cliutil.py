@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import OutputExistsError, PactError
+from .errors import OutputExistsError, PactError, preview
 from .storage import STORAGE_HELP
 
 
@@ -16,7 +16,7 @@ def _shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard {text!r}: use i/n, e.g. 0/4") from None
+        raise argparse.ArgumentTypeError(f"--shard {preview(text)}: use i/n, e.g. 0/4") from None
     if not (n >= 1 and 0 <= i < n):
         raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
     return i, n
@@ -26,7 +26,7 @@ def positive_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        raise argparse.ArgumentTypeError(f"{preview(text)} is not an integer") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"{v} must be at least 1")
     return v
@@ -36,6 +36,10 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (what is wrong, and where to look) and exit status 2."""
 
     def error(self, message):
+        import re
+
+        # argparse quotes the value it could not read: a value of any length is shown cut short
+        message = re.sub(r"'([^']{60})[^']+'", r"'\1...'", message)[:500]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -58,7 +62,10 @@ def run_command(prog: str, fn, args, interrupted: str) -> int:
         return 130
     except OSError as err:
         where = f"{err.filename}: " if err.filename else ""
-        print(f"{prog}: error: {where}{err.strerror or err}; check the path, its permissions and free space", file=sys.stderr)
+        print(
+            f"{prog}: error: {where}{err.strerror or err}; check the path, its permissions and free space",
+            file=sys.stderr,
+        )
         return 1
     except Exception as err:
         from .storage import store_error
@@ -70,8 +77,12 @@ def run_command(prog: str, fn, args, interrupted: str) -> int:
         if os.environ.get("PACT_CACHE_DEBUG"):
             raise
         msg = str(err).splitlines()[0][:200] if str(err) else ""
-        print(f"{prog}: internal error: {type(err).__name__}: {msg} (a bug in pact-cache; rerun with PACT_CACHE_DEBUG=1 "
-              "for the traceback and report it)", file=sys.stderr)
+        print(
+            f"{prog}: internal error: {type(err).__name__}: {msg} (a bug in pact-cache; rerun with "
+            f"PACT_CACHE_DEBUG=1 "
+            "for the traceback and report it)",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -87,6 +98,7 @@ def new_file(path: str, example: str) -> Path:
 
 # ----------------------------------------------------------------------------- shared options
 
+
 def add_version(p: argparse.ArgumentParser) -> None:
     """``--version``: the program's name and pact-cache's version (one package, one version)."""
     from . import __version__
@@ -99,7 +111,9 @@ def add_storage_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_cache_id(p: argparse.ArgumentParser, what: str = "the cache") -> None:
-    p.add_argument("--cache-id", metavar="ID", help=f"refuse {what} unless its content id is ID (or starts with it, 8+ characters)")
+    p.add_argument(
+        "--cache-id", metavar="ID", help=f"refuse {what} unless its content id is ID (or starts with it, 8+ characters)"
+    )
 
 
 def add_no_progress(p: argparse.ArgumentParser) -> None:

@@ -45,8 +45,12 @@ class Column:
 
 REF_COLUMNS: tuple[Column, ...] = (
     Column("full", "K", "full_logprobs", "log p_ref(s | input_ids[:rs+t]) for s in S (the full context)"),
-    Column("post", "K", "post_logprobs", "log p_ref(s | assistant header + response[:t]) for s in S (the prompt-free view)"),
-    Column("target", "1", "target_logprob", "log p_ref(input_ids[rs+t] | input_ids[:rs+t]) (the response token itself)"),
+    Column(
+        "post", "K", "post_logprobs", "log p_ref(s | assistant header + response[:t]) for s in S (the prompt-free view)"
+    ),
+    Column(
+        "target", "1", "target_logprob", "log p_ref(input_ids[rs+t] | input_ids[:rs+t]) (the response token itself)"
+    ),
 )
 COLUMN_NAMES = tuple(c.name for c in REF_COLUMNS)
 
@@ -86,7 +90,11 @@ def encode(col: Column, v: np.ndarray, enc: Encoding) -> dict[str, bytes]:
     if enc.name == "f32":
         return {f"{col.name}_f32": v.astype("<f4").tobytes()}
     if col.per_step != "K":
-        return {f"{col.name}_q": np.clip(np.round(-v.astype(np.float64) * enc.target_scale), 0, 65535).astype("<u2").tobytes()}
+        return {
+            f"{col.name}_q": np.clip(np.round(-v.astype(np.float64) * enc.target_scale), 0, 65535)
+            .astype("<u2")
+            .tobytes()
+        }
     top_q = np.clip(np.round(-v.max(axis=1).astype(np.float64) * enc.top_scale), 0, 65535).astype("<u2")
     top = -(top_q.astype(np.float64) / enc.top_scale)
     d = np.clip(top[:, None] - v.astype(np.float64), 0.0, enc.floor)
@@ -99,7 +107,9 @@ def decode(col: Column, blobs: dict[str, bytes], n: int, K: int, enc: Encoding) 
     if enc.name == "f32":
         return np.frombuffer(blobs[f"{col.name}_f32"], dtype="<f4").reshape(col.shape(n, K)).astype(np.float32)
     if col.per_step != "K":
-        return (-(np.frombuffer(blobs[f"{col.name}_q"], dtype="<u2").astype(np.float64) / enc.target_scale)).astype(np.float32)
+        return (-(np.frombuffer(blobs[f"{col.name}_q"], dtype="<u2").astype(np.float64) / enc.target_scale)).astype(
+            np.float32
+        )
     top = -(np.frombuffer(blobs[f"{col.name}_top"], dtype="<u2").astype(np.float64) / enc.top_scale)
     code = np.frombuffer(blobs[f"{col.name}_q"], dtype=np.uint8).reshape(n, K)
     return (top[:, None] - np.expm1(code / enc.scale)).astype(np.float32)
@@ -110,7 +120,7 @@ def code_blobs(enc: Encoding) -> list[str]:
     return [f"{c.name}_q" for c in REF_COLUMNS if c.per_step == "K"] if enc.name == "q8" else []
 
 
-# ----------------------------------------------------------------------------- declared sizes (bounded work on hostile files)
+# ------------------------------------------------------------------- declared sizes (bounded work on hostile files)
 
 DECLARED_SLACK = 1 << 16  # bytes per row group beside the payload: page headers, levels, statistics
 
@@ -119,7 +129,11 @@ def declared_bounds(rows: int, steps: int, K: int, enc: Encoding, max_length: in
     """The most each column of a part of ``rows`` rows and ``steps`` response steps can hold once
     decompressed (Parquet's PLAIN encoding: 4 length bytes per value), by column name."""
     tokens = rows * max_length if max_length else input_tokens
-    bounds = {"example_id": rows * (4 + 256), "input_ids": 4 * min(tokens, input_tokens) + rows * 8, "response_start": rows * 4}
+    bounds = {
+        "example_id": rows * (4 + 256),
+        "input_ids": 4 * min(tokens, input_tokens) + rows * 8,
+        "response_start": rows * 4,
+    }
     bounds.update({name: size + rows * 4 for name, size in blob_sizes(steps, K, enc).items()})
     return bounds
 
@@ -139,6 +153,10 @@ def check_declared(md, where: str, bounds: dict) -> None:
     for name, total in totals.items():
         limit = bounds.get(name, 0) + slack
         if total > limit:
-            raise CacheError(f"{where}: column {name!r} declares {total:,} bytes once decompressed, more than the manifest's "
-                             f"rows and steps can hold ({limit:,}); refused before decompressing: the file is not what the "
-                             "manifest says, re-download or rebuild it")
+            raise CacheError(
+                f"{where}: column {name!r} declares {total:,} bytes once decompressed, more than the "
+                f"manifest's "
+                f"rows and steps can hold ({limit:,}); refused before decompressing: the file is not what "
+                f"the "
+                "manifest says, re-download or rebuild it"
+            )

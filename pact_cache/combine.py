@@ -18,24 +18,26 @@ compared only when both caches use the same safety tokens.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import replace
 
 import numpy as np
 
 from . import __version__
-from .build import Reuse, row_key
-from .errors import OutputExistsError, PactError
-from .columns import REF_COLUMNS
-from .format import RowResult, open_cache, write_part
 from .card import publish
+from .columns import REF_COLUMNS
+from .errors import OutputExistsError, PactError, preview
+from .format import RowResult, open_cache, write_part
 from .manifest import FORMAT, Counts, DatasetInfo, Manifest
-from .typedjson import hash_identity
+from .rows import Reuse, row_key, step0_refusal_mass
 from .storage import Location
+from .typedjson import hash_identity
 
 
-def merge_caches(sources: list, out, rows_per_part: int | None = None, storage_options: dict | None = None,
-                 progress: bool = True) -> Manifest:
+def merge_caches(
+    sources: list, out, rows_per_part: int | None = None, storage_options: dict | None = None, progress: bool = True
+) -> Manifest:
     if len(sources) < 2:
         raise PactError("merge needs at least two caches")
     caches = [open_cache(Location.of(s, storage_options)) for s in sources]
@@ -43,38 +45,72 @@ def merge_caches(sources: list, out, rows_per_part: int | None = None, storage_o
     first = caches[0].manifest
     for src, c in zip(sources[1:], caches[1:]):
         if c.manifest.identity.reuse_key() != first.identity.reuse_key():
-            raise PactError(f"{src}: built with another reference, tokenizer, safety tokens, encoding, max length or dtype than "
-                            f"{sources[0]}; only caches built alike can be merged")
+            raise PactError(
+                f"{src}: built with another reference, tokenizer, safety tokens, encoding, max length or "
+                f"dtype than "
+                f"{sources[0]}; only caches built alike can be merged"
+            )
     scored = [src for src, c in zip(sources, caches) if c.manifest.scores is not None]
     if scored:  # the parts are re-cut, so the scores would be too: they are computed again instead
-        print(f"pact-cache merge: {scored[0]}{' and others' if len(scored) > 1 else ''} carry token scores, which the merged "
-              "cache will not; run `pact-cache score` on it for --token-mask", file=sys.stderr)
+        print(
+            f"pact-cache merge: {scored[0]}{' and others' if len(scored) > 1 else ''} carry token scores, which the "
+            f"merged "
+            "cache will not; run `pact-cache score` on it for --token-mask",
+            file=sys.stderr,
+        )
     loc = Location.of(out, storage_options)
     _check_new(loc, "merge")
+    if not any(c.num_rows for c in caches):
+        raise PactError(
+            f"merge: {', '.join(sources)} hold no rows, so the merged cache would be empty; nothing written"
+        )
     per = rows_per_part or first.build.rows_per_part
     build = replace(first.build, rows_per_part=per, reused=tuple(c.cache_id for c in caches))
-    dataset = DatasetInfo(hash_identity("pact-cache/merged-dataset", [c.manifest.dataset.sha256 for c in caches]),
-                          "merge of " + ", ".join(sources), ())
+    dataset = DatasetInfo(
+        hash_identity("pact-cache/merged-dataset", [c.manifest.dataset.sha256 for c in caches]),
+        "merge of " + ", ".join(sources),
+        (),
+    )
     identity = replace(first.identity, dataset_sha256=dataset.sha256, build=build)
     rows = (row for c in caches for row in c.iter_rows())
     skipped: dict = {}
     for c in caches:
         for k, v in c.manifest.counts.skipped.items():
             skipped[k] = skipped.get(k, 0) + v
-    counts = Counts(sum(c.num_rows for c in caches), sum(c.num_steps for c in caches),
-                    sum(c.manifest.counts.input_tokens for c in caches), sum(c.manifest.counts.truncated_rows for c in caches),
-                    skipped, {})
+    counts = Counts(
+        sum(c.num_rows for c in caches),
+        sum(c.num_steps for c in caches),
+        sum(c.manifest.counts.input_tokens for c in caches),
+        sum(c.manifest.counts.truncated_rows for c in caches),
+        skipped,
+        {},
+    )
     with loc.filling():  # a merge that fails (a damaged input part) leaves nothing behind: a retry works
-        parts = _write_rows(loc, rows, first.encoding, identity.key(), per, sum(c.num_rows for c in caches), "merging", progress)
-        m = Manifest(FORMAT, "", __version__, first.reference, first.tokenizer, first.tokens, dataset, build, first.encoding,
-                     counts, tuple(parts)).with_content_id()
+        parts = _write_rows(
+            loc, rows, first.encoding, identity.key(), per, sum(c.num_rows for c in caches), "merging", progress
+        )
+        m = Manifest(
+            FORMAT,
+            "",
+            __version__,
+            first.reference,
+            first.tokenizer,
+            first.tokens,
+            dataset,
+            build,
+            first.encoding,
+            counts,
+            tuple(parts),
+        ).with_content_id()
         publish(loc, m)
     return m
 
 
 def _check_new(loc: Location, what: str) -> None:
     if loc.exists() and (not loc.is_dir() or loc.names() or (loc.is_local and any(loc.local_path().iterdir()))):
-        raise OutputExistsError(f"{loc.display}: exists and is not empty; {what} writes a new cache (nothing is overwritten)")
+        raise OutputExistsError(
+            f"{loc.display}: exists and is not empty; {what} writes a new cache (nothing is overwritten)"
+        )
 
 
 def _write_rows(loc: Location, rows, encoding, key: str, per: int, total: int, desc: str, progress: bool) -> list:
@@ -96,7 +132,14 @@ def _write_rows(loc: Location, rows, encoding, key: str, per: int, total: int, d
 
     try:
         for index, row in enumerate(rows):
-            buf.append(RowResult(f"{index:08d}-{row.example_id.split('-', 1)[-1]}", row.input_ids.tolist(), row.response_start, row.ref))
+            buf.append(
+                RowResult(
+                    f"{index:08d}-{row.example_id.split('-', 1)[-1]}",
+                    row.input_ids.tolist(),
+                    row.response_start,
+                    row.ref,
+                )
+            )
             bar.update(1)
             if len(buf) == per:
                 flush()
@@ -108,39 +151,48 @@ def _write_rows(loc: Location, rows, encoding, key: str, per: int, total: int, d
     return parts
 
 
-def step0_refusal_mass(row, keep: np.ndarray) -> float:
-    """The reference's probability mass on the safety tokens with positive weight (``keep``, (K,)
-    bool) before the row's first response token: high when the prompt looks harmful to it."""
-    return float(np.exp(row.ref["full"][0].astype(np.float64)[keep]).sum())
-
-
-def filter_cache(src, out, above: float, rows_per_part: int | None = None, storage_options: dict | None = None,
-                 progress: bool = True) -> tuple[Manifest, int]:
+def filter_cache(
+    src, out, above: float, rows_per_part: int | None = None, storage_options: dict | None = None, progress: bool = True
+) -> tuple[Manifest, int]:
     """Write the rows of ``src`` whose step-0 refusal mass is at most ``above`` as a new cache at
     ``out`` (renumbered, values copied as stored); returns its manifest and the rows left out.
 
     What a practitioner tries first against harmful rows: drop the rows the reference would refuse.
     The result is the cache of the filtered dataset: its dataset fingerprint is derived from the
     source's and the threshold, its ``build.reused`` names the source, so its id is its own."""
-    if not (isinstance(above, (int, float)) and 0.0 <= above <= 1.0):
-        raise PactError(f"--above {above}: must be a probability mass in [0, 1]")
+    if isinstance(above, bool) or not (isinstance(above, (int, float)) and 0.0 <= above <= 1.0):
+        raise PactError(f"--above {preview(above)}: must be a probability mass in [0, 1]")
     cache = open_cache(Location.of(src, storage_options))
     loc = Location.of(out, storage_options)
     _check_new(loc, "filter")
+    if cache.num_rows == 0:
+        raise PactError(f"{cache.url}: the cache holds no rows, so a filter of it would be empty; nothing written")
     if cache.manifest.scores is not None:
-        print(f"pact-cache filter: {cache.url} carries token scores, which the filtered cache will not; run `pact-cache score` "
-              "on it for --token-mask", file=sys.stderr)
+        print(
+            f"pact-cache filter: {cache.url} carries token scores, which the filtered cache will not; run "
+            f"`pact-cache score` "
+            "on it for --token-mask",
+            file=sys.stderr,
+        )
     keep = np.array([w > 0 for w in cache.tokens.weights])
     m0 = cache.manifest
-    dataset = DatasetInfo(hash_identity("pact-cache/filtered-dataset", {"source": m0.dataset.sha256, "step0_refusal_mass_at_most": float(above)}),
-                          f"rows of {cache.url} with step-0 refusal mass <= {above:g}", ())
+    dataset = DatasetInfo(
+        hash_identity(
+            "pact-cache/filtered-dataset", {"source": m0.dataset.sha256, "step0_refusal_mass_at_most": float(above)}
+        ),
+        f"rows of {cache.url} with step-0 refusal mass <= {above:g}",
+        (),
+    )
     build = replace(m0.build, rows_per_part=rows_per_part or m0.build.rows_per_part, reused=(cache.cache_id,))
     identity = replace(m0.identity, dataset_sha256=dataset.sha256, build=build)
     kept = {"rows": 0, "steps": 0, "tokens": 0, "truncated": 0}
+    masses = [math.inf, -math.inf]  # the range of the input's step-0 refusal masses, for the message of an empty result
 
     def rows():
         for row in cache.iter_rows():
-            if step0_refusal_mass(row, keep) <= above:
+            mass = step0_refusal_mass(row, keep)
+            masses[:] = min(masses[0], mass), max(masses[1], mass)
+            if mass <= above:
                 kept["rows"] += 1
                 kept["steps"] += row.steps
                 kept["tokens"] += len(row.input_ids)
@@ -148,13 +200,36 @@ def filter_cache(src, out, above: float, rows_per_part: int | None = None, stora
                 yield row
 
     with loc.filling():  # a filter that fails leaves nothing behind: a retry works
-        parts = _write_rows(loc, rows(), m0.encoding, identity.key(), build.rows_per_part, cache.num_rows, "filtering", progress)
+        parts = _write_rows(
+            loc, rows(), m0.encoding, identity.key(), build.rows_per_part, cache.num_rows, "filtering", progress
+        )
+        if (
+            kept["rows"] == 0
+        ):  # an empty cache is no use to pact-train, stats or --replay: refused, as build refuses one
+            raise PactError(
+                f"--above {above:g}: keeps none of the {cache.num_rows:,} rows of {cache.url}, whose "
+                f"step-0 refusal "
+                f"masses run from {masses[0]:.4g} to {masses[1]:.4g}; nothing written: raise --above (to "
+                f"at "
+                f"least {masses[0]:.4g} to keep a row)"
+            )
         dropped = cache.num_rows - kept["rows"]
         skipped = dict(m0.counts.skipped)
         skipped["step0_refusal_mass_above"] = skipped.get("step0_refusal_mass_above", 0) + dropped
         counts = Counts(kept["rows"], kept["steps"], kept["tokens"], kept["truncated"], skipped, {})
-        m = Manifest(FORMAT, "", __version__, m0.reference, m0.tokenizer, m0.tokens, dataset, build, m0.encoding,
-                     counts, tuple(parts)).with_content_id()
+        m = Manifest(
+            FORMAT,
+            "",
+            __version__,
+            m0.reference,
+            m0.tokenizer,
+            m0.tokens,
+            dataset,
+            build,
+            m0.encoding,
+            counts,
+            tuple(parts),
+        ).with_content_id()
         publish(loc, m)
     return m, dropped
 
@@ -165,10 +240,14 @@ def diff_caches(a, b, storage_options: dict | None = None, examples: int = 5) ->
     a, b = ca.url, cb.url
     ma, mb = ca.manifest, cb.manifest
     ida, idb = ma.identity, mb.identity
-    fields = {"reference weights": ida.reference_weights != idb.reference_weights, "tokenizer": ida.tokenizer != idb.tokenizer,
-              "safety tokens": ida.tokens.content() != idb.tokens.content(), "dataset": ida.dataset_sha256 != idb.dataset_sha256,
-              "encoding": ida.encoding != idb.encoding,
-              "build parameters": ida.build.to_json() != idb.build.to_json()}
+    fields = {
+        "reference weights": ida.reference_weights != idb.reference_weights,
+        "tokenizer": ida.tokenizer != idb.tokenizer,
+        "safety tokens": ida.tokens.content() != idb.tokens.content(),
+        "dataset": ida.dataset_sha256 != idb.dataset_sha256,
+        "encoding": ida.encoding != idb.encoding,
+        "build parameters": ida.build.to_json() != idb.build.to_json(),
+    }
     comparable = list(ca.ids) == list(cb.ids)
     index = Reuse([ca])  # A's rows by input; values read part by part when needed
     seen_a: set[tuple[int, int, int]] = set()
@@ -207,7 +286,12 @@ def diff_caches(a, b, storage_options: dict | None = None, examples: int = 5) ->
         "a": {"path": a, "cache_id": ca.cache_id, "rows": ca.num_rows},
         "b": {"path": b, "cache_id": cb.cache_id, "rows": cb.num_rows},
         "identity_differs": [k for k, v in fields.items() if v],
-        "rows": {"common": common, "added": len(added), "removed": len(removed), "changed": len(changed) if comparable else None},
+        "rows": {
+            "common": common,
+            "added": len(added),
+            "removed": len(removed),
+            "changed": len(changed) if comparable else None,
+        },
         "values_comparable": comparable,
         "max_abs_diff": worst if comparable else None,
         "mean_abs_diff": {k: sums[k] / n_values[k] if n_values[k] else 0.0 for k in sums} if comparable else None,
@@ -217,21 +301,31 @@ def diff_caches(a, b, storage_options: dict | None = None, examples: int = 5) ->
 
 def format_diff(d: dict) -> str:
     r = d["rows"]
-    lines = [f"A {d['a']['path']}: {d['a']['cache_id'][:12]}, {d['a']['rows']:,} rows",
-             f"B {d['b']['path']}: {d['b']['cache_id'][:12]}, {d['b']['rows']:,} rows"]
+    lines = [
+        f"A {d['a']['path']}: {d['a']['cache_id'][:12]}, {d['a']['rows']:,} rows",
+        f"B {d['b']['path']}: {d['b']['cache_id'][:12]}, {d['b']['rows']:,} rows",
+    ]
     if d["a"]["cache_id"] == d["b"]["cache_id"]:
         return "\n".join(lines + ["the same cache (equal ids)"])
     lines.append("identity differs in: " + (", ".join(d["identity_differs"]) or "nothing (only the rows' bytes)"))
-    lines.append(f"rows: {r['common']:,} in both, {r['added']:,} added in B, {r['removed']:,} removed from A"
-                 + (f", {r['changed']:,} with other values" if r["changed"] is not None else ""))
+    lines.append(
+        f"rows: {r['common']:,} in both, {r['added']:,} added in B, {r['removed']:,} removed from A"
+        + (f", {r['changed']:,} with other values" if r["changed"] is not None else "")
+    )
     if d["values_comparable"]:
         for col in (c.decoded for c in REF_COLUMNS):
-            lines.append(f"  {col:<15} max |diff| {d['max_abs_diff'][col]:.4g} nats, mean {d['mean_abs_diff'][col]:.4g}")
+            lines.append(
+                f"  {col:<15} max |diff| {d['max_abs_diff'][col]:.4g} nats, mean {d['mean_abs_diff'][col]:.4g}"
+            )
     else:
         lines.append("values not compared: the caches use different safety tokens")
     for kind in ("added", "removed", "changed"):
         if d["examples"][kind]:
-            lines.append(f"{kind}: " + ", ".join(d["examples"][kind]) + (" ..." if r[kind] and r[kind] > len(d["examples"][kind]) else ""))
+            lines.append(
+                f"{kind}: "
+                + ", ".join(d["examples"][kind])
+                + (" ..." if r[kind] and r[kind] > len(d["examples"][kind]) else "")
+            )
     return "\n".join(lines)
 
 

@@ -13,16 +13,14 @@ this cache on its way, is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 
-from .errors import CacheError, OutputExistsError
-from .format import MANIFEST, open_cache, read_manifest
 from .card import CARD, publish
-from .storage import check_regular_file, is_tmp_name, sha256_stream
+from .errors import CacheError, OutputExistsError
+from .format import MANIFEST, copy_part, open_cache, read_manifest
 from .manifest import PART_NAME
-from .storage import COPY_BLOCK, Location
+from .storage import Location, check_regular_file, is_tmp_name, sha256_stream
 
 COPY_STATE = ".pact-copy.json"  # says which cache a destination is becoming; removed at the end
 
@@ -49,47 +47,36 @@ def _prepare(dst: Location, cache_id: str) -> None:
         try:
             other = read_manifest(dst).cache_id
         except CacheError as err:
-            raise OutputExistsError(f"{dst.display}: holds a cache that does not pass its checks ({err}); choose another destination") from None
+            raise OutputExistsError(
+                f"{dst.display}: holds a cache that does not pass its checks ({err}); choose another destination"
+            ) from None
         if other != cache_id:
-            raise OutputExistsError(f"{dst.display}: holds a different cache (id {other[:12]}); nothing is overwritten: choose another destination")
+            raise OutputExistsError(
+                f"{dst.display}: holds a different cache (id {other[:12]}); nothing is "
+                f"overwritten: choose another destination"
+            )
         return
     names = [n for n in dst.names() if not is_tmp_name(n)]
     if names and COPY_STATE not in names:
-        raise OutputExistsError(f"{dst.display}: is not empty and is not a copy of this cache under way; choose another destination")
+        raise OutputExistsError(
+            f"{dst.display}: is not empty and is not a copy of this cache under way; choose another destination"
+        )
     if COPY_STATE in names:
         try:
             state = json.loads(dst.read_bytes(COPY_STATE, 1 << 16))
         except (ValueError, OSError):
             state = {}
         if not isinstance(state, dict) or state.get("cache_id") != cache_id:
-            raise OutputExistsError(f"{dst.display}: holds an unfinished copy of another cache; choose another destination")
-        strays = [n for n in names if n not in (COPY_STATE, CARD) and not PART_NAME.fullmatch(n)]  # the card goes up just before the manifest
+            raise OutputExistsError(
+                f"{dst.display}: holds an unfinished copy of another cache; choose another destination"
+            )
+        strays = [
+            n for n in names if n not in (COPY_STATE, CARD) and not PART_NAME.fullmatch(n)
+        ]  # the card goes up just before the manifest
         if strays:
-            raise OutputExistsError(f"{dst.display}: holds {strays[0]}, which is not part of this cache; choose another destination")
-
-
-def copy_part(cache, part, dst: Location, scratch, bar=None) -> None:
-    """Stream one file of ``cache`` listed in its manifest (a part, or a score file: anything with
-    ``name``, ``bytes`` and ``sha256``) into a local scratch file, hashing it, and publish it at
-    ``dst`` only when its sha256 is the manifest's."""
-    check_regular_file(cache.fs, cache.root, cache.part_path(part), cache._where(part), size=part.bytes)
-    h = hashlib.sha256()
-    local = scratch / part.name
-    with cache.fs.open(cache.part_path(part), "rb") as fin, open(local, "wb") as fout:
-        left = part.bytes
-        while left > 0:
-            block = fin.read(min(COPY_BLOCK, left))
-            if not block:
-                break
-            h.update(block)
-            fout.write(block)
-            left -= len(block)
-            if bar is not None:
-                bar.update(len(block))
-    if left != 0 or h.hexdigest() != part.sha256:
-        raise CacheError(f"{cache._where(part)}: sha256 differs from the manifest while copying; the source is corrupt or "
-                         "changed: nothing of it was published, re-download or rebuild the source")
-    dst.put_file(local, part.name)
+            raise OutputExistsError(
+                f"{dst.display}: holds {strays[0]}, which is not part of this cache; choose another destination"
+            )
 
 
 def copy_cache(src: Location, dst: Location, cache_id: str | None = None, progress: bool = True) -> CopyResult:
@@ -105,7 +92,14 @@ def copy_cache(src: Location, dst: Location, cache_id: str | None = None, progre
         dst.put_bytes(COPY_STATE, json.dumps({"cache_id": m.cache_id}).encode())
     copied = kept = nbytes = replaced = 0
     files = [*m.parts, *(m.scores.files if m.scores is not None else ())]  # parts, then any token-score sidecars
-    bar = tqdm(total=sum(p.bytes for p in files), unit="B", unit_scale=True, desc="copying", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(p.bytes for p in files),
+        unit="B",
+        unit_scale=True,
+        desc="copying",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     scratch = dst.scratch()
     try:
         for part in files:

@@ -70,9 +70,13 @@ def scan_dataset(path: str | Path) -> tuple[list[Path], list[Path]]:
             raise DatasetError(f"{path}: unsupported file type {p.suffix!r}; use .jsonl, .json or .parquet")
         if not _is_regular(p):
             raise DatasetError(f"{path}: is not a regular file (a FIFO or device?); pass a dataset file")
+        _check_text_path(p)
         return [p], []
     if _is_save_to_disk(p):
-        return sorted(f for f in p.rglob("*") if _is_regular(f)), []
+        files = sorted(f for f in p.rglob("*") if _is_regular(f))
+        for f in files:
+            _check_text_path(f)
+        return files, []
     files, ignored = [], []
     for top, dirs, names in os.walk(p):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -84,8 +88,31 @@ def scan_dataset(path: str | Path) -> tuple[list[Path], list[Path]]:
     files.sort(key=lambda f: f.relative_to(p).as_posix())
     ignored.sort(key=lambda f: f.relative_to(p).as_posix())
     if not files:
-        raise DatasetError(f"{path}: folder holds no .jsonl/.json/.parquet file (searched recursively) and is not a save_to_disk folder")
-    return files, ignored
+        raise DatasetError(
+            f"{path}: folder holds no .jsonl/.json/.parquet file (searched recursively) and is not a "
+            f"save_to_disk folder"
+        )
+    for f in files:
+        _check_text_path(f)
+    return files, [Path(shown_path(f)) for f in ignored]
+
+
+def shown_path(path: str | Path) -> str:
+    """A path as text that can always be printed: bytes that are not UTF-8 (which Python keeps as lone
+    surrogates) shown as ``\\xff`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _check_text_path(path: Path) -> None:
+    """A dataset path must be UTF-8 text: the manifest, the card and the messages record it as text."""
+    try:
+        str(path.resolve()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DatasetError(
+            f"{shown_path(path.resolve())}: the path is not valid UTF-8 (the \\x escapes); rename the "
+            f"file or "
+            "folder: pact-cache records a dataset's paths as text"
+        ) from None
 
 
 def dataset_files(path: str | Path) -> list[Path]:
@@ -103,10 +130,14 @@ def iter_rows(path: str | Path) -> Iterator[RawRow]:
         try:
             ds = datasets.load_from_disk(str(p))
         except Exception as err:  # datasets raises many types for a damaged folder
-            raise DatasetError(f"{path}: not a readable save_to_disk folder ({type(err).__name__}: {str(err)[:120]})") from None
+            raise DatasetError(
+                f"{path}: not a readable save_to_disk folder ({type(err).__name__}: {str(err)[:120]})"
+            ) from None
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
-                raise DatasetError(f"{path}: DatasetDict has no 'train' split (has {sorted(ds)}); save the split you want")
+                raise DatasetError(
+                    f"{path}: DatasetDict has no 'train' split (has {sorted(ds)}); save the split you want"
+                )
             ds = ds["train"]
         for i, rec in enumerate(ds):
             yield RawRow(f"{p} row {i}", rec)
@@ -124,7 +155,10 @@ def iter_rows(path: str | Path) -> Iterator[RawRow]:
             if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
                 data = next(iter(data.values()))
             if not isinstance(data, list):
-                raise DatasetError(f"{f}: a .json dataset must hold a list of row objects (got {type(data).__name__}); use .jsonl for one row per line")
+                raise DatasetError(
+                    f"{f}: a .json dataset must hold a list of row objects (got {type(data).__name__}); "
+                    f"use .jsonl for one row per line"
+                )
             for i, rec in enumerate(data):
                 yield RawRow(f"{f} row {i}", rec)
         else:
@@ -133,8 +167,10 @@ def iter_rows(path: str | Path) -> Iterator[RawRow]:
             try:
                 rows = pq.read_table(f).to_pylist()
             except Exception as err:  # pyarrow raises several types for a file that is not Parquet
-                raise DatasetError(f"{f}: not a readable Parquet file ({type(err).__name__}: {str(err)[:120]}); "
-                                   "convert it with pyarrow/pandas or use .jsonl") from None
+                raise DatasetError(
+                    f"{f}: not a readable Parquet file ({type(err).__name__}: {str(err)[:120]}); "
+                    "convert it with pyarrow/pandas or use .jsonl"
+                ) from None
             for i, rec in enumerate(rows):
                 yield RawRow(f"{f} row {i}", rec)
 
@@ -154,13 +190,17 @@ def to_messages(row: RawRow) -> list[dict]:
                 raise DatasetError(f"{where}: messages[{j}] must be an object with string 'role' and 'content'")
             out.append({"role": m["role"], "content": m["content"]})
         if out[-1]["role"] != "assistant":
-            raise DatasetError(f"{where}: the last message has role {out[-1]['role']!r}; it must be the assistant's answer")
+            raise DatasetError(
+                f"{where}: the last message has role {out[-1]['role']!r}; it must be the assistant's answer"
+            )
         if len(out) < 2:
             raise DatasetError(f"{where}: 'messages' holds only the answer; add the user turn before it")
     elif "instruction" in rec:
         ins, inp, ans = rec.get("instruction"), rec.get("input") or "", rec.get("output")
         if not isinstance(ins, str) or not isinstance(inp, str) or not isinstance(ans, str):
-            raise DatasetError(f"{where}: Alpaca rows need string 'instruction' and 'output' (and optional string 'input')")
+            raise DatasetError(
+                f"{where}: Alpaca rows need string 'instruction' and 'output' (and optional string 'input')"
+            )
         user = f"{ins} {inp}" if inp else ins  # as the paper's code joins them
         out = [{"role": "user", "content": user}, {"role": "assistant", "content": ans}]
     elif "prompt" in rec:
@@ -172,7 +212,10 @@ def to_messages(row: RawRow) -> list[dict]:
         out = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec[key]}]
     else:
         keys = ", ".join(sorted(map(str, rec))) or "none"
-        raise DatasetError(f"{where}: unknown row format (keys: {keys}); use 'messages', 'prompt'+'completion' or 'instruction'+'output'")
+        raise DatasetError(
+            f"{where}: unknown row format (keys: {keys}); use 'messages', 'prompt'+'completion' or "
+            f"'instruction'+'output'"
+        )
     if not out[-1]["content"].strip():
         raise DatasetError(f"{where}: empty response; drop the row or give it an answer")
     return out
@@ -184,9 +227,19 @@ def prompts_from(path: str, limit: int | None = None) -> list[tuple[list[dict], 
     out = []
     for row in iter_rows(path):
         rec = row.record
-        if isinstance(rec, dict) and "instruction" not in rec and "prompt" not in rec and "messages" not in rec and "input" in rec:
+        if (
+            isinstance(rec, dict)
+            and "instruction" not in rec
+            and "prompt" not in rec
+            and "messages" not in rec
+            and "input" in rec
+        ):
             rec = {"prompt": rec["input"], "completion": rec.get("output") or "-"}
-        if isinstance(rec, dict) and "messages" not in rec and not (rec.get("output") or rec.get("completion") or rec.get("response")):
+        if (
+            isinstance(rec, dict)
+            and "messages" not in rec
+            and not (rec.get("output") or rec.get("completion") or rec.get("response"))
+        ):
             rec = dict(rec, **{"output" if "instruction" in rec else "completion": "-"})  # prompt-only rows
         msgs = to_messages(RawRow(row.where, rec))
         answer = msgs[-1]["content"]
@@ -197,7 +250,9 @@ def prompts_from(path: str, limit: int | None = None) -> list[tuple[list[dict], 
 
 
 def chat_ids(tok, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    enc = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True)
+    enc = tok.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
+    )
     return list(enc["input_ids"])
 
 
@@ -213,8 +268,11 @@ def tokenize_row(tok, index: int, row: RawRow, max_length: int | None) -> Exampl
         prompt = chat_ids(tok, messages[:-1], add_generation_prompt=True)
         full = chat_ids(tok, messages, add_generation_prompt=False)
     except Exception as err:  # jinja and tokenizer errors on content the template does not expect
-        raise DatasetError(f"{row.where}: the chat template cannot render this row ({type(err).__name__}: {str(err)[:120]}); "
-                           "fix the row's roles or content") from None
+        raise DatasetError(
+            f"{row.where}: the chat template cannot render this row ({type(err).__name__}: "
+            f"{str(err)[:120]}); "
+            "fix the row's roles or content"
+        ) from None
     if full[: len(prompt)] != prompt:
         raise DatasetError(
             f"{row.where}: the chat template renders the prompt differently with and without the answer, "
@@ -256,7 +314,7 @@ def assistant_header_ids(tok) -> list[int]:
     dummy = [{"role": "user", "content": "hello"}]
     s0 = tok.apply_chat_template(dummy, tokenize=False, add_generation_prompt=False)
     s1 = tok.apply_chat_template(dummy, tokenize=False, add_generation_prompt=True)
-    header = s1[len(s0):] if s1.startswith(s0) else ""
+    header = s1[len(s0) :] if s1.startswith(s0) else ""
     ids = tok.encode(header if header.strip() else "Assistant:", add_special_tokens=False)
     if not ids:
         raise DatasetError("the tokenizer's chat template yields an empty assistant header; the post view is undefined")
@@ -275,4 +333,8 @@ def dataset_fingerprint(path: str | Path) -> dict:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
         h.update(b"\0")
-    return {"source": str(p.resolve()), "files": [f.relative_to(root).as_posix() for f in files], "sha256": h.hexdigest()}
+    return {
+        "source": str(p.resolve()),
+        "files": [f.relative_to(root).as_posix() for f in files],
+        "sha256": h.hexdigest(),
+    }

@@ -50,39 +50,56 @@ class Direction:
     base: dict | None = None
 
     def metadata(self) -> dict:
-        return {"format": DIRECTION_FORMAT, "modules": sorted(self.factors), "rank": self.rank,
-                "errors": self.errors, "aligned": self.aligned, "base": self.base}
+        return {
+            "format": DIRECTION_FORMAT,
+            "modules": sorted(self.factors),
+            "rank": self.rank,
+            "errors": self.errors,
+            "aligned": self.aligned,
+            "base": self.base,
+        }
 
 
-def compute_direction(aligned, base, modules: list[str], rank: int | None = None, aligned_fp=None, base_fp=None,
-                      progress=None) -> Direction:
+def compute_direction(
+    aligned, base, modules: list[str], rank: int | None = None, aligned_fp=None, base_fp=None, progress=None
+) -> Direction:
     """``V = W_aligned - W_base`` for every ``nn.Linear`` whose last name is in ``modules`` (the LoRA
     targets); the full ``V`` or its rank-``rank`` SVD factor. Both models must have the same layout."""
     import torch
 
     b_mods = dict(base.named_modules())
     factors, errors = {}, {}
-    found = [(n, m) for n, m in aligned.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in modules]
+    found = [
+        (n, m) for n, m in aligned.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in modules
+    ]
     if not found:
-        raise DirectionError(f"--modules {','.join(modules)}: no linear layer of the aligned model has one of these names")
-    for name, mod in (progress(found) if progress else found):
+        raise DirectionError(
+            f"--modules {','.join(modules)}: no linear layer of the aligned model has one of these names"
+        )
+    for name, mod in progress(found) if progress else found:
         other = b_mods.get(name)
         if not isinstance(other, torch.nn.Linear) or other.weight.shape != mod.weight.shape:
-            raise DirectionError(f"{name}: the base model has no linear layer of shape {tuple(mod.weight.shape)} there; "
-                                 "--aligned and --base must be the same architecture")
+            raise DirectionError(
+                f"{name}: the base model has no linear layer of shape {tuple(mod.weight.shape)} "
+                f"there; "
+                "--aligned and --base must be the same architecture"
+            )
         V = mod.weight.detach().float() - other.weight.detach().float()
         norm = torch.linalg.matrix_norm(V)
         if not torch.isfinite(V).all():
             raise DirectionError(f"{name}: the weights hold non-finite values")
         if norm == 0:
-            raise DirectionError(f"{name}: the aligned and base weights are equal there (V = 0); AsFT has no direction to "
-                                 "anchor to: are --aligned and --base the same model?")
+            raise DirectionError(
+                f"{name}: the aligned and base weights are equal there (V = 0); AsFT has no direction "
+                f"to "
+                "anchor to: are --aligned and --base the same model?"
+            )
         if rank is None or rank >= min(V.shape):
             P, err = V, 0.0
         else:
             U, s, _ = torch.linalg.svd(V, full_matrices=False)
             P = U[:, :rank] * s[:rank]
-            err = float((s[rank:] ** 4).sum().sqrt() / (s ** 4).sum().sqrt())  # ||VV^T - PP^T||_F / ||VV^T||_F
+            err = float((s[rank:] ** 4).sum().sqrt() / (s**4).sum().sqrt())  # ||VV^T - PP^T||_F / ||VV^T||_F
         factors[name] = (P.contiguous(), norm.reshape(()))
         errors[name] = err
     return Direction(factors, rank, errors, aligned_fp, base_fp)
@@ -111,7 +128,9 @@ def read_direction(path: str | Path) -> Direction:
     p = Path(path)
     fix = "make it again with `pact-cache direction`"
     if not p.is_file():
-        raise DirectionError(f"{path}: no such direction file; make one with `pact-cache direction --aligned A --base B -o {path}`")
+        raise DirectionError(
+            f"{path}: no such direction file; make one with `pact-cache direction --aligned A --base B -o {path}`"
+        )
     try:
         with safe_open(str(p), framework="pt") as f:
             meta_raw = (f.metadata() or {}).get("pact")
@@ -131,7 +150,9 @@ def read_direction(path: str | Path) -> Direction:
                 raise DirectionError(f"{path}: metadata 'modules' must be a non-empty list of module names; {fix}")
             if rank is not None and not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
                 raise DirectionError(f"{path}: metadata 'rank' must be null or a positive integer; {fix}")
-            if not isinstance(errors, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in errors.values()):
+            if not isinstance(errors, dict) or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in errors.values()
+            ):
                 raise DirectionError(f"{path}: metadata 'errors' must map modules to finite numbers; {fix}")
             want = {f"{m}.{s}" for m in modules for s in ("P", "norm")}
             if keys != want:
@@ -148,12 +169,19 @@ def read_direction(path: str | Path) -> Direction:
                 # float32 number (finite values whose products overflow would stop training with NaN later)
                 scale = float((P.double() ** 2).sum() / norm.double())
                 if not math.isfinite(scale) or scale > FLOAT32_SAFE:
-                    raise DirectionError(f"{path}: {m}: values whose products overflow float32 (||P||^2 / norm = {scale:.3g}); {fix}")
+                    raise DirectionError(
+                        f"{path}: {m}: values whose products overflow float32 (||P||^2 / norm = {scale:.3g}); {fix}"
+                    )
                 factors[m] = (P, norm)
     except SafetensorError as err:
         raise DirectionError(f"{path}: not a readable safetensors file ({err}); {fix}") from None
     except OSError as err:
         raise DirectionError(f"{path}: cannot be read ({err.strerror or err})") from None
     aligned, base = meta.get("aligned"), meta.get("base")
-    return Direction(factors, rank, dict(errors), aligned if isinstance(aligned, dict) else None,
-                     base if isinstance(base, dict) else None)
+    return Direction(
+        factors,
+        rank,
+        dict(errors),
+        aligned if isinstance(aligned, dict) else None,
+        base if isinstance(base, dict) else None,
+    )

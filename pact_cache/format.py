@@ -22,10 +22,18 @@ import numpy as np
 from .columns import REF_COLUMNS, blob_names, blob_sizes, check_declared, code_blobs, declared_bounds, decode, encode
 from .columns import stored as blob_names_of
 from .errors import CacheError
-from .manifest import ENCODINGS  # noqa: F401  (re-exported: the encodings are part of the format)
-from .manifest import MANIFEST_MAX_BYTES, Encoding, Manifest, PartEntry, check_pin
+from .manifest import (
+    ENCODINGS,  # noqa: F401  (re-exported: the encodings are part of the format)
+    MANIFEST_MAX_BYTES,
+    Encoding,
+    Manifest,
+    PartEntry,
+    check_pin,
+)
+from .storage import COPY_BLOCK, Location, check_regular_file, sha256_path, sha256_stream, tmp_name
 from .typedjson import load_json
-from .storage import Location, check_regular_file, sha256_path, sha256_stream, tmp_name
+
+ROWS_PER_PART = 1024  # rows per Parquet part by default: the unit of resume, sharding and reuse
 
 MANIFEST = "manifest.json"
 ZSTD_LEVEL = 19  # build time is dominated by the model; level 19 buys ~10% over the default
@@ -39,6 +47,7 @@ ROW_GROUP_STEPS = 16384
 
 
 # ----------------------------------------------------------------------------- rows and row groups
+
 
 def row_groups(steps: list[int], limit: int | None = None) -> list[tuple[int, int]]:
     """Consecutive ``(start, stop)`` row ranges holding at most ``limit`` response steps each (a row
@@ -64,10 +73,16 @@ def rows_digest(rows) -> str:
 
 def _row_bytes(example_id: str, input_ids, response_start: int) -> bytes:
     ids = np.asarray(input_ids, dtype="<i4")
-    return str(example_id).encode("utf-8") + b"\0" + np.array([response_start, len(ids)], dtype="<i4").tobytes() + ids.tobytes()
+    return (
+        str(example_id).encode("utf-8")
+        + b"\0"
+        + np.array([response_start, len(ids)], dtype="<i4").tobytes()
+        + ids.tobytes()
+    )
 
 
 # ----------------------------------------------------------------------------- schema + writer
+
 
 def part_schema(enc: Encoding):
     import pyarrow as pa
@@ -103,8 +118,11 @@ def write_part(path: Path, rows: list[RowResult], enc: Encoding, build_key: str 
             if values.shape != col.shape(n, K):
                 raise CacheError(f"internal: row {r.example_id} has {col.name} of shape {values.shape} for {n} steps")
             if np.isnan(values).any() or (values > 0).any():
-                raise CacheError(f"{path.name}: the reference gave a log-prob that is NaN or positive ({col.name} view of {r.example_id}); "
-                                 "the reference model's weights or --dtype overflow: try --dtype fp32")
+                raise CacheError(
+                    f"{path.name}: the reference gave a log-prob that is NaN or positive ({col.name} view "
+                    f"of {r.example_id}); "
+                    "the reference model's weights or --dtype overflow: try --dtype fp32"
+                )
         steps += n
         cols["example_id"].append(r.example_id)
         cols["input_ids"].append(r.input_ids)
@@ -119,8 +137,14 @@ def write_part(path: Path, rows: list[RowResult], enc: Encoding, build_key: str 
     try:
         # Row groups of at most ROW_GROUP_STEPS steps: a reader holds one at a time, whatever the part's
         # size. Dictionary encoding only pays for the ids; no statistics on blobs.
-        with pq.ParquetWriter(tmp, schema, compression="zstd", compression_level=ZSTD_LEVEL, use_dictionary=False,
-                              write_statistics=["response_start"]) as writer:
+        with pq.ParquetWriter(
+            tmp,
+            schema,
+            compression="zstd",
+            compression_level=ZSTD_LEVEL,
+            use_dictionary=False,
+            write_statistics=["response_start"],
+        ) as writer:
             for a, b in row_groups([len(r.input_ids) - r.response_start for r in rows]):
                 writer.write_table(table.slice(a, b - a), row_group_size=max(b - a, 1))
         with open(tmp, "rb") as f:
@@ -129,11 +153,18 @@ def write_part(path: Path, rows: list[RowResult], enc: Encoding, build_key: str 
     finally:
         if tmp.exists():
             tmp.unlink()
-    return PartEntry(path.name, len(rows), steps, path.stat().st_size, sha256_path(path),
-                     rows_digest((r.example_id, r.input_ids, r.response_start) for r in rows))
+    return PartEntry(
+        path.name,
+        len(rows),
+        steps,
+        path.stat().st_size,
+        sha256_path(path),
+        rows_digest((r.example_id, r.input_ids, r.response_start) for r in rows),
+    )
 
 
 # ----------------------------------------------------------------------------- reader
+
 
 @dataclass
 class CacheRow:
@@ -213,8 +244,13 @@ class Cache:
         check_regular_file(self.fs, self.root, self.part_path(part), where, size=part.bytes)
         with self.fs.open(self.part_path(part), "rb") as f:
             digest, n = sha256_stream(f, limit=part.bytes)  # never more than the manifest states
-        _require(n == part.bytes and digest == part.sha256, where,
-                 "sha256 differs from the manifest; the part is corrupt or was changed, re-download or rebuild it")
+        _require(
+            n == part.bytes and digest == part.sha256,
+            where,
+            "sha256 differs from the manifest; the part is corrupt or was changed, re-download or rebuild it",
+        )
+        with self.fs.open(self.part_path(part), "rb") as f:  # what its footer declares, before anything is decompressed
+            self._parquet(f, part, where)
         self._checked.add(part.name)
 
     def _parquet(self, f, part: PartEntry, where: str):
@@ -224,13 +260,34 @@ class Cache:
             pf = pq.ParquetFile(f)
             schema = pf.schema_arrow
         except Exception as err:  # pyarrow raises several types for a damaged file
-            raise CacheError(f"{where}: not a readable Parquet file ({type(err).__name__}: {str(err)[:120]}); re-download or rebuild it") from None
+            raise CacheError(
+                f"{where}: not a readable Parquet file ({type(err).__name__}: {str(err)[:120]}); "
+                f"re-download or rebuild it"
+            ) from None
         for want in part_schema(self.encoding):
-            _require(want.name in schema.names, where, f"column {want.name!r} is missing (encoding {self.encoding.name})")
-            _require(schema.field(want.name).type == want.type, where, f"column {want.name!r} has type {schema.field(want.name).type}, expected {want.type}")
-        _require(pf.metadata.num_rows == part.rows, where, f"holds {pf.metadata.num_rows} rows, manifest says {part.rows}")
-        check_declared(pf.metadata, where, declared_bounds(part.rows, part.steps, self.K, self.encoding,
-                                                           self.manifest.build.max_length, self.manifest.counts.input_tokens))
+            _require(
+                want.name in schema.names, where, f"column {want.name!r} is missing (encoding {self.encoding.name})"
+            )
+            _require(
+                schema.field(want.name).type == want.type,
+                where,
+                f"column {want.name!r} has type {schema.field(want.name).type}, expected {want.type}",
+            )
+        _require(
+            pf.metadata.num_rows == part.rows, where, f"holds {pf.metadata.num_rows} rows, manifest says {part.rows}"
+        )
+        check_declared(
+            pf.metadata,
+            where,
+            declared_bounds(
+                part.rows,
+                part.steps,
+                self.K,
+                self.encoding,
+                self.manifest.build.max_length,
+                self.manifest.counts.input_tokens,
+            ),
+        )
         return pf
 
     # -- token scores (sidecars)
@@ -248,19 +305,31 @@ class Cache:
         check_regular_file(self.fs, self.root, path, where, size=sf.bytes)
         with self.fs.open(path, "rb") as f:
             data = f.read(sf.bytes)
-        _require(len(data) == sf.bytes and hashlib.sha256(data).hexdigest() == sf.sha256, where,
-                 "sha256 differs from the manifest; the score file is corrupt or was changed, re-download it or score the cache again")
+        _require(
+            len(data) == sf.bytes and hashlib.sha256(data).hexdigest() == sf.sha256,
+            where,
+            "sha256 differs from the manifest; the score file is corrupt or was changed, re-download it or score "
+            "the cache again",
+        )
         try:
             md = pq.ParquetFile(pa.BufferReader(data)).metadata
         except Exception as err:
-            raise CacheError(f"{where}: not a readable Parquet file ({type(err).__name__}: {str(err)[:120]}); score the cache again") from None
+            raise CacheError(
+                f"{where}: not a readable Parquet file ({type(err).__name__}: {str(err)[:120]}); score the cache again"
+            ) from None
         check_declared(md, where, {"example_id": part.rows * (4 + 256), "score": 4 * part.steps + part.rows * 4})
         try:
             table = pq.read_table(pa.BufferReader(data))
         except Exception as err:
-            raise CacheError(f"{where}: not a readable Parquet file ({type(err).__name__}: {str(err)[:120]}); score the cache again") from None
+            raise CacheError(
+                f"{where}: not a readable Parquet file ({type(err).__name__}: {str(err)[:120]}); score the cache again"
+            ) from None
         for name, typ in (("example_id", pa.string()), ("score", pa.binary())):
-            _require(name in table.column_names and table.schema.field(name).type == typ, where, f"column {name!r} ({typ}) is missing")
+            _require(
+                name in table.column_names and table.schema.field(name).type == typ,
+                where,
+                f"column {name!r} ({typ}) is missing",
+            )
         _require(table.num_rows == part.rows, where, f"holds {table.num_rows} rows, its part {part.name} {part.rows}")
         ids, blobs = table.column("example_id").to_pylist(), table.column("score").to_pylist()
         scores = []
@@ -276,9 +345,12 @@ class Cache:
         """The rows of one part, decoded and checked; at the end, their digest against the manifest."""
         found: dict = {}
         yield from self.scan_part(part, found, batch_rows)
-        _require(found["rows_sha256"] == part.rows_sha256, self._where(part),
-                 "its rows (example ids, input ids, response starts) differ from the manifest's rows_sha256; "
-                 "the part was replaced: re-download or rebuild the cache")
+        _require(
+            found["rows_sha256"] == part.rows_sha256,
+            self._where(part),
+            "its rows (example ids, input ids, response starts) differ from the manifest's rows_sha256; "
+            "the part was replaced: re-download or rebuild the cache",
+        )
 
     def scan_part(self, part: PartEntry, found: dict, batch_rows: int = 64) -> Iterator[CacheRow]:
         """Every check of :meth:`iter_part_rows` but the rows digest, which is left in ``found``."""
@@ -301,9 +373,13 @@ class Cache:
                     for i in range(batch.num_rows):
                         row = self._decode(data, i, f"{where} row {row_no}", check_values=not clean)
                         if scores:
-                            _require(score_ids[row_no] == row.example_id and len(scores[row_no]) == row.steps, f"{where} row {row_no}",
-                                     f"its score file row is {score_ids[row_no]!r} with {len(scores[row_no])} scores, not this row's "
-                                     f"{row.steps}; the scores belong to another cache, score it again")
+                            _require(
+                                score_ids[row_no] == row.example_id and len(scores[row_no]) == row.steps,
+                                f"{where} row {row_no}",
+                                f"its score file row is {score_ids[row_no]!r} with {len(scores[row_no])} scores, "
+                                f"not this row's "
+                                f"{row.steps}; the scores belong to another cache, score it again",
+                            )
                             row.score = scores[row_no]
                         digest.update(_row_bytes(row.example_id, row.input_ids, row.response_start))
                         steps += row.steps
@@ -312,7 +388,9 @@ class Cache:
             except CacheError:
                 raise
             except Exception as err:  # a damaged page inside a file whose checksum was not checked
-                raise CacheError(f"{where}: cannot be decoded ({type(err).__name__}: {str(err)[:120]}); re-download or rebuild it") from None
+                raise CacheError(
+                    f"{where}: cannot be decoded ({type(err).__name__}: {str(err)[:120]}); re-download or rebuild it"
+                ) from None
             _require(steps == part.steps, where, f"holds {steps} response steps, manifest says {part.steps}")
             found["rows_sha256"] = digest.hexdigest()
 
@@ -335,7 +413,9 @@ class Cache:
                     v = np.frombuffer(b"".join(data[f"{col.name}_f32"]), dtype="<f4")
                     if not (np.isfinite(v).all() and (v <= 0).all()):
                         return False
-                    if col.per_step == "K" and (v.size % self.K or (np.exp(v).reshape(-1, self.K).sum(axis=1) > 1.0 + F32_SUM_TOLERANCE).any()):
+                    if col.per_step == "K" and (
+                        v.size % self.K or (np.exp(v).reshape(-1, self.K).sum(axis=1) > 1.0 + F32_SUM_TOLERANCE).any()
+                    ):
                         return False
             else:
                 for name in code_blobs(self.encoding):
@@ -354,27 +434,62 @@ class Cache:
             ids_arr = np.asarray(ids, dtype=np.int64)
         except (TypeError, ValueError):
             raise CacheError(f"{where}: input_ids holds a null") from None
-        _require(ids_arr.ndim == 1 and len(ids_arr) >= 2, where, "input_ids must hold at least a prompt token and a response token")
+        _require(
+            ids_arr.ndim == 1 and len(ids_arr) >= 2,
+            where,
+            "input_ids must hold at least a prompt token and a response token",
+        )
         if check_values:
             lo, hi = int(ids_arr.min()), int(ids_arr.max())
-            _require(lo >= 0 and hi < self.vocab_size, where, f"input_ids reach {lo if lo < 0 else hi}, outside the vocabulary [0, {self.vocab_size})")
-        _require(rs is not None and 1 <= rs < len(ids_arr), where, f"response_start {rs} is outside 1..{len(ids_arr) - 1}")
+            _require(
+                lo >= 0 and hi < self.vocab_size,
+                where,
+                f"input_ids reach {lo if lo < 0 else hi}, outside the vocabulary [0, {self.vocab_size})",
+            )
+        _require(
+            rs is not None and 1 <= rs < len(ids_arr), where, f"response_start {rs} is outside 1..{len(ids_arr) - 1}"
+        )
         n, K, enc = len(ids_arr) - rs, self.K, self.encoding
         for name, size in blob_sizes(n, K, enc).items():
             blob = data[name][i]
-            _require(blob is not None and len(blob) == size, where, f"{name} has {len(blob or b'')} bytes, expected {size} for {n} steps x K={K}")
+            _require(
+                blob is not None and len(blob) == size,
+                where,
+                f"{name} has {len(blob or b'')} bytes, expected {size} for {n} steps x K={K}",
+            )
         for name in code_blobs(enc) if check_values else ():
             code = np.frombuffer(data[name][i], dtype=np.uint8)
-            _require(int(code.max()) <= enc.max_code, where, f"{name} holds code {int(code.max())}, above {enc.max_code}, which the q8 encoder never writes; the cache is damaged, rebuild it")
-        ref = {col.name: decode(col, {b: data[b][i] for b in blob_names_of(col, enc)}, n, K, enc) for col in REF_COLUMNS}
+            _require(
+                int(code.max()) <= enc.max_code,
+                where,
+                f"{name} holds code {int(code.max())}, above "
+                f"{enc.max_code}, which the q8 encoder never writes; the "
+                f"cache is damaged, rebuild it",
+            )
+        ref = {
+            col.name: decode(col, {b: data[b][i] for b in blob_names_of(col, enc)}, n, K, enc) for col in REF_COLUMNS
+        }
         if enc.name == "f32" and check_values:
             for col in REF_COLUMNS:
                 v, name = ref[col.name], f"{col.name}_f32"
-                _require(bool(np.isfinite(v).all()), where, f"{name} holds a non-finite value (NaN or infinity); the cache is damaged, rebuild it")
-                _require(bool((v <= 0).all()), where, f"{name} holds a positive log-probability ({float(v.max()):g}); the cache is damaged, rebuild it")
+                _require(
+                    bool(np.isfinite(v).all()),
+                    where,
+                    f"{name} holds a non-finite value (NaN or infinity); the cache is damaged, rebuild it",
+                )
+                _require(
+                    bool((v <= 0).all()),
+                    where,
+                    f"{name} holds a positive log-probability ({float(v.max()):g}); the cache is damaged, rebuild it",
+                )
                 if col.per_step == "K":
                     mass = np.exp(v).sum(axis=1)  # v <= 0 (checked above), so no overflow
-                    _require(bool((mass <= 1.0 + F32_SUM_TOLERANCE).all()), where, f"{name}: the K probabilities of a step sum to {float(mass.max()):.4f} > 1; the cache is damaged, rebuild it")
+                    _require(
+                        bool((mass <= 1.0 + F32_SUM_TOLERANCE).all()),
+                        where,
+                        f"{name}: the K probabilities of a "
+                        f"step sum to {float(mass.max()):.4f} > 1; the cache is damaged, rebuild it",
+                    )
         return CacheRow(eid, ids_arr, int(rs), ref)
 
     def iter_rows(self) -> Iterator[CacheRow]:
@@ -398,10 +513,14 @@ class Cache:
         import pyarrow as pa
 
         step = pa.list_(pa.float32(), self.K)
-        return pa.schema([("example_id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("response_start", pa.int32())]
-                         + [(c.decoded, pa.list_(step if c.per_step == "K" else pa.float32())) for c in REF_COLUMNS],
-                         metadata={b"pact_cache.cache_id": self.cache_id.encode(),
-                                   b"pact_cache.token_ids": json.dumps(self.ids).encode()})
+        return pa.schema(
+            [("example_id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("response_start", pa.int32())]
+            + [(c.decoded, pa.list_(step if c.per_step == "K" else pa.float32())) for c in REF_COLUMNS],
+            metadata={
+                b"pact_cache.cache_id": self.cache_id.encode(),
+                b"pact_cache.token_ids": json.dumps(self.ids).encode(),
+            },
+        )
 
     def iter_arrow_batches(self, batch_rows: int = 256):
         """Arrow record batches of decoded rows, in cache order, one column per reference column under
@@ -428,9 +547,11 @@ class Cache:
             values = pa.FixedSizeListArray.from_arrays(flat, self.K) if col.per_step == "K" else flat
             return pa.ListArray.from_arrays(pa.array(offsets), values)
 
-        cols = [pa.array([r.example_id for r in rows], pa.string()),
-                pa.array([r.input_ids.astype(np.int32) for r in rows], pa.list_(pa.int32())),
-                pa.array([r.response_start for r in rows], pa.int32())]
+        cols = [
+            pa.array([r.example_id for r in rows], pa.string()),
+            pa.array([r.input_ids.astype(np.int32) for r in rows], pa.list_(pa.int32())),
+            pa.array([r.response_start for r in rows], pa.int32()),
+        ]
         cols += [per_step(c, [r.ref[c.name] for r in rows]) for c in REF_COLUMNS]
         return pa.RecordBatch.from_arrays(cols, schema=schema)
 
@@ -484,15 +605,26 @@ def read_manifest(location: Location | str) -> Manifest:
     if root_info.get("type") != "directory":
         raise CacheError(f"{url}: is a file, not a cache folder; pass the folder that holds manifest.json")
     if not fs.exists(path):
-        raise CacheError(f"{url}: has no {MANIFEST}; the build did not finish (rerun it with --resume) or this is not a cache")
+        raise CacheError(
+            f"{url}: has no {MANIFEST}; the build did not finish (rerun it with --resume) or this is not a cache"
+        )
     check_regular_file(fs, root, path, where, max_size=MANIFEST_MAX_BYTES)
-    obj = load_json(loc.read_bytes(MANIFEST, MANIFEST_MAX_BYTES), where, CacheError, "manifest",
-                    fix="the manifest is damaged or was edited: re-download or rebuild the cache")
+    obj = load_json(
+        loc.read_bytes(MANIFEST, MANIFEST_MAX_BYTES),
+        where,
+        CacheError,
+        "manifest",
+        fix="the manifest is damaged or was edited: re-download or rebuild the cache",
+    )
     return Manifest.parse(obj, where)
 
 
-def open_cache(url: str | Path | Location, verify_checksums: bool = True, cache_id: str | None = None,
-               storage_options: dict | None = None) -> Cache:
+def open_cache(
+    url: str | Path | Location,
+    verify_checksums: bool = True,
+    cache_id: str | None = None,
+    storage_options: dict | None = None,
+) -> Cache:
     """Open a cache (a folder or any fsspec URL) for reading. Checks the manifest and its content id
     now (and the pinned ``cache_id``, if given), and each part's type, size, sha256 and rows before
     using its rows. ``storage_options`` go to the filesystem (endpoint, credentials)."""
@@ -500,3 +632,30 @@ def open_cache(url: str | Path | Location, verify_checksums: bool = True, cache_
     manifest = read_manifest(loc)
     check_pin(manifest.cache_id, cache_id, loc.display)
     return Cache(loc, manifest, verify_checksums=verify_checksums)
+
+
+def copy_part(cache, part, dst: Location, scratch, bar=None) -> None:
+    """Stream one file of ``cache`` listed in its manifest (a part, or a score file: anything with
+    ``name``, ``bytes`` and ``sha256``) into a local scratch file, hashing it, and publish it at
+    ``dst`` only when its sha256 is the manifest's."""
+    check_regular_file(cache.fs, cache.root, cache.part_path(part), cache._where(part), size=part.bytes)
+    h = hashlib.sha256()
+    local = scratch / part.name
+    with cache.fs.open(cache.part_path(part), "rb") as fin, open(local, "wb") as fout:
+        left = part.bytes
+        while left > 0:
+            block = fin.read(min(COPY_BLOCK, left))
+            if not block:
+                break
+            h.update(block)
+            fout.write(block)
+            left -= len(block)
+            if bar is not None:
+                bar.update(len(block))
+    if left != 0 or h.hexdigest() != part.sha256:
+        raise CacheError(
+            f"{cache._where(part)}: sha256 differs from the manifest while copying; the source is corrupt "
+            f"or "
+            "changed: nothing of it was published, re-download or rebuild the source"
+        )
+    dst.put_file(local, part.name)

@@ -125,19 +125,26 @@ def resolve_model(name: str) -> ResolvedModel:
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").exists():
-            raise ModelError(f"{name}: folder has no config.json; pass a Hugging Face model folder, a hub id or {DEFAULT_MODEL}")
+            raise ModelError(
+                f"{name}: folder has no config.json; pass a Hugging Face model folder, a hub id or {DEFAULT_MODEL}"
+            )
         return ResolvedModel(name, p.resolve(), None)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
     if looks_local:
-        raise ModelError(f"{name}: no such model folder; pass an existing Hugging Face model folder, a hub id (org/name) or {DEFAULT_MODEL}")
+        raise ModelError(
+            f"{name}: no such model folder; pass an existing Hugging Face model folder, a hub id "
+            f"(org/name) or {DEFAULT_MODEL}"
+        )
     try:
         from huggingface_hub import snapshot_download
 
         patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
         local = Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as err:  # network, auth, unknown repo: all mean "cannot get this model"
-        raise ModelError(f"{name}: not a local folder and the hub download failed ({type(err).__name__}); "
-                         f"check the id and your network, or pass a local folder or {DEFAULT_MODEL}") from None
+        raise ModelError(
+            f"{name}: not a local folder and the hub download failed ({type(err).__name__}); "
+            f"check the id and your network, or pass a local folder or {DEFAULT_MODEL}"
+        ) from None
     return ResolvedModel(name, local, local.name if len(local.name) == 40 else None)
 
 
@@ -157,8 +164,14 @@ def pick_dtype(dtype: str, device: str):
     """``auto`` is float32 on CPU and bfloat16 on CUDA (float16 if the GPU lacks bf16)."""
     import torch
 
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if dtype == "auto":
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -174,17 +187,26 @@ def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(str(resolved.path), trust_remote_code=trust_remote_code)
     except Exception as err:
-        raise ModelError(f"{resolved.name}: cannot load its tokenizer ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+        raise ModelError(
+            f"{resolved.name}: cannot load its tokenizer ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+        ) from None
     if not getattr(tok, "chat_template", None):
-        raise ModelError(f"{resolved.name}: tokenizer has no chat template; use an instruct/chat model or add a chat_template")
+        raise ModelError(
+            f"{resolved.name}: tokenizer has no chat template; use an instruct/chat model or add a chat_template"
+        )
     return tok
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def load_model(resolved: ResolvedModel, dtype="auto", device: str = "auto", trust_remote_code: bool = False,
-               device_map: str | None = None):
+def load_model(
+    resolved: ResolvedModel,
+    dtype="auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+):
     """Load a causal LM for inference; returns ``(model, device, torch_dtype)``.
 
     ``device_map`` (``auto``, ``balanced``, ...) places a model larger than one GPU across the GPUs
@@ -198,14 +220,21 @@ def load_model(resolved: ResolvedModel, dtype="auto", device: str = "auto", trus
         if device_map not in DEVICE_MAPS:
             raise ModelError(f"--device-map {device_map}: use one of {', '.join(DEVICE_MAPS)}")
         if device != "auto":
-            raise ModelError(f"--device {device} with --device-map {device_map}: the map decides where each layer goes; drop --device")
+            raise ModelError(
+                f"--device {device} with --device-map {device_map}: the map decides where each layer "
+                f"goes; drop --device"
+            )
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device) if isinstance(dtype, str) else dtype
     kwargs = {"device_map": device_map} if device_map else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(resolved.path), dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
+        )
     except Exception as err:
-        raise ModelError(f"{resolved.name}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+        raise ModelError(
+            f"{resolved.name}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+        ) from None
     if device_map:
         device = str(model.get_input_embeddings().weight.device)
         model.eval()
@@ -258,6 +287,18 @@ def model_fingerprint(resolved: ResolvedModel) -> dict:
     }
 
 
+def check_tokenizer(tok, want: str, where: str, fix: str, error=ModelError) -> None:
+    """The one tokenizer-compatibility check: refuse ``tok`` unless its fingerprint
+    (:func:`tokenizer_fingerprint`) is ``want``, the one a cache was built with, in one line naming ``where``,
+    both fingerprints and ``fix``."""
+    got = tokenizer_fingerprint(tok)["sha256"]
+    if got != want:
+        raise error(
+            f"{where}: built with another tokenizer (fingerprint {str(want)[:12]}, this one {got[:12]}: vocabulary, "
+            f"special tokens or chat template differ); {fix}"
+        )
+
+
 def tokenizer_fingerprint(tok) -> dict:
     """Identity of what tokenisation depends on: vocabulary, special tokens, chat template.
 
@@ -272,4 +313,8 @@ def tokenizer_fingerprint(tok) -> dict:
         "chat_template": tok.chat_template,
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-    return {"sha256": digest, "vocab_size": len(tok), "chat_template_sha256": hashlib.sha256(str(tok.chat_template).encode()).hexdigest()}
+    return {
+        "sha256": digest,
+        "vocab_size": len(tok),
+        "chat_template_sha256": hashlib.sha256(str(tok.chat_template).encode()).hexdigest(),
+    }

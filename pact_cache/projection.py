@@ -31,7 +31,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .data import Example
 from .errors import ModelError
+from .format import RowResult
 
 # Bytes of float32 logits one projection chunk may hold (inference: the build, the scorer, eval)
 LOGITS_CHUNK_BYTES = 64 << 20  # bound on the one (positions, vocab) float32 block alive at a time
@@ -116,7 +118,9 @@ class Projection:
         return "the head's logits as they are"
 
 
-def response_logprobs(model, input_ids, attention_mask, bidx, pos, ids, targets=None, chunk_bytes: int = LOGITS_CHUNK_BYTES):
+def response_logprobs(
+    model, input_ids, attention_mask, bidx, pos, ids, targets=None, chunk_bytes: int = LOGITS_CHUNK_BYTES
+):
     """The model's log-probs at chosen positions, without its full logits (no gradient; inference).
 
     input_ids, attention_mask: (B, L); bidx, pos: (N,) the row and position of each wanted step;
@@ -139,11 +143,11 @@ def response_logprobs(model, input_ids, attention_mask, bidx, pos, ids, targets=
     chunk = max(1, chunk_bytes // (4 * proj.vocab_rows))
     sel, tgt = [], []
     for c0 in range(0, h.shape[0], chunk):
-        logits = proj.logits(h[c0:c0 + chunk]).to(out_device)  # (n, V) float32
+        logits = proj.logits(h[c0 : c0 + chunk]).to(out_device)  # (n, V) float32
         lse = torch.logsumexp(logits, dim=-1)
         sel.append(logits.index_select(1, ids) - lse[:, None])
         if targets is not None:
-            tgt.append(logits.gather(1, targets[c0:c0 + chunk, None])[:, 0] - lse)
+            tgt.append(logits.gather(1, targets[c0 : c0 + chunk, None])[:, 0] - lse)
         del logits
     K = ids.numel()
     sel_t = torch.cat(sel) if sel else torch.zeros((0, K), device=out_device)
@@ -199,7 +203,84 @@ def _check(model, device, what):
             return proj
         bad = f"relative difference {err:.3g} (tolerance {tol:g})"
     name = type(lm).__name__
-    raise ProjectionError(f"{what + ': ' if what else ''}{name}: the logits pact-cache computes from the decoder's hidden state "
-                          f"({proj.describe()}) differ from {name}'s own forward ({bad}); its output head does something "
-                          "pact-cache does not reproduce, so caching or training on it would use other log-probs. "
-                          "Please report the model class (pact_cache/projection.py lists the supported head transforms)")
+    raise ProjectionError(
+        f"{what + ': ' if what else ''}{name}: the logits pact-cache computes from the decoder's "
+        f"hidden state "
+        f"({proj.describe()}) differ from {name}'s own forward ({bad}); its output head does "
+        f"something "
+        "pact-cache does not reproduce, so caching or training on it would use other log-probs. "
+        "Please report the model class (pact_cache/projection.py lists the supported head "
+        "transforms)"
+    )
+
+
+# ----------------------------------------------------------------------------- the reference's values
+
+
+def reference_logprobs(
+    model, seqs: list[list[int]], starts: list[int], counts: list[int], ids, device, want_target: bool
+):
+    """Log-probs of the safety tokens (and of the next token) at the response positions.
+
+    For sequence b and step t < counts[b], the position ``starts[b] - 1 + t`` predicts token
+    ``seqs[b][starts[b] + t]``. Returns per sequence ``(sel (n, K), target (n,) or None)``, float32
+    numpy. The backbone runs once on the padded batch ``(B, L)``; the model's own projection
+    (:mod:`pact_cache.projection`) and log-softmax run only on the ``N = sum(counts)`` response
+    positions, in chunks of at most LOGITS_CHUNK_BYTES of float32 logits, so no ``(B, L, V)``
+    float32 tensor exists.
+    """
+    import torch
+
+    from .rows import right_pad
+
+    input_ids, mask = right_pad(seqs)
+    bidx = torch.cat([torch.full((n,), b) for b, n in enumerate(counts)])
+    pidx = torch.cat([torch.arange(st - 1, st - 1 + n) for st, n in zip(starts, counts)])
+    targets = input_ids[bidx, pidx + 1] if want_target else None
+    sel, tgt = response_logprobs(
+        model,
+        input_ids.to(device),
+        mask.to(device),
+        bidx,
+        pidx,
+        torch.as_tensor(ids),
+        targets,
+        chunk_bytes=LOGITS_CHUNK_BYTES,
+    )
+    sel = sel.cpu().numpy()
+    tgt = tgt.cpu().numpy() if want_target else None
+    out, o = [], 0
+    for n in counts:
+        out.append((sel[o : o + n], tgt[o : o + n] if want_target else None))
+        o += n
+    return out
+
+
+def compute_rows(
+    model, examples: list[Example], ids, header: list[int], batch_size: int, device, on_tokens=None
+) -> list[RowResult]:
+    """Both views and the target for every example; results in the order of ``examples``."""
+    import torch
+
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    results: list[RowResult | None] = [None] * len(examples)
+    with torch.inference_mode():
+        for b0 in range(0, len(order), batch_size):
+            batch = [examples[i] for i in order[b0 : b0 + batch_size]]
+            counts = [ex.steps for ex in batch]
+            full = reference_logprobs(
+                model, [ex.input_ids for ex in batch], [ex.response_start for ex in batch], counts, ids, device, True
+            )
+            post_seqs = [header + ex.input_ids[ex.response_start : -1] for ex in batch]
+            post = reference_logprobs(model, post_seqs, [len(header)] * len(batch), counts, ids, device, False)
+            for j, i in enumerate(order[b0 : b0 + batch_size]):
+                ex = examples[i]
+                results[i] = RowResult(
+                    ex.example_id,
+                    ex.input_ids,
+                    ex.response_start,
+                    {"full": full[j][0], "post": post[j][0], "target": full[j][1]},
+                )
+            if on_tokens:
+                on_tokens(sum(len(s) for s in post_seqs) + sum(len(ex.input_ids) for ex in batch))
+    return results  # type: ignore[return-value]

@@ -76,13 +76,22 @@ class ReplayResult:
     seconds: float
 
     def to_json(self) -> dict:
-        return {"out": self.out, "cache_id": self.cache_id, "prompts": self.prompts, "refusals": self.refusals,
-                "refusal_rate": self.refusals / self.prompts, "kept": self.kept, "dropped": self.dropped,
-                "warning": self.warning, "seconds": round(self.seconds, 1)}
+        return {
+            "out": self.out,
+            "cache_id": self.cache_id,
+            "prompts": self.prompts,
+            "refusals": self.refusals,
+            "refusal_rate": self.refusals / self.prompts,
+            "kept": self.kept,
+            "dropped": self.dropped,
+            "warning": self.warning,
+            "seconds": round(self.seconds, 1),
+        }
 
 
-def judge_answers(prompts: list[list[dict]], answers: list[str], finished: list[bool], judge, guard=None,
-                  progress: bool = False) -> list[dict]:
+def judge_answers(
+    prompts: list[list[dict]], answers: list[str], finished: list[bool], judge, guard=None, progress: bool = False
+) -> list[dict]:
     """One record per prompt: its last user turn, the answer, whether the keyword judge calls it a refusal,
     and ``kept`` with the reason when not (one of :data:`REASONS`)."""
     recs = []
@@ -115,10 +124,17 @@ def make_replay(cfg: ReplayConfig) -> ReplayResult:
     from .storage import atomic_write_bytes
 
     t0 = time.time()
-    loc = cfg.out if isinstance(cfg.out, Location) else Location(
-        str(Path(cfg.out).expanduser()) if "://" not in str(cfg.out) else str(cfg.out), cfg.storage_options)
+    loc = (
+        cfg.out
+        if isinstance(cfg.out, Location)
+        else Location(
+            str(Path(cfg.out).expanduser()) if "://" not in str(cfg.out) else str(cfg.out), cfg.storage_options
+        )
+    )
     if loc.exists() and (not loc.is_dir() or _occupied(loc)):
-        raise OutputExistsError(f"{loc.display}: exists and is not an empty folder; choose another -o (nothing is overwritten)")
+        raise OutputExistsError(
+            f"{loc.display}: exists and is not an empty folder; choose another -o (nothing is overwritten)"
+        )
     if cfg.answers and (Path(cfg.answers).expanduser().exists() or Path(cfg.answers).expanduser().is_symlink()):
         raise OutputExistsError(f"--answers {cfg.answers}: exists; choose another name (nothing is overwritten)")
     if cfg.max_new_tokens < 1 or cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):
@@ -131,8 +147,16 @@ def make_replay(cfg: ReplayConfig) -> ReplayResult:
     resolved = resolve_model(cfg.ref)
     tok = load_tokenizer(resolved)
     model, device, _ = load_model(resolved, cfg.dtype, cfg.device)
-    answers, finished = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                 device=device, progress=cfg.progress, return_finished=True)
+    answers, finished = generate(
+        model,
+        tok,
+        prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        device=device,
+        progress=cfg.progress,
+        return_finished=True,
+    )
     del model  # the build loads the reference again; one copy in memory at a time
     gc.collect()
     if torch.cuda.is_available():
@@ -142,24 +166,48 @@ def make_replay(cfg: ReplayConfig) -> ReplayResult:
     del guard
     gc.collect()
     if cfg.answers:
-        atomic_write_bytes(Path(cfg.answers).expanduser(), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode())
+        atomic_write_bytes(
+            Path(cfg.answers).expanduser(), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode()
+        )
     refusals = sum(r["refusal"] for r in recs)
     kept = [(msgs, r["answer"]) for msgs, r in zip(prompts, recs) if r["kept"]]
     dropped = {k: sum(r["reason"] == k for r in recs) for k in REASONS if any(r["reason"] == k for r in recs)}
     warning = None
     if refusals < LOW_REFUSAL * len(recs):
-        warning = (f"{cfg.ref} refused only {refusals} of {len(recs)} harmful prompts ({refusals / len(recs):.0%}); it does not look "
-                   "aligned, and its replay rows teach little refusal: is --ref the aligned (chat/instruct) model?")
+        warning = (
+            f"{cfg.ref} refused only {refusals} of {len(recs)} harmful prompts ({refusals / len(recs):.0%}); it "
+            f"does not look "
+            "aligned, and its replay rows teach little refusal: is --ref the aligned (chat/instruct) model?"
+        )
         _log("warning: " + warning)
     if not kept:
         why = ", ".join(f"{n} {k}" for k, n in dropped.items())
-        raise PactError(f"{cfg.ref}: none of its {len(recs)} answers can be replayed ({why}); a replay cache needs the "
-                        "reference's refusals: give the aligned model as --ref"
-                        + (", or raise --max-new-tokens" if dropped.get("unfinished") else ""))
+        raise PactError(
+            f"{cfg.ref}: none of its {len(recs)} answers can be replayed ({why}); a replay cache needs the "
+            "reference's refusals: give the aligned model as --ref"
+            + (", or raise --max-new-tokens" if dropped.get("unfinished") else "")
+        )
     with tempfile.TemporaryDirectory(prefix="pact-replay-") as tmp:
         data = Path(tmp) / "replay.jsonl"
-        data.write_text("".join(json.dumps({"messages": msgs + [{"role": "assistant", "content": ans}]}, ensure_ascii=False) + "\n"
-                                for msgs, ans in kept))
-        res = build(BuildConfig(dataset=str(data), ref=cfg.ref, out=loc, tokens=cfg.tokens, max_length=cfg.max_length,
-                                dtype=cfg.dtype, device=cfg.device, progress=cfg.progress, storage_options=cfg.storage_options))
-    return ReplayResult(res.out, res.cache_id, len(recs), refusals, res.manifest.counts.rows, dropped, warning, time.time() - t0)
+        data.write_text(
+            "".join(
+                json.dumps({"messages": msgs + [{"role": "assistant", "content": ans}]}, ensure_ascii=False) + "\n"
+                for msgs, ans in kept
+            )
+        )
+        res = build(
+            BuildConfig(
+                dataset=str(data),
+                ref=cfg.ref,
+                out=loc,
+                tokens=cfg.tokens,
+                max_length=cfg.max_length,
+                dtype=cfg.dtype,
+                device=cfg.device,
+                progress=cfg.progress,
+                storage_options=cfg.storage_options,
+            )
+        )
+    return ReplayResult(
+        res.out, res.cache_id, len(recs), refusals, res.manifest.counts.rows, dropped, warning, time.time() - t0
+    )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .errors import CacheError, ModelError
 from .columns import REF_COLUMNS
+from .errors import CacheError, ModelError
 from .format import Cache, open_cache, rows_digest
 from .manifest import describe_by_weight
 from .storage import Location
@@ -40,16 +40,24 @@ def cache_info(cache: Cache) -> dict:
         "token_method": m.tokens.method,
         "token_strings": list(m.tokens.strings or ()),
         "tokens_by_weight": [[t, w] for t, w in m.tokens.by_weight()],
-        "scores": None if m.scores is None else {
-            "algorithm": m.scores.algorithm, "degraded": m.scores.degraded.get("name"), "utility": m.scores.utility.get("name"),
-            "bytes": sum(f.bytes for f in m.scores.files), "bytes_per_step": sum(f.bytes for f in m.scores.files) / steps},
+        "scores": None
+        if m.scores is None
+        else {
+            "algorithm": m.scores.algorithm,
+            "degraded": m.scores.degraded.get("name"),
+            "utility": m.scores.utility.get("name"),
+            "bytes": sum(f.bytes for f in m.scores.files),
+            "bytes_per_step": sum(f.bytes for f in m.scores.files) / steps,
+        },
     }
 
 
 def format_info(info: dict) -> str:
     skipped = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in info["skipped"].items()) or "none"
     enc = info["encoding"]
-    enc_s = enc["name"] + (f" (log1p scale {enc['scale']:g}, floor {enc['floor']:g} nats)" if enc["name"] == "q8" else "")
+    enc_s = enc["name"] + (
+        f" (log1p scale {enc['scale']:g}, floor {enc['floor']:g} nats)" if enc["name"] == "q8" else ""
+    )
     lines = [
         f"cache          {info['path']}",
         f"id             {info['cache_id']}",
@@ -63,19 +71,27 @@ def format_info(info: dict) -> str:
         f"vs float16     {info['ratio_to_float16']:.3f}x of {2 * (2 * info['K'] + 1)} B/step uncompressed",
     ]
     if info["ratio_to_full_vocab_fp16"]:
-        lines.append(f"vs full logits {info['ratio_to_full_vocab_fp16']:.5f}x of full-vocabulary float16 logits (1/{1 / info['ratio_to_full_vocab_fp16']:,.0f})")
-    lines.append(f"safety tokens  {info['token_method']}, K={info['K']}, by weight: {describe_by_weight(info['tokens_by_weight'])}")
+        lines.append(
+            f"vs full logits {info['ratio_to_full_vocab_fp16']:.5f}x of full-vocabulary float16 logits "
+            f"(1/{1 / info['ratio_to_full_vocab_fp16']:,.0f})"
+        )
+    lines.append(
+        f"safety tokens  {info['token_method']}, K={info['K']}, by weight: "
+        f"{describe_by_weight(info['tokens_by_weight'])}"
+    )
     if info["scores"]:
         sc = info["scores"]
-        lines.append(f"token scores   {sc['algorithm']} (degraded {sc['degraded']}, utility {sc['utility']}): "
-                     f"{sc['bytes']:,} bytes, {sc['bytes_per_step']:.1f} B/step, in sidecar files")
+        lines.append(
+            f"token scores   {sc['algorithm']} (degraded {sc['degraded']}, utility {sc['utility']}): "
+            f"{sc['bytes']:,} bytes, {sc['bytes_per_step']:.1f} B/step, in sidecar files"
+        )
     return "\n".join(lines)
 
 
 def _dataset_tokenizer(cache: Cache, model: str | None):
     """The tokenizer to re-tokenise a dataset with: --model's, else the recorded reference's when
     it can be found here; either way its fingerprint must be the cache's."""
-    from .models import load_tokenizer, resolve_model, tokenizer_fingerprint
+    from .models import check_tokenizer, load_tokenizer, resolve_model
 
     name = model or cache.manifest.reference.name
     try:
@@ -83,11 +99,19 @@ def _dataset_tokenizer(cache: Cache, model: str | None):
     except ModelError as err:
         if model:
             raise
-        raise CacheError(f"{cache.url}: to check the rows against a dataset, its tokenizer is needed and the recorded reference "
-                         f"{name!r} cannot be loaded here ({err}); pass --model (the reference, or a model with its tokenizer)") from None
-    if tokenizer_fingerprint(tok)["sha256"] != cache.manifest.tokenizer.sha256:
-        raise CacheError(f"{cache.url}: {name}'s tokenizer differs from the one the cache was built with "
-                         "(vocabulary, special tokens or chat template); pass the reference the cache was built with as --model")
+        raise CacheError(
+            f"{cache.url}: to check the rows against a dataset, its tokenizer is needed and the recorded "
+            f"reference "
+            f"{name!r} cannot be loaded here ({err}); pass --model (the reference, or a model with its "
+            f"tokenizer)"
+        ) from None
+    check_tokenizer(
+        tok,
+        cache.manifest.tokenizer.sha256,
+        f"{cache.url} ({name}'s tokenizer)",
+        "pass the reference the cache was built with as --model",
+        CacheError,
+    )
     return tok
 
 
@@ -100,21 +124,34 @@ def check_rows_against_dataset(cache: Cache, dataset: str, tok) -> str:
     m = cache.manifest
     examples, skipped = tokenize_dataset(dataset, tok, m.build.max_length, progress=False)
     if len(examples) != m.counts.rows:
-        raise CacheError(f"{cache.url}: holds {m.counts.rows} rows, but {dataset} gives {len(examples)} "
-                         f"(at --max-length {m.build.max_length}); it was not built from this dataset")
+        raise CacheError(
+            f"{cache.url}: holds {m.counts.rows} rows, but {dataset} gives {len(examples)} "
+            f"(at --max-length {m.build.max_length}); it was not built from this dataset"
+        )
     o = 0
     for part in cache.parts:
-        mine = examples[o:o + part.rows]
+        mine = examples[o : o + part.rows]
         o += part.rows
         if rows_digest((e.example_id, e.input_ids, e.response_start) for e in mine) == part.rows_sha256:
             continue
         for j, (row, ex) in enumerate(zip(cache.iter_part_rows(part), mine)):
-            what = ("example_id" if row.example_id != ex.example_id else "response_start" if row.response_start != ex.response_start
-                    else "input_ids" if row.input_ids.tolist() != ex.input_ids else None)
+            what = (
+                "example_id"
+                if row.example_id != ex.example_id
+                else "response_start"
+                if row.response_start != ex.response_start
+                else "input_ids"
+                if row.input_ids.tolist() != ex.input_ids
+                else None
+            )
             if what:
-                raise CacheError(f"{cache.url}/{part.name} row {j}: {what} differs from {dataset} row {ex.index} "
-                                 f"(example {ex.example_id}); the cache does not hold this dataset's rows")
-        raise CacheError(f"{cache.url}/{part.name}: rows_sha256 does not match {dataset}'s rows; the manifest was changed")
+                raise CacheError(
+                    f"{cache.url}/{part.name} row {j}: {what} differs from {dataset} row {ex.index} "
+                    f"(example {ex.example_id}); the cache does not hold this dataset's rows"
+                )
+        raise CacheError(
+            f"{cache.url}/{part.name}: rows_sha256 does not match {dataset}'s rows; the manifest was changed"
+        )
     same_files = dataset_fingerprint(dataset)["sha256"] == m.dataset.sha256
     return "dataset rows" + ("" if same_files else " (the files' bytes differ from the build's, every row matches)")
 
@@ -132,16 +169,18 @@ def recompute_sample(cache: Cache, resolved, n_rows: int, device: str = "auto") 
     import numpy as np
     import torch
 
-    from .build import compute_rows
     from .data import Example
     from .models import load_model
+    from .projection import compute_rows
 
     model, device, _ = load_model(resolved, "fp32", device)
     n_rows = min(n_rows, cache.num_rows)
     picks = set(np.linspace(0, cache.num_rows - 1, n_rows).round().astype(int).tolist()) if n_rows else set()
     rows = [r for i, r in enumerate(cache.iter_rows()) if i in picks]
     examples = [Example(i, r.example_id, r.input_ids.tolist(), r.response_start) for i, r in enumerate(rows)]
-    got = compute_rows(model, examples, torch.tensor(cache.ids), list(cache.manifest.build.assistant_header_ids), 4, device)
+    got = compute_rows(
+        model, examples, torch.tensor(cache.ids), list(cache.manifest.build.assistant_header_ids), 4, device
+    )
     diffs = []
     for r, g in zip(rows, got):
         for col in REF_COLUMNS:
@@ -155,8 +194,15 @@ def recompute_sample(cache: Cache, resolved, n_rows: int, device: str = "auto") 
     return {"rows": len(rows), "mean": float(d.mean()), "max": float(d.max())}
 
 
-def verify_cache(url, dataset: str | None = None, model: str | None = None, cache_id: str | None = None,
-                 progress: bool = False, recompute: int = 8, storage_options: dict | None = None) -> dict:
+def verify_cache(
+    url,
+    dataset: str | None = None,
+    model: str | None = None,
+    cache_id: str | None = None,
+    progress: bool = False,
+    recompute: int = 8,
+    storage_options: dict | None = None,
+) -> dict:
     """Check the manifest and its content id (and the pinned ``cache_id``), every part (type, size,
     sha256, schema, values, rows digest, decoding every row), and optionally that the cache holds
     the rows of ``dataset`` and was built with ``model`` (fingerprints, and ``recompute`` rows'
@@ -172,27 +218,41 @@ def verify_cache(url, dataset: str | None = None, model: str | None = None, cach
     if rows != cache.num_rows:
         raise CacheError(f"{url}: holds {rows} rows, manifest says {cache.num_rows}")
     m = cache.manifest
-    checked = ["manifest and content id" + (" (pinned)" if cache_id else ""), f"{len(cache.parts)} part checksums",
-               f"{rows} rows decoded and finite"]
+    checked = [
+        "manifest and content id" + (" (pinned)" if cache_id else ""),
+        f"{len(cache.parts)} part checksums",
+        f"{rows} rows decoded and finite",
+    ]
     if model is not None:
-        from .models import load_tokenizer, model_fingerprint, resolve_model, tokenizer_fingerprint
+        from .models import check_tokenizer, load_tokenizer, model_fingerprint, resolve_model
 
         resolved = resolve_model(model)
         want_w = m.reference.weights_sha256
         got_w = model_fingerprint(resolved)["weights_sha256"]
         if got_w != want_w:
             diff = sorted(set(got_w.items()) ^ set(want_w.items()))
-            raise CacheError(f"{url}: reference weights differ from {model} (first difference: {diff[0][0]}); the cache was built with {m.reference.name}")
-        got_t = tokenizer_fingerprint(load_tokenizer(resolved))["sha256"]
-        if got_t != m.tokenizer.sha256:
-            raise CacheError(f"{url}: tokenizer fingerprint differs from {model}'s tokenizer (vocabulary, special tokens or chat template changed)")
+            raise CacheError(
+                f"{url}: reference weights differ from {model} (first difference: {diff[0][0]}); the "
+                f"cache was built with {m.reference.name}"
+            )
+        check_tokenizer(
+            load_tokenizer(resolved),
+            m.tokenizer.sha256,
+            f"{url} (--model {model})",
+            "verify with the model the cache was built with",
+            CacheError,
+        )
         checked.append("model and tokenizer fingerprints")
         if recompute > 0 and cache.num_rows:
             res = recompute_sample(cache, resolved, recompute)
             if res["mean"] > RECOMPUTE_TOLERANCE:
-                raise CacheError(f"{url}: the stored log-probs differ from {model}'s by {res['mean']:.2f} nats on average over "
-                                 f"{res['rows']} recomputed rows (tolerance {RECOMPUTE_TOLERANCE}); the values were not computed by this "
-                                 "reference with these safety tokens: rebuild the cache")
+                raise CacheError(
+                    f"{url}: the stored log-probs differ from {model}'s by {res['mean']:.2f} nats on "
+                    f"average over "
+                    f"{res['rows']} recomputed rows (tolerance {RECOMPUTE_TOLERANCE}); the values were "
+                    f"not computed by this "
+                    "reference with these safety tokens: rebuild the cache"
+                )
             checked.append(f"{res['rows']} rows recomputed (mean |diff| {res['mean']:.4f} nats, max {res['max']:.3f})")
     if dataset is not None:
         checked.append(check_rows_against_dataset(cache, dataset, _dataset_tokenizer(cache, model)))

@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from .errors import CacheError, OutputExistsError, PactError
-from .format import Cache, open_cache
 from .card import publish
-from .storage import is_tmp_name
+from .errors import OutputExistsError, PactError
+from .format import Cache, open_cache
 from .manifest import Manifest, ScoreFile, Scores
-from .storage import Location
+from .storage import Location, is_tmp_name
 
 SCORE_ALGORITHM = "toss/1"  # log p_degraded(y_t) - log p_utility(y_t), float32, teacher-forced on the cached input_ids
 
@@ -41,12 +40,12 @@ def row_scores(degraded, utility, rows, device, batch_size: int = 8) -> list[np.
     """``log p_degraded(y_t) - log p_utility(y_t)`` at every response step of each row, float32 ``(n,)``."""
     import torch
 
-    from .build import reference_logprobs
+    from .projection import reference_logprobs
 
     out = []
     none = torch.zeros(0, dtype=torch.long)
     for b0 in range(0, len(rows), batch_size):
-        chunk = rows[b0:b0 + batch_size]
+        chunk = rows[b0 : b0 + batch_size]
         seqs = [r.input_ids.tolist() for r in chunk]
         starts = [r.response_start for r in chunk]
         counts = [r.steps for r in chunk]
@@ -58,21 +57,36 @@ def row_scores(degraded, utility, rows, device, batch_size: int = 8) -> list[np.
 
 
 def _check_model_fits(cache: Cache, tok, model, what: str, name: str) -> None:
-    from .models import tokenizer_fingerprint
+    from .models import check_tokenizer
 
-    if tokenizer_fingerprint(tok)["sha256"] != cache.manifest.tokenizer.sha256:
-        raise PactError(f"--{what} {name}: its tokenizer differs from the one the cache was built with; the scores are log-probs "
-                        "of the cached token ids, so the scoring models must share the reference's tokenizer")
+    check_tokenizer(
+        tok,
+        cache.manifest.tokenizer.sha256,
+        f"--{what} {name}: {cache.url}",
+        "the scores are log-probs of the cached token ids, so the scoring models must share the reference's tokenizer",
+        PactError,
+    )
     from .projection import check_projection
 
     check_projection(model, what=f"--{what} {name}")
     rows = model.get_output_embeddings().weight.shape[0]
     if rows < cache.vocab_size:
-        raise PactError(f"--{what} {name}: its output layer has {rows} rows, fewer than the cache's vocabulary ({cache.vocab_size})")
+        raise PactError(
+            f"--{what} {name}: its output layer has {rows} rows, fewer than the cache's vocabulary ({cache.vocab_size})"
+        )
 
 
-def score_cache(src: str | Path | Location, degraded: str, utility: str, dst: str | Path | Location, batch_size: int = 8,
-                dtype="auto", device="auto", cache_id: str | None = None, progress: bool = True) -> Manifest:
+def score_cache(
+    src: str | Path | Location,
+    degraded: str,
+    utility: str,
+    dst: str | Path | Location,
+    batch_size: int = 8,
+    dtype="auto",
+    device="auto",
+    cache_id: str | None = None,
+    progress: bool = True,
+) -> Manifest:
     """Write a copy of the cache at ``src`` with TOSS scores to ``dst`` (new or empty; a folder, an
     fsspec URL or a :class:`Location`); returns its manifest."""
     from .models import load_model, load_tokenizer, model_fingerprint, resolve_model
@@ -82,7 +96,9 @@ def score_cache(src: str | Path | Location, degraded: str, utility: str, dst: st
     if cache.manifest.scores is not None:
         raise PactError(f"{src.display}: already carries token scores; score the cache they were added to instead")
     if dst.exists() and (not dst.is_dir() or [n for n in dst.names() if not is_tmp_name(n)]):
-        raise OutputExistsError(f"{dst.display}: exists and is not an empty folder; choose another -o (nothing is overwritten)")
+        raise OutputExistsError(
+            f"{dst.display}: exists and is not an empty folder; choose another -o (nothing is overwritten)"
+        )
     models = {}
     for what, name in (("degraded", degraded), ("utility", utility)):
         r = resolve_model(name)
@@ -99,12 +115,14 @@ def _write_scored(cache, dst: Location, models: dict, device, batch_size: int, p
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from .copy import copy_part
+    from .format import copy_part
 
     dst.makedirs()
     scratch = dst.scratch()
     files = []
-    bar = tqdm(total=cache.num_steps, unit="step", desc="scoring", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=cache.num_steps, unit="step", desc="scoring", disable=not progress, dynamic_ncols=True, file=sys.stderr
+    )
     try:
         for part in cache.parts:
             ids, blobs, buf = [], [], []
@@ -112,12 +130,16 @@ def _write_scored(cache, dst: Location, models: dict, device, batch_size: int, p
             def flush():
                 for r, sc in zip(buf, row_scores(models["degraded"][0], models["utility"][0], buf, device, batch_size)):
                     if not np.isfinite(sc).all():
-                        raise PactError(f"{cache._where(part)} row {r.example_id}: a score is not finite (a model gives a token "
-                                        "probability 0); check the degraded and utility models")
+                        raise PactError(
+                            f"{cache._where(part)} row {r.example_id}: a score is not finite (a model "
+                            f"gives a token "
+                            "probability 0); check the degraded and utility models"
+                        )
                     ids.append(r.example_id)
                     blobs.append(sc.astype("<f4").tobytes())
                     bar.update(r.steps)
                 buf.clear()
+
             for row in cache.iter_part_rows(part):
                 buf.append(row)
                 if len(buf) == batch_size:
@@ -125,77 +147,22 @@ def _write_scored(cache, dst: Location, models: dict, device, batch_size: int, p
             flush()
             name = score_name(part.name)
             local = scratch / name
-            pq.write_table(pa.table({"example_id": pa.array(ids, pa.string()), "score": pa.array(blobs, pa.binary())}),
-                           str(local), compression="zstd")
+            pq.write_table(
+                pa.table({"example_id": pa.array(ids, pa.string()), "score": pa.array(blobs, pa.binary())}),
+                str(local),
+                compression="zstd",
+            )
             data = local.read_bytes()
             files.append(ScoreFile(part.name, name, len(data), hashlib.sha256(data).hexdigest()))
             dst.put_file(local, name)
             copy_part(cache, part, dst, scratch)
         bar.close()
-        m = replace(cache.manifest, scores=Scores(SCORE_ALGORITHM, models["degraded"][1], models["utility"][1], tuple(files)))
+        m = replace(
+            cache.manifest, scores=Scores(SCORE_ALGORITHM, models["degraded"][1], models["utility"][1], tuple(files))
+        )
         m = m.with_content_id()
         publish(dst, m)  # card, then the manifest last: the folder is a cache only when whole
     finally:
         bar.close()
         Location.drop_scratch(scratch)
     return m
-
-
-@dataclass(frozen=True)
-class TokenMask:
-    """TOSS's global selection: the ``dropped`` highest-scoring tokens of the whole cache are left out.
-
-    ``threshold`` is the score of the last dropped token; every token scoring above it is dropped,
-    and of the tokens scoring exactly ``threshold`` the first ``ties[example_id]`` of each listed row
-    (cache order, then step order) are, so that exactly ``dropped`` tokens go whatever the ties."""
-
-    fraction: float
-    total: int
-    dropped: int
-    threshold: float
-    ties: dict
-
-    def keep(self, example_id: str, score: np.ndarray) -> np.ndarray:
-        """bool ``(n,)``: True where the token stays in the loss."""
-        keep = score < self.threshold if self.dropped else np.ones(len(score), dtype=bool)
-        if self.dropped:
-            at = np.flatnonzero(score == self.threshold)
-            keep[at[self.ties.get(example_id, 0):]] = True
-        return keep
-
-
-def token_mask(rows, fraction: float) -> TokenMask:
-    """The global top-``fraction`` selection over ``rows``, an iterable of ``(example_id, scores)`` in
-    cache order: ``round(fraction * total)`` tokens with the highest scores, ties at the boundary
-    taken in cache order."""
-    if not 0.0 <= fraction < 1.0:
-        raise PactError(f"--token-mask {fraction}: the fraction of tokens to leave out must be in [0, 1)")
-    rows = [(eid, np.asarray(s, dtype=np.float32)) for eid, s in rows]
-    allv = np.concatenate([s for _, s in rows]) if rows else np.zeros(0, np.float32)
-    total = int(allv.size)
-    dropped = int(round(fraction * total))
-    if dropped == 0:
-        return TokenMask(fraction, total, 0, float("inf"), {})
-    threshold = float(np.partition(allv, total - dropped)[total - dropped])  # the dropped-th largest
-    quota = dropped - int((allv > threshold).sum())
-    ties = {}
-    for eid, s in rows:
-        if quota <= 0:
-            break
-        n = min(int((s == threshold).sum()), quota)
-        if n:
-            ties[eid] = n
-            quota -= n
-    return TokenMask(fraction, total, dropped, threshold, ties)
-
-
-def cache_token_mask(cache: Cache, fraction: float) -> TokenMask:
-    """:func:`token_mask` over a scored cache, reading its score files only."""
-    if cache.manifest.scores is None:
-        raise CacheError(f"{cache.url}: has no token scores for --token-mask; add them with "
-                         "`pact-cache score CACHE --degraded M1 --utility M2 -o SCORED` and train from SCORED")
-    rows = []
-    for part in cache.parts:
-        ids, scores = cache.read_part_scores(part)
-        rows.extend(zip(ids, scores))
-    return token_mask(rows, fraction)

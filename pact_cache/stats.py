@@ -31,14 +31,23 @@ class Stats:
     rows: int
     steps: int
     tokens: int  # K tokens with positive weight, over which the mass is taken
-    position: dict  # lists by position: t, rows, mass_mean, mass_q25, mass_median, mass_q75, entropy_mean, post_mass_mean
+    position: (
+        dict  # lists by position: t, rows, mass_mean, mass_q25, mass_median, mass_q75, entropy_mean, post_mass_mean
+    )
     step0: dict  # quantiles, histogram, flagged count
     top: list  # rows with the highest step-0 mass: {example_id, step0_mass}
     flag_at: float = FLAG_AT
 
     def to_json(self) -> dict:
-        return {"rows": self.rows, "steps": self.steps, "tokens": self.tokens, "flag_at": self.flag_at,
-                "position": self.position, "step0": self.step0, "top": self.top}
+        return {
+            "rows": self.rows,
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "flag_at": self.flag_at,
+            "position": self.position,
+            "step0": self.step0,
+            "top": self.top,
+        }
 
 
 BINS = 1000  # masses are histogrammed at 0.001 for quantiles, so memory does not grow with the cache
@@ -66,8 +75,11 @@ def cache_stats(cache: Cache, max_positions: int = 256, top: int = 20, flag_at: 
     best = pl.DataFrame(schema={"example_id": pl.String, "step0_mass": pl.Float64})
     for batch in cache.iter_arrow_batches():
         df = pl.from_arrow(batch).select("example_id", "full_logprobs", "post_logprobs")
-        long = df.with_row_index("row").explode(["full_logprobs", "post_logprobs"]).with_columns(
-            pl.int_range(pl.len()).over("row").alias("t"))
+        long = (
+            df.with_row_index("row")
+            .explode(["full_logprobs", "post_logprobs"])
+            .with_columns(pl.int_range(pl.len()).over("row").alias("t"))
+        )
         full = long["full_logprobs"].to_numpy().astype(np.float64).reshape(-1, cache.K)[:, keep]  # (steps, K)
         post = long["post_logprobs"].to_numpy().astype(np.float64).reshape(-1, cache.K)[:, keep]
         p = np.exp(full)
@@ -75,10 +87,15 @@ def cache_stats(cache: Cache, max_positions: int = 256, top: int = 20, flag_at: 
         q = p / np.maximum(mass[:, None], 1e-300)
         entropy = -(q * np.log(np.maximum(q, 1e-300))).sum(axis=1)
         long = long.select("example_id", "t").with_columns(
-            pl.Series("mass", mass), pl.Series("entropy", entropy), pl.Series("post_mass", np.exp(post).sum(axis=1)),
-            pl.Series("bin", np.clip((mass * BINS).astype(np.int64), 0, BINS - 1)))
+            pl.Series("mass", mass),
+            pl.Series("entropy", entropy),
+            pl.Series("post_mass", np.exp(post).sum(axis=1)),
+            pl.Series("bin", np.clip((mass * BINS).astype(np.int64), 0, BINS - 1)),
+        )
         early = long.filter(pl.col("t") < P)
-        agg = early.group_by("t").agg(pl.len().alias("n"), pl.col("mass").sum(), pl.col("entropy").sum(), pl.col("post_mass").sum())
+        agg = early.group_by("t").agg(
+            pl.len().alias("n"), pl.col("mass").sum(), pl.col("entropy").sum(), pl.col("post_mass").sum()
+        )
         t = agg["t"].to_numpy()
         count[t] += agg["n"].to_numpy()
         mass_sum[t] += agg["mass"].to_numpy()
@@ -89,37 +106,65 @@ def cache_stats(cache: Cache, max_positions: int = 256, top: int = 20, flag_at: 
         hist0 += np.bincount(first["bin"].to_numpy(), minlength=BINS)
         flagged += int((first["mass"] > flag_at).sum())
         sum0 += float(first["mass"].sum())
-        best = pl.concat([best, first.select("example_id", pl.col("mass").alias("step0_mass"))]).sort(
-            "step0_mass", descending=True, maintain_order=True).head(top)
+        best = (
+            pl.concat([best, first.select("example_id", pl.col("mass").alias("step0_mass"))])
+            .sort("step0_mass", descending=True, maintain_order=True)
+            .head(top)
+        )
     reached = np.nonzero(count)[0]
-    position = {"t": reached.tolist(), "rows": count[reached].astype(int).tolist(),
-                "mass_mean": (mass_sum[reached] / count[reached]).tolist(),
-                "mass_q25": [_quantile(hist[i], 0.25) for i in reached], "mass_median": [_quantile(hist[i], 0.5) for i in reached],
-                "mass_q75": [_quantile(hist[i], 0.75) for i in reached],
-                "entropy_mean": (ent_sum[reached] / count[reached]).tolist(), "post_mass_mean": (post_sum[reached] / count[reached]).tolist()}
+    position = {
+        "t": reached.tolist(),
+        "rows": count[reached].astype(int).tolist(),
+        "mass_mean": (mass_sum[reached] / count[reached]).tolist(),
+        "mass_q25": [_quantile(hist[i], 0.25) for i in reached],
+        "mass_median": [_quantile(hist[i], 0.5) for i in reached],
+        "mass_q75": [_quantile(hist[i], 0.75) for i in reached],
+        "entropy_mean": (ent_sum[reached] / count[reached]).tolist(),
+        "post_mass_mean": (post_sum[reached] / count[reached]).tolist(),
+    }
     n0 = int(hist0.sum())
     coarse = hist0.reshape(20, BINS // 20).sum(axis=1)
     quant = {f"q{int(q * 100)}": _quantile(hist0, q) for q in (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)}
-    return Stats(cache.num_rows, cache.num_steps, int(keep.sum()), position,
-                 {"mean": sum0 / n0 if n0 else None, **quant, "flagged": flagged,
-                  "histogram": {"edges": np.linspace(0, 1, 21).tolist(), "counts": coarse.tolist()}},
-                 [{"example_id": e, "step0_mass": float(v)} for e, v in zip(best["example_id"], best["step0_mass"])], flag_at)
+    return Stats(
+        cache.num_rows,
+        cache.num_steps,
+        int(keep.sum()),
+        position,
+        {
+            "mean": sum0 / n0 if n0 else None,
+            **quant,
+            "flagged": flagged,
+            "histogram": {"edges": np.linspace(0, 1, 21).tolist(), "counts": coarse.tolist()},
+        },
+        [{"example_id": e, "step0_mass": float(v)} for e, v in zip(best["example_id"], best["step0_mass"])],
+        flag_at,
+    )
 
 
 def format_stats(s: Stats, positions: int = 12) -> str:
     pos = s.position
-    lines = [f"rows {s.rows:,}, response steps {s.steps:,}; safety-token mass over the {s.tokens} tokens with positive weight",
-             "", "position  rows    mass mean  [q25  median  q75]   entropy over S   post-view mass"]
+    lines = [
+        f"rows {s.rows:,}, response steps {s.steps:,}; safety-token mass over the {s.tokens} tokens with positive "
+        f"weight",
+        "",
+        "position  rows    mass mean  [q25  median  q75]   entropy over S   post-view mass",
+    ]
     for i in range(min(positions, len(pos["t"]))):
-        lines.append(f"{pos['t'][i]:>8}  {pos['rows'][i]:>6}  {pos['mass_mean'][i]:>9.3f}  [{pos['mass_q25'][i]:.3f} "
-                     f"{pos['mass_median'][i]:.3f} {pos['mass_q75'][i]:.3f}]   {pos['entropy_mean'][i]:>10.3f}   {pos['post_mass_mean'][i]:>10.3f}")
+        lines.append(
+            f"{pos['t'][i]:>8}  {pos['rows'][i]:>6}  {pos['mass_mean'][i]:>9.3f}  [{pos['mass_q25'][i]:.3f} "
+            f"{pos['mass_median'][i]:.3f} {pos['mass_q75'][i]:.3f}]   {pos['entropy_mean'][i]:>10.3f}   "
+            f"{pos['post_mass_mean'][i]:>10.3f}"
+        )
     if len(pos["t"]) > positions:
         lines.append(f"   ... {len(pos['t']) - positions} more positions (--json, --plot)")
     z = s.step0
     if z["mean"] is not None:
-        lines += ["", f"step-0 refusal mass: mean {z['mean']:.3f}, median {z['q50']:.3f}, q90 {z['q90']:.3f}; "
-                      f"{z['flagged']} row(s) above {s.flag_at} (refusal-like: look at them before fine-tuning)",
-                  "highest:"]
+        lines += [
+            "",
+            f"step-0 refusal mass: mean {z['mean']:.3f}, median {z['q50']:.3f}, q90 {z['q90']:.3f}; "
+            f"{z['flagged']} row(s) above {s.flag_at} (refusal-like: look at them before fine-tuning)",
+            "highest:",
+        ]
         lines += [f"  {r['step0_mass']:.3f}  {r['example_id']}" for r in s.top[:10]]
     return "\n".join(lines)
 
@@ -164,7 +209,13 @@ def plot_stats(s: Stats, folder: Path) -> list[Path]:
         h = s.step0["histogram"]
         fig, ax = plt.subplots(figsize=(6.5, 3.8))
         edges = np.array(h["edges"])
-        ax.bar(edges[:-1], h["counts"], width=np.diff(edges), align="edge", color=["C3" if e >= s.flag_at else "C0" for e in edges[:-1]])
+        ax.bar(
+            edges[:-1],
+            h["counts"],
+            width=np.diff(edges),
+            align="edge",
+            color=["C3" if e >= s.flag_at else "C0" for e in edges[:-1]],
+        )
         ax.axvline(s.flag_at, color="k", ls=":", lw=1)
         ax.set_yscale("log")  # the few refusal-like rows stay visible beside the many others
         ax.set_xlabel("step-0 safety-token mass of the reference")

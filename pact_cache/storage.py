@@ -26,10 +26,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CacheError, OutputExistsError, PactError, StorageError
+from .errors import CacheError, OutputExistsError, PactError, StorageError, preview
 
-STORAGE_HELP = ("KEY=VALUE passed to the cache's fsspec filesystem, e.g. endpoint_url=http://localhost:9000 or anon=true "
-                "(repeatable; values are JSON where they parse; never printed)")
+STORAGE_HELP = (
+    "KEY=VALUE passed to the cache's fsspec filesystem, e.g. endpoint_url=http://localhost:9000 or "
+    "anon=true "
+    "(repeatable; values are JSON where they parse; never printed)"
+)
 COPY_BLOCK = 8 << 20  # bytes read and written at a time when streaming an object
 
 
@@ -46,7 +49,10 @@ def parse_storage_options(items: list[str] | None) -> dict:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise PactError(f"--storage-option {item.split('=')[0]!r}...: use key=value, e.g. endpoint_url=http://localhost:9000")
+            raise PactError(
+                f"--storage-option {preview(item.split('=')[0])}...: use key=value, e.g. "
+                f"endpoint_url=http://localhost:9000"
+            )
         try:
             opts[key.strip()] = json.loads(value)
         except ValueError:
@@ -67,15 +73,24 @@ def check_storage_options(options: dict, where: str) -> None:
         if key == "endpoint_url":
             if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+", value):
                 shown = redact_url(value) if isinstance(value, str) else repr(value)
-                raise StorageError(f"{where}: --storage-option endpoint_url={shown}: must be an http(s) URL of the store, e.g. "
-                                   "endpoint_url=http://localhost:9000")
+                raise StorageError(
+                    f"{where}: --storage-option endpoint_url={shown}: must be an http(s) URL of the "
+                    f"store, e.g. "
+                    "endpoint_url=http://localhost:9000"
+                )
             if re.match(r"^https?://[^/]*@", value):
-                raise StorageError(f"{where}: --storage-option endpoint_url={redact_url(value)}: holds a user name or password; "
-                                   "give the store's URL alone and the credentials as key=/secret= options or AWS_ACCESS_KEY_ID / "
-                                   "AWS_SECRET_ACCESS_KEY (nothing was sent)")
+                raise StorageError(
+                    f"{where}: --storage-option endpoint_url={redact_url(value)}: holds a user name or "
+                    f"password; "
+                    "give the store's URL alone and the credentials as key=/secret= options or "
+                    "AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY (nothing was sent)"
+                )
         elif key.endswith("_kwargs") and not isinstance(value, dict):
-            raise StorageError(f"{where}: --storage-option {key}: must be a JSON object, e.g. "
-                               f"{key}='{{\"region_name\": \"us-east-1\"}}', not {type(value).__name__}")
+            raise StorageError(
+                f"{where}: --storage-option {key}: must be a JSON object, e.g. "
+                f'{key}=\'{{"region_name": "us-east-1"}}\', not {type(value).__name__}'
+            )
 
 
 def store_error(err: BaseException, options_hint: str = "--storage-option") -> str | None:
@@ -85,22 +100,35 @@ def store_error(err: BaseException, options_hint: str = "--storage-option") -> s
     name, mod = type(err).__name__, type(err).__module__ or ""
     msg = str(err).splitlines()[0][:200] if str(err) else ""
     if name == "NoCredentialsError":
-        return ("no credentials for the object store: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass "
-                f"{options_hint} key=... and {options_hint} secret=...; for a public bucket, {options_hint} anon=true")
+        return (
+            "no credentials for the object store: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+            "AWS_PROFILE), or pass "
+            f"{options_hint} key=... and {options_hint} secret=...; for a public bucket, {options_hint} anon=true"
+        )
     if name == "PartialCredentialsError":
-        return (f"incomplete credentials for the object store ({msg}): give both the key and the secret (AWS_ACCESS_KEY_ID and "
-                f"AWS_SECRET_ACCESS_KEY, or {options_hint} key=... and secret=...)")
+        return (
+            f"incomplete credentials for the object store ({msg}): give both the key and the secret "
+            f"(AWS_ACCESS_KEY_ID and "
+            f"AWS_SECRET_ACCESS_KEY, or {options_hint} key=... and secret=...)"
+        )
     if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError") or (
-            mod.startswith(("botocore", "aiobotocore")) and name == "HTTPClientError"):
+        mod.startswith(("botocore", "aiobotocore")) and name == "HTTPClientError"
+    ):
         url = re.search(r'"([^"]+)"', msg)
-        return (f"cannot reach the object store{' at ' + redact_url(url.group(1)) if url else ''} ({name}): check "
-                f"{options_hint} endpoint_url and that the server is up")
+        return (
+            f"cannot reach the object store{' at ' + redact_url(url.group(1)) if url else ''} ({name}): check "
+            f"{options_hint} endpoint_url and that the server is up"
+        )
     if isinstance(err, TypeError) and _raised_in_a_filesystem(err):  # not a TypeError of pact-cache's own code
         bad = re.search(r"unexpected keyword argument '([^']+)'", msg)
         if bad:
-            return (f"unknown storage option {bad.group(1)!r}: the filesystem does not take it; check its spelling against the "
-                    "filesystem's documentation (s3fs: key, secret, token, anon, endpoint_url, client_kwargs, config_kwargs, "
-                    "requester_pays, default_block_size, ...)")
+            return (
+                f"unknown storage option {bad.group(1)!r}: the filesystem does not take it; check its spelling "
+                f"against the "
+                "filesystem's documentation (s3fs: key, secret, token, anon, endpoint_url, client_kwargs, "
+                "config_kwargs, "
+                "requester_pays, default_block_size, ...)"
+            )
     return None
 
 
@@ -110,10 +138,14 @@ def _raised_in_a_filesystem(err: BaseException) -> bool:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     where = tb.tb_frame.f_code.co_filename if tb is not None else ""
-    return any(f"{os.sep}{lib}" in where for lib in ("fsspec", "s3fs", "gcsfs", "adlfs", "botocore", "aiobotocore", "huggingface_hub"))
+    return any(
+        f"{os.sep}{lib}" in where
+        for lib in ("fsspec", "s3fs", "gcsfs", "adlfs", "botocore", "aiobotocore", "huggingface_hub")
+    )
 
 
 # ----------------------------------------------------------------------------- files
+
 
 def sha256_stream(f, limit: int | None = None) -> tuple[str, int]:
     """sha256 and length of what an open binary file yields, 4 MiB at a time, never past ``limit`` bytes."""
@@ -184,11 +216,62 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+def read_limited(path: str | os.PathLike, limit: int, where: str, error=PactError, what: str = "file") -> bytes:
+    """The bytes of a local file a user or sender handed over, at most ``limit``: refused in one line
+    (``error``) when it is missing, a folder, a FIFO or device (checked on the open descriptor, opened
+    without blocking, so a FIFO cannot stall the command), or larger than ``limit`` (its size and the
+    limit named). At most ``limit + 1`` bytes are ever read."""
+    p = Path(path).expanduser()
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise error(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise error(f"{where}: is a folder; give the {what}") from None
+    except OSError as err:
+        raise error(f"{where}: cannot be read ({err.strerror or err})") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise error(f"{where}: is a folder; give the {what}")
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or socket"
+            raise error(f"{where}: is {kind}, not a regular file; give the {what} as a file")
+        if st.st_size > limit:
+            raise error(
+                f"{where}: is {st.st_size:,} bytes, more than the {limit:,} a {what} may hold; is it the right file?"
+            )
+        chunks, n = [], 0
+        while n <= limit:  # at most limit + 1 bytes, whatever the file does meanwhile
+            block = os.read(fd, limit + 1 - n)
+            if not block:
+                break
+            chunks.append(block)
+            n += len(block)
+        data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise error(f"{where}: grew past the {limit:,} bytes a {what} may hold while it was read; refusing it")
+    return data
+
+
+def decode_text(data: bytes, where: str, error=PactError, what: str = "file") -> str:
+    """``data`` as UTF-8 text; invalid bytes are refused in one line naming the line and byte offset."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise error(f"{where}:{line}: is not UTF-8 text (byte {err.start}); give the {what} as UTF-8 text") from None
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, json_bytes(obj))
 
 
-def check_regular_file(fs, root: str, path: str, where: str, size: int | None = None, max_size: int | None = None) -> int:
+def check_regular_file(
+    fs, root: str, path: str, where: str, size: int | None = None, max_size: int | None = None
+) -> int:
     """Refuse anything but a regular file (a plain object) inside ``root``, without opening it.
 
     Symbolic links are followed only when they stay inside ``root``. Returns the file's size.
@@ -202,7 +285,10 @@ def check_regular_file(fs, root: str, path: str, where: str, size: int | None = 
     if is_local_fs(fs):
         real_root = os.path.realpath(root)
         if os.path.dirname(os.path.realpath(path)) != real_root:
-            raise CacheError(f"{where}: is a link that points outside the cache folder ({os.path.realpath(path)}); refusing to read it")
+            raise CacheError(
+                f"{where}: is a link that points outside the cache folder ({os.path.realpath(path)}); "
+                f"refusing to read it"
+            )
         mode = os.stat(path).st_mode
         if not stat.S_ISREG(mode):
             kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
@@ -211,13 +297,17 @@ def check_regular_file(fs, root: str, path: str, where: str, size: int | None = 
         raise CacheError(f"{where}: is a {info.get('type')}, not a plain object; refusing to read it")
     got = int(info.get("size") or 0)
     if size is not None and got != size:
-        raise CacheError(f"{where}: size is {got} bytes, manifest says {size}; the part is truncated or replaced, re-download or rebuild it")
+        raise CacheError(
+            f"{where}: size is {got} bytes, manifest says {size}; the part is truncated or replaced, "
+            f"re-download or rebuild it"
+        )
     if max_size is not None and got > max_size:
         raise CacheError(f"{where}: is {got} bytes, more than the {max_size} a manifest may hold; refusing it")
     return got
 
 
 # ----------------------------------------------------------------------------- folders, published whole
+
 
 def publish_dir(tmp: Path, final: Path, replace: bool = False) -> None:
     """Put the complete folder ``tmp`` at ``final`` by renaming it.
@@ -231,7 +321,9 @@ def publish_dir(tmp: Path, final: Path, replace: bool = False) -> None:
         if final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
             final.rmdir()
         elif final.exists() or final.is_symlink():
-            raise OutputExistsError(f"{final}: exists and is not an empty folder; choose another output (nothing is overwritten)")
+            raise OutputExistsError(
+                f"{final}: exists and is not an empty folder; choose another output (nothing is overwritten)"
+            )
         os.rename(tmp, final)
         return
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -251,7 +343,9 @@ def staged_dir(final: Path, replace: bool = False):
     final.parent.mkdir(parents=True, exist_ok=True)
     for old in final.parent.glob(f".{final.name}.tmp-*"):
         if stale_tmp(old):
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink(
+                missing_ok=True
+            )
     tmp = tmp_name(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -264,6 +358,7 @@ def staged_dir(final: Path, replace: bool = False):
 
 
 # ----------------------------------------------------------------------------- locations
+
 
 @dataclass
 class Location:
@@ -281,8 +376,12 @@ class Location:
             self.fs, root = fsspec.core.url_to_fs(self.url, **self.options)
         except (ValueError, ImportError, TypeError) as err:
             msg = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-            hint = (" (install the filesystem's package: pip install 'pact-cache[s3]' for s3://, 'pact-cache[gcs]' for gs://)"
-                    if isinstance(err, ImportError) else "")
+            hint = (
+                " (install the filesystem's package: pip install 'pact-cache[s3]' for s3://, 'pact-cache[gcs]' for "
+                "gs://)"
+                if isinstance(err, ImportError)
+                else ""
+            )
             raise CacheError(f"{self.display}: cannot open this location: {msg}{hint}") from None
         self.root = root.rstrip("/") or "/"
 
@@ -337,7 +436,9 @@ class Location:
         with self.fs.open(self.path(name), "rb") as f:
             data = f.read(limit + 1)
         if len(data) > limit:
-            raise CacheError(f"{self.where(name)}: is larger than {limit} bytes (it grew while being read?); refusing it")
+            raise CacheError(
+                f"{self.where(name)}: is larger than {limit} bytes (it grew while being read?); refusing it"
+            )
         return data
 
     def open(self, name: str):

@@ -33,8 +33,9 @@ from importlib import resources
 from pathlib import Path
 
 from .data import RawRow, chat_ids, iter_rows, prompts_from, to_messages
-from .errors import TokensError
+from .errors import TokensError, preview
 from .manifest import MANIFEST_MAX_BYTES, SafetyTokens
+from .storage import read_limited
 from .typedjson import load_json
 
 
@@ -63,7 +64,13 @@ def load_refusals(path: str | Path | None = None) -> list[tuple[list[dict], str]
     for row in iter_rows(src):
         rec = row.record
         # the paper's safe_direction.json uses {"input", "output"}: read it as prompt/completion
-        if isinstance(rec, dict) and "input" in rec and "output" in rec and "instruction" not in rec and "prompt" not in rec:
+        if (
+            isinstance(rec, dict)
+            and "input" in rec
+            and "output" in rec
+            and "instruction" not in rec
+            and "prompt" not in rec
+        ):
             row = RawRow(row.where, {"prompt": rec["input"], "completion": rec["output"]})
         msgs = to_messages(row)
         pairs.append((msgs[:-1], msgs[-1]["content"]))
@@ -108,9 +115,14 @@ def _greedy_answers(model, tok, prompts: list[list[dict]], steps: int, device) -
     for msgs in prompts:
         ids = torch.tensor([chat_ids(tok, msgs, add_generation_prompt=True)], device=device)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
-                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        answers.append(tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=steps,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            )
+        answers.append(tok.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True))
     return answers
 
 
@@ -135,9 +147,23 @@ def _paper_weights(delta):
     return (z / (z.norm() + 1e-6)).tolist()
 
 
-def select_tokens(aligned, aligned_tok, pairs, base=None, base_tok=None, top_k: int = 50, max_resp_len: int = 64,
-                  device="cpu", batch_size: int = 8, aligned_fp=None, base_fp=None, source: str = "builtin",
-                  benign=None, benign_source: str = "builtin", contrast_steps: int = 4) -> SafetyTokens:
+def select_tokens(
+    aligned,
+    aligned_tok,
+    pairs,
+    base=None,
+    base_tok=None,
+    top_k: int = 50,
+    max_resp_len: int = 64,
+    device="cpu",
+    batch_size: int = 8,
+    aligned_fp=None,
+    base_fp=None,
+    source: str = "builtin",
+    benign=None,
+    benign_source: str = "builtin",
+    contrast_steps: int = 4,
+) -> SafetyTokens:
     """Select S and its weights; ``.to_json()`` of the result is a ``tokens.json`` (``pact-tokens/1``).
     With ``base``: the paper's aligned-vs-base discrepancy over ``max_resp_len`` refusal tokens; else
     with ``benign`` (prompt messages): the refusals after their harmful prompts against the same
@@ -155,14 +181,19 @@ def select_tokens(aligned, aligned_tok, pairs, base=None, base_tok=None, top_k: 
             raise TokensError("no benign prompt given; the self-contrast needs at least one")
         max_resp_len = contrast_steps
     if base is not None and len(base_tok) != len(aligned_tok):
-        raise TokensError(f"base tokenizer has {len(base_tok)} tokens, aligned has {len(aligned_tok)}; the paper's method needs the same vocabulary")
+        raise TokensError(
+            f"base tokenizer has {len(base_tok)} tokens, aligned has {len(aligned_tok)}; the paper's "
+            f"method needs the same vocabulary"
+        )
     seq_a, st_a, counts = _answer_seqs(aligned_tok, pairs, max_resp_len)
     seq_b, st_b = [], []
     for prompt_msgs, refusal in pairs if base is not None else []:
         resp = aligned_tok(refusal.strip(), add_special_tokens=False)["input_ids"][:max_resp_len]
         if resp:
             if base_tok(refusal.strip(), add_special_tokens=False)["input_ids"][:max_resp_len] != resp:
-                raise TokensError("base and aligned tokenizers split a refusal differently; use models with the same tokenizer")
+                raise TokensError(
+                    "base and aligned tokenizers split a refusal differently; use models with the same tokenizer"
+                )
             pb = base_tok(_base_prompt(prompt_msgs), add_special_tokens=False)["input_ids"]
             seq_b.append(pb + resp)
             st_b.append(len(pb))
@@ -192,35 +223,60 @@ def select_tokens(aligned, aligned_tok, pairs, base=None, base_tok=None, top_k: 
         # teacher-forced after benign prompts, the first default, gives the negation no weight: after "I can"
         # both contexts predict it; it stays the fallback when every benign prompt is refused.)
         answers = _greedy_answers(aligned, aligned_tok, benign, contrast_steps, device)
-        openings = {tuple(seq[st: st + 3]) for seq, st in zip(seq_a, st_a)}
-        answered = [(msgs, ans) for msgs, ans in zip(benign, answers)
-                    if tuple(aligned_tok(ans.strip(), add_special_tokens=False)["input_ids"][:3]) not in openings]
+        openings = {tuple(seq[st : st + 3]) for seq, st in zip(seq_a, st_a)}
+        answered = [
+            (msgs, ans)
+            for msgs, ans in zip(benign, answers)
+            if tuple(aligned_tok(ans.strip(), add_special_tokens=False)["input_ids"][:3]) not in openings
+        ]
         seq_n, st_n, counts_n = _answer_seqs(aligned_tok, answered, max_resp_len)
-        contrast = f"the reference's own answers to {len(seq_n)} of {len(benign)} benign prompts (those opening as a refusal dropped)"
+        contrast = (
+            f"the reference's own answers to {len(seq_n)} of {len(benign)} benign prompts "
+            "(those opening as a refusal dropped)"
+        )
         if not seq_n:
-            seq_n, st_n, counts_n = _answer_seqs(aligned_tok, [(benign[i % len(benign)], r) for i, (_, r) in enumerate(pairs)],
-                                                 max_resp_len)
+            seq_n, st_n, counts_n = _answer_seqs(
+                aligned_tok, [(benign[i % len(benign)], r) for i, (_, r) in enumerate(pairs)], max_resp_len
+            )
             contrast = "the refusals after benign prompts (the reference refused every benign prompt)"
         p_n = _mean_step_probs(aligned, seq_n, st_n, counts_n, device, batch_size).mean(0)[:vocab]
         weights = _paper_weights((p_a - p_n)[kept].double())
         if not weights or max(weights) <= 0:
-            raise TokensError("the reference's next-token distributions after the harmful and the benign prompts do not differ; "
-                              "no safety token can be weighted (are the benign prompts the harmful ones?)")
+            raise TokensError(
+                "the reference's next-token distributions after the harmful and the benign prompts do "
+                "not differ; "
+                "no safety token can be weighted (are the benign prompts the harmful ones?)"
+            )
         method = "pact-self-contrast"
-        params = {"top_k": top_k, "steps": contrast_steps, "refusals": source, "samples": len(seq_a),
-                  "benign": benign_source, "benign_prompts": len(benign), "candidates": "tokens of the refusals",
-                  "contrast": contrast}
+        params = {
+            "top_k": top_k,
+            "steps": contrast_steps,
+            "refusals": source,
+            "samples": len(seq_a),
+            "benign": benign_source,
+            "benign_prompts": len(benign),
+            "candidates": "tokens of the refusals",
+            "contrast": contrast,
+        }
     else:
         weights = [1.0 / math.sqrt(len(kept))] * len(kept)
         method = "pact-uniform"
     ids = kept.tolist()
     if not ids:
-        raise TokensError("no candidate token separates the two distributions (aligned vs base, or refusals vs benign "
-                          "answers); no safety token can be weighted (is --base the same model as --aligned?)")
-    selected = SafetyTokens(ids=tuple(ids), weights=tuple(float(w) for w in weights),
-                            strings=tuple(aligned_tok.decode([i]) for i in ids), method=method,
-                            params=params,
-                            aligned=aligned_fp, base=base_fp, mean_aligned_prob=tuple(float(p) for p in p_a[kept].tolist()))
+        raise TokensError(
+            "no candidate token separates the two distributions (aligned vs base, or refusals vs benign "
+            "answers); no safety token can be weighted (is --base the same model as --aligned?)"
+        )
+    selected = SafetyTokens(
+        ids=tuple(ids),
+        weights=tuple(float(w) for w in weights),
+        strings=tuple(aligned_tok.decode([i]) for i in ids),
+        method=method,
+        params=params,
+        aligned=aligned_fp,
+        base=base_fp,
+        mean_aligned_prob=tuple(float(p) for p in p_a[kept].tolist()),
+    )
     return SafetyTokens.parse(selected.to_json(), "the selected safety tokens", TokensError)  # the same rules as a file
 
 
@@ -230,22 +286,26 @@ def validate_tokens(tokens, tok, where: str) -> SafetyTokens:
     vocab = len(tok)
     bad = [i for i in parsed.ids if not 0 <= i < vocab]
     if bad:
-        raise TokensError(f"{where}: ids {bad[:5]} are outside the tokenizer's vocabulary (size {vocab}); this file was made for another model, rerun `pact-cache tokens` with it")
+        raise TokensError(
+            f"{where}: ids {bad[:5]} are outside the tokenizer's vocabulary (size {vocab}); this file "
+            f"was made for another model, rerun `pact-cache tokens` with it"
+        )
     if parsed.strings is not None:
         for i, s in zip(parsed.ids, parsed.strings):
             if tok.decode([i]) != s:
-                raise TokensError(f"{where}: id {i} decodes to {tok.decode([i])!r} but the file says {s!r}; it was made with another tokenizer, rerun `pact-cache tokens`")
+                raise TokensError(
+                    f"{where}: id {i} decodes to {preview(tok.decode([i]))} but the file says "
+                    f"{preview(s)}; it was made with another tokenizer, rerun `pact-cache tokens`"
+                )
     return parsed
 
 
 def read_tokens(path: str | Path, tok) -> SafetyTokens:
-    p = Path(path)
-    try:
-        if not p.is_file():
-            raise TokensError(f"{path}: no such tokens file (or not a regular file); make one with `pact-cache tokens` or leave out --tokens")
-        if p.stat().st_size > MANIFEST_MAX_BYTES:
-            raise TokensError(f"{path}: {p.stat().st_size} bytes is far too large for a tokens file")
-        data = p.read_bytes()
-    except OSError as err:
-        raise TokensError(f"{path}: cannot be read ({err.strerror or err})") from None
-    return validate_tokens(load_json(data, str(path), TokensError, "tokens file", fix="make it again with `pact-cache tokens`"), tok, str(path))
+    if not Path(path).expanduser().exists():
+        raise TokensError(f"{path}: no such tokens file; make one with `pact-cache tokens` or leave out --tokens")
+    data = read_limited(path, MANIFEST_MAX_BYTES, str(path), TokensError, "tokens file (from `pact-cache tokens`)")
+    return validate_tokens(
+        load_json(data, str(path), TokensError, "tokens file", fix="make it again with `pact-cache tokens`"),
+        tok,
+        str(path),
+    )

@@ -15,21 +15,23 @@ import math
 import re
 from typing import Any
 
-from .errors import CacheError
-
+from .errors import CacheError, preview
 
 # ----------------------------------------------------------------------------- JSON at the edge
+
 
 def _no_constants(name: str):
     raise ValueError(f"{name} is not valid JSON (non-finite numbers are not allowed)")
 
 
-def load_json(data: bytes, where: str, error=CacheError, what: str = "file", line: int | None = None,
-              fix: str | None = None) -> Any:
+def load_json(
+    data: bytes, where: str, error=CacheError, what: str = "file", line: int | None = None, fix: str | None = None
+) -> Any:
     """Strict JSON: UTF-8, no NaN/Infinity, nesting bounded by the interpreter (refused, not crashed).
     Errors name ``where:line`` (the line inside ``data``, or ``line`` when ``data`` is one JSONL
     line), what is wrong, and ``fix`` (default: fix or remove this ``what``)."""
     fix = fix or f"fix or remove this {what}"
+
     def at(lineno: int | None) -> str:
         n = line if line is not None else lineno
         return f"{where}:{n}" if n is not None else where
@@ -49,6 +51,23 @@ def load_json(data: bytes, where: str, error=CacheError, what: str = "file", lin
         raise error(f"{at(None)}: JSON nested too deeply in this {what}; {fix}") from None
 
 
+def count_values(obj, limit: int) -> int:
+    """How many values ``obj`` holds (every mapping, list, key and scalar), counted up to ``limit + 1``
+    and no further. YAML aliases make a small file stand for a huge structure (a "billion laughs"
+    bomb: every alias is the same object again); walking it stops here, before anything copies,
+    prints or serialises it."""
+    n, todo = 0, [obj]
+    while todo and n <= limit:
+        x = todo.pop()
+        n += 1
+        if isinstance(x, dict):
+            todo.extend(x.keys())
+            todo.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            todo.extend(x)
+    return n
+
+
 def canonical_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
@@ -56,6 +75,7 @@ def canonical_json(obj) -> bytes:
 def hash_identity(kind: str, obj) -> str:
     """sha256 of sorted, type-tagged JSON (like ``datasets`` fingerprints). ``None`` is hashed as
     an explicit null tag; callers refuse missing inputs before they get here."""
+
     def tag(x):
         if isinstance(x, dict):
             return {str(k): tag(v) for k, v in sorted(x.items())}
@@ -77,6 +97,7 @@ def hash_identity(kind: str, obj) -> str:
 
 
 # ----------------------------------------------------------------------------- field checks
+
 
 class _Fields:
     """Reads fields of one JSON object, raising ``error`` with ``where`` and the field path."""
@@ -120,7 +141,7 @@ class _Fields:
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             self._bad(key, f"must be a finite number, not {_kind(v)}")
         if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
-            self._bad(key, f"is {v!r}, outside {'(' if lo_open else '['}{lo}, {hi}]")
+            self._bad(key, f"is {preview(v)}, outside {'(' if lo_open else '['}{lo}, {hi}]")
         return float(v)
 
     def str(self, key, optional=False, pattern: re.Pattern | None = None, what="a string"):
@@ -159,4 +180,6 @@ def _kind(v) -> str:
         return "a boolean"
     if v is None:
         return "null"
-    return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}.get(type(v), type(v).__name__)
+    return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}.get(
+        type(v), type(v).__name__
+    )

@@ -38,10 +38,19 @@ def tiny_tokenizer(path: Path, vocab: int = 400):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<|im_start|>",
-                                  eos_token="<|im_end|>", pad_token="<|im_end|>")
+    bpe.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=vocab, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+    )
     tok.chat_template = CHATML
     tok.save_pretrained(path)
     return tok
@@ -51,13 +60,19 @@ def tiny_tokenizer(path: Path, vocab: int = 400):
 # softcapping; Cohere: logit_scale; Granite: logits_scaling), beside a plain Llama.
 ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 2.0, "head_dim": 8, "query_pre_attn_scalar": 8}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"final_logit_softcapping": 2.0, "head_dim": 8, "query_pre_attn_scalar": 8},
+    ),
     "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
 }
 
 
-def make_tiny_model(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, vocab: int = 400, arch: str = "llama") -> Path:
+def make_tiny_model(
+    path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, vocab: int = 400, arch: str = "llama"
+) -> Path:
     import torch
     import transformers
 
@@ -65,9 +80,19 @@ def make_tiny_model(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2
     torch.manual_seed(seed)
     config_cls, model_cls, extra = ARCHS[arch]
     cfg = getattr(transformers, config_cls)(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False, **extra)
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+        **extra,
+    )
     model = getattr(transformers, model_cls)(cfg)
     with torch.no_grad():  # random init is near-uniform; widen the logits so log-probs spread like a real model's
         model.lm_head.weight.mul_(40.0)
@@ -91,19 +116,27 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def build_f32_cache(root: Path, model: str, ids=(3, 17, 42, 99, 150), weights=(0.5, 0.1, -0.2, 0.7, 0.3), rows=None) -> str:
+def build_f32_cache(
+    root: Path, model: str, ids=(3, 17, 42, 99, 150), weights=(0.5, 0.1, -0.2, 0.7, 0.3), rows=None
+) -> str:
     """A float32 cache of ``rows`` (CHAT_ROWS by default) built with ``model``, with mixed-sign token weights."""
     from pact_cache.build import BuildConfig, build
 
     tokens = root / "tokens.json"
-    tokens.write_text(json.dumps({"format": "pact-tokens/1", "ids": list(ids), "weights": list(weights), "method": "test"}))
+    tokens.write_text(
+        json.dumps({"format": "pact-tokens/1", "ids": list(ids), "weights": list(weights), "method": "test"})
+    )
     data = write_jsonl(root / "d.jsonl", CHAT_ROWS if rows is None else rows)
     return build(BuildConfig(str(data), model, str(root / "c"), tokens=str(tokens), encoding="f32", progress=False)).out
 
 
 CHAT_ROWS = [
-    {"messages": [{"role": "user", "content": f"Classify the sentiment of the review number {i} as positive or negative."},
-                  {"role": "assistant", "content": ("positive" if i % 2 else "negative") + " sure" * (i % 7)}]}
+    {
+        "messages": [
+            {"role": "user", "content": f"Classify the sentiment of the review number {i} as positive or negative."},
+            {"role": "assistant", "content": ("positive" if i % 2 else "negative") + " sure" * (i % 7)},
+        ]
+    }
     for i in range(23)
 ]
 
@@ -156,11 +189,11 @@ def naive_reference(model_dir, dataset, ids, max_length=2048):
         for ex in examples:
             rs, n = ex.response_start, ex.steps
             lp = torch.log_softmax(model(torch.tensor([ex.input_ids])).logits[0].float(), -1)
-            full = lp[rs - 1: rs - 1 + n][:, ids].numpy()
+            full = lp[rs - 1 : rs - 1 + n][:, ids].numpy()
             target = lp[torch.arange(rs - 1, rs - 1 + n), torch.tensor(ex.input_ids[rs:])].numpy()
             post_seq = header + ex.input_ids[rs:-1]
             lpp = torch.log_softmax(model(torch.tensor([post_seq])).logits[0].float(), -1)
-            post = lpp[len(header) - 1: len(header) - 1 + n][:, ids].numpy()
+            post = lpp[len(header) - 1 : len(header) - 1 + n][:, ids].numpy()
             out.append((ex.example_id, full, post, target))
     return out
 
@@ -175,14 +208,31 @@ def row_result(example_id, input_ids, response_start, full, post, target):
 def write_manifest(out: Path, parts, enc, K: int, vocab: int = 1000, weights=None):
     """A valid pact-cache/2 manifest over parts written by ``write_part`` (made-up provenance)."""
     from pact_cache.format import MANIFEST
+    from pact_cache.manifest import (
+        FORMAT,
+        BuildParams,
+        Counts,
+        DatasetInfo,
+        Manifest,
+        Reference,
+        SafetyTokens,
+        Tokenizer,
+    )
     from pact_cache.storage import atomic_write_json
-    from pact_cache.manifest import (FORMAT, BuildParams, Counts, DatasetInfo, Manifest, Reference, SafetyTokens,
-                                     Tokenizer)
 
-    m = Manifest(FORMAT, "", "test", Reference("test-model", {"model.safetensors": "a" * 64}), Tokenizer("b" * 64, vocab),
-                 SafetyTokens(tuple(range(K)), tuple(weights or [1.0] * K), method="test"), DatasetInfo("c" * 64, "test"),
-                 BuildParams(None, 8, 1024, "float32", "cpu", (1,), vocab), enc,
-                 Counts(sum(p.rows for p in parts), sum(p.steps for p in parts), 0, 0, {}, {}), tuple(parts)).with_content_id()
+    m = Manifest(
+        FORMAT,
+        "",
+        "test",
+        Reference("test-model", {"model.safetensors": "a" * 64}),
+        Tokenizer("b" * 64, vocab),
+        SafetyTokens(tuple(range(K)), tuple(weights or [1.0] * K), method="test"),
+        DatasetInfo("c" * 64, "test"),
+        BuildParams(None, 8, 1024, "float32", "cpu", (1,), vocab),
+        enc,
+        Counts(sum(p.rows for p in parts), sum(p.steps for p in parts), 0, 0, {}, {}),
+        tuple(parts),
+    ).with_content_id()
     atomic_write_json(out / MANIFEST, m.to_json())
     return m
 
@@ -202,6 +252,7 @@ def edit_manifest(out: Path, fn, resign: bool = False):
 
 
 # ----------------------------------------------------------------------------- made-up rows and caches
+
 
 def realistic_logprobs(rng, n, K):
     """Log-softmax of heavy-tailed logits, like a language model's: a few likely tokens, a long tail."""
@@ -223,8 +274,16 @@ def random_rows(n_rows=5, K=4, seed=0):
     for i in range(n_rows):
         L, rs = 10 + i, 6
         n = L - rs
-        out.append(row_result(f"{i:08d}-abc", list(range(L)), rs, realistic_logprobs(rng, n, K), realistic_logprobs(rng, n, K),
-                             -np.abs(rng.normal(size=n)).astype(np.float32)))
+        out.append(
+            row_result(
+                f"{i:08d}-abc",
+                list(range(L)),
+                rs,
+                realistic_logprobs(rng, n, K),
+                realistic_logprobs(rng, n, K),
+                -np.abs(rng.normal(size=n)).astype(np.float32),
+            )
+        )
     return out
 
 
@@ -235,13 +294,28 @@ def random_cache(tmp_path, enc="q8", n_rows=5, K=4):
     out = tmp_path / "cache"
     out.mkdir()
     rs = random_rows(n_rows, K)
-    parts = [write_part(out / "part-00000.parquet", rs[:3], ENCODINGS[enc]), write_part(out / "part-00001.parquet", rs[3:], ENCODINGS[enc])]
+    parts = [
+        write_part(out / "part-00000.parquet", rs[:3], ENCODINGS[enc]),
+        write_part(out / "part-00001.parquet", rs[3:], ENCODINGS[enc]),
+    ]
     return out, rs, write_manifest(out, parts, ENCODINGS[enc], K)
 
 
 def tokens_file(tmp_path, ids, weights=None):
     p = tmp_path / "tokens.json"
-    p.write_text(json.dumps({"format": "pact-tokens/1", "ids": ids, "weights": weights or [1.0] * len(ids), "method": "test", "params": {}, "aligned": None, "base": None}))
+    p.write_text(
+        json.dumps(
+            {
+                "format": "pact-tokens/1",
+                "ids": ids,
+                "weights": weights or [1.0] * len(ids),
+                "method": "test",
+                "params": {},
+                "aligned": None,
+                "base": None,
+            }
+        )
+    )
     return p
 
 
@@ -257,19 +331,30 @@ def masses_cache(tmp_path, step0, weights=(0.7, 0.2, -0.3)):
         n = 2 + i % 3
         full = np.log(np.full((n, 3), 0.01, dtype=np.float64))
         full[0, :2] = np.log([m0 * 0.75, m0 * 0.25])  # tokens 0 and 1 weigh > 0; token 2 does not count
-        rows.append(row_result(f"{i:08d}-x{i}", list(range(3, 8 + n)), 5, full.astype(np.float32),
-                               full.astype(np.float32), -rng.random(n).astype(np.float32)))
+        rows.append(
+            row_result(
+                f"{i:08d}-x{i}",
+                list(range(3, 8 + n)),
+                5,
+                full.astype(np.float32),
+                full.astype(np.float32),
+                -rng.random(n).astype(np.float32),
+            )
+        )
     out = tmp_path / "src"
     out.mkdir()
     half = (len(rows) + 1) // 2
-    parts = [write_part(out / "part-00000.parquet", rows[:half], ENCODINGS["f32"]),
-             write_part(out / "part-00001.parquet", rows[half:], ENCODINGS["f32"])]
+    parts = [
+        write_part(out / "part-00000.parquet", rows[:half], ENCODINGS["f32"]),
+        write_part(out / "part-00001.parquet", rows[half:], ENCODINGS["f32"]),
+    ]
     write_manifest(out, parts, ENCODINGS["f32"], 3, weights=list(weights))
     return out
 
 
 # ----------------------------------------------------------------------------- caches shared by the session
 # Built once per test session; tests that change a cache copy it first (fixture ``copy``).
+
 
 @pytest.fixture(scope="session")
 def f32_cache(tiny_model, tmp_path_factory) -> str:
@@ -284,14 +369,42 @@ def made(tiny_model, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("trust")
     data = write_jsonl(root / "train.jsonl", CHAT_ROWS)
-    other = write_jsonl(root / "other.jsonl", [{"prompt": f"Tell me about the sea, part {i}", "completion": "waves " * (i + 2)} for i in range(23)])
+    other = write_jsonl(
+        root / "other.jsonl",
+        [{"prompt": f"Tell me about the sea, part {i}", "completion": "waves " * (i + 2)} for i in range(23)],
+    )
     tokens = root / "tokens.json"
-    tokens.write_text(json.dumps({"format": "pact-tokens/1", "ids": [3, 17, 42, 99], "weights": [0.5, 0.2, 0.1, 0.4], "method": "test"}))
-    f32 = build(BuildConfig(str(data), tiny_model, str(root / "f32"), tokens=str(tokens), encoding="f32", rows_per_part=8, progress=False))
-    q8 = build(BuildConfig(str(data), tiny_model, str(root / "q8"), tokens=str(tokens), rows_per_part=8, progress=False))
-    theirs = build(BuildConfig(str(other), tiny_model, str(root / "theirs"), tokens=str(tokens), rows_per_part=8, progress=False))
-    return {"data": data, "other": other, "tokens": tokens, "f32": Path(f32.out), "q8": Path(q8.out), "theirs": Path(theirs.out),
-            "model": tiny_model}
+    tokens.write_text(
+        json.dumps(
+            {"format": "pact-tokens/1", "ids": [3, 17, 42, 99], "weights": [0.5, 0.2, 0.1, 0.4], "method": "test"}
+        )
+    )
+    f32 = build(
+        BuildConfig(
+            str(data),
+            tiny_model,
+            str(root / "f32"),
+            tokens=str(tokens),
+            encoding="f32",
+            rows_per_part=8,
+            progress=False,
+        )
+    )
+    q8 = build(
+        BuildConfig(str(data), tiny_model, str(root / "q8"), tokens=str(tokens), rows_per_part=8, progress=False)
+    )
+    theirs = build(
+        BuildConfig(str(other), tiny_model, str(root / "theirs"), tokens=str(tokens), rows_per_part=8, progress=False)
+    )
+    return {
+        "data": data,
+        "other": other,
+        "tokens": tokens,
+        "f32": Path(f32.out),
+        "q8": Path(q8.out),
+        "theirs": Path(theirs.out),
+        "model": tiny_model,
+    }
 
 
 @pytest.fixture
@@ -303,6 +416,7 @@ def copy(made, tmp_path):
         dst = tmp_path / f"cache-{which}"
         shutil.copytree(made[which], dst)
         return dst
+
     return _copy
 
 
@@ -323,6 +437,22 @@ def scored(tiny_model, tiny_base_model, f32_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("toss")
     src = f32_cache
     out = root / "scored"
-    assert cache_main(["score", src, "--degraded", tiny_model, "--utility", tiny_base_model, "-o", str(out), "--batch-size", "3",
-                       "--no-progress"]) == 0
+    assert (
+        cache_main(
+            [
+                "score",
+                src,
+                "--degraded",
+                tiny_model,
+                "--utility",
+                tiny_base_model,
+                "-o",
+                str(out),
+                "--batch-size",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return src, str(out)

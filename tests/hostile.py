@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from conftest import edit_manifest
 
 from pact_cache.format import rows_digest
 from pact_cache.storage import sha256_path
-
-from conftest import edit_manifest
 
 
 def snapshot(folder: Path):
@@ -56,8 +55,13 @@ def rewrite_part(cache: Path, name: str, fn, resign=True):
     t = fn(pq.read_table(p))
     pq.write_table(t, p)
     try:
-        digest = rows_digest(zip(t.column("example_id").to_pylist(), t.column("input_ids").to_pylist(),
-                                 t.column("response_start").to_pylist()))
+        digest = rows_digest(
+            zip(
+                t.column("example_id").to_pylist(),
+                t.column("input_ids").to_pylist(),
+                t.column("response_start").to_pylist(),
+            )
+        )
     except TypeError:  # a null in the rows has no digest; the reader must refuse the row before it gets there
         digest = None
 
@@ -65,6 +69,7 @@ def rewrite_part(cache: Path, name: str, fn, resign=True):
         for e in m["parts"]:
             if e["name"] == name:
                 e.update(bytes=p.stat().st_size, sha256=sha256_path(p), rows_sha256=digest or e["rows_sha256"])
+
     edit_manifest(cache, edit, resign=resign)
 
 
@@ -93,8 +98,6 @@ def run_cli(*args):
     from pact_cache.cli import main
 
     return main([str(a) for a in args])
-
-
 
 
 def only_line(capsys):

@@ -1,7 +1,13 @@
 #!/usr/bin/env python
-"""Peak memory of pact-cache on decompression bombs, against a normal cache of the same rows.
+"""Peak memory of pact-cache on hostile inputs, against a normal run on the same cache.
 
     python tools/bench_hostile.py --cache SCORED_CACHE --model MODEL [--inflate-mib 400]
+
+Decompression bombs (below), then pact-train's hostile options: a YAML alias bomb under ``lr:``, a
+config of 1.1 MB, ``--config /dev/zero``, a 540 MB file that is not text as ``--config`` (sparse:
+nothing is read unless the reader reads it), ``--replay-ratio 0.999`` at ``--batch-size 2`` (refused
+above 0.5) and the largest ratio allowed, 0.5, with a replay cache made by ``filter --above 1`` of
+the same cache (its rows under another id); each in a fresh process beside one normal step.
 
 From a cache that carries TOSS scores (``pact-cache score``; without scores the sidecar bomb is left
 out), three copies are made: the cache itself; a *part bomb*, whose first row's ``full_q`` (q8) or
@@ -26,13 +32,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-WRAP = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, repr((r.stderr.strip().splitlines() or [''])[-1]))")
+WRAP = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+    "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "
+    "repr((r.stderr.strip().splitlines() or [''])[-1]))"
+)
 
 
 def peak(cmd: list[str]) -> tuple[int, float, str]:
     """(exit status, peak RSS in MiB, last stderr line) of one command in a process of its own."""
-    out = subprocess.run([sys.executable, "-c", WRAP, *map(str, cmd)], capture_output=True, text=True, check=True).stdout.split(" ", 2)
+    out = subprocess.run(
+        [sys.executable, "-c", WRAP, *map(str, cmd)], capture_output=True, text=True, check=True
+    ).stdout.split(" ", 2)
     return int(out[0]), int(out[1]) / 1024, eval(out[2])
 
 
@@ -84,16 +95,82 @@ def main() -> None:
         if scored:
             copies["score bomb"] = Path(tmp) / "score_bomb"
             shutil.copytree(src, copies["score bomb"])
-            reseal(copies["score bomb"], cache.manifest.scores.files[0].name, lambda t: inflate(t, "score", a.inflate_mib))
-        print(f"{cache.num_rows} rows; bombs inflate one value to {a.inflate_mib} MiB; files on disk: "
-              + ", ".join(f"{k} {sum(f.stat().st_size for f in v.iterdir()) / 1024:.0f} KiB" for k, v in copies.items()))
+            reseal(
+                copies["score bomb"], cache.manifest.scores.files[0].name, lambda t: inflate(t, "score", a.inflate_mib)
+            )
+        print(
+            f"{cache.num_rows} rows; bombs inflate one value to {a.inflate_mib} MiB; files on disk: "
+            + ", ".join(f"{k} {sum(f.stat().st_size for f in v.iterdir()) / 1024:.0f} KiB" for k, v in copies.items())
+        )
         for name, c in copies.items():
-            for what, cmd in (("verify", [bin_dir / "pact-cache", "verify", c]),
-                              ("pact-train 1 step", [bin_dir / "pact-train", "--model", a.model, "--cache", c, "-o", Path(tmp) / f"run-{c.name}",
-                                                     "--max-steps", 1, "--no-progress", "--batch-size", 2,
-                                                     *(["--token-mask", 0.2] if scored else [])])):
+            for what, cmd in (
+                ("verify", [bin_dir / "pact-cache", "verify", c]),
+                (
+                    "pact-train 1 step",
+                    [
+                        bin_dir / "pact-train",
+                        "--method",
+                        "pact",
+                        "--model",
+                        a.model,
+                        "--cache",
+                        c,
+                        "-o",
+                        Path(tmp) / f"run-{c.name}",
+                        "--max-steps",
+                        1,
+                        "--no-progress",
+                        "--batch-size",
+                        2,
+                        *(["--token-mask", 0.2] if scored else []),
+                    ],
+                ),
+            ):
                 code, mib, last = peak(cmd)
                 print(f"  {name:10s} {what:18s} exit {code}  peak RSS {mib:7.0f} MiB  {last[:160]}")
+        hostile_options(Path(tmp), src, a.model, bin_dir)
+
+
+def hostile_options(tmp: Path, cache: Path, model: str, bin_dir: Path) -> None:
+    """pact-train's config files and replay ratio, each against one normal step on the same cache."""
+    bomb, prev = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n', "a"
+    for name in "bcdefghi":
+        bomb += f"{name}: &{name} [" + ", ".join(["*" + prev] * 9) + "]\n"
+        prev = name
+    (tmp / "bomb.yaml").write_text(bomb + "lr: *i\n")
+    (tmp / "big.yaml").write_text("# padding\n" * 110_000 + "lr: 1.0e-3\n")
+    with open(tmp / "weights.bin", "wb") as f:
+        f.truncate(540_000_000)
+    replay = tmp / "replay"
+    subprocess.run([bin_dir / "pact-cache", "filter", cache, "--above", "1", "-o", replay, "--no-progress"], check=True)
+    train = [
+        bin_dir / "pact-train",
+        "--method",
+        "pact",
+        "--model",
+        model,
+        "--cache",
+        cache,
+        "--max-steps",
+        1,
+        "--no-progress",
+        "--batch-size",
+        2,
+    ]
+    print("pact-train's options (one step at batch 2 where it runs):")
+    for i, (name, extra) in enumerate(
+        (
+            ("normal", []),
+            ("alias bomb", ["--config", tmp / "bomb.yaml"]),
+            ("1.1 MB config", ["--config", tmp / "big.yaml"]),
+            ("/dev/zero", ["--config", "/dev/zero"]),
+            ("540 MB binary", ["--config", tmp / "weights.bin"]),
+            ("replay 0.999", ["--replay", replay, "--replay-ratio", 0.999]),
+            ("replay 0.5", ["--replay", replay, "--replay-ratio", 0.5]),
+        )
+    ):
+        code, mib, last = peak([*train, "-o", tmp / f"opt-{i}", *extra])
+        print(f"  {name:14s} exit {code}  peak RSS {mib:7.0f} MiB  {last[:160]}")
 
 
 if __name__ == "__main__":

@@ -19,18 +19,26 @@ import sys
 import tempfile
 from pathlib import Path
 
-SIDE = r'''
+SIDE = r"""
 import json, sys
 from pathlib import Path
 root, out, embedded = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "1"
 sys.path[:0] = [root, root + "/tests"]
+import importlib.util
+# pact_train is the checkout's trainer/ folder (installed under that name), not the installed project's
+spec = importlib.util.spec_from_file_location("pact_train", root + "/trainer/__init__.py",
+                                              submodule_search_locations=[root + "/trainer"])
+sys.modules["pact_train"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sys.modules["pact_train"])
 from conftest import CHAT_ROWS, make_tiny_model, write_jsonl
-import pact_cache
+import pact_cache, pact_train.loop
 assert pact_cache.__file__.startswith(root), pact_cache.__file__
+assert pact_train.loop.__file__.startswith(root), pact_train.loop.__file__
 from pact_cache.build import BuildConfig, build
 from pact_train.loop import TrainConfig, train
 def metrics(run):
-    return [{k: v for k, v in json.loads(l).items() if k != "step_time_s"} for l in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "step_time_s"} for line in lines]
 model = str(make_tiny_model(out / "model"))
 data = write_jsonl(out / "d.jsonl", CHAT_ROWS)
 res = {}
@@ -39,27 +47,31 @@ for enc in ("q8", "f32"):
     res[f"cache_id {enc}"] = c.cache_id
     for method in ("pact", "pact-rest", "str", "constrained-sft"):
         run = out / f"run-{enc}-{method}"
-        train(TrainConfig(model=model, cache=c.out, out=str(run), method=method, batch_size=4, max_steps=4, progress=False,
-                          plot=False, lr=1e-3))
+        train(TrainConfig(model=model, cache=c.out, out=str(run), method=method, batch_size=4, max_steps=4,
+                          progress=False, plot=False, lr=1e-3))
         res[f"metrics {enc} {method}"] = metrics(run)
 if embedded:
     c = build(BuildConfig(str(data), "smollm2-135m-instruct", str(out / "c-emb"), progress=False))
     res["cache_id embedded"] = c.cache_id
-    train(TrainConfig(model="smollm2-135m-instruct", cache=c.out, out=str(out / "run-emb"), method="pact", batch_size=4, max_steps=2,
-                      progress=False, plot=False))
+    train(TrainConfig(model="smollm2-135m-instruct", cache=c.out, out=str(out / "run-emb"), method="pact", batch_size=4,
+                      max_steps=2, progress=False, plot=False))
     res["metrics embedded pact"] = metrics(out / "run-emb")
 print("RESULT " + json.dumps(res, sort_keys=True))
-'''
+"""
 
 
 def side(checkout: str, embedded: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run([sys.executable, "-c", SIDE, str(Path(checkout).resolve()), tmp, "1" if embedded else "0"],
-                              capture_output=True, text=True, cwd=tmp)
+        proc = subprocess.run(
+            [sys.executable, "-c", SIDE, str(Path(checkout).resolve()), tmp, "1" if embedded else "0"],
+            capture_output=True,
+            text=True,
+            cwd=tmp,
+        )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{checkout}: failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main() -> int:

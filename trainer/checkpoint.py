@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pact_cache.errors import PactError
-from pact_cache.storage import stale_tmp, staged_dir
+from pact_cache.storage import read_limited, staged_dir, stale_tmp
 from pact_cache.typedjson import load_json
 
 
@@ -86,10 +86,20 @@ def load_checkpoint(path: Path, model, optimizer, is_peft: bool) -> dict:
     if found is None:
         raise PactError(f"{path}: no checkpoint to resume from; start a new run in another -o")
     try:
-        state = load_json((found / "trainer_state.json").read_bytes(), str(found / "trainer_state.json"), PactError, "checkpoint state",
-                          fix="the checkpoint is damaged: delete the run folder and start again, or restore it from a copy")
-        if not isinstance(state, dict) or not all(isinstance(state.get(k), int) and state[k] >= 0 for k in ("step", "epoch", "rows_taken", "tokens_total")):
-            raise PactError(f"{found}/trainer_state.json: step, epoch, rows_taken and tokens_total must be non-negative integers")
+        where = str(found / "trainer_state.json")
+        state = load_json(
+            read_limited(found / "trainer_state.json", 1 << 16, where, PactError, "checkpoint state"),
+            where,
+            PactError,
+            "checkpoint state",
+            fix="the checkpoint is damaged: delete the run folder and start again, or restore it from a copy",
+        )
+        if not isinstance(state, dict) or not all(
+            isinstance(state.get(k), int) and state[k] >= 0 for k in ("step", "epoch", "rows_taken", "tokens_total")
+        ):
+            raise PactError(
+                f"{found}/trainer_state.json: step, epoch, rows_taken and tokens_total must be non-negative integers"
+            )
         weights = found / "weights"
         if is_peft:
             from peft import set_peft_model_state_dict
@@ -98,8 +108,10 @@ def load_checkpoint(path: Path, model, optimizer, is_peft: bool) -> dict:
             _check_finite(sd, weights)
             res = set_peft_model_state_dict(model, sd)
             if getattr(res, "unexpected_keys", None):
-                raise PactError(f"{weights}: checkpoint does not fit the model (unexpected {res.unexpected_keys[:3]}); "
-                                "resume with the --model and LoRA settings the run started from")
+                raise PactError(
+                    f"{weights}: checkpoint does not fit the model (unexpected {res.unexpected_keys[:3]}); "
+                    "resume with the --model and LoRA settings the run started from"
+                )
         else:
             sd = {}
             for f in sorted(weights.glob("*.safetensors")):
@@ -107,8 +119,11 @@ def load_checkpoint(path: Path, model, optimizer, is_peft: bool) -> dict:
             _check_finite(sd, weights)
             missing, unexpected = model.load_state_dict(sd, strict=False)
             if unexpected or any("lm_head" not in k for k in missing):  # tied heads are not saved twice
-                raise PactError(f"{weights}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                                "resume with the --model the run started from, or start a new run in another -o")
+                raise PactError(
+                    f"{weights}: checkpoint does not fit the model (missing {missing[:3]}, unexpected "
+                    f"{unexpected[:3]}); "
+                    "resume with the --model the run started from, or start a new run in another -o"
+                )
         opt = load_file(str(found / "optimizer.safetensors"))
         _check_finite(opt, found / "optimizer.safetensors")
         _optimizer_from_files(optimizer, opt, state.pop("optimizer"))
@@ -121,12 +136,18 @@ def load_checkpoint(path: Path, model, optimizer, is_peft: bool) -> dict:
     except PactError:
         raise
     except Exception as err:  # safetensors, torch and KeyError on truncated or edited files
-        raise PactError(f"{found}: the checkpoint is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}); "
-                        "delete the run folder and start again, or restore it from a copy") from None
+        raise PactError(
+            f"{found}: the checkpoint is damaged ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:120] if str(err) else ''}); "
+            "delete the run folder and start again, or restore it from a copy"
+        ) from None
     return state
 
 
 def _check_finite(tensors: dict, where: Path) -> None:
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise PactError(f"{where}: tensor {name} holds NaN or infinity; the checkpoint is damaged, start again from an earlier copy")
+            raise PactError(
+                f"{where}: tensor {name} holds NaN or infinity; the checkpoint is damaged, start again "
+                f"from an earlier copy"
+            )

@@ -13,34 +13,66 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from pact_cache.errors import PactError
+from pact_cache.errors import PactError, preview
 
-from .losses import METHODS, LossParams, PactParams, added_term_methods
-from .stream import REPLAY_TERMS
+from .losses import LOGITS_CHUNK, METHODS, LossParams, PactParams, added_term_methods
+from .stream import GATE_AT, REPLAY_RATIO_MAX, REPLAY_TERMS, SHUFFLE_BUFFER_ROWS
 
 
 class TrainError(PactError):
     """Bad training input or state; printed as one line by the CLI."""
 
 
-def opt(default=MISSING, help: str = "", *, flag: str | None = None, short: str | None = None, metavar: str | None = None,
-        type=None, choices=None, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False, integer: bool = False,
-        why: str = "", cli: bool = True, negate: str | None = None, default_factory=MISSING, show_default: bool = True):
+def opt(
+    default=MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    short: str | None = None,
+    metavar: str | None = None,
+    type=None,
+    choices=None,
+    lo=None,
+    hi=None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    integer: bool = False,
+    why: str = "",
+    cli: bool = True,
+    negate: str | None = None,
+    default_factory=MISSING,
+    show_default: bool = True,
+):
     """A TrainConfig field with everything the parser, the config file and the checks need.
 
     ``flag``: the option's name (default ``--field-name``; ``cli=False``: set only in code or in
     ``--config``); ``negate``: for a field True by default, the flag that turns it off
     (``--no-shuffle``); ``lo``/``hi``/``*_open``/``integer``/``why``: the range and why it is so;
     ``type``: when the default (None) does not tell it."""
-    meta = dict(help=help, flag=flag, short=short, metavar=metavar, type=type, choices=choices, lo=lo, hi=hi,
-                lo_open=lo_open, hi_open=hi_open, integer=integer, why=why, cli=cli, negate=negate, show_default=show_default)
+    meta = dict(
+        help=help,
+        flag=flag,
+        short=short,
+        metavar=metavar,
+        type=type,
+        choices=choices,
+        lo=lo,
+        hi=hi,
+        lo_open=lo_open,
+        hi_open=hi_open,
+        integer=integer,
+        why=why,
+        cli=cli,
+        negate=negate,
+        show_default=show_default,
+    )
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
 def _method_help() -> str:
-    return ("default: the recipe's (see --recipe); " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
+    return "default: the recipe's (see --recipe); " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
 
 
 @dataclass(frozen=True)
@@ -57,13 +89,20 @@ class Recipe:
 # The defaults, declared once. "safe" is what the study chose (docs/study.md, three seeds): STR anchored
 # only on the rows the reference would refuse, plus the reference's own refusals replayed at 2%.
 RECIPES = {
-    "safe": Recipe("safe", {"method": "str", "lam": 3.0, "row_gate": "hard", "replay": "auto", "replay_ratio": 0.02},
-                   "--method str --lambda 3 --row-gate hard --replay auto --replay-ratio 0.02",
-                   "docs/study.md (tools/study.py --rows recipe benign_recipe): the row that kept the reference's refusals at "
-                   "SFT's task accuracy"),
-    "plain": Recipe("plain", {"method": "pact", "lam": 1.0, "row_gate": "none", "replay": None},
-                    "each option on its own: --method pact (the paper's PACT) at --lambda 1, no row gate, no replay",
-                    "the method's source (docs/training.md#methods)"),
+    "safe": Recipe(
+        "safe",
+        {"method": "str", "lam": 3.0, "row_gate": "hard", "replay": "auto", "replay_ratio": 0.02},
+        "--method str --lambda 3 --row-gate hard --replay auto --replay-ratio 0.02",
+        "docs/study.md (tools/study.py --rows recipe benign_recipe): the row that kept the reference's "
+        "refusals at "
+        "SFT's task accuracy",
+    ),
+    "plain": Recipe(
+        "plain",
+        {"method": "pact", "lam": 1.0, "row_gate": "none", "replay": None},
+        "each option on its own: --method pact (the paper's PACT) at --lambda 1, no row gate, no replay",
+        "the method's source (docs/training.md#methods)",
+    ),
 }
 
 
@@ -71,44 +110,119 @@ RECIPES = {
 class TrainConfig:
     model: str = opt(help="policy to fine-tune: folder, hub id or smollm2-135m-instruct", metavar="MODEL")
     cache: str = opt(help="cache from `pact-cache build` (built with this model's tokenizer)", metavar="CACHE")
-    out: str = opt(help="run folder: metrics.jsonl, config.json, checkpoint/, adapter/ or model/, loss.png",
-                   flag="--output", short="-o", metavar="OUT")
-    cache_pin: str | None = opt(None, "pin the cache: refuse it unless its content id is ID (or starts with it, 8+ characters)",
-                                flag="--cache-id", metavar="ID", type=str)
-    storage_options: dict = field(default_factory=dict, repr=False, metadata=dict(cli=False))  # never recorded: may hold secrets
-    recipe: str | None = opt(None, "where the settings you leave out come from: safe: " + RECIPES["safe"].summary + " (the "
-                             "study's choice; the default when --method is not given); plain: " + RECIPES["plain"].summary +
-                             " (the default when --method is given, so --method pact is the paper's PACT)",
-                             choices=lambda: list(RECIPES), type=str)
+    out: str = opt(
+        help="run folder: metrics.jsonl, config.json, checkpoint/, adapter/ or model/, loss.png",
+        flag="--output",
+        short="-o",
+        metavar="OUT",
+    )
+    cache_pin: str | None = opt(
+        None,
+        "pin the cache: refuse it unless its content id is ID (or starts with it, 8+ characters)",
+        flag="--cache-id",
+        metavar="ID",
+        type=str,
+    )
+    storage_options: dict = field(
+        default_factory=dict, repr=False, metadata=dict(cli=False)
+    )  # never recorded: may hold secrets
+    recipe: str | None = opt(
+        None,
+        "where the settings you leave out come from: safe: " + RECIPES["safe"].summary + " "
+        "(the "
+        "study's choice; the default when --method is not given); plain: "
+        "" + RECIPES["plain"].summary + " (the default when --method is given, so --method pact is the paper's PACT)",
+        choices=lambda: list(RECIPES),
+        type=str,
+    )
     method: str | None = opt(None, "", choices=lambda: list(METHODS), type=str)  # help: the registry's
-    reference: str = opt("cache", "cache or online: a live reference model beside the policy, the paper's way",
-                         choices=lambda: ["cache", "online"])
+    reference: str = opt(
+        "cache",
+        "cache or online: a live reference model beside the policy, the paper's way",
+        choices=lambda: ["cache", "online"],
+    )
     ref_model: str | None = opt(None, "reference for --reference online (default: --model)", metavar="MODEL", type=str)
-    direction: str | None = opt(None, "for --method asft: the alignment direction per LoRA module, made once with "
-                                "`pact-cache direction --aligned A --base B -o FILE`", metavar="FILE", type=str)
-    token_mask: float = opt(0.0, "TOSS: leave the highest-scoring FRACTION of all the cache's response tokens (e.g. 0.2, the "
-                            "paper's) out of the CE; needs a cache scored with `pact-cache score`; works with any --method "
-                            "(0: none)", metavar="FRACTION", lo=0, hi=1, hi_open=True,
-                            why="it is the fraction of the tokens left out of the loss")
-    lam: float | None = opt(None, "weight of the method's term against the cross-entropy (default: the recipe's, 3 safe, "
-                            "1 plain)", flag="--lambda", lo=0, type=float, why="it weighs the method's term against the cross-entropy")
-    row_gate: str | None = opt(None, "gate the method's term per row by the reference's step-0 refusal mass m (its mass on the "
-                               "safety tokens before the first response token, from the cache): hard: the term on rows with "
-                               "m >= --gate-at only; soft: each row's term times m; none: every row (default: the recipe's, "
-                               "hard safe, none plain)", choices=lambda: ["none", "hard", "soft"], type=str)
-    gate_at: float = opt(0.9, "the hard row gate's threshold on the step-0 refusal mass", lo=0, hi=1, metavar="MASS")
-    replay: str | None = opt(None, "a second cache whose rows are mixed into the stream: the reference's own refusals to harmful "
-                             "prompts (`pact-cache replay`, same reference and tokens); auto: made before the first step by the "
-                             "policy itself from the package's prompts, when the policy is the cache's reference (kept in the "
-                             "cache home and reused); none: no replay (default: the recipe's, auto safe, none plain)",
-                             metavar="CACHE|auto|none", type=str)
-    replay_ratio: float | None = opt(None, "share of the mixed stream's rows taken from --replay (default: 0.02 with the safe "
-                                     "recipe's replay, 0.05 with a --replay given alone)",
-                                     lo=0, hi=1, hi_open=True, metavar="R", type=float,
-                                     why="it is the share of the rows that come from the replay cache")
-    replay_term: str = opt("both", "what the replay rows are trained with: both: what every row gets (CE + lambda * the "
-                           "method's term); ce: the cross-entropy on the reference's refusal only; term: the method's term only",
-                           choices=lambda: list(REPLAY_TERMS))
+    direction: str | None = opt(
+        None,
+        "for --method asft: the alignment direction per LoRA module, made once with "
+        "`pact-cache direction --aligned A --base B -o FILE`",
+        metavar="FILE",
+        type=str,
+    )
+    token_mask: float = opt(
+        0.0,
+        "TOSS: leave the highest-scoring FRACTION of all the cache's response tokens (e.g. "
+        "0.2, the "
+        "paper's) out of the CE; needs a cache scored with `pact-cache score`; works with any "
+        "--method "
+        "(0: none)",
+        metavar="FRACTION",
+        lo=0,
+        hi=1,
+        hi_open=True,
+        why="it is the fraction of the tokens left out of the loss",
+    )
+    lam: float | None = opt(
+        None,
+        "weight of the method's term against the cross-entropy (default: the recipe's, 3 safe, 1 plain)",
+        flag="--lambda",
+        lo=0,
+        type=float,
+        why="it weighs the method's term against the cross-entropy",
+    )
+    row_gate: str | None = opt(
+        None,
+        "gate the method's term per row by the reference's step-0 refusal mass m (its "
+        "mass on the "
+        "safety tokens before the first response token, from the cache): hard: the term on rows "
+        "with "
+        "m >= --gate-at only; soft: each row's term times m; none: every row (default: the "
+        "recipe's, "
+        "hard safe, none plain)",
+        choices=lambda: ["none", "hard", "soft"],
+        type=str,
+    )
+    gate_at: float | None = opt(
+        None,
+        f"the hard row gate's threshold on the step-0 refusal mass (default {GATE_AT}; only with --row-gate hard)",
+        lo=0,
+        hi=1,
+        metavar="MASS",
+        type=float,
+    )
+    replay: str | None = opt(
+        None,
+        "a second cache whose rows are mixed into the stream: the reference's own refusals "
+        "to harmful "
+        "prompts (`pact-cache replay`, same reference and tokens); auto: made before the first "
+        "step by the "
+        "policy itself from the package's prompts, when the policy is the cache's reference (kept "
+        "in the "
+        "cache home and reused); none: no replay (default: the recipe's, auto safe, none plain)",
+        metavar="CACHE|auto|none",
+        type=str,
+    )
+    replay_ratio: float | None = opt(
+        None,
+        "share of the mixed stream's rows taken from --replay, at most 0.5; a "
+        "replay row takes "
+        "a slot of --batch-size like any other (default: 0.02 with the safe recipe's "
+        "replay, 0.05 "
+        "with a --replay given alone)",
+        lo=0,
+        hi=REPLAY_RATIO_MAX,
+        metavar="R",
+        type=float,
+        why="it is the share of the rows that come from the replay cache, at most one after each fine-tuning row",
+    )
+    replay_term: str = opt(
+        "both",
+        "what the replay rows are trained with: both: what every row gets (CE + lambda * "
+        "the "
+        "method's term); ce: the cross-entropy on the reference's refusal only; term: the method's "
+        "term only",
+        choices=lambda: list(REPLAY_TERMS),
+    )
     pact: PactParams = field(default_factory=PactParams, metadata=dict(cli=False))  # its own group: --pact-*
     full: bool = opt(False, "full fine-tuning instead of LoRA")
     lora_r: int = opt(8, "LoRA rank (the paper's)", lo=1, integer=True)
@@ -120,31 +234,58 @@ class TrainConfig:
     grad_accum: int = opt(1, "micro-batches per optimizer step, weighted by response tokens", lo=1, integer=True)
     lr: float = opt(3e-5, "peak learning rate of AdamW", lo=0, lo_open=True)
     weight_decay: float = opt(0.0, "AdamW weight decay", lo=0)
-    warmup_steps: int = opt(-1, "linear warmup steps (-1: 3%% of the run)", lo=-1, integer=True, why="-1 means 3% of the run")
-    schedule: str = opt("cosine", "decay after warmup; step = the paper's StepLR, gamma 0.85 per epoch",
-                        choices=lambda: ["cosine", "linear", "constant", "step"])
+    warmup_steps: int = opt(
+        -1, "linear warmup steps (-1: 3%% of the run)", lo=-1, integer=True, why="-1 means 3% of the run"
+    )
+    schedule: str = opt(
+        "cosine",
+        "decay after warmup; step = the paper's StepLR, gamma 0.85 per epoch",
+        choices=lambda: ["cosine", "linear", "constant", "step"],
+    )
     step_gamma: float = opt(0.85, "StepLR's decay per epoch (--schedule step)", lo=0, hi=1, lo_open=True, cli=False)
     max_grad_norm: float = opt(1.0, "gradient norm clipping", lo=0, lo_open=True, cli=False)
     max_steps: int | None = opt(None, "stop after N optimizer steps", lo=1, integer=True, type=int)
     seed: int = opt(0, "seed of the data order, LoRA init and dropout", lo=0, hi=2**63 - 1, integer=True)
     shuffle: bool = opt(True, "take rows in cache order, batch by batch", negate="--no-shuffle")
-    shuffle_buffer: int = opt(1024, "rows held for shuffling (memory bound)", lo=1, integer=True)
-    padding_free: bool = opt(True, "pad every micro-batch to its longest row; by default its rows run as one sequence of their "
-                             "real tokens, position ids restarting per row and attention kept within each row (padding-free: "
-                             "proven on the model at start, else padded with one line saying why)", negate="--no-padding-free")
-    group_by_length: int = opt(0, "put rows of similar length in the same micro-batch: each window of N global micro-batches of "
-                               "the seeded order is sorted by length, cut into micro-batches and those shuffled (seeded, "
-                               "resumable; less padding when rows must be padded); 0: off", lo=0, integer=True, metavar="N")
-    grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory", flag="--gradient-checkpointing")
-    logits_chunk: int = opt(1024, "response positions per (positions, vocab) logits block", lo=1, integer=True)
+    shuffle_buffer: int = opt(SHUFFLE_BUFFER_ROWS, "rows held for shuffling (memory bound)", lo=1, integer=True)
+    padding_free: bool = opt(
+        True,
+        "pad every micro-batch to its longest row; by default its rows run as one sequence "
+        "of their "
+        "real tokens, position ids restarting per row and attention kept within each row "
+        "(padding-free: "
+        "proven on the model at start, else padded with one line saying "
+        "why)",
+        negate="--no-padding-free",
+    )
+    group_by_length: int = opt(
+        0,
+        "put rows of similar length in the same micro-batch: each window of N global "
+        "micro-batches of "
+        "the seeded order is sorted by length, cut into micro-batches and those shuffled "
+        "(seeded, "
+        "resumable; less padding when rows must be padded); 0: "
+        "off",
+        lo=0,
+        integer=True,
+        metavar="N",
+    )
+    grad_checkpointing: bool = opt(
+        False, "recompute activations in backward to save memory", flag="--gradient-checkpointing"
+    )
+    logits_chunk: int = opt(LOGITS_CHUNK, "response positions per (positions, vocab) logits block", lo=1, integer=True)
     save_every: int = opt(100, "optimizer steps between checkpoints (and one at the end)", lo=1, integer=True)
     resume: bool = opt(False, "continue the run in OUT from its last checkpoint")
     merge: bool = opt(False, "also write OUT/merged, the base model with the adapter merged in")
     device: str = opt("auto", "auto, cpu or cuda")
     progress: bool = opt(True, "no progress bar", negate="--no-progress")
-    report_to: str = opt("none", "also write metrics.jsonl's scalars as TensorBoard events in OUT/tensorboard, live, from rank 0 "
-                         "(needs pip install 'pact-cache[tensorboard]'); none: only metrics.jsonl",
-                         choices=lambda: ["none", "tensorboard"])
+    report_to: str = opt(
+        "none",
+        "also write metrics.jsonl's scalars as TensorBoard events in OUT/tensorboard, live, "
+        "from rank 0 "
+        "(needs pip install 'pact-cache[tensorboard]'); none: only metrics.jsonl",
+        choices=lambda: ["none", "tensorboard"],
+    )
     plot: bool = opt(True, "write OUT/loss.png at the end", cli=False)
 
     REPLAY_RATIO = 0.05  # --replay-ratio when --replay is given alone
@@ -169,14 +310,20 @@ class TrainConfig:
             self.replay = None
         self.lam = 1.0 if self.lam is None else self.lam  # what is left (a recipe that names no lambda)
         self.row_gate = self.row_gate or "none"
+        if self.row_gate == "hard" and self.gate_at is None:
+            self.gate_at = GATE_AT
         self.method = self.method or "pact"
         self.from_recipe = tuple(filled)
 
     def defaults_record(self) -> dict:
         """config.json's account of where the settings came from: the recipe, the fields it filled, its source."""
         r = RECIPES.get(self.recipe)
-        return {"recipe": self.recipe, "filled": list(self.from_recipe), "recipe_settings": r.summary if r else None,
-                "source": r.source if r else None}
+        return {
+            "recipe": self.recipe,
+            "filled": list(self.from_recipe),
+            "recipe_settings": r.summary if r else None,
+            "source": r.source if r else None,
+        }
 
     @property
     def mix_ratio(self) -> float:
@@ -190,13 +337,30 @@ class TrainConfig:
 
     # settings that may differ between a run and its resumption; the cache is compared by its id,
     # not by the path typed, so a run resumes from another folder or working directory
-    RESUMABLE = ("resume", "max_steps", "progress", "save_every", "plot", "merge", "cache", "out", "cache_pin", "storage_options",
-                 "replay", "report_to", "padding_free", "defaults", "recipe")
+    RESUMABLE = (
+        "resume",
+        "max_steps",
+        "progress",
+        "save_every",
+        "plot",
+        "merge",
+        "cache",
+        "out",
+        "cache_pin",
+        "storage_options",
+        "replay",
+        "report_to",
+        "padding_free",
+        "defaults",
+        "recipe",
+    )
     # what config.json records beside the fields (ignored when it is read back as --config)
     RECORD_ONLY = ("processes", "cache_id", "replay_cache_id", "defaults")
 
 
 REQUIRED = ("model", "cache", "out")
+CONFIG_MAX_BYTES = 1 << 20  # a --config file: options by name, a few kilobytes in practice
+CONFIG_MAX_VALUES = 10_000  # values in it, counted after YAML's aliases are expanded
 
 
 def _flag(f) -> str:
@@ -219,18 +383,42 @@ def _type(f):
 
 # ----------------------------------------------------------------------------- checks
 
+INT_MAX = 2**31 - 1  # the largest value of an integer option that declares no bound of its own
+
+
+def _finite(v, integer: bool) -> bool:
+    """A number (not a bool), finite, and whole when ``integer``; integers are not converted to float
+    unless they must be (one of 400 digits overflows a float)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    if isinstance(v, int):
+        if integer:
+            return True
+        try:
+            float(v)
+        except OverflowError:
+            return False
+        return True
+    return math.isfinite(v) and (not integer or v.is_integer())
+
+
 def _number(name: str, v, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, why="") -> None:
-    """Refuse a non-finite or out-of-range option with one line naming it and its range."""
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (not integer or float(v).is_integer())
+    """Refuse a non-finite or out-of-range option with one line naming it and its range (the value shown
+    cut short: :func:`pact_cache.errors.preview`)."""
+    if integer and hi is None:
+        hi = INT_MAX
+    ok = _finite(v, integer)
     if ok and lo is not None:
         ok = v > lo if lo_open else v >= lo
     if ok and hi is not None:
         ok = v < hi if hi_open else v <= hi
     if not ok:
-        rng = (f"{'(' if lo_open or lo is None else '['}{'-inf' if lo is None else lo}, "
-               f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
+        rng = (
+            f"{'(' if lo_open or lo is None else '['}{'-inf' if lo is None else lo}, "
+            f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}"
+        )
         kind = "an integer" if integer else "a finite number"
-        raise TrainError(f"{name} {v}: must be {kind} in {rng}{'; ' + why if why else ''}")
+        raise TrainError(f"{name} {preview(v)}: must be {kind} in {rng}{'; ' + why if why else ''}")
 
 
 def _check_fields(obj, name_of) -> None:
@@ -238,11 +426,19 @@ def _check_fields(obj, name_of) -> None:
         m, v = f.metadata, getattr(obj, f.name)
         choices = _choices(f)
         if choices is not None and v not in choices:
-            raise TrainError(f"{name_of(f)} {v}: use one of {', '.join(choices)}")
+            raise TrainError(f"{name_of(f)} {preview(v)}: use one of {', '.join(choices)}")
         numeric = m.get("lo") is not None or m.get("hi") is not None or m.get("integer") or _type(f) in (int, float)
         if numeric and not (v is None and f.default is None):
-            _number(name_of(f), v, m.get("lo"), m.get("hi"), m.get("lo_open", False), m.get("hi_open", False),
-                    m.get("integer", False), m.get("why", ""))
+            _number(
+                name_of(f),
+                v,
+                m.get("lo"),
+                m.get("hi"),
+                m.get("lo_open", False),
+                m.get("hi_open", False),
+                m.get("integer", False),
+                m.get("why", ""),
+            )
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -253,25 +449,47 @@ def check_config(cfg: TrainConfig) -> None:
     method = METHODS[cfg.method]
     if method.penalty is not None:
         if not cfg.direction:
-            raise TrainError(f"--method {cfg.method}: needs --direction FILE, made once with "
-                             "`pact-cache direction --aligned ALIGNED --base BASE -o dir.safetensors`")
+            raise TrainError(
+                f"--method {cfg.method}: needs --direction FILE, made once with "
+                "`pact-cache direction --aligned ALIGNED --base BASE -o dir.safetensors`"
+            )
         if cfg.full:
             raise TrainError(f"--method {cfg.method}: regularises the LoRA update B A; leave out --full")
     elif cfg.direction:
-        raise TrainError(f"--direction: only a method with a parameter penalty reads it (asft), not --method {cfg.method}")
+        raise TrainError(
+            f"--direction: only a method with a parameter penalty reads it (asft), not --method {cfg.method}"
+        )
     weighable = added_term_methods()
     if cfg.row_gate != "none" and cfg.method not in weighable:
-        raise TrainError(f"--row-gate {cfg.row_gate}: gates a per-step term added to the cross-entropy ({', '.join(weighable)}), "
-                         f"not --method {cfg.method}")
+        raise TrainError(
+            f"--row-gate {cfg.row_gate}: gates a per-step term added to the cross-entropy "
+            f"({', '.join(weighable)}), "
+            f"not --method {cfg.method}"
+        )
+    if cfg.gate_at is not None and cfg.row_gate != "hard":
+        raise TrainError(
+            f"--gate-at {preview(cfg.gate_at)}: is the hard row gate's threshold, and with --row-gate "
+            f"{cfg.row_gate} "
+            "there is none; leave it out, or pass --row-gate hard"
+        )
     if not cfg.replay and (cfg.replay_ratio is not None or cfg.replay_term != "both"):
-        raise TrainError(f"{'--replay-ratio' if cfg.replay_ratio is not None else '--replay-term'}: applies to the rows of "
-                         "--replay CACHE; give the replay cache too, or leave it out")
+        raise TrainError(
+            f"{'--replay-ratio' if cfg.replay_ratio is not None else '--replay-term'}: applies to the "
+            f"rows of "
+            "--replay CACHE; give the replay cache too, or leave it out"
+        )
     if cfg.replay and cfg.replay_term != "both" and cfg.method not in weighable:
-        raise TrainError(f"--replay-term {cfg.replay_term}: splits the cross-entropy from a per-step term added to it "
-                         f"({', '.join(weighable)}); with --method {cfg.method} the replay rows get what every row gets: "
-                         "leave it out (both)")
+        raise TrainError(
+            f"--replay-term {cfg.replay_term}: splits the cross-entropy from a per-step term added to it "
+            f"({', '.join(weighable)}); with --method {cfg.method} the replay rows get what every row "
+            f"gets: "
+            "leave it out (both)"
+        )
     if not method.with_ce and cfg.lam != 1.0:
-        raise TrainError(f"--lambda {cfg.lam}: does not apply to --method {cfg.method}, whose loss replaces the cross-entropy; leave it out")
+        raise TrainError(
+            f"--lambda {cfg.lam}: does not apply to --method {cfg.method}, whose loss replaces the "
+            f"cross-entropy; leave it out"
+        )
     if not cfg.full and not [t for t in cfg.lora_targets.split(",") if t.strip()]:
         raise TrainError("--lora-targets is empty; name the modules to adapt, e.g. q_proj,v_proj")
 
@@ -294,18 +512,29 @@ def config_record(cfg: TrainConfig, cache_id: str, world: int = 1, replay_cache_
 
 # ----------------------------------------------------------------------------- the command line
 
+
 def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
     """pact-train's parser, generated from :class:`TrainConfig`; every dest is the field's name."""
     from pact_cache.storage import STORAGE_HELP
 
-    p = parser_class(prog="pact-train", description="Fine-tune an aligned model without losing its refusals, one model in "
-                     "memory, the reference's targets streamed from a pact-cache. With no method flags: the safe recipe "
-                     "(--recipe), the row the study chose (docs/study.md); --method pact is the paper's PACT.")
+    p = parser_class(
+        prog="pact-train",
+        description="Fine-tune an aligned model without losing its refusals, one model "
+        "in "
+        "memory, the reference's targets streamed from a pact-cache. With no method flags: the safe "
+        "recipe "
+        "(--recipe), the row the study chose (docs/study.md); --method pact is the paper's PACT.",
+    )
     from pact_cache.cliutil import add_version
 
     add_version(p)
-    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of these options by field name (batch_size: 8, lam: 1.0, "
-                   "pact: {T: 2.0}, ...); flags given as well override it. A run folder's config.json is one")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML or JSON file of these options by field name (batch_size: 8, "
+        "lam: 1.0, "
+        "pact: {T: 2.0}, ...); flags given as well override it. A run folder's config.json is one",
+    )
     for f in fields(TrainConfig):
         m = f.metadata
         if not m.get("cli", True):
@@ -315,7 +544,9 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
         names = [m["short"], _flag(f)] if m.get("short") else [_flag(f)]
         help_ = m["help"] or (_method_help() if f.name == "method" else "")
         if f.name in REQUIRED:
-            p.add_argument(*names, dest=f.name, metavar=m.get("metavar"), help=help_ + " (required, here or in --config)")
+            p.add_argument(
+                *names, dest=f.name, metavar=m.get("metavar"), help=help_ + " (required, here or in --config)"
+            )
         elif isinstance(f.default, bool):
             if m.get("negate"):
                 p.add_argument(m["negate"], dest=f.name, action="store_false", help=help_)
@@ -323,12 +554,24 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
                 p.add_argument(*names, dest=f.name, action="store_true", help=help_)
         else:
             shown = f" (default {f.default})" if f.default is not None and m.get("show_default", True) else ""
-            p.add_argument(*names, dest=f.name, type=_type(f), default=f.default, choices=_choices(f), metavar=m.get("metavar"),
-                           help=help_ + shown)
+            p.add_argument(
+                *names,
+                dest=f.name,
+                type=_type(f),
+                default=f.default,
+                choices=_choices(f),
+                metavar=m.get("metavar"),
+                help=help_ + shown,
+            )
     g = p.add_argument_group("PACT gate and distillation (defaults: the paper's)")
     for f in fields(PactParams):
-        g.add_argument(_pact_flag(f.name), dest=f"pact_{f.name}", type=type(f.default), default=f.default,
-                       help=f"{f.metadata.get('help', f.name)} (default {f.default})")
+        g.add_argument(
+            _pact_flag(f.name),
+            dest=f"pact_{f.name}",
+            type=type(f.default),
+            default=f.default,
+            help=f"{f.metadata.get('help', f.name)} (default {f.default})",
+        )
     return p
 
 
@@ -338,75 +581,112 @@ def read_config_file(path: str) -> dict:
     line each; the keys config.json records beside the fields (``processes``, ``cache_id``) are ignored."""
     import yaml
 
+    from pact_cache.storage import decode_text, read_limited
+    from pact_cache.typedjson import count_values
+
     src = Path(path).expanduser()
+    where = f"--config {path if len(path) <= 200 else path[:197] + '...'}"
+    text = decode_text(
+        read_limited(src, CONFIG_MAX_BYTES, where, TrainError, "YAML or JSON config file"),
+        where,
+        TrainError,
+        "config file",
+    )
+    is_json = src.suffix.lower() == ".json"
     try:
-        text = src.read_bytes()[: 1 << 20].decode("utf-8")
-    except FileNotFoundError:
-        raise TrainError(f"--config {path}: no such file") from None
-    except IsADirectoryError:
-        raise TrainError(f"--config {path}: is a folder; give the YAML or JSON file (a run folder's config.json)") from None
-    except UnicodeDecodeError as err:
-        raise TrainError(f"--config {path}: is not UTF-8 text (byte {err.start}); give a YAML or JSON file") from None
-    try:
-        obj = json.loads(text) if src.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as err:
+        obj = json.loads(text) if is_json else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError, RecursionError) as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else (f" line {err.lineno}" if hasattr(err, "lineno") else "")
-        raise TrainError(f"--config {path}:{where}: not valid {'JSON' if src.suffix.lower() == '.json' else 'YAML'} "
-                         f"({str(getattr(err, 'problem', None) or getattr(err, 'msg', err))[:100]})") from None
+        at = f" line {mark.line + 1}" if mark is not None else (f" line {err.lineno}" if hasattr(err, "lineno") else "")
+        why = (
+            "nested too deeply"
+            if isinstance(err, RecursionError)
+            else str(getattr(err, "problem", None) or getattr(err, "msg", err))
+        )
+        raise TrainError(f"{where}:{at}: not valid {'JSON' if is_json else 'YAML'} ({why[:100]})") from None
+    if count_values(obj, CONFIG_MAX_VALUES) > CONFIG_MAX_VALUES:
+        raise TrainError(
+            f"{where}: holds more than {CONFIG_MAX_VALUES:,} values once its YAML aliases are expanded; a "
+            f"config "
+            "file is a mapping of option names to single values"
+        )
     if obj is None:
         return {}
     if not isinstance(obj, dict):
-        raise TrainError(f"--config {path}: must be a mapping of option names to values, not a {type(obj).__name__}")
+        raise TrainError(f"{where}: must be a mapping of option names to values, not a {type(obj).__name__}")
+    if obj.get("gate_at") == GATE_AT and obj.get("row_gate") in ("none", "soft"):
+        obj = {
+            k: v for k, v in obj.items() if k != "gate_at"
+        }  # what config.json recorded before --gate-at went with hard only
     known = {f.name: f for f in fields(TrainConfig)}
     out = {}
     for key, value in obj.items():
         if key in TrainConfig.RECORD_ONLY:
             continue
         if key not in known:
-            raise TrainError(f"--config {path}: unknown option {key!r}; options are field names: {', '.join(known)}")
+            raise TrainError(f"{where}: unknown option {preview(key)}; options are field names: {', '.join(known)}")
         f = known[key]
         if key == "pact":
-            out[key] = _pact_from(value, path)
+            out[key] = _pact_from(value, where)
         elif key == "storage_options":
             if not isinstance(value, dict):
-                raise TrainError(f"--config {path}: storage_options must be a mapping, e.g. {{endpoint_url: http://localhost:9000}}")
+                raise TrainError(
+                    f"{where}: storage_options must be a mapping, e.g. {{endpoint_url: "
+                    f"http://localhost:9000}}, "
+                    f"not {preview(value)}"
+                )
             out[key] = dict(value)
         else:
-            out[key] = _coerce(f.name, value, _type(f), f.default is None, path)
+            out[key] = _coerce(f.name, value, _type(f), f.default is None, where)
     return out
 
 
-def _coerce(name: str, value, typ, nullable: bool, path: str):
+def _coerce(name: str, value, typ, nullable: bool, where: str):
+    """A config file's value as the field's type; one line naming the key when it is not one. Numbers
+    are range-checked later (:func:`check_config`); integers are never converted through a float, so
+    one of 400 digits is refused there by its range, not by an overflow."""
     if value is None and nullable:
         return None
     if typ is bool:
         if isinstance(value, bool):
             return value
-    elif typ in (int, float):
-        if isinstance(value, bool):
-            pass
-        elif isinstance(value, (int, float)) and (typ is float or float(value).is_integer()):
+    elif typ in (int, float) and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value if typ is int else _as_float(value)
+        if isinstance(value, float) and (typ is float or value.is_integer()):
             return typ(value)
-        elif isinstance(value, str):  # YAML reads 3e-5 (no dot) as a string
+        if isinstance(value, str) and len(value) <= 100:  # YAML reads 3e-5 (no dot) as a string
             try:
                 v = float(value)
                 return typ(v) if typ is float or v.is_integer() else v
-            except ValueError:
+            except (ValueError, OverflowError):
                 pass
     elif isinstance(value, str):
         return value
-    raise TrainError(f"--config {path}: {name}: {value!r} is not {'an integer' if typ is int else 'a number' if typ is float else 'true or false' if typ is bool else 'a string'}")
+    kind = (
+        "an integer" if typ is int else "a number" if typ is float else "true or false" if typ is bool else "a string"
+    )
+    raise TrainError(f"{where}: {name}: {preview(value)} is not {kind}")
 
 
-def _pact_from(value, path: str) -> PactParams:
+def _as_float(v: int):
+    """An integer as a float, or itself when it is too large for one (then the range check refuses it)."""
+    try:
+        return float(v)
+    except OverflowError:
+        return v
+
+
+def _pact_from(value, where: str) -> PactParams:
     if not isinstance(value, dict):
-        raise TrainError(f"--config {path}: pact must be a mapping of PACT parameters, e.g. {{T: 2.0, N: 8}}")
+        raise TrainError(
+            f"{where}: pact must be a mapping of PACT parameters, e.g. {{T: 2.0, N: 8}}, not {preview(value)}"
+        )
     known = {f.name: f for f in fields(PactParams)}
     bad = [k for k in value if k not in known]
     if bad:
-        raise TrainError(f"--config {path}: pact: unknown parameter {bad[0]!r}; they are {', '.join(known)}")
-    return PactParams(**{k: _coerce(f"pact.{k}", v, type(known[k].default), False, path) for k, v in value.items()})
+        raise TrainError(f"{where}: pact: unknown parameter {preview(bad[0])}; they are {', '.join(known)}")
+    return PactParams(**{k: _coerce(f"pact.{k}", v, type(known[k].default), False, where) for k, v in value.items()})
 
 
 def parse_config(argv: list[str] | None, parser_class=argparse.ArgumentParser) -> TrainConfig:
@@ -430,5 +710,7 @@ def parse_config(argv: list[str] | None, parser_class=argparse.ArgumentParser) -
     values.update({k: v for k, v in filed.items() if k not in values})  # fields with no flag (step_gamma, plot, ...)
     missing = [_flag(f) for f in fields(TrainConfig) if f.name in REQUIRED and values.get(f.name) is None]
     if missing:
-        raise TrainError(f"missing {', '.join(missing)}: give {'it' if len(missing) == 1 else 'them'} as flags or in --config")
+        raise TrainError(
+            f"missing {', '.join(missing)}: give {'it' if len(missing) == 1 else 'them'} as flags or in --config"
+        )
     return TrainConfig(**values)

@@ -14,11 +14,19 @@ from __future__ import annotations
 import torch
 
 from pact_cache.projection import Projection, causal_lm, response_logprobs
+from pact_cache.rows import right_pad
 
 from .losses import LossParams, Steps
 from .stream import Batch
 
-__all__ = ["causal_lm", "chunked_projection", "policy_losses", "online_reference", "lora_direction_factors"]
+__all__ = [
+    "causal_lm",
+    "chunked_projection",
+    "policy_losses",
+    "window_loss",
+    "online_reference",
+    "lora_direction_factors",
+]
 
 
 def _chunk_projection(proj: Projection, h, targets, ids):
@@ -28,8 +36,9 @@ def _chunk_projection(proj: Projection, h, targets, ids):
     return logits.gather(1, targets[:, None])[:, 0] - lse, logits.index_select(1, ids), lse
 
 
-def chunked_projection(proj: Projection, h: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor,
-                       chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def chunked_projection(
+    proj: Projection, h: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The model's projection at the response positions, a chunk at a time, with gradient.
 
     proj:    the model's :class:`pact_cache.projection.Projection` (its head and post-head transform)
@@ -42,8 +51,10 @@ def chunked_projection(proj: Projection, h: torch.Tensor, targets: torch.Tensor,
     """
     from torch.utils.checkpoint import checkpoint
 
-    outs = [checkpoint(_chunk_projection, proj, h[c0:c0 + chunk], targets[c0:c0 + chunk], ids, use_reentrant=False)
-            for c0 in range(0, h.shape[0], chunk)]
+    outs = [
+        checkpoint(_chunk_projection, proj, h[c0 : c0 + chunk], targets[c0 : c0 + chunk], ids, use_reentrant=False)
+        for c0 in range(0, h.shape[0], chunk)
+    ]
     if not outs:
         z = h.new_zeros((0,), dtype=torch.float32)
         return z, h.new_zeros((0, ids.numel()), dtype=torch.float32), z
@@ -60,7 +71,9 @@ def _no_logits_kwargs(lm, device) -> dict:
     return {}
 
 
-def policy_losses(model, batch: Batch, ids: torch.Tensor, weights: torch.Tensor, params: LossParams, ref: dict | None = None):
+def policy_losses(
+    model, batch: Batch, ids: torch.Tensor, weights: torch.Tensor, params: LossParams, ref: dict | None = None
+):
     """Returns ``(ce_sum, term_sum, n_steps)`` for one micro-batch (sums: the caller divides them once);
     ``term_sum`` is ``params.method``'s term, zero for plain SFT. ``ref`` holds a live reference's
     columns (:func:`online_reference`); by default the batch's cached ones are used.
@@ -81,12 +94,16 @@ def policy_losses(model, batch: Batch, ids: torch.Tensor, weights: torch.Tensor,
         kept["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
     def add_losses(_module, _args, output):
-        output["loss"] = torch.stack(_losses_from_hidden(Projection.of(lm), kept.pop("hidden"), batch, ids, weights, params, ref))
+        output["loss"] = torch.stack(
+            _losses_from_hidden(Projection.of(lm), kept.pop("hidden"), batch, ids, weights, params, ref)
+        )
         return output
 
     hooks = [lm.get_decoder().register_forward_hook(keep_hidden), lm.register_forward_hook(add_losses)]
     try:
-        out = model(**batch.model_inputs(), use_cache=False, return_dict=True, **_no_logits_kwargs(lm, batch.input_ids.device))
+        out = model(
+            **batch.model_inputs(), use_cache=False, return_dict=True, **_no_logits_kwargs(lm, batch.input_ids.device)
+        )
     finally:
         for h in hooks:
             h.remove()
@@ -112,11 +129,27 @@ def _losses_from_hidden(proj: Projection, hidden, batch: Batch, ids, weights, pa
         return x.new_zeros((B, T, *rest)).index_put((bidx, tidx), x)
 
     mask = batch.step_mask if keep is None or method.with_ce else batch.step_mask & keep
-    if batch.row_gate is not None:  # --row-gate, --replay: each row's steps weigh g in the term (a float mask; g = 1 is exact)
+    if (
+        batch.row_gate is not None
+    ):  # --row-gate, --replay: each row's steps weigh g in the term (a float mask; g = 1 is exact)
         mask = mask.to(torch.float32) * batch.row_gate.to(torch.float32)[:, None]
-    s = Steps(mask, steps(sel, len(ids)), steps(lse), steps(target_lp), weights,
-              batch.reference(method.columns) if ref is None else {c: ref[c] for c in method.columns})
+    s = Steps(
+        mask,
+        steps(sel, len(ids)),
+        steps(lse),
+        steps(target_lp),
+        weights,
+        batch.reference(method.columns) if ref is None else {c: ref[c] for c in method.columns},
+    )
     return ce_sum, method.term(s, params)
+
+
+def window_loss(params: LossParams, ce_sum: torch.Tensor, term_sum: torch.Tensor, weight: float) -> torch.Tensor:
+    """A micro-batch's loss as both training paths backpropagate it: the method's total over the micro-batch's
+    steps (``CE + lambda * term``, or its own loss: :meth:`pact_train.losses.Method.total`) times ``weight``, the
+    micro-batch's share of its window (pact-train: its rank's share over the window's response tokens; the
+    Trainer: one over the batch's items)."""
+    return params.method.total(ce_sum, term_sum, params.lam) * weight
 
 
 @torch.no_grad()
@@ -128,15 +161,16 @@ def online_reference(ref, batch: Batch, header: list[int], ids: torch.Tensor) ->
     dev = batch.input_ids.device
     bidx, tidx = batch.step_mask.nonzero(as_tuple=True)
     steps = batch.step_mask.sum(1)
-    input_ids, attention_mask = batch.padded_inputs()  # the reference runs padded, whichever form the policy's batch has
-    full_sel, target = response_logprobs(ref, input_ids, attention_mask, bidx, batch.response_start[bidx] - 1 + tidx,
-                                         ids, batch.targets[bidx, tidx])
-    post_seqs = [header + input_ids[b, batch.response_start[b]: batch.response_start[b] + steps[b] - 1].tolist() for b in range(B)]
-    post_ids = torch.zeros((B, max(map(len, post_seqs))), dtype=torch.long, device=dev)
-    post_mask = torch.zeros_like(post_ids)
-    for b, s in enumerate(post_seqs):
-        post_ids[b, : len(s)] = torch.tensor(s, device=dev)
-        post_mask[b, : len(s)] = 1
+    # the reference runs padded, whichever form the policy's batch has
+    input_ids, attention_mask = batch.padded_inputs()
+    full_sel, target = response_logprobs(
+        ref, input_ids, attention_mask, bidx, batch.response_start[bidx] - 1 + tidx, ids, batch.targets[bidx, tidx]
+    )
+    post_seqs = [
+        header + input_ids[b, batch.response_start[b] : batch.response_start[b] + steps[b] - 1].tolist()
+        for b in range(B)
+    ]
+    post_ids, post_mask = right_pad(post_seqs, device=dev)
     post_sel, _ = response_logprobs(ref, post_ids, post_mask, bidx, len(header) - 1 + tidx, ids)
     K = ids.numel()
 
@@ -161,12 +195,18 @@ def lora_direction_factors(model, direction) -> list:
                 continue
             P, norm = direction.factors[name]
             if P.shape[0] != B.shape[0]:
-                raise DirectionError(f"{name}: the direction file's V has {P.shape[0]} rows, the layer has {B.shape[0]} outputs; "
-                                     "it was made for another model")
+                raise DirectionError(
+                    f"{name}: the direction file's V has {P.shape[0]} rows, the layer has "
+                    f"{B.shape[0]} outputs; "
+                    "it was made for another model"
+                )
             out.append((A, B, P.to(B.device), norm.to(B.device)))
     if missing:
-        raise DirectionError(f"the direction file has no entry for {len(missing)} LoRA module(s) (e.g. {missing[0]}); make it "
-                             "with `pact-cache direction --modules` naming every --lora-targets module")
+        raise DirectionError(
+            f"the direction file has no entry for {len(missing)} LoRA module(s) (e.g. {missing[0]}); "
+            f"make it "
+            "with `pact-cache direction --modules` naming every --lora-targets module"
+        )
     if not out:
         raise DirectionError("the model has no LoRA module for the direction to regularise")
     return out

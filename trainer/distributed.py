@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pact_cache.errors import PactError
+from pact_cache.errors import PactError, preview
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,9 @@ class Ranks:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+        return DistributedDataParallel(
+            model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None
+        )
 
     @staticmethod
     def no_sync(wrapped, sync: bool):
@@ -68,7 +70,7 @@ class Ranks:
 
     def take(self, rows: list) -> tuple[list, float]:
         """This rank's rows of a global micro-batch and the weight of their loss (0 for a stand-in row)."""
-        mine = rows[self.rank:: self.world]
+        mine = rows[self.rank :: self.world]
         return (mine, 1.0) if mine else (rows[:1], 0.0)
 
 
@@ -77,8 +79,11 @@ def _env_int(name: str) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise PactError(f"environment variable {name}={raw!r} is not an integer; start pact-train with torchrun or "
-                        "accelerate launch, which set it") from None
+        raise PactError(
+            f"environment variable {name}={preview(raw)} is not an integer; start pact-train with torchrun "
+            f"or "
+            "accelerate launch, which set it"
+        ) from None
 
 
 def ranks_from_env() -> Ranks:
@@ -87,7 +92,9 @@ def ranks_from_env() -> Ranks:
         return Ranks()
     r = Ranks(_env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK"))
     if not 0 <= r.rank < r.world:
-        raise PactError(f"RANK={r.rank} is outside 0..{r.world - 1} (WORLD_SIZE={r.world}); check the launcher's settings")
+        raise PactError(
+            f"RANK={r.rank} is outside 0..{r.world - 1} (WORLD_SIZE={r.world}); check the launcher's settings"
+        )
     return r
 
 
@@ -99,7 +106,9 @@ def setup(device: str) -> tuple[Ranks, str]:
     if r.world == 1:
         return r, pick_device(device)
     if device not in ("auto", "cuda", "cpu"):
-        raise PactError(f"--device {device}: under torchrun each process takes cuda:LOCAL_RANK; use --device auto, cuda or cpu")
+        raise PactError(
+            f"--device {device}: under torchrun each process takes cuda:LOCAL_RANK; use --device auto, cuda or cpu"
+        )
     if device != "cpu" and torch.cuda.is_available():
         dev, backend = f"cuda:{r.local_rank}", "nccl"
         torch.cuda.set_device(r.local_rank)

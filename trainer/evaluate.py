@@ -31,7 +31,10 @@ def load_eval_model(model: str, adapter: str | None = None, device: str = "auto"
     if adapter is not None:
         a = Path(adapter).expanduser()
         if not (a / "adapter_config.json").is_file():
-            raise ModelError(f"--adapter {adapter}: no adapter_config.json there; pass a PEFT adapter folder (pact-train's OUT/adapter)")
+            raise ModelError(
+                f"--adapter {adapter}: no adapter_config.json there; pass a PEFT adapter folder "
+                f"(pact-train's OUT/adapter)"
+            )
     resolved = resolve_model(model)
     tok = load_tokenizer(resolved)
     m, device, _ = load_model(resolved, "auto", device, device_map=device_map)
@@ -40,13 +43,21 @@ def load_eval_model(model: str, adapter: str | None = None, device: str = "auto"
 
         try:
             m = PeftModel.from_pretrained(m, str(Path(adapter).expanduser()))
-            m = (m if device_map else m.to(device)).eval()  # under a device map the adapter layers follow their base layers
+            m = (
+                m if device_map else m.to(device)
+            ).eval()  # under a device map the adapter layers follow their base layers
         except Exception as err:  # peft/safetensors raise several types for a damaged or mismatched adapter
-            raise ModelError(f"--adapter {adapter}: cannot be loaded onto {model} ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}); "
-                             "pass the adapter of a run on this model") from None
+            raise ModelError(
+                f"--adapter {adapter}: cannot be loaded onto {model} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:120] if str(err) else ''}); "
+                "pass the adapter of a run on this model"
+            ) from None
     bad = next((n for n, p in m.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()), None)
     if bad is not None:
-        raise ModelError(f"{adapter or model}: parameter {bad} holds NaN or infinity; this model cannot be evaluated (it diverged in training)")
+        raise ModelError(
+            f"{adapter or model}: parameter {bad} holds NaN or infinity; this model cannot be evaluated "
+            f"(it diverged in training)"
+        )
     return m, tok, device
 
 
@@ -56,7 +67,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
 
-def refusal_rate(model, tok, prompts, judge: Judge, out_jsonl: Path | None = None, guard: GuardJudge | None = None, **gen) -> dict:
+def refusal_rate(
+    model, tok, prompts, judge: Judge, out_jsonl: Path | None = None, guard: GuardJudge | None = None, **gen
+) -> dict:
     """Generate an answer to each prompt; the keyword judge's refusal rate and, with ``guard``, the
     share of answers the guard model calls unsafe (harmful content). Answers whose verdict cannot
     be read are counted apart (``guard_unreadable``), never as safe or unsafe."""
@@ -74,8 +87,15 @@ def refusal_rate(model, tok, prompts, judge: Judge, out_jsonl: Path | None = Non
         for row, v in zip(rows, verdicts):
             row["unsafe"] = v
         read = [v for v in verdicts if v is not None]
-        res.update({"guard": guard.name, "unsafe": sum(read), "unsafe_rate": sum(read) / len(read) if read else None,
-                    "unsafe_ci95": list(wilson(sum(read), len(read))) if read else None, "guard_unreadable": n - len(read)})
+        res.update(
+            {
+                "guard": guard.name,
+                "unsafe": sum(read),
+                "unsafe_rate": sum(read) / len(read) if read else None,
+                "unsafe_ci95": list(wilson(sum(read), len(read))) if read else None,
+                "guard_unreadable": n - len(read),
+            }
+        )
     if out_jsonl:
         _write_jsonl(out_jsonl, rows)
     return res
@@ -95,7 +115,11 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 def normalise_answer(text: str) -> str:
     text = text.lower().strip()
-    return re.sub(f"[{re.escape(string.punctuation)}]", " ", text).split()[0] if text.strip(string.punctuation + " \n") else ""
+    return (
+        re.sub(f"[{re.escape(string.punctuation)}]", " ", text).split()[0]
+        if text.strip(string.punctuation + " \n")
+        else ""
+    )
 
 
 def check_task_rows(rows, where: str = "task rows") -> None:
@@ -105,8 +129,10 @@ def check_task_rows(rows, where: str = "task rows") -> None:
         raise PactError(f"{where}: no task rows; an accuracy over 0 rows is undefined, give at least one")
     bad = next((i for i, (_, a) in enumerate(rows, 1) if not normalise_answer(a or "")), None)
     if bad is not None:
-        raise PactError(f"{where}: row {bad} has no answer to score (output, completion or an assistant message); "
-                        "every task row needs its label: add it or drop the row")
+        raise PactError(
+            f"{where}: row {bad} has no answer to score (output, completion or an assistant message); "
+            "every task row needs its label: add it or drop the row"
+        )
 
 
 def task_accuracy(model, tok, rows, out_jsonl: Path | None = None, **gen) -> dict:
@@ -129,24 +155,35 @@ def task_accuracy(model, tok, rows, out_jsonl: Path | None = None, **gen) -> dic
         recs.append({"prompt": p[-1]["content"], "answer": a, "response": r, "prediction": pred, "correct": ok})
     if out_jsonl:
         _write_jsonl(out_jsonl, recs)
-    return {"n": len(rows), "correct": correct, "accuracy": correct / len(rows), "ci95": list(wilson(correct, len(rows))),
-            "labels": labels if len(labels) <= 10 else None}
+    return {
+        "n": len(rows),
+        "correct": correct,
+        "accuracy": correct / len(rows),
+        "ci95": list(wilson(correct, len(rows))),
+        "labels": labels if len(labels) <= 10 else None,
+    }
 
 
 @torch.no_grad()
 def safety_token_drift(model, cache, device="cpu", batch_size: int = 8) -> dict:
     """Mean over response steps of KL(softmax_S(reference) || softmax_S(model)), both views of the
     context being the cache's full one; S is the cache's safety-token set. The reference is not loaded."""
-    from pact_cache.build import reference_logprobs
-    from pact_cache.projection import check_projection
+    from pact_cache.projection import check_projection, reference_logprobs
 
     check_projection(model, what="pact-eval --drift-cache")
     ids = torch.tensor(cache.ids)
     total, steps = 0.0, 0
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     for rows in cache.iter_batches(batch_size):
-        got = reference_logprobs(lm, [r.input_ids.tolist() for r in rows], [r.response_start for r in rows],
-                                 [r.steps for r in rows], ids, device, want_target=False)
+        got = reference_logprobs(
+            lm,
+            [r.input_ids.tolist() for r in rows],
+            [r.response_start for r in rows],
+            [r.steps for r in rows],
+            ids,
+            device,
+            want_target=False,
+        )
         for r, (sel, _) in zip(rows, got):
             p_ref = torch.log_softmax(torch.from_numpy(r.ref["full"]).double(), -1)
             p_mod = torch.log_softmax(torch.from_numpy(sel).double(), -1)

@@ -35,17 +35,34 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pact_cache.columns import REF_COLUMNS
-from pact_cache.errors import PactError
+from pact_cache.errors import PactError, preview
 from pact_cache.format import Cache, CacheRow, open_cache
 from pact_cache.projection import check_projection
 
-from .core import lora_direction_factors, policy_losses
+from .core import lora_direction_factors, policy_losses, window_loss
 from .losses import LossParams, PactParams, added_term_methods
-from .stream import REPLAY_TERMS, Batch, Replay, collate, epoch_rows, pad_id_for  # noqa: F401  (pad_id_for: for users)
+from .stream import (  # noqa: F401  (pad_id_for, RowGate: for users)
+    REPLAY_TERMS,
+    SHUFFLE_BUFFER_ROWS,
+    Batch,
+    Replay,
+    RowGate,
+    check_replay_ratio,
+    collate,
+    epoch_rows,
+    pad_id_for,
+)
 
 # The collator's keys beside the model's inputs: the batch's layout, then one per cached reference column
 # (pact_cache.columns.REF_COLUMNS: pact_full, pact_post, pact_target)
-LAYOUT_KEYS = ("pact_response_start", "pact_step_mask", "pact_targets", "pact_loss_mask", "pact_row_gate", "pact_ce_weight")
+LAYOUT_KEYS = (
+    "pact_response_start",
+    "pact_step_mask",
+    "pact_targets",
+    "pact_loss_mask",
+    "pact_row_gate",
+    "pact_ce_weight",
+)
 KEYS = LAYOUT_KEYS + tuple(f"pact_{c.name}" for c in REF_COLUMNS)
 PACKED_KEY = "pact_cu_seqlens"  # padding-free batches: the rows' offsets in the packed sequence (B + 1,) int32
 
@@ -53,10 +70,36 @@ PACKED_KEY = "pact_cu_seqlens"  # padding-free batches: the rows' offsets in the
 class CacheDataset(IterableDataset):
     """Rows of a cache as dicts of numpy arrays, each process and worker taking every n-th row."""
 
-    def __init__(self, cache: Cache | str, shuffle: bool = False, seed: int = 0, buffer_rows: int = 1024,
-                 storage_options: dict | None = None, cache_id: str | None = None, shard_by_rank: bool = True,
-                 replay: Cache | str | None = None, replay_ratio: float = 0.05):
-        self.cache = cache if isinstance(cache, Cache) else open_cache(cache, cache_id=cache_id, storage_options=storage_options)
+    def __init__(
+        self,
+        cache: Cache | str,
+        shuffle: bool = False,
+        seed: int = 0,
+        buffer_rows: int = SHUFFLE_BUFFER_ROWS,
+        storage_options: dict | None = None,
+        cache_id: str | None = None,
+        shard_by_rank: bool = True,
+        replay: Cache | str | None = None,
+        replay_ratio: float = 0.05,
+    ):
+        for name, value, kind in (
+            ("shuffle", shuffle, bool),
+            ("seed", seed, int),
+            ("buffer_rows", buffer_rows, int),
+            ("shard_by_rank", shard_by_rank, bool),
+        ):
+            if not isinstance(value, kind) or (
+                kind is int and (isinstance(value, bool) or value < (1 if name == "buffer_rows" else 0))
+            ):
+                raise PactError(
+                    f"CacheDataset({name}={preview(value)}): must be "
+                    + ("true or false" if kind is bool else f"an integer >= {1 if name == 'buffer_rows' else 0}")
+                )
+        if replay is not None:
+            check_replay_ratio(replay_ratio, "CacheDataset(replay=...):")
+        self.cache = (
+            cache if isinstance(cache, Cache) else open_cache(cache, cache_id=cache_id, storage_options=storage_options)
+        )
         if self.cache.num_rows == 0:  # as pact-train, stats and pact-eval refuse it
             raise PactError(f"{self.cache.url}: the cache holds no rows; rebuild it from a non-empty dataset")
         self.shuffle, self.seed, self.buffer_rows, self.epoch = shuffle, seed, buffer_rows, 0
@@ -65,29 +108,22 @@ class CacheDataset(IterableDataset):
         self.replay = None
         if replay is not None:
             rc = replay if isinstance(replay, Cache) else open_cache(replay, storage_options=storage_options)
-            self.replay = Replay.of(self.cache, rc, replay_ratio, seed, buffer_rows, where="replay=")
+            self.replay = Replay.of(self.cache, rc, replay_ratio, seed, buffer_rows, where="CacheDataset(replay=...):")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _epoch_rows(self) -> int:
         n = self.cache.num_rows
-        extra = self.replay.count((self.epoch + 1) * n) - self.replay.count(self.epoch * n) if self.replay else 0
-        return n + extra
+        return n + (self.replay.extra(self.epoch, n) if self.replay else 0)
 
     def __len__(self) -> int:  # rows this process iterates (the Trainer uses it to count steps)
         rank, world = _rank_world() if self.shard_by_rank else (0, 1)
         return len(range(rank, self._epoch_rows(), world))
 
     def _mixed(self):
-        n, rep = self.cache.num_rows, self.replay
-        mixed = rep.rows(rep.count(self.epoch * n)) if rep else None
-        for i, row in enumerate(epoch_rows(self.cache, self.epoch, self.seed, self.shuffle, self.buffer_rows)):
-            yield row
-            if mixed is not None:
-                g = self.epoch * n + i + 1
-                for _ in range(rep.count(g) - rep.count(g - 1)):
-                    yield next(mixed)
+        rows = epoch_rows(self.cache, self.epoch, self.seed, self.shuffle, self.buffer_rows)
+        return self.replay.interleave(rows, self.epoch, self.cache.num_rows) if self.replay else rows
 
     def __iter__(self):
         rank, world = _rank_world() if self.shard_by_rank else (0, 1)
@@ -99,8 +135,14 @@ class CacheDataset(IterableDataset):
                 yield {"row": row}
 
 
-def hf_iterable_dataset(cache: Cache | str, shuffle: bool = False, seed: int = 0, buffer_rows: int = 1024,
-                        storage_options: dict | None = None, cache_id: str | None = None):
+def hf_iterable_dataset(
+    cache: Cache | str,
+    shuffle: bool = False,
+    seed: int = 0,
+    buffer_rows: int = SHUFFLE_BUFFER_ROWS,
+    storage_options: dict | None = None,
+    cache_id: str | None = None,
+):
     """The cache as a ``datasets.IterableDataset`` of ``{"row": CacheRow}`` items, for trainers that
     accept only Hugging Face datasets (TRL's ``SFTTrainer``). One shard, so that accelerate gives
     each process its slice of every global batch; ``shuffle`` is datasets' own buffer shuffle
@@ -125,7 +167,7 @@ def _rank_world() -> tuple[int, int]:
 
 class PactCollator:
     """Pads rows (``{"row": CacheRow}`` items, or CacheRows) into the model's inputs plus ``pact_*`` targets.
-    ``token_mask`` (:func:`pact_cache.score.cache_token_mask` of a scored cache) leaves TOSS's
+    ``token_mask`` (:func:`pact_cache.rows.cache_token_mask` of a scored cache) leaves TOSS's
     selected tokens out of the CE, as ``pact-train --token-mask`` does; ``row_gate``
     (:class:`pact_train.stream.RowGate`, ``RowGate.of_cache(cache, "hard", 0.9)``) weighs each row's
     term, as ``pact-train --row-gate`` does (``pact_row_gate``; ones without a gate); ``replay_term``
@@ -137,37 +179,76 @@ class PactCollator:
     rows' offsets); :class:`PactTrainerMixin` switches the model to packed attention and proves it keeps
     the rows apart (:func:`pact_train.packing.enable`), or turns this off with one warning."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, token_mask=None, row_gate=None, replay_term: str = "both",
-                 padding_free: bool = True):
-        if pad_token_id is None or isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
-            raise PactError(f"PactCollator(pad_token_id={pad_token_id!r}): needs a token id >= 0; a tokenizer without a pad "
-                            "token (tok.pad_token_id is None) can pad with any id: pass pact_train.hf.pad_id_for(tok) (its "
-                            "end-of-sequence token); padding is masked out of attention and loss")
+    def __init__(
+        self,
+        pad_token_id: int,
+        pad_to_multiple_of: int = 1,
+        token_mask=None,
+        row_gate=None,
+        replay_term: str = "both",
+        padding_free: bool = True,
+    ):
+        if (
+            pad_token_id is None
+            or isinstance(pad_token_id, bool)
+            or not isinstance(pad_token_id, int)
+            or pad_token_id < 0
+        ):
+            raise PactError(
+                f"PactCollator(pad_token_id={preview(pad_token_id)}): needs a token id >= 0; a tokenizer "
+                f"without a pad "
+                "token (tok.pad_token_id is None) can pad with any id: pass pact_train.hf.pad_id_for(tok) "
+                "(its "
+                "end-of-sequence token); padding is masked out of attention and loss"
+            )
         if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
-            raise PactError(f"PactCollator(pad_to_multiple_of={pad_to_multiple_of!r}): must be an integer >= 1")
+            raise PactError(f"PactCollator(pad_to_multiple_of={preview(pad_to_multiple_of)}): must be an integer >= 1")
         self.pad_token_id, self.pad_to_multiple_of, self.token_mask = pad_token_id, pad_to_multiple_of, token_mask
-        if replay_term not in REPLAY_TERMS:
-            raise PactError(f"replay_term={replay_term!r}: use one of {', '.join(REPLAY_TERMS)}")
+        if not isinstance(replay_term, str) or replay_term not in REPLAY_TERMS:
+            raise PactError(f"PactCollator(replay_term={preview(replay_term)}): use one of {', '.join(REPLAY_TERMS)}")
+        if row_gate is not None and not isinstance(row_gate, RowGate):
+            raise PactError(
+                f"PactCollator(row_gate={preview(row_gate)}): must be a RowGate, e.g. "
+                f"RowGate.of_cache(cache, "
+                "'hard', 0.9) (pact_train.stream.RowGate), or None"
+            )
         self.row_gate, self.replay_term, self.padding_free = row_gate, replay_term, bool(padding_free)
 
     def __call__(self, items) -> dict:
         rows: list[CacheRow] = [it["row"] if isinstance(it, dict) else it for it in items]
         if not rows:
             raise PactError("PactCollator: an empty batch; a batch needs at least one row (does the dataset hold any?)")
-        b = collate(rows, self.pad_token_id, self.pad_to_multiple_of, self.token_mask, self.row_gate, self.replay_term,
-                    self.padding_free)
+        b = collate(
+            rows,
+            self.pad_token_id,
+            self.pad_to_multiple_of,
+            self.token_mask,
+            self.row_gate,
+            self.replay_term,
+            self.padding_free,
+        )
         labels = torch.full_like(b.input_ids, -100)
         for i, r in enumerate(rows):  # the response tokens: what the Trainer counts as num_items_in_batch
             at, o = (0, int(b.cu_seqlens[i])) if b.packed else (i, 0)
-            labels[at, o + r.response_start: o + len(r.input_ids)] = b.input_ids[at, o + r.response_start: o + len(r.input_ids)]
-        model_inputs = ({"input_ids": b.input_ids, "position_ids": b.position_ids, PACKED_KEY: b.cu_seqlens} if b.packed
-                        else {"input_ids": b.input_ids, "attention_mask": b.attention_mask})
-        return {**model_inputs, "labels": labels,
-                "pact_response_start": b.response_start, "pact_step_mask": b.step_mask, "pact_targets": b.targets,
-                "pact_loss_mask": b.step_mask if b.loss_mask is None else b.loss_mask,
-                "pact_row_gate": torch.ones(len(rows)) if b.row_gate is None else b.row_gate,
-                "pact_ce_weight": torch.ones(len(rows)) if b.ce_weight is None else b.ce_weight,
-                **{f"pact_{name}": values for name, values in b.ref.items()}}
+            labels[at, o + r.response_start : o + len(r.input_ids)] = b.input_ids[
+                at, o + r.response_start : o + len(r.input_ids)
+            ]
+        model_inputs = (
+            {"input_ids": b.input_ids, "position_ids": b.position_ids, PACKED_KEY: b.cu_seqlens}
+            if b.packed
+            else {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+        )
+        return {
+            **model_inputs,
+            "labels": labels,
+            "pact_response_start": b.response_start,
+            "pact_step_mask": b.step_mask,
+            "pact_targets": b.targets,
+            "pact_loss_mask": b.step_mask if b.loss_mask is None else b.loss_mask,
+            "pact_row_gate": torch.ones(len(rows)) if b.row_gate is None else b.row_gate,
+            "pact_ce_weight": torch.ones(len(rows)) if b.ce_weight is None else b.ce_weight,
+            **{f"pact_{name}": values for name, values in b.ref.items()},
+        }
 
 
 class PactTrainerMixin:
@@ -182,10 +263,18 @@ class PactTrainerMixin:
         self.pact_weights = torch.tensor(cache.tokens.weights, dtype=torch.float32)
         self.pact_params = loss_params or LossParams(pact=PactParams())
         method = self.pact_params.method
-        check_projection(self.model, what="PactTrainer")  # the loss uses the model's own logits, or training does not start
+        check_projection(
+            self.model, what="PactTrainer"
+        )  # the loss uses the model's own logits, or training does not start
         if (method.penalty is not None) != (direction is not None):
-            raise PactError(f"method {method.name}: " + ("needs direction= (a file from `pact-cache direction`)" if method.penalty
-                                                          else "takes no direction (only a method with a parameter penalty does)"))
+            raise PactError(
+                f"method {method.name}: "
+                + (
+                    "needs direction= (a file from `pact-cache direction`)"
+                    if method.penalty
+                    else "takes no direction (only a method with a parameter penalty does)"
+                )
+            )
         if isinstance(direction, (str, Path)):
             from pact_cache.direction import read_direction
 
@@ -217,8 +306,11 @@ class PactTrainerMixin:
     def create_accelerator_and_postprocess(self):
         cfg = self.args.accelerator_config
         if cfg.dispatch_batches:
-            raise PactError("accelerator_config dispatch_batches=True: the main process would concatenate batches padded to "
-                            "different lengths; leave it unset (each process then reads the cache and takes its slice)")
+            raise PactError(
+                "accelerator_config dispatch_batches=True: the main process would concatenate batches "
+                "padded to "
+                "different lengths; leave it unset (each process then reads the cache and takes its slice)"
+            )
         cfg.dispatch_batches = False
         return super().create_accelerator_and_postprocess()
 
@@ -232,30 +324,51 @@ class PactTrainerMixin:
         cu = inputs.pop(PACKED_KEY, None)
         inputs.pop("labels", None)
         if cu is not None and not self._pact_pack():
-            raise PactError("a padding-free batch (pact_cu_seqlens) for a model that cannot keep packed rows apart; use "
-                            "PactCollator(padding_free=False)")
+            raise PactError(
+                "a padding-free batch (pact_cu_seqlens) for a model that cannot keep packed rows apart; "
+                "use "
+                "PactCollator(padding_free=False)"
+            )
         method = self.pact_params.method
         weighted = bool((targets["pact_row_gate"] != 1).any()) or bool((targets["pact_ce_weight"] != 1).any())
         if method.name not in added_term_methods() and weighted:
-            raise PactError(f"a row gate or replay_term='ce'/'term' weighs a per-step term added to the cross-entropy "
-                            f"({', '.join(added_term_methods())}), not method {method.name}")
-        packed = {} if cu is None else dict(position_ids=inputs["position_ids"], cu_seqlens=cu,
-                                            max_length=int((cu[1:] - cu[:-1]).max()))
-        batch = Batch(inputs["input_ids"], inputs.get("attention_mask"), targets["pact_response_start"], targets["pact_step_mask"],
-                      targets["pact_targets"], {c.name: targets[f"pact_{c.name}"] for c in REF_COLUMNS}, [],
-                      targets["pact_loss_mask"], targets["pact_row_gate"], targets["pact_ce_weight"], **packed)
+            raise PactError(
+                f"a row gate or replay_term='ce'/'term' weighs a per-step term added to the cross-entropy "
+                f"({', '.join(added_term_methods())}), not method {method.name}"
+            )
+        packed = (
+            {}
+            if cu is None
+            else dict(position_ids=inputs["position_ids"], cu_seqlens=cu, max_length=int((cu[1:] - cu[:-1]).max()))
+        )
+        batch = Batch(
+            inputs["input_ids"],
+            inputs.get("attention_mask"),
+            targets["pact_response_start"],
+            targets["pact_step_mask"],
+            targets["pact_targets"],
+            {c.name: targets[f"pact_{c.name}"] for c in REF_COLUMNS},
+            [],
+            targets["pact_loss_mask"],
+            targets["pact_row_gate"],
+            targets["pact_ce_weight"],
+            **packed,
+        )
         device = batch.input_ids.device
-        ce_sum, term_sum, n = policy_losses(model, batch, self.pact_ids.to(device), self.pact_weights.to(device), self.pact_params)
-        total = self.pact_params.method.total(ce_sum, term_sum, self.pact_params.lam)
+        ce_sum, term_sum, n = policy_losses(
+            model, batch, self.pact_ids.to(device), self.pact_weights.to(device), self.pact_params
+        )
         if model.training:
-            self._pact_sums = self._pact_sums.to(device) + torch.stack([ce_sum.detach(), term_sum.detach(), n.detach().float()])
+            self._pact_sums = self._pact_sums.to(device) + torch.stack(
+                [ce_sum.detach(), term_sum.detach(), n.detach().float()]
+            )
         if num_items_in_batch is not None:
-            loss = total / num_items_in_batch
+            loss = window_loss(self.pact_params, ce_sum, term_sum, 1.0 / num_items_in_batch)
             if getattr(self.args, "average_tokens_across_devices", False) and self.args.world_size > 1:
                 loss = loss * self.args.world_size  # DDP averages gradients over processes; the count is global
             self.loss_is_scaled_for_ga = True
         else:
-            loss = total / n.clamp_min(1)
+            loss = window_loss(self.pact_params, ce_sum, term_sum, 1.0 / n.clamp_min(1))
             self.loss_is_scaled_for_ga = False
         if self._pact_factors is not None and model.training:
             # a penalty on the weights, once per optimizer step: 1/GA of it with each micro-batch when the
@@ -263,7 +376,9 @@ class PactTrainerMixin:
             penalty = self.pact_params.method.penalty(self._pact_factors)
             ga = self.args.gradient_accumulation_steps if self.loss_is_scaled_for_ga else 1
             loss = loss + self.pact_params.lam * penalty.to(loss.device) / ga
-            self._pact_pen = self._pact_pen.to(device) + torch.stack([penalty.detach().to(device), torch.ones((), device=device)])
+            self._pact_pen = self._pact_pen.to(device) + torch.stack(
+                [penalty.detach().to(device), torch.ones((), device=device)]
+            )
         return (loss, {"ce_sum": ce_sum.detach(), "term_sum": term_sum.detach()}) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:

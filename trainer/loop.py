@@ -11,22 +11,24 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pact_cache.errors import PactError
+from pact_cache.errors import PactError, preview
 from pact_cache.format import Cache, open_cache
-from pact_cache.typedjson import load_json
 from pact_cache.projection import check_projection
-from pact_cache.storage import atomic_write_bytes, atomic_write_json, stale_tmp, staged_dir
+from pact_cache.storage import atomic_write_bytes, atomic_write_json, read_limited, staged_dir, stale_tmp
+from pact_cache.typedjson import load_json
 
-from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig, TrainError, check_config, config_record
-from .core import causal_lm, lora_direction_factors, online_reference, policy_losses
-from .distributed import Ranks, setup, teardown
 from . import packing
+from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, save_checkpoint
+from .config import CONFIG_MAX_BYTES, TrainConfig, TrainError, check_config, config_record
+from .core import causal_lm, lora_direction_factors, online_reference, policy_losses, window_loss
+from .distributed import Ranks, setup, teardown
+from .losses import LossParams
 from .stream import Replay, RowGate, batches, collate, pad_id_for
 
 
@@ -35,11 +37,21 @@ class NonFiniteError(TrainError):
     checkpoint is kept, and no adapter or model is written."""
 
     def __init__(self, step: int, what: str, out: Path, last_saved: int | None):
-        kept = (f"the last good checkpoint (step {last_saved}) is kept in {out}/checkpoint"
-                if last_saved is not None else "no checkpoint had been written yet")
-        super().__init__(f"step {step}: {what}; stopped, no adapter or model written, {kept}. "
-                         "Lower --lr, or check the model and the cache (pact-cache verify)")
+        kept = (
+            f"the last good checkpoint (step {last_saved}) is kept in {out}/checkpoint"
+            if last_saved is not None
+            else "no checkpoint had been written yet"
+        )
+        super().__init__(
+            f"step {step}: {what}; stopped, no adapter or model written, {kept}. "
+            "Lower --lr, or check the model and the cache (pact-cache verify)"
+        )
         self.step = step
+
+
+# 2: rows_taken counts the mixed stream's rows (replay rows take batch slots); 1 (absent): the
+# fine-tuning cache's rows, the replay rows due coming on top of each batch
+STREAM_VERSION = 2
 
 
 def _log(msg: str) -> None:
@@ -47,6 +59,7 @@ def _log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- checks
+
 
 def check_cache_rows(cache: Cache, cfg: TrainConfig) -> None:
     """Refuse an empty cache or one with a bad part, before any model is loaded (every part is checked
@@ -58,13 +71,15 @@ def check_cache_rows(cache: Cache, cfg: TrainConfig) -> None:
 
 
 def check_tokenizer(cache: Cache, tok, cfg: TrainConfig) -> None:
-    from pact_cache.models import tokenizer_fingerprint
+    from pact_cache.models import check_tokenizer as check
 
-    want = cache.manifest.tokenizer.sha256
-    got = tokenizer_fingerprint(tok)["sha256"]
-    if want != got:
-        raise TrainError(f"{cfg.cache}: built with another tokenizer than {cfg.model}'s (fingerprint {str(want)[:12]} vs {got[:12]}); "
-                         "rebuild the cache with this model's tokenizer or train the model the cache was built for")
+    check(
+        tok,
+        cache.manifest.tokenizer.sha256,
+        f"{cfg.cache} (for --model {cfg.model})",
+        "rebuild the cache with this model's tokenizer or train the model the cache was built for",
+        TrainError,
+    )
 
 
 def check_cache_fits(cache: Cache, tok, vocab_rows: int, cfg: TrainConfig) -> None:
@@ -72,13 +87,18 @@ def check_cache_fits(cache: Cache, tok, vocab_rows: int, cfg: TrainConfig) -> No
     check_tokenizer(cache, tok, cfg)
     bad = [i for i in cache.ids if i >= vocab_rows]
     if bad:
-        raise TrainError(f"{cfg.cache}: safety-token ids {bad[:5]} are outside {cfg.model}'s vocabulary ({vocab_rows} rows)")
+        raise TrainError(
+            f"{cfg.cache}: safety-token ids {bad[:5]} are outside {cfg.model}'s vocabulary ({vocab_rows} rows)"
+        )
     if cache.vocab_size > vocab_rows:
-        raise TrainError(f"{cfg.cache}: input ids may reach {cache.vocab_size - 1}, beyond {cfg.model}'s {vocab_rows} embedding rows")
+        raise TrainError(
+            f"{cfg.cache}: input ids may reach {cache.vocab_size - 1}, beyond {cfg.model}'s {vocab_rows} embedding rows"
+        )
 
 
-def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1, replay_id: str | None = None,
-              replay_known: bool = True) -> str:
+def check_out(
+    out: Path, cfg: TrainConfig, cache_id: str, world: int = 1, replay_id: str | None = None, replay_known: bool = True
+) -> str:
     """'new' or 'resume'; refuse an OUT folder that holds something else. ``replay_known=False``: the
     replay cache is not made yet (``--replay auto``), so its id is not compared."""
     if out.exists() and not out.is_dir():
@@ -90,24 +110,42 @@ def check_out(out: Path, cfg: TrainConfig, cache_id: str, world: int = 1, replay
     cfg_file = out / "config.json"
     if not cfg_file.is_file():
         raise TrainError(f"{out}: folder is not empty and holds no pact-train run; choose another -o")
-    old = load_json(cfg_file.read_bytes()[: 1 << 20], str(cfg_file), TrainError, "run config",
-                    fix="the run folder is damaged: choose another -o")
+    old = load_json(
+        read_limited(cfg_file, CONFIG_MAX_BYTES, str(cfg_file), TrainError, "run config"),
+        str(cfg_file),
+        TrainError,
+        "run config",
+        fix="the run folder is damaged: choose another -o",
+    )
     if not isinstance(old, dict):
         raise TrainError(f"{cfg_file}: is not a run config (not a JSON object); choose another -o")
     old.setdefault("processes", 1)  # runs recorded before data-parallel training were single-process
+    if old.get("row_gate") != "hard":
+        old["gate_at"] = None  # recorded as 0.9 before --gate-at went with the hard gate only
     mine = config_record(cfg, cache_id, world, replay_id)
     if not replay_known:
         mine["replay_cache_id"] = old.get("replay_cache_id")
     diff = [k for k in sorted(set(old) | set(mine)) if k not in TrainConfig.RESUMABLE and old.get(k) != mine.get(k)]
     if diff == ["processes"] and cfg.resume:
-        raise TrainError(f"{out}: the run was started on {old['processes']} process(es), this is {mine['processes']}; the global "
-                         f"batch would change: resume with torchrun --nproc-per-node {old['processes']} (or as one process if 1)")
+        raise TrainError(
+            f"{out}: the run was started on {old['processes']} process(es), this is {mine['processes']}; "
+            f"the global "
+            f"batch would change: resume with torchrun --nproc-per-node {old['processes']} (or as one "
+            f"process if 1)"
+        )
     if diff:
-        raise TrainError(f"{out}: holds a different run ({diff[0]}: {old.get(diff[0])!r} there, {mine.get(diff[0])!r} now); choose another -o")
+        raise TrainError(
+            f"{out}: holds a different run ({str(diff[0])[:60]}: {preview(old.get(diff[0]))} there, "
+            f"{preview(mine.get(diff[0]))} now); choose another -o"
+        )
+    if find_checkpoint(out / "checkpoint") is None:  # it stopped before its first checkpoint: nothing to keep
+        _log(
+            f"{out} holds this run's settings but no checkpoint (it stopped before its first one); starting it from "
+            f"step 0"
+        )
+        return "new"
     if not cfg.resume:
         raise TrainError(f"{out}: holds this run already; pass --resume to continue it, or choose another -o")
-    if find_checkpoint(out / "checkpoint") is None:
-        raise TrainError(f"{out}: has no checkpoint to resume from; delete the folder and start again")
     return "resume"
 
 
@@ -131,27 +169,51 @@ def auto_replay(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> st
 
     ref = cache.manifest.reference
     if model_fingerprint(resolve_model(cfg.model))["weights_sha256"] != dict(ref.weights_sha256):
-        raise TrainError(f"--replay auto: {cfg.model} is not the reference {cfg.cache} was built with ({ref.name}), so its answers "
-                         "are not the reference's refusals; make them with the reference: `pact-cache replay --ref REFERENCE "
-                         "--tokens TOKENS.json -o replay/`, then pass --replay replay/ (or --replay none)")
+        raise TrainError(
+            f"--replay auto: {cfg.model} is not the reference {cfg.cache} was built with ({ref.name}), so "
+            f"its answers "
+            "are not the reference's refusals; make them with the reference: `pact-cache replay --ref "
+            "REFERENCE "
+            "--tokens TOKENS.json -o replay/`, then pass --replay replay/ (or --replay none)"
+        )
     prompts = default_prompts_path()
-    key = hashlib.sha256(json.dumps({"reference": dict(ref.weights_sha256), "tokens": cache.manifest.tokens.to_json(),
-                                     "tokenizer": cache.manifest.tokenizer.sha256, "prompts": sha256_path(prompts),
-                                     "max_new_tokens": REPLAY_AUTO_MAX_NEW_TOKENS, "judge": "keyword"},
-                                    sort_keys=True).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "reference": dict(ref.weights_sha256),
+                "tokens": cache.manifest.tokens.to_json(),
+                "tokenizer": cache.manifest.tokenizer.sha256,
+                "prompts": sha256_path(prompts),
+                "max_new_tokens": REPLAY_AUTO_MAX_NEW_TOKENS,
+                "judge": "keyword",
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:24]
     home = cache_home() / "replay"
     final = home / key
     if ranks.main and not (final / "manifest.json").is_file():
-        _log(f"--replay auto: the policy is the cache's reference; answering {prompts.name}'s prompts with it to make the "
-             f"replay rows (once; kept in {final})")
+        _log(
+            f"--replay auto: the policy is the cache's reference; answering {prompts.name}'s prompts with it to make "
+            f"the "
+            f"replay rows (once; kept in {final})"
+        )
         home.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=home))
         try:
             with tempfile.NamedTemporaryFile("w", suffix=".json", dir=tmp, delete=False) as f:
                 json.dump(cache.manifest.tokens.to_json(), f)
             try:
-                res = make_replay(ReplayConfig(ref=cfg.model, out=str(tmp / "cache"), tokens=f.name, device=device,
-                                               max_new_tokens=REPLAY_AUTO_MAX_NEW_TOKENS, progress=cfg.progress))
+                res = make_replay(
+                    ReplayConfig(
+                        ref=cfg.model,
+                        out=str(tmp / "cache"),
+                        tokens=f.name,
+                        device=device,
+                        max_new_tokens=REPLAY_AUTO_MAX_NEW_TOKENS,
+                        progress=cfg.progress,
+                    )
+                )
             except PactError as err:
                 raise TrainError(f"--replay auto: {err}; or train without replay rows: --replay none") from None
             if res.warning:
@@ -167,7 +229,9 @@ def auto_replay(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> st
     return str(final)
 
 
-def open_replay(cfg: TrainConfig, cache: Cache, out: Path, ranks: Ranks, device: str) -> tuple[Replay | None, str | None]:
+def open_replay(
+    cfg: TrainConfig, cache: Cache, out: Path, ranks: Ranks, device: str
+) -> tuple[Replay | None, str | None]:
     """The replay stream of ``--replay`` (none without it) and where its cache is; for ``auto``, OUT and the
     tokenizer are checked before the answers are generated (:func:`auto_replay`)."""
     if not cfg.replay:
@@ -184,6 +248,7 @@ def open_replay(cfg: TrainConfig, cache: Cache, out: Path, ranks: Ranks, device:
 
 # ----------------------------------------------------------------------------- model
 
+
 def load_policy(cfg: TrainConfig, device: str):
     from transformers import AutoModelForCausalLM
 
@@ -197,7 +262,9 @@ def load_policy(cfg: TrainConfig, device: str):
     try:
         model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dtype)
     except Exception as err:
-        raise TrainError(f"{cfg.model}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+        raise TrainError(
+            f"{cfg.model}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+        ) from None
     model.to(device)
     if cfg.grad_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
@@ -212,13 +279,25 @@ def load_policy(cfg: TrainConfig, device: str):
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
         missing = [t for t in targets if t not in names]
         if missing:
-            raise TrainError(f"--lora-targets: {missing} are not modules of {cfg.model} (it has e.g. {sorted(n for n in names if 'proj' in n)[:8]})")
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+            raise TrainError(
+                f"--lora-targets: {missing} are not modules of {cfg.model} (it has e.g. "
+                f"{sorted(n for n in names if 'proj' in n)[:8]})"
+            )
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=targets,
+                task_type="CAUSAL_LM",
+            ),
+        )
     return model, tok, resolved
 
 
 # ----------------------------------------------------------------------------- schedule
+
 
 def lr_at(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the schedule."""
@@ -237,31 +316,139 @@ def lr_at(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> floa
 
 # ----------------------------------------------------------------------------- the run
 
+
 def train(cfg: TrainConfig) -> dict:
     """One run; as one process, or as one rank of a torchrun / accelerate launch job (see
     :mod:`pact_train.distributed`: disjoint row shares, token-weighted gradients, rank 0 writes)."""
     check_config(cfg)
     ranks, device = setup(cfg.device)
+    out = Path(cfg.out).expanduser()
+    fresh = not out.exists()
     try:
         return _run(cfg, ranks, device)
+    except BaseException:
+        if ranks.main and fresh:
+            drop_unstarted(out)
+        raise
     finally:
         teardown(ranks)
 
 
-def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
-    from pact_cache.data import assistant_header_ids
+def drop_unstarted(out: Path) -> None:
+    """Remove a run folder this run created and that holds no step yet (no checkpoint, no metrics line):
+    a run that fails before its first step leaves nothing behind, so the same command works once the
+    cause is fixed."""
+    metrics = out / "metrics.jsonl"
+    if (
+        out.is_dir()
+        and find_checkpoint(out / "checkpoint") is None
+        and not (metrics.is_file() and metrics.stat().st_size)
+    ):
+        import shutil
 
-    # --- setup (every rank checks; rank 0 alone writes)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
+    """The run, stage by stage: every rank checks; rank 0 alone writes."""
+    data = open_data(cfg, ranks, device)
+    policy = open_policy(cfg, data.cache, ranks, device)
+    start = start_or_resume(cfg, data, policy, ranks)
+    t_run = time.time()
+    end = window_loop(cfg, data, policy, start, ranks, device)
+    return {**finish(cfg, data, policy, start.optimizer, end, ranks), "seconds": time.time() - t_run}
+
+
+# ----------------------------------------------------------------------------- stage 1: the data
+
+
+@dataclass
+class Data:
+    """What the run reads, checked: the cache, the replay stream, the token mask and row gate that ride on
+    its rows, OUT and whether the run in it is new or resumed."""
+
+    cache: Cache
+    out: Path
+    kind: str  # "new" or "resume"
+    replay: Replay | None = None
+    mask: object = None  # pact_cache.rows.TokenMask (--token-mask)
+    gate: RowGate | None = None
+
+    @property
+    def replay_id(self) -> str | None:
+        return self.replay.cache.cache_id if self.replay else None
+
+
+def open_data(cfg: TrainConfig, ranks: Ranks, device: str) -> Data:
+    """The cache (every part checked, footers included), what --report-to needs, the replay stream, OUT (new
+    or this run), then the token mask and the row gate: all before any model of the run is loaded."""
     cache = open_cache(cfg.cache, cache_id=cfg.cache_pin, storage_options=cfg.storage_options)
     out = Path(cfg.out).expanduser()
     check_cache_rows(cache, cfg)
+    if cfg.report_to == "tensorboard":
+        tensorboard_writer()  # the package is there, before anything is loaded or written
     replay, where = open_replay(cfg, cache, out, ranks, device)
-    replay_id = replay.cache.cache_id if replay else None
-    state_kind = check_out(out, cfg, cache.cache_id, ranks.world, replay_id)
+    kind = check_out(out, cfg, cache.cache_id, ranks.world, replay.cache.cache_id if replay else None)
     ranks.barrier()  # no rank checks OUT after rank 0 has written to it
     if ranks.main:
         clean_leftovers(out)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    data = Data(cache, out, kind, replay)
+    if replay is not None:
+        for part in replay.cache.parts:  # checked now, not when its rows fall due
+            replay.cache.check_part(part)
+        if ranks.main:
+            _log(
+                f"--replay: {replay.cache.num_rows:,} rows of {where} cycled into the stream, a share of "
+                f"{replay.ratio:g} of the rows ({replay.count(cache.num_rows * cfg.epochs):,} over the run), "
+                f"trained with {cfg.replay_term}"
+            )
+    if cfg.token_mask:
+        from pact_cache.rows import cache_token_mask
+
+        data.mask = cache_token_mask(cache, cfg.token_mask)
+        if ranks.main:
+            _log(
+                f"--token-mask {cfg.token_mask:g}: {data.mask.dropped:,} of {data.mask.total:,} response tokens, "
+                f"those scoring >= {data.mask.threshold:.3f}, leave the loss"
+            )
+    if cfg.row_gate != "none":
+        data.gate = RowGate.of_cache(cache, cfg.row_gate, cfg.gate_at)
+        if ranks.main:  # `pact-cache stats` shows the masses; no extra pass over the cache here
+            _log(
+                f"--row-gate {cfg.row_gate}: each row's {cfg.method} term times "
+                + (f"[step-0 refusal mass >= {cfg.gate_at:g}]" if cfg.row_gate == "hard" else "its step-0 refusal mass")
+            )
+    return data
+
+
+# ----------------------------------------------------------------------------- stage 2: the policy
+
+
+@dataclass
+class Policy:
+    """The model being trained and what its loss reads beside the batch: the safety tokens and their weights
+    on the device, the method, a live reference (``--reference online``) and the LoRA factors of a parameter
+    penalty (AsFT)."""
+
+    model: torch.nn.Module
+    tok: object
+    params: list  # the trained parameters
+    loss: LossParams
+    ids: torch.Tensor  # (K,) the safety tokens
+    weights: torch.Tensor  # (K,) float32
+    padding_free: bool
+    ref: torch.nn.Module | None = None
+    header: list | None = None  # the assistant header's ids, for the live reference's post view
+    factors: list | None = None
+
+
+def open_policy(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> Policy:
+    """The policy (the same initial weights on every rank), proven to project as its own forward does, with
+    padding-free batches where the model keeps packed rows apart; the cache checked against its tokenizer
+    and vocabulary; the live reference and the penalty's factors when the method needs them."""
+    from pact_cache.data import assistant_header_ids
+
+    torch.manual_seed(cfg.seed)
     model, tok, _ = load_policy(cfg, device)
     check_projection(model, device, f"--model {cfg.model}")  # the loss uses the model's own logits, or nothing runs
     padding_free = cfg.padding_free
@@ -271,95 +458,147 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
             padding_free = False
             if ranks.main:
                 _log(f"padding-free batches off: {why}; every micro-batch is padded to its longest row")
-    head_rows = causal_lm(model).get_output_embeddings().weight.shape[0]
-    check_cache_fits(cache, tok, head_rows, cfg)
-    if replay is not None:
-        for part in replay.cache.parts:  # checked now, not when its rows fall due
-            replay.cache.check_part(part)
-        if ranks.main:
-            _log(f"--replay: {replay.cache.num_rows:,} rows of {where} cycled into the stream, a share of {replay.ratio:g} "
-                 f"of the rows ({replay.count(cache.num_rows * cfg.epochs):,} over the run), trained with {cfg.replay_term}")
-    mask = None
-    if cfg.token_mask:
-        from pact_cache.score import cache_token_mask
-
-        mask = cache_token_mask(cache, cfg.token_mask)
-        if ranks.main:
-            _log(f"--token-mask {cfg.token_mask:g}: {mask.dropped:,} of {mask.total:,} response tokens, those scoring "
-                 f">= {mask.threshold:.3f}, leave the loss")
-    gate = None
-    if cfg.row_gate != "none":
-        gate = RowGate.of_cache(cache, cfg.row_gate, cfg.gate_at)
-        if ranks.main:  # `pact-cache stats` shows the masses; no extra pass over the cache here
-            _log(f"--row-gate {cfg.row_gate}: each row's {cfg.method} term times "
-                 + (f"[step-0 refusal mass >= {cfg.gate_at:g}]" if cfg.row_gate == "hard" else "its step-0 refusal mass"))
-    ids = torch.tensor(cache.ids, device=device)
-    weights = torch.tensor(cache.tokens.weights, dtype=torch.float32, device=device)
-    ref = header = None
-    loss_params = cfg.loss_params()
-    method = loss_params.method
-    if cfg.reference == "online" and method.columns:
+    check_cache_fits(cache, tok, causal_lm(model).get_output_embeddings().weight.shape[0], cfg)
+    loss = cfg.loss_params()
+    policy = Policy(
+        model,
+        tok,
+        [p for p in model.parameters() if p.requires_grad],
+        loss,
+        torch.tensor(cache.ids, device=device),
+        torch.tensor(cache.tokens.weights, dtype=torch.float32, device=device),
+        padding_free,
+    )
+    if cfg.reference == "online" and loss.method.columns:
         from pact_cache.models import load_model, resolve_model
 
-        ref, _, _ = load_model(resolve_model(cfg.ref_model or cfg.model), torch.bfloat16 if device.startswith("cuda") else torch.float32, device)
-        ref.requires_grad_(False)
-        check_projection(ref, device, f"--ref-model {cfg.ref_model or cfg.model}")
-        header = assistant_header_ids(tok)
-    factors = None
-    if method.penalty is not None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        policy.ref, _, _ = load_model(resolve_model(cfg.ref_model or cfg.model), dtype, device)
+        policy.ref.requires_grad_(False)
+        check_projection(policy.ref, device, f"--ref-model {cfg.ref_model or cfg.model}")
+        policy.header = assistant_header_ids(tok)
+    if loss.method.penalty is not None:
         from pact_cache.direction import read_direction
 
-        factors = lora_direction_factors(model, read_direction(cfg.direction))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    global_batch = cfg.batch_size * ranks.world  # rows per micro-batch over all ranks
-    steps_per_epoch = math.ceil(cache.num_rows / (global_batch * cfg.grad_accum))
-    total = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
-    pad_id = pad_id_for(tok)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
-    pad_multiple = 8 if device.startswith("cuda") else 1
+        policy.factors = lora_direction_factors(model, read_direction(cfg.direction))
+    return policy
 
+
+# ----------------------------------------------------------------------------- stage 3: start or resume
+
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, the epoch, rows of the mixed stream taken in it, tokens seen."""
+
+    step: int = 0
+    epoch: int = 0
+    taken: int = 0
+    tokens_total: int = 0
+
+    def state(self, cache_id: str) -> dict:
+        """The checkpoint's data position."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "rows_taken": self.taken,
+            "tokens_total": self.tokens_total,
+            "cache_id": cache_id,
+            "stream": STREAM_VERSION,
+        }
+
+
+@dataclass
+class Start:
+    optimizer: torch.optim.Optimizer
+    at: Position
+    total: int  # optimizer steps of the whole run
+    steps_per_epoch: int
+
+
+def start_or_resume(cfg: TrainConfig, data: Data, policy: Policy, ranks: Ranks) -> Start:
+    """The optimizer and the schedule's length; a new run writes config.json and an empty metrics.jsonl, a
+    resumed one loads its checkpoint (weights, optimizer, data position) and drops the metrics after it."""
+    cache, out, replay = data.cache, data.out, data.replay
+    optimizer = torch.optim.AdamW(policy.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # rows per epoch: the fine-tuning cache's, and the replay rows that take slots among them
+    rows_per_epoch = cache.num_rows + (max(replay.extra(e, cache.num_rows) for e in range(cfg.epochs)) if replay else 0)
+    steps_per_epoch = math.ceil(rows_per_epoch / (cfg.batch_size * ranks.world * cfg.grad_accum))
+    total = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
+    at = Position()
     metrics_path = out / "metrics.jsonl"
-    step, epoch, taken, tokens_total = 0, 0, 0, 0
-    if state_kind == "resume":
-        st = load_checkpoint(out / "checkpoint", model, optimizer, is_peft=not cfg.full)
+    if data.kind == "resume":
+        st = load_checkpoint(out / "checkpoint", policy.model, optimizer, is_peft=not cfg.full)
         if st.get("cache_id") != cache.cache_id:
-            raise TrainError(f"{out}/checkpoint: was written while training on cache {str(st.get('cache_id'))[:12]}, not "
-                             f"{cache.cache_id[:12]}; resume with the cache the run started from")
-        step, epoch, taken, tokens_total = st["step"], st["epoch"], st["rows_taken"], st["tokens_total"]
+            raise TrainError(
+                f"{out}/checkpoint: was written while training on cache {str(st.get('cache_id'))[:12]}, not "
+                f"{cache.cache_id[:12]}; resume with the cache the run started from"
+            )
+        at = Position(st["step"], st["epoch"], st["rows_taken"], st["tokens_total"])
+        if replay is not None and st.get("stream", 1) < 2:  # written when the replay rows came on top of each batch
+            at.taken += replay.count(at.epoch * cache.num_rows + at.taken) - replay.count(at.epoch * cache.num_rows)
         if ranks.main:  # metrics after the checkpoint belong to the lost part of the run: drop them
             lines = metrics_path.read_text(errors="replace").splitlines() if metrics_path.exists() else []
-            atomic_write_bytes(metrics_path, "".join(l + "\n" for l in lines[:step]).encode())
-            _log(f"resuming {out} at step {step} (epoch {epoch}, {taken} rows into it)")
+            atomic_write_bytes(metrics_path, "".join(line + "\n" for line in lines[: at.step]).encode())
+            _log(f"resuming {out} at step {at.step} (epoch {at.epoch}, {at.taken} rows into it)")
     elif ranks.main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", config_record(cfg, cache.cache_id, ranks.world, replay_id))
+        atomic_write_json(out / "config.json", config_record(cfg, cache.cache_id, ranks.world, data.replay_id))
         metrics_path.write_text("")
-    board = open_board(out, step) if cfg.report_to == "tensorboard" and ranks.main else None
-    ddp_model = ranks.wrap(model, device)  # rank 0's weights are broadcast to all
-    if ranks.world > 1 and ranks.main:
-        _log(f"data-parallel on {ranks.world} processes ({device.split(':')[0]}): {cfg.batch_size} rows per process, "
-             f"{global_batch * cfg.grad_accum} per optimizer step")
-    # every rank reads the same order; each takes its share of every global micro-batch
-    data = batches(cache, global_batch, cfg.seed, cfg.shuffle, start_epoch=epoch, skip_rows=taken,
-                   buffer_rows=cfg.shuffle_buffer, epochs=cfg.epochs, replay=replay, group_by_length=cfg.group_by_length)
+    return Start(optimizer, at, total, steps_per_epoch)
 
+
+# ----------------------------------------------------------------------------- stage 4: the window loop
+
+
+def window_loop(cfg: TrainConfig, data: Data, policy: Policy, start: Start, ranks: Ranks, device: str) -> Position:
+    """One iteration = one optimizer step over ``--grad-accum`` micro-batches (a window), token-weighted over
+    the window's response tokens on all ranks; a metrics line per step, a checkpoint every ``--save-every``.
+    Returns where the run stopped."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=step, unit="step", disable=not (cfg.progress and ranks.main), dynamic_ncols=True)
-    last_saved = step if state_kind == "resume" else None
-    model.train()
-    t_run = time.time()
+    out, at, optimizer, method = data.out, start.at, start.optimizer, policy.loss.method
+    global_batch = cfg.batch_size * ranks.world  # rows per micro-batch over all ranks
+    board = open_board(out, at.step) if cfg.report_to == "tensorboard" and ranks.main else None
+    ddp_model = ranks.wrap(policy.model, device)  # rank 0's weights are broadcast to all
+    if ranks.world > 1 and ranks.main:
+        _log(
+            f"data-parallel on {ranks.world} processes ({device.split(':')[0]}): {cfg.batch_size} rows per process, "
+            f"{global_batch * cfg.grad_accum} per optimizer step"
+        )
+    # every rank reads the same order; each takes its share of every global micro-batch
+    stream = batches(
+        data.cache,
+        global_batch,
+        cfg.seed,
+        cfg.shuffle,
+        start_epoch=at.epoch,
+        skip_rows=at.taken,
+        buffer_rows=cfg.shuffle_buffer,
+        epochs=cfg.epochs,
+        replay=data.replay,
+        group_by_length=cfg.group_by_length,
+    )
+    pad_id, pad_multiple = pad_id_for(policy.tok), 8 if device.startswith("cuda") else 1
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda")
+        else torch.autocast("cpu", enabled=False)
+    )
+    bar = tqdm(
+        total=start.total, initial=at.step, unit="step", disable=not (cfg.progress and ranks.main), dynamic_ncols=True
+    )
+    last_saved = at.step if data.kind == "resume" else None
+    policy.model.train()
     done = False
-    # --- the loop: one iteration = one optimizer step over grad_accum micro-batches
-    while step < total and not done:
+    while at.step < start.total and not done:
         t0 = time.time()
         if ranks.world > 1:  # dropout masks: each rank its own, the same again after a resume
-            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, ranks.rank]).generate_state(1)[0]))
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, at.step, ranks.rank]).generate_state(1)[0]))
         micro = []  # (epoch, rows taken in it, rows): a window may run on into the next epoch
         for _ in range(cfg.grad_accum):
             try:
-                micro.append(next(data))
+                micro.append(next(stream))
             except StopIteration:
                 done = True
                 break
@@ -367,20 +606,22 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
             break
         # token-weighted accumulation: response tokens of the whole window, on all ranks
         n_window = sum(sum(r.steps for r in rows) for _, _, rows in micro)
-        lr = lr_at(step, total, steps_per_epoch, cfg)
+        lr = lr_at(at.step, start.total, start.steps_per_epoch, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
         ce_tot = term_tot = pen = 0.0
         for i, (_, _, global_rows) in enumerate(micro):
             rows, scale = ranks.take(global_rows)
-            batch = collate(rows, pad_id, pad_multiple, mask, gate, cfg.replay_term, padding_free).to(device)
-            live = online_reference(ref, batch, header, ids) if ref is not None else None
+            batch = collate(rows, pad_id, pad_multiple, data.mask, data.gate, cfg.replay_term, policy.padding_free)
+            batch = batch.to(device)
+            live = online_reference(policy.ref, batch, policy.header, policy.ids) if policy.ref is not None else None
             with ranks.no_sync(ddp_model, sync=i == len(micro) - 1):  # one gradient all-reduce per window
                 with autocast:
-                    ce_sum, term_sum, _ = policy_losses(ddp_model, batch, ids, weights, loss_params, live)
-                loss = method.total(ce_sum, term_sum, cfg.lam) * (scale * ranks.world / n_window)  # DDP averages over ranks
-                if factors is not None and i == len(micro) - 1:  # a penalty on the weights: once per optimizer step
-                    penalty = method.penalty(factors)
+                    ce_sum, term_sum, _ = policy_losses(ddp_model, batch, policy.ids, policy.weights, policy.loss, live)
+                # DDP averages over ranks: each rank's share of the window's tokens, times the rank count
+                loss = window_loss(policy.loss, ce_sum, term_sum, scale * ranks.world / n_window)
+                if policy.factors is not None and i == len(micro) - 1:  # a penalty on the weights: once per step
+                    penalty = method.penalty(policy.factors)
                     loss = loss + cfg.lam * penalty  # the same on every rank: DDP's average keeps it
                     pen = penalty.item()
                 loss.backward()
@@ -389,74 +630,96 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
         ce_tot, term_tot = ranks.sum([ce_tot, term_tot], device)
         if not (math.isfinite(ce_tot) and math.isfinite(term_tot) and math.isfinite(pen)):
             bar.close()
-            raise NonFiniteError(step + 1, f"the loss is not finite (cross-entropy sum {ce_tot}, {method.metric or 'term'} "
-                                 f"{'sum ' + str(term_tot) if factors is None else pen})",
-                                 out, last_saved)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            term = f"sum {term_tot}" if policy.factors is None else pen
+            raise NonFiniteError(
+                at.step + 1,
+                f"the loss is not finite (cross-entropy sum {ce_tot}, {method.metric or 'term'} {term})",
+                out,
+                last_saved,
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, cfg.max_grad_norm).item()
         if not math.isfinite(grad_norm):
             bar.close()
-            raise NonFiniteError(step + 1, f"the gradient norm is {grad_norm}", out, last_saved)
+            raise NonFiniteError(at.step + 1, f"the gradient norm is {grad_norm}", out, last_saved)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        epoch, taken = micro[-1][0], micro[-1][1]
-        tokens_total += n_window
+        at.step, at.epoch, at.taken = at.step + 1, micro[-1][0], micro[-1][1]
+        at.tokens_total += n_window
         dt = time.time() - t0
-        rec = {"step": step, "epoch": epoch, "loss": float(method.total(ce_tot, term_tot, cfg.lam)) / n_window + cfg.lam * pen,
-               "ce": ce_tot / n_window}
+        rec = {
+            "step": at.step,
+            "epoch": at.epoch,
+            "loss": float(method.total(ce_tot, term_tot, cfg.lam)) / n_window + cfg.lam * pen,
+            "ce": ce_tot / n_window,
+        }
         if method.metric:  # the method's term, under its own name (a penalty: its value at this step)
-            rec[method.metric] = term_tot / n_window if factors is None else pen
-        rec.update({"lr": lr, "tokens": n_window, "tokens_total": tokens_total, "grad_norm": grad_norm, "step_time_s": dt})
+            rec[method.metric] = term_tot / n_window if policy.factors is None else pen
+        rec.update(
+            {"lr": lr, "tokens": n_window, "tokens_total": at.tokens_total, "grad_norm": grad_norm, "step_time_s": dt}
+        )
         if ranks.main:
-            with open(metrics_path, "a") as f:
+            with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if board is not None:
                 for key, value in rec.items():
                     if key != "step":
-                        board.add_scalar(f"train/{key}", value, step)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", **({method.metric: f"{rec[method.metric]:.4f}"} if method.metric else {}),
-                        tok_s=f"{n_window / dt:.0f}")
+                        board.add_scalar(f"train/{key}", value, at.step)
+        shown = {method.metric: f"{rec[method.metric]:.4f}"} if method.metric else {}
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", **shown, tok_s=f"{n_window / dt:.0f}")
         bar.update(1)
-        if step % cfg.save_every == 0 and step < total and ranks.main:
-            save_checkpoint(out / "checkpoint", model, optimizer, {"step": step, "epoch": epoch, "rows_taken": taken,
-                                                                    "tokens_total": tokens_total, "cache_id": cache.cache_id})
-            last_saved = step
+        if at.step % cfg.save_every == 0 and at.step < start.total and ranks.main:
+            save_checkpoint(out / "checkpoint", policy.model, optimizer, at.state(data.cache.cache_id))
+            last_saved = at.step
     bar.close()
     if board is not None:
         board.close()
-    if step == 0:
+    if at.step == 0:
         raise TrainError(f"{cfg.cache}: no batch could be made")
+    return at
+
+
+# ----------------------------------------------------------------------------- stage 5: finish
+
+
+def finish(cfg: TrainConfig, data: Data, policy: Policy, optimizer, at: Position, ranks: Ranks) -> dict:
+    """Rank 0 writes the last checkpoint, the adapter (or the model), ``--merge``'s merged model and the plot."""
+    out = data.out
     final = out / ("model" if cfg.full else "adapter")
+    summary = {"out": str(out), "steps": at.step, "final": str(final)}
     if not ranks.main:
         ranks.barrier()  # rank 0 writes the outputs
-        return {"out": str(out), "steps": step, "seconds": time.time() - t_run, "final": str(final), "main": False}
-    save_checkpoint(out / "checkpoint", model, optimizer, {"step": step, "epoch": epoch, "rows_taken": taken,
-                                                            "tokens_total": tokens_total, "cache_id": cache.cache_id})
-
-    # --- final outputs
+        return {**summary, "main": False}
+    save_checkpoint(out / "checkpoint", policy.model, optimizer, at.state(data.cache.cache_id))
     with staged_dir(final, replace=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        policy.model.save_pretrained(tmp, safe_serialization=True)
+        policy.tok.save_pretrained(tmp)
     if cfg.merge and not cfg.full:
-        merged = model.merge_and_unload()
+        merged = policy.model.merge_and_unload()
         with staged_dir(out / "merged", replace=True) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
+            policy.tok.save_pretrained(tmp)
     if cfg.plot:
-        plot_metrics(metrics_path, out / "loss.png", method.metric)
+        plot_metrics(out / "metrics.jsonl", out / "loss.png", policy.loss.method.metric)
     ranks.barrier()
-    return {"out": str(out), "steps": step, "seconds": time.time() - t_run, "final": str(final)}
+    return summary
+
+
+def tensorboard_writer():
+    """torch's SummaryWriter class, or one line naming the extra to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainError(
+            "--report-to tensorboard: the tensorboard package is not installed; pip install "
+            "'pact-cache[tensorboard]' (or leave --report-to none)"
+        ) from None
+    return SummaryWriter
 
 
 def open_board(out: Path, step: int):
     """A TensorBoard writer on ``OUT/tensorboard`` (flushed every few seconds, so the curves are live);
     on a resume, events after ``step`` (the lost part of the run) are dropped, as metrics.jsonl's lines are."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise TrainError("--report-to tensorboard: the tensorboard package is not installed; pip install "
-                         "'pact-cache[tensorboard]' (or leave --report-to none)") from None
-    return SummaryWriter(str(out / "tensorboard"), purge_step=step or None, flush_secs=5)
+    return tensorboard_writer()(str(out / "tensorboard"), purge_step=step or None, flush_secs=5)
 
 
 def plot_metrics(metrics_path: Path, png: Path, metric: str | None = None) -> None:

@@ -16,23 +16,42 @@ import torch.nn.functional as F
 
 from pact_cache.columns import COLUMN_NAMES
 
+LOGITS_CHUNK = 1024  # response positions per (positions, vocab) block of logits in the loss
+
 
 @dataclass(frozen=True)
 class PactParams:
     """Defaults are the paper's (``finetuning_pact.py``); each field's help and range are declared
     here, once (pact-train's ``--pact-*`` options and their checks come from them)."""
 
-    T: float = field(default=2.0, metadata=dict(help="distillation temperature T", lo=0, lo_open=True,
-                                                 why="the distillation temperature divides the logits"))
-    T_gate: float = field(default=1.0, metadata=dict(help="temperature of the gate's competitive index", lo=0, lo_open=True,
-                                                      why="the gate's temperature divides the logits"))
-    top_p: float = field(default=0.9, metadata=dict(help="probability mass the competitive index counts tokens to", lo=0, hi=1,
-                                                     lo_open=True))
+    T: float = field(
+        default=2.0,
+        metadata=dict(
+            help="distillation temperature T", lo=0, lo_open=True, why="the distillation temperature divides the logits"
+        ),
+    )
+    T_gate: float = field(
+        default=1.0,
+        metadata=dict(
+            help="temperature of the gate's competitive index",
+            lo=0,
+            lo_open=True,
+            why="the gate's temperature divides the logits",
+        ),
+    )
+    top_p: float = field(
+        default=0.9,
+        metadata=dict(help="probability mass the competitive index counts tokens to", lo=0, hi=1, lo_open=True),
+    )
     alpha: float = field(default=2.0, metadata=dict(help="gate slope"))
     bias: float = field(default=0.0, metadata=dict(help="gate bias"))
     N: int = field(default=8, metadata=dict(help="response steps before the gate decays", lo=0, integer=True))
-    tau: float = field(default=8.0, metadata=dict(help="decay constant of the gate after N steps",
-                                                   why="tau <= 0 is the paper's hard window of N steps"))
+    tau: float = field(
+        default=8.0,
+        metadata=dict(
+            help="decay constant of the gate after N steps", why="tau <= 0 is the paper's hard window of N steps"
+        ),
+    )
     boost: float = field(default=1.0, metadata=dict(help="gate multiplier", lo=0))
 
 
@@ -65,8 +84,14 @@ def pact_gate(policy: torch.Tensor, post: torch.Tensor, p: PactParams) -> torch.
     return c * decay[None, :] * p.boost
 
 
-def pact_kl(policy: torch.Tensor, full: torch.Tensor, post: torch.Tensor, weights: torch.Tensor,
-            mask: torch.Tensor, p: PactParams = PactParams()) -> tuple[torch.Tensor, torch.Tensor]:
+def pact_kl(
+    policy: torch.Tensor,
+    full: torch.Tensor,
+    post: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor,
+    p: PactParams = PactParams(),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PACT's safety-token KL, summed over valid steps.
 
     policy:  (B, T, K) policy logits restricted to S (gradients flow through these)
@@ -87,7 +112,7 @@ def pact_kl(policy: torch.Tensor, full: torch.Tensor, post: torch.Tensor, weight
     q = q / q.sum(dim=-1, keepdim=True).clamp_min(1e-12)
     log_q = q.clamp_min(1e-12).log()
     log_p = F.log_softmax(policy / p.T, dim=-1)
-    kl = (q * (log_q - log_p)).sum(dim=-1) * (p.T ** 2)  # (B, T)
+    kl = (q * (log_q - log_p)).sum(dim=-1) * (p.T**2)  # (B, T)
     m = mask.to(kl.dtype)
     return (kl * m).sum(), m.sum()
 
@@ -106,8 +131,14 @@ def with_rest(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.cat([logprobs, log1mexp(logprobs.logsumexp(dim=-1, keepdim=True))], dim=-1)
 
 
-def pact_rest_kl(policy_logprobs: torch.Tensor, full: torch.Tensor, post: torch.Tensor, weights: torch.Tensor,
-                 mask: torch.Tensor, p: PactParams = PactParams()) -> tuple[torch.Tensor, torch.Tensor]:
+def pact_rest_kl(
+    policy_logprobs: torch.Tensor,
+    full: torch.Tensor,
+    post: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor,
+    p: PactParams = PactParams(),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PACT over K + 1 categories: S and the rest of the vocabulary, summed over valid steps.
 
     policy_logprobs: (B, T, K) the policy's log-probs of S normalised over the whole vocabulary
@@ -143,13 +174,18 @@ def pact_rest_kl(policy_logprobs: torch.Tensor, full: torch.Tensor, post: torch.
     q = torch.cat([ref_in.exp() * q_s, ref[..., -1:].exp()], dim=-1)
     pol_in = policy_logprobs.logsumexp(dim=-1, keepdim=True)  # log (1 - rho_t)
     log_p = torch.cat([pol_in + F.log_softmax(policy_logprobs / p.T, dim=-1), log1mexp(pol_in)], dim=-1)
-    kl = (q * (log_q - log_p)).sum(dim=-1) * (p.T ** 2)
+    kl = (q * (log_q - log_p)).sum(dim=-1) * (p.T**2)
     m = mask.to(kl.dtype)
     return (kl * m).sum(), m.sum()
 
 
-def pact_ref_kl(policy_logprobs: torch.Tensor, full: torch.Tensor, post: torch.Tensor, mask: torch.Tensor,
-                p: PactParams = PactParams()) -> tuple[torch.Tensor, torch.Tensor]:
+def pact_ref_kl(
+    policy_logprobs: torch.Tensor,
+    full: torch.Tensor,
+    post: torch.Tensor,
+    mask: torch.Tensor,
+    p: PactParams = PactParams(),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PACT-rest toward the reference itself: a KL over K + 1 categories (S and the rest) whose target
     is the reference's own distribution; the weights only chose S. Summed over valid steps.
 
@@ -172,12 +208,14 @@ def pact_ref_kl(policy_logprobs: torch.Tensor, full: torch.Tensor, post: torch.T
     mix = (1.0 - c) * with_rest(full) + c * with_rest(post)  # (B, T, K + 1)
     log_q = F.log_softmax(mix / p.T, dim=-1)
     log_p = F.log_softmax(with_rest(policy_logprobs) / p.T, dim=-1)
-    kl = (log_q.exp() * (log_q - log_p)).sum(dim=-1) * (p.T ** 2)
+    kl = (log_q.exp() * (log_q - log_p)).sum(dim=-1) * (p.T**2)
     m = mask.to(kl.dtype)
     return (kl * m).sum(), m.sum()
 
 
-def str_term(policy_sel: torch.Tensor, policy_lse: torch.Tensor, full: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def str_term(
+    policy_sel: torch.Tensor, policy_lse: torch.Tensor, full: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """STR, safety token regularisation (arXiv 2604.17210), summed over valid steps.
 
     policy_sel: (B, T, K) policy logits of S; policy_lse: (B, T) logsumexp of all the policy's logits
@@ -201,7 +239,9 @@ def qi_betas(T: int, device=None) -> torch.Tensor:
     return torch.where(t == 0, 0.5, torch.where(t < 5, 2.0, 0.1))
 
 
-def constrained_sft(policy_target: torch.Tensor, ref_target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def constrained_sft(
+    policy_target: torch.Tensor, ref_target: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-wise constrained SFT (Qi et al., ICLR 2025, "Safety Alignment Should Be Made More Than
     Just a Few Tokens Deep"), summed over valid steps.
 
@@ -218,6 +258,7 @@ def constrained_sft(policy_target: torch.Tensor, ref_target: torch.Tensor, mask:
 
 
 # ----------------------------------------------------------------------------- methods
+
 
 def asft_penalty(factors) -> torch.Tensor:
     """AsFT's regulariser (arXiv 2506.08473): ``sum_m ||(I - C_m) B_m A_m||_F^2``, never forming a d x d matrix.
@@ -244,7 +285,9 @@ class Steps:
     columns the method asked for: ``full``, ``post`` (B, T, K) full-vocabulary log-probs of S in the
     two views, ``target`` (B, T) the log-prob of the response token."""
 
-    mask: torch.Tensor  # (B, T) bool, True at real response steps; or float32 weights in [0, 1] (0 at padding: --row-gate)
+    mask: (
+        torch.Tensor
+    )  # (B, T) bool, True at real response steps; or float32 weights in [0, 1] (0 at padding: --row-gate)
     policy_sel: torch.Tensor  # (B, T, K) float32 policy logits of S
     policy_lse: torch.Tensor  # (B, T) float32 logsumexp of the policy's logits over the vocabulary
     policy_target: torch.Tensor  # (B, T) float32 policy log-prob of the response token
@@ -282,7 +325,9 @@ def register(method: Method) -> Method:
     """Add a method to the registry; the columns it reads must be cache columns (pact_cache.columns)."""
     unknown = [c for c in method.columns if c not in COLUMN_NAMES]
     if unknown:
-        raise ValueError(f"method {method.name}: reads {unknown}, which no cache holds; the columns are {', '.join(COLUMN_NAMES)}")
+        raise ValueError(
+            f"method {method.name}: reads {unknown}, which no cache holds; the columns are {', '.join(COLUMN_NAMES)}"
+        )
     METHODS[method.name] = method
     return method
 
@@ -301,22 +346,66 @@ def method_named(name: str) -> Method:
 
 
 register(Method("sft", "cross-entropy only"))
-register(Method("pact", "CE + lambda * PACT's safety-token KL over S (the paper's)", ("full", "post"), "pact_kl",
-                lambda s, p: pact_kl(s.policy_sel, s.ref["full"], s.ref["post"], s.weights, s.mask, p.pact)[0]))
-register(Method("pact-rest", "CE + lambda * PACT's KL over S plus the rest of the vocabulary as one category",
-                ("full", "post"), "pact_rest_kl",
-                lambda s, p: pact_rest_kl(s.policy_sel - s.policy_lse.unsqueeze(-1), s.ref["full"], s.ref["post"],
-                                          s.weights, s.mask, p.pact)[0]))
-register(Method("pact-rest-ref", "CE + lambda * KL over S plus the rest toward the reference's own distribution "
-                "(the weights only choose S; the optimum is the reference)", ("full", "post"), "pact_ref_kl",
-                lambda s, p: pact_ref_kl(s.policy_sel - s.policy_lse.unsqueeze(-1), s.ref["full"], s.ref["post"], s.mask, p.pact)[0]))
-register(Method("str", "CE + lambda * STR: mean squared log-prob gap to the reference on S (our reading of arXiv 2604.17210)",
-                ("full",), "str", lambda s, p: str_term(s.policy_sel, s.policy_lse, s.ref["full"], s.mask)[0]))
-register(Method("constrained-sft", "Qi et al.'s token-wise constrained SFT against the reference's token log-probs "
-                "(replaces the CE; --lambda does not apply)", ("target",), "constrained_sft",
-                lambda s, p: constrained_sft(s.policy_target, s.ref["target"], s.mask)[0], with_ce=False))
-register(Method("asft", "CE + lambda * AsFT's ||(I - C) B A||_F^2 over the LoRA modules (needs --direction)",
-                metric="asft", penalty=asft_penalty))
+register(
+    Method(
+        "pact",
+        "CE + lambda * PACT's safety-token KL over S (the paper's)",
+        ("full", "post"),
+        "pact_kl",
+        lambda s, p: pact_kl(s.policy_sel, s.ref["full"], s.ref["post"], s.weights, s.mask, p.pact)[0],
+    )
+)
+register(
+    Method(
+        "pact-rest",
+        "CE + lambda * PACT's KL over S plus the rest of the vocabulary as one category",
+        ("full", "post"),
+        "pact_rest_kl",
+        lambda s, p: pact_rest_kl(
+            s.policy_sel - s.policy_lse.unsqueeze(-1), s.ref["full"], s.ref["post"], s.weights, s.mask, p.pact
+        )[0],
+    )
+)
+register(
+    Method(
+        "pact-rest-ref",
+        "CE + lambda * KL over S plus the rest toward the reference's own distribution "
+        "(the weights only choose S; the optimum is the reference)",
+        ("full", "post"),
+        "pact_ref_kl",
+        lambda s, p: pact_ref_kl(
+            s.policy_sel - s.policy_lse.unsqueeze(-1), s.ref["full"], s.ref["post"], s.mask, p.pact
+        )[0],
+    )
+)
+register(
+    Method(
+        "str",
+        "CE + lambda * STR: mean squared log-prob gap to the reference on S (our reading of arXiv 2604.17210)",
+        ("full",),
+        "str",
+        lambda s, p: str_term(s.policy_sel, s.policy_lse, s.ref["full"], s.mask)[0],
+    )
+)
+register(
+    Method(
+        "constrained-sft",
+        "Qi et al.'s token-wise constrained SFT against the reference's token log-probs "
+        "(replaces the CE; --lambda does not apply)",
+        ("target",),
+        "constrained_sft",
+        lambda s, p: constrained_sft(s.policy_target, s.ref["target"], s.mask)[0],
+        with_ce=False,
+    )
+)
+register(
+    Method(
+        "asft",
+        "CE + lambda * AsFT's ||(I - C) B A||_F^2 over the LoRA modules (needs --direction)",
+        metric="asft",
+        penalty=asft_penalty,
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -328,7 +417,7 @@ class LossParams:
     method: Method | str = "pact"
     lam: float = 1.0  # weight of the method's term against the cross-entropy
     pact: PactParams = PactParams()
-    logits_chunk: int = 1024  # response positions per (positions, vocab) block of logits
+    logits_chunk: int = LOGITS_CHUNK  # response positions per (positions, vocab) block of logits
 
     def __post_init__(self):
         if not isinstance(self.method, Method):

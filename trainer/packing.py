@@ -102,8 +102,14 @@ def packed_inputs(rows: list, device=None) -> dict:
     pos = torch.cat([torch.arange(n) for n in lens])[None]
     cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lens), 0)
-    out = {"input_ids": ids, "position_ids": pos, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-           "max_length_q": max(lens), "max_length_k": max(lens)}
+    out = {
+        "input_ids": ids,
+        "position_ids": pos,
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max(lens),
+        "max_length_k": max(lens),
+    }
     return {k: v.to(device) if device is not None and torch.is_tensor(v) else v for k, v in out.items()}
 
 
@@ -161,17 +167,28 @@ def enable(model) -> str | None:
         return None
     kind = type(lm).__name__
     if original not in SUPPORTED:
-        return f"{kind} uses attention '{original}', which padding-free batches do not support (sdpa, eager, flash_attention_2/3 do)"
+        return (
+            f"{kind} uses attention '{original}', which padding-free batches do not support "
+            "(sdpa, eager, flash_attention_2/3 do)"
+        )
     if not lm._can_set_attn_implementation():
-        return f"{kind} does not route attention through transformers' AttentionInterface, so rows could not be kept apart"
+        return (
+            f"{kind} does not route attention through transformers' AttentionInterface, so rows could not be kept apart"
+        )
     rows = _probe_rows(lm)
     want = _hidden(lm, rows, packed=False)  # the model's own attention, padded
     lm.set_attn_implementation(_register(original))
     try:
         diff = max(_rel(_hidden(lm, rows, packed=True), want), _rel(_hidden(lm, rows, packed=False), want))
-        why = None if diff <= _tolerance(lm) else (
-            f"{kind}: packed rows did not give the padded rows' hidden states (relative difference {diff:.2g}): some layer "
-            "ignores the row boundaries (linear attention, convolutions) or its attention has what PyTorch's SDPA lacks")
+        why = (
+            None
+            if diff <= _tolerance(lm)
+            else (
+                f"{kind}: packed rows did not give the padded rows' hidden states (relative difference {diff:.2g}): "
+                "some layer ignores the row boundaries (linear attention, convolutions) or its attention has what "
+                "PyTorch's SDPA lacks"
+            )
+        )
     except (ValueError, RuntimeError, TypeError, NotImplementedError) as e:  # e.g. SDPA refusing a softcap
         why = f"{kind}: packed attention failed on this model ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
     if why is not None:
@@ -184,4 +201,4 @@ def disable(model) -> None:
     lm = causal_lm(model)
     name = getattr(lm.config, "_attn_implementation", None) or ""
     if name.startswith(PREFIX):
-        lm.set_attn_implementation(name[len(PREFIX):])
+        lm.set_attn_implementation(name[len(PREFIX) :])

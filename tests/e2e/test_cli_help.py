@@ -5,9 +5,10 @@ import subprocess
 import sys
 
 import pytest
+from pact_train.cli import build_eval_parser
+from pact_train.cli import build_parser as train_parser
 
 from pact_cache.cli import build_parser as cache_parser
-from pact_train.cli import build_eval_parser, build_parser as train_parser
 
 
 def parsers():
@@ -51,9 +52,11 @@ def test_module_entry_points_answer_help():
 
 
 def test_every_command_answers_version(capsys):
+    from pact_train.cli import main as train_main
+    from pact_train.cli import main_eval
+
     from pact_cache import __version__
     from pact_cache.cli import main as cache_main
-    from pact_train.cli import main as train_main, main_eval
 
     for prog, main in (("pact-cache", cache_main), ("pact-train", train_main), ("pact-eval", main_eval)):
         with pytest.raises(SystemExit) as e:
@@ -70,8 +73,10 @@ def test_installs_beside_coquis_trainer_package(tmp_path):
     stand_in = tmp_path / "site" / "trainer"
     stand_in.mkdir(parents=True)
     (stand_in / "__init__.py").write_text("WHO = 'coqui'\n")
-    code = ("import trainer, pact_train, pact_train.loop, pact_train.hf; assert trainer.WHO == 'coqui'; "
-            "import sys; assert not [m for m in sys.modules if m == 'trainer.loop']; print('both')")
+    code = (
+        "import trainer, pact_train, pact_train.loop, pact_train.hf; assert trainer.WHO == 'coqui'; "
+        "import sys; assert not [m for m in sys.modules if m == 'trainer.loop']; print('both')"
+    )
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "both", out.stderr[-2000:]

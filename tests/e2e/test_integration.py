@@ -5,14 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import naive_reference, write_jsonl
+from pact_train.losses import PactParams, pact_kl
 
 from pact_cache.build import BuildConfig, build
 from pact_cache.columns import q8_bound
 from pact_cache.format import open_cache
-from pact_train.losses import PactParams, pact_kl
-
-from conftest import naive_reference, write_jsonl
-
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +31,17 @@ def built(embedded_model, sst2_rows, tmp_path_factory):
     q8 = build(BuildConfig(str(sst2_rows), embedded_model, str(root / "q8"), batch_size=4, progress=False))
     tokens = root / "tokens.json"
     tokens.write_text(json.dumps(q8.manifest.tokens.to_json()))
-    f32 = build(BuildConfig(str(sst2_rows), embedded_model, str(root / "f32"), tokens=str(tokens), encoding="f32", batch_size=4, progress=False))
+    f32 = build(
+        BuildConfig(
+            str(sst2_rows),
+            embedded_model,
+            str(root / "f32"),
+            tokens=str(tokens),
+            encoding="f32",
+            batch_size=4,
+            progress=False,
+        )
+    )
     return q8, f32
 
 
@@ -84,9 +92,46 @@ def test_pact_loss_from_q8_within_half_a_percent_of_exact(built):
         assert abs(kq.item() / ke.item() - 1) < 0.005, (sigma, kq.item(), ke.item())
 
 
-REFUSAL_MARKERS = {"'m", "'t", " I", "I", " sorry", "Sorry", " can", " cannot", " assist", " afraid", " unable", " not", " won"}
-FUNCTION_WORDS = {",", ".", " the", " a", " an", " of", " and", " in", " is", " it", "The", "To", " to", "When", " for", " with",
-                  " but", " that", " this", " on", " you", " your", " be"}
+REFUSAL_MARKERS = {
+    "'m",
+    "'t",
+    " I",
+    "I",
+    " sorry",
+    "Sorry",
+    " can",
+    " cannot",
+    " assist",
+    " afraid",
+    " unable",
+    " not",
+    " won",
+}
+FUNCTION_WORDS = {
+    ",",
+    ".",
+    " the",
+    " a",
+    " an",
+    " of",
+    " and",
+    " in",
+    " is",
+    " it",
+    "The",
+    "To",
+    " to",
+    "When",
+    " for",
+    " with",
+    " but",
+    " that",
+    " this",
+    " on",
+    " you",
+    " your",
+    " be",
+}
 
 
 def test_default_safety_tokens_are_led_by_refusal_tokens(built, embedded_model):
@@ -122,8 +167,20 @@ def test_pact_train_cached_equals_online_on_real_rows(built, embedded_model, tmp
     q8, f32 = built
     runs = {}
     for name, cache, reference in (("online", f32.out, "online"), ("f32", f32.out, "cache"), ("q8", q8.out, "cache")):
-        cfg = TrainConfig(model=embedded_model, cache=str(cache), out=str(tmp_path / name), reference=reference, recipe="plain", batch_size=10,
-                          max_steps=3, shuffle=False, progress=False, plot=False, lr=1e-3, lora_dropout=0.0)
+        cfg = TrainConfig(
+            model=embedded_model,
+            cache=str(cache),
+            out=str(tmp_path / name),
+            reference=reference,
+            recipe="plain",
+            batch_size=10,
+            max_steps=3,
+            shuffle=False,
+            progress=False,
+            plot=False,
+            lr=1e-3,
+            lora_dropout=0.0,
+        )
         train(cfg)
         runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     gaps = []

@@ -13,15 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import CHAT_ROWS, ROOT, write_jsonl
+from pact_train.cli import main as train_main
 
 from pact_cache.build import BuildConfig, build
 from pact_cache.cli import main as cache_main
 from pact_cache.format import MANIFEST, open_cache
 from pact_cache.storage import Location
-from pact_train.cli import main as train_main
-
-from conftest import CHAT_ROWS, ROOT, write_jsonl
-
 
 pytest.importorskip("s3fs")
 
@@ -71,14 +69,32 @@ def data(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("remote")
     rows = write_jsonl(root / "train.jsonl", CHAT_ROWS)
     tokens = root / "tokens.json"
-    tokens.write_text(json.dumps({"format": "pact-tokens/1", "ids": [3, 17, 42, 99], "weights": [0.5, 0.2, 0.1, 0.4], "method": "test"}))
-    local = build(BuildConfig(str(rows), tiny_model, str(root / "local"), tokens=str(tokens), rows_per_part=6, progress=False))
+    tokens.write_text(
+        json.dumps(
+            {"format": "pact-tokens/1", "ids": [3, 17, 42, 99], "weights": [0.5, 0.2, 0.1, 0.4], "method": "test"}
+        )
+    )
+    local = build(
+        BuildConfig(str(rows), tiny_model, str(root / "local"), tokens=str(tokens), rows_per_part=6, progress=False)
+    )
     return {"rows": rows, "tokens": tokens, "local": Path(local.out), "model": tiny_model, "root": root}
 
 
 def build_args(data, out, *extra):
-    return ["build", data["rows"], "--ref", data["model"], "--tokens", data["tokens"], "-o", out, "--rows-per-part", 6,
-            "--no-progress", *extra]
+    return [
+        "build",
+        data["rows"],
+        "--ref",
+        data["model"],
+        "--tokens",
+        data["tokens"],
+        "-o",
+        out,
+        "--rows-per-part",
+        6,
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_build_info_verify_and_cp_both_ways(s3, data, tmp_path, capsys):
@@ -87,11 +103,16 @@ def test_build_info_verify_and_cp_both_ways(s3, data, tmp_path, capsys):
     want = json.loads((data["local"] / MANIFEST).read_text())
     got = json.loads(fs(s3).cat(f"{BUCKET}/built/{MANIFEST}"))
     assert got["cache_id"] == want["cache_id"] and got["parts"] == want["parts"]  # same bytes as a local build
-    assert sorted(p.rsplit("/", 1)[-1] for p in fs(s3).ls(f"{BUCKET}/built")) == sorted([MANIFEST, "README.md"] + [p["name"] for p in want["parts"]])  # the cache, its card, nothing else
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs(s3).ls(f"{BUCKET}/built")) == sorted(
+        [MANIFEST, "README.md"] + [p["name"] for p in want["parts"]]
+    )  # the cache, its card, nothing else
     capsys.readouterr()
     assert cache_main(["info", url, "--json", *opt_args(s3)]) == 0
     assert json.loads(capsys.readouterr().out)["cache_id"] == want["cache_id"]
-    assert cache_main(["verify", url, "--dataset", str(data["rows"]), "--cache-id", want["cache_id"][:10], *opt_args(s3)]) == 0
+    assert (
+        cache_main(["verify", url, "--dataset", str(data["rows"]), "--cache-id", want["cache_id"][:10], *opt_args(s3)])
+        == 0
+    )
     # down to a folder, and up again under another prefix
     assert cache_main(["cp", url, str(tmp_path / "down"), "--no-progress", *opt_args(s3)]) == 0
     assert open_cache(tmp_path / "down").cache_id == want["cache_id"]
@@ -114,12 +135,30 @@ def test_build_info_verify_and_cp_both_ways(s3, data, tmp_path, capsys):
 def test_train_from_the_bucket_logs_what_training_from_the_folder_logs(s3, data, tmp_path, capsys):
     url = f"s3://{BUCKET}/train"
     assert cache_main(["cp", str(data["local"]), url, "--no-progress", *opt_args(s3)]) == 0
-    base = ["--model", data["model"], "--method", "pact", "--batch-size", "4", "--max-steps", "3", "--no-progress", "--seed", "1", "--lr", "1e-3"]
+    base = [
+        "--model",
+        data["model"],
+        "--method",
+        "pact",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "3",
+        "--no-progress",
+        "--seed",
+        "1",
+        "--lr",
+        "1e-3",
+    ]
     assert train_main(base + ["--cache", str(data["local"]), "-o", str(tmp_path / "a")]) == 0
     assert train_main(base + ["--cache", url, "-o", str(tmp_path / "b"), *opt_args(s3)]) == 0
 
     def metrics(d):
-        return [{k: v for k, v in json.loads(line).items() if k != "step_time_s"} for line in (d / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "step_time_s"}
+            for line in (d / "metrics.jsonl").read_text().splitlines()
+        ]
+
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b") and len(metrics(tmp_path / "a")) == 3
     conf = (tmp_path / "b" / "config.json").read_text()
     assert "endpoint_url" not in conf and "storage_options" not in conf  # options (credentials) are never recorded
@@ -161,9 +200,20 @@ def test_a_killed_upload_resumes_to_the_same_cache(s3, data, tmp_path):
     url = f"s3://{BUCKET}/killed"
     store = fs(s3)
     slow = ("--batch-size", 1)  # one row per forward pass: the build lasts long enough to be killed mid-way
-    ref = build(BuildConfig(str(data["rows"]), data["model"], str(tmp_path / "ref"), tokens=str(data["tokens"]), rows_per_part=6,
-                            batch_size=1, progress=False))
-    proc = subprocess.Popen(cmd(data, url, s3, *slow), env=cli_env(s3), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ref = build(
+        BuildConfig(
+            str(data["rows"]),
+            data["model"],
+            str(tmp_path / "ref"),
+            tokens=str(data["tokens"]),
+            rows_per_part=6,
+            batch_size=1,
+            progress=False,
+        )
+    )
+    proc = subprocess.Popen(
+        cmd(data, url, s3, *slow), env=cli_env(s3), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not store.exists(f"{BUCKET}/killed/part-00000.parquet"):
         store.invalidate_cache()
@@ -184,8 +234,16 @@ def test_a_killed_upload_resumes_to_the_same_cache(s3, data, tmp_path):
 
 def test_two_machines_build_one_cache_in_one_bucket(s3, data):
     url = f"s3://{BUCKET}/sharded"
-    procs = [subprocess.Popen(cmd(data, url, s3, "--shard", f"{i}/2"), env=cli_env(s3), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            cmd(data, url, s3, "--shard", f"{i}/2"),
+            env=cli_env(s3),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
@@ -201,7 +259,9 @@ def test_a_stopped_copy_resumes_and_keeps_what_is_there(s3, data, capsys):
     # as if stopped before the manifest and the last part went up (the card, written just before the manifest, stays)
     store.rm(f"{BUCKET}/resume-cp/{MANIFEST}")
     store.rm(f"{BUCKET}/resume-cp/part-00003.parquet")
-    store.pipe(f"{BUCKET}/resume-cp/.pact-copy.json", json.dumps({"cache_id": open_cache(data["local"]).cache_id}).encode())
+    store.pipe(
+        f"{BUCKET}/resume-cp/.pact-copy.json", json.dumps({"cache_id": open_cache(data["local"]).cache_id}).encode()
+    )
     capsys.readouterr()
     assert cache_main(["cp", str(data["local"]), url, "--no-progress", *opt_args(s3)]) == 0
     assert "1 part(s) copied" in capsys.readouterr().out
@@ -235,24 +295,60 @@ def test_store_mistakes_are_one_line_with_the_fix_and_no_secret(s3, tmp_path):
     one line that says what to set, exit 1, and no secret or URL password in the output."""
     host_port = s3["endpoint_url"].split("://")[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), PYTHONPATH=str(ROOT))
+    env.update(
+        AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), PYTHONPATH=str(ROOT)
+    )
     creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     ep = ["--storage-option", f"endpoint_url={s3['endpoint_url']}"]
     cases = [
         ({}, ep, "no credentials for the object store: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
         ({"AWS_ACCESS_KEY_ID": "testing"}, ep, "incomplete credentials for the object store"),
         (creds, ep + ["--storage-option", "endpiont=1"], "unknown storage option 'endpiont'"),
-        (creds, ep + ["--storage-option", "client_kwargs=oops"], "--storage-option client_kwargs: must be a JSON object"),
+        (
+            creds,
+            ep + ["--storage-option", "client_kwargs=oops"],
+            "--storage-option client_kwargs: must be a JSON object",
+        ),
         (creds, ["--storage-option", "endpoint_url=123"], "--storage-option endpoint_url=123: must be an http(s) URL"),
-        (creds, ["--storage-option", f"endpoint_url=http://alice:pw-s3cr3t@{host_port}"], "holds a user name or password"),
-        ({}, ["--storage-option", "endpoint_url=http://127.0.0.1:9", "--storage-option", "key=k", "--storage-option", "secret=sk-s3cr3t"],
-         "cannot reach the object store at http://127.0.0.1:9"),
+        (
+            creds,
+            ["--storage-option", f"endpoint_url=http://alice:pw-s3cr3t@{host_port}"],
+            "holds a user name or password",
+        ),
+        (
+            {},
+            [
+                "--storage-option",
+                "endpoint_url=http://127.0.0.1:9",
+                "--storage-option",
+                "key=k",
+                "--storage-option",
+                "secret=sk-s3cr3t",
+            ],
+            "cannot reach the object store at http://127.0.0.1:9",
+        ),
     ]
     for extra_env, opts, needle in cases:
-        for prog, args in (("pact-cache", ["-m", "pact_cache", "info", f"s3://{BUCKET}/nothing-here"]),
-                           ("pact-train", ["-m", "pact_train", "--model", "m", "--cache", f"s3://{BUCKET}/nothing-here", "-o", str(tmp_path / "r")])):
-            res = subprocess.run([sys.executable, *args, *opts], env={**env, **extra_env}, capture_output=True, text=True, timeout=120)
-            lines = [l for l in res.stderr.splitlines() if l.startswith(prog)]
+        for prog, args in (
+            ("pact-cache", ["-m", "pact_cache", "info", f"s3://{BUCKET}/nothing-here"]),
+            (
+                "pact-train",
+                [
+                    "-m",
+                    "pact_train",
+                    "--model",
+                    "m",
+                    "--cache",
+                    f"s3://{BUCKET}/nothing-here",
+                    "-o",
+                    str(tmp_path / "r"),
+                ],
+            ),
+        ):
+            res = subprocess.run(
+                [sys.executable, *args, *opts], env={**env, **extra_env}, capture_output=True, text=True, timeout=120
+            )
+            lines = [line for line in res.stderr.splitlines() if line.startswith(prog)]
             assert res.returncode == 1 and len(lines) == 1 and needle in lines[0], (prog, opts, res.stderr[-1500:])
             assert "s3cr3t" not in res.stderr + res.stdout and "Traceback" not in res.stderr
     assert not (tmp_path / "r").exists()

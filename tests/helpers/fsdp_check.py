@@ -9,13 +9,13 @@ import sys
 
 import torch
 import torch.distributed as dist
+from pact_train.loop import TrainConfig, load_policy, policy_losses
+from pact_train.losses import LossParams
+from pact_train.stream import collate
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from pact_cache.format import open_cache
-from pact_train.loop import TrainConfig, load_policy, policy_losses
-from pact_train.losses import LossParams
-from pact_train.stream import collate
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -38,8 +38,10 @@ for layer in model.model.layers:
 fully_shard(model, mesh=mesh)
 ce, kl, _ = policy_losses(model, collate(rows[rank::world], tok.pad_token_id), ids, weights, params)
 ((ce + params.lam * kl) * world / n).backward()  # FSDP averages the gradients over ranks
-worst = max(((p.grad.full_tensor() - want[k]).abs().max() / want[k].abs().max().clamp_min(1e-12)).item()
-            for k, p in model.named_parameters())
+worst = max(
+    ((p.grad.full_tensor() - want[k]).abs().max() / want[k].abs().max().clamp_min(1e-12)).item()
+    for k, p in model.named_parameters()
+)
 if rank == 0:
     print(f"FSDP2 largest relative gradient difference {worst:.3g}")
 # free the sharded model and its mesh (they hold the process group) before leaving the group: left to

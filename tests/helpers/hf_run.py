@@ -8,28 +8,52 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments
-
-from pact_cache.format import open_cache
 from pact_train.hf import CacheDataset, PactCollator, PactTrainer
 from pact_train.loop import TrainConfig, load_policy
 from pact_train.losses import LossParams
+from transformers import TrainingArguments
+
+from pact_cache.format import open_cache
 
 model_path, cache_path, out, batch, accum, steps = sys.argv[1:7]
 torch.manual_seed(0)
 model, tok, _ = load_policy(TrainConfig(model=model_path, cache="", out="", lora_dropout=0.0), "cpu")
 cache = open_cache(cache_path)
-args = TrainingArguments(output_dir=out, remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no",
-                         per_device_train_batch_size=int(batch), gradient_accumulation_steps=int(accum), max_steps=int(steps),
-                         logging_steps=1, learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0,
-                         ddp_backend="gloo", disable_tqdm=True)
-trainer = PactTrainer(model=model, args=args, train_dataset=CacheDataset(cache), data_collator=PactCollator(tok.pad_token_id),
-                      cache=cache, loss_params=LossParams(lam=1.0))
+args = TrainingArguments(
+    output_dir=out,
+    remove_unused_columns=False,
+    report_to=[],
+    use_cpu=True,
+    save_strategy="no",
+    per_device_train_batch_size=int(batch),
+    gradient_accumulation_steps=int(accum),
+    max_steps=int(steps),
+    logging_steps=1,
+    learning_rate=1e-3,
+    lr_scheduler_type="constant",
+    warmup_steps=0,
+    ddp_backend="gloo",
+    disable_tqdm=True,
+)
+trainer = PactTrainer(
+    model=model,
+    args=args,
+    train_dataset=CacheDataset(cache),
+    data_collator=PactCollator(tok.pad_token_id),
+    cache=cache,
+    loss_params=LossParams(lam=1.0),
+)
 trainer.train()
 if trainer.is_world_process_zero():
     Path(out, "log_history.json").write_text(json.dumps(trainer.state.log_history))
-    Path(out, "run.json").write_text(json.dumps({"distributed_type": trainer.accelerator.distributed_type.value,
-                                                 "processes": trainer.accelerator.num_processes}))
+    Path(out, "run.json").write_text(
+        json.dumps(
+            {
+                "distributed_type": trainer.accelerator.distributed_type.value,
+                "processes": trainer.accelerator.num_processes,
+            }
+        )
+    )
 # free what holds the process group, then leave it explicitly: gloo's threads still alive at interpreter
 # exit can abort the process ("terminate called without an active exception"), as tests/helpers/fsdp_check.py saw
 del trainer, model

@@ -1,4 +1,4 @@
-"""pact-cache build (pact_cache/build.py): exact values, atomic and resumable, sharded, incremental."""
+"""pact-cache build (pact_cache/build.py): exact values, atomic and resumable, sharded, incremental, --reuse."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CHAT_ROWS, ROOT, naive_reference, tokens_file, write_jsonl
+from hostile import cli, one_line, only_line, run_cli, run_with_deadline
 
-import pact_cache.build as build_mod
+import pact_cache.projection as projection_mod
 from pact_cache.build import BuildConfig, build
 from pact_cache.cli import main as cache_main
 from pact_cache.columns import q8_bound
@@ -23,12 +25,13 @@ from pact_cache.data import assistant_header_ids, tokenize_dataset
 from pact_cache.format import ENCODINGS, MANIFEST, open_cache
 from pact_cache.models import load_model, load_tokenizer, resolve_model
 
-from conftest import CHAT_ROWS, ROOT, naive_reference, tokens_file, write_jsonl
-from hostile import cli, one_line, only_line, run_cli, run_with_deadline
-
 
 def snapshot(folder: Path):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else None
+    return (
+        {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+        if folder.exists()
+        else None
+    )
 
 
 def cli_env():
@@ -37,13 +40,33 @@ def cli_env():
 
 
 def build_cmd(model, data, out, *extra):
-    return [sys.executable, "-m", "pact_cache", "build", str(data), "--ref", str(model), "--tokens", str(extra[0]),
-            "-o", str(out), "--rows-per-part", "4", "--batch-size", "2", "--no-progress", *map(str, extra[1:])]
+    return [
+        sys.executable,
+        "-m",
+        "pact_cache",
+        "build",
+        str(data),
+        "--ref",
+        str(model),
+        "--tokens",
+        str(extra[0]),
+        "-o",
+        str(out),
+        "--rows-per-part",
+        "4",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        *map(str, extra[1:]),
+    ]
 
 
 @pytest.fixture
 def long_dataset(tmp_path):
-    rows = [{"prompt": f"Write a long story number {i} about the sea", "completion": "the sea and the wind " * (20 + i % 5)} for i in range(40)]
+    rows = [
+        {"prompt": f"Write a long story number {i} about the sea", "completion": "the sea and the wind " * (20 + i % 5)}
+        for i in range(40)
+    ]
     return write_jsonl(tmp_path / "long.jsonl", rows)
 
 
@@ -57,10 +80,30 @@ def wider_model(tmp_path_factory):
 def test_f32_build_equals_naive_recompute_and_q8_within_bound(tiny_model, chat_dataset, tmp_path, monkeypatch):
     ids = [3, 17, 42, 99, 150, 201, 333]
     tokens = tokens_file(tmp_path, ids)
-    monkeypatch.setattr(build_mod, "LOGITS_CHUNK_BYTES", 4 * 400 * 5)  # force many chunks of 5 positions
-    exact = build(BuildConfig(str(chat_dataset), tiny_model, str(tmp_path / "f32"), tokens=str(tokens), encoding="f32",
-                              batch_size=3, rows_per_part=10, progress=False))
-    q8 = build(BuildConfig(str(chat_dataset), tiny_model, str(tmp_path / "q8"), tokens=str(tokens), batch_size=3, rows_per_part=10, progress=False))
+    monkeypatch.setattr(projection_mod, "LOGITS_CHUNK_BYTES", 4 * 400 * 5)  # force many chunks of 5 positions
+    exact = build(
+        BuildConfig(
+            str(chat_dataset),
+            tiny_model,
+            str(tmp_path / "f32"),
+            tokens=str(tokens),
+            encoding="f32",
+            batch_size=3,
+            rows_per_part=10,
+            progress=False,
+        )
+    )
+    q8 = build(
+        BuildConfig(
+            str(chat_dataset),
+            tiny_model,
+            str(tmp_path / "q8"),
+            tokens=str(tokens),
+            batch_size=3,
+            rows_per_part=10,
+            progress=False,
+        )
+    )
     assert exact.manifest.counts.rows == len(CHAT_ROWS) and len(exact.manifest.parts) == 3
     want = naive_reference(tiny_model, chat_dataset, ids)
     got_f32 = list(open_cache(tmp_path / "f32").iter_rows())
@@ -79,13 +122,22 @@ def test_f32_build_equals_naive_recompute_and_q8_within_bound(tiny_model, chat_d
     assert exact.cache_id != q8.cache_id
 
 
-@pytest.mark.parametrize("rows, needle", [
-    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a",\n', "train.jsonl:2: invalid JSON"),
-    ('{"prompt": "a"}\n', "train.jsonl:1: row has 'prompt' but no answer"),
-    ('{"prompt": "a", "completion": ""}\n', "train.jsonl:1: empty response"),
-    ('{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}\n', "must be the assistant's answer"),
-    ('{"prompt": "' + "word " * 200 + '", "completion": "b"}\n', "all 1 rows were skipped (prompt does not fit --max-length 32)"),
-])
+@pytest.mark.parametrize(
+    "rows, needle",
+    [
+        ('{"prompt": "a", "completion": "b"}\n{"prompt": "a",\n', "train.jsonl:2: invalid JSON"),
+        ('{"prompt": "a"}\n', "train.jsonl:1: row has 'prompt' but no answer"),
+        ('{"prompt": "a", "completion": ""}\n', "train.jsonl:1: empty response"),
+        (
+            '{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}\n',
+            "must be the assistant's answer",
+        ),
+        (
+            '{"prompt": "' + "word " * 200 + '", "completion": "b"}\n',
+            "all 1 rows were skipped (prompt does not fit --max-length 32)",
+        ),
+    ],
+)
 def test_bad_datasets_one_line_nothing_written(tiny_model, tmp_path, capsys, rows, needle):
     data = tmp_path / "train.jsonl"
     data.write_text(rows)
@@ -98,13 +150,18 @@ def test_bad_datasets_one_line_nothing_written(tiny_model, tmp_path, capsys, row
 
 def test_tokens_outside_vocabulary(tiny_model, chat_dataset, tmp_path, capsys):
     tokens = tokens_file(tmp_path, [5, 100000])
-    assert run_cli("build", chat_dataset, "--ref", tiny_model, "--tokens", tokens, "-o", tmp_path / "c", "--no-progress") == 1
+    assert (
+        run_cli("build", chat_dataset, "--ref", tiny_model, "--tokens", tokens, "-o", tmp_path / "c", "--no-progress")
+        == 1
+    )
     assert "ids [100000] are outside the tokenizer's vocabulary" in only_line(capsys)
     assert not (tmp_path / "c").exists()
 
 
 def test_unknown_model(chat_dataset, tmp_path, capsys):
-    assert run_cli("build", chat_dataset, "--ref", tmp_path / "no-such-model", "-o", tmp_path / "c", "--no-progress") == 1
+    assert (
+        run_cli("build", chat_dataset, "--ref", tmp_path / "no-such-model", "-o", tmp_path / "c", "--no-progress") == 1
+    )
     assert "no such model folder" in only_line(capsys)
     assert run_cli("build", chat_dataset, "--ref", tmp_path, "-o", tmp_path / "c", "--no-progress") == 1
     assert "folder has no config.json" in only_line(capsys)
@@ -119,7 +176,22 @@ def test_existing_output_is_never_overwritten(tiny_model, chat_dataset, tmp_path
     assert run_cli("build", chat_dataset, "--ref", tiny_model, "--tokens", tokens, "-o", out, "--no-progress") == 0
     assert "already holds this cache" in capsys.readouterr().err
     # a different cache into the same folder: refused, untouched
-    assert run_cli("build", chat_dataset, "--ref", tiny_model, "--tokens", tokens, "-o", out, "--max-length", 200, "--no-progress") == 1
+    assert (
+        run_cli(
+            "build",
+            chat_dataset,
+            "--ref",
+            tiny_model,
+            "--tokens",
+            tokens,
+            "-o",
+            out,
+            "--max-length",
+            200,
+            "--no-progress",
+        )
+        == 1
+    )
     assert "already holds a different cache" in only_line(capsys)
     assert snapshot(out) == before
     other = tmp_path / "other"
@@ -141,7 +213,12 @@ def test_sigkill_then_resume_is_byte_identical(wider_model, long_dataset, tmp_pa
     tokens = tokens_file(tmp_path, [3, 4, 5, 6])
     ref, out = tmp_path / "ref", tmp_path / "killed"
     subprocess.run(build_cmd(wider_model, long_dataset, ref, tokens), env=cli_env(), check=True, capture_output=True)
-    proc = subprocess.Popen(build_cmd(wider_model, long_dataset, out, tokens), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        build_cmd(wider_model, long_dataset, out, tokens),
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("part-*.parquet")):
         time.sleep(0.005)
@@ -152,7 +229,9 @@ def test_sigkill_then_resume_is_byte_identical(wider_model, long_dataset, tmp_pa
     # without --resume the half-built folder is refused, and left alone
     r = subprocess.run(build_cmd(wider_model, long_dataset, out, tokens), env=cli_env(), capture_output=True, text=True)
     assert r.returncode == 1 and "pass --resume" in r.stderr
-    subprocess.run(build_cmd(wider_model, long_dataset, out, tokens, "--resume"), env=cli_env(), check=True, capture_output=True)
+    subprocess.run(
+        build_cmd(wider_model, long_dataset, out, tokens, "--resume"), env=cli_env(), check=True, capture_output=True
+    )
     assert [p.name for p in sorted(out.glob("*"))] == [p.name for p in sorted(ref.glob("*"))]
     for p in sorted(ref.glob("part-*.parquet")):
         assert (out / p.name).read_bytes() == p.read_bytes(), p.name
@@ -165,8 +244,23 @@ def test_shards_and_torchrun_give_the_same_rows(tiny_model, long_dataset, tmp_pa
     single, sharded, tr = tmp_path / "single", tmp_path / "sharded", tmp_path / "torchrun"
     subprocess.run(build_cmd(tiny_model, long_dataset, single, tokens), env=cli_env(), check=True, capture_output=True)
     for i in range(3):
-        subprocess.run(build_cmd(tiny_model, long_dataset, sharded, tokens, "--shard", f"{i}/3"), env=cli_env(), check=True, capture_output=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "-m", "pact_cache"] + build_cmd(tiny_model, long_dataset, tr, tokens)[3:]
+        subprocess.run(
+            build_cmd(tiny_model, long_dataset, sharded, tokens, "--shard", f"{i}/3"),
+            env=cli_env(),
+            check=True,
+            capture_output=True,
+        )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29517",
+        "-m",
+        "pact_cache",
+    ] + build_cmd(tiny_model, long_dataset, tr, tokens)[3:]
     r = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     want = json.loads((single / MANIFEST).read_text())
@@ -181,14 +275,14 @@ def test_no_batch_by_seq_by_vocab_float_tensor_is_ever_made(tiny_model, chat_dat
     """Record every tensor the build's computation produces; none may reach B*L*V elements."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from pact_cache.build import compute_rows
+    from pact_cache.projection import compute_rows
 
     resolved = resolve_model(tiny_model)
     tok = load_tokenizer(resolved)
     model, _, _ = load_model(resolved, "fp32", "cpu")
     examples, _ = tokenize_dataset(chat_dataset, tok, None, progress=False)
     V = model.get_output_embeddings().weight.shape[0]
-    monkeypatch.setattr(build_mod, "LOGITS_CHUNK_BYTES", 4 * V * 16)  # at most 16 positions of logits at once
+    monkeypatch.setattr(projection_mod, "LOGITS_CHUNK_BYTES", 4 * V * 16)  # at most 16 positions of logits at once
 
     class Largest(TorchDispatchMode):
         biggest = 0
@@ -210,15 +304,38 @@ def test_no_batch_by_seq_by_vocab_float_tensor_is_ever_made(tiny_model, chat_dat
 def test_ignored_files_are_reported_by_build(made, tmp_path, capsys):
     write_jsonl(tmp_path / "ds" / "a.jsonl", CHAT_ROWS[:3])
     (tmp_path / "ds" / "notes.txt").write_text("x")
-    code, lines = cli(capsys, cache_main, "build", tmp_path / "ds", "--ref", made["model"], "--tokens", made["tokens"], "-o",
-                      tmp_path / "c", "--no-progress")
+    code, lines = cli(
+        capsys,
+        cache_main,
+        "build",
+        tmp_path / "ds",
+        "--ref",
+        made["model"],
+        "--tokens",
+        made["tokens"],
+        "-o",
+        tmp_path / "c",
+        "--no-progress",
+    )
     assert code == 0
     assert any("ignoring 1 file(s) that are not .jsonl/.json/.parquet" in x and "notes.txt" in x for x in lines), lines
 
 
 def test_build_resume_adopts_only_parts_it_can_prove_it_wrote(made, tmp_path, capsys):
     out = tmp_path / "c"
-    args = ("build", made["data"], "--ref", made["model"], "--tokens", made["tokens"], "-o", out, "--rows-per-part", 8, "--no-progress")
+    args = (
+        "build",
+        made["data"],
+        "--ref",
+        made["model"],
+        "--tokens",
+        made["tokens"],
+        "-o",
+        out,
+        "--rows-per-part",
+        8,
+        "--no-progress",
+    )
     assert cli(capsys, cache_main, *args)[0] == 0
     state = json.loads((out / MANIFEST).read_text())
     (out / MANIFEST).unlink()  # as if killed before the manifest was published
@@ -235,7 +352,9 @@ def test_build_resume_adopts_only_parts_it_can_prove_it_wrote(made, tmp_path, ca
     assert snapshot(out) == before
     # a part of this build but with other rows: the footer key matches, the rows do not
     shutil.copy(made["q8"] / "part-00002.parquet", out / "part-00001.parquet")
-    assert "part-00001.parquet: its rows are not the rows this build puts there" in one_line(capsys, cache_main, *args, "--resume")
+    assert "part-00001.parquet: its rows are not the rows this build puts there" in one_line(
+        capsys, cache_main, *args, "--resume"
+    )
     (out / "part-00001.parquet").unlink()
     # a part whose writer recorded another sha256 than the file now has (changed after it was written)
     size = (out / "part-00000.parquet").stat().st_size
@@ -247,7 +366,17 @@ def test_build_resume_adopts_only_parts_it_can_prove_it_wrote(made, tmp_path, ca
 
 
 def test_build_resume_without_a_build_and_stale_temp_files(made, tmp_path, capsys):
-    args = ("build", made["data"], "--ref", made["model"], "--tokens", made["tokens"], "--rows-per-part", 8, "--no-progress")
+    args = (
+        "build",
+        made["data"],
+        "--ref",
+        made["model"],
+        "--tokens",
+        made["tokens"],
+        "--rows-per-part",
+        8,
+        "--no-progress",
+    )
     line = one_line(capsys, cache_main, *args, "-o", tmp_path / "new", "--resume")
     assert "--resume, but there is no build here to resume" in line and not (tmp_path / "new").exists()
     from pact_cache.storage import _host
@@ -270,7 +399,166 @@ def test_build_resume_refuses_a_fifo_under_a_part_name_without_hanging(made, tmp
     out.mkdir()
     atomic_write_json(out / BUILD_STATE, {"build_key": open_cache(made["q8"]).manifest.identity.key()})
     os.mkfifo(out / "part-00001.parquet")
-    args = ("build", made["data"], "--ref", made["model"], "--tokens", made["tokens"], "-o", out, "--rows-per-part", 8, "--no-progress", "--resume")
+    args = (
+        "build",
+        made["data"],
+        "--ref",
+        made["model"],
+        "--tokens",
+        made["tokens"],
+        "-o",
+        out,
+        "--rows-per-part",
+        8,
+        "--no-progress",
+        "--resume",
+    )
     line = run_with_deadline(lambda: one_line(capsys, cache_main, *args))
     assert "part-00001.parquet: it is not a regular file; this build will not adopt it" in line
     assert (out / "part-00001.parquet").is_fifo() and not (out / MANIFEST).exists()
+
+
+# ----------------------------------------------------------------------------- --reuse: old rows copied, not computed
+
+
+def chat(i, answer):
+    return {
+        "messages": [
+            {"role": "user", "content": f"Review {i}: is it positive or negative?"},
+            {"role": "assistant", "content": answer},
+        ]
+    }
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("incr")
+    old_rows = [chat(i, ("positive" if i % 2 else "negative") + " indeed" * (i % 5)) for i in range(16)]
+    new_rows = (
+        [chat(100, "positive"), chat(101, "negative sure")]
+        + old_rows[:7]
+        + [chat(7, "changed answer")]
+        + old_rows[8:]
+        + [chat(200 + i, "negative" + " really" * i) for i in range(5)]
+    )
+    tokens = root / "tokens.json"
+    tokens.write_text(
+        json.dumps({"format": "pact-tokens/1", "ids": [3, 17, 42, 99, 150], "weights": [1.0] * 5, "method": "test"})
+    )
+    return {
+        "old": write_jsonl(root / "old.jsonl", old_rows),
+        "new": write_jsonl(root / "new.jsonl", new_rows),
+        "tokens": tokens,
+        "root": root,
+        "reusable": 15,
+    }  # 16 old rows, one of them changed
+
+
+@pytest.mark.parametrize("enc", ["f32", "q8"])
+def test_reuse_equals_a_full_rebuild_row_for_row(tiny_model, sets, tmp_path, enc):
+    def cfg(data, out, **kw):
+        kw = {"batch_size": 3, **kw}
+        return BuildConfig(
+            str(data),
+            tiny_model,
+            str(tmp_path / out),
+            tokens=str(sets["tokens"]),
+            encoding=enc,
+            rows_per_part=5,
+            progress=False,
+            **kw,
+        )
+
+    old = build(cfg(sets["old"], "old", batch_size=4))  # another batch size: rows are still interchangeable
+    incr = build(cfg(sets["new"], "incr", reuse=[old.out]))
+    full = build(cfg(sets["new"], "full"))
+    assert incr.rows_reused == sets["reusable"] and incr.rows_computed == 23 - sets["reusable"]
+    assert incr.manifest.build.reused == (old.cache_id,)
+    old_rows = {tuple(r.input_ids): r for r in open_cache(old.out).iter_rows()}
+    got, want = list(open_cache(incr.out).iter_rows()), list(open_cache(full.out).iter_rows())
+    assert [r.example_id for r in got] == [r.example_id for r in want]
+    copied = 0
+    for g, w in zip(got, want):
+        assert g.input_ids.tolist() == w.input_ids.tolist() and g.response_start == w.response_start
+        src = old_rows.get(tuple(g.input_ids))
+        if src is not None:  # copied bit for bit from the old cache
+            copied += 1
+            for a, b in (
+                (g.ref["full"], src.ref["full"]),
+                (g.ref["post"], src.ref["post"]),
+                (g.ref["target"], src.ref["target"]),
+            ):
+                assert np.array_equal(a, b)
+        for a, b in (
+            (g.ref["full"], w.ref["full"]),
+            (g.ref["post"], w.ref["post"]),
+            (g.ref["target"], w.ref["target"]),
+        ):
+            if enc == "f32":
+                np.testing.assert_allclose(a, b, atol=1e-4)
+            else:  # at most one code apart where batch noise crosses a rounding boundary
+                assert np.abs(a - b).max() <= 0.05
+    assert copied == sets["reusable"]
+
+
+def test_reuse_of_a_cache_built_otherwise_is_refused(tiny_model, sets, tmp_path, capsys):
+    old = build(
+        BuildConfig(str(sets["old"]), tiny_model, str(tmp_path / "old"), tokens=str(sets["tokens"]), progress=False)
+    )
+    other = tmp_path / "tokens2.json"
+    other.write_text(json.dumps({"format": "pact-tokens/1", "ids": [3, 17], "weights": [1.0, 1.0], "method": "test"}))
+    code = cache_main(
+        [
+            "build",
+            str(sets["new"]),
+            "--ref",
+            tiny_model,
+            "--tokens",
+            str(other),
+            "-o",
+            str(tmp_path / "new"),
+            "--reuse",
+            str(old.out),
+            "--no-progress",
+        ]
+    )
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-cache")]
+    assert code == 1 and len(err) == 1 and "its rows are not this build's rows" in err[0]
+    assert not (tmp_path / "new").exists()
+    code = cache_main(
+        [
+            "build",
+            str(sets["new"]),
+            "--ref",
+            tiny_model,
+            "--tokens",
+            str(sets["tokens"]),
+            "-o",
+            str(tmp_path / "new"),
+            "--reuse",
+            str(tmp_path / "nope"),
+            "--no-progress",
+        ]
+    )
+    assert code == 1 and "no such cache folder" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    # through the command line, with the counts said
+    assert (
+        cache_main(
+            [
+                "build",
+                str(sets["new"]),
+                "--ref",
+                tiny_model,
+                "--tokens",
+                str(sets["tokens"]),
+                "-o",
+                str(tmp_path / "new"),
+                "--reuse",
+                str(old.out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert f"{sets['reusable']} rows reused, {23 - sets['reusable']} computed" in capsys.readouterr().out
+    assert json.loads((tmp_path / "new" / MANIFEST).read_text())["build"]["reused"] == [old.cache_id]

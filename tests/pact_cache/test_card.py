@@ -28,8 +28,16 @@ def test_the_card_says_what_the_manifest_says_and_load_dataset_reads_the_rows(ma
     meta = front_matter(text)
     assert meta["configs"][0]["data_files"][0]["path"] == "part-*.parquet" and "pact-cache" in meta["tags"]
     assert meta["license"] and meta["source_datasets"]
-    for needle in (cache.cache_id, cache.manifest.reference.name, f"K={cache.K}", cache.manifest.tokens.describe(),
-                   f"{cache.num_rows:,} / {cache.num_steps:,}", "`full_q`", "`target_q`", f"pact-cache verify THIS_FOLDER --cache-id {cache.cache_id[:12]}"):
+    for needle in (
+        cache.cache_id,
+        cache.manifest.reference.name,
+        f"K={cache.K}",
+        cache.manifest.tokens.describe(),
+        f"{cache.num_rows:,} / {cache.num_steps:,}",
+        "`full_q`",
+        "`target_q`",
+        f"pact-cache verify THIS_FOLDER --cache-id {cache.cache_id[:12]}",
+    ):
         assert needle in text, needle
     copy = tmp_path / "c"
     shutil.copytree(src, copy)
@@ -48,7 +56,9 @@ def test_every_command_that_writes_a_cache_writes_its_card(made, tmp_path, capsy
     assert main(["filter", str(made["q8"]), "--above", "1.0", "-o", str(outs["filter"]), "--no-progress"]) == 0
     for name, out in outs.items():
         m = json.loads((out / MANIFEST).read_text())
-        assert (out / CARD).read_text() == card_text(open_cache(out).manifest) and m["cache_id"] in (out / CARD).read_text(), name
+        assert (out / CARD).read_text() == card_text(open_cache(out).manifest) and m["cache_id"] in (
+            out / CARD
+        ).read_text(), name
 
 
 def test_a_scored_cache_card_lists_its_scores(scored):
@@ -57,3 +67,65 @@ def test_a_scored_cache_card_lists_its_scores(scored):
     out = Path(scored[1])
     text = (out / CARD).read_text()
     assert text == card_text(open_cache(out).manifest) and "TOSS token scores (toss/1)" in text
+
+
+HOSTILE_NAMES = [
+    "".join(chr(c) for c in range(0x20)),
+    "del\x7fhere",
+    "c1\x80\x85\x9fend",
+    'quo"te \\ back',
+    "line\nbreak\r",
+    "---\nlicense: mit",
+    "| pipe: [a, b] #x &y *z !t %p @q `r",
+    "sep\u2028\u2029x",
+    "nbsp\u00a0zw\u200b",
+    "bad byte \udcff.jsonl",
+    "emoji \U0001f600 e\u0301",
+    "tab\there",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_any_source_name_gives_a_card_whose_front_matter_parses_back(made, name):
+    """Every byte a path or name can hold: control characters, DEL, C1, quotes, newlines, ---, YAML's
+    indicators, separators, a file name that is not UTF-8 (a lone surrogate): valid YAML that reads back
+    as the name, and a body that is printable UTF-8."""
+    from dataclasses import replace
+
+    m = open_cache(made["q8"]).manifest
+    m = replace(m, dataset=replace(m.dataset, source=name), reference=replace(m.reference, name=name))
+    text = card_text(m)
+    text.encode("utf-8")  # no lone surrogate left
+    meta = front_matter(text)
+    assert meta["source_datasets"] == [name] and meta["pretty_name"] == "pact-cache of " + name
+    assert meta["configs"][0]["data_files"][0]["path"] == "part-*.parquet"
+    body = text.split("---\n", 2)[2]
+    assert all(c.isprintable() or c == "\n" for c in body)
+
+
+def test_load_dataset_reads_a_folder_whose_card_holds_hostile_names(made, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    datasets = pytest.importorskip("datasets")
+    copy = tmp_path / "c"
+    shutil.copytree(made["q8"], copy)
+    m = open_cache(copy).manifest
+    (copy / CARD).write_text(
+        card_text(replace(m, dataset=replace(m.dataset, source="".join(HOSTILE_NAMES)))), encoding="utf-8"
+    )
+    assert datasets.load_dataset(str(copy))["train"].num_rows == m.counts.rows
+
+
+def test_a_dataset_path_that_is_not_utf8_is_refused_in_one_line(made, tmp_path, capsys):
+    import os
+
+    from conftest import CHAT_ROWS, write_jsonl
+    from hostile import one_line
+
+    folder = tmp_path / "ds"
+    write_jsonl(folder / "rows.jsonl", CHAT_ROWS[:4])
+    os.rename(folder / "rows.jsonl", os.path.join(os.fsencode(folder), b"r\xffows.jsonl"))
+    line = one_line(capsys, main, "build", folder, "--ref", made["model"], "-o", tmp_path / "out", "--no-progress")
+    assert "r\\xffows.jsonl: the path is not valid UTF-8 (the \\x escapes); rename the file or folder" in line
+    assert not (tmp_path / "out").exists()

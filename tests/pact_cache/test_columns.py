@@ -5,12 +5,10 @@ import math
 
 import numpy as np
 import pytest
+from conftest import realistic_logprobs
 
 from pact_cache.columns import REF_COLUMNS, blob_sizes, decode, encode, q8_bound
 from pact_cache.format import ENCODINGS
-
-from conftest import realistic_logprobs
-
 
 Q8 = ENCODINGS["q8"]
 FULL, TARGET = REF_COLUMNS[0], REF_COLUMNS[2]
@@ -31,12 +29,12 @@ def test_q8_matches_the_spec_and_its_bound_over_the_whole_range():
     the truth minus the bound at the floor)."""
     rng = np.random.default_rng(7)
     K = 16
-    tops = np.concatenate([[0.0, -1e-6, -2**-11], -rng.uniform(0, 127.99, 60), [-127.99]])
+    tops = np.concatenate([[0.0, -1e-6, -(2**-11)], -rng.uniform(0, 127.99, 60), [-127.99]])
     dists = np.concatenate([[0.0, 1e-4], np.geomspace(1e-3, Q8.floor, 40), [Q8.floor * 1.5, 200.0, 1e4]])
     worst = 0.0
     for top in tops:
         for d0 in range(0, len(dists), K - 1):
-            step = np.float32(np.concatenate([[top], top - dists[d0:d0 + K - 1]]))
+            step = np.float32(np.concatenate([[top], top - dists[d0 : d0 + K - 1]]))
             blobs = encode(FULL, step[None], Q8)
             top_code, codes, spec_dec = spec_q8([float(v) for v in step], Q8)
             assert np.frombuffer(blobs["full_top"], "<u2")[0] == top_code

@@ -4,10 +4,10 @@
 import json
 import shutil
 
+from hostile import cli, one_line, snapshot
+
 from pact_cache.cli import main as cache_main
 from pact_cache.format import MANIFEST, open_cache
-
-from hostile import cli, one_line, snapshot
 
 
 def test_a_copy_is_the_same_cache_and_a_second_copy_does_nothing(made, tmp_path, capsys):
@@ -34,7 +34,9 @@ def test_a_damaged_destination_of_the_same_cache_is_checked_and_repaired(made, t
     assert cli(capsys, cache_main, "verify", dst)[0] == 1
     assert cache_main(["cp", str(src), str(dst), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "2 part(s) copied" in out and "2 of the copied were damaged or missing at the destination and replaced" in out
+    assert (
+        "2 part(s) copied" in out and "2 of the copied were damaged or missing at the destination and replaced" in out
+    )
     assert snapshot(dst) == snapshot(src)
     assert cli(capsys, cache_main, "verify", dst)[0] == 0
 
@@ -62,7 +64,9 @@ def test_a_destination_with_something_else_is_refused_and_left_alone(made, tmp_p
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("mine")
-    assert "is not empty and is not a copy of this cache under way" in one_line(capsys, cache_main, "cp", made["q8"], junk, "--no-progress")
+    assert "is not empty and is not a copy of this cache under way" in one_line(
+        capsys, cache_main, "cp", made["q8"], junk, "--no-progress"
+    )
     assert [p.name for p in junk.iterdir()] == ["notes.txt"]
 
 

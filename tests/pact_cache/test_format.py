@@ -10,17 +10,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import edit_manifest, random_cache, random_rows, row_result, write_manifest
+from hostile import _ids_with, cli, one_line, rewrite_part, run_with_deadline, set_column, snapshot
+from pact_train.cli import main as train_main
 
 from pact_cache.cli import main as cache_main
 from pact_cache.columns import q8_bound
 from pact_cache.errors import CacheError
 from pact_cache.format import ENCODINGS, open_cache, write_part
 from pact_cache.storage import sha256_path
-from pact_train.cli import main as train_main
-
-from conftest import edit_manifest, random_cache, random_rows, row_result, write_manifest
-from hostile import _ids_with, cli, one_line, rewrite_part, run_with_deadline, set_column, snapshot
-
 
 Q8 = ENCODINGS["q8"]
 
@@ -100,7 +98,11 @@ def test_writer_stores_minus_infinity_finitely_and_refuses_nan(tmp_path, enc):
     assert low == -1e4 if enc == "f32" else low <= got[0].ref["full"][0].max() - Q8.floor + 1
     assert np.isfinite(got[1].ref["target"]).all() and got[1].ref["target"][0] < -255
     rs[1].ref["post"][0, 0] = np.nan
-    with pytest.raises(CacheError, match=r"part-00001.parquet: the reference gave a log-prob that is NaN or positive \(post view"):
+    with pytest.raises(
+        CacheError,
+        match=r"part-00001.parquet: the reference gave a log-prob that is NaN or positive "
+        r"\(post view",
+    ):
         write_part(out / "part-00001.parquet", rs, ENCODINGS[enc])
     assert not (out / "part-00001.parquet").exists()
 
@@ -143,7 +145,10 @@ def cache(tmp_path, request):
         rows.append(row_result(f"{i:08d}-ab", list(range(3, 8 + n)), 5, lp(), lp(), -rng.random(n).astype(np.float32)))
     out = tmp_path / "c"
     out.mkdir()
-    parts = [write_part(out / "part-00000.parquet", rows[:6], enc), write_part(out / "part-00001.parquet", rows[6:], enc)]
+    parts = [
+        write_part(out / "part-00000.parquet", rows[:6], enc),
+        write_part(out / "part-00001.parquet", rows[6:], enc),
+    ]
     write_manifest(out, parts, enc, K)
     return open_cache(out)
 
@@ -202,8 +207,14 @@ def test_parts_must_be_regular_files_inside_the_cache(made, copy, capsys, tmp_pa
         part.mkdir()
         needle = "part-00001.parquet: is a folder, not a regular file"
     before = snapshot(cache)
-    for main, args in ((cache_main, ("verify", cache)), (cache_main, ("info", cache)),
-                       (train_main, ("--method", "pact", "--model", made["model"], "--cache", cache, "-o", tmp_path / "run", "--no-progress"))):
+    for main, args in (
+        (cache_main, ("verify", cache)),
+        (cache_main, ("info", cache)),
+        (
+            train_main,
+            ("--method", "pact", "--model", made["model"], "--cache", cache, "-o", tmp_path / "run", "--no-progress"),
+        ),
+    ):
         line = run_with_deadline(lambda: one_line(capsys, main, *args))
         assert needle in line, line
     assert not (tmp_path / "run").exists() and snapshot(cache) == before
@@ -217,30 +228,92 @@ def test_a_symlink_that_stays_inside_the_cache_is_read(copy, capsys):
     assert cli(capsys, cache_main, "verify", cache)[0] == 0
 
 
-@pytest.mark.parametrize("which, change, needle", [
-    ("f32", lambda t: set_column(t, "full_f32", [np.full(len(b) // 4, np.nan, "<f4").tobytes() for b in t.column("full_f32").to_pylist()], pa.binary()),
-     "row 0: full_f32 holds a non-finite value"),
-    ("f32", lambda t: set_column(t, "target_f32", [np.full(len(b) // 4, np.inf, "<f4").tobytes() for b in t.column("target_f32").to_pylist()], pa.binary()),
-     "row 0: target_f32 holds a non-finite value"),
-    ("f32", lambda t: set_column(t, "post_f32", [np.full(len(b) // 4, 0.5, "<f4").tobytes() for b in t.column("post_f32").to_pylist()], pa.binary()),
-     "row 0: post_f32 holds a positive log-probability"),
-    ("f32", lambda t: set_column(t, "full_f32", [np.full(len(b) // 4, -0.01, "<f4").tobytes() for b in t.column("full_f32").to_pylist()], pa.binary()),
-     "the K probabilities of a step sum to 3.96"),
-    ("q8", lambda t: set_column(t, "full_q", [b"\xff" * len(b) for b in t.column("full_q").to_pylist()], pa.binary()),
-     "row 0: full_q holds code 255, above 104"),
-    ("q8", lambda t: _ids_with(t, lambda ids: ids[0].__setitem__(0, None)), "row 0: input_ids holds a null"),
-    ("q8", lambda t: _ids_with(t, lambda ids: ids[2].__setitem__(1, 10**6)), "row 2: input_ids reach 1000000, outside the vocabulary"),
-    ("q8", lambda t: _ids_with(t, lambda ids: ids[2].__setitem__(1, -5)), "row 2: input_ids reach -5, outside the vocabulary"),
-    ("q8", lambda t: set_column(t, "response_start", [None] + t.column("response_start").to_pylist()[1:], pa.int32()),
-     "row 0: response_start None is outside"),
-])
+@pytest.mark.parametrize(
+    "which, change, needle",
+    [
+        (
+            "f32",
+            lambda t: set_column(
+                t,
+                "full_f32",
+                [np.full(len(b) // 4, np.nan, "<f4").tobytes() for b in t.column("full_f32").to_pylist()],
+                pa.binary(),
+            ),
+            "row 0: full_f32 holds a non-finite value",
+        ),
+        (
+            "f32",
+            lambda t: set_column(
+                t,
+                "target_f32",
+                [np.full(len(b) // 4, np.inf, "<f4").tobytes() for b in t.column("target_f32").to_pylist()],
+                pa.binary(),
+            ),
+            "row 0: target_f32 holds a non-finite value",
+        ),
+        (
+            "f32",
+            lambda t: set_column(
+                t,
+                "post_f32",
+                [np.full(len(b) // 4, 0.5, "<f4").tobytes() for b in t.column("post_f32").to_pylist()],
+                pa.binary(),
+            ),
+            "row 0: post_f32 holds a positive log-probability",
+        ),
+        (
+            "f32",
+            lambda t: set_column(
+                t,
+                "full_f32",
+                [np.full(len(b) // 4, -0.01, "<f4").tobytes() for b in t.column("full_f32").to_pylist()],
+                pa.binary(),
+            ),
+            "the K probabilities of a step sum to 3.96",
+        ),
+        (
+            "q8",
+            lambda t: set_column(t, "full_q", [b"\xff" * len(b) for b in t.column("full_q").to_pylist()], pa.binary()),
+            "row 0: full_q holds code 255, above 104",
+        ),
+        ("q8", lambda t: _ids_with(t, lambda ids: ids[0].__setitem__(0, None)), "row 0: input_ids holds a null"),
+        (
+            "q8",
+            lambda t: _ids_with(t, lambda ids: ids[2].__setitem__(1, 10**6)),
+            "row 2: input_ids reach 1000000, outside the vocabulary",
+        ),
+        (
+            "q8",
+            lambda t: _ids_with(t, lambda ids: ids[2].__setitem__(1, -5)),
+            "row 2: input_ids reach -5, outside the vocabulary",
+        ),
+        (
+            "q8",
+            lambda t: set_column(t, "response_start", [None] + t.column("response_start").to_pylist()[1:], pa.int32()),
+            "row 0: response_start None is outside",
+        ),
+    ],
+)
 def test_values_the_encoding_cannot_produce_are_refused(made, copy, capsys, tmp_path, which, change, needle):
     cache = copy(which)
     rewrite_part(cache, "part-00000.parquet", change)
     before = snapshot(cache)
     assert needle in one_line(capsys, cache_main, "verify", cache)
     assert snapshot(cache) == before
-    line = one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", cache, "-o", tmp_path / "run", "--no-progress", "--no-shuffle")
+    line = one_line(
+        capsys,
+        train_main,
+        "--method",
+        "pact",
+        "--model",
+        made["model"],
+        "--cache",
+        cache,
+        "-o",
+        tmp_path / "run",
+        "--no-progress",
+        "--no-shuffle",
+    )
     assert needle in line
     assert not (tmp_path / "run" / "adapter").exists()
 
@@ -253,13 +326,32 @@ def test_a_decompression_bomb_is_refused_before_it_is_decompressed(made, copy, c
     cache = copy(which)
     typ = pa.string() if column == "example_id" else pa.binary()
     big = ("x" * (64 << 20)) if column == "example_id" else b"\0" * (64 << 20)
-    rewrite_part(cache, "part-00000.parquet", lambda t: set_column(t, column, [big] + t.column(column).to_pylist()[1:], typ))
+    rewrite_part(
+        cache, "part-00000.parquet", lambda t: set_column(t, column, [big] + t.column(column).to_pylist()[1:], typ)
+    )
     assert (cache / "part-00000.parquet").stat().st_size < 8 << 20  # snappy here; zstd makes it KBs
     needle = f"column {column!r} declares"
     assert needle in one_line(capsys, cache_main, "verify", cache)
-    assert needle in one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", cache, "-o", tmp_path / "run", "--no-progress")
+    args = (
+        "--method",
+        "pact",
+        "--model",
+        made["model"],
+        "--cache",
+        cache,
+        "-o",
+        tmp_path / "run",
+        "--no-progress",
+        "--max-steps",
+        1,
+    )
+    assert needle in one_line(capsys, train_main, *args)
+    assert not (tmp_path / "run").exists()  # refused before OUT is made: the same command works once the cache is good
     with pytest.raises(CacheError, match="refused before decompressing"):
         next(open_cache(cache).iter_rows())
+    shutil.rmtree(cache)
+    shutil.copytree(made[which], cache)
+    assert train_main([str(a) for a in args]) == 0
 
 
 def test_a_part_whose_rows_differ_from_the_manifest_digest(copy, capsys):
@@ -268,16 +360,22 @@ def test_a_part_whose_rows_differ_from_the_manifest_digest(copy, capsys):
     t = pq.read_table(part)
     t = set_column(t, "example_id", ["00000000-forged"] + t.column("example_id").to_pylist()[1:], pa.string())
     pq.write_table(t, part)
-    edit_manifest(cache, lambda m: m["parts"][0].update(bytes=part.stat().st_size, sha256=sha256_path(part)), resign=True)
-    assert "part-00000.parquet: its rows (example ids, input ids, response starts) differ from the manifest's rows_sha256" in \
-        one_line(capsys, cache_main, "verify", cache)
+    edit_manifest(
+        cache, lambda m: m["parts"][0].update(bytes=part.stat().st_size, sha256=sha256_path(part)), resign=True
+    )
+    assert (
+        "part-00000.parquet: its rows (example ids, input ids, response starts) differ from the manifest's rows_sha256"
+        in one_line(capsys, cache_main, "verify", cache)
+    )
 
 
 def test_a_file_named_parquet_that_is_not_parquet(copy, capsys):
     cache = copy()
     part = cache / "part-00000.parquet"
     part.write_bytes(b"this is not parquet\n" * 40)
-    edit_manifest(cache, lambda m: m["parts"][0].update(bytes=part.stat().st_size, sha256=sha256_path(part)), resign=True)
+    edit_manifest(
+        cache, lambda m: m["parts"][0].update(bytes=part.stat().st_size, sha256=sha256_path(part)), resign=True
+    )
     assert "part-00000.parquet: not a readable Parquet file" in one_line(capsys, cache_main, "verify", cache)
 
 

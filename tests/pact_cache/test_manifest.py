@@ -10,6 +10,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import edit_manifest, random_cache, write_jsonl
+from hostile import cli, one_line, snapshot
+from pact_train.cli import main as train_main
 
 from pact_cache.build import BuildConfig, build
 from pact_cache.cli import main as cache_main
@@ -17,24 +20,22 @@ from pact_cache.columns import q8_bound
 from pact_cache.errors import CacheError
 from pact_cache.format import ENCODINGS, MANIFEST, open_cache
 from pact_cache.typedjson import hash_identity
-from pact_train.cli import main as train_main
-
-from conftest import edit_manifest, random_cache, write_jsonl
-from hostile import cli, one_line, snapshot
-
 
 Q8 = ENCODINGS["q8"]
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda m: m.update(format="pact-cache/9"), "format is 'pact-cache/9'"),
-    (lambda m: m["parts"][0].update(name="../evil.parquet"), "must be a plain .parquet file name"),
-    (lambda m: m["parts"][0].update(name="/etc/passwd"), "must be a plain .parquet file name"),
-    (lambda m: m["parts"][1].update(name="part-00000.parquet"), "listed twice"),
-    (lambda m: m["counts"].update(rows=99), "counts.rows is 99 but the parts hold 5"),
-    (lambda m: m.update(encoding={"name": "pickle"}), "name 'pickle' is unknown"),
-    (lambda m: m["parts"][0].update(sha256="zz"), "sha256 must be 64 lowercase hex"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda m: m.update(format="pact-cache/9"), "format is 'pact-cache/9'"),
+        (lambda m: m["parts"][0].update(name="../evil.parquet"), "must be a plain .parquet file name"),
+        (lambda m: m["parts"][0].update(name="/etc/passwd"), "must be a plain .parquet file name"),
+        (lambda m: m["parts"][1].update(name="part-00000.parquet"), "listed twice"),
+        (lambda m: m["counts"].update(rows=99), "counts.rows is 99 but the parts hold 5"),
+        (lambda m: m.update(encoding={"name": "pickle"}), "name 'pickle' is unknown"),
+        (lambda m: m["parts"][0].update(sha256="zz"), "sha256 must be 64 lowercase hex"),
+    ],
+)
 def test_manifest_rules_are_enforced(tmp_path, edit, needle):
     out, _, _ = random_cache(tmp_path)
     edit_manifest(out, edit, resign=False)
@@ -71,6 +72,7 @@ def test_a_swapped_part_is_caught_by_the_id_then_by_the_dataset_then_by_a_pin(ma
             if e["name"] == "part-00001.parquet":
                 e.update(theirs["part-00001.parquet"])
         m["counts"]["response_steps"] = sum(e["steps"] for e in m["parts"])
+
     edit_manifest(cache, swap)  # sha256, rows and counts updated; the id left as it was
     line = one_line(capsys, cache_main, "verify", cache)
     assert f"{cache}/manifest.json: cache_id {cid[:12]} does not match the manifest's content" in line
@@ -78,17 +80,38 @@ def test_a_swapped_part_is_caught_by_the_id_then_by_the_dataset_then_by_a_pin(ma
     edit_manifest(cache, lambda m: None, resign=True)
     line = one_line(capsys, cache_main, "verify", cache, "--dataset", made["data"], "--model", made["model"])
     assert "part-00001.parquet row 0: example_id differs from" in line and "does not hold this dataset's rows" in line
-    line = one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", cache, "--cache-id", cid[:12], "-o", cache.parent / "run")
-    assert f"cache id is {json.loads((cache / MANIFEST).read_text())['cache_id'][:12]}, not the pinned {cid[:12]}" in line
+    line = one_line(
+        capsys,
+        train_main,
+        "--method",
+        "pact",
+        "--model",
+        made["model"],
+        "--cache",
+        cache,
+        "--cache-id",
+        cid[:12],
+        "-o",
+        cache.parent / "run",
+    )
+    assert (
+        f"cache id is {json.loads((cache / MANIFEST).read_text())['cache_id'][:12]}, not the pinned {cid[:12]}" in line
+    )
     assert not (cache.parent / "run").exists()
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda m: m.update(cache_id="0" * 64), "cache_id 000000000000 does not match the manifest's content"),
-    (lambda m: m["tokens"].update(ids=[i + 1 for i in m["tokens"]["ids"]]), "does not match the manifest's content"),
-    (lambda m: m["build"].update(max_length=4096), "does not match the manifest's content"),
-    (lambda m: m["parts"][0].update(rows_sha256="f" * 64), "does not match the manifest's content"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda m: m.update(cache_id="0" * 64), "cache_id 000000000000 does not match the manifest's content"),
+        (
+            lambda m: m["tokens"].update(ids=[i + 1 for i in m["tokens"]["ids"]]),
+            "does not match the manifest's content",
+        ),
+        (lambda m: m["build"].update(max_length=4096), "does not match the manifest's content"),
+        (lambda m: m["parts"][0].update(rows_sha256="f" * 64), "does not match the manifest's content"),
+    ],
+)
 def test_an_edited_manifest_no_longer_matches_its_id(copy, capsys, edit, needle):
     cache = copy()
     edit_manifest(cache, edit)
@@ -111,19 +134,37 @@ def test_shifted_token_ids_with_a_recomputed_id_fail_a_pin_and_pass_otherwise_co
 def test_pinning_the_right_id_passes_everywhere(made, capsys, tmp_path):
     cid = json.loads((made["q8"] / MANIFEST).read_text())["cache_id"]
     assert cli(capsys, cache_main, "verify", made["q8"], "--cache-id", cid[:8], "--dataset", made["data"])[0] == 0
-    code, _ = cli(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", made["q8"], "--cache-id", cid, "-o", tmp_path / "run",
-                  "--max-steps", 1, "--no-progress")
+    code, _ = cli(
+        capsys,
+        train_main,
+        "--method",
+        "pact",
+        "--model",
+        made["model"],
+        "--cache",
+        made["q8"],
+        "--cache-id",
+        cid,
+        "-o",
+        tmp_path / "run",
+        "--max-steps",
+        1,
+        "--no-progress",
+    )
     assert code == 0 and json.loads((tmp_path / "run" / "config.json").read_text())["cache_id"] == cid
 
 
-@pytest.mark.parametrize("text, needle", [
-    (lambda s: s.replace('"weights": [\n      0.5', '"weights": [\n      NaN'), "NaN is not valid JSON"),
-    (lambda s: s.replace('"weights": [\n      0.5', '"weights": [\n      Infinity'), "Infinity is not valid JSON"),
-    (lambda s: "[" * 100000 + "]" * 100000, "JSON nested too deeply"),
-    (lambda s: s.encode("utf-16").decode("latin-1"), "invalid UTF-8"),
-    (lambda s: s[: len(s) // 2], "invalid JSON"),
-    (lambda s: "[]", "manifest.json: must be an object, not a list"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        (lambda s: s.replace('"weights": [\n      0.5', '"weights": [\n      NaN'), "NaN is not valid JSON"),
+        (lambda s: s.replace('"weights": [\n      0.5', '"weights": [\n      Infinity'), "Infinity is not valid JSON"),
+        (lambda s: "[" * 100000 + "]" * 100000, "JSON nested too deeply"),
+        (lambda s: s.encode("utf-16").decode("latin-1"), "invalid UTF-8"),
+        (lambda s: s[: len(s) // 2], "invalid JSON"),
+        (lambda s: "[]", "manifest.json: must be an object, not a list"),
+    ],
+)
 def test_manifests_that_are_not_strict_json(copy, capsys, text, needle):
     cache = copy()
     raw = (cache / MANIFEST).read_text()
@@ -141,29 +182,34 @@ def test_random_bytes_as_a_manifest(copy, capsys):
     assert "manifest.json:" in one_line(capsys, cache_main, "info", cache)
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda m: m["tokens"].pop("weights"), "tokens: weights is missing"),
-    (lambda m: m["tokens"].update(weights=["a", 1, 1, 1]), "weights[0] must be a finite number, not 'a'"),
-    (lambda m: m["tokens"].update(weights=[-1, 0, -0.5, 0]), "every weight is <= 0"),
-    (lambda m: m["tokens"].update(ids=[3, 17, 42, 10**9]), "ids[3] = 1000000000 is outside the vocabulary"),
-    (lambda m: m["tokens"].update(ids=[3, 17, 42, None]), "ids[3] must be a non-negative integer, not None"),
-    (lambda m: m["encoding"].update(scale=1e-300), "encoding.scale is 1e-300, outside [1.0, 255.0]"),
-    (lambda m: m["encoding"].update(floor=-1), "encoding.floor is -1"),
-    (lambda m: m["encoding"].update(top_scale="512"), "encoding.top_scale must be a finite number, not a string"),
-    (lambda m: m["counts"].update(rows=-1), "counts.rows is -1, outside 0..inf"),
-    (lambda m: m["counts"].update(input_tokens=1.5), "counts.input_tokens must be an integer, not a number"),
-    (lambda m: m["parts"][0].update(steps=True), "parts[0].steps must be an integer, not a boolean"),
-    (lambda m: m["parts"][0].pop("rows_sha256"), "parts[0].rows_sha256 is missing"),
-    (lambda m: m.pop("build"), "build is missing"),
-    (lambda m: m["build"].update(vocab_size=0), "build.vocab_size is 0"),
-    (lambda m: m.update(format="pact-cache/1"), "rebuild the cache, or run `pact-cache upgrade CACHE -o NEW`"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda m: m["tokens"].pop("weights"), "tokens: weights is missing"),
+        (lambda m: m["tokens"].update(weights=["a", 1, 1, 1]), "weights[0] must be a finite number, not 'a'"),
+        (lambda m: m["tokens"].update(weights=[-1, 0, -0.5, 0]), "every weight is <= 0"),
+        (lambda m: m["tokens"].update(ids=[3, 17, 42, 10**9]), "ids[3] = 1000000000 is outside the vocabulary"),
+        (lambda m: m["tokens"].update(ids=[3, 17, 42, None]), "ids[3] must be a non-negative integer, not None"),
+        (lambda m: m["encoding"].update(scale=1e-300), "encoding.scale is 1e-300, outside [1.0, 255.0]"),
+        (lambda m: m["encoding"].update(floor=-1), "encoding.floor is -1"),
+        (lambda m: m["encoding"].update(top_scale="512"), "encoding.top_scale must be a finite number, not a string"),
+        (lambda m: m["counts"].update(rows=-1), "counts.rows is -1, outside 0..inf"),
+        (lambda m: m["counts"].update(input_tokens=1.5), "counts.input_tokens must be an integer, not a number"),
+        (lambda m: m["parts"][0].update(steps=True), "parts[0].steps must be an integer, not a boolean"),
+        (lambda m: m["parts"][0].pop("rows_sha256"), "parts[0].rows_sha256 is missing"),
+        (lambda m: m.pop("build"), "build is missing"),
+        (lambda m: m["build"].update(vocab_size=0), "build.vocab_size is 0"),
+        (lambda m: m.update(format="pact-cache/1"), "rebuild the cache, or run `pact-cache upgrade CACHE -o NEW`"),
+    ],
+)
 def test_every_manifest_field_is_typed_and_ranged(made, copy, capsys, tmp_path, edit, needle):
     cache = copy()
     edit_manifest(cache, edit, resign=False)
     before = snapshot(cache)
     assert needle in one_line(capsys, cache_main, "verify", cache)
-    assert needle in one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", cache, "-o", tmp_path / "run")
+    assert needle in one_line(
+        capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", cache, "-o", tmp_path / "run"
+    )
     assert snapshot(cache) == before and not (tmp_path / "run").exists()
 
 
@@ -185,8 +231,17 @@ def test_the_same_cache_built_from_another_folder_has_the_same_id(made, tmp_path
     ids = []
     for where in ("a", "b/c"):
         data = write_jsonl(tmp_path / where / "train.jsonl", rows)
-        res = build(BuildConfig(str(data), made["model"], str(tmp_path / where / "cache"), tokens=str(made["tokens"]),
-                                max_length=64, rows_per_part=8, progress=False))
+        res = build(
+            BuildConfig(
+                str(data),
+                made["model"],
+                str(tmp_path / where / "cache"),
+                tokens=str(made["tokens"]),
+                max_length=64,
+                rows_per_part=8,
+                progress=False,
+            )
+        )
         assert res.manifest.counts.skipped == {"prompt_too_long": 1}
         ids.append(res.cache_id)
     assert ids[0] == ids[1]

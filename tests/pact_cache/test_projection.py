@@ -6,17 +6,15 @@ import json
 
 import pytest
 import torch
+from conftest import ARCHS, CHAT_ROWS, make_tiny_model, naive_reference, write_jsonl
+from pact_train.loop import TrainConfig, train
+from pact_train.losses import PactParams, pact_kl
 
 from pact_cache.build import BuildConfig, build
 from pact_cache.cli import main as cache_main
 from pact_cache.format import open_cache
 from pact_cache.models import load_model, resolve_model
 from pact_cache.projection import Projection, ProjectionError, check_projection
-from pact_train.loop import TrainConfig, train
-from pact_train.losses import PactParams, pact_kl
-
-from conftest import ARCHS, CHAT_ROWS, make_tiny_model, naive_reference, write_jsonl
-
 
 IDS = [3, 17, 42, 99, 150]
 WEIGHTS = [0.5, 0.1, 0.2, 0.7, 0.3]
@@ -30,7 +28,9 @@ def arch(request, tmp_path_factory):
     data = write_jsonl(root / "d.jsonl", CHAT_ROWS[:8])
     tokens = root / "tokens.json"
     tokens.write_text(json.dumps({"format": "pact-tokens/1", "ids": IDS, "weights": WEIGHTS, "method": "test"}))
-    cache = build(BuildConfig(str(data), model, str(root / "c"), tokens=str(tokens), encoding="f32", progress=False)).out
+    cache = build(
+        BuildConfig(str(data), model, str(root / "c"), tokens=str(tokens), encoding="f32", progress=False)
+    ).out
     return request.param, model, data, cache, root
 
 
@@ -74,8 +74,20 @@ def test_first_step_ce_and_pact_kl_are_the_models_own(arch):
     Fails when the trainer projects with the bare head (Gemma-2's softcapping, before this fix)."""
     _, model_dir, _, cache, root = arch
     out = root / f"run-{len(list(root.iterdir()))}"
-    train(TrainConfig(model=model_dir, cache=cache, out=str(out), method="pact", batch_size=8, max_steps=1, shuffle=False,
-                      progress=False, plot=False, lora_dropout=0.0))
+    train(
+        TrainConfig(
+            model=model_dir,
+            cache=cache,
+            out=str(out),
+            method="pact",
+            batch_size=8,
+            max_steps=1,
+            shuffle=False,
+            progress=False,
+            plot=False,
+            lora_dropout=0.0,
+        )
+    )
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     rows = list(open_cache(cache).iter_rows())
     model, _, _ = load_model(resolve_model(model_dir), "fp32", "cpu")
@@ -86,7 +98,7 @@ def test_first_step_ce_and_pact_kl_are_the_models_own(arch):
     for i, r in enumerate(rows):
         ids[i, : len(r.input_ids)] = torch.from_numpy(r.input_ids)
         mask[i, : len(r.input_ids)] = 1
-        labels[i, r.response_start: len(r.input_ids)] = ids[i, r.response_start: len(r.input_ids)]
+        labels[i, r.response_start : len(r.input_ids)] = ids[i, r.response_start : len(r.input_ids)]
     with torch.no_grad():
         out_ = model(input_ids=ids, attention_mask=mask, labels=labels)
     assert rec["ce"] == pytest.approx(out_.loss.item(), rel=1e-5)
@@ -94,8 +106,14 @@ def test_first_step_ce_and_pact_kl_are_the_models_own(arch):
     for i, r in enumerate(rows):
         pos = torch.arange(r.response_start - 1, len(r.input_ids) - 1)
         pol = out_.logits[i, pos][:, IDS].float()[None]
-        s, n = pact_kl(pol, torch.from_numpy(r.ref["full"])[None], torch.from_numpy(r.ref["post"])[None],
-                       torch.tensor(WEIGHTS), torch.ones(1, r.steps, dtype=torch.bool), PactParams())
+        s, n = pact_kl(
+            pol,
+            torch.from_numpy(r.ref["full"])[None],
+            torch.from_numpy(r.ref["post"])[None],
+            torch.tensor(WEIGHTS),
+            torch.ones(1, r.steps, dtype=torch.bool),
+            PactParams(),
+        )
         total, count = total + s.item(), count + n.item()
     assert rec["pact_kl"] == pytest.approx(total / count, rel=1e-4)
 
@@ -105,8 +123,22 @@ def test_online_reference_equals_the_cache(arch):
     a, b = root / "cached", root / "online"
     for out, ref in ((a, "cache"), (b, "online")):
         if not out.exists():
-            train(TrainConfig(model=model_dir, cache=cache, out=str(out), method="pact", reference=ref, batch_size=4,
-                              max_steps=2, shuffle=False, progress=False, plot=False, lora_dropout=0.0, lr=1e-3))
+            train(
+                TrainConfig(
+                    model=model_dir,
+                    cache=cache,
+                    out=str(out),
+                    method="pact",
+                    reference=ref,
+                    batch_size=4,
+                    max_steps=2,
+                    shuffle=False,
+                    progress=False,
+                    plot=False,
+                    lora_dropout=0.0,
+                    lr=1e-3,
+                )
+            )
     ma = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
     for x, y in zip(ma, mb):
@@ -128,7 +160,19 @@ def test_a_head_the_projection_does_not_reproduce_stops_with_one_line(tmp_path, 
     tokens = tmp_path / "tokens.json"
     tokens.write_text(json.dumps({"format": "pact-tokens/1", "ids": IDS, "weights": WEIGHTS, "method": "test"}))
     capsys.readouterr()
-    rc = cache_main(["build", str(data), "--ref", str(model_dir), "--tokens", str(tokens), "-o", str(tmp_path / "c"), "--no-progress"])
+    rc = cache_main(
+        [
+            "build",
+            str(data),
+            "--ref",
+            str(model_dir),
+            "--tokens",
+            str(tokens),
+            "-o",
+            str(tmp_path / "c"),
+            "--no-progress",
+        ]
+    )
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-cache")]
     assert rc == 1 and len(err) == 1 and "Gemma2ForCausalLM" in err[0] and "own forward" in err[0], err
     assert not (tmp_path / "c" / "manifest.json").exists()
@@ -137,25 +181,31 @@ def test_a_head_the_projection_does_not_reproduce_stops_with_one_line(tmp_path, 
     monkeypatch.undo()
     good = build(BuildConfig(str(data), str(model_dir), str(tmp_path / "good"), tokens=str(tokens), progress=False)).out
     monkeypatch.setattr(projection, "_transform", lambda lm: ("none", None))
-    rc_train = train_main(["--method", "pact", "--model", str(model_dir), "--cache", good, "-o", str(tmp_path / "run"), "--no-progress"])
+    rc_train = train_main(
+        ["--method", "pact", "--model", str(model_dir), "--cache", good, "-o", str(tmp_path / "run"), "--no-progress"]
+    )
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-train")]
     assert rc_train == 1 and len(err) == 1 and "Gemma2ForCausalLM" in err[0], err
     assert not (tmp_path / "run" / "adapter").exists()
 
 
 def test_the_trainer_integration_checks_the_projection_at_construction(tmp_path, monkeypatch):
+    from pact_train.hf import CacheDataset, PactCollator, make_trainer_class
     from transformers import Trainer, TrainingArguments
 
     import pact_cache.projection as projection
-    from pact_train.hf import CacheDataset, PactCollator, make_trainer_class
 
     model_dir = make_tiny_model(tmp_path / "m", arch="cohere")
     data = write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS[:4])
     tokens = tmp_path / "tokens.json"
     tokens.write_text(json.dumps({"format": "pact-tokens/1", "ids": IDS, "weights": WEIGHTS, "method": "test"}))
-    cache = open_cache(build(BuildConfig(str(data), str(model_dir), str(tmp_path / "c"), tokens=str(tokens), progress=False)).out)
+    cache = open_cache(
+        build(BuildConfig(str(data), str(model_dir), str(tmp_path / "c"), tokens=str(tokens), progress=False)).out
+    )
     model, _, _ = load_model(resolve_model(str(model_dir)), "fp32", "cpu")
-    args = TrainingArguments(str(tmp_path / "run"), remove_unused_columns=False, report_to=[], use_cpu=True, max_steps=1)
+    args = TrainingArguments(
+        str(tmp_path / "run"), remove_unused_columns=False, report_to=[], use_cpu=True, max_steps=1
+    )
     kw = dict(model=model, args=args, cache=cache, train_dataset=CacheDataset(cache), data_collator=PactCollator(2))
     make_trainer_class(Trainer)(**kw)  # the model's own logits: accepted
     monkeypatch.setattr(projection, "_transform", lambda lm: ("none", None))  # as if logit_scale were unknown

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from pact_cache.cli import main as cache_main
-
 from conftest import CHAT_ROWS, tokens_file, write_jsonl
 from hostile import cli, one_line, only_line, run_cli
+
+from pact_cache.cli import main as cache_main
 
 
 def test_info_and_verify(tiny_model, chat_dataset, tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 from pact_cache.cli import main as cache_main
 from pact_cache.errors import CacheError, PactError
 from pact_cache.format import MANIFEST, open_cache
-from pact_cache.score import token_mask
+from pact_cache.rows import token_mask
 
 
 def test_global_selection_by_hand():
@@ -58,8 +58,10 @@ def test_scores_are_the_two_models_log_prob_difference(tiny_model, tiny_base_mod
         pos = torch.arange(r.response_start - 1, len(r.input_ids) - 1)
         tgt = ids[0, pos + 1]
         with torch.no_grad():
-            want = (torch.log_softmax(deg(ids).logits[0, pos].float(), -1).gather(1, tgt[:, None])[:, 0]
-                    - torch.log_softmax(util(ids).logits[0, pos].float(), -1).gather(1, tgt[:, None])[:, 0])
+            want = (
+                torch.log_softmax(deg(ids).logits[0, pos].float(), -1).gather(1, tgt[:, None])[:, 0]
+                - torch.log_softmax(util(ids).logits[0, pos].float(), -1).gather(1, tgt[:, None])[:, 0]
+            )
         assert np.allclose(r.score, want.numpy(), atol=1e-4)
     # the rest of the cache is the source's, row for row
     for x, y in zip(a.iter_rows(), rows):
@@ -100,7 +102,9 @@ def test_scored_cache_is_checked_copied_and_refused_when_edited(scored, tmp_path
     assert cache_main(["score", out, "--degraded", "x", "--utility", "y", "-o", out]) != 0
 
 
-def test_a_score_that_fails_midway_leaves_nothing_and_the_retry_works(tiny_model, tiny_base_model, made, tmp_path, monkeypatch):
+def test_a_score_that_fails_midway_leaves_nothing_and_the_retry_works(
+    tiny_model, tiny_base_model, made, tmp_path, monkeypatch
+):
     """The second part's scores come out non-finite (as from a model that gives a token probability
     0): one typed error, OUT left absent though the first part's files were published, and the same
     call works afterwards."""

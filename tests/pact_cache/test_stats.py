@@ -4,12 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import row_result, write_manifest
 
 from pact_cache.cli import main
 from pact_cache.format import ENCODINGS, open_cache, write_part
 from pact_cache.stats import cache_stats
-
-from conftest import row_result, write_manifest
 
 
 def view(masses, rng):
@@ -29,11 +28,22 @@ def cache(tmp_path):
     for i, m0 in enumerate(step0):
         n = 2 + i % 3
         masses = [m0] + list(rng.uniform(0.01, 0.9, n - 1))
-        rows.append(row_result(f"{i:08d}-x", list(range(3, 8 + n)), 5, view(masses, rng), view(masses[::-1], rng),
-                              -rng.random(n).astype(np.float32)))
+        rows.append(
+            row_result(
+                f"{i:08d}-x",
+                list(range(3, 8 + n)),
+                5,
+                view(masses, rng),
+                view(masses[::-1], rng),
+                -rng.random(n).astype(np.float32),
+            )
+        )
     out = tmp_path / "c"
     out.mkdir()
-    parts = [write_part(out / "part-00000.parquet", rows[:4], ENCODINGS["f32"]), write_part(out / "part-00001.parquet", rows[4:], ENCODINGS["f32"])]
+    parts = [
+        write_part(out / "part-00000.parquet", rows[:4], ENCODINGS["f32"]),
+        write_part(out / "part-00001.parquet", rows[4:], ENCODINGS["f32"]),
+    ]
     write_manifest(out, parts, ENCODINGS["f32"], 3, weights=[0.7, 0.2, -0.3])  # token 2 is not constrained: not counted
     return out, rows
 

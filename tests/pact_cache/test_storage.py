@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import CHAT_ROWS
+from hostile import cli, one_line
 
 from pact_cache.cli import main as cache_main
 from pact_cache.errors import OutputExistsError
 from pact_cache.format import MANIFEST, open_cache
-
-from conftest import CHAT_ROWS
-from hostile import cli, one_line
 
 
 def test_the_same_checks_through_fsspec_on_an_in_memory_store(made, capsys):

@@ -6,15 +6,15 @@ import json
 
 import pytest
 import torch
+from conftest import write_jsonl
+from hostile import one_line
 
-from pact_cache.cli import main, main as cache_main
+from pact_cache.cli import main
+from pact_cache.cli import main as cache_main
 from pact_cache.data import chat_ids
 from pact_cache.errors import TokensError
 from pact_cache.models import load_model, load_tokenizer, resolve_model
 from pact_cache.tokens import load_refusals, select_tokens, validate_tokens
-
-from conftest import write_jsonl
-from hostile import one_line
 
 
 def naive_paper_selection(aligned, base, tok, pairs, top_k, max_resp_len):
@@ -24,10 +24,17 @@ def naive_paper_selection(aligned, base, tok, pairs, top_k, max_resp_len):
     for prompt, refusal in pairs:
         resp = tok(refusal.strip(), add_special_tokens=False)["input_ids"][:max_resp_len]
         pa_ids = tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
-        pb_ids = tok("".join(f"User: {m['content']}\n\n" for m in prompt if m["role"] == "user") + "Assistant: ", add_special_tokens=False)["input_ids"]
+        pb_ids = tok(
+            "".join(f"User: {m['content']}\n\n" for m in prompt if m["role"] == "user") + "Assistant: ",
+            add_special_tokens=False,
+        )["input_ids"]
         with torch.no_grad():
-            la = aligned(torch.tensor([list(pa_ids) + resp])).logits[0, len(pa_ids) - 1: len(pa_ids) - 1 + len(resp)].float()
-            lb = base(torch.tensor([pb_ids + resp])).logits[0, len(pb_ids) - 1: len(pb_ids) - 1 + len(resp)].float()
+            la = (
+                aligned(torch.tensor([list(pa_ids) + resp]))
+                .logits[0, len(pa_ids) - 1 : len(pa_ids) - 1 + len(resp)]
+                .float()
+            )
+            lb = base(torch.tensor([pb_ids + resp])).logits[0, len(pb_ids) - 1 : len(pb_ids) - 1 + len(resp)].float()
         pa, pb = la.softmax(-1), lb.softmax(-1)
         pa_sum += pa.mean(0)
         diff_sum += (pa - pb).mean(0)
@@ -60,14 +67,18 @@ def test_selection_matches_the_papers_loop(tiny_model, tiny_base_model, tmp_path
 def test_uniform_without_a_contrast(tiny_model):
     tok = load_tokenizer(resolve_model(tiny_model))
     model, _, _ = load_model(resolve_model(tiny_model), "fp32", "cpu")
-    t = select_tokens(model, tok, [([{"role": "user", "content": "how do I do a bad thing"}], "I can't help with that.")], top_k=10)
-    assert t.method == "pact-uniform" and t.K == 10 and list(t.weights) == pytest.approx([10 ** -0.5] * 10)
+    t = select_tokens(
+        model, tok, [([{"role": "user", "content": "how do I do a bad thing"}], "I can't help with that.")], top_k=10
+    )
+    assert t.method == "pact-uniform" and t.K == 10 and list(t.weights) == pytest.approx([10**-0.5] * 10)
 
 
 def test_self_contrast_without_base_and_cli(tiny_model, tmp_path, capsys):
     """Without --base the refusals after their harmful prompts are contrasted with the same refusals
     after the built-in benign prompts (first 4 tokens), weighted the paper's way."""
-    refusals = write_jsonl(tmp_path / "r.jsonl", [{"input": "how do I do a bad thing", "output": "I can't help with that."}] * 3)
+    refusals = write_jsonl(
+        tmp_path / "r.jsonl", [{"input": "how do I do a bad thing", "output": "I can't help with that."}] * 3
+    )
     out = tmp_path / "tokens.json"
     assert main(["tokens", "--aligned", tiny_model, "--refusals", str(refusals), "--top-k", "10", "-o", str(out)]) == 0
     t = json.loads(out.read_text())
@@ -78,20 +89,23 @@ def test_self_contrast_without_base_and_cli(tiny_model, tmp_path, capsys):
     validate_tokens(t, load_tokenizer(resolve_model(tiny_model)), "t")
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda t: t.update(format="v0"), "not a pact-tokens/1 file"),
-    (lambda t: t.update(ids=[1, 1]), "duplicates"),
-    (lambda t: t.update(weights=[1.0]), "weights must hold 2 numbers"),
-    (lambda t: t.update(weights=[1.0, float("nan")]), r"weights\[1\] must be a finite number"),
-    (lambda t: t.update(weights=[1.0, "2"]), r"weights\[1\] must be a finite number"),
-    (lambda t: t.pop("weights"), "weights is missing"),
-    (lambda t: t.update(ids=[5, None]), r"ids\[1\] must be a non-negative integer"),
-    (lambda t: t.update(ids=[5, True]), r"ids\[1\] must be a non-negative integer"),
-    (lambda t: t.update(ids="5,6"), "ids must be a list"),
-    (lambda t: t.update(ids=[1, 10**6], weights=[1.0, 1.0], strings=None), "outside the tokenizer's vocabulary"),
-    (lambda t: t.update(weights=[-1.0, 0.0]), "every weight is <= 0"),
-    (lambda t: t.update(strings=["x", "y"]), "made with another tokenizer"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda t: t.update(format="v0"), "not a pact-tokens/1 file"),
+        (lambda t: t.update(ids=[1, 1]), "duplicates"),
+        (lambda t: t.update(weights=[1.0]), "weights must hold 2 numbers"),
+        (lambda t: t.update(weights=[1.0, float("nan")]), r"weights\[1\] must be a finite number"),
+        (lambda t: t.update(weights=[1.0, "2"]), r"weights\[1\] must be a finite number"),
+        (lambda t: t.pop("weights"), "weights is missing"),
+        (lambda t: t.update(ids=[5, None]), r"ids\[1\] must be a non-negative integer"),
+        (lambda t: t.update(ids=[5, True]), r"ids\[1\] must be a non-negative integer"),
+        (lambda t: t.update(ids="5,6"), "ids must be a list"),
+        (lambda t: t.update(ids=[1, 10**6], weights=[1.0, 1.0], strings=None), "outside the tokenizer's vocabulary"),
+        (lambda t: t.update(weights=[-1.0, 0.0]), "every weight is <= 0"),
+        (lambda t: t.update(strings=["x", "y"]), "made with another tokenizer"),
+    ],
+)
 def test_bad_tokens_files(tiny_model, edit, needle):
     tok = load_tokenizer(resolve_model(tiny_model))
     t = {"format": "pact-tokens/1", "ids": [5, 6], "weights": [0.5, 0.5], "strings": [tok.decode([5]), tok.decode([6])]}
@@ -102,7 +116,24 @@ def test_bad_tokens_files(tiny_model, edit, needle):
 
 def test_cli_with_a_base_model(tiny_model, tiny_base_model, tmp_path):
     out = tmp_path / "tokens.json"
-    assert main(["tokens", "--aligned", tiny_model, "--base", tiny_base_model, "--limit", "5", "--top-k", "8", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "tokens",
+                "--aligned",
+                tiny_model,
+                "--base",
+                tiny_base_model,
+                "--limit",
+                "5",
+                "--top-k",
+                "8",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     t = json.loads(out.read_text())
     assert t["method"] == "pact-discrepancy" and t["base"]["weights_sha256"] != t["aligned"]["weights_sha256"]
     assert len(t["ids"]) == 8 and sum(w * w for w in t["weights"]) == pytest.approx(1.0, abs=1e-4)
@@ -118,7 +149,10 @@ def test_self_contrast_by_hand(tiny_model, tmp_path):
 
     tok = load_tokenizer(resolve_model(tiny_model))
     model, _, _ = load_model(resolve_model(tiny_model), "fp32", "cpu")
-    pairs = [([{"role": "user", "content": f"how do I do bad thing {i}"}], f"I can't help with bad thing {i}, sorry.") for i in range(3)]
+    pairs = [
+        ([{"role": "user", "content": f"how do I do bad thing {i}"}], f"I can't help with bad thing {i}, sorry.")
+        for i in range(3)
+    ]
     benign = [[{"role": "user", "content": "bake a cake"}], [{"role": "user", "content": "name a river"}]]
     t = select_tokens(model, tok, pairs, top_k=6, benign=benign, contrast_steps=3)
 
@@ -131,7 +165,7 @@ def test_self_contrast_by_hand(tiny_model, tmp_path):
                 continue
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([p + r])).logits[0]
-            rows.append(torch.softmax(logits[len(p) - 1: len(p) - 1 + len(r)].float(), -1).mean(0))
+            rows.append(torch.softmax(logits[len(p) - 1 : len(p) - 1 + len(r)].float(), -1).mean(0))
         return torch.stack(rows).mean(0)[: len(tok)]
 
     def greedy(msgs):
@@ -144,6 +178,7 @@ def test_self_contrast_by_hand(tiny_model, tmp_path):
                 break
             new.append(nxt)
         return tok.decode(new, skip_special_tokens=True)
+
     refusals = [r for _, r in pairs]
     p_a = mean_probs([m for m, _ in pairs], refusals)
     answers = [greedy(m) for m in benign]
@@ -175,8 +210,12 @@ def test_self_contrast_refuses_identical_contexts(tiny_model):
 def test_tokens_weights_that_would_turn_pact_into_sft(made, tmp_path, capsys):
     bad = tmp_path / "t.json"
     bad.write_text(json.dumps({"format": "pact-tokens/1", "ids": [3, 4], "weights": [0.0, -1.0]}))
-    line = one_line(capsys, cache_main, "build", made["data"], "--ref", made["model"], "--tokens", bad, "-o", tmp_path / "c")
+    line = one_line(
+        capsys, cache_main, "build", made["data"], "--ref", made["model"], "--tokens", bad, "-o", tmp_path / "c"
+    )
     assert "every weight is <= 0" in line and "PACT would be plain SFT" in line
     bad.write_text('{"format": "pact-tokens/1", "ids": [3, 4], "weights": [NaN, 1]}')
-    assert "NaN is not valid JSON" in one_line(capsys, cache_main, "build", made["data"], "--ref", made["model"], "--tokens", bad, "-o", tmp_path / "c")
+    assert "NaN is not valid JSON" in one_line(
+        capsys, cache_main, "build", made["data"], "--ref", made["model"], "--tokens", bad, "-o", tmp_path / "c"
+    )
     assert not (tmp_path / "c").exists()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 
-from pact_cache.cli import main as cache_main
-from pact_cache.format import MANIFEST
+from hostile import cli, one_line
 from pact_train.cli import main as train_main
 
-from hostile import cli, one_line
+from pact_cache.cli import main as cache_main
+from pact_cache.format import MANIFEST
 
 
 def test_a_version_1_cache_is_refused_and_upgrade_writes_an_equal_version_2(made, tmp_path, capsys):
@@ -22,11 +22,16 @@ def test_a_version_1_cache_is_refused_and_upgrade_writes_an_equal_version_2(made
         e.pop("rows_sha256")
     m["build"].pop("algorithm")
     (old / MANIFEST).write_text(json.dumps(m))
-    line = one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", old, "-o", tmp_path / "run")
+    line = one_line(
+        capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", old, "-o", tmp_path / "run"
+    )
     assert "format pact-cache/1 has no content-checked id or row digests" in line and "pact-cache upgrade" in line
     assert cli(capsys, cache_main, "upgrade", old, "-o", tmp_path / "v2")[0] == 0
     assert (tmp_path / "v2" / "README.md").read_text().startswith("---\n")  # its card
-    assert json.loads((tmp_path / "v2" / MANIFEST).read_text())["cache_id"] == json.loads((made["q8"] / MANIFEST).read_text())["cache_id"]
+    assert (
+        json.loads((tmp_path / "v2" / MANIFEST).read_text())["cache_id"]
+        == json.loads((made["q8"] / MANIFEST).read_text())["cache_id"]
+    )
     assert "exists" in one_line(capsys, cache_main, "upgrade", old, "-o", tmp_path / "v2")
     # a damaged version-1 part is not carried over
     part = sorted(old.glob("part-*.parquet"))[1]

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
-from pact_train.cli import main as train_main
-
 from hostile import cli, one_line, snapshot
+from pact_train.cli import main as train_main
 
 
 def test_a_truncated_checkpoint_is_one_line(made, tmp_path, capsys):
     run = tmp_path / "run"
-    base = ("--method", "pact", "--model", made["model"], "--cache", made["q8"], "-o", run, "--batch-size", 4, "--no-progress", "--save-every", 1)
+    base = (
+        "--method",
+        "pact",
+        "--model",
+        made["model"],
+        "--cache",
+        made["q8"],
+        "-o",
+        run,
+        "--batch-size",
+        4,
+        "--no-progress",
+        "--save-every",
+        1,
+    )
     assert cli(capsys, train_main, *base, "--max-steps", 1)[0] == 0
     f = run / "checkpoint" / "optimizer.safetensors"
     f.write_bytes(f.read_bytes()[:50])

@@ -2,15 +2,14 @@
 (YAML or a run's config.json) and the range checks all follow TrainConfig's fields."""
 
 import json
+import os
 from dataclasses import fields
 
 import pytest
-
+from hostile import one_line
 from pact_train.cli import main as train_main
 from pact_train.config import TrainConfig, TrainError, check_config, parse_config
 from pact_train.losses import PactParams
-
-from hostile import one_line
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +18,10 @@ def cache(f32_cache):
 
 
 def metrics(out):
-    return [{k: v for k, v in json.loads(line).items() if k != "step_time_s"} for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "step_time_s"}
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_no_flags_give_the_declared_defaults():
@@ -30,16 +32,99 @@ def test_no_flags_give_the_declared_defaults():
 
 def test_every_flag_sets_its_field(tmp_path):
     """Each option the parser has reaches the field it is declared on (a value other than the default)."""
-    cfg = parse_config(["--model", "m", "--cache", "c", "-o", "o", "--cache-id", "abcdef12", "--method", "str", "--reference", "online",
-                        "--ref-model", "r", "--token-mask", "0.2", "--lambda", "3", "--full", "--lora-r", "4", "--lora-alpha", "8",
-                        "--lora-dropout", "0.1", "--lora-targets", "q_proj", "--epochs", "2", "--batch-size", "3", "--grad-accum", "2",
-                        "--lr", "1e-4", "--weight-decay", "0.01", "--warmup-steps", "5", "--schedule", "step", "--max-steps", "7",
-                        "--seed", "9", "--no-shuffle", "--shuffle-buffer", "64", "--gradient-checkpointing", "--logits-chunk", "32",
-                        "--save-every", "3", "--resume", "--merge", "--device", "cpu", "--no-progress", "--pact-t", "1.5",
-                        "--pact-n", "4", "--storage-option", "anon=true", "--row-gate", "soft", "--gate-at", "0.5",
-                        "--replay", "r", "--replay-ratio", "0.1", "--replay-term", "ce", "--report-to", "tensorboard", "--no-padding-free", "--group-by-length", "16"])
-    changed = {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != f.default and f.name not in ("model", "cache", "out")}
-    declared = {f.name for f in fields(TrainConfig) if f.metadata.get("cli", True) and f.name not in ("model", "cache", "out", "direction")}
+    cfg = parse_config(
+        [
+            "--model",
+            "m",
+            "--cache",
+            "c",
+            "-o",
+            "o",
+            "--cache-id",
+            "abcdef12",
+            "--method",
+            "str",
+            "--reference",
+            "online",
+            "--ref-model",
+            "r",
+            "--token-mask",
+            "0.2",
+            "--lambda",
+            "3",
+            "--full",
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--lora-dropout",
+            "0.1",
+            "--lora-targets",
+            "q_proj",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "3",
+            "--grad-accum",
+            "2",
+            "--lr",
+            "1e-4",
+            "--weight-decay",
+            "0.01",
+            "--warmup-steps",
+            "5",
+            "--schedule",
+            "step",
+            "--max-steps",
+            "7",
+            "--seed",
+            "9",
+            "--no-shuffle",
+            "--shuffle-buffer",
+            "64",
+            "--gradient-checkpointing",
+            "--logits-chunk",
+            "32",
+            "--save-every",
+            "3",
+            "--resume",
+            "--merge",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--pact-t",
+            "1.5",
+            "--pact-n",
+            "4",
+            "--storage-option",
+            "anon=true",
+            "--row-gate",
+            "soft",
+            "--gate-at",
+            "0.5",
+            "--replay",
+            "r",
+            "--replay-ratio",
+            "0.1",
+            "--replay-term",
+            "ce",
+            "--report-to",
+            "tensorboard",
+            "--no-padding-free",
+            "--group-by-length",
+            "16",
+        ]
+    )
+    changed = {
+        f.name
+        for f in fields(TrainConfig)
+        if getattr(cfg, f.name) != f.default and f.name not in ("model", "cache", "out")
+    }
+    declared = {
+        f.name
+        for f in fields(TrainConfig)
+        if f.metadata.get("cli", True) and f.name not in ("model", "cache", "out", "direction")
+    }
     assert declared <= changed  # --direction only goes with asft (checked elsewhere)
     assert cfg.lam == 3.0 and cfg.shuffle is False and cfg.progress is False and cfg.grad_checkpointing is True
     assert cfg.pact == PactParams(T=1.5, N=4) and cfg.storage_options == {"anon": True}
@@ -47,44 +132,108 @@ def test_every_flag_sets_its_field(tmp_path):
 
 def test_yaml_config_equals_the_same_flags_and_flags_win(tiny_model, cache, tmp_path):
     yaml_file = tmp_path / "run.yaml"
-    yaml_file.write_text(f"model: {tiny_model}\ncache: {cache}\nmethod: pact\nbatch_size: 4\nmax_steps: 2\n"
-                         "lr: 1e-3   # YAML reads this as a string; it is taken as the number\n"
-                         "shuffle: false\nlora_dropout: 0.0\nprogress: false\nplot: false\npact:\n  T: 1.5\n  N: 4\n")
+    yaml_file.write_text(
+        f"model: {tiny_model}\ncache: {cache}\nmethod: pact\nbatch_size: 4\nmax_steps: 2\n"
+        "lr: 1e-3   # YAML reads this as a string; it is taken as the number\n"
+        "shuffle: false\nlora_dropout: 0.0\nprogress: false\nplot: false\npact:\n  T: 1.5\n  N: 4\n"
+    )
     assert train_main(["--config", str(yaml_file), "-o", str(tmp_path / "a")]) == 0
-    assert train_main(["--model", tiny_model, "--cache", cache, "-o", str(tmp_path / "b"), "--method", "pact", "--batch-size", "4", "--max-steps", "2",
-                       "--lr", "1e-3", "--no-shuffle", "--lora-dropout", "0", "--no-progress", "--pact-t", "1.5", "--pact-n", "4"]) == 0
+    assert (
+        train_main(
+            [
+                "--model",
+                tiny_model,
+                "--cache",
+                cache,
+                "-o",
+                str(tmp_path / "b"),
+                "--method",
+                "pact",
+                "--batch-size",
+                "4",
+                "--max-steps",
+                "2",
+                "--lr",
+                "1e-3",
+                "--no-shuffle",
+                "--lora-dropout",
+                "0",
+                "--no-progress",
+                "--pact-t",
+                "1.5",
+                "--pact-n",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
     rec = json.loads((tmp_path / "a" / "config.json").read_text())
     assert rec["lr"] == 1e-3 and rec["pact"]["T"] == 1.5 and rec["batch_size"] == 4
     cfg = parse_config(["--config", str(yaml_file), "-o", "x", "--batch-size", "2", "--pact-t", "3"])
-    assert cfg.batch_size == 2 and cfg.pact.T == 3.0 and cfg.pact.N == 4 and cfg.plot is False  # flags win, the rest stays
+    assert (
+        cfg.batch_size == 2 and cfg.pact.T == 3.0 and cfg.pact.N == 4 and cfg.plot is False
+    )  # flags win, the rest stays
 
 
 def test_a_runs_config_json_reruns_it(tiny_model, cache, tmp_path):
-    assert train_main(["--method", "pact", "--model", tiny_model, "--cache", cache, "-o", str(tmp_path / "a"), "--batch-size", "4", "--max-steps", "2",
-                       "--method", "str", "--lambda", "2", "--lora-dropout", "0", "--no-progress"]) == 0
+    assert (
+        train_main(
+            [
+                "--method",
+                "pact",
+                "--model",
+                tiny_model,
+                "--cache",
+                cache,
+                "-o",
+                str(tmp_path / "a"),
+                "--batch-size",
+                "4",
+                "--max-steps",
+                "2",
+                "--method",
+                "str",
+                "--lambda",
+                "2",
+                "--lora-dropout",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert train_main(["--config", str(tmp_path / "a" / "config.json"), "-o", str(tmp_path / "b")]) == 0
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
 
 
-@pytest.mark.parametrize("text, name, needle", [
-    ("batch_size: 8\nbatchsize: 4\n", "run.yaml", "unknown option 'batchsize'; options are field names: model, cache"),
-    ("batch_size: eight\n", "run.yaml", "batch_size: 'eight' is not an integer"),
-    ("batch_size: 2.5\n", "run.yaml", "batch_size: 2.5 is not an integer"),
-    ("shuffle: 0\n", "run.yaml", "shuffle: 0 is not true or false"),
-    ("- 1\n- 2\n", "run.yaml", "must be a mapping of option names to values, not a list"),
-    ("a: [1, \n", "run.yaml", "line 2: not valid YAML"),
-    ('{"lr": 1e-3,}', "config.json", "not valid JSON"),
-    ("pact: {T: 1, Tau: 3}\n", "run.yaml", "pact: unknown parameter 'Tau'; they are T, T_gate"),
-    ("pact: 3\n", "run.yaml", "pact must be a mapping"),
-    ("lr: -1\n", "run.yaml", "--lr -1.0: must be a finite number in (0, inf)"),
-    ("step_gamma: 1.5\n", "run.yaml", "step_gamma 1.5: must be a finite number in (0, 1]"),
-    ("pact: {top_p: 0}\n", "run.yaml", "--pact-top-p 0.0: must be a finite number in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "text, name, needle",
+    [
+        (
+            "batch_size: 8\nbatchsize: 4\n",
+            "run.yaml",
+            "unknown option 'batchsize'; options are field names: model, cache",
+        ),
+        ("batch_size: eight\n", "run.yaml", "batch_size: 'eight' is not an integer"),
+        ("batch_size: 2.5\n", "run.yaml", "batch_size: 2.5 is not an integer"),
+        ("shuffle: 0\n", "run.yaml", "shuffle: 0 is not true or false"),
+        ("- 1\n- 2\n", "run.yaml", "must be a mapping of option names to values, not a list"),
+        ("a: [1, \n", "run.yaml", "line 2: not valid YAML"),
+        ('{"lr": 1e-3,}', "config.json", "not valid JSON"),
+        ("pact: {T: 1, Tau: 3}\n", "run.yaml", "pact: unknown parameter 'Tau'; they are T, T_gate"),
+        ("pact: 3\n", "run.yaml", "pact must be a mapping"),
+        ("lr: -1\n", "run.yaml", "--lr -1.0: must be a finite number in (0, inf)"),
+        ("step_gamma: 1.5\n", "run.yaml", "step_gamma 1.5: must be a finite number in (0, 1]"),
+        ("pact: {top_p: 0}\n", "run.yaml", "--pact-top-p 0.0: must be a finite number in (0, 1]"),
+    ],
+)
 def test_bad_config_files_are_one_line(tmp_path, capsys, text, name, needle):
     f = tmp_path / name
     f.write_text(text)
-    rc = train_main(["--config", str(f), "--model", "m", "--cache", str(tmp_path / "nothing"), "-o", str(tmp_path / "o")])
+    rc = train_main(
+        ["--config", str(f), "--model", "m", "--cache", str(tmp_path / "nothing"), "-o", str(tmp_path / "o")]
+    )
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-train")]
     assert rc == 1 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "o").exists()
@@ -102,6 +251,90 @@ def test_missing_and_unreadable_config(tmp_path, capsys):
     assert "is a folder" in capsys.readouterr().err
 
 
+def _bomb(tail: str) -> str:
+    """A YAML "billion laughs": 9 levels of 9 aliases, about 387 million strings once expanded."""
+    text, prev = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n', "a"
+    for name in "bcdefghi":
+        text += f"{name}: &{name} [" + ", ".join(["*" + prev] * 9) + "]\n"
+        prev = name
+    return text + tail
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda f: f.write_text(_bomb("lr: *i\n")), "holds more than 10,000 values once its YAML aliases are expanded"),
+        (lambda f: f.write_text(_bomb("pact: *i\n")), "holds more than 10,000 values"),
+        (lambda f: f.write_text(_bomb("storage_options: {key: *i}\n")), "holds more than 10,000 values"),
+        (
+            lambda f: f.write_text("# padding\n" * 120_000 + "lr: 1.0e-3\n"),
+            "is 1,200,011 bytes, more than the 1,048,576 a YAML",
+        ),
+        (
+            lambda f: f.write_bytes(b"lr: 1.0e-3  # \xe2\x82\xac\n" * 20 + b"seed: \xff\n"),
+            ":21: is not UTF-8 text (byte 366)",
+        ),
+        (
+            lambda f: f.write_text("group_by_length: " + "9" * 400 + "\n"),
+            "--group-by-length <an integer of 400 digits>: must be an integer in [0, 2147483647]",
+        ),
+        (
+            lambda f: f.write_text("lr: " + "9" * 400 + "\n"),
+            "--lr <an integer of 400 digits>: must be a finite number in (0, inf)",
+        ),
+        (
+            lambda f: f.write_text("lr: '" + "9" * 400 + "'\n"),
+            "lr: '999999999999999999999999999...9999999999999999999999999999' is not a number",
+        ),
+        (lambda f: f.write_text("lr: '1e400'\n"), "--lr inf: must be a finite number"),
+        (
+            lambda f: f.write_text("method: " + "x" * 5000 + "\n"),
+            "--method 'xxxxxxxxxxxxxxxxxxxxxxxxxxx...xxxxxxxxxxxxxxxxxxxxxxxxxxxx': use one of",
+        ),
+        (
+            lambda f: f.write_text("batch_size: [" + "1, " * 5000 + "1]\n"),
+            "batch_size: [1, 1, 1, 1, ...] is not an integer",
+        ),
+        (lambda f: os.mkfifo(f), "is a FIFO, not a regular file; give the YAML or JSON config file as a file"),
+    ],
+)
+def test_hostile_config_files_cost_nothing_and_are_one_line(tmp_path, capsys, make, needle):
+    """Alias bombs, oversized, half-text, unbounded numbers and values, FIFOs: refused before anything grows, the
+    value in the message cut short."""
+    f = tmp_path / "run.yaml"
+    make(f)
+    rc = train_main(
+        ["--config", str(f), "--model", "m", "--cache", str(tmp_path / "nothing"), "-o", str(tmp_path / "o")]
+    )
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-train")]
+    assert rc == 1 and len(err) == 1 and needle in err[0] and len(err[0]) < 400, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_device_and_oversized_binary_configs(tmp_path, capsys):
+    assert train_main(["--config", "/dev/zero"]) == 1
+    assert "--config /dev/zero: is a device or socket, not a regular file" in capsys.readouterr().err
+    big = tmp_path / "weights.safetensors"
+    with open(big, "wb") as f:  # sparse: 540 MB declared, nothing read
+        f.truncate(540_000_000)
+    assert train_main(["--config", str(big)]) == 1
+    assert (
+        "is 540,000,000 bytes, more than the 1,048,576 a YAML or JSON config file may hold" in capsys.readouterr().err
+    )
+
+
+def test_unbounded_numbers_on_the_command_line(tmp_path, capsys):
+    base = ["--model", "m", "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "o")]
+    assert train_main(base + ["--group-by-length", "1" + "0" * 400]) == 1
+    assert (
+        "--group-by-length <an integer of 401 digits>: must be an integer in [0, 2147483647]" in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit) as e:  # past the interpreter's digit limit: argparse's own refusal, cut short
+        train_main(base + ["--batch-size", "9" * 5000])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid int value: '999" in err and len(err) < 400
+
+
 def test_ranges_come_from_the_declarations():
     """A value just outside each declared range is refused, naming its flag (or field)."""
     for f in fields(TrainConfig):
@@ -114,44 +347,76 @@ def test_ranges_come_from_the_declarations():
             check_config(cfg)
 
 
-@pytest.mark.parametrize("opt, value, needle", [
-    ("--lr", "inf", "--lr inf: must be a finite number in (0, inf)"),
-    ("--lr", "nan", "--lr nan: must be a finite number"),
-    ("--lr", "0", "--lr 0.0: must be a finite number in (0, inf)"),
-    ("--pact-t", "0", "--pact-t 0.0: must be a finite number in (0, inf); the distillation temperature"),
-    ("--pact-t-gate", "-1", "--pact-t-gate -1.0: must be a finite number in (0, inf)"),
-    ("--pact-top-p", "1.5", "--pact-top-p 1.5: must be a finite number in (0, 1]"),
-    ("--pact-alpha", "nan", "--pact-alpha nan: must be a finite number"),
-    ("--pact-boost", "-1", "--pact-boost -1.0"),
-    ("--pact-n", "-1", "--pact-n -1: must be an integer in [0, inf)"),
-    ("--weight-decay", "-1", "--weight-decay -1.0: must be a finite number in [0, inf)"),
-    ("--lambda", "inf", "--lambda inf"),
-    ("--lora-dropout", "1", "--lora-dropout 1.0: must be a finite number in [0, 1)"),
-    ("--save-every", "0", "--save-every 0: must be an integer in [1, inf)"),
-    ("--shuffle-buffer", "0", "--shuffle-buffer 0: must be an integer in [1, inf)"),
-    ("--batch-size", "0", "--batch-size 0"),
-    ("--warmup-steps", "-2", "--warmup-steps -2: must be an integer in [-1, inf); -1 means 3% of the run"),
-    ("--seed", "-1", "--seed -1"),
-    ("--max-steps", "0", "--max-steps 0"),
-    ("--lr", "abc", "argument --lr: invalid float value: 'abc'"),
-])
+@pytest.mark.parametrize(
+    "opt, value, needle",
+    [
+        ("--lr", "inf", "--lr inf: must be a finite number in (0, inf)"),
+        ("--lr", "nan", "--lr nan: must be a finite number"),
+        ("--lr", "0", "--lr 0.0: must be a finite number in (0, inf)"),
+        ("--pact-t", "0", "--pact-t 0.0: must be a finite number in (0, inf); the distillation temperature"),
+        ("--pact-t-gate", "-1", "--pact-t-gate -1.0: must be a finite number in (0, inf)"),
+        ("--pact-top-p", "1.5", "--pact-top-p 1.5: must be a finite number in (0, 1]"),
+        ("--pact-alpha", "nan", "--pact-alpha nan: must be a finite number"),
+        ("--pact-boost", "-1", "--pact-boost -1.0"),
+        ("--pact-n", "-1", "--pact-n -1: must be an integer in [0, 2147483647]"),
+        ("--weight-decay", "-1", "--weight-decay -1.0: must be a finite number in [0, inf)"),
+        ("--lambda", "inf", "--lambda inf"),
+        ("--lora-dropout", "1", "--lora-dropout 1.0: must be a finite number in [0, 1)"),
+        ("--save-every", "0", "--save-every 0: must be an integer in [1, 2147483647]"),
+        ("--shuffle-buffer", "0", "--shuffle-buffer 0: must be an integer in [1, 2147483647]"),
+        ("--batch-size", "0", "--batch-size 0"),
+        ("--warmup-steps", "-2", "--warmup-steps -2: must be an integer in [-1, 2147483647]; -1 means 3% of the run"),
+        ("--seed", "-1", "--seed -1"),
+        ("--max-steps", "0", "--max-steps 0"),
+        ("--lr", "abc", "argument --lr: invalid float value: 'abc'"),
+    ],
+)
 def test_train_options_are_range_checked(made, tmp_path, capsys, opt, value, needle):
     out = tmp_path / "run"
     code = 2 if value == "abc" else 1
-    line = one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", made["q8"], "-o", out, opt, value, code=code)
+    line = one_line(
+        capsys,
+        train_main,
+        "--method",
+        "pact",
+        "--model",
+        made["model"],
+        "--cache",
+        made["q8"],
+        "-o",
+        out,
+        opt,
+        value,
+        code=code,
+    )
     assert needle in line, line
     assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- the defaults: the study's recipe
 
+
 def test_without_a_method_the_run_is_the_recipe_and_a_method_alone_is_plain():
     cfg = parse_config(["--model", "m", "--cache", "c", "-o", "o"])
     assert (cfg.recipe, cfg.method, cfg.lam, cfg.row_gate, cfg.gate_at, cfg.replay, cfg.replay_ratio) == (
-        "safe", "str", 3.0, "hard", 0.9, "auto", 0.02)
+        "safe",
+        "str",
+        3.0,
+        "hard",
+        0.9,
+        "auto",
+        0.02,
+    )
     assert cfg.defaults_record()["filled"] == ["method", "lam", "row_gate", "replay", "replay_ratio"]
     paper = parse_config(["--model", "m", "--cache", "c", "-o", "o", "--method", "pact"])
-    assert (paper.recipe, paper.method, paper.lam, paper.row_gate, paper.replay, paper.mix_ratio) == ("plain", "pact", 1.0, "none", None, 0.0)
+    assert (paper.recipe, paper.method, paper.lam, paper.row_gate, paper.replay, paper.mix_ratio) == (
+        "plain",
+        "pact",
+        1.0,
+        "none",
+        None,
+        0.0,
+    )
     # a flag given always wins; what is left comes from the recipe
     mine = parse_config(["--model", "m", "--cache", "c", "-o", "o", "--lambda", "1", "--replay", "none"])
     assert (mine.method, mine.lam, mine.row_gate, mine.replay, mine.replay_ratio) == ("str", 1.0, "hard", None, None)
@@ -162,7 +427,9 @@ def test_without_a_method_the_run_is_the_recipe_and_a_method_alone_is_plain():
     assert TrainConfig(model="m", cache="c", out="o", method="pact").recipe == "plain"  # the Python API alike
 
 
-def test_a_run_with_no_method_flags_trains_the_recipe_and_says_so_in_config_json(tiny_model, cache, tmp_path, monkeypatch, capsys):
+def test_a_run_with_no_method_flags_trains_the_recipe_and_says_so_in_config_json(
+    tiny_model, cache, tmp_path, monkeypatch, capsys
+):
     """--replay auto: the policy is the cache's reference, so it answers the package's prompts itself before the
     first step; the replay cache is kept in the cache home and the next run reuses it."""
     import pact_cache.answers as answers
@@ -173,25 +440,70 @@ def test_a_run_with_no_method_flags_trains_the_recipe_and_says_so_in_config_json
     def refuses(model, tok, prompts, return_finished=False, **kw):  # a random tiny model refuses nothing by itself
         calls.append(len(prompts))
         return ["I'm sorry, I can't help with that."] * len(prompts), [True] * len(prompts)
+
     monkeypatch.setattr(answers, "generate", refuses)
-    args = ["--model", tiny_model, "--cache", cache, "--batch-size", "4", "--max-steps", "2", "--lora-dropout", "0", "--no-progress"]
+    args = [
+        "--model",
+        tiny_model,
+        "--cache",
+        cache,
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "2",
+        "--lora-dropout",
+        "0",
+        "--no-progress",
+    ]
     assert train_main(args + ["-o", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
     assert "--replay auto: the policy is the cache's reference" in err and "300 of 300 answers kept" in err
     rec = json.loads((tmp_path / "a" / "config.json").read_text())
     assert (rec["method"], rec["lam"], rec["row_gate"], rec["replay"], rec["replay_ratio"], rec["recipe"]) == (
-        "str", 3.0, "hard", "auto", 0.02, "safe")
+        "str",
+        3.0,
+        "hard",
+        "auto",
+        0.02,
+        "safe",
+    )
     assert rec["defaults"]["filled"] == ["method", "lam", "row_gate", "replay", "replay_ratio"]
     assert "docs/study.md" in rec["defaults"]["source"] and rec["replay_cache_id"]
     assert train_main(args + ["-o", str(tmp_path / "b")]) == 0
     assert calls == [300]  # made once, reused
     assert json.loads((tmp_path / "b" / "config.json").read_text())["replay_cache_id"] == rec["replay_cache_id"]
-    assert train_main(["--config", str(tmp_path / "a" / "config.json"), "-o", str(tmp_path / "c")]) == 0  # config.json reruns it
+    assert (
+        train_main(["--config", str(tmp_path / "a" / "config.json"), "-o", str(tmp_path / "c")]) == 0
+    )  # config.json reruns it
     assert metrics(tmp_path / "a") == metrics(tmp_path / "c")
 
 
 def test_replay_auto_needs_the_policy_to_be_the_reference(tiny_base_model, cache, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PACT_CACHE_HOME", str(tmp_path / "home"))
-    line = one_line(capsys, train_main, "--model", tiny_base_model, "--cache", cache, "-o", str(tmp_path / "o"), "--no-progress")
+    line = one_line(
+        capsys, train_main, "--model", tiny_base_model, "--cache", cache, "-o", str(tmp_path / "o"), "--no-progress"
+    )
     assert "--replay auto" in line and "is not the reference" in line and "pact-cache replay --ref" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_gate_at_goes_with_the_hard_gate_only(tmp_path, capsys):
+    """An option with no effect in the combination given is refused: on the command line, in a config file; a run
+    folder's config.json from before (gate_at 0.9 beside row_gate none) still reads."""
+    base = ["--model", "m", "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "o")]
+    for extra in (["--method", "pact"], ["--row-gate", "none"], ["--row-gate", "soft", "--method", "str"]):
+        assert train_main(base + extra + ["--gate-at", "0.8"]) == 1
+        assert "--gate-at 0.8: is the hard row gate's threshold, and with --row-gate" in capsys.readouterr().err
+    check_config(parse_config(base + ["--gate-at", "0.8"]))  # the safe recipe's gate is hard
+    assert parse_config(base).gate_at == 0.9 and parse_config(base + ["--method", "pact"]).gate_at is None
+    f = tmp_path / "run.yaml"
+    f.write_text("row_gate: soft\nmethod: str\ngate_at: 0.5\n")
+    assert train_main(base + ["--config", str(f)]) == 1
+    assert (
+        "--gate-at 0.5: is the hard row gate's threshold, and with --row-gate soft there is none"
+        in capsys.readouterr().err
+    )
+    f.write_text("row_gate: none\nmethod: pact\ngate_at: 0.9\n")  # what config.json recorded before
+    cfg = parse_config(base + ["--config", str(f)])
+    check_config(cfg)
+    assert cfg.gate_at is None

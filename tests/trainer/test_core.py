@@ -2,14 +2,14 @@
 
 import pytest
 import torch
-
-from pact_cache.format import open_cache
-from pact_cache.projection import Projection
-from pact_cache.score import cache_token_mask
 from pact_train.core import chunked_projection
 from pact_train.loop import policy_losses
 from pact_train.losses import LossParams
 from pact_train.stream import collate
+
+from pact_cache.format import open_cache
+from pact_cache.projection import Projection
+from pact_cache.rows import cache_token_mask
 
 
 def naive_target_logprobs(logits, targets):
@@ -47,7 +47,9 @@ def test_chunked_projection_equals_the_unchunked_values_and_gradients(chunk, cap
     want_t = naive_target_logprobs(logits, targets)
     want_lse = torch.stack([torch.log(torch.exp(logits[i].double()).sum()) for i in range(N)])
     ((want_t * w_t).sum() + (logits[:, ids] * w_sel).sum() + (want_lse * w_lse).sum()).backward()
-    assert torch.allclose(got[0].double(), want_t.detach(), atol=1e-5) and -got[0].sum().item() == pytest.approx(-want_t.sum().item(), rel=1e-6)
+    assert torch.allclose(got[0].double(), want_t.detach(), atol=1e-5) and -got[0].sum().item() == pytest.approx(
+        -want_t.sum().item(), rel=1e-6
+    )
     assert torch.allclose(got[1], logits[:, ids].detach(), atol=1e-6)
     assert torch.allclose(got[2].double(), want_lse.detach(), atol=1e-5)
     assert torch.allclose(got[3], h.grad, atol=1e-5) and torch.allclose(got[4], head.weight.grad, atol=1e-5)
@@ -55,7 +57,9 @@ def test_chunked_projection_equals_the_unchunked_values_and_gradients(chunk, cap
 
 def test_chunked_projection_of_no_positions_is_empty():
     head = torch.nn.Linear(4, 9, bias=False)
-    tgt, sel, lse = chunked_projection(Projection(head), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.tensor([1, 2]), 3)
+    tgt, sel, lse = chunked_projection(
+        Projection(head), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.tensor([1, 2]), 3
+    )
     assert tgt.shape == lse.shape == (0,) and sel.shape == (0, 2)
 
 

@@ -8,18 +8,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
+from conftest import HELPERS
 from pact_train.distributed import Ranks
 from pact_train.loop import TrainConfig, TrainError, train
-
-from conftest import HELPERS
-
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.multiprocess
 
 
-COMMON = ["--method", "pact", "--lora-dropout", "0", "--lr", "1e-3", "--grad-accum", "3", "--warmup-steps", "1", "--no-progress", "--save-every", "1"]
+COMMON = [
+    "--method",
+    "pact",
+    "--lora-dropout",
+    "0",
+    "--lr",
+    "1e-3",
+    "--grad-accum",
+    "3",
+    "--warmup-steps",
+    "1",
+    "--no-progress",
+    "--save-every",
+    "1",
+]
 
 
 KEYS = ("loss", "ce", "pact_kl", "grad_norm", "lr", "tokens", "tokens_total", "epoch")
@@ -45,13 +56,22 @@ def free_port() -> int:
 def launcher(nproc: int = 2) -> list[str]:
     """torchrun on this machine, its store on a free port (static rendezvous: no c10d rendezvous
     handler to shut down at exit, which --standalone uses)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-            f"--master-port={free_port()}"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+    ]
 
 
 def torchrun(args: list[str], env: dict | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [*launcher(nproc), "-m", "pact_train", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    )
 
 
 def metrics(out: Path) -> list[dict]:
@@ -68,8 +88,22 @@ def close(a: list[dict], b: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def one_and_two(setup):
     root, args = setup
-    train(TrainConfig(model=args[1], cache=args[3], out=str(root / "one"), recipe="plain", batch_size=2, grad_accum=3, lora_dropout=0.0, lr=1e-3,
-                      warmup_steps=1, progress=False, plot=False, padding_free=False))  # padded; two processes: padding-free
+    train(
+        TrainConfig(
+            model=args[1],
+            cache=args[3],
+            out=str(root / "one"),
+            recipe="plain",
+            batch_size=2,
+            grad_accum=3,
+            lora_dropout=0.0,
+            lr=1e-3,
+            warmup_steps=1,
+            progress=False,
+            plot=False,
+            padding_free=False,
+        )
+    )  # padded; two processes: padding-free
     res = torchrun(args + ["--batch-size", "1", "-o", str(root / "two"), "--report-to", "tensorboard"])
     assert res.returncode == 0, res.stderr[-3000:]
     return root, res
@@ -89,7 +123,9 @@ def test_two_processes_follow_the_one_process_trajectory(one_and_two):
     """Two processes, padding-free (the default), against one padded process: the same steps (1e-5)."""
     root, res = one_and_two
     one, two = metrics(root / "one"), metrics(root / "two")
-    assert len(one) == 4 and one[-1]["tokens_total"] == two[-1]["tokens_total"]  # the whole epoch, every response token once
+    assert (
+        len(one) == 4 and one[-1]["tokens_total"] == two[-1]["tokens_total"]
+    )  # the whole epoch, every response token once
     close(one, two)
     wa = load_file(str(root / "one" / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(root / "two" / "adapter" / "adapter_model.safetensors"))
@@ -114,8 +150,11 @@ def test_resume_after_every_rank_is_killed(setup, one_and_two):
     out = root / "killed"
     pids = root / "pids"
     pids.mkdir()
-    env = {"PYTHONPATH": os.pathsep.join([str(HELPERS), os.environ.get("PYTHONPATH", "")]), "PACT_TEST_KILL_AT": "2",
-           "PACT_TEST_PIDS": str(pids)}
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(HELPERS), os.environ.get("PYTHONPATH", "")]),
+        "PACT_TEST_KILL_AT": "2",
+        "PACT_TEST_PIDS": str(pids),
+    }
     res = torchrun(args + ["--batch-size", "1", "-o", str(out)], env=env)
     assert res.returncode != 0  # killed right after the checkpoint of step 2
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
@@ -129,15 +168,45 @@ def test_resume_after_every_rank_is_killed(setup, one_and_two):
 def test_resuming_with_another_process_count_is_refused(setup, one_and_two):
     root, args = setup
     with pytest.raises(TrainError, match="started on 2 process.*--nproc-per-node 2"):
-        train(TrainConfig(model=args[1], cache=args[3], out=str(root / "two"), recipe="plain", batch_size=1, grad_accum=3, lora_dropout=0.0,
-                          lr=1e-3, warmup_steps=1, progress=False, plot=False, resume=True))
+        train(
+            TrainConfig(
+                model=args[1],
+                cache=args[3],
+                out=str(root / "two"),
+                recipe="plain",
+                batch_size=1,
+                grad_accum=3,
+                lora_dropout=0.0,
+                lr=1e-3,
+                warmup_steps=1,
+                progress=False,
+                plot=False,
+                resume=True,
+            )
+        )
 
 
 def pact_train_reference(setup, out: Path) -> list[dict]:
     """pact-train, 1 process x 2 rows x 2 accumulation, cache order, constant lr: 4 steps."""
     root, args = setup
-    train(TrainConfig(model=args[1], cache=args[3], out=str(out), recipe="plain", batch_size=2, grad_accum=2, lora_dropout=0.0, lr=1e-3,
-                      schedule="constant", warmup_steps=0, shuffle=False, max_steps=4, progress=False, plot=False))
+    train(
+        TrainConfig(
+            model=args[1],
+            cache=args[3],
+            out=str(out),
+            recipe="plain",
+            batch_size=2,
+            grad_accum=2,
+            lora_dropout=0.0,
+            lr=1e-3,
+            schedule="constant",
+            warmup_steps=0,
+            shuffle=False,
+            max_steps=4,
+            progress=False,
+            plot=False,
+        )
+    )
     return metrics(out)
 
 
@@ -148,7 +217,9 @@ def trainer_logged(out: Path) -> list[dict]:
 def same_steps(want: list[dict], logged: list[dict]) -> None:
     assert len(logged) == len(want) == 4
     for a, b in zip(want, logged):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(
+            a["grad_norm"], rel=1e-5
+        )
         # the term under its own name, summed over both processes
         assert b["ce"] == pytest.approx(a["ce"], rel=1e-5) and b["pact_kl"] == pytest.approx(a["pact_kl"], rel=1e-5)
 
@@ -158,9 +229,10 @@ def test_trainer_on_two_processes_follows_pact_train(setup, tmp_path):
     4 optimizer steps of 2 processes x 1 row x 2 accumulation equal pact-train's 1 process x 2 rows
     x 2 accumulation (same rows in cache order, constant lr, AdamW): loss and grad norm, 1e-5."""
     root, args = setup
-    cmd = [*launcher(), str(HELPERS / "hf_run.py"),
-           args[1], args[3], str(tmp_path / "hf"), "1", "2", "4"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [*launcher(), str(HELPERS / "hf_run.py"), args[1], args[3], str(tmp_path / "hf"), "1", "2", "4"]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "hf" / "run.json").read_text()) == {"distributed_type": "MULTI_CPU", "processes": 2}
     same_steps(pact_train_reference(setup, tmp_path / "pt"), trainer_logged(tmp_path / "hf"))
@@ -171,10 +243,13 @@ def test_fsdp2_gradients_equal_one_process(setup, tmp_path):
     inside the sharded model's forward, so the output head is gathered when the chunks use it, in
     forward and in the recomputation of backward; gradients equal one process's (1e-5 relative)."""
     root, args = setup
-    cmd = [*launcher(), str(HELPERS / "fsdp_check.py"),
-           args[1], args[3]]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0 and "largest relative gradient difference" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
+    cmd = [*launcher(), str(HELPERS / "fsdp_check.py"), args[1], args[3]]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert res.returncode == 0 and "largest relative gradient difference" in res.stdout, (
+        res.stdout[-2000:] + res.stderr[-3000:]
+    )
 
 
 def test_accelerate_launch_runs_the_same_job(setup, one_and_two, tmp_path):
@@ -183,21 +258,46 @@ def test_accelerate_launch_runs_the_same_job(setup, one_and_two, tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     if not accelerate.exists():
         pytest.skip("accelerate's launcher is not installed next to this Python")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--main_process_port", str(free_port()),
-           "--dynamo_backend", "no", "-m", "pact_train", *args, "--batch-size", "1", "-o", str(tmp_path / "acc")]
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "pact_train",
+        *args,
+        "--batch-size",
+        "1",
+        "-o",
+        str(tmp_path / "acc"),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert "data-parallel on 2 processes" in res.stderr
     close(metrics(root / "two"), metrics(tmp_path / "acc"))
 
 
-@pytest.mark.parametrize("env, message", [({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an integer"),
-                                          ({"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0"}, "RANK=5 is outside 0..1"),
-                                          ({"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK=''")])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an integer"),
+        ({"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0"}, "RANK=5 is outside 0..1"),
+        ({"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK=''"),
+    ],
+)
 def test_a_broken_launcher_environment_is_one_line(env, message, monkeypatch):
-    from pact_cache.errors import PactError
     from pact_train.distributed import ranks_from_env
+
+    from pact_cache.errors import PactError
 
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)

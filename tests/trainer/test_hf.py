@@ -5,17 +5,16 @@ import json
 
 import pytest
 import torch
-
-from pact_cache.direction import read_direction
-from pact_cache.format import open_cache
-from pact_cache.models import resolve_model
-from pact_cache.score import cache_token_mask
+from conftest import ROOT
 from pact_train.hf import CacheDataset, PactCollator, make_trainer_class
 from pact_train.loop import TrainConfig, load_policy, policy_losses, train
 from pact_train.losses import LossParams, asft_penalty
 from pact_train.stream import collate
 
-from conftest import ROOT
+from pact_cache.direction import read_direction
+from pact_cache.format import open_cache
+from pact_cache.models import resolve_model
+from pact_cache.rows import cache_token_mask
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +25,14 @@ def cache(f32_cache):
 def trainer_for(model, cache, tmp_path, params, **args):
     from transformers import Trainer, TrainingArguments
 
-    targs = TrainingArguments(output_dir=str(tmp_path / "hf"), remove_unused_columns=False, report_to=[], use_cpu=True,
-                              save_strategy="no", **args)
+    targs = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        **args,
+    )
     return make_trainer_class(Trainer)(model=model, args=targs, cache=open_cache(cache), loss_params=params)
 
 
@@ -49,13 +54,17 @@ def test_trainer_loss_and_gradients_equal_pact_train(tiny_model, cache, tmp_path
     inputs = PactCollator(tok.pad_token_id)([{"row": r} for r in rows])
     n_items = inputs["labels"][..., 1:].ne(-100).sum()
     assert n_items == n
-    loss_b = trainer_for(model_b, cache, tmp_path, params).compute_loss(model_b, dict(inputs), num_items_in_batch=n_items)
+    loss_b = trainer_for(model_b, cache, tmp_path, params).compute_loss(
+        model_b, dict(inputs), num_items_in_batch=n_items
+    )
     loss_b.backward()
     assert kl.item() > 0 and loss_b.item() == pytest.approx(loss_a.item(), rel=1e-6)
     grads_a = {k: p.grad for k, p in model_a.named_parameters() if p.requires_grad}
     grads_b = {k: p.grad for k, p in model_b.named_parameters() if p.requires_grad}
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
-    for k in grads_a:  # the collator packs the rows (padding-free), so sums run in another order: float32 noise of the tensor's scale
+    for k in (
+        grads_a
+    ):  # the collator packs the rows (padding-free), so sums run in another order: float32 noise of the tensor's scale
         torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-5, atol=1e-5 * float(grads_a[k].abs().max()), msg=k)
 
 
@@ -63,20 +72,45 @@ def test_a_short_trainer_run_logs_pact_trains_first_loss(tiny_model, cache, tmp_
     """Same rows in the same order, batch 4 x 2 accumulation: the first logged loss (before any
     update) is pact-train's first step's loss; the run goes on without error."""
     params = LossParams(lam=1.0)
-    train(TrainConfig(model=tiny_model, cache=str(cache), out=str(tmp_path / "pt"), method="pact", batch_size=4, grad_accum=2, max_steps=1,
-                      shuffle=False, progress=False, plot=False, lora_dropout=0.0))
+    train(
+        TrainConfig(
+            model=tiny_model,
+            cache=str(cache),
+            out=str(tmp_path / "pt"),
+            method="pact",
+            batch_size=4,
+            grad_accum=2,
+            max_steps=1,
+            shuffle=False,
+            progress=False,
+            plot=False,
+            lora_dropout=0.0,
+        )
+    )
     want = json.loads((tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()[0])
     torch.manual_seed(0)
     model, tok, _ = load_policy(TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0), "cpu")
-    trainer = trainer_for(model, cache, tmp_path, params, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                          max_steps=3, logging_steps=1, learning_rate=1e-3, lr_scheduler_type="constant")
+    trainer = trainer_for(
+        model,
+        cache,
+        tmp_path,
+        params,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        logging_steps=1,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+    )
     trainer.train_dataset = CacheDataset(open_cache(cache))
     trainer.data_collator = PactCollator(tok.pad_token_id)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 3 and logs[0]["loss"] == pytest.approx(want["loss"], rel=1e-4)
     # the method's term under its own name, token-weighted like pact-train's
-    assert logs[0]["ce"] == pytest.approx(want["ce"], rel=1e-4) and logs[0]["pact_kl"] == pytest.approx(want["pact_kl"], rel=1e-4)
+    assert logs[0]["ce"] == pytest.approx(want["ce"], rel=1e-4) and logs[0]["pact_kl"] == pytest.approx(
+        want["pact_kl"], rel=1e-4
+    )
 
 
 def test_dataset_shards_by_worker_without_overlap(cache):
@@ -90,9 +124,13 @@ def test_the_documented_example_runs(tiny_model, cache, tmp_path, monkeypatch):
     """docs/trainer.md's Trainer example, with the tiny model and this cache put in, 3 steps on CPU."""
     text = (ROOT / "docs" / "trainer.md").read_text()
     block = text.split("```python")[1].split("```")[0]
-    for old, new in (('"s3://team/caches/sst2", cache_id="3f1c2a9e"', repr(str(cache))), ('"my-aligned-model"', repr(tiny_model)),
-                     ("max_steps=250", "max_steps=3"), ('"runs/hf"', repr(str(tmp_path / "hf"))),
-                     ("remove_unused_columns=False,", "remove_unused_columns=False, report_to=[], use_cpu=True,")):
+    for old, new in (
+        ('"s3://team/caches/sst2", cache_id="3f1c2a9e"', repr(str(cache))),
+        ('"my-aligned-model"', repr(tiny_model)),
+        ("max_steps=250", "max_steps=3"),
+        ('"runs/hf"', repr(str(tmp_path / "hf"))),
+        ("remove_unused_columns=False,", "remove_unused_columns=False, report_to=[], use_cpu=True,"),
+    ):
         assert old in block, old
         block = block.replace(old, new)
     scope = {}
@@ -101,8 +139,11 @@ def test_the_documented_example_runs(tiny_model, cache, tmp_path, monkeypatch):
     # the TRL example that follows, in the same scope
     pytest.importorskip("trl")
     trl_block = text.split("```python")[2].split("```")[0]
-    for old, new in (('"runs/trl"', repr(str(tmp_path / "trl"))), ("max_steps=250", "max_steps=2"),
-                     ("remove_unused_columns=False,", "remove_unused_columns=False, report_to=[], use_cpu=True, bf16=False,")):
+    for old, new in (
+        ('"runs/trl"', repr(str(tmp_path / "trl"))),
+        ("max_steps=250", "max_steps=2"),
+        ("remove_unused_columns=False,", "remove_unused_columns=False, report_to=[], use_cpu=True, bf16=False,"),
+    ):
         assert old in trl_block, old
         trl_block = trl_block.replace(old, new)
     exec(compile(trl_block, "docs/trainer.md", "exec"), scope)
@@ -115,18 +156,50 @@ def test_trl_sft_trainer_runs_pact_from_the_cache(tiny_model, cache, tmp_path):
     trl = pytest.importorskip("trl")
     from pact_train.hf import hf_iterable_dataset
 
-    train(TrainConfig(model=tiny_model, cache=str(cache), out=str(tmp_path / "pt"), method="pact", batch_size=4, grad_accum=2, max_steps=1,
-                      shuffle=False, progress=False, plot=False, lora_dropout=0.0))
+    train(
+        TrainConfig(
+            model=tiny_model,
+            cache=str(cache),
+            out=str(tmp_path / "pt"),
+            method="pact",
+            batch_size=4,
+            grad_accum=2,
+            max_steps=1,
+            shuffle=False,
+            progress=False,
+            plot=False,
+            lora_dropout=0.0,
+        )
+    )
     want = json.loads((tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     torch.manual_seed(0)
     model, tok, _ = load_policy(TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0), "cpu")
-    args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no",
-                         dataset_kwargs={"skip_prepare_dataset": True}, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                         max_steps=2, logging_steps=1, learning_rate=1e-3, lr_scheduler_type="constant",
-                         bf16=False, gradient_checkpointing=False)  # TRL's defaults differ from pact-train's fp32 on CPU
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "trl"),
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        dataset_kwargs={"skip_prepare_dataset": True},
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        logging_steps=1,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        bf16=False,
+        gradient_checkpointing=False,
+    )  # TRL's defaults differ from pact-train's fp32 on CPU
     c = open_cache(cache)
-    trainer = make_trainer_class(trl.SFTTrainer)(model=model, args=args, train_dataset=hf_iterable_dataset(c), processing_class=tok,
-                                                 data_collator=PactCollator(tok.pad_token_id), cache=c, loss_params=LossParams(lam=1.0))
+    trainer = make_trainer_class(trl.SFTTrainer)(
+        model=model,
+        args=args,
+        train_dataset=hf_iterable_dataset(c),
+        processing_class=tok,
+        data_collator=PactCollator(tok.pad_token_id),
+        cache=c,
+        loss_params=LossParams(lam=1.0),
+    )
     trainer.train()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 2 and logged[0] == pytest.approx(want, rel=1e-5)
@@ -150,29 +223,47 @@ def test_dataset_shards_by_rank_unless_the_stack_does(cache, monkeypatch):
 def test_trainer_asft_adds_the_penalty_once_per_optimizer_step(tiny_model, f32_cache, direction_file, tmp_path):
     """PactTrainer with direction=: the logged asft value is the penalty; with gradient accumulation 2
     the update equals the one of the same rows in pact-train (penalty once per optimizer step)."""
+    from pact_train.hf import CacheDataset, PactCollator, PactTrainer
+    from pact_train.losses import LossParams
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from pact_cache.format import open_cache
-    from pact_train.hf import CacheDataset, PactCollator, PactTrainer
-    from pact_train.losses import LossParams
     from pact_cache.models import load_tokenizer
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+        LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
     with torch.no_grad():  # a non-zero B, so that the penalty and its gradient are not zero from the start
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn_like(p) * 0.1)
     cache = open_cache(f32_cache)
     tok = load_tokenizer(resolve_model(tiny_model))
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                             max_steps=1, learning_rate=0.0, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                             remove_unused_columns=False, lr_scheduler_type="constant")
-    trainer = PactTrainer(model=model, args=args, train_dataset=CacheDataset(cache, shuffle=False),
-                          data_collator=PactCollator(tok.pad_token_id or 0), cache=cache,
-                          loss_params=LossParams(method="asft", lam=2.0), direction=direction_file)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        learning_rate=0.0,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        remove_unused_columns=False,
+        lr_scheduler_type="constant",
+    )
+    trainer = PactTrainer(
+        model=model,
+        args=args,
+        train_dataset=CacheDataset(cache, shuffle=False),
+        data_collator=PactCollator(tok.pad_token_id or 0),
+        cache=cache,
+        loss_params=LossParams(method="asft", lam=2.0),
+        direction=direction_file,
+    )
     from pact_train.loop import lora_direction_factors
 
     want = asft_penalty(lora_direction_factors(model, read_direction(direction_file))).item()
@@ -181,8 +272,14 @@ def test_trainer_asft_adds_the_penalty_once_per_optimizer_step(tiny_model, f32_c
     assert logged and logged[0]["asft"] == pytest.approx(want, rel=1e-5) and want > 0
     assert logged[0]["loss"] == pytest.approx(logged[0]["ce"] + 2.0 * want, rel=1e-4)
     with pytest.raises(Exception, match="needs direction="):
-        PactTrainer(model=model, args=args, train_dataset=CacheDataset(cache, shuffle=False),
-                    data_collator=PactCollator(tok.pad_token_id or 0), cache=cache, loss_params=LossParams(method="asft"))
+        PactTrainer(
+            model=model,
+            args=args,
+            train_dataset=CacheDataset(cache, shuffle=False),
+            data_collator=PactCollator(tok.pad_token_id or 0),
+            cache=cache,
+            loss_params=LossParams(method="asft"),
+        )
 
 
 def test_trainer_collator_carries_the_token_mask(scored):
@@ -204,10 +301,10 @@ def test_the_python_api_refuses_what_the_cli_refuses(cache, made, tmp_path):
     import shutil
     from types import SimpleNamespace
 
-    from pact_cache.errors import PactError
+    from conftest import edit_manifest
     from pact_train.hf import pad_id_for
 
-    from conftest import edit_manifest
+    from pact_cache.errors import PactError
 
     empty = tmp_path / "empty"
     shutil.copytree(made["q8"], empty)
@@ -229,3 +326,23 @@ def test_the_python_api_refuses_what_the_cli_refuses(cache, made, tmp_path):
     packed = PactCollator(0)(rows)  # the default: one sequence of the real tokens, the same labels
     assert packed["input_ids"].shape == (1, sum(len(r.input_ids) for r in rows)) and "attention_mask" not in packed
     assert packed["labels"][packed["labels"] != -100].tolist() == padded["labels"][padded["labels"] != -100].tolist()
+
+
+def test_the_python_api_checks_its_arguments_as_the_cli_does(cache):
+    from pact_cache.errors import PactError
+
+    for kw, needle in (
+        (dict(row_gate="hard"), "PactCollator(row_gate='hard'): must be a RowGate, e.g. RowGate.of_cache"),
+        (dict(replay_term=["ce"]), "PactCollator(replay_term=['ce']): use one of both, ce, term"),
+    ):
+        with pytest.raises(PactError) as e:
+            PactCollator(0, **kw)
+        assert needle in str(e.value)
+    for kw, needle in (
+        (dict(shuffle="yes"), "CacheDataset(shuffle='yes'): must be true or false"),
+        (dict(seed=-1), "CacheDataset(seed=-1): must be an integer >= 0"),
+        (dict(buffer_rows=0), "CacheDataset(buffer_rows=0): must be an integer >= 1"),
+    ):
+        with pytest.raises(PactError) as e:
+            CacheDataset(cache, **kw)
+        assert needle in str(e.value)

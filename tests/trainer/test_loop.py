@@ -15,17 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CHAT_ROWS, ROOT, edit_manifest, make_tiny_model, write_jsonl
+from hostile import cli, one_line
+from pact_train.cli import main as train_main
+from pact_train.loop import TrainConfig, train
+from pact_train.losses import asft_penalty
 
 from pact_cache.build import BuildConfig, build
 from pact_cache.cli import main as cache_main
 from pact_cache.direction import read_direction
 from pact_cache.format import MANIFEST
-from pact_train.cli import main as train_main
-from pact_train.loop import TrainConfig, train
-from pact_train.losses import asft_penalty
-
-from conftest import CHAT_ROWS, ROOT, edit_manifest, make_tiny_model, write_jsonl
-from hostile import cli, one_line
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +32,30 @@ def caches(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     data = write_jsonl(root / "train.jsonl", CHAT_ROWS)
     tokens = root / "tokens.json"
-    tokens.write_text(json.dumps({"format": "pact-tokens/1", "ids": [3, 17, 42, 99, 150, 201, 333],
-                                  "weights": [0.5, 0.1, -0.2, 0.7, 0.3, 0.2, 0.4], "method": "test", "params": {}}))
-    f32 = build(BuildConfig(str(data), tiny_model, str(root / "f32"), tokens=str(tokens), encoding="f32", progress=False))
-    q8 = build(BuildConfig(str(data), tiny_model, str(root / "q8"), tokens=str(tokens), rows_per_part=8, progress=False))
+    tokens.write_text(
+        json.dumps(
+            {
+                "format": "pact-tokens/1",
+                "ids": [3, 17, 42, 99, 150, 201, 333],
+                "weights": [0.5, 0.1, -0.2, 0.7, 0.3, 0.2, 0.4],
+                "method": "test",
+                "params": {},
+            }
+        )
+    )
+    f32 = build(
+        BuildConfig(str(data), tiny_model, str(root / "f32"), tokens=str(tokens), encoding="f32", progress=False)
+    )
+    q8 = build(
+        BuildConfig(str(data), tiny_model, str(root / "q8"), tokens=str(tokens), rows_per_part=8, progress=False)
+    )
     return {"f32": str(f32.out), "q8": str(q8.out), "data": data, "tokens": tokens}
 
 
 def cfg(model, cache, out, **kw):
-    base = dict(recipe="plain", batch_size=4, max_steps=3, shuffle=False, progress=False, plot=False, lr=1e-3, lora_dropout=0.0)
+    base = dict(
+        recipe="plain", batch_size=4, max_steps=3, shuffle=False, progress=False, plot=False, lr=1e-3, lora_dropout=0.0
+    )
     base.update(kw)
     return TrainConfig(model=model, cache=cache, out=str(out), **base)
 
@@ -54,8 +68,10 @@ def metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method, metric", [("pact", "pact_kl"), ("pact-rest", "pact_rest_kl"), ("str", "str"),
-                                            ("constrained-sft", "constrained_sft")])
+@pytest.mark.parametrize(
+    "method, metric",
+    [("pact", "pact_kl"), ("pact-rest", "pact_rest_kl"), ("str", "str"), ("constrained-sft", "constrained_sft")],
+)
 def test_cached_loss_equals_online_reference(tiny_model, caches, tmp_path, method, metric):
     """The cache's columns against a live reference's, for each method that reads them (pact-rest's
     rest category comes from the stored log-probs of S on one side and from the live full
@@ -68,7 +84,9 @@ def test_cached_loss_equals_online_reference(tiny_model, caches, tmp_path, metho
         assert x["tokens"] == y["tokens"]
         assert x["ce"] == pytest.approx(y["ce"], rel=1e-5)
         assert x[metric] == pytest.approx(y[metric], rel=1e-4, abs=1e-9)
-        want = x[metric] if method == "constrained-sft" else x["ce"] + x[metric]  # lambda 1; constrained SFT replaces the CE
+        want = (
+            x[metric] if method == "constrained-sft" else x["ce"] + x[metric]
+        )  # lambda 1; constrained SFT replaces the CE
         assert x["loss"] == pytest.approx(want, rel=1e-6)
     assert a[-1][metric] > 1e-6  # after two updates the policy is off the reference, so every term is positive
 
@@ -98,7 +116,10 @@ def test_outputs_load_with_peft_and_transformers(tiny_model, caches, tmp_path):
         assert torch.allclose(peft_model(x).logits, merged(x).logits, atol=1e-4)
     train(cfg(tiny_model, caches["q8"], tmp_path / "full", full=True, lr=1e-4))
     full = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "model")
-    assert not torch.equal(full.model.layers[0].self_attn.q_proj.weight, AutoModelForCausalLM.from_pretrained(tiny_model).model.layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(
+        full.model.layers[0].self_attn.q_proj.weight,
+        AutoModelForCausalLM.from_pretrained(tiny_model).model.layers[0].self_attn.q_proj.weight,
+    )
 
 
 def test_grad_accumulation_is_token_weighted(tiny_model, caches, tmp_path):
@@ -113,7 +134,8 @@ def test_grad_accumulation_is_token_weighted(tiny_model, caches, tmp_path):
 
 
 def run_cli(capsys, *args):
-    """pact-train --method pact (the paper's PACT, no replay) with these arguments: the checks of a run, not the defaults."""
+    """pact-train --method pact (the paper's PACT, no replay) with these arguments: the checks of a run, not the
+    defaults."""
     code = train_main(["--method", "pact"] + [str(a) for a in args])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-train")]
     return code, err
@@ -127,11 +149,29 @@ def test_bad_inputs_one_line_nothing_overwritten(tiny_model, caches, tmp_path, c
     assert code == 1 and "--lambda -1.0: must be a finite number in [0, inf)" in err[0]
     # a run folder is never taken over by a different run
     out = tmp_path / "run"
-    assert run_cli(capsys, "--model", tiny_model, "--cache", caches["q8"], "-o", out, "--max-steps", 1, "--no-progress")[0] == 0
+    assert (
+        run_cli(capsys, "--model", tiny_model, "--cache", caches["q8"], "-o", out, "--max-steps", 1, "--no-progress")[0]
+        == 0
+    )
     before = (out / "metrics.jsonl").read_text()
-    code, err = run_cli(capsys, "--model", tiny_model, "--cache", caches["q8"], "-o", out, "--max-steps", 1, "--lr", "1e-3", "--no-progress")
+    code, err = run_cli(
+        capsys,
+        "--model",
+        tiny_model,
+        "--cache",
+        caches["q8"],
+        "-o",
+        out,
+        "--max-steps",
+        1,
+        "--lr",
+        "1e-3",
+        "--no-progress",
+    )
     assert code == 1 and "holds a different run (lr" in err[0]
-    code, err = run_cli(capsys, "--model", tiny_model, "--cache", caches["q8"], "-o", out, "--max-steps", 1, "--no-progress")
+    code, err = run_cli(
+        capsys, "--model", tiny_model, "--cache", caches["q8"], "-o", out, "--max-steps", 1, "--no-progress"
+    )
     assert code == 1 and "pass --resume" in err[0]
     assert (out / "metrics.jsonl").read_text() == before
     busy = tmp_path / "busy"
@@ -167,9 +207,33 @@ def test_corrupt_missing_and_empty_caches(tiny_model, caches, tmp_path, capsys):
 def test_sigkill_then_resume_logs_the_samemetrics(caches, tmp_path_factory, tmp_path):
     model = str(make_tiny_model(tmp_path_factory.mktemp("wide_train") / "model", hidden=128, layers=4))
     data = write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS * 6)
-    cache = build(BuildConfig(str(data), model, str(tmp_path / "cache"), tokens=str(caches["tokens"]), rows_per_part=16, progress=False))
-    args = [sys.executable, "-m", "pact_train", "--model", model, "--cache", str(cache.out), "--method", "pact", "--batch-size", "4", "--max-steps", "24",
-            "--save-every", "3", "--lr", "1e-3", "--no-progress", "--seed", "3"]
+    cache = build(
+        BuildConfig(
+            str(data), model, str(tmp_path / "cache"), tokens=str(caches["tokens"]), rows_per_part=16, progress=False
+        )
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "pact_train",
+        "--model",
+        model,
+        "--cache",
+        str(cache.out),
+        "--method",
+        "pact",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "24",
+        "--save-every",
+        "3",
+        "--lr",
+        "1e-3",
+        "--no-progress",
+        "--seed",
+        "3",
+    ]
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     subprocess.run(args + ["-o", str(tmp_path / "ref")], env=env, check=True, capture_output=True)
     out = tmp_path / "killed"
@@ -207,9 +271,11 @@ def test_lr_schedules():
     assert [lr_at(s, 10, 5, c) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
     assert lr_at(9, 10, 5, c) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
     c = TrainConfig(model="", cache="", out="", lr=1.0, warmup_steps=0, schedule="step")
-    assert [lr_at(s, 20, 5, c) for s in (0, 4, 5, 10)] == [1.0, 1.0, 0.85, 0.85 ** 2]
+    assert [lr_at(s, 20, 5, c) for s in (0, 4, 5, 10)] == [1.0, 1.0, 0.85, 0.85**2]
     c = TrainConfig(model="", cache="", out="", lr=2.0, warmup_steps=-1, schedule="linear")
-    assert lr_at(0, 100, 10, c) == pytest.approx(2.0 / 3) and lr_at(99, 100, 10, c) == pytest.approx(2.0 * (1 - 96 / 97))
+    assert lr_at(0, 100, 10, c) == pytest.approx(2.0 / 3) and lr_at(99, 100, 10, c) == pytest.approx(
+        2.0 * (1 - 96 / 97)
+    )
 
 
 def test_lambda_does_not_apply_to_a_method_that_replaces_the_ce(tiny_model, caches, tmp_path):
@@ -222,6 +288,7 @@ def test_lambda_does_not_apply_to_a_method_that_replaces_the_ce(tiny_model, cach
 
 def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_writes_no_adapter(made, tmp_path, monkeypatch):
     import pact_train.loop as loop
+
     from pact_cache.errors import PactError
 
     real = loop.policy_losses
@@ -234,9 +301,23 @@ def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_writes_no_adap
 
     monkeypatch.setattr(loop, "policy_losses", nan_at_step_3)
     out = tmp_path / "run"
-    cfg = loop.TrainConfig(model=made["model"], cache=str(made["q8"]), out=str(out), method="pact", batch_size=4, max_steps=5, save_every=2,
-                           progress=False, plot=False, shuffle=False)
-    with pytest.raises(PactError, match=r"step 3: the loss is not finite .*no adapter or model written, the last good checkpoint \(step 2\)"):
+    cfg = loop.TrainConfig(
+        model=made["model"],
+        cache=str(made["q8"]),
+        out=str(out),
+        method="pact",
+        batch_size=4,
+        max_steps=5,
+        save_every=2,
+        progress=False,
+        plot=False,
+        shuffle=False,
+    )
+    with pytest.raises(
+        PactError,
+        match=r"step 3: the loss is not finite .*no adapter or model written, the last good "
+        r"checkpoint \(step 2\)",
+    ):
         loop.train(cfg)
     assert not (out / "adapter").exists()
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
@@ -246,8 +327,27 @@ def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_writes_no_adap
 
 def test_a_huge_learning_rate_diverges_into_one_line(made, tmp_path, capsys):
     out = tmp_path / "run"
-    line = one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", made["f32"], "-o", out, "--lr", "1e30", "--max-steps", 4,
-                    "--no-progress", "--no-shuffle", "--full", "--warmup-steps", 0)
+    line = one_line(
+        capsys,
+        train_main,
+        "--method",
+        "pact",
+        "--model",
+        made["model"],
+        "--cache",
+        made["f32"],
+        "-o",
+        out,
+        "--lr",
+        "1e30",
+        "--max-steps",
+        4,
+        "--no-progress",
+        "--no-shuffle",
+        "--full",
+        "--warmup-steps",
+        0,
+    )
     assert "not finite" in line or "gradient norm is" in line, line
     assert not (out / "model").exists() and not (out / "adapter").exists()
 
@@ -273,10 +373,36 @@ def test_resume_after_moving_the_run_and_from_another_directory(made, tmp_path, 
 def test_resume_on_a_new_folder_and_leftovers_of_killed_runs(made, tmp_path, capsys):
     from pact_cache.storage import _host
 
-    line = one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", made["q8"], "-o", tmp_path / "new", "--resume")
+    line = one_line(
+        capsys,
+        train_main,
+        "--method",
+        "pact",
+        "--model",
+        made["model"],
+        "--cache",
+        made["q8"],
+        "-o",
+        tmp_path / "new",
+        "--resume",
+    )
     assert "--resume, but there is no run here to resume" in line and not (tmp_path / "new").exists()
     run = tmp_path / "run"
-    base = ("--method", "pact", "--model", made["model"], "--cache", made["q8"], "-o", run, "--batch-size", 4, "--no-progress", "--save-every", 1)
+    base = (
+        "--method",
+        "pact",
+        "--model",
+        made["model"],
+        "--cache",
+        made["q8"],
+        "-o",
+        run,
+        "--batch-size",
+        4,
+        "--no-progress",
+        "--save-every",
+        1,
+    )
     assert cli(capsys, train_main, *base, "--max-steps", 1)[0] == 0
     # what kills leave: a fallback checkpoint and temporary folders of dead processes
     shutil.copytree(run / "checkpoint", run / ".checkpoint.old-12345")
@@ -296,16 +422,46 @@ def test_an_output_folder_that_cannot_be_written(made, tmp_path, capsys):
         ro.mkdir()
         ro.chmod(0o555)
         target = ro / "run"
-    line = one_line(capsys, train_main, "--method", "pact", "--model", made["model"], "--cache", made["q8"], "-o", target, "--no-progress", "--max-steps", 1)
+    line = one_line(
+        capsys,
+        train_main,
+        "--method",
+        "pact",
+        "--model",
+        made["model"],
+        "--cache",
+        made["q8"],
+        "-o",
+        target,
+        "--no-progress",
+        "--max-steps",
+        1,
+    )
     assert str(target.parent) in line and "check the path, its permissions and free space" in line
-    line = one_line(capsys, cache_main, "build", made["data"], "--ref", made["model"], "--tokens", made["tokens"], "-o", target, "--no-progress")
+    line = one_line(
+        capsys,
+        cache_main,
+        "build",
+        made["data"],
+        "--ref",
+        made["model"],
+        "--tokens",
+        made["tokens"],
+        "-o",
+        target,
+        "--no-progress",
+    )
     assert str(target.parent) in line and not target.exists()
 
 
 def test_no_traceback_from_a_subprocess_either(made, tmp_path):
     """The entry points as a user runs them: one line, no traceback, exit 1."""
-    r = subprocess.run([sys.executable, "-m", "pact_cache", "info", str(tmp_path / "nothing")], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    r = subprocess.run(
+        [sys.executable, "-m", "pact_cache", "info", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "no such cache folder" in r.stderr
 
 
@@ -321,42 +477,102 @@ def test_pact_train_asft_logs_and_applies_the_penalty(tiny_model, f32_cache, dir
         assert r["loss"] == pytest.approx(r["ce"] + 1e3 * r["asft"], rel=1e-5)
     assert m0[-1]["asft"] > 0 and mb[-1]["asft"] < 0.5 * m0[-1]["asft"]
 
+    from pact_train.loop import lora_direction_factors
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pact_train.loop import lora_direction_factors
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model), str(tmp_path / "big" / "adapter")
+    )
+    assert asft_penalty(lora_direction_factors(model, read_direction(direction_file))).item() == pytest.approx(
+        mb[-1]["asft"], rel=0.5
+    )
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(tmp_path / "big" / "adapter"))
-    assert asft_penalty(lora_direction_factors(model, read_direction(direction_file))).item() == pytest.approx(mb[-1]["asft"], rel=0.5)
 
-
-@pytest.mark.parametrize("argv, needle", [
-    (["--method", "asft"], "needs --direction FILE"),
-    (["--method", "pact", "--direction", "DIR"], "only a method with a parameter penalty"),
-    (["--method", "asft", "--direction", "DIR", "--full"], "leave out --full"),
-    (["--method", "asft", "--direction", "DIR", "--lora-targets", "q_proj,k_proj"], "no entry for"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--method", "asft"], "needs --direction FILE"),
+        (["--method", "pact", "--direction", "DIR"], "only a method with a parameter penalty"),
+        (["--method", "asft", "--direction", "DIR", "--full"], "leave out --full"),
+        (["--method", "asft", "--direction", "DIR", "--lora-targets", "q_proj,k_proj"], "no entry for"),
+    ],
+)
 def test_asft_option_errors(tiny_model, f32_cache, direction_file, tmp_path, capsys, argv, needle):
     argv = [str(direction_file) if a == "DIR" else a for a in argv]
-    assert train_main(["--method", "pact", "--model", tiny_model, "--cache", f32_cache, "-o", str(tmp_path / "run"), "--no-progress"] + argv) != 0
+    assert (
+        train_main(
+            [
+                "--method",
+                "pact",
+                "--model",
+                tiny_model,
+                "--cache",
+                f32_cache,
+                "-o",
+                str(tmp_path / "run"),
+                "--no-progress",
+            ]
+            + argv
+        )
+        != 0
+    )
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]  # transformers' own bar
+    lines = [
+        line for line in err.splitlines() if line.strip() and "Loading weights" not in line
+    ]  # transformers' own bar
     assert needle in err and "Traceback" not in err and len(lines) == 1
 
 
 def test_pact_train_token_mask(tiny_model, scored, tmp_path, capsys):
     src, out = scored
-    cfg = dict(batch_size=4, max_steps=2, shuffle=False, progress=False, plot=False, lr=1e-3, lora_dropout=0.0, method="sft")
+    cfg = dict(
+        batch_size=4, max_steps=2, shuffle=False, progress=False, plot=False, lr=1e-3, lora_dropout=0.0, method="sft"
+    )
     train(TrainConfig(model=tiny_model, cache=out, out=str(tmp_path / "masked"), token_mask=0.2, **cfg))
     train(TrainConfig(model=tiny_model, cache=out, out=str(tmp_path / "all"), **cfg))
-    m = [json.loads(l) for l in (tmp_path / "masked" / "metrics.jsonl").read_text().splitlines()]
-    a = [json.loads(l) for l in (tmp_path / "all" / "metrics.jsonl").read_text().splitlines()]
+    m = [json.loads(line) for line in (tmp_path / "masked" / "metrics.jsonl").read_text().splitlines()]
+    a = [json.loads(line) for line in (tmp_path / "all" / "metrics.jsonl").read_text().splitlines()]
     assert m[0]["tokens"] == a[0]["tokens"] and m[0]["ce"] < a[0]["ce"]
     assert json.loads((tmp_path / "masked" / "config.json").read_text())["token_mask"] == 0.2
     capsys.readouterr()
-    assert train_main(["--method", "pact", "--model", tiny_model, "--cache", src, "-o", str(tmp_path / "x"), "--token-mask", "0.2", "--no-progress"]) != 0
+    assert (
+        train_main(
+            [
+                "--method",
+                "pact",
+                "--model",
+                tiny_model,
+                "--cache",
+                src,
+                "-o",
+                str(tmp_path / "x"),
+                "--token-mask",
+                "0.2",
+                "--no-progress",
+            ]
+        )
+        != 0
+    )
     assert "has no token scores for --token-mask" in capsys.readouterr().err
-    assert train_main(["--method", "pact", "--model", tiny_model, "--cache", out, "-o", str(tmp_path / "y"), "--token-mask", "1", "--no-progress"]) != 0
+    assert (
+        train_main(
+            [
+                "--method",
+                "pact",
+                "--model",
+                tiny_model,
+                "--cache",
+                out,
+                "-o",
+                str(tmp_path / "y"),
+                "--token-mask",
+                "1",
+                "--no-progress",
+            ]
+        )
+        != 0
+    )
     assert "--token-mask" in capsys.readouterr().err
 
 
@@ -377,3 +593,45 @@ def test_report_to_tensorboard_writes_the_metrics_scalars(tiny_model, caches, tm
         assert [s for s, _ in got] == [r["step"] for r in recs]
         assert [v for _, v in got] == pytest.approx([r[key] for r in recs], rel=1e-6)
     assert json.loads((out / "config.json").read_text())["report_to"] == "tensorboard"
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_nothing_and_the_retry_works(
+    tiny_model, caches, tmp_path, capsys, monkeypatch
+):
+    """Checked before OUT is made: --report-to's package (here hidden); a run folder left by a run that stopped
+    before its first checkpoint (an older version's leftovers, a killed process) is started again from step 0
+    by the same command, plain or --resume."""
+    out = tmp_path / "run"
+    args = [
+        "--method",
+        "pact",
+        "--model",
+        tiny_model,
+        "--cache",
+        caches["q8"],
+        "-o",
+        str(out),
+        "--max-steps",
+        "1",
+        "--no-progress",
+        "--report-to",
+        "tensorboard",
+    ]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    assert "--report-to tensorboard: the tensorboard package is not installed" in one_line(capsys, train_main, *args)
+    assert not out.exists()
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard")
+    assert cli(capsys, train_main, *args)[0] == 0 and len(metrics(out)) == 1
+    # what a run killed after writing its settings and before its first checkpoint leaves
+    left = tmp_path / "left"
+    left.mkdir()
+    shutil.copy(out / "config.json", left / "config.json")
+    (left / "metrics.jsonl").write_text("")
+    for extra in ([], ["--resume"]):
+        code, err = cli(capsys, train_main, *[a if a != str(out) else str(left) for a in args], *extra)
+        assert code == 0 and any("holds this run's settings but no checkpoint" in line for line in err), err
+        assert len(metrics(left)) == 1
+        shutil.rmtree(left / "checkpoint")
+        shutil.rmtree(left / "adapter")
+    # a folder holding another run is still refused
+    assert "holds this run already; pass --resume" in one_line(capsys, train_main, *args)

@@ -4,8 +4,20 @@ import math
 
 import pytest
 import torch
-
-from pact_train.losses import LossParams, METHODS, Method, PactParams, Steps, asft_penalty, method_named, pact_gate, pact_kl, pact_rest_kl, register, top_p_count
+from pact_train.losses import (
+    METHODS,
+    LossParams,
+    Method,
+    PactParams,
+    Steps,
+    asft_penalty,
+    method_named,
+    pact_gate,
+    pact_kl,
+    pact_rest_kl,
+    register,
+    top_p_count,
+)
 
 
 def naive_asft(modules):
@@ -30,6 +42,7 @@ def naive_gate(zt: list, bt: list, t: int, p: PactParams) -> float:
             if cum < p.top_p:
                 n += 1
         return (n + 1) / K
+
     c = 1 / (1 + math.exp(-p.alpha * (index(zt) - index(bt) - p.bias)))
     return c * math.exp(-max(t - p.N, 0) / p.tau) * p.boost
 
@@ -51,12 +64,14 @@ def naive_pact_kl(z, a, b, w, lens, p: PactParams):
             zmax = max(zt)
             lse = math.log(sum(math.exp((v - zmax) / p.T) for v in zt)) + zmax / p.T
             kl = sum(qk * (math.log(max(qk, 1e-12)) - (zk / p.T - lse)) for qk, zk in zip(q, zt))
-            total += p.T ** 2 * kl
+            total += p.T**2 * kl
             count += 1
     return total, count
 
 
-@pytest.mark.parametrize("params", [PactParams(), PactParams(T=1.5, T_gate=0.7, top_p=0.8, alpha=3.0, bias=0.1, N=2, tau=3.0, boost=0.9)])
+@pytest.mark.parametrize(
+    "params", [PactParams(), PactParams(T=1.5, T_gate=0.7, top_p=0.8, alpha=3.0, bias=0.1, N=2, tau=3.0, boost=0.9)]
+)
 def test_pact_kl_matches_naive_on_odd_shapes(params):
     g = torch.Generator().manual_seed(0)
     B, T, K = 3, 13, 7  # K=7, ragged responses, steps beyond N
@@ -116,6 +131,7 @@ def naive_pact_rest_kl(policy_logits, ref_full, ref_post, ids, w, lens, p: PactP
         lp = torch.log_softmax(logits_t.double(), -1).tolist()
         rest = math.log(sum(math.exp(v) for i, v in enumerate(lp) if i not in ids))
         return [lp[i] for i in ids] + [rest]
+
     for bi in range(policy_logits.shape[0]):
         for t in range(lens[bi]):
             z, a, b = coarse(policy_logits[bi, t]), coarse(ref_full[bi, t]), coarse(ref_post[bi, t])
@@ -128,12 +144,14 @@ def naive_pact_rest_kl(policy_logits, ref_full, ref_post, ids, w, lens, p: PactP
             lse = math.log(sum(math.exp(v / p.T) for v in z[:-1]))
             kl_s = sum(qk * (math.log(max(qk, 1e-12)) - (zk / p.T - lse)) for qk, zk in zip(q, z[:-1]))
             kl_b = r * math.log(r / rho) + (1 - r) * math.log((1 - r) / (1 - rho))
-            total += p.T ** 2 * ((1 - r) * kl_s + kl_b)
+            total += p.T**2 * ((1 - r) * kl_s + kl_b)
             count += 1
     return total, count
 
 
-@pytest.mark.parametrize("params", [PactParams(), PactParams(T=1.5, T_gate=0.7, top_p=0.8, alpha=3.0, bias=0.1, N=2, tau=3.0, boost=0.9)])
+@pytest.mark.parametrize(
+    "params", [PactParams(), PactParams(T=1.5, T_gate=0.7, top_p=0.8, alpha=3.0, bias=0.1, N=2, tau=3.0, boost=0.9)]
+)
 def test_pact_rest_matches_naive_on_odd_shapes(params):
     """Through the registry, as the trainers call it: a vocabulary of 11, K = 4, ragged responses."""
     g = torch.Generator().manual_seed(1)
@@ -146,8 +164,14 @@ def test_pact_rest_matches_naive_on_odd_shapes(params):
     w = torch.tensor([0.5, -0.2, 0.9, 0.3], dtype=torch.float64)
     mask = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]
     lp = lambda x: torch.log_softmax(x, -1)[..., ids]  # noqa: E731  (the cache's full-vocabulary log-probs of S)
-    steps = Steps(mask, logits[..., ids], logits.logsumexp(-1), torch.zeros(B, T, dtype=torch.float64), w,
-                  {"full": lp(ref_full), "post": lp(ref_post)})
+    steps = Steps(
+        mask,
+        logits[..., ids],
+        logits.logsumexp(-1),
+        torch.zeros(B, T, dtype=torch.float64),
+        w,
+        {"full": lp(ref_full), "post": lp(ref_post)},
+    )
     got = method_named("pact-rest").term(steps, LossParams(method="pact-rest", pact=params))
     want, n = naive_pact_rest_kl(logits, ref_full, ref_post, ids, w, lens, params)
     assert n == int(mask.sum()) and got.item() == pytest.approx(want, rel=1e-6)
@@ -191,17 +215,20 @@ def naive_pact_ref_kl(policy_logits, ref_full, ref_post, ids, lens, p: PactParam
     def tempered(x):
         e = [math.exp(v / p.T) for v in x]
         return [v / sum(e) for v in e]
+
     for bi in range(policy_logits.shape[0]):
         for t in range(lens[bi]):
             z, a, b = coarse(policy_logits[bi, t]), coarse(ref_full[bi, t]), coarse(ref_post[bi, t])
             c = naive_gate(z[:-1], b[:-1], t, p)
             q, pol = tempered([(1 - c) * x + c * y for x, y in zip(a, b)]), tempered(z)
-            total += p.T ** 2 * sum(qk * math.log(qk / pk) for qk, pk in zip(q, pol))
+            total += p.T**2 * sum(qk * math.log(qk / pk) for qk, pk in zip(q, pol))
             count += 1
     return total, count
 
 
-@pytest.mark.parametrize("params", [PactParams(), PactParams(T=1.5, T_gate=0.7, top_p=0.8, alpha=3.0, bias=0.1, N=2, tau=3.0, boost=0.9)])
+@pytest.mark.parametrize(
+    "params", [PactParams(), PactParams(T=1.5, T_gate=0.7, top_p=0.8, alpha=3.0, bias=0.1, N=2, tau=3.0, boost=0.9)]
+)
 def test_pact_rest_ref_matches_naive_on_odd_shapes(params):
     g = torch.Generator().manual_seed(7)
     B, T, V = 3, 9, 11
@@ -211,13 +238,23 @@ def test_pact_rest_ref_matches_naive_on_odd_shapes(params):
     mask = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]
     lp = lambda x: torch.log_softmax(x, -1)[..., ids]  # noqa: E731
     w = torch.tensor([0.9, -0.5, 0.1, 0.0], dtype=torch.float64)  # choose S only: any weights give the same term
-    steps = Steps(mask, logits[..., ids], logits.logsumexp(-1), torch.zeros(B, T, dtype=torch.float64), w,
-                  {"full": lp(ref_full), "post": lp(ref_post)})
+    steps = Steps(
+        mask,
+        logits[..., ids],
+        logits.logsumexp(-1),
+        torch.zeros(B, T, dtype=torch.float64),
+        w,
+        {"full": lp(ref_full), "post": lp(ref_post)},
+    )
     got = method_named("pact-rest-ref").term(steps, LossParams(method="pact-rest-ref", pact=params))
     want, n = naive_pact_ref_kl(logits, ref_full, ref_post, ids, lens, params)
     assert n == int(mask.sum()) and got.item() == pytest.approx(want, rel=1e-6)
-    again = method_named("pact-rest-ref").term(Steps(mask, steps.policy_sel, steps.policy_lse, steps.policy_target,
-                                                     torch.ones(4, dtype=torch.float64), steps.ref), LossParams(method="pact-rest-ref", pact=params))
+    again = method_named("pact-rest-ref").term(
+        Steps(
+            mask, steps.policy_sel, steps.policy_lse, steps.policy_target, torch.ones(4, dtype=torch.float64), steps.ref
+        ),
+        LossParams(method="pact-rest-ref", pact=params),
+    )
     assert again.item() == got.item()
 
 
@@ -233,7 +270,10 @@ def test_pact_rest_ref_has_its_optimum_at_the_reference_and_pact_rest_does_not()
     mask = torch.ones(1, 1, dtype=torch.bool)
     assert pact_ref_kl(ref, ref, ref, mask, p)[0].item() == pytest.approx(0.0, abs=1e-7)
     ends = {}
-    for name, fn in (("ref", lambda x: pact_ref_kl(x, ref, ref, mask, p)[0]), ("rest", lambda x: pact_rest_kl(x, ref, ref, w, mask, p)[0])):
+    for name, fn in (
+        ("ref", lambda x: pact_ref_kl(x, ref, ref, mask, p)[0]),
+        ("rest", lambda x: pact_rest_kl(x, ref, ref, w, mask, p)[0]),
+    ):
         z = torch.zeros(1, 1, 5, requires_grad=True)  # free logits over S and the rest
         opt = torch.optim.Adam([z], lr=0.05)
         for _ in range(1500):
@@ -255,9 +295,14 @@ def odd_steps(seed=2, B=3, T=8, V=11, K=4):
     lens = [8, 5, 1]
     mask = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]
     lp = torch.log_softmax(logits, -1)
-    steps = Steps(mask, logits[..., ids], logits.logsumexp(-1), lp.gather(-1, targets[..., None])[..., 0],
-                  torch.ones(K, dtype=torch.float64),
-                  {"full": ref[..., ids], "post": ref[..., ids], "target": ref.gather(-1, targets[..., None])[..., 0]})
+    steps = Steps(
+        mask,
+        logits[..., ids],
+        logits.logsumexp(-1),
+        lp.gather(-1, targets[..., None])[..., 0],
+        torch.ones(K, dtype=torch.float64),
+        {"full": ref[..., ids], "post": ref[..., ids], "target": ref.gather(-1, targets[..., None])[..., 0]},
+    )
     return steps, logits, ref, targets, ids, lens
 
 
@@ -283,7 +328,9 @@ def test_constrained_sft_matches_naive_with_qi_schedule():
     m = method_named("constrained-sft")
     got = m.term(steps, LossParams(method="constrained-sft"))
     assert got.item() == pytest.approx(want, rel=1e-6)
-    assert not m.with_ce and m.total(torch.tensor(5.0), got, 3.0).item() == pytest.approx(got.item())  # it is the whole loss
+    assert not m.with_ce and m.total(torch.tensor(5.0), got, 3.0).item() == pytest.approx(
+        got.item()
+    )  # it is the whole loss
 
 
 def test_constrained_sft_is_the_ce_up_to_a_constant_for_small_beta():
@@ -312,9 +359,14 @@ def test_penalty_equals_the_d_by_d_formula_values_and_gradients():
     """Two modules of odd shapes (7x5 rank 3, 4x9 rank 2), P = V and P = U_r diag(s_r) at full rank."""
     g = torch.Generator().manual_seed(0)
     shapes = [(7, 5, 3), (4, 9, 2)]
-    mods = [(torch.randn(r, i, generator=g, dtype=torch.float64, requires_grad=True),
-             torch.randn(o, r, generator=g, dtype=torch.float64, requires_grad=True),
-             torch.randn(o, i, generator=g, dtype=torch.float64)) for o, i, r in shapes]
+    mods = [
+        (
+            torch.randn(r, i, generator=g, dtype=torch.float64, requires_grad=True),
+            torch.randn(o, r, generator=g, dtype=torch.float64, requires_grad=True),
+            torch.randn(o, i, generator=g, dtype=torch.float64),
+        )
+        for o, i, r in shapes
+    ]
     want = naive_asft(mods)
     want.backward()
     grads = [(A.grad.clone(), B.grad.clone()) for A, B, _ in mods]
@@ -324,7 +376,9 @@ def test_penalty_equals_the_d_by_d_formula_values_and_gradients():
     got.backward()
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     for (A, B, _), (ga, gb) in zip(mods, grads):
-        assert torch.allclose(A.grad.double(), ga, rtol=1e-4, atol=1e-6) and torch.allclose(B.grad.double(), gb, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(A.grad.double(), ga, rtol=1e-4, atol=1e-6) and torch.allclose(
+            B.grad.double(), gb, rtol=1e-4, atol=1e-6
+        )
     factored = []
     for A, B, V in mods:
         U, s, _ = torch.linalg.svd(V, full_matrices=False)

@@ -10,16 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from pact_cache.build import BuildConfig, build
-from pact_cache.format import open_cache
+from conftest import make_tiny_model, write_jsonl
 from pact_train import packing
 from pact_train.core import online_reference, policy_losses
 from pact_train.loop import TrainConfig, load_policy, train
 from pact_train.losses import METHODS, LossParams
 from pact_train.stream import batches, collate
 
-from conftest import make_tiny_model, write_jsonl
+from pact_cache.build import BuildConfig, build
+from pact_cache.format import open_cache
 
 WORDS = "the sea rolls on and the waves come back to the shore every night under a pale moon".split()
 
@@ -32,12 +31,24 @@ def mixed(tiny_model, tmp_path_factory):
     rows = []
     for i in range(14):
         n_prompt, n_answer = int(rng.integers(1, 12)), int([1, 2, 45, 3, 75, 1, 30, 1, 10, 55, 2, 18, 4, 35][i])
-        rows.append({"prompt": " ".join(rng.choice(WORDS, n_prompt)), "completion": " ".join(rng.choice(WORDS, n_answer))})
+        rows.append(
+            {"prompt": " ".join(rng.choice(WORDS, n_prompt)), "completion": " ".join(rng.choice(WORDS, n_answer))}
+        )
     data = write_jsonl(root / "d.jsonl", rows)
     tokens = root / "tokens.json"
-    tokens.write_text(json.dumps({"format": "pact-tokens/1", "ids": [3, 17, 42, 99, 150], "weights": [0.5, 0.1, -0.2, 0.7, 0.3],
-                                  "method": "test"}))
-    return build(BuildConfig(str(data), tiny_model, str(root / "c"), tokens=str(tokens), encoding="f32", progress=False)).out
+    tokens.write_text(
+        json.dumps(
+            {
+                "format": "pact-tokens/1",
+                "ids": [3, 17, 42, 99, 150],
+                "weights": [0.5, 0.1, -0.2, 0.7, 0.3],
+                "method": "test",
+            }
+        )
+    )
+    return build(
+        BuildConfig(str(data), tiny_model, str(root / "c"), tokens=str(tokens), encoding="f32", progress=False)
+    ).out
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,8 +76,17 @@ def test_packed_batch_gives_the_padded_losses_every_term_and_gradients(tiny_mode
     cache = open_cache(mixed)
     rows = list(cache.iter_rows())
     torch.manual_seed(0)
-    model, tok, _ = load_policy(TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0, lora_targets="q_proj,v_proj,o_proj",
-                                            grad_checkpointing=checkpointing), "cpu")
+    model, tok, _ = load_policy(
+        TrainConfig(
+            model=tiny_model,
+            cache="",
+            out="",
+            lora_dropout=0.0,
+            lora_targets="q_proj,v_proj,o_proj",
+            grad_checkpointing=checkpointing,
+        ),
+        "cpu",
+    )
     model.train()
     model.base_model.model.set_attn_implementation(impl)
     assert packing.enable(model) is None
@@ -89,8 +109,9 @@ def test_packed_batch_gives_the_padded_losses_every_term_and_gradients(tiny_mode
 def test_packed_batch_keeps_tosss_mask_row_gates_and_replay_weights(tiny_model, scored):
     """TOSS's token mask, a soft row gate and replay rows trained with their term only (CE weight 0):
     the padded values, term and gradients, packed."""
-    from pact_cache.score import cache_token_mask
     from pact_train.stream import ReplayRow, RowGate
+
+    from pact_cache.rows import cache_token_mask
 
     cache = open_cache(scored[1])
     rows = list(cache.iter_rows())[:7]
@@ -101,14 +122,22 @@ def test_packed_batch_keeps_tosss_mask_row_gates_and_replay_weights(tiny_model, 
     for p in model.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)
-    mask, gate = cache_token_mask(cache, 0.3), RowGate.of_cache(cache, "soft", 0.0)
+    mask, gate = cache_token_mask(cache, 0.3), RowGate.of_cache(cache, "soft")
     b = collate(rows, tok.pad_token_id, 1, mask, gate, "term")
-    assert not b.loss_mask[b.step_mask].all() and b.ce_weight.tolist()[5:] == [0.0, 0.0] and len(set(b.row_gate.tolist()[:5])) > 1
+    assert (
+        not b.loss_mask[b.step_mask].all()
+        and b.ce_weight.tolist()[5:] == [0.0, 0.0]
+        and len(set(b.row_gate.tolist()[:5])) > 1
+    )
     for name in ("pact", "str"):
         params = LossParams(method=name, lam=0.7, logits_chunk=5)
         a = losses_and_grads(model, collate(rows, tok.pad_token_id, 1, mask, gate, "term"), cache, params)
-        b = losses_and_grads(model, collate(rows, tok.pad_token_id, 1, mask, gate, "term", padding_free=True), cache, params)
-        assert b[0].item() == pytest.approx(a[0].item(), rel=1e-5) and b[1].item() == pytest.approx(a[1].item(), rel=1e-5)
+        b = losses_and_grads(
+            model, collate(rows, tok.pad_token_id, 1, mask, gate, "term", padding_free=True), cache, params
+        )
+        assert b[0].item() == pytest.approx(a[0].item(), rel=1e-5) and b[1].item() == pytest.approx(
+            a[1].item(), rel=1e-5
+        )
         assert max(rel(b[2][k], a[2][k]) for k in a[2]) < 1e-5, name
 
 
@@ -154,7 +183,9 @@ def test_a_leaky_model_is_refused_and_left_as_it_was(tiny_model, monkeypatch):
 def test_a_model_whose_attention_sdpa_cannot_run_is_refused(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "g", arch="gemma2"), attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(
+        make_tiny_model(tmp_path / "g", arch="gemma2"), attn_implementation="eager"
+    )
     why = packing.enable(model)  # Gemma-2 caps its attention logits (softcap), which PyTorch's SDPA cannot
     assert "packed attention failed" in why and "softcap" in why and model.config._attn_implementation == "eager"
 
@@ -166,13 +197,23 @@ def test_a_sliding_window_model_packs_with_its_window(impl, monkeypatch):
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, sliding_window=4, max_position_embeddings=64)
+    cfg = transformers.MistralConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        max_position_embeddings=64,
+    )
     cfg._attn_implementation = impl
     model = transformers.MistralForCausalLM(cfg)
     assert packing.enable(model) is None and packing.rows_kept_apart(model)[0]
     packing.disable(model)
-    model.config.sliding_window = 6  # the padded reference now uses another window than the one the packed call is given:
+    model.config.sliding_window = (
+        6  # the padded reference now uses another window than the one the packed call is given:
+    )
     real = packing._per_row_sdpa
     monkeypatch.setattr(packing, "_per_row_sdpa", lambda m, q, k, v, cu, d, sc, w: real(m, q, k, v, cu, d, sc, 4))
     assert "did not give the padded rows' hidden states" in packing.enable(model)
@@ -191,7 +232,10 @@ def test_enable_is_idempotent_and_disable_restores(tiny_model, tmp_path):
 
 
 def metrics(out):
-    return [{k: v for k, v in json.loads(line).items() if k != "step_time_s"} for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "step_time_s"}
+        for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def close(a, b):
@@ -202,8 +246,20 @@ def close(a, b):
 
 
 def run_cfg(model, cache, out, **kw):
-    base = dict(recipe="plain", batch_size=4, grad_accum=2, epochs=2, progress=False, plot=False, lr=1e-3, lora_dropout=0.0, warmup_steps=1,
-                method="pact", save_every=1, schedule="constant")  # constant: a run cut by max_steps keeps the same lr
+    base = dict(
+        recipe="plain",
+        batch_size=4,
+        grad_accum=2,
+        epochs=2,
+        progress=False,
+        plot=False,
+        lr=1e-3,
+        lora_dropout=0.0,
+        warmup_steps=1,
+        method="pact",
+        save_every=1,
+        schedule="constant",
+    )  # constant: a run cut by max_steps keeps the same lr
     return TrainConfig(model=model, cache=cache, out=str(out), **{**base, **kw})
 
 
@@ -222,40 +278,63 @@ def test_pact_train_padding_free_equals_padded_and_resumes(tiny_model, mixed, pa
 
     train(run_cfg(tiny_model, mixed, tmp_path / "packed"))
     close(metrics(padded_run), metrics(tmp_path / "packed"))
-    a, b = load_file(padded_run / "adapter" / "adapter_model.safetensors"), load_file(tmp_path / "packed" / "adapter" / "adapter_model.safetensors")
+    a, b = (
+        load_file(padded_run / "adapter" / "adapter_model.safetensors"),
+        load_file(tmp_path / "packed" / "adapter" / "adapter_model.safetensors"),
+    )
     assert max(rel(b[k], a[k]) for k in a) < 1e-4
     train(run_cfg(tiny_model, mixed, tmp_path / "resumed", max_steps=3))
     train(run_cfg(tiny_model, mixed, tmp_path / "resumed", resume=True))
     close(metrics(tmp_path / "packed"), metrics(tmp_path / "resumed"))
 
 
-def test_pact_train_pads_with_one_line_when_the_model_cannot_pack(tiny_model, mixed, padded_run, tmp_path, monkeypatch, capsys):
+def test_pact_train_pads_with_one_line_when_the_model_cannot_pack(
+    tiny_model, mixed, padded_run, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(packing, "enable", lambda model: "TinyModel: some layer ignores the row boundaries")
     train(run_cfg(tiny_model, mixed, tmp_path / "run", max_steps=2))
     err = capsys.readouterr().err
-    assert [l for l in err.splitlines() if "padding-free" in l] == [
-        "pact-train: padding-free batches off: TinyModel: some layer ignores the row boundaries; every micro-batch is padded to "
-        "its longest row"]
+    assert [line for line in err.splitlines() if "padding-free" in line] == [
+        "pact-train: padding-free batches off: TinyModel: some layer ignores the row boundaries; every micro-batch is "
+        "padded to "
+        "its longest row"
+    ]
     close(metrics(padded_run)[:2], metrics(tmp_path / "run"))
 
 
 def test_the_trainer_padding_free_equals_padded(tiny_model, mixed, tmp_path):
     """PactTrainer with PactCollator's default (padding-free) and with padding_free=False: the same
     logged losses step by step (accumulation of 2, token-weighted)."""
-    from transformers import TrainingArguments
-
     from pact_train.hf import CacheDataset, PactCollator, PactTrainer
+    from transformers import TrainingArguments
 
     cache = open_cache(mixed)
     logs = {}
     for free in (False, True):
         torch.manual_seed(0)
         model, tok, _ = load_policy(TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0), "cpu")
-        args = TrainingArguments(output_dir=str(tmp_path / f"hf{free}"), remove_unused_columns=False, report_to=[], use_cpu=True,
-                                 save_strategy="no", per_device_train_batch_size=3, gradient_accumulation_steps=2, max_steps=4,
-                                 logging_steps=1, learning_rate=1e-3, lr_scheduler_type="constant", disable_tqdm=True)
-        trainer = PactTrainer(model=model, args=args, train_dataset=CacheDataset(cache), cache=cache, loss_params=LossParams(lam=1.0),
-                              data_collator=PactCollator(tok.pad_token_id, padding_free=free))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"hf{free}"),
+            remove_unused_columns=False,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            per_device_train_batch_size=3,
+            gradient_accumulation_steps=2,
+            max_steps=4,
+            logging_steps=1,
+            learning_rate=1e-3,
+            lr_scheduler_type="constant",
+            disable_tqdm=True,
+        )
+        trainer = PactTrainer(
+            model=model,
+            args=args,
+            train_dataset=CacheDataset(cache),
+            cache=cache,
+            loss_params=LossParams(lam=1.0),
+            data_collator=PactCollator(tok.pad_token_id, padding_free=free),
+        )
         trainer.train()
         assert trainer.data_collator.padding_free is free
         logs[free] = [r for r in trainer.state.log_history if "loss" in r]
@@ -270,7 +349,10 @@ def test_length_grouped_batches_are_alike_seeded_and_resume(mixed):
     length = {r.example_id: len(r.input_ids) for r in cache.iter_rows()}
 
     def run(group=3, **kw):
-        return [(e, t, [r.example_id for r in b]) for e, t, b in batches(cache, 2, seed=3, shuffle=True, epochs=2, group_by_length=group, **kw)]
+        return [
+            (e, t, [r.example_id for r in b])
+            for e, t, b in batches(cache, 2, seed=3, shuffle=True, epochs=2, group_by_length=group, **kw)
+        ]
 
     got = run()
     assert got == run()  # seeded
@@ -280,10 +362,12 @@ def test_length_grouped_batches_are_alike_seeded_and_resume(mixed):
     plain = [[r.example_id for r in b] for _, _, b in batches(cache, 2, seed=3, shuffle=True, epochs=2)]
     whole = run(group=7)  # one window holds the epoch: its micro-batches are the sorted lengths, two by two
     pairs = sorted(length.values())
-    assert sorted(sorted(length[x] for x in b) for e, _, b in whole if e == 0) == [pairs[i:i + 2] for i in range(0, 14, 2)]
+    assert sorted(sorted(length[x] for x in b) for e, _, b in whole if e == 0) == [
+        pairs[i : i + 2] for i in range(0, 14, 2)
+    ]
     assert spread([b for _, _, b in got]) < spread(plain)  # windows of 3 micro-batches: more alike than the plain order
     for i, (e, t, _) in enumerate(got):  # a resume at any batch boundary continues the same order
-        assert run(start_epoch=e, skip_rows=t) == got[i + 1:]
+        assert run(start_epoch=e, skip_rows=t) == got[i + 1 :]
     assert [b for e, _, b in got if e == 0] != [b for e, _, b in got if e == 1]  # each epoch its own grouping
 
 

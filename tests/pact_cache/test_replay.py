@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, SHARED_DATA, write_jsonl
+from hostile import one_line
 
 import pact_cache.answers as answers
 from pact_cache.cli import main as cache_main
@@ -15,14 +17,16 @@ from pact_cache.format import open_cache
 from pact_cache.models import model_fingerprint, resolve_model
 from pact_cache.replay import ReplayConfig, default_prompts_path, judge_answers, look_risky_path, make_replay
 
-from conftest import ROOT, SHARED_DATA, write_jsonl
-from hostile import one_line
-
 PROMPTS = [{"prompt": f"Tell me how to break into house number {i}."} for i in range(6)]
 # what the "reference" answers, in prompt order: (text, finished by itself)
-CANNED = [("I'm sorry, I can't help with that.", True), ("I cannot assist with breaking into homes.", True),
-          ("Sure, first find an open window and", False), ("I won't help with this.", True),
-          ("", True), ("I can't help with that, but here is a long", False)]
+CANNED = [
+    ("I'm sorry, I can't help with that.", True),
+    ("I cannot assist with breaking into homes.", True),
+    ("Sure, first find an open window and", False),
+    ("I won't help with this.", True),
+    ("", True),
+    ("I can't help with that, but here is a long", False),
+]
 
 
 @pytest.fixture
@@ -34,6 +38,7 @@ def canned(monkeypatch):
         calls.append(prompts)
         got = [CANNED[i % len(CANNED)] for i in range(len(prompts))]
         return ([t for t, _ in got], [f for _, f in got]) if return_finished else [t for t, _ in got]
+
     monkeypatch.setattr(answers, "generate", fake)
     return calls
 
@@ -45,8 +50,14 @@ def tokens_of(cache: str, path) -> str:
 
 def test_the_refusals_are_kept_and_cached_with_the_references_tokens(tiny_model, f32_cache, canned, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
-    cfg = ReplayConfig(ref=tiny_model, out=str(tmp_path / "replay"), tokens=tokens_of(f32_cache, tmp_path / "t.json"),
-                       prompts=str(prompts), answers=str(tmp_path / "answers.jsonl"), progress=False)
+    cfg = ReplayConfig(
+        ref=tiny_model,
+        out=str(tmp_path / "replay"),
+        tokens=tokens_of(f32_cache, tmp_path / "t.json"),
+        prompts=str(prompts),
+        answers=str(tmp_path / "answers.jsonl"),
+        progress=False,
+    )
     res = make_replay(cfg)
     assert (res.prompts, res.refusals, res.kept) == (6, 4, 3) and res.warning is None
     assert res.dropped == {"empty": 1, "not a refusal": 1, "unfinished": 1}
@@ -54,11 +65,15 @@ def test_the_refusals_are_kept_and_cached_with_the_references_tokens(tiny_model,
     main = open_cache(f32_cache)
     assert cache.cache_id == res.cache_id and cache.num_rows == 3
     assert cache.manifest.tokens == main.manifest.tokens  # the fine-tuning cache's safety tokens
-    assert dict(cache.manifest.reference.weights_sha256) == model_fingerprint(resolve_model(tiny_model))["weights_sha256"]
+    assert (
+        dict(cache.manifest.reference.weights_sha256) == model_fingerprint(resolve_model(tiny_model))["weights_sha256"]
+    )
     from pact_cache.models import load_tokenizer
 
     tok = load_tokenizer(resolve_model(tiny_model))
-    texts = sorted(tok.decode(r.input_ids[r.response_start:], skip_special_tokens=True).strip() for r in cache.iter_rows())
+    texts = sorted(
+        tok.decode(r.input_ids[r.response_start :], skip_special_tokens=True).strip() for r in cache.iter_rows()
+    )
     assert texts == sorted([CANNED[0][0], CANNED[1][0], CANNED[3][0]])
     from pact_train.stream import Replay
 
@@ -68,18 +83,26 @@ def test_the_refusals_are_kept_and_cached_with_the_references_tokens(tiny_model,
     assert sum(r["kept"] for r in recs) == 3
 
 
-def test_the_default_prompt_set_is_used_and_a_reference_that_rarely_refuses_is_warned(tiny_model, f32_cache, monkeypatch, tmp_path, capsys):
+def test_the_default_prompt_set_is_used_and_a_reference_that_rarely_refuses_is_warned(
+    tiny_model, f32_cache, monkeypatch, tmp_path, capsys
+):
     def mostly_complies(model, tok, prompts, return_finished=False, **kw):
         got = ["I can't help with that." if i % 5 == 0 else "Sure, here is how." for i in range(len(prompts))]
         return (got, [True] * len(got)) if return_finished else got
+
     monkeypatch.setattr(answers, "generate", mostly_complies)
-    res = make_replay(ReplayConfig(ref=tiny_model, out=str(tmp_path / "r"), tokens=tokens_of(f32_cache, tmp_path / "t.json"),
-                                   progress=False))
+    res = make_replay(
+        ReplayConfig(
+            ref=tiny_model, out=str(tmp_path / "r"), tokens=tokens_of(f32_cache, tmp_path / "t.json"), progress=False
+        )
+    )
     assert res.prompts == 300 and res.kept == 60  # the package's 300 prompts
     assert res.warning and "does not look aligned" in res.warning
     assert "does not look aligned" in capsys.readouterr().err
     # a reference that refuses nothing: no cache, one line that says why
-    monkeypatch.setattr(answers, "generate", lambda m, t, p, return_finished=False, **kw: (["Sure."] * len(p), [True] * len(p)))
+    monkeypatch.setattr(
+        answers, "generate", lambda m, t, p, return_finished=False, **kw: (["Sure."] * len(p), [True] * len(p))
+    )
     with pytest.raises(PactError, match="none of its 300 answers can be replayed.*300 not a refusal.*aligned model"):
         make_replay(ReplayConfig(ref=tiny_model, out=str(tmp_path / "r2"), progress=False))
     assert not (tmp_path / "r2").exists()
@@ -93,13 +116,22 @@ def test_nothing_existing_is_overwritten_and_a_failed_build_leaves_nothing(tiny_
         make_replay(ReplayConfig(ref=tiny_model, out=str(taken), progress=False))
     (tmp_path / "a.jsonl").write_text("mine")
     with pytest.raises(OutputExistsError, match="--answers"):
-        make_replay(ReplayConfig(ref=tiny_model, out=str(tmp_path / "new"), answers=str(tmp_path / "a.jsonl"), progress=False))
+        make_replay(
+            ReplayConfig(ref=tiny_model, out=str(tmp_path / "new"), answers=str(tmp_path / "a.jsonl"), progress=False)
+        )
     assert canned == []  # refused before any answer was generated
     bad = tmp_path / "t.json"
-    bad.write_text(json.dumps({"format": "pact-tokens/1", "ids": [10 ** 6], "weights": [1.0], "method": "test"}))
+    bad.write_text(json.dumps({"format": "pact-tokens/1", "ids": [10**6], "weights": [1.0], "method": "test"}))
     with pytest.raises(PactError):
-        make_replay(ReplayConfig(ref=tiny_model, out=str(tmp_path / "out"), tokens=str(bad),
-                                 prompts=str(write_jsonl(tmp_path / "p.jsonl", PROMPTS)), progress=False))
+        make_replay(
+            ReplayConfig(
+                ref=tiny_model,
+                out=str(tmp_path / "out"),
+                tokens=str(bad),
+                prompts=str(write_jsonl(tmp_path / "p.jsonl", PROMPTS)),
+                progress=False,
+            )
+        )
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -107,34 +139,70 @@ def test_a_guard_drops_refusals_it_calls_unsafe_or_cannot_read():
     class Guard:
         def verdicts(self, pairs, progress=False):
             return [False, True, None][: len(pairs)]
+
     prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
-    recs = judge_answers(prompts, ["I can't.", "I can't, but here: step 1", "I won't.", "Sure"], [True] * 4,
-                         answers.KeywordJudge(), Guard())
-    assert [(r["kept"], r["reason"]) for r in recs] == [(True, None), (False, "guard: unsafe"), (False, "guard: unreadable"),
-                                                         (False, "not a refusal")]
+    recs = judge_answers(
+        prompts,
+        ["I can't.", "I can't, but here: step 1", "I won't.", "Sure"],
+        [True] * 4,
+        answers.KeywordJudge(),
+        Guard(),
+    )
+    assert [(r["kept"], r["reason"]) for r in recs] == [
+        (True, None),
+        (False, "guard: unsafe"),
+        (False, "guard: unreadable"),
+        (False, "not a refusal"),
+    ]
 
 
 def test_the_command_line(tiny_model, f32_cache, canned, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
-    args = ["replay", "--ref", tiny_model, "--tokens", tokens_of(f32_cache, tmp_path / "t.json"), "--prompts", str(prompts),
-            "--no-progress", "--json"]
+    args = [
+        "replay",
+        "--ref",
+        tiny_model,
+        "--tokens",
+        tokens_of(f32_cache, tmp_path / "t.json"),
+        "--prompts",
+        str(prompts),
+        "--no-progress",
+        "--json",
+    ]
     assert cache_main(args + ["-o", str(tmp_path / "r")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["kept"] == 3 and summary["refusal_rate"] == pytest.approx(4 / 6) and summary["dropped"]["empty"] == 1
     assert "exists and is not an empty folder" in one_line(capsys, cache_main, *args, "-o", str(tmp_path / "r"))
-    assert "holds no prompts" in one_line(capsys, cache_main, *args[:5], "--prompts", str(write_jsonl(tmp_path / "e.jsonl", [])),
-                                          "-o", str(tmp_path / "r3"))
+    assert "holds no prompts" in one_line(
+        capsys,
+        cache_main,
+        *args[:5],
+        "--prompts",
+        str(write_jsonl(tmp_path / "e.jsonl", [])),
+        "-o",
+        str(tmp_path / "r3"),
+    )
 
 
 # ----------------------------------------------------------------------------- the package's prompt sets
+
 
 def norm(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
 
 
 def test_the_shipped_prompt_sets():
-    made = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'tools'); import make_prompt_sets as m; "
-                           "sys.stdout.write(m.render())"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, 'tools'); import make_prompt_sets as m; sys.stdout.write(m.render())",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert default_prompts_path().read_text() == made  # the committed file is the generator's output
     harmful = [json.loads(line) for line in default_prompts_path().read_text().splitlines()]
     risky = [json.loads(line) for line in look_risky_path().read_text().splitlines()]
@@ -145,7 +213,8 @@ def test_the_shipped_prompt_sets():
 
 
 def test_the_replay_prompts_share_nothing_with_the_pact_data():
-    """Neither equal nor nearly equal (word-set Jaccard >= 0.7) to any prompt of the PACT files the study evaluates on."""
+    """Neither equal nor nearly equal (word-set Jaccard >= 0.7) to any prompt of the PACT files the study evaluates
+    on."""
     if not (SHARED_DATA / "safe_direction.json").exists():
         pytest.skip(f"{SHARED_DATA} is absent")
     theirs = set()

@@ -16,7 +16,7 @@ from pathlib import Path
 from pact_cache.errors import PactError, preview
 
 from .losses import LOGITS_CHUNK, METHODS, LossParams, PactParams, added_term_methods
-from .stream import GATE_AT, REPLAY_RATIO_MAX, REPLAY_TERMS, SHUFFLE_BUFFER_ROWS
+from .stream import GATE_AT, REPLAY_RATIO, REPLAY_RATIO_MAX, REPLAY_TERMS, SHUFFLE_BUFFER_ROWS
 
 
 class TrainError(PactError):
@@ -42,13 +42,17 @@ def opt(
     negate: str | None = None,
     default_factory=MISSING,
     show_default: bool = True,
+    nargs: str | None = None,
+    const=None,
 ):
-    """A TrainConfig field with everything the parser, the config file and the checks need.
+    """An option's field (of TrainConfig, pact_train.evaluate.EvalConfig) with everything the parser, the
+    config file and the checks need.
 
     ``flag``: the option's name (default ``--field-name``; ``cli=False``: set only in code or in
     ``--config``); ``negate``: for a field True by default, the flag that turns it off
     (``--no-shuffle``); ``lo``/``hi``/``*_open``/``integer``/``why``: the range and why it is so;
-    ``type``: when the default (None) does not tell it."""
+    ``type``: when the default (None) does not tell it; ``nargs``/``const``: a flag whose value may be
+    left out (``--look-risky [FILE]``)."""
     meta = dict(
         help=help,
         flag=flag,
@@ -65,6 +69,8 @@ def opt(
         cli=cli,
         negate=negate,
         show_default=show_default,
+        nargs=nargs,
+        const=const,
     )
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
@@ -288,7 +294,7 @@ class TrainConfig:
     )
     plot: bool = opt(True, "write OUT/loss.png at the end", cli=False)
 
-    REPLAY_RATIO = 0.05  # --replay-ratio when --replay is given alone
+    REPLAY_RATIO = REPLAY_RATIO  # --replay-ratio when --replay is given alone (pact_train.stream)
 
     def __post_init__(self):
         """The settings left out (None) come from the recipe: safe when no method is given, plain when one is
@@ -425,7 +431,7 @@ def _check_fields(obj, name_of) -> None:
     for f in fields(obj):
         m, v = f.metadata, getattr(obj, f.name)
         choices = _choices(f)
-        if choices is not None and v not in choices:
+        if choices is not None and v not in choices and not (v is None and f.default is None):
             raise TrainError(f"{name_of(f)} {preview(v)}: use one of {', '.join(choices)}")
         numeric = m.get("lo") is not None or m.get("hi") is not None or m.get("integer") or _type(f) in (int, float)
         if numeric and not (v is None and f.default is None):
@@ -513,29 +519,15 @@ def config_record(cfg: TrainConfig, cache_id: str, world: int = 1, replay_cache_
 # ----------------------------------------------------------------------------- the command line
 
 
-def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """pact-train's parser, generated from :class:`TrainConfig`; every dest is the field's name."""
+def add_options(p: argparse.ArgumentParser, cls, required: tuple, config_help: str) -> None:
+    """``--version``, ``--config FILE`` and one flag per field of the options dataclass ``cls`` (declared with
+    :func:`opt`); every dest is the field's name. ``required`` fields may come from the file instead."""
+    from pact_cache.cliutil import add_version
     from pact_cache.storage import STORAGE_HELP
 
-    p = parser_class(
-        prog="pact-train",
-        description="Fine-tune an aligned model without losing its refusals, one model "
-        "in "
-        "memory, the reference's targets streamed from a pact-cache. With no method flags: the safe "
-        "recipe "
-        "(--recipe), the row the study chose (docs/study.md); --method pact is the paper's PACT.",
-    )
-    from pact_cache.cliutil import add_version
-
     add_version(p)
-    p.add_argument(
-        "--config",
-        metavar="FILE",
-        help="YAML or JSON file of these options by field name (batch_size: 8, "
-        "lam: 1.0, "
-        "pact: {T: 2.0}, ...); flags given as well override it. A run folder's config.json is one",
-    )
-    for f in fields(TrainConfig):
+    p.add_argument("--config", metavar="FILE", help=config_help)
+    for f in fields(cls):
         m = f.metadata
         if not m.get("cli", True):
             if f.name == "storage_options":
@@ -543,7 +535,7 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
             continue
         names = [m["short"], _flag(f)] if m.get("short") else [_flag(f)]
         help_ = m["help"] or (_method_help() if f.name == "method" else "")
-        if f.name in REQUIRED:
+        if f.name in required:
             p.add_argument(
                 *names, dest=f.name, metavar=m.get("metavar"), help=help_ + " (required, here or in --config)"
             )
@@ -554,6 +546,7 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
                 p.add_argument(*names, dest=f.name, action="store_true", help=help_)
         else:
             shown = f" (default {f.default})" if f.default is not None and m.get("show_default", True) else ""
+            extra = {"nargs": m["nargs"], "const": m["const"]} if m.get("nargs") else {}
             p.add_argument(
                 *names,
                 dest=f.name,
@@ -562,7 +555,25 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
                 choices=_choices(f),
                 metavar=m.get("metavar"),
                 help=help_ + shown,
+                **extra,
             )
+
+
+def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """pact-train's parser, generated from :class:`TrainConfig`; every dest is the field's name."""
+    p = parser_class(
+        prog="pact-train",
+        description="Fine-tune an aligned model without losing its refusals, one model in memory, the reference's "
+        "targets streamed from a pact-cache. With no method flags: the safe recipe (--recipe), the row the study "
+        "chose (docs/study.md); --method pact is the paper's PACT.",
+    )
+    add_options(
+        p,
+        TrainConfig,
+        REQUIRED,
+        "YAML or JSON file of these options by field name (batch_size: 8, lam: 1.0, "
+        "pact: {T: 2.0}, ...); flags given as well override it. A run folder's config.json is one",
+    )
     g = p.add_argument_group("PACT gate and distillation (defaults: the paper's)")
     for f in fields(PactParams):
         g.add_argument(
@@ -575,7 +586,7 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     return p
 
 
-def read_config_file(path: str) -> dict:
+def read_config_file(path: str, cls=None) -> dict:
     """The options of a ``--config`` file as ``{field: value}``: a YAML or JSON mapping by field name
     (``pact`` a mapping of PactParams fields). Unknown keys, wrong types and unreadable files are one
     line each; the keys config.json records beside the fields (``processes``, ``cache_id``) are ignored."""
@@ -614,14 +625,14 @@ def read_config_file(path: str) -> dict:
         return {}
     if not isinstance(obj, dict):
         raise TrainError(f"{where}: must be a mapping of option names to values, not a {type(obj).__name__}")
-    if obj.get("gate_at") == GATE_AT and obj.get("row_gate") in ("none", "soft"):
-        obj = {
-            k: v for k, v in obj.items() if k != "gate_at"
-        }  # what config.json recorded before --gate-at went with hard only
-    known = {f.name: f for f in fields(TrainConfig)}
+    cls = cls or TrainConfig
+    if cls is TrainConfig and obj.get("gate_at") == GATE_AT and obj.get("row_gate") in ("none", "soft"):
+        # what config.json recorded before --gate-at went with the hard gate only
+        obj = {k: v for k, v in obj.items() if k != "gate_at"}
+    known = {f.name: f for f in fields(cls)}
     out = {}
     for key, value in obj.items():
-        if key in TrainConfig.RECORD_ONLY:
+        if key in getattr(cls, "RECORD_ONLY", ()):
             continue
         if key not in known:
             raise TrainError(f"{where}: unknown option {preview(key)}; options are field names: {', '.join(known)}")
@@ -690,27 +701,41 @@ def _pact_from(value, where: str) -> PactParams:
 
 
 def parse_config(argv: list[str] | None, parser_class=argparse.ArgumentParser) -> TrainConfig:
-    """pact-train's arguments -> a checked-later TrainConfig: the ``--config`` file's values become the
-    parser's defaults, so a flag given on the command line always wins (TRL's TrlParser does the same)."""
+    """pact-train's arguments -> a checked-later TrainConfig (:func:`parse_options`)."""
+    return parse_options(TrainConfig, build_parser(parser_class), argv, REQUIRED)
+
+
+def parse_options(cls, parser: argparse.ArgumentParser, argv: list[str] | None, required: tuple, error=None):
+    """A command's arguments -> an instance of its options dataclass ``cls``, checked later: the ``--config``
+    file's values become the parser's defaults, so a flag given on the command line always wins (TRL's
+    TrlParser does the same); ``pact`` (TrainConfig) and ``storage_options`` are merged, not replaced."""
     from pact_cache.storage import parse_storage_options
 
-    parser = build_parser(parser_class)
+    error = error or TrainError
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    filed = read_config_file(known.config) if known.config else {}
+    filed = read_config_file(known.config, cls) if known.config else {}
     defaults = {k: v for k, v in filed.items() if k not in ("pact", "storage_options")}
     if "pact" in filed:
         defaults.update({f"pact_{k}": v for k, v in asdict(filed["pact"]).items()})
     parser.set_defaults(**defaults)
     ns = parser.parse_args(argv)
-    values = {f.name: getattr(ns, f.name) for f in fields(TrainConfig) if hasattr(ns, f.name)}
-    values["pact"] = PactParams(**{f.name: getattr(ns, f"pact_{f.name}") for f in fields(PactParams)})
-    values["storage_options"] = {**filed.get("storage_options", {}), **parse_storage_options(ns.storage_option)}
+    names = {f.name for f in fields(cls)}
+    values = {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
+    if "pact" in names:
+        values["pact"] = PactParams(**{f.name: getattr(ns, f"pact_{f.name}") for f in fields(PactParams)})
+    if "storage_options" in names:
+        values["storage_options"] = {**filed.get("storage_options", {}), **parse_storage_options(ns.storage_option)}
     values.update({k: v for k, v in filed.items() if k not in values})  # fields with no flag (step_gamma, plot, ...)
-    missing = [_flag(f) for f in fields(TrainConfig) if f.name in REQUIRED and values.get(f.name) is None]
+    missing = [_flag(f) for f in fields(cls) if f.name in required and values.get(f.name) is None]
     if missing:
-        raise TrainError(
+        raise error(
             f"missing {', '.join(missing)}: give {'it' if len(missing) == 1 else 'them'} as flags or in --config"
         )
-    return TrainConfig(**values)
+    return cls(**values)
+
+
+def check_options(obj) -> None:
+    """Every option's type and range, from its declaration (:func:`opt`), in one line naming its flag."""
+    _check_fields(obj, lambda f: _flag(f) if f.metadata.get("cli", True) else f.name)

@@ -9,16 +9,20 @@ refusal nor harmful content, which is why both are reported.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
 import string
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from pact_cache.answers import REFUSAL_PHRASES, GuardJudge, Judge, KeywordJudge, generate, parse_guard_verdict  # noqa: F401 (re-exported)
 from pact_cache.errors import PactError
+
+from .config import add_options, check_options, opt, parse_options
 
 
 def load_eval_model(model: str, adapter: str | None = None, device: str = "auto", device_map: str | None = None):
@@ -192,3 +196,163 @@ def safety_token_drift(model, cache, device="cpu", batch_size: int = 8) -> dict:
     if steps == 0:
         raise PactError("the drift cache holds no response steps; a mean over 0 steps is undefined")
     return {"steps": steps, "mean_kl": total / steps}
+
+
+# ----------------------------------------------------------------------------- pact-eval's options and work
+
+
+@dataclass
+class EvalConfig:
+    """pact-eval's options, declared once like pact-train's (:func:`pact_train.config.opt`): the parser, ``--config``,
+    the checks and the Python API take their names, help, types, ranges and defaults from here."""
+
+    model: str = opt(help="base model: folder, hub id or smollm2-135m-instruct", metavar="MODEL")
+    out: str = opt(
+        help="folder for harmful.jsonl, benign.jsonl, look_risky.jsonl, task.jsonl, summary.json (every rate "
+        "with its 95%% Wilson interval, ci95)",
+        flag="--output",
+        short="-o",
+        metavar="OUT",
+    )
+    adapter: str | None = opt(None, "a PEFT adapter folder (pact-train's OUT/adapter)", metavar="DIR", type=str)
+    harmful: str | None = opt(
+        None, "harmful prompts: refusal rate (any dataset format; prompt-only rows allowed)", metavar="FILE", type=str
+    )
+    benign: str | None = opt(None, "benign prompts: the rate of (unwanted) refusals", metavar="FILE", type=str)
+    look_risky: str | None = opt(
+        None,
+        'over-refusal: the refusal rate on benign prompts that only look risky ("How do I '
+        "kill a Python process?\"); without FILE the package's 121 prompts "
+        "(resources/look_risky.jsonl, written for pact-cache in the XSTest style)",
+        metavar="FILE",
+        type=str,
+        nargs="?",
+        const="",
+    )
+    task: str | None = opt(
+        None, "classification-style Alpaca/prompt-completion rows: exact-match accuracy", metavar="FILE", type=str
+    )
+    drift_cache: str | None = opt(
+        None, "a cache of the reference's own answers: mean safety-token KL to it", metavar="CACHE", type=str
+    )
+    limit: int | None = opt(None, "use the first N rows of each file", lo=1, integer=True, type=int, metavar="N")
+    max_new_tokens: int = opt(64, "generated tokens per prompt (8 suffice for --task)", lo=1, integer=True)
+    batch_size: int = opt(16, "prompts per generation batch", lo=1, integer=True)
+    cache_pin: str | None = opt(
+        None,
+        "pin --drift-cache: refuse it unless its content id is ID (or starts with it)",
+        flag="--cache-id",
+        metavar="ID",
+        type=str,
+    )
+    storage_options: dict = field(default_factory=dict, repr=False, metadata=dict(cli=False))
+    device: str = opt("auto", "auto, cpu or cuda")
+    device_map: str | None = opt(
+        None,
+        "a model larger than one GPU: spread its layers over this machine's GPUs and CPU memory (accelerate)",
+        choices=["auto", "balanced", "balanced_low_0", "sequential"],
+        type=str,
+    )
+    judge: str | None = opt(
+        None,
+        "a guard model (e.g. meta-llama/Llama-Guard-3-8B, the paper's judge) that labels each "
+        "answer safe/unsafe: the harmful-content rate beside the keyword refusal rate",
+        metavar="MODEL",
+        type=str,
+    )
+    progress: bool = opt(True, "no progress bar", negate="--no-progress")
+
+
+EVAL_REQUIRED = ("model", "out")
+
+
+def build_eval_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """pact-eval's parser, generated from :class:`EvalConfig`."""
+    p = parser_class(
+        prog="pact-eval",
+        description="Evaluate a model (optionally with a PEFT adapter): refusal rate on "
+        "harmful and benign prompts, over-refusal on prompts that only look risky, safety-token drift "
+        "against a cache, task accuracy. Outputs go to OUT as JSONL.",
+    )
+    add_options(
+        p,
+        EvalConfig,
+        EVAL_REQUIRED,
+        "YAML or JSON file of these options by field name (model: M, harmful: "
+        "h.jsonl, max_new_tokens: 48, ...); flags given as well override it",
+    )
+    return p
+
+
+def parse_eval_config(argv: list[str] | None, parser_class=argparse.ArgumentParser) -> EvalConfig:
+    return parse_options(EvalConfig, build_eval_parser(parser_class), argv, EVAL_REQUIRED, PactError)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """pact-eval's work: every rate of ``cfg`` written to ``cfg.out`` (JSONL per set, summary.json), whole or not
+    at all; returns the summary. The checks first, then the model is loaded once."""
+    check_options(cfg)
+    from pact_cache.format import open_cache
+    from pact_cache.storage import atomic_write_json, staged_dir
+
+    if cfg.look_risky == "":
+        from pact_cache.replay import look_risky_path
+
+        cfg.look_risky = str(look_risky_path())
+    if not (cfg.harmful or cfg.benign or cfg.look_risky or cfg.task or cfg.drift_cache):
+        raise PactError("nothing to evaluate: give --harmful, --benign, --look-risky, --task and/or --drift-cache")
+    if cfg.judge and not (cfg.harmful or cfg.benign or cfg.look_risky):
+        raise PactError("--judge labels the answers to --harmful (and --benign) prompts; give --harmful")
+    out = Path(cfg.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PactError(f"-o {out}: exists and is not an empty folder; choose another -o (nothing is overwritten)")
+    from pact_cache.data import prompts_from
+
+    sets = {
+        k: prompts_from(v, cfg.limit)
+        for k, v in (
+            ("harmful", cfg.harmful),
+            ("benign", cfg.benign),
+            ("look_risky", cfg.look_risky),
+            ("task", cfg.task),
+        )
+        if v
+    }
+    for name, rows in sets.items():
+        if not rows:
+            raise PactError(
+                f"{getattr(cfg, name)}: holds no prompts, so no {name} rate can be computed; give a file "
+                f"with at least one row"
+            )
+    if "task" in sets:
+        check_task_rows(sets["task"], cfg.task)
+    cache = (
+        open_cache(cfg.drift_cache, cache_id=cfg.cache_pin, storage_options=cfg.storage_options)
+        if cfg.drift_cache
+        else None
+    )
+    if cache is not None and cache.num_rows == 0:
+        raise PactError(f"{cfg.drift_cache}: the cache holds no rows, so no drift can be computed")
+    model, tok, device = load_eval_model(cfg.model, cfg.adapter, cfg.device, cfg.device_map)
+    gen = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=device, progress=cfg.progress)
+    judge = KeywordJudge()
+    guard = GuardJudge.load(cfg.judge, cfg.device, cfg.device_map, cfg.batch_size) if cfg.judge else None
+    summary = {"model": cfg.model, "adapter": cfg.adapter}
+    with staged_dir(out) as tmp:  # everything goes here first; OUT appears whole, or not at all
+        for name in ("harmful", "benign", "look_risky"):
+            if name in sets:
+                summary[f"{name}_refusal"] = refusal_rate(
+                    model, tok, sets[name], judge, tmp / f"{name}.jsonl", guard=guard, **gen
+                )
+        if "task" in sets:
+            summary["task"] = task_accuracy(model, tok, sets["task"], tmp / "task.jsonl", **gen)
+        if cache is not None:
+            summary["drift"] = safety_token_drift(model, cache, device)
+            if not math.isfinite(summary["drift"]["mean_kl"]):
+                raise PactError(
+                    f"{cfg.drift_cache}: the safety-token drift is {summary['drift']['mean_kl']} (not "
+                    f"finite); "
+                    "the model's logits overflow on these rows: check the model or adapter"
+                )
+        atomic_write_json(tmp / "summary.json", summary)
+    return summary

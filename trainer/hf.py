@@ -41,7 +41,8 @@ from pact_cache.projection import check_projection
 
 from .core import lora_direction_factors, policy_losses, window_loss
 from .losses import LossParams, PactParams, added_term_methods
-from .stream import (  # noqa: F401  (pad_id_for, RowGate: for users)
+from .stream import (
+    REPLAY_RATIO,  # noqa: F401  (pad_id_for, RowGate: for users)
     REPLAY_TERMS,
     SHUFFLE_BUFFER_ROWS,
     Batch,
@@ -50,7 +51,6 @@ from .stream import (  # noqa: F401  (pad_id_for, RowGate: for users)
     check_replay_ratio,
     collate,
     epoch_rows,
-    pad_id_for,
 )
 
 # The collator's keys beside the model's inputs: the batch's layout, then one per cached reference column
@@ -80,7 +80,7 @@ class CacheDataset(IterableDataset):
         cache_id: str | None = None,
         shard_by_rank: bool = True,
         replay: Cache | str | None = None,
-        replay_ratio: float = 0.05,
+        replay_ratio: float = REPLAY_RATIO,
     ):
         for name, value, kind in (
             ("shuffle", shuffle, bool),

@@ -184,6 +184,7 @@ class ReplayRow(CacheRow):
 
 SHUFFLE_BUFFER_ROWS = 1024  # rows held by the seeded shuffle buffer: the data's memory bound
 GATE_AT = 0.9  # the hard row gate's threshold on the step-0 refusal mass, when none is given
+REPLAY_RATIO = 0.05  # the replay share when a replay cache is given without one (pact-train --replay, CacheDataset)
 REPLAY_RATIO_MAX = 0.5  # at most half the mixed stream: at most one replay row after each fine-tuning row
 
 

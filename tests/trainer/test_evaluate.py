@@ -225,8 +225,8 @@ def test_eval_inputs(made, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "h.jsonl", [{"prompt": "how do I pick a lock"}])
     base = ("--model", made["model"], "--no-progress")
     for opt in ("--limit", "--batch-size", "--max-new-tokens"):
-        line = one_line(capsys, main_eval, *base, "--harmful", prompts, "-o", tmp_path / "e", opt, 0, code=2)
-        assert f"argument {opt}: 0 must be at least 1" in line
+        line = one_line(capsys, main_eval, *base, "--harmful", prompts, "-o", tmp_path / "e", opt, 0)
+        assert f"{opt} 0: must be an integer in [1, 2147483647]" in line
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     line = one_line(capsys, main_eval, *base, "--harmful", empty, "-o", tmp_path / "e")
@@ -282,3 +282,31 @@ def test_eval_refuses_a_nan_adapter(made, tmp_path, capsys):
         "--no-progress",
     )
     assert "holds NaN or infinity" in line and not (tmp_path / "e").exists()
+
+
+def test_pact_eval_options_are_declared_once(tmp_path, capsys):
+    """EvalConfig is the parser, --config and the Python API's checks: a file's values, flags that win over
+    them, and the same one-line range errors from Python as from the command line."""
+    from dataclasses import fields
+
+    from pact_train.cli import build_eval_parser
+    from pact_train.config import TrainError
+    from pact_train.evaluate import EvalConfig, evaluate, parse_eval_config
+
+    from pact_cache.errors import PactError
+
+    f = tmp_path / "eval.yaml"
+    f.write_text("model: m\nout: o\nharmful: h.jsonl\nmax_new_tokens: 48\nstorage_options: {anon: true}\n")
+    cfg = parse_eval_config(["--config", str(f), "--max-new-tokens", "8", "--look-risky"])
+    assert (cfg.model, cfg.out, cfg.harmful, cfg.max_new_tokens, cfg.look_risky) == ("m", "o", "h.jsonl", 8, "")
+    assert cfg.storage_options == {"anon": True} and cfg.progress is True and cfg.batch_size == 16
+    dests = {a.dest for a in build_eval_parser()._actions}
+    assert {fl.name for fl in fields(EvalConfig) if fl.name != "storage_options"} <= dests
+    f.write_text("model: m\nout: o\nbatch_size: big\n")
+    assert main_eval(["--config", str(f)]) == 1
+    assert "batch_size: 'big' is not an integer" in capsys.readouterr().err
+    with pytest.raises(PactError, match="missing --output"):
+        parse_eval_config(["--model", "m"])
+    with pytest.raises(TrainError, match=r"--limit 0: must be an integer in \[1, 2147483647\]"):
+        evaluate(EvalConfig(model="m", out=str(tmp_path / "x"), harmful="h.jsonl", limit=0))
+    assert not (tmp_path / "x").exists()

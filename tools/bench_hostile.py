@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Peak memory of pact-cache on hostile inputs, against a normal run on the same cache.
 
-    python tools/bench_hostile.py --cache SCORED_CACHE --model MODEL [--inflate-mib 400]
+    python tools/bench_hostile.py --cache SCORED_CACHE --model MODEL [--inflate-mib 400] [--json FILE]
 
 Decompression bombs (below), then pact-train's hostile options: a YAML alias bomb under ``lr:``, a
 config of 1.1 MB, ``--config /dev/zero``, a 540 MB file that is not text as ``--config`` (sparse:
@@ -79,7 +79,9 @@ def main() -> None:
     p.add_argument("--cache", required=True, help="a cache (with TOSS scores for the sidecar bomb)")
     p.add_argument("--model", required=True, help="the model the cache was built for (pact-train's --model)")
     p.add_argument("--inflate-mib", type=int, default=400)
+    p.add_argument("--json", help="also write every figure, with the commit, date, machine, versions and command")
     a = p.parse_args()
+    results = []
     from pact_cache.format import open_cache
 
     src = Path(a.cache)
@@ -128,10 +130,18 @@ def main() -> None:
             ):
                 code, mib, last = peak(cmd)
                 print(f"  {name:10s} {what:18s} exit {code}  peak RSS {mib:7.0f} MiB  {last[:160]}")
-        hostile_options(Path(tmp), src, a.model, bin_dir)
+                results.append(
+                    {"input": name, "command": what, "exit": code, "peak_rss_mib": round(mib), "last_line": last[:300]}
+                )
+        results += hostile_options(Path(tmp), src, a.model, bin_dir)
+    if a.json:
+        sys.path.insert(0, str(ROOT / "tools"))
+        from study import provenance  # commit, date, machine, versions, command
+
+        Path(a.json).write_text(json.dumps({"results": results, "provenance": provenance()}, indent=2) + "\n")
 
 
-def hostile_options(tmp: Path, cache: Path, model: str, bin_dir: Path) -> None:
+def hostile_options(tmp: Path, cache: Path, model: str, bin_dir: Path) -> list[dict]:
     """pact-train's config files and replay ratio, each against one normal step on the same cache."""
     bomb, prev = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n', "a"
     for name in "bcdefghi":
@@ -158,6 +168,7 @@ def hostile_options(tmp: Path, cache: Path, model: str, bin_dir: Path) -> None:
         2,
     ]
     print("pact-train's options (one step at batch 2 where it runs):")
+    results = []
     for i, (name, extra) in enumerate(
         (
             ("normal", []),
@@ -171,6 +182,16 @@ def hostile_options(tmp: Path, cache: Path, model: str, bin_dir: Path) -> None:
     ):
         code, mib, last = peak([*train, "-o", tmp / f"opt-{i}", *extra])
         print(f"  {name:14s} exit {code}  peak RSS {mib:7.0f} MiB  {last[:160]}")
+        results.append(
+            {
+                "input": name,
+                "command": "pact-train 1 step",
+                "exit": code,
+                "peak_rss_mib": round(mib),
+                "last_line": last[:300],
+            }
+        )
+    return results
 
 
 if __name__ == "__main__":

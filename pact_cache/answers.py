@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -160,3 +162,18 @@ class GuardJudge:
             progress=progress,
         )
         return [parse_guard_verdict(t) for t in texts]
+
+
+# ----------------------------------------------------------------------------- the package's prompt sets
+
+
+def default_prompts_path() -> Path:
+    """The package's default replay prompts: 300 harmful requests written for pact-cache (see
+    tools/make_prompt_sets.py for their making, source and licence)."""
+    return Path(str(resources.files("pact_cache") / "resources" / "harmful_prompts.jsonl"))
+
+
+def look_risky_path() -> Path:
+    """The package's over-refusal set: benign prompts that only look risky ("How do I kill a Python
+    process?"), written for pact-cache in the XSTest style (pact-eval --benign FILE)."""
+    return Path(str(resources.files("pact_cache") / "resources" / "look_risky.jsonl"))

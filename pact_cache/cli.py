@@ -346,7 +346,7 @@ def cmd_replay(a) -> int:
     print(
         f"{res.out}: replay cache {res.cache_id[:12]}: {res.kept} of {res.prompts} prompts kept ({res.refusals} "
         f"refusals; "
-        f"dropped: {why}) in {res.seconds:.0f}s" + (f"\nwarning: {res.warning}" if res.warning else "")
+        f"dropped: {why}) in {res.seconds:.0f}s"  # a warning was said on stderr as it was found
     )
     return 0
 

@@ -296,7 +296,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     from pact_cache.storage import atomic_write_json, staged_dir
 
     if cfg.look_risky == "":
-        from pact_cache.replay import look_risky_path
+        from pact_cache.answers import look_risky_path
 
         cfg.look_risky = str(look_risky_path())
     if not (cfg.harmful or cfg.benign or cfg.look_risky or cfg.task or cfg.drift_cache):

@@ -42,7 +42,7 @@ from pact_cache.projection import check_projection
 from .core import lora_direction_factors, policy_losses, window_loss
 from .losses import LossParams, PactParams, added_term_methods
 from .stream import (
-    REPLAY_RATIO,  # noqa: F401  (pad_id_for, RowGate: for users)
+    REPLAY_RATIO,
     REPLAY_TERMS,
     SHUFFLE_BUFFER_ROWS,
     Batch,
@@ -51,7 +51,20 @@ from .stream import (
     check_replay_ratio,
     collate,
     epoch_rows,
+    pad_id_for,
 )
+
+# what users import from here (RowGate and pad_id_for live in pact_train.stream; they are re-exported)
+__all__ = [
+    "CacheDataset",
+    "PactCollator",
+    "PactTrainerMixin",
+    "make_trainer_class",
+    "hf_iterable_dataset",
+    "RowGate",
+    "pad_id_for",
+    "REPLAY_TERMS",
+]  # and PactTrainer, made on first use (module __getattr__)
 
 # The collator's keys beside the model's inputs: the batch's layout, then one per cached reference column
 # (pact_cache.columns.REF_COLUMNS: pact_full, pact_post, pact_target)

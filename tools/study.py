@@ -64,6 +64,8 @@ import sys
 import time
 from pathlib import Path
 
+from pact_train.losses import METHODS  # the methods and their study settings (Method.study)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 BIN = Path(sys.executable).parent
@@ -594,27 +596,32 @@ class Study:
         )
 
     def neighbours(self, res, rows, tune, fine_tune, aligned: Path, cache: Path, lambdas: list, want: set):
-        """STR, constrained SFT, AsFT and TOSS rows, plus their offline artefacts (AsFT's direction; TOSS's two
-        scoring models and the scored cache), each a timed stage."""
-        out = self.out
-        if "str" in want:
-            lam, name = tune("str", lambdas, lambda v: (f"str_lam{v:g}", fine_tune("str", cache, v)))
-            rows[f"STR lambda {lam:g} (chosen)"] = (name, lam)
-        if "constrained-sft" in want:
-            res["constrained-sft"] = self.stage("constrained-sft", fine_tune("constrained-sft", cache, None))
-            self.stage(
-                "val_constrained-sft",
-                lambda d: self.validate(d, aligned, str(out / "constrained-sft" / "run" / "adapter")),
-            )
-            rows["Constrained SFT (no lambda)"] = ("constrained-sft", None)
-        if "asft" in want:
-            self.asft(res, rows, tune, fine_tune, aligned, cache, lambdas)
+        """The rows of every registered method with study settings (``Method.study``: STR, constrained SFT, AsFT,
+        and any method registered later), plus TOSS (SFT with a token mask); each run and its offline artefacts
+        a timed stage."""
+        for method in METHODS.values():
+            if method.study is not None and method.name in want:
+                self.neighbour(res, rows, tune, fine_tune, aligned, cache, lambdas, method)
         if "toss" in want:
             self.toss(res, rows, tune, fine_tune, aligned, cache)
 
-    def asft(self, res, rows, tune, fine_tune, aligned: Path, cache: Path, lambdas: list):
-        out = self.out
-        direction = out / "asft_direction" / "direction.safetensors"
+    def neighbour(self, res, rows, tune, fine_tune, aligned: Path, cache: Path, lambdas: list, method):
+        """One method's row from its registered settings: lambda tuned by the rule, or one run with its
+        validation; the artefacts it needs made first."""
+        row, name, extra = method.study, method.name, []
+        if "direction" in row.needs:
+            extra = ["--direction", self.direction(res, aligned)]
+        if row.tune:
+            lam, stage = tune(name, lambdas, lambda v: (f"{name}_lam{v:g}", fine_tune(name, cache, v, extra)))
+            rows[f"{row.label} lambda {lam:g} (chosen)"] = (stage, lam)
+            return
+        res[name] = self.stage(name, fine_tune(name, cache, None, extra))
+        self.stage(f"val_{name}", lambda d: self.validate(d, aligned, str(self.out / name / "run" / "adapter")))
+        rows[f"{row.label} (no lambda)"] = (name, None)
+
+    def direction(self, res, aligned: Path) -> Path:
+        """AsFT's alignment direction (``pact-cache direction``, the aligned model against the original), once."""
+        direction = self.out / "asft_direction" / "direction.safetensors"
         res["asft_direction"] = self.stage(
             "asft_direction",
             lambda d: (
@@ -622,10 +629,7 @@ class Study:
                 or {"bytes": direction.stat().st_size}
             ),
         )
-        lam, name = tune(
-            "asft", lambdas, lambda v: (f"asft_lam{v:g}", fine_tune("asft", cache, v, ["--direction", direction]))
-        )
-        rows[f"AsFT lambda {lam:g} (chosen)"] = (name, lam)
+        return direction
 
     def toss(self, res, rows, tune, fine_tune, aligned: Path, cache: Path):
         a, out = self.a, self.out
@@ -1124,7 +1128,8 @@ class Study:
 
 SEEDED = ("recipe", "benign_recipe")  # the chosen rows, at every seed of --seeds (Study.seeded)
 # row groups --rows can name; each runs its own fine-tunes (and the tuning rule's), after the shared stages
-NEIGHBOURS = ("str", "constrained-sft", "asft", "toss")
+# the registered methods with study settings (trainer/losses.py, Method.study), and TOSS (SFT with a token mask)
+NEIGHBOURS = tuple(m.name for m in METHODS.values() if m.study is not None) + ("toss",)
 GROUPS = (
     ("pact_default", "pact-rest_default", "pact_paper", "pact-rest_paper")
     + NEIGHBOURS

@@ -296,6 +296,19 @@ class Steps:
 
 
 @dataclass(frozen=True)
+class StudyRow:
+    """How ``tools/study.py`` sets a method beside the others (its neighbours rows, from the same reference, cache,
+    seed and data order): the row's ``label``; ``tune``: lambda chosen by the study's rule over its grid (else
+    one run, no lambda); ``needs``: offline artefacts beside the cache it knows how to make (``"direction"``:
+    ``pact-cache direction``, the aligned model against the original). A method registered with one is in the
+    study (``--rows NAME``) without editing it."""
+
+    label: str
+    tune: bool = True
+    needs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Method:
     """A training method: the cross-entropy plus ``lambda *`` its term, or (``with_ce=False``) its
     term alone. ``term(steps, params)`` is a pure function returning the term's sum over valid steps
@@ -312,6 +325,7 @@ class Method:
     term: Callable[["Steps", "LossParams"], torch.Tensor] | None = None
     with_ce: bool = True
     penalty: Callable[[list], torch.Tensor] | None = None  # on the trained parameters, once per optimizer step
+    study: StudyRow | None = None  # its row in tools/study.py's comparison, if it has one
 
     def total(self, ce_sum: torch.Tensor, term_sum: torch.Tensor, lam: float) -> torch.Tensor:
         """The loss's sum over the micro-batch's steps: ``CE + lambda * term``, or the term alone."""
@@ -385,6 +399,7 @@ register(
         ("full",),
         "str",
         lambda s, p: str_term(s.policy_sel, s.policy_lse, s.ref["full"], s.mask)[0],
+        study=StudyRow("STR"),
     )
 )
 register(
@@ -396,6 +411,7 @@ register(
         "constrained_sft",
         lambda s, p: constrained_sft(s.policy_target, s.ref["target"], s.mask)[0],
         with_ce=False,
+        study=StudyRow("Constrained SFT", tune=False),
     )
 )
 register(
@@ -404,6 +420,7 @@ register(
         "CE + lambda * AsFT's ||(I - C) B A||_F^2 over the LoRA modules (needs --direction)",
         metric="asft",
         penalty=asft_penalty,
+        study=StudyRow("AsFT", needs=("direction",)),
     )
 )
 

@@ -347,3 +347,59 @@ def test_the_study_evaluates_a_row_on_the_tiny_model_with_the_device_given(tiny_
     assert got["harmful_refusal"]["n"] == 2 and got["unsafe_refusal"]["n"] == 2 and got["task"]["n"] == 1
     assert got["over_refusal"]["n"] >= 100 and "ci95" in got["over_refusal"]
     assert got["harmful_refusal"]["harmful_content"]["n"] == 2
+
+
+def test_a_method_registered_with_study_settings_is_in_the_study(tmp_path):
+    """tools/study.py builds its neighbours rows from the registry: a method registered with a StudyRow is a
+    --rows group and gets its tuned (or single) row, with the artefacts it needs, without editing study.py."""
+    from pact_train.losses import METHODS, Method, StudyRow, register
+
+    register(
+        Method(
+            "mine",
+            "CE + lambda * nothing (a test)",
+            metric="mine",
+            term=lambda s, p: s.mask.sum() * 0.0,
+            study=StudyRow("Mine"),
+        )
+    )
+    register(
+        Method(
+            "mine-once",
+            "one run",
+            metric="mine_once",
+            term=lambda s, p: s.mask.sum() * 0.0,
+            study=StudyRow("Mine once", tune=False, needs=("direction",)),
+        )
+    )
+    try:
+        study = load_study()
+        assert {"mine", "mine-once", "str", "constrained-sft", "asft", "toss"} <= set(study.NEIGHBOURS)
+        assert {"mine", "mine-once"} <= set(study.GROUPS)
+        sp = study.Study.__new__(study.Study)
+        sp.a, sp.out = study.parse_args(["--out", str(tmp_path)]), tmp_path
+        calls = []
+        sp.stage = lambda name, fn: calls.append(("stage", name)) or {}
+        sp.validate = lambda *args: {}
+        rows, res = {}, {}
+
+        def tune(key, values, stage_for):
+            name, _ = stage_for(values[0])
+            calls.append(("tune", key, name))
+            return values[0], name
+
+        def fine_tune(method, cache, lam, extra=()):
+            calls.append(("fine_tune", method, lam, tuple(map(str, extra))))
+            return lambda d: {}
+
+        sp.neighbours(
+            res, rows, tune, fine_tune, tmp_path / "aligned", tmp_path / "cache", [1.0, 3.0], {"mine", "mine-once"}
+        )
+        assert ("tune", "mine", "mine_lam1") in calls and rows["Mine lambda 1 (chosen)"] == ("mine_lam1", 1.0)
+        assert ("stage", "asft_direction") in calls  # the artefact mine-once needs, made first
+        direction = str(tmp_path / "asft_direction" / "direction.safetensors")
+        assert ("fine_tune", "mine-once", None, ("--direction", direction)) in calls
+        assert rows["Mine once (no lambda)"] == ("mine-once", None) and ("stage", "val_mine-once") in calls
+    finally:
+        METHODS.pop("mine", None)
+        METHODS.pop("mine-once", None)

@@ -551,6 +551,52 @@ def start_or_resume(cfg: TrainConfig, data: Data, policy: Policy, ranks: Ranks) 
 # ----------------------------------------------------------------------------- stage 4: the window loop
 
 
+@dataclass(frozen=True)
+class Collate:
+    """How a micro-batch's rows become a batch on the device (padded or packed, with the token mask, row gate
+    and replay terms)."""
+
+    pad_id: int
+    pad_multiple: int
+    mask: object
+    gate: RowGate | None
+    replay_term: str
+    padding_free: bool
+    device: str
+
+    def __call__(self, rows):
+        return collate(
+            rows, self.pad_id, self.pad_multiple, self.mask, self.gate, self.replay_term, self.padding_free
+        ).to(self.device)
+
+
+def window_backward(micro: list, ddp_model, policy: Policy, batch_of: Collate, lam: float, ranks: Ranks, autocast):
+    """Forward and backward of one window's micro-batches, with one gradient all-reduce, token-weighted over the
+    window's response tokens on all ranks (each rank's share, times the rank count: DDP averages). Returns the
+    window's cross-entropy sum and term sum over all ranks, the penalty's value (AsFT; 0 without), and its
+    response tokens."""
+    method = policy.loss.method
+    n_window = sum(sum(r.steps for r in rows) for _, _, rows in micro)
+    ce_tot = term_tot = pen = 0.0
+    for i, (_, _, global_rows) in enumerate(micro):
+        rows, scale = ranks.take(global_rows)
+        batch = batch_of(rows)
+        live = online_reference(policy.ref, batch, policy.header, policy.ids) if policy.ref is not None else None
+        with ranks.no_sync(ddp_model, sync=i == len(micro) - 1):  # one gradient all-reduce per window
+            with autocast:
+                ce_sum, term_sum, _ = policy_losses(ddp_model, batch, policy.ids, policy.weights, policy.loss, live)
+            loss = window_loss(policy.loss, ce_sum, term_sum, scale * ranks.world / n_window)
+            if policy.factors is not None and i == len(micro) - 1:  # a penalty on the weights: once per step
+                penalty = method.penalty(policy.factors)
+                loss = loss + lam * penalty  # the same on every rank: DDP's average keeps it
+                pen = penalty.item()
+            loss.backward()
+        ce_tot += scale * ce_sum.item()
+        term_tot += scale * term_sum.item()
+    ce_tot, term_tot = ranks.sum([ce_tot, term_tot], batch_of.device)
+    return ce_tot, term_tot, pen, n_window
+
+
 def window_loop(cfg: TrainConfig, data: Data, policy: Policy, start: Start, ranks: Ranks, device: str) -> Position:
     """One iteration = one optimizer step over ``--grad-accum`` micro-batches (a window), token-weighted over
     the window's response tokens on all ranks; a metrics line per step, a checkpoint every ``--save-every``.
@@ -589,6 +635,7 @@ def window_loop(cfg: TrainConfig, data: Data, policy: Policy, start: Start, rank
         total=start.total, initial=at.step, unit="step", disable=not (cfg.progress and ranks.main), dynamic_ncols=True
     )
     last_saved = at.step if data.kind == "resume" else None
+    batch_of = Collate(pad_id, pad_multiple, data.mask, data.gate, cfg.replay_term, policy.padding_free, device)
     policy.model.train()
     done = False
     while at.step < start.total and not done:
@@ -604,30 +651,10 @@ def window_loop(cfg: TrainConfig, data: Data, policy: Policy, start: Start, rank
                 break
         if not micro:
             break
-        # token-weighted accumulation: response tokens of the whole window, on all ranks
-        n_window = sum(sum(r.steps for r in rows) for _, _, rows in micro)
         lr = lr_at(at.step, start.total, start.steps_per_epoch, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        ce_tot = term_tot = pen = 0.0
-        for i, (_, _, global_rows) in enumerate(micro):
-            rows, scale = ranks.take(global_rows)
-            batch = collate(rows, pad_id, pad_multiple, data.mask, data.gate, cfg.replay_term, policy.padding_free)
-            batch = batch.to(device)
-            live = online_reference(policy.ref, batch, policy.header, policy.ids) if policy.ref is not None else None
-            with ranks.no_sync(ddp_model, sync=i == len(micro) - 1):  # one gradient all-reduce per window
-                with autocast:
-                    ce_sum, term_sum, _ = policy_losses(ddp_model, batch, policy.ids, policy.weights, policy.loss, live)
-                # DDP averages over ranks: each rank's share of the window's tokens, times the rank count
-                loss = window_loss(policy.loss, ce_sum, term_sum, scale * ranks.world / n_window)
-                if policy.factors is not None and i == len(micro) - 1:  # a penalty on the weights: once per step
-                    penalty = method.penalty(policy.factors)
-                    loss = loss + cfg.lam * penalty  # the same on every rank: DDP's average keeps it
-                    pen = penalty.item()
-                loss.backward()
-            ce_tot += scale * ce_sum.item()
-            term_tot += scale * term_sum.item()
-        ce_tot, term_tot = ranks.sum([ce_tot, term_tot], device)
+        ce_tot, term_tot, pen, n_window = window_backward(micro, ddp_model, policy, batch_of, cfg.lam, ranks, autocast)
         if not (math.isfinite(ce_tot) and math.isfinite(term_tot) and math.isfinite(pen)):
             bar.close()
             term = f"sum {term_tot}" if policy.factors is None else pen

@@ -216,6 +216,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+def file_kind(mode: int) -> str:
+    """What a path that is not a regular file is, for a message: a folder, a FIFO, or a device or socket."""
+    return "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+
+
 def read_limited(path: str | os.PathLike, limit: int, where: str, error=PactError, what: str = "file") -> bytes:
     """The bytes of a local file a user or sender handed over, at most ``limit``: refused in one line
     (``error``) when it is missing, a folder, a FIFO or device (checked on the open descriptor, opened
@@ -235,7 +240,7 @@ def read_limited(path: str | os.PathLike, limit: int, where: str, error=PactErro
         if stat.S_ISDIR(st.st_mode):
             raise error(f"{where}: is a folder; give the {what}")
         if not stat.S_ISREG(st.st_mode):
-            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or socket"
+            kind = file_kind(st.st_mode)
             raise error(f"{where}: is {kind}, not a regular file; give the {what} as a file")
         if st.st_size > limit:
             raise error(
@@ -291,7 +296,7 @@ def check_regular_file(
             )
         mode = os.stat(path).st_mode
         if not stat.S_ISREG(mode):
-            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            kind = file_kind(mode)
             raise CacheError(f"{where}: is {kind}, not a regular file; refusing to read it")
     elif info.get("type") != "file":
         raise CacheError(f"{where}: is a {info.get('type')}, not a plain object; refusing to read it")

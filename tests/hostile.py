@@ -105,3 +105,13 @@ def only_line(capsys):
     err = [line for line in err if line.startswith("pact-cache")]
     assert len(err) == 1, err
     return err[0]
+
+
+def yaml_alias_bomb(tail: str = "") -> str:
+    """A YAML "billion laughs": 9 levels of 9 aliases (about 387 million strings once expanded, a few hundred
+    bytes written), the last anchor ``*i``; ``tail`` puts it under a key, e.g. ``"lr: *i\\n"``."""
+    text, prev = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n', "a"
+    for name in "bcdefghi":
+        text += f"{name}: &{name} [" + ", ".join(["*" + prev] * 9) + "]\n"
+        prev = name
+    return text + tail

@@ -95,19 +95,12 @@ class CacheDataset(IterableDataset):
         replay: Cache | str | None = None,
         replay_ratio: float = REPLAY_RATIO,
     ):
-        for name, value, kind in (
-            ("shuffle", shuffle, bool),
-            ("seed", seed, int),
-            ("buffer_rows", buffer_rows, int),
-            ("shard_by_rank", shard_by_rank, bool),
-        ):
-            if not isinstance(value, kind) or (
-                kind is int and (isinstance(value, bool) or value < (1 if name == "buffer_rows" else 0))
-            ):
-                raise PactError(
-                    f"CacheDataset({name}={preview(value)}): must be "
-                    + ("true or false" if kind is bool else f"an integer >= {1 if name == 'buffer_rows' else 0}")
-                )
+        for name, value in (("shuffle", shuffle), ("shard_by_rank", shard_by_rank)):
+            if not isinstance(value, bool):
+                raise PactError(f"CacheDataset({name}={preview(value)}): must be true or false")
+        for name, value, lo in (("seed", seed, 0), ("buffer_rows", buffer_rows, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise PactError(f"CacheDataset({name}={preview(value)}): must be an integer >= {lo}")
         if replay is not None:
             check_replay_ratio(replay_ratio, "CacheDataset(replay=...):")
         self.cache = (

@@ -2,6 +2,7 @@
 
 import pytest
 import yaml
+from hostile import yaml_alias_bomb
 
 from pact_cache.errors import CacheError
 from pact_cache.typedjson import canonical_json, count_values, hash_identity, load_json
@@ -30,9 +31,6 @@ def test_count_values_stops_at_its_limit_on_an_alias_bomb():
     assert (
         count_values({"a": [1, 2], "b": {"c": None}}, 100) == 9
     )  # the mapping, 2 keys, 2 values, 2 items, a key, a value
-    text, prev = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n', "a"
-    for name in "bcdefghi":
-        text += f"{name}: &{name} [" + ", ".join(["*" + prev] * 9) + "]\n"
-        prev = name
+    text = yaml_alias_bomb()
     bomb = yaml.safe_load(text)  # cheap: the aliases are the same objects
     assert count_values(bomb, 10_000) == 10_001  # counted up to the limit and one more, no further

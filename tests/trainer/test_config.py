@@ -6,7 +6,7 @@ import os
 from dataclasses import fields
 
 import pytest
-from hostile import one_line
+from hostile import one_line, yaml_alias_bomb
 from pact_train.cli import main as train_main
 from pact_train.config import TrainConfig, TrainError, check_config, parse_config
 from pact_train.losses import PactParams
@@ -251,21 +251,15 @@ def test_missing_and_unreadable_config(tmp_path, capsys):
     assert "is a folder" in capsys.readouterr().err
 
 
-def _bomb(tail: str) -> str:
-    """A YAML "billion laughs": 9 levels of 9 aliases, about 387 million strings once expanded."""
-    text, prev = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n', "a"
-    for name in "bcdefghi":
-        text += f"{name}: &{name} [" + ", ".join(["*" + prev] * 9) + "]\n"
-        prev = name
-    return text + tail
-
-
 @pytest.mark.parametrize(
     "make, needle",
     [
-        (lambda f: f.write_text(_bomb("lr: *i\n")), "holds more than 10,000 values once its YAML aliases are expanded"),
-        (lambda f: f.write_text(_bomb("pact: *i\n")), "holds more than 10,000 values"),
-        (lambda f: f.write_text(_bomb("storage_options: {key: *i}\n")), "holds more than 10,000 values"),
+        (
+            lambda f: f.write_text(yaml_alias_bomb("lr: *i\n")),
+            "holds more than 10,000 values once its YAML aliases are expanded",
+        ),
+        (lambda f: f.write_text(yaml_alias_bomb("pact: *i\n")), "holds more than 10,000 values"),
+        (lambda f: f.write_text(yaml_alias_bomb("storage_options: {key: *i}\n")), "holds more than 10,000 values"),
         (
             lambda f: f.write_text("# padding\n" * 120_000 + "lr: 1.0e-3\n"),
             "is 1,200,011 bytes, more than the 1,048,576 a YAML",

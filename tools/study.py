@@ -26,8 +26,9 @@ Stages
   recipe, benign_recipe (--rows)
                 <prefix>sft_seed<S> and <prefix>defaults_seed<S> for every seed of --seeds, in the harmful mix and the
                 benign-only scenario (prefix benign_): SFT, and pact-train with no method flags (its defaults: the
-                recipe, replay rows made at start from the package's prompts); each evaluated as it finishes ->
-                seeds.md, seeds.json
+                recipe, replay rows made at start from the package's prompts), then <prefix>cand_<NAME>_seed<S> for
+                each --candidate NAME=FLAGS (the defaults with FLAGS); each evaluated as it finishes -> seeds.md,
+                seeds.json
   <method>_<S>_lam<L>, val_<...>
                 for method in (pact, pact-rest) and S in (default, paper): fine-tunes at lambda = 1, then the next of
                 --lambdas, each evaluated on the validation harmful prompts (disjoint from every held-out set), until
@@ -58,6 +59,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -910,11 +912,11 @@ class Study:
         }
         for seed in a.seeds:  # seed by seed, so that a run cut short has SFT and the defaults at the same seeds
             for scenario, prefix, c in scenarios:
-                for label, method in (("SFT", "sft"), ("defaults (no method flags)", None)):
-                    name = f"{prefix}{'sft' if method else 'defaults'}_seed{seed}"
+                for label, key, method, extra in self.seeded_rows():
+                    name = f"{prefix}{key}_seed{seed}"
                     if a.report_only and not (out / f"eval_{name}" / "DONE.json").exists():
                         continue  # --report-only: the table of what is finished, nothing run
-                    res[name] = self.stage(name, fine_tune(method, c, None, seed=seed))
+                    res[name] = self.stage(name, fine_tune(method, c, None, extra, seed=seed))
                     ev = self.stage(
                         f"eval_{name}",
                         lambda d, n=name: self.evaluate(d, aligned, str(out / n / "run" / "adapter"), dc),
@@ -926,6 +928,14 @@ class Study:
                     )
                     self.seeds_report(evals)
         self.seeds_report(evals)
+
+    def seeded_rows(self) -> list:
+        """(label, stage key, --method, further flags) of the seeded groups' rows: SFT, the defaults, then each
+        --candidate NAME=FLAGS (pact-train's defaults with FLAGS added), in the order given."""
+        rows = [("SFT", "sft", "sft", []), ("defaults (no method flags)", "defaults", None, [])]
+        for name, flags in self.a.candidates:
+            rows.append((f"candidate {name}: {' '.join(flags)}", f"cand_{name}", None, flags))
+        return rows
 
     def seeds_report(self, evals: dict) -> None:
         """seeds.md and seeds.json: per scenario and row, each column's mean and range over the seeds (every rate with
@@ -1253,7 +1263,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.9,
         help="the filter row: keep rows whose step-0 refusal mass is at most this",
     )
+    p.add_argument(
+        "--candidate",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="the seeded groups (recipe, benign_recipe): one more row, pact-train's defaults with FLAGS added (e.g. "
+        "ratio05='--replay-ratio 0.05'), trained and evaluated at every seed beside SFT and the defaults; repeatable",
+    )
     a = p.parse_args(argv)
+    a.candidates = []
+    for c in a.candidate:
+        name, sep, flags = c.partition("=")
+        if not sep or not name.replace("_", "").isalnum():
+            p.error(f"--candidate {c[:60]!r}: write NAME=FLAGS, NAME letters, digits and _ (it names the stages)")
+        a.candidates.append((name, shlex.split(flags)))
     a.grid_given = a.grid is not None
     a.grid = [float(x) for x in str(a.grid or "1,3,10,30,100").split(",") if x.strip()]
     a.lambdas = [float(x) for x in str(a.lambdas).split(",") if x.strip()]

@@ -293,6 +293,28 @@ def test_the_study_options_and_splits(shared_data):
     assert not {r["input"] for r in s["eval_unsafe"]} & {r["instruction"] for r in s["ft"]}
 
 
+def test_study_candidates_are_seeded_rows_with_their_flags(capsys):
+    study = load_study()
+    sp = study.Study.__new__(study.Study)
+    sp.a = study.parse_args(
+        ["--candidate", "r05=--replay-ratio 0.05 --replay-term ce", "--candidate", "lam1=--lambda 1"]
+    )
+    assert sp.seeded_rows()[2:] == [
+        (
+            "candidate r05: --replay-ratio 0.05 --replay-term ce",
+            "cand_r05",
+            None,
+            ["--replay-ratio", "0.05", "--replay-term", "ce"],
+        ),
+        ("candidate lam1: --lambda 1", "cand_lam1", None, ["--lambda", "1"]),
+    ]
+    assert [r[1] for r in sp.seeded_rows()[:2]] == ["sft", "defaults"]
+    for bad in ("no-equals", "a b=--lambda 1"):
+        with pytest.raises(SystemExit):
+            study.parse_args(["--candidate", bad])
+        assert "--candidate" in capsys.readouterr().err
+
+
 def test_the_seed_table_reports_the_mean_range_and_the_goal_per_seed(tmp_path):
     study = load_study()
     sp = study.Study.__new__(study.Study)

@@ -64,6 +64,7 @@ class BuildConfig:
     dtype: str = "auto"
     device: str = "auto"
     device_map: str | None = None  # "auto": the reference spread over this machine's GPUs and CPU (accelerate)
+    quantize: str = "none"  # nf4 / int8: the reference's linear layers in 4 or 8 bits (bitsandbytes); in the cache id
     encoding: str = "q8"
     rows_per_part: int = ROWS_PER_PART
     resume: bool = False
@@ -271,6 +272,34 @@ def _part_entry(
         return PartEntry(name, len(examples), steps, size, sha256_stream(f)[0], digest)
 
 
+def build_estimate(cfg: BuildConfig, resolved=None, longest: int | None = None) -> list[str]:
+    """What a build of ``cfg`` will need at its peak (:func:`pact_cache.memory.estimate_build`), from the
+    reference's config alone, as printed lines; ``longest``: the dataset's longest tokenized row, when known
+    (else --max-length)."""
+    from .memory import ModelShape, estimate_build
+    from .models import pick_device, pick_dtype
+
+    resolved = resolved or resolve_model(cfg.ref)
+    device = pick_device(cfg.device) if not cfg.device_map else "cuda"
+    bytes_ = {"float32": 4}.get(str(pick_dtype(cfg.dtype, device)).replace("torch.", ""), 2)
+    seq = longest or cfg.max_length or 2048
+    try:
+        shape = ModelShape.of_model_dir(resolved.path)
+    except Exception as err:  # a config transformers cannot instantiate
+        raise PactError(
+            f"{cfg.ref}: cannot read the model's shape from its config ({type(err).__name__}); the memory "
+            "estimate needs it"
+        ) from None
+    est = estimate_build(
+        shape, device=device, dtype_bytes=bytes_, quantize=cfg.quantize, batch_size=cfg.batch_size, seq_len=seq
+    )
+    head = (
+        f"memory estimate: --ref {cfg.ref}, {shape.linear + shape.other:,} parameters, batches of {cfg.batch_size} "
+        f"rows of up to {seq} tokens"
+    )
+    return [head, *est.lines()]
+
+
 def build(cfg: BuildConfig) -> BuildResult:
     t_start = time.time()
     if cfg.batch_size < 1 or cfg.rows_per_part < 1:
@@ -315,7 +344,15 @@ def build(cfg: BuildConfig) -> BuildResult:
         for reason, rows in skipped.items():
             _log(f"skipping {len(rows)} row(s), {reason.replace('_', ' ')} (first: {rows[0]}); counted in the manifest")
     header = assistant_header_ids(tok)
-    model, device, torch_dtype = load_model(resolved, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.device_map)
+    if rank == 0:
+        try:
+            longest = max(len(e.input_ids) for e in examples)
+            _log("\n  ".join(build_estimate(cfg, resolved, longest)))
+        except PactError as err:
+            _log(f"no memory estimate: {err}")
+    model, device, torch_dtype = load_model(
+        resolved, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.device_map, quantize=cfg.quantize
+    )
     projection = check_projection(
         model, device, f"--ref {cfg.ref}"
     )  # the cached values are the model's own log-probs, or nothing
@@ -356,6 +393,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         assistant_header_ids=tuple(header),
         vocab_size=max(vocab_rows, len(tok)),
         algorithm=ALGORITHM_SCALED_HEAD if projection.kind == "scale" else ALGORITHM,
+        quantization=None if cfg.quantize in (None, "none") else cfg.quantize,
     )
     tokenizer = Tokenizer(tok_fp["sha256"], tok_fp["vocab_size"], tok_fp["chat_template_sha256"])
     identity = Identity(model_fp["weights_sha256"], tokenizer, tokens, ds_fp["sha256"], params, enc)

@@ -17,6 +17,7 @@ from .cliutil import (
     add_json,
     add_no_progress,
     add_output,
+    add_quantize,
     add_storage_option,
     add_version,
     new_file,
@@ -173,6 +174,14 @@ def _build_options(b):
         help=f"rows per Parquet part, the unit of resume and sharding (default {ROWS_PER_PART})",
     )
     add_dtype_device(b)
+    add_quantize(
+        b,
+        "load the reference's linear layers in 4 bits (nf4) or 8 bits (int8): a reference larger than the card in "
+        "16 bits fits on it; part of the cache's identity (another cache id than the same weights in 16 bits)",
+    )
+    b.add_argument(
+        "--dry-run", action="store_true", help="print the build's estimated peak memory and exit, writing nothing"
+    )
     b.add_argument(
         "--device-map",
         choices=["auto", "balanced", "balanced_low_0", "sequential"],
@@ -193,7 +202,7 @@ def _build_options(b):
         metavar="OLD",
         help="copy the rows OLD (a cache built with the same reference, tokenizer, tokens, encoding, max "
         "length and "
-        "dtype; folder or URL) already holds instead of computing them; repeatable",
+        "dtype and --quantize; folder or URL) already holds instead of computing them; repeatable",
     )
     b.add_argument(
         "--shard",
@@ -216,7 +225,7 @@ def _build_options(b):
     ("output", "reuse"),
 )
 def cmd_build(a) -> int:
-    from .build import BuildConfig, build
+    from .build import BuildConfig, build, build_estimate
 
     cfg = BuildConfig(
         dataset=a.dataset,
@@ -228,6 +237,7 @@ def cmd_build(a) -> int:
         dtype=a.dtype,
         device=a.device,
         device_map=a.device_map,
+        quantize=a.quantize,
         encoding=a.encoding,
         rows_per_part=a.rows_per_part,
         resume=a.resume,
@@ -237,6 +247,9 @@ def cmd_build(a) -> int:
         storage_options=parse_storage_options(a.storage_option),
         reuse=a.reuse,
     )
+    if a.dry_run:
+        print("\n".join(build_estimate(cfg)))
+        return 0
     res = build(cfg)
     if res.manifest is None:
         print(
@@ -302,6 +315,7 @@ def _replay_options(r):
         help="also write every answer and its verdict (kept, or why not) as JSONL to FILE (a new file)",
     )
     add_dtype_device(r)
+    add_quantize(r, "load the reference as the fine-tuning cache's was (pact-cache build --quantize)")
     add_output(r, "CACHE", "the replay cache: a new folder or URL")
     add_json(r, "print the summary as JSON")
     add_no_progress(r)
@@ -334,6 +348,7 @@ def cmd_replay(a) -> int:
             max_length=a.max_length,
             dtype=a.dtype,
             device=a.device,
+            quantize=a.quantize,
             answers=a.answers,
             progress=not a.no_progress,
             storage_options=parse_storage_options(a.storage_option),
@@ -384,6 +399,12 @@ def _verify_options(v):
         metavar="N",
         help="with --model: rows (spread over the cache) whose values are recomputed and compared (default 8; 0 skips)",
     )
+    add_quantize(
+        v,
+        "with --model: how it is loaded to recompute rows; default: as the cache's reference was (its manifest's "
+        "build.quantization); another way is refused",
+        default=None,
+    )
     add_cache_id(v)
     add_storage_option(v)
 
@@ -400,7 +421,9 @@ def cmd_verify(a) -> int:
 
     if a.recompute < 0:
         raise PactError(f"--recompute {a.recompute}: must be >= 0")
-    res = verify_cache(a.cache, dataset=a.dataset, model=a.model, cache_id=a.cache_id, recompute=a.recompute)
+    res = verify_cache(
+        a.cache, dataset=a.dataset, model=a.model, cache_id=a.cache_id, recompute=a.recompute, quantize=a.quantize
+    )
     print(
         f"{a.cache.display}: OK, cache {res['cache_id'][:12]}, {res['rows']:,} rows, {res['response_steps']:,} "
         f"steps; checked " + ", ".join(res["checked"])

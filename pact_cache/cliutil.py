@@ -125,6 +125,13 @@ def add_dtype_device(p: argparse.ArgumentParser, dtype_help: str = "auto: fp32 o
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
 
+def add_quantize(p: argparse.ArgumentParser, help: str, default: str | None = "none") -> None:
+    """``--quantize none|nf4|int8`` (bitsandbytes; pact_cache.models.QUANTIZE)."""
+    from .models import QLORA_EXTRA, QUANTIZE
+
+    p.add_argument("--quantize", default=default, choices=list(QUANTIZE), help=f"{help} (needs {QLORA_EXTRA})")
+
+
 def add_json(p: argparse.ArgumentParser, what: str = "print JSON") -> None:
     p.add_argument("--json", action="store_true", help=what)
 

@@ -352,6 +352,35 @@ class Cache:
             "the part was replaced: re-download or rebuild the cache",
         )
 
+    def longest_row(self) -> tuple[int, int]:
+        """``(tokens, response steps)`` of the cache's longest row and of its longest response, from the
+        ``input_ids`` lengths and ``response_start`` columns alone (nothing decoded); each part checked as
+        :meth:`scan_part` checks it before it is read. What a run's memory estimate sizes its worst
+        micro-batch with (:mod:`pact_cache.memory`)."""
+        import pyarrow.compute as pc
+
+        longest = steps = 0
+        for part in self.parts:
+            where = self._where(part)
+            if self.verify_checksums:
+                self.check_part(part)
+            else:
+                check_regular_file(self.fs, self.root, self.part_path(part), where, size=part.bytes)
+            with self.fs.open(self.part_path(part), "rb") as f:
+                pf = self._parquet(f, part, where)
+                try:
+                    t = pf.read(columns=["input_ids", "response_start"])
+                    lengths = pc.list_value_length(t.column("input_ids"))
+                    resp = pc.subtract(lengths.cast("int64"), t.column("response_start").cast("int64"))
+                except Exception as err:
+                    raise CacheError(
+                        f"{where}: cannot be decoded ({type(err).__name__}: {str(err)[:120]}); re-download or "
+                        "rebuild it"
+                    ) from None
+                longest = max(longest, int(pc.max(lengths).as_py() or 0))
+                steps = max(steps, int(pc.max(resp).as_py() or 0))
+        return longest, steps
+
     def scan_part(self, part: PartEntry, found: dict, batch_rows: int = 64) -> Iterator[CacheRow]:
         """Every check of :meth:`iter_part_rows` but the rows digest, which is left in ``found``."""
         where = self._where(part)

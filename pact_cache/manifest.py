@@ -29,6 +29,7 @@ ALGORITHM = "pact-ref/1"
 # this, so that no build resumes, and no --reuse copies, parts of the old values.
 ALGORITHM_SCALED_HEAD = "pact-ref/2"
 MANIFEST_MAX_BYTES = 64 << 20  # a manifest is a few KiB per 1,000 parts; anything larger is refused
+_QUANTIZATION = re.compile(r"nf4|int8")  # BuildParams.quantization (pact_cache.models.QUANTIZE less none)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 PART_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.parquet$")
 
@@ -348,6 +349,9 @@ class BuildParams:
     vocab_size: int  # rows of the reference's output layer; input ids and token ids are below it
     algorithm: str = ALGORITHM
     reused: tuple[str, ...] = ()  # ids of caches whose rows were copied (--reuse): their batches, not this build's
+    # the reference's linear layers as loaded (pact-cache build --quantize): nf4 or int8; None = as stored, in dtype.
+    # Written only when set, so that caches of unquantized references keep their ids.
+    quantization: str | None = None
 
     def to_json(self) -> dict:
         out = {
@@ -362,6 +366,8 @@ class BuildParams:
         }
         if self.reused:
             out["reused"] = list(self.reused)
+        if self.quantization:
+            out["quantization"] = self.quantization
         return out
 
     def reuse_key(self) -> dict:
@@ -373,6 +379,7 @@ class BuildParams:
             "assistant_header_ids": list(self.assistant_header_ids),
             "vocab_size": self.vocab_size,
             "algorithm": self.algorithm,
+            **({"quantization": self.quantization} if self.quantization else {}),
         }
 
 
@@ -545,6 +552,7 @@ class Manifest:
             vocab,
             b.str("algorithm"),
             tuple(reused),
+            b.str("quantization", optional=True, pattern=_QUANTIZATION, what="nf4 or int8"),
         )
 
         tokens = SafetyTokens.parse(f.obj_("tokens"), f"{where}: tokens", CacheError, vocab_size=vocab)

@@ -198,6 +198,57 @@ def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+QUANTIZE = ("none", "nf4", "int8")  # how a model's linear layers are loaded (bitsandbytes): --quantize
+QLORA_EXTRA = "pip install 'pact-cache[qlora]'"
+
+
+def quantization_config(quantize: str | None, compute_dtype, where: str = "--quantize"):
+    """transformers' ``BitsAndBytesConfig`` for ``quantize`` (``nf4``: 4-bit NormalFloat with double
+    quantization, computing in ``compute_dtype``; ``int8``: LLM.int8()), or None for ``none``/None.
+    Raises :class:`ModelError` (one line) for an unknown kind or when bitsandbytes is missing."""
+    if quantize in (None, "none"):
+        return None
+    if quantize not in QUANTIZE:
+        raise ModelError(f"{where} {str(quantize)[:20]}: unknown; use one of {', '.join(QUANTIZE)}")
+    try:
+        import bitsandbytes  # noqa: F401  (transformers loads the layers through it)
+    except ImportError:
+        raise ModelError(f"{where} {quantize}: needs bitsandbytes, the qlora extra: {QLORA_EXTRA}") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def from_pretrained(resolved: ResolvedModel, dtype, device: str, quantize: str | None = None, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` on ``device``, its linear layers quantized as ``quantize``
+    says (None or ``none``: as stored, in ``dtype``). A quantized model is placed on the device as it
+    loads (it cannot be moved afterwards). Any loading error is one :class:`ModelError` line."""
+    from transformers import AutoModelForCausalLM
+
+    qc = quantization_config(quantize, dtype)
+    if qc is not None:
+        if kwargs.get("device_map"):
+            raise ModelError(
+                f"--quantize {quantize} with --device-map: a quantized model is loaded whole on one device; "
+                "drop --device-map (4 bits is what lets it fit)"
+            )
+        kwargs = {**kwargs, "quantization_config": qc, "device_map": {"": device}}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dtype, **kwargs)
+    except Exception as err:
+        raise ModelError(
+            f"{resolved.name}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+        ) from None
+    if qc is None and not kwargs.get("device_map"):
+        model.to(device)
+    return model
 
 
 def load_model(
@@ -206,6 +257,7 @@ def load_model(
     device: str = "auto",
     trust_remote_code: bool = False,
     device_map: str | None = None,
+    quantize: str | None = None,
 ):
     """Load a causal LM for inference; returns ``(model, device, torch_dtype)``.
 
@@ -213,9 +265,9 @@ def load_model(
     and the CPU memory of this machine with accelerate's big-model inference: each layer runs where
     its weights are, its inputs moved there by accelerate's hooks. ``device`` is then where inputs
     go in (the device of the input embeddings); :func:`placement` says where the layers went.
+    ``quantize`` (``nf4``, ``int8``; bitsandbytes) loads the linear layers in 4 or 8 bits, computing in
+    ``torch_dtype``; it excludes ``device_map``.
     """
-    from transformers import AutoModelForCausalLM
-
     if device_map is not None:
         if device_map not in DEVICE_MAPS:
             raise ModelError(f"--device-map {device_map}: use one of {', '.join(DEVICE_MAPS)}")
@@ -227,19 +279,10 @@ def load_model(
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device) if isinstance(dtype, str) else dtype
     kwargs = {"device_map": device_map} if device_map else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(resolved.path), dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
-        )
-    except Exception as err:
-        raise ModelError(
-            f"{resolved.name}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
-        ) from None
+    model = from_pretrained(resolved, torch_dtype, device, quantize, trust_remote_code=trust_remote_code, **kwargs)
     if device_map:
         device = str(model.get_input_embeddings().weight.device)
-        model.eval()
-    else:
-        model.to(device).eval()
+    model.eval()
     return model, device, torch_dtype
 
 

@@ -47,6 +47,7 @@ class ReplayConfig:
     max_length: int | None = 2048
     dtype: str = "auto"
     device: str = "auto"
+    quantize: str = "none"  # the reference loaded as the fine-tuning cache's was (pact-cache build --quantize)
     answers: str | None = None  # a local JSONL of every answer and its verdict
     progress: bool = True
     storage_options: dict = field(default_factory=dict, repr=False)
@@ -134,7 +135,7 @@ def make_replay(cfg: ReplayConfig) -> ReplayResult:
     prompts = [msgs for msgs, _ in rows]
     resolved = resolve_model(cfg.ref)
     tok = load_tokenizer(resolved)
-    model, device, _ = load_model(resolved, cfg.dtype, cfg.device)
+    model, device, _ = load_model(resolved, cfg.dtype, cfg.device, quantize=cfg.quantize)
     answers, finished = generate(
         model,
         tok,
@@ -192,6 +193,7 @@ def make_replay(cfg: ReplayConfig) -> ReplayResult:
                 max_length=cfg.max_length,
                 dtype=cfg.dtype,
                 device=cfg.device,
+                quantize=cfg.quantize,
                 progress=cfg.progress,
                 storage_options=cfg.storage_options,
             )

@@ -160,7 +160,7 @@ RECOMPUTE_WINDOW = 10.0  # nats below the step maximum: the values a loss weighs
 RECOMPUTE_TOLERANCE = 0.5  # mean |stored - recomputed| in nats; q8 and bf16-vs-fp32 noise stay far below it
 
 
-def recompute_sample(cache: Cache, resolved, n_rows: int, device: str = "auto") -> dict:
+def recompute_sample(cache: Cache, resolved, n_rows: int, device: str = "auto", quantize: str = "none") -> dict:
     """Recompute ``n_rows`` rows spread over the cache with the reference and compare the stored
     values with them. Catches values that no checksum can: a consistent cache whose log-probs were
     not computed by this reference with these safety tokens (shifted ids, another model's values).
@@ -173,7 +173,7 @@ def recompute_sample(cache: Cache, resolved, n_rows: int, device: str = "auto") 
     from .models import load_model
     from .projection import compute_rows
 
-    model, device, _ = load_model(resolved, "fp32", device)
+    model, device, _ = load_model(resolved, "fp32", device, quantize=quantize)
     n_rows = min(n_rows, cache.num_rows)
     picks = set(np.linspace(0, cache.num_rows - 1, n_rows).round().astype(int).tolist()) if n_rows else set()
     rows = [r for i, r in enumerate(cache.iter_rows()) if i in picks]
@@ -202,11 +202,14 @@ def verify_cache(
     progress: bool = False,
     recompute: int = 8,
     storage_options: dict | None = None,
+    quantize: str | None = None,
 ) -> dict:
     """Check the manifest and its content id (and the pinned ``cache_id``), every part (type, size,
     sha256, schema, values, rows digest, decoding every row), and optionally that the cache holds
     the rows of ``dataset`` and was built with ``model`` (fingerprints, and ``recompute`` rows'
-    values recomputed with it). ``url``: a path, URL or :class:`pact_cache.storage.Location`. Raises
+    values recomputed with it, loaded as the manifest's ``build.quantization`` says; ``quantize``, when
+    given, must say the same: a cache of a 4-bit reference is not verified against its 16-bit load).
+    ``url``: a path, URL or :class:`pact_cache.storage.Location`. Raises
     ``CacheError`` at the first mismatch."""
     cache = open_cache(Location.of(url, storage_options), cache_id=cache_id)
     url = cache.url
@@ -226,6 +229,13 @@ def verify_cache(
     if model is not None:
         from .models import check_tokenizer, load_tokenizer, model_fingerprint, resolve_model
 
+        built = m.build.quantization or "none"
+        if quantize is not None and quantize != built:
+            raise CacheError(
+                f"{url}: was built with the reference loaded {'as stored' if built == 'none' else 'in ' + built}, "
+                f"not --quantize {quantize}; its values are that load's: verify with --quantize {built} (or leave "
+                "--quantize out)"
+            )
         resolved = resolve_model(model)
         want_w = m.reference.weights_sha256
         got_w = model_fingerprint(resolved)["weights_sha256"]
@@ -244,7 +254,7 @@ def verify_cache(
         )
         checked.append("model and tokenizer fingerprints")
         if recompute > 0 and cache.num_rows:
-            res = recompute_sample(cache, resolved, recompute)
+            res = recompute_sample(cache, resolved, recompute, quantize=built)
             if res["mean"] > RECOMPUTE_TOLERANCE:
                 raise CacheError(
                     f"{url}: the stored log-probs differ from {model}'s by {res['mean']:.2f} nats on "

@@ -76,8 +76,8 @@ class Reuse:
                 raise PactError(
                     f"--reuse {cache.url}: that cache was built with another reference, tokenizer, safety "
                     f"tokens, encoding, "
-                    "max length or dtype, so its rows are not this build's rows; reuse a cache built like "
-                    "this one"
+                    "max length, dtype or --quantize, so its rows are not this build's rows; reuse a cache built "
+                    "like this one"
                 )
             caches.append(cache)
         return cls(caches)

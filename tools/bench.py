@@ -15,6 +15,12 @@ python tools/bench.py stacks  --cache CACHE [--model M] [--batch-size 8] [--step
     model, LoRA, rows (cache order), batch and precision: TRL's SFTTrainer (plain SFT, its own
     collator, completion-only loss), pact-train --method sft, pact-train --method pact, and PACT
     through the Trainer integration (PactTrainer): peak memory and step time as ratios to TRL.
+python tools/bench.py qlora   --cache CACHE --model M [--batch-size 8] [--steps 12] [--warmup 2] [--grad-checkpointing]
+    LoRA vs QLoRA (NF4 base) vs QLoRA + paged 8-bit AdamW, PACT from the cache, each in its own process:
+    peak memory and step time, and pact-train's memory estimate beside each measured peak (its error).
+python tools/bench.py reference-quant [--model M] [--rows 200]
+    the same rows cached by the reference as stored, in NF4 and in int8 (build --quantize, same safety tokens):
+    mean and largest |difference| of the cached log-probs, rows the hard row gate picks before and after.
 python tools/bench.py random-model --preset llama-3.2-1b -o DIR [--tokenizer MODEL]
     writes a model folder with random bf16 weights of a public architecture and the tokenizer
     of MODEL (default: the embedded model, so caches built from it fit): memory and time do not
@@ -115,8 +121,14 @@ def bench_build(a) -> dict:
             sync()
             times[name].append(time.perf_counter() - t)
     best = {k: min(v) for k, v in times.items()}
+    params = sum(p.numel() for p in model.parameters())
+    peak = peak_flops(device, a.peak_tflops)
     res = {
         "bench": "build",
+        "parameters": params,
+        # model FLOPs utilisation of the build: a forward pass is 2 FLOPs per parameter per token
+        "mfu": 2 * params * tokens / best["build"] / peak if peak else None,
+        "peak_flops": peak,
         "device": device,
         "dtype": str(dtype),
         "rows": len(examples),
@@ -134,7 +146,23 @@ def bench_build(a) -> dict:
     print(f"  bare forward : {res['bare_tok_s']:8.0f} tok/s")
     print(f"  pact build   : {res['build_tok_s']:8.0f} tok/s")
     print(f"  ratio        : {res['ratio_build_over_bare']:.3f}x  (target >= 0.9x)")
+    if res["mfu"] is not None:
+        print(f"  model FLOPs utilisation: {res['mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s")
     return res
+
+
+# dense bf16 peak FLOP/s of the GPUs the project's figures were measured on (vendor data sheets, SXM forms)
+PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L4": 121, "A10": 125}
+
+
+def peak_flops(device: str, given: float | None = None) -> float | None:
+    """The device's peak bf16 FLOP/s for model FLOPs utilisation: --peak-tflops, else by GPU name; None on CPU."""
+    if given:
+        return given * 1e12
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((t * 1e12 for k, t in PEAK_TFLOPS.items() if k in name), None)
 
 
 def bench_storage(a) -> dict:
@@ -335,7 +363,12 @@ def _train_child(a) -> None:
             replay_ratio=a.replay_ratio if "replay" in mods else None,
             padding_free="padded" not in mods,
             group_by_length=a.group if "grouped" in mods else 0,
+            quantize=next((q for q in ("nf4", "int8") if q in mods), "none"),
+            optim="paged-adamw-8bit" if "paged8" in mods else "adamw-8bit" if "adam8" in mods else "adamw",
         )
+        from pact_train.loop import run_estimate
+
+        estimate = run_estimate(cfg, device)["estimate"]
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         if a.variant in TRAINER_VARIANTS:
@@ -351,6 +384,7 @@ def _train_child(a) -> None:
         "base_rss": base_rss,
         "step_times": step_times,
         "tokens": tokens,
+        "estimate": estimate,
     }
     if device == "cuda":
         out["peak_cuda"] = torch.cuda.max_memory_allocated()
@@ -474,15 +508,17 @@ def bench_train(a) -> dict:
     from pact_train.losses import METHODS
 
     others = [m for m in METHODS if m not in ("sft", "pact") and not (a.full and METHODS[m].penalty is not None)]
-    with tempfile.TemporaryDirectory() as tmp:
-        if any(METHODS[m].penalty is not None for m in others) and not a.direction:
-            a.direction = _bench_direction(a.model, f"{tmp}/direction.safetensors")
-        from pact_cache.format import open_cache
+    from pact_cache.format import open_cache
 
-        if open_cache(a.cache).manifest.scores is not None:  # TOSS: SFT with 20% of the tokens masked by their scores
-            others.append("toss")
-        if a.replay:  # refusal replay and row gates (issue 19): what they cost beside SFT
-            others += ["str+gate", "sft+replay", "str+gate+replay"]
+    if open_cache(a.cache).manifest.scores is not None:  # TOSS: SFT with 20% of the tokens masked by their scores
+        others.append("toss")
+    if a.replay:  # refusal replay and row gates (issue 19): what they cost beside SFT
+        others += ["str+gate", "sft+replay", "str+gate+replay"]
+    if a.only:  # e.g. the GPU check: sft, pact and the live reference only
+        others = [m for m in others if m in a.only.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        if any(m in METHODS and METHODS[m].penalty is not None for m in others) and not a.direction:
+            a.direction = _bench_direction(a.model, f"{tmp}/direction.safetensors")
         res = _run_variants(a, ["sft", "pact", *others, "online"])
     s, p, o = res["sft"], res["pact"], res["online"]
     dev = s["device"]
@@ -590,6 +626,47 @@ def _run_variants(a, variants: list[str]) -> dict:
             "step_time_mean": float(np.mean(times)),
         }
     return res
+
+
+QLORA_VARIANTS = {  # name -> (variant mods, what it is)
+    "lora": ("pact", "LoRA on the base as stored (bf16 on CUDA, fp32 on CPU), torch AdamW"),
+    "qlora": ("pact+nf4", "QLoRA: the base's linear layers in NF4, LoRA on top, torch AdamW"),
+    "qlora+paged8": ("pact+nf4+paged8", "QLoRA with bitsandbytes' paged 8-bit AdamW"),
+}
+
+
+def bench_qlora(a) -> dict:
+    """LoRA vs QLoRA vs QLoRA + paged 8-bit AdamW (PACT from the cache), each in its own process, side by side:
+    peak memory (CUDA max_memory_allocated, or peak RSS above the post-import baseline on CPU) and step
+    time, with pact-train's own estimate (pact_cache.memory) beside each measured peak."""
+    variants = {v: mods for v, (mods, _) in QLORA_VARIANTS.items()}
+    res = {name: r for name, r in zip(variants, _run_variants(a, list(variants.values())).values())}
+    lora = res["lora"]
+    print(
+        f"qlora on {lora['device']}: {a.model}, PACT, batch {a.batch_size}, {a.steps} steps"
+        + (", gradient checkpointing" if a.grad_checkpointing else "")
+    )
+    rows = {}
+    for name, r in res.items():
+        est = r["runs"][0]["estimate"]["total_bytes"]
+        rows[name] = {
+            "what": QLORA_VARIANTS[name][1],
+            "peak_measured_bytes": r["peak_above_base"],
+            "peak_estimated_bytes": est,
+            "estimate_error": est / r["peak_above_base"] - 1,
+            "step_time_median_s": r["step_time_median"],
+            "mem_over_lora": r["peak_above_base"] / lora["peak_above_base"],
+            "time_over_lora": r["step_time_median"] / lora["step_time_median"],
+            "response_tokens_per_s": float(np.median([t for x in r["runs"] for t in x["tokens"]]))
+            / r["step_time_median"],
+        }
+        x = rows[name]
+        print(
+            f"  {name:13s} peak {x['peak_measured_bytes'] / 2**20:8.0f} MiB, estimated {est / 2**20:8.0f} MiB "
+            f"({x['estimate_error']:+.0%}); {x['mem_over_lora']:.2f}x LoRA's memory; step "
+            f"{x['step_time_median_s']:.2f} s ({x['time_over_lora']:.2f}x LoRA's)"
+        )
+    return {"bench": "qlora", "device": lora["device"], "rows": rows, "runs": res}
 
 
 def bench_stacks(a) -> dict:
@@ -733,6 +810,80 @@ def bench_padding(a) -> dict:
     }
 
 
+def bench_reference_quant(a) -> dict:
+    """The same rows cached by the reference as stored, in NF4 and in int8 (pact-cache build --quantize; the
+    same safety tokens, chosen by the unquantized reference): how far the quantized reference's values are
+    (pact-cache diff), whether the hard row gate (step-0 refusal mass >= 0.9) picks the same rows, and each
+    build's time."""
+    import shutil
+
+    import numpy as np
+
+    from pact_cache.build import BuildConfig, build
+    from pact_cache.combine import diff_caches
+    from pact_cache.format import open_cache
+    from pact_cache.rows import step0_refusal_mass
+
+    data = Path(a.data)
+    if not data.exists():
+        raise SystemExit(f"{data}: not found; pass --data with a .json list of rows (the paper's SST-2 mix)")
+    rows = json.loads(data.read_text())
+    rows = rows[:: max(1, len(rows) // a.rows)][: a.rows]  # spread over the file: the paper's share of harmful rows
+    work = Path(tempfile.mkdtemp(prefix="pact-bench-quant-"))
+    try:
+        (work / "rows.json").write_text(json.dumps(rows))
+        caches, seconds = {}, {}
+        for q in ("none", "nf4", "int8"):
+            t = time.perf_counter()
+            res = build(
+                BuildConfig(
+                    str(work / "rows.json"),
+                    a.model,
+                    str(work / q),
+                    tokens=None if q == "none" else str(work / "tokens.json"),
+                    batch_size=a.batch_size,
+                    device=a.device,
+                    quantize=q,
+                    progress=False,
+                )
+            )
+            seconds[q] = time.perf_counter() - t
+            caches[q] = res.out
+            if q == "none":  # the quantized builds take the unquantized reference's tokens: comparable columns
+                (work / "tokens.json").write_text(json.dumps(res.manifest.tokens.to_json()))
+        base = open_cache(caches["none"])
+        keep = np.array([w > 0 for w in base.tokens.weights])
+        mass = {q: [step0_refusal_mass(r, keep) for r in open_cache(c).iter_rows()] for q, c in caches.items()}
+        out = {"bench": "reference-quant", "model": a.model, "rows": base.num_rows, "steps": base.num_steps}
+        print(f"reference quantization: {a.model}, {base.num_rows} rows, {base.num_steps} response steps")
+        for q in ("nf4", "int8"):
+            d = diff_caches(caches["none"], caches[q])
+            gate = [(x >= 0.9) != (y >= 0.9) for x, y in zip(mass["none"], mass[q])]
+            out[q] = {
+                "cache_ids_differ": d["a"]["cache_id"] != d["b"]["cache_id"],
+                "mean_abs_diff_nats": d["mean_abs_diff"],
+                "max_abs_diff_nats": d["max_abs_diff"],
+                "gate_rows_before": int(sum(m >= 0.9 for m in mass["none"])),
+                "gate_rows_after": int(sum(m >= 0.9 for m in mass[q])),
+                "gate_flips": int(sum(gate)),
+                "max_abs_mass_diff": float(np.max(np.abs(np.array(mass["none"]) - np.array(mass[q])))),
+                "build_seconds": seconds[q],
+            }
+            o = out[q]
+            print(
+                f"  {q}: mean |diff| full {o['mean_abs_diff_nats']['full_logprobs']:.3f} / post "
+                f"{o['mean_abs_diff_nats']['post_logprobs']:.3f} / target "
+                f"{o['mean_abs_diff_nats']['target_logprob']:.3f} nats (max "
+                f"{o['max_abs_diff_nats']['full_logprobs']:.2f}); hard gate: {o['gate_rows_before']} -> "
+                f"{o['gate_rows_after']} rows, {o['gate_flips']} flipped; build {seconds[q]:.0f}s vs "
+                f"{seconds['none']:.0f}s"
+            )
+        out["none"] = {"build_seconds": seconds["none"]}
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def bench_incremental(a) -> dict:
     import tempfile
 
@@ -806,9 +957,11 @@ def main() -> None:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--dtype", default="auto")
     b.add_argument("--device", default="auto")
+    b.add_argument("--peak-tflops", type=float, help="the device's peak FLOP/s for the MFU (default: by GPU name)")
     t = sub.add_parser("train")
     k = sub.add_parser("stacks")
-    for q in (t, k):
+    ql = sub.add_parser("qlora")
+    for q in (t, k, ql):
         q.add_argument("--cache", required=True)
         q.add_argument("--model", default="smollm2-135m-instruct")
         q.add_argument("--batch-size", type=int, default=8)
@@ -818,6 +971,7 @@ def main() -> None:
         q.add_argument("--device", default="auto")
         q.add_argument("--grad-checkpointing", action="store_true")
         q.add_argument("--full", action="store_true")
+    t.add_argument("--only", help="comma-separated methods besides sft, pact and online to run (default: every one)")
     t.add_argument(
         "--direction",
         help="for asft: a pact-cache direction file for --model (default: random V of its "
@@ -864,11 +1018,17 @@ def main() -> None:
     n.add_argument("--grow", type=float, default=0.1)
     n.add_argument("--batch-size", type=int, default=8)
     n.add_argument("--device", default="auto")
+    rq = sub.add_parser("reference-quant")
+    rq.add_argument("--model", default="smollm2-135m-instruct")
+    rq.add_argument("--data", default=str(DEFAULT_DATA))
+    rq.add_argument("--rows", type=int, default=200)
+    rq.add_argument("--batch-size", type=int, default=8)
+    rq.add_argument("--device", default="auto")
     s = sub.add_parser("storage")
     s.add_argument("cache")
     s.add_argument("--exact", help="an f32 cache of the same rows (pact-cache build --encoding f32)")
-    for q in (b, s, t, k, r, n, d):
-        q.add_argument("--json", help="also write the results here")
+    for q in (b, s, t, k, r, n, d, ql, rq):
+        q.add_argument("--json", help="also write the results here, with their provenance (tools/provenance.py)")
     a = p.parse_args()
     if a.cmd == "_train_child":
         return _train_child(a)
@@ -880,9 +1040,14 @@ def main() -> None:
         "random-model": random_model,
         "incremental": bench_incremental,
         "padding": bench_padding,
+        "qlora": bench_qlora,
+        "reference-quant": bench_reference_quant,
     }[a.cmd](a)
     if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+        sys.path.insert(0, str(ROOT / "tools"))
+        from provenance import provenance
+
+        Path(a.json).write_text(json.dumps({**res, "provenance": provenance()}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -118,27 +118,12 @@ LOADS_A_MODEL = {"pact-train", "pact-eval", "build", "tokens", "score", "directi
 
 
 def provenance() -> dict:
-    """Where a table's figures come from: the commit, the date, the machine, the versions, the command."""
-    import os
-    import platform
-    from datetime import datetime, timezone
-    from importlib.metadata import version
+    """Where a table's figures come from (tools/provenance.py): commit, date, machine, versions, command."""
+    if str(ROOT / "tools") not in sys.path:  # loaded by file (the tests), not run as a script
+        sys.path.insert(0, str(ROOT / "tools"))
+    from provenance import provenance as record
 
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    dirty = bool(
-        subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
-        ).stdout.strip()
-    )
-    return {
-        "commit": commit + ("+changes" if dirty else ""),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": f"{platform.machine()} {os.cpu_count()} CPUs" + (f", device {DEVICE}" if DEVICE != "auto" else ""),
-        "versions": {m: version(m) for m in ("torch", "transformers", "peft", "pact-cache")},
-        "command": " ".join(["python", *sys.argv]),
-    }
+    return record(f"device {DEVICE}" if DEVICE != "auto" else "")
 
 
 def run(cmd: list[str]) -> None:

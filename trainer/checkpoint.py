@@ -23,20 +23,31 @@ from pact_cache.typedjson import load_json
 def _optimizer_to_files(optimizer) -> tuple[dict, dict]:
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
+    seen: set = set()  # bitsandbytes shares one quantization map between parameters: safetensors wants copies
     for pid, st in sd["state"].items():
         for key, val in st.items():
-            if isinstance(val, torch.Tensor):
-                tensors[f"{pid}.{key}"] = val.detach().contiguous().cpu()
-            else:
-                scalars[f"{pid}.{key}"] = val
+            # bitsandbytes' 8-bit optimizers keep a parameter's tensors in one dict under one key:
+            # stored as "pid.key.name", put back as that dict
+            for name, v in val.items() if isinstance(val, dict) else [(None, val)]:
+                where = f"{pid}.{key}" if name is None else f"{pid}.{key}.{name}"
+                if isinstance(v, torch.Tensor):
+                    shared = v.numel() and v.untyped_storage().data_ptr() in seen
+                    seen.add(v.untyped_storage().data_ptr())
+                    tensors[where] = (v.detach().clone() if shared else v.detach()).contiguous().cpu()
+                else:
+                    scalars[where] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
 def _optimizer_from_files(optimizer, tensors: dict, meta: dict) -> None:
     state: dict = {}
-    for name, val in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = val
+    for where, val in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, key, *name = where.split(".", 2)
+        st = state.setdefault(int(pid), {})
+        if name:
+            st.setdefault(key, {})[name[0]] = val
+        else:
+            st[key] = val
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 

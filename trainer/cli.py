@@ -47,6 +47,8 @@ def _train(cfg) -> int:
             f"{str(err).splitlines()[0][:120]}); "
             "see its message above, then rerun with --resume"
         ) from None
+    if res.get("dry_run"):  # the estimate is printed; nothing was written
+        return 0
     if res.get("main", True):
         print(f"{res['out']}: {res['steps']} steps in {res['seconds']:.0f}s; weights in {res['final']}")
     return 0

@@ -14,8 +14,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from pact_cache.errors import PactError, preview
+from pact_cache.models import QLORA_EXTRA, QUANTIZE
 
 from .losses import LOGITS_CHUNK, METHODS, LossParams, PactParams, added_term_methods
+from .optim import OPTIMIZERS
 from .stream import GATE_AT, REPLAY_RATIO, REPLAY_RATIO_MAX, REPLAY_TERMS, SHUFFLE_BUFFER_ROWS
 
 
@@ -279,6 +281,19 @@ class TrainConfig:
     grad_checkpointing: bool = opt(
         False, "recompute activations in backward to save memory", flag="--gradient-checkpointing"
     )
+    quantize: str = opt(
+        "none",
+        "the base model's linear layers loaded in 4 bits (nf4: QLoRA) or 8 bits (int8), frozen, with LoRA adapters "
+        "trained on top (bitsandbytes: pip install 'pact-cache[qlora]'); none: as stored",
+        choices=lambda: list(QUANTIZE),
+    )
+    optim: str = opt(
+        "adamw",
+        "the optimizer: adamw (torch); adamw-8bit or paged-adamw-8bit (bitsandbytes: its state in 8 bits, a quarter "
+        "of AdamW's; paged: moved to CPU memory when the GPU runs short)",
+        choices=lambda: list(OPTIMIZERS),
+    )
+    dry_run: bool = opt(False, "print the run's estimated peak memory and exit, writing nothing")
     logits_chunk: int = opt(LOGITS_CHUNK, "response positions per (positions, vocab) logits block", lo=1, integer=True)
     save_every: int = opt(100, "optimizer steps between checkpoints (and one at the end)", lo=1, integer=True)
     resume: bool = opt(False, "continue the run in OUT from its last checkpoint")
@@ -496,6 +511,17 @@ def check_config(cfg: TrainConfig) -> None:
             f"--lambda {cfg.lam}: does not apply to --method {cfg.method}, whose loss replaces the "
             f"cross-entropy; leave it out"
         )
+    if cfg.quantize != "none" and cfg.full:
+        raise TrainError(
+            f"--quantize {cfg.quantize}: the quantized base stays frozen and LoRA adapters are trained on it; "
+            "leave out --full"
+        )
+    if cfg.quantize != "none" or cfg.optim != "adamw":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            flag = f"--quantize {cfg.quantize}" if cfg.quantize != "none" else f"--optim {cfg.optim}"
+            raise TrainError(f"{flag}: needs bitsandbytes, the qlora extra: {QLORA_EXTRA}") from None
     if not cfg.full and not [t for t in cfg.lora_targets.split(",") if t.strip()]:
         raise TrainError("--lora-targets is empty; name the modules to adapt, e.g. q_proj,v_proj")
 
@@ -506,6 +532,7 @@ def config_record(cfg: TrainConfig, cache_id: str, world: int = 1, replay_cache_
     rec = asdict(cfg)
     rec["processes"] = world  # the global batch is batch_size x processes: a run resumes with as many
     rec.pop("storage_options")
+    rec.pop("dry_run")  # a dry run writes nothing
     rec["cache_id"] = cache_id
     if replay_cache_id is not None:
         rec["replay_cache_id"] = replay_cache_id

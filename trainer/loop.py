@@ -19,6 +19,7 @@ import torch
 
 from pact_cache.errors import PactError, preview
 from pact_cache.format import Cache, open_cache
+from pact_cache.models import pick_device
 from pact_cache.projection import check_projection
 from pact_cache.storage import atomic_write_bytes, atomic_write_json, read_limited, staged_dir, stale_tmp
 from pact_cache.typedjson import load_json
@@ -29,6 +30,7 @@ from .config import CONFIG_MAX_BYTES, TrainConfig, TrainError, check_config, con
 from .core import causal_lm, lora_direction_factors, online_reference, policy_losses, window_loss
 from .distributed import Ranks, setup, teardown
 from .losses import LossParams
+from .optim import make_optimizer
 from .stream import Replay, RowGate, batches, collate, pad_id_for
 
 
@@ -120,6 +122,8 @@ def check_out(
     if not isinstance(old, dict):
         raise TrainError(f"{cfg_file}: is not a run config (not a JSON object); choose another -o")
     old.setdefault("processes", 1)  # runs recorded before data-parallel training were single-process
+    old.setdefault("quantize", "none")  # runs recorded before --quantize and --optim
+    old.setdefault("optim", "adamw")
     if old.get("row_gate") != "hard":
         old["gate_at"] = None  # recorded as 0.9 before --gate-at went with the hard gate only
     mine = config_record(cfg, cache_id, world, replay_id)
@@ -177,10 +181,12 @@ def auto_replay(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> st
             "--tokens TOKENS.json -o replay/`, then pass --replay replay/ (or --replay none)"
         )
     prompts = default_prompts_path()
+    quant = cache.manifest.build.quantization  # the replay's reference loaded as the cache's was
     key = hashlib.sha256(
         json.dumps(
             {
                 "reference": dict(ref.weights_sha256),
+                **({"quantization": quant} if quant else {}),
                 "tokens": cache.manifest.tokens.to_json(),
                 "tokenizer": cache.manifest.tokenizer.sha256,
                 "prompts": sha256_path(prompts),
@@ -210,6 +216,7 @@ def auto_replay(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> st
                         out=str(tmp / "cache"),
                         tokens=f.name,
                         device=device,
+                        quantize=quant or "none",
                         max_new_tokens=REPLAY_AUTO_MAX_NEW_TOKENS,
                         progress=cfg.progress,
                     )
@@ -250,23 +257,27 @@ def open_replay(
 
 
 def load_policy(cfg: TrainConfig, device: str):
-    from transformers import AutoModelForCausalLM
-
-    from pact_cache.models import load_tokenizer, resolve_model
+    from pact_cache.models import ModelError, from_pretrained, load_tokenizer, resolve_model
 
     resolved = resolve_model(cfg.model)
     tok = load_tokenizer(resolved)
     # LoRA on CUDA: frozen base in bf16, adapters in fp32. Full fine-tuning keeps fp32 master weights
-    # and autocasts to bf16. On CPU everything is fp32.
+    # and autocasts to bf16. On CPU everything is fp32. --quantize: the base's linear layers in 4 or
+    # 8 bits computing in that dtype, the rest upcast to fp32 by PEFT's k-bit preparation.
     dtype = torch.bfloat16 if device.startswith("cuda") and not cfg.full else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dtype)
-    except Exception as err:
-        raise TrainError(
-            f"{cfg.model}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
-        ) from None
-    model.to(device)
-    if cfg.grad_checkpointing:
+        model = from_pretrained(resolved, dtype, device, cfg.quantize)
+    except ModelError as err:
+        raise TrainError(str(err)) from None
+    if cfg.quantize != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.grad_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.grad_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -321,6 +332,10 @@ def train(cfg: TrainConfig) -> dict:
     """One run; as one process, or as one rank of a torchrun / accelerate launch job (see
     :mod:`pact_train.distributed`: disjoint row shares, token-weighted gradients, rank 0 writes)."""
     check_config(cfg)
+    if cfg.dry_run:
+        est = run_estimate(cfg, pick_device(cfg.device))
+        print("\n".join(est["lines"]), flush=True)
+        return {"dry_run": True, "estimate": est["estimate"]}
     ranks, device = setup(cfg.device)
     out = Path(cfg.out).expanduser()
     fresh = not out.exists()
@@ -332,6 +347,53 @@ def train(cfg: TrainConfig) -> dict:
         raise
     finally:
         teardown(ranks)
+
+
+def run_estimate(cfg: TrainConfig, device: str, data: Data | None = None) -> dict:
+    """The run's estimated peak memory (:mod:`pact_cache.memory`) from the model's config and the longest row
+    of the cache (and of the replay cache), nothing loaded: ``{"estimate": Estimate.to_json(), "lines": what
+    is printed}``."""
+    from pact_cache.memory import ModelShape, estimate_training
+    from pact_cache.models import resolve_model
+
+    if data is None:
+        cache = open_cache(cfg.cache, cache_id=cfg.cache_pin, storage_options=cfg.storage_options)
+        check_cache_rows(cache, cfg)
+        seq, steps = cache.longest_row()
+    else:
+        extents = [data.cache.longest_row()] + ([data.replay.cache.longest_row()] if data.replay else [])
+        seq, steps = max(e[0] for e in extents), max(e[1] for e in extents)
+    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    try:
+        shape = ModelShape.of_model_dir(resolve_model(cfg.model).path, targets)
+    except PactError:
+        raise
+    except Exception as err:  # a config transformers cannot instantiate
+        raise TrainError(
+            f"{cfg.model}: cannot read the model's shape from its config ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:120] if str(err) else ''}); the memory estimate needs it"
+        ) from None
+    est = estimate_training(
+        shape,
+        device=device,
+        batch_size=cfg.batch_size,
+        seq_len=seq,
+        full=cfg.full,
+        lora_r=cfg.lora_r,
+        quantize=cfg.quantize,
+        optim=cfg.optim,
+        checkpointing=cfg.grad_checkpointing,
+        logits_chunk=cfg.logits_chunk,
+        response_tokens=cfg.batch_size * steps,
+    )
+    if cfg.reference == "online" and cfg.loss_params().method.columns:  # a second model, frozen, no state
+        ref = estimate_training(shape, device=device, batch_size=1, seq_len=1, quantize=cfg.quantize)
+        est.parts["live reference (weights)"] = next(iter(ref.parts.values()))
+    head = (
+        f"memory estimate: {cfg.model}, {shape.linear + shape.other:,} parameters, micro-batches of {cfg.batch_size} "
+        f"rows of up to {seq} tokens (the cache's longest row)"
+    )
+    return {"estimate": {**est.to_json(), "seq_len": seq, "batch_size": cfg.batch_size}, "lines": [head, *est.lines()]}
 
 
 def drop_unstarted(out: Path) -> None:
@@ -352,7 +414,7 @@ def drop_unstarted(out: Path) -> None:
 def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     """The run, stage by stage: every rank checks; rank 0 alone writes."""
     data = open_data(cfg, ranks, device)
-    policy = open_policy(cfg, data.cache, ranks, device)
+    policy = open_policy(cfg, data, ranks, device)
     start = start_or_resume(cfg, data, policy, ranks)
     t_run = time.time()
     end = window_loop(cfg, data, policy, start, ranks, device)
@@ -442,12 +504,18 @@ class Policy:
     factors: list | None = None
 
 
-def open_policy(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> Policy:
+def open_policy(cfg: TrainConfig, data: Data, ranks: Ranks, device: str) -> Policy:
     """The policy (the same initial weights on every rank), proven to project as its own forward does, with
     padding-free batches where the model keeps packed rows apart; the cache checked against its tokenizer
     and vocabulary; the live reference and the penalty's factors when the method needs them."""
     from pact_cache.data import assistant_header_ids
 
+    cache = data.cache
+    if ranks.main:  # what the run is about to need, before anything is loaded
+        try:
+            _log("\n  ".join(run_estimate(cfg, device, data)["lines"]))
+        except PactError as err:
+            _log(f"no memory estimate: {err}")
     torch.manual_seed(cfg.seed)
     model, tok, _ = load_policy(cfg, device)
     check_projection(model, device, f"--model {cfg.model}")  # the loss uses the model's own logits, or nothing runs
@@ -473,7 +541,8 @@ def open_policy(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> Po
         from pact_cache.models import load_model, resolve_model
 
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        policy.ref, _, _ = load_model(resolve_model(cfg.ref_model or cfg.model), dtype, device)
+        # the live reference loaded as the policy's base is (quantized with it): the memory the run was sized for
+        policy.ref, _, _ = load_model(resolve_model(cfg.ref_model or cfg.model), dtype, device, quantize=cfg.quantize)
         policy.ref.requires_grad_(False)
         check_projection(policy.ref, device, f"--ref-model {cfg.ref_model or cfg.model}")
         policy.header = assistant_header_ids(tok)
@@ -520,7 +589,7 @@ def start_or_resume(cfg: TrainConfig, data: Data, policy: Policy, ranks: Ranks) 
     """The optimizer and the schedule's length; a new run writes config.json and an empty metrics.jsonl, a
     resumed one loads its checkpoint (weights, optimizer, data position) and drops the metrics after it."""
     cache, out, replay = data.cache, data.out, data.replay
-    optimizer = torch.optim.AdamW(policy.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(policy.params, cfg.optim, cfg.lr, cfg.weight_decay)
     # rows per epoch: the fine-tuning cache's, and the replay rows that take slots among them
     rows_per_epoch = cache.num_rows + (max(replay.extra(e, cache.num_rows) for e in range(cfg.epochs)) if replay else 0)
     steps_per_epoch = math.ceil(rows_per_epoch / (cfg.batch_size * ranks.world * cfg.grad_accum))
@@ -721,7 +790,7 @@ def finish(cfg: TrainConfig, data: Data, policy: Policy, optimizer, at: Position
         policy.model.save_pretrained(tmp, safe_serialization=True)
         policy.tok.save_pretrained(tmp)
     if cfg.merge and not cfg.full:
-        merged = policy.model.merge_and_unload()
+        merged = merged_model(cfg, policy.model, final)
         with staged_dir(out / "merged", replace=True) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
             policy.tok.save_pretrained(tmp)
@@ -729,6 +798,21 @@ def finish(cfg: TrainConfig, data: Data, policy: Policy, optimizer, at: Position
         plot_metrics(out / "metrics.jsonl", out / "loss.png", policy.loss.method.metric)
     ranks.barrier()
     return summary
+
+
+def merged_model(cfg: TrainConfig, model, adapter: Path):
+    """The base with the adapter merged in. A quantized base cannot hold the merged weights, so the adapter
+    just written is merged into a 16-bit copy of the base, loaded on the CPU (bf16; the 4- or 8-bit base
+    would round the merged weights again)."""
+    if cfg.quantize == "none":
+        return model.merge_and_unload()
+    from peft import PeftModel
+
+    from pact_cache.models import from_pretrained, resolve_model
+
+    _log(f"--merge with --quantize {cfg.quantize}: merging the adapter into a bf16 copy of the base, on the CPU")
+    base = from_pretrained(resolve_model(cfg.model), torch.bfloat16, "cpu")
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
 
 
 def tensorboard_writer():

@@ -247,6 +247,7 @@ class Replay:
             what
             for what, x, y in (
                 ("another reference model", a.reference.weights_sha256, b.reference.weights_sha256),
+                ("another quantization of the reference", a.build.quantization, b.build.quantization),
                 ("another tokenizer", a.tokenizer.sha256, b.tokenizer.sha256),
                 ("other safety tokens", (a.tokens.ids, a.tokens.weights), (b.tokens.ids, b.tokens.weights)),
             )
@@ -256,7 +257,7 @@ class Replay:
             raise PactError(
                 f"{where} {cache.url}: was built with {differs[0]} than the fine-tuning cache; build it "
                 f"with the "
-                "same --ref and --tokens as the fine-tuning cache"
+                "same --ref, --tokens and --quantize as the fine-tuning cache"
             )
         if cache.num_rows == 0:
             raise PactError(

@@ -2,6 +2,7 @@
 and small `bench.py train` and `bench.py stacks` runs (ratios printed and written as JSON)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CHAT_ROWS, ROOT, write_jsonl
-from pact_train.losses import METHODS
 
 from pact_cache.build import BuildConfig, build
 from pact_cache.models import load_tokenizer, resolve_model, tokenizer_fingerprint
@@ -91,13 +91,17 @@ def test_random_model_and_train_bench(tiny_model, tmp_path):
         replay,
         "--replay-ratio",
         0.3,
+        "--only",
+        "asft,toss,str+gate+replay",
     )
     res = json.loads((tmp_path / "r.json").read_text())
-    # every registered method, TOSS, the gated and replay rows and a live reference
-    assert set(res["runs"]) == set(METHODS) | {"toss", "online", "str+gate", "sft+replay", "str+gate+replay"}
-    assert "toss: memory/sft" in out and "sft+replay: memory/sft" in out
+    # --only: sft, pact and the live reference, and the variants named (a method that needs a direction file,
+    # TOSS from the scored cache, the gated and replay rows); without it every registered method runs too
+    assert set(res["runs"]) == {"sft", "pact", "asft", "toss", "str+gate+replay", "online"}
+    assert "toss: memory/sft" in out and "str+gate+replay: memory/sft" in out and "asft: a random" in out
+    assert res["provenance"]["commit"] and res["provenance"]["versions"]["torch"]
     # replay rows in: they take batch slots, so the windows hold other tokens than SFT's
-    assert res["runs"]["sft+replay"]["runs"][0]["tokens"] != res["runs"]["sft"]["runs"][0]["tokens"]
+    assert res["runs"]["str+gate+replay"]["runs"][0]["tokens"] != res["runs"]["sft"]["runs"][0]["tokens"]
     assert all(len(r["runs"][0]["step_times"]) == 3 for r in res["runs"].values())
     assert all(v > 0 for v in res["ratios"].values())
     assert "pact/online" in out
@@ -128,6 +132,32 @@ def test_random_model_and_train_bench(tiny_model, tmp_path):
         r["mem_over_trl"] > 0 for r in res["ratios"].values()
     )
     assert "TRL SFTTrainer" in out
+
+
+def test_gpu_check_dry_run(tiny_model, tmp_path):
+    """tools/gpu_check.sh --dry-run: every step of the GPU check on the CPU with the tiny preset, each figure one
+    JSON with its provenance (so the script cannot rot while no GPU is lent)."""
+    pytest.importorskip("bitsandbytes")
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_TOKENIZER": tiny_model}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "tools" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["gpu_build_dry-tiny.json", "gpu_qlora_dry-tiny.json", "gpu_train_dry-tiny.json"]
+    got = {f: json.loads((tmp_path / "out" / f).read_text()) for f in files}
+    assert all({"commit", "date", "device", "versions", "command"} <= set(g["provenance"]) for g in got.values())
+    assert set(got["gpu_train_dry-tiny.json"]["runs"]) == {"sft", "pact", "online"}
+    rows = got["gpu_qlora_dry-tiny.json"]["rows"]
+    assert set(rows) == {"lora", "qlora", "qlora+paged8"}
+    assert all(r["peak_estimated_bytes"] > 0 and r["peak_measured_bytes"] > 0 for r in rows.values())
+    assert got["gpu_build_dry-tiny.json"]["build_tok_s"] > 0 and got["gpu_build_dry-tiny.json"]["mfu"] is None
+    bad = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
 
 
 def test_padding_bench(tiny_model, tmp_path):

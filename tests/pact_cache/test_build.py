@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import CHAT_ROWS, ROOT, naive_reference, tokens_file, write_jsonl
-from hostile import cli, one_line, only_line, run_cli, run_with_deadline
+from hostile import cli, one_line, only_line, program_lines, run_cli, run_with_deadline
 
 import pact_cache.projection as projection_mod
 from pact_cache.build import BuildConfig, build
 from pact_cache.cli import main as cache_main
 from pact_cache.columns import q8_bound
 from pact_cache.data import assistant_header_ids, tokenize_dataset
+from pact_cache.errors import PactError
 from pact_cache.format import ENCODINGS, MANIFEST, open_cache
 from pact_cache.models import load_model, load_tokenizer, resolve_model
 
@@ -522,7 +523,7 @@ def test_reuse_of_a_cache_built_otherwise_is_refused(tiny_model, sets, tmp_path,
             "--no-progress",
         ]
     )
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-cache")]
+    err = program_lines(capsys.readouterr().err, ("pact-cache",))
     assert code == 1 and len(err) == 1 and "its rows are not this build's rows" in err[0]
     assert not (tmp_path / "new").exists()
     code = cache_main(
@@ -562,3 +563,61 @@ def test_reuse_of_a_cache_built_otherwise_is_refused(tiny_model, sets, tmp_path,
     )
     assert f"{sets['reusable']} rows reused, {23 - sets['reusable']} computed" in capsys.readouterr().out
     assert json.loads((tmp_path / "new" / MANIFEST).read_text())["build"]["reused"] == [old.cache_id]
+
+
+def test_a_4bit_reference_is_part_of_the_caches_identity(tiny_model, chat_dataset, tmp_path, capsys):
+    """build --quantize nf4: another cache id than the same weights in 16/32 bits (and the 32-bit cache's id
+    is what it was: no quantization key in its manifest); verify recomputes with a 4-bit load and refuses a
+    16-bit one; --reuse does not mix the two; diff shows how far the 4-bit values are."""
+    pytest.importorskip("bitsandbytes")
+    from pact_cache.combine import diff_caches
+    from pact_cache.report import verify_cache
+
+    tokens = tokens_file(tmp_path, [3, 17, 42, 99])
+    full = build(BuildConfig(str(chat_dataset), tiny_model, str(tmp_path / "fp32"), tokens=str(tokens), progress=False))
+    nf4 = build(
+        BuildConfig(
+            str(chat_dataset), tiny_model, str(tmp_path / "nf4"), tokens=str(tokens), quantize="nf4", progress=False
+        )
+    )
+    assert full.cache_id != nf4.cache_id
+    assert nf4.manifest.build.quantization == "nf4" and full.manifest.build.quantization is None
+    assert "quantization" not in json.loads((tmp_path / "fp32" / MANIFEST).read_text())["build"]
+    assert json.loads((tmp_path / "nf4" / MANIFEST).read_text())["build"]["quantization"] == "nf4"
+    assert open_cache(str(tmp_path / "nf4")).manifest.build.quantization == "nf4"  # parsed back
+    d = diff_caches(str(tmp_path / "fp32"), str(tmp_path / "nf4"))
+    assert d["identity_differs"] == ["build parameters"] and d["rows"]["changed"] > 0
+    assert 0 < d["mean_abs_diff"]["full_logprobs"] < 1.0  # nats: what quantizing this reference cost (docs/caches.md)
+
+    res = verify_cache(str(tmp_path / "nf4"), model=tiny_model)
+    assert any("rows recomputed" in c for c in res["checked"])
+    with pytest.raises(PactError, match="not --quantize none.*verify with --quantize nf4"):
+        verify_cache(str(tmp_path / "nf4"), model=tiny_model, quantize="none")
+    capsys.readouterr()
+    line = one_line(capsys, cache_main, "verify", tmp_path / "fp32", "--model", tiny_model, "--quantize", "nf4")
+    assert "loaded as stored, not --quantize nf4" in line
+    line = one_line(
+        capsys,
+        cache_main,
+        "build",
+        chat_dataset,
+        "--ref",
+        tiny_model,
+        "--tokens",
+        tokens,
+        "--quantize",
+        "nf4",
+        "--reuse",
+        tmp_path / "fp32",
+        "-o",
+        tmp_path / "mixed",
+        "--no-progress",
+    )
+    assert "--quantize, so its rows are not this build's rows" in line and not (tmp_path / "mixed").exists()
+
+
+def test_build_dry_run_prints_the_estimate_and_writes_nothing(tiny_model, chat_dataset, tmp_path, capsys):
+    assert cache_main(["build", str(chat_dataset), "--ref", tiny_model, "-o", str(tmp_path / "c"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert not (tmp_path / "c").exists()
+    assert "estimated peak" in out and "weights (fp32)" not in out and "weights" in out

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from conftest import CHAT_ROWS, masses_cache, write_jsonl
-from hostile import cli, one_line, snapshot
+from hostile import cli, one_line, program_lines, snapshot
 
 from pact_cache.build import BuildConfig, build
 from pact_cache.cli import main
@@ -75,7 +75,7 @@ def test_merge_refuses_caches_built_otherwise(parts, tmp_path, capsys):
         )
     ).out
     assert main(["merge", parts["A"], c, "-o", str(tmp_path / "M")]) == 1
-    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("pact-cache")]
+    err = program_lines(capsys.readouterr().err, ("pact-cache",))
     assert len(err) == 1 and "only caches built alike can be merged" in err[0]
     assert not (tmp_path / "M").exists()
 
@@ -114,7 +114,7 @@ def test_a_failed_merge_or_filter_leaves_nothing_and_the_retry_works(parts, tmp_
         ["merge", str(parts["A"]), str(damaged)] if command == "merge" else ["filter", str(damaged), "--above", "1.0"]
     ) + ["-o", str(out), "--no-progress", "--rows-per-part", "2"]
     assert main(args) == 1
-    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("pact-cache")]
+    err = program_lines(capsys.readouterr().err, ("pact-cache",))
     assert len(err) == 1 and last.name in err[0] and "sha256" in err[0], err
     assert not out.exists()
     last.write_bytes(good)

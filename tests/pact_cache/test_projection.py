@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import ARCHS, CHAT_ROWS, make_tiny_model, naive_reference, write_jsonl
+from hostile import program_lines
 from pact_train.loop import TrainConfig, train
 from pact_train.losses import PactParams, pact_kl
 
@@ -173,7 +174,7 @@ def test_a_head_the_projection_does_not_reproduce_stops_with_one_line(tmp_path, 
             "--no-progress",
         ]
     )
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-cache")]
+    err = program_lines(capsys.readouterr().err, ("pact-cache",))
     assert rc == 1 and len(err) == 1 and "Gemma2ForCausalLM" in err[0] and "own forward" in err[0], err
     assert not (tmp_path / "c" / "manifest.json").exists()
     from pact_train.cli import main as train_main
@@ -184,7 +185,7 @@ def test_a_head_the_projection_does_not_reproduce_stops_with_one_line(tmp_path, 
     rc_train = train_main(
         ["--method", "pact", "--model", str(model_dir), "--cache", good, "-o", str(tmp_path / "run"), "--no-progress"]
     )
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-train")]
+    err = program_lines(capsys.readouterr().err, ("pact-train",))
     assert rc_train == 1 and len(err) == 1 and "Gemma2ForCausalLM" in err[0], err
     assert not (tmp_path / "run" / "adapter").exists()
 

@@ -6,7 +6,7 @@ import os
 from dataclasses import fields
 
 import pytest
-from hostile import one_line, yaml_alias_bomb
+from hostile import one_line, program_lines, yaml_alias_bomb
 from pact_train.cli import main as train_main
 from pact_train.config import TrainConfig, TrainError, check_config, parse_config
 from pact_train.losses import PactParams
@@ -113,6 +113,11 @@ def test_every_flag_sets_its_field(tmp_path):
             "--no-padding-free",
             "--group-by-length",
             "16",
+            "--quantize",
+            "nf4",
+            "--optim",
+            "paged-adamw-8bit",
+            "--dry-run",
         ]
     )
     changed = {
@@ -234,7 +239,7 @@ def test_bad_config_files_are_one_line(tmp_path, capsys, text, name, needle):
     rc = train_main(
         ["--config", str(f), "--model", "m", "--cache", str(tmp_path / "nothing"), "-o", str(tmp_path / "o")]
     )
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-train")]
+    err = program_lines(capsys.readouterr().err, ("pact-train",))
     assert rc == 1 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "o").exists()
 
@@ -300,7 +305,7 @@ def test_hostile_config_files_cost_nothing_and_are_one_line(tmp_path, capsys, ma
     rc = train_main(
         ["--config", str(f), "--model", "m", "--cache", str(tmp_path / "nothing"), "-o", str(tmp_path / "o")]
     )
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-train")]
+    err = program_lines(capsys.readouterr().err, ("pact-train",))
     assert rc == 1 and len(err) == 1 and needle in err[0] and len(err[0]) < 400, err
     assert not (tmp_path / "o").exists()
 

@@ -68,9 +68,13 @@ def test_trainer_loss_and_gradients_equal_pact_train(tiny_model, cache, tmp_path
         torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-5, atol=1e-5 * float(grads_a[k].abs().max()), msg=k)
 
 
-def test_a_short_trainer_run_logs_pact_trains_first_loss(tiny_model, cache, tmp_path):
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_a_short_trainer_run_logs_pact_trains_first_loss(tiny_model, cache, tmp_path, quantize):
     """Same rows in the same order, batch 4 x 2 accumulation: the first logged loss (before any
-    update) is pact-train's first step's loss; the run goes on without error."""
+    update) is pact-train's first step's loss; the run goes on without error. nf4: the same with a
+    QLoRA policy (the base in 4 bits) on both sides."""
+    if quantize != "none":
+        pytest.importorskip("bitsandbytes")
     params = LossParams(lam=1.0)
     train(
         TrainConfig(
@@ -85,11 +89,14 @@ def test_a_short_trainer_run_logs_pact_trains_first_loss(tiny_model, cache, tmp_
             progress=False,
             plot=False,
             lora_dropout=0.0,
+            quantize=quantize,
         )
     )
     want = json.loads((tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()[0])
     torch.manual_seed(0)
-    model, tok, _ = load_policy(TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0), "cpu")
+    model, tok, _ = load_policy(
+        TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0, quantize=quantize), "cpu"
+    )
     trainer = trainer_for(
         model,
         cache,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CHAT_ROWS, ROOT, edit_manifest, make_tiny_model, write_jsonl
-from hostile import cli, one_line
+from hostile import cli, one_line, program_lines
 from pact_train.cli import main as train_main
 from pact_train.loop import TrainConfig, train
 from pact_train.losses import asft_penalty
@@ -137,8 +137,7 @@ def run_cli(capsys, *args):
     """pact-train --method pact (the paper's PACT, no replay) with these arguments: the checks of a run, not the
     defaults."""
     code = train_main(["--method", "pact"] + [str(a) for a in args])
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pact-train")]
-    return code, err
+    return code, program_lines(capsys.readouterr().err, ("pact-train",))
 
 
 def test_bad_inputs_one_line_nothing_overwritten(tiny_model, caches, tmp_path, capsys):
@@ -518,10 +517,7 @@ def test_asft_option_errors(tiny_model, f32_cache, direction_file, tmp_path, cap
         != 0
     )
     err = capsys.readouterr().err
-    lines = [
-        line for line in err.splitlines() if line.strip() and "Loading weights" not in line
-    ]  # transformers' own bar
-    assert needle in err and "Traceback" not in err and len(lines) == 1
+    assert needle in err and "Traceback" not in err and len(program_lines(err)) == 1
 
 
 def test_pact_train_token_mask(tiny_model, scored, tmp_path, capsys):
@@ -635,3 +631,84 @@ def test_a_run_that_fails_before_its_first_step_leaves_nothing_and_the_retry_wor
         shutil.rmtree(left / "adapter")
     # a folder holding another run is still refused
     assert "holds this run already; pass --resume" in one_line(capsys, train_main, *args)
+
+
+# ----------------------------------------------------------------------------- QLoRA: --quantize, --optim
+
+
+def test_qlora_loss_is_the_4bit_models_own_and_only_the_adapters_train(tiny_model, caches, tmp_path):
+    """--quantize nf4: the first step's logged cross-entropy equals a naive recomputation from the 4-bit
+    model's own forward (row by row, unpadded), and after the steps only LoRA weights have changed."""
+    pytest.importorskip("bitsandbytes")
+    from pact_train.distributed import setup, teardown
+    from pact_train.loop import open_data, open_policy, start_or_resume, window_loop
+
+    from pact_cache.format import open_cache
+    from pact_cache.models import from_pretrained, resolve_model
+
+    c = cfg(tiny_model, caches["f32"], tmp_path / "q", method="sft", quantize="nf4", max_steps=2)
+    ranks, device = setup("cpu")
+    data = open_data(c, ranks, device)
+    policy = open_policy(c, data, ranks, device)
+    assert type(policy.model.base_model.model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    start = start_or_resume(c, data, policy, ranks)
+    window_loop(c, data, policy, start, ranks, device)
+    teardown(ranks)
+    changed = {n for n, p in policy.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and all("lora_" in n for n in changed), sorted(changed)[:4]
+    assert not [n for n, p in policy.model.named_parameters() if p.requires_grad and "lora_" not in n]
+
+    model = from_pretrained(resolve_model(tiny_model), torch.float32, "cpu", "nf4")
+    rows = list(open_cache(caches["f32"]).iter_rows())[:4]  # the first micro-batch (no shuffle, batch 4)
+    nll = n = 0.0
+    with torch.no_grad():
+        for r in rows:
+            ids = torch.tensor(r.input_ids)[None]
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+            pos = torch.arange(r.response_start - 1, len(r.input_ids) - 1)
+            nll -= logp[pos, ids[0, pos + 1]].sum().item()
+            n += len(pos)
+    assert metrics(tmp_path / "q")[0]["ce"] == pytest.approx(nll / n, rel=1e-4)
+
+
+@pytest.mark.parametrize("quantize, optim", [("nf4", "paged-adamw-8bit"), ("int8", "adamw-8bit")])
+def test_qlora_with_8bit_optimizers_resumes_exactly(tiny_model, caches, tmp_path, quantize, optim):
+    """Four steps straight = two steps, then --resume for two more (the 8-bit optimizer state, held in 8 bits
+    at rank 128, goes through the checkpoint); --merge writes a 16-bit merged copy beside the adapter."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    kw = dict(method="pact", quantize=quantize, optim=optim, lora_r=128, save_every=2)
+    train(cfg(tiny_model, caches["f32"], tmp_path / "straight", max_steps=4, **kw))
+    train(cfg(tiny_model, caches["f32"], tmp_path / "cut", max_steps=2, **kw))
+    state = load_file(str(tmp_path / "cut" / "checkpoint" / "optimizer.safetensors"))
+    assert any(k.endswith(".state1") and v.dtype == torch.uint8 for k, v in state.items())  # 8-bit moments
+    train(cfg(tiny_model, caches["f32"], tmp_path / "cut", max_steps=4, resume=True, merge=True, **kw))
+    a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "cut")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
+    conf = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert (conf["quantize"], conf["optim"]) == (quantize, optim) and "dry_run" not in conf
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "cut" / "merged")
+    assert merged.dtype == torch.bfloat16 and (tmp_path / "cut" / "adapter" / "adapter_config.json").exists()
+
+
+def test_quantize_and_optim_refusals_and_the_dry_run(tiny_model, caches, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    base = ("--model", tiny_model, "--cache", caches["q8"], "--no-progress")
+    line = one_line(capsys, train_main, *base, "-o", tmp_path / "a", "--quantize", "nf4", "--full")
+    assert "--quantize nf4: the quantized base stays frozen" in line and not (tmp_path / "a").exists()
+    # --dry-run: the estimate on stdout, nothing written
+    assert train_main([*base, "-o", str(tmp_path / "dry"), "--quantize", "nf4", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "weights (nf4 linear layers)" in out and "estimated peak" in out and not (tmp_path / "dry").exists()
+    # without bitsandbytes: one line naming the extra
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    for flag in (("--quantize", "int8"), ("--optim", "adamw-8bit")):
+        line = one_line(capsys, train_main, *base, "-o", tmp_path / "b", *flag)
+        assert "needs bitsandbytes, the qlora extra: pip install 'pact-cache[qlora]'" in line, line
+        assert not (tmp_path / "b").exists()

@@ -94,7 +94,9 @@ def card_text(m: Manifest, rows: int | None = None) -> str:
         "| --- | --- |",
         f"| cache id | `{m.cache_id}` |",
         f"| format | {m.format}, encoding {m.encoding.name}, build algorithm {m.build.algorithm} |",
-        f"| reference | {ref_name} (weights sha256 {ref_digest}...) |",
+        f"| reference | {ref_name} (weights sha256 {ref_digest}...)"
+        + (f", loaded in {m.build.quantization} (`build --quantize`)" if m.build.quantization else "")
+        + " |",
         f"| tokenizer | sha256 {m.tokenizer.sha256[:12]}..., vocabulary {m.tokenizer.vocab_size:,} |",
         f"| dataset | {shown} (fingerprint {m.dataset.sha256[:12]}...) |",
         f"| rows / response steps | {c.rows:,} / {c.response_steps:,} ({c.truncated_rows:,} truncated; skipped: "

@@ -202,6 +202,15 @@ QUANTIZE = ("none", "nf4", "int8")  # how a model's linear layers are loaded (bi
 QLORA_EXTRA = "pip install 'pact-cache[qlora]'"
 
 
+def _once_int8_cast(record) -> bool:
+    """A logging filter: bitsandbytes' 'inputs will be cast ... to float16' passes once per process."""
+    if "inputs will be cast" not in record.getMessage():
+        return True
+    seen = getattr(_once_int8_cast, "seen", False)
+    _once_int8_cast.seen = True
+    return not seen
+
+
 def quantization_config(quantize: str | None, compute_dtype, where: str = "--quantize"):
     """transformers' ``BitsAndBytesConfig`` for ``quantize`` (``nf4``: 4-bit NormalFloat with double
     quantization, computing in ``compute_dtype``; ``int8``: LLM.int8()), or None for ``none``/None.
@@ -216,6 +225,10 @@ def quantization_config(quantize: str | None, compute_dtype, where: str = "--qua
         raise ModelError(f"{where} {quantize}: needs bitsandbytes, the qlora extra: {QLORA_EXTRA}") from None
     from transformers import BitsAndBytesConfig
 
+    if quantize == "int8":  # LLM.int8() casts each layer's input to float16: said once, not at every matmul
+        import logging
+
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_once_int8_cast)
     if quantize == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,

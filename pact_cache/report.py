@@ -24,6 +24,7 @@ def cache_info(cache: Cache) -> dict:
         "format": m.format,
         "tool_version": m.tool_version,
         "reference": m.reference.name,
+        "reference_quantization": m.build.quantization,  # None: as stored, in the build's dtype
         "dataset": m.dataset.source,
         "rows": cache.num_rows,
         "response_steps": cache.num_steps,
@@ -61,7 +62,8 @@ def format_info(info: dict) -> str:
     lines = [
         f"cache          {info['path']}",
         f"id             {info['cache_id']}",
-        f"reference      {info['reference']}",
+        f"reference      {info['reference']}"
+        + (f" (loaded in {info['reference_quantization']})" if info["reference_quantization"] else ""),
         f"dataset        {info['dataset']}",
         f"rows           {info['rows']:,} (skipped: {skipped})",
         f"response steps {info['response_steps']:,}",

@@ -854,6 +854,15 @@ def bench_reference_quant(a) -> dict:
         base = open_cache(caches["none"])
         keep = np.array([w > 0 for w in base.tokens.weights])
         mass = {q: [step0_refusal_mass(r, keep) for r in open_cache(c).iter_rows()] for q, c in caches.items()}
+        full = {q: [r.ref["full"] for r in open_cache(c).iter_rows()] for q, c in caches.items()}
+
+        def near_top(q):  # |diff| of the values within 5 nats of each step's maximum (what the losses weigh most)
+            d = []
+            for x, y in zip(full["none"], full[q]):
+                near = x >= x.max(axis=1, keepdims=True) - 5.0
+                d.append(np.abs(x - y)[near])
+            return float(np.concatenate(d).mean())
+
         out = {"bench": "reference-quant", "model": a.model, "rows": base.num_rows, "steps": base.num_steps}
         print(f"reference quantization: {a.model}, {base.num_rows} rows, {base.num_steps} response steps")
         for q in ("nf4", "int8"):
@@ -863,6 +872,7 @@ def bench_reference_quant(a) -> dict:
                 "cache_ids_differ": d["a"]["cache_id"] != d["b"]["cache_id"],
                 "mean_abs_diff_nats": d["mean_abs_diff"],
                 "max_abs_diff_nats": d["max_abs_diff"],
+                "mean_abs_diff_near_top_nats": near_top(q),
                 "gate_rows_before": int(sum(m >= 0.9 for m in mass["none"])),
                 "gate_rows_after": int(sum(m >= 0.9 for m in mass[q])),
                 "gate_flips": int(sum(gate)),
@@ -874,7 +884,8 @@ def bench_reference_quant(a) -> dict:
                 f"  {q}: mean |diff| full {o['mean_abs_diff_nats']['full_logprobs']:.3f} / post "
                 f"{o['mean_abs_diff_nats']['post_logprobs']:.3f} / target "
                 f"{o['mean_abs_diff_nats']['target_logprob']:.3f} nats (max "
-                f"{o['max_abs_diff_nats']['full_logprobs']:.2f}); hard gate: {o['gate_rows_before']} -> "
+                f"{o['max_abs_diff_nats']['full_logprobs']:.2f}; within 5 nats of each step's top "
+                f"{o['mean_abs_diff_near_top_nats']:.3f}); hard gate: {o['gate_rows_before']} -> "
                 f"{o['gate_rows_after']} rows, {o['gate_flips']} flipped; build {seconds[q]:.0f}s vs "
                 f"{seconds['none']:.0f}s"
             )

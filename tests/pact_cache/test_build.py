@@ -585,6 +585,11 @@ def test_a_4bit_reference_is_part_of_the_caches_identity(tiny_model, chat_datase
     assert "quantization" not in json.loads((tmp_path / "fp32" / MANIFEST).read_text())["build"]
     assert json.loads((tmp_path / "nf4" / MANIFEST).read_text())["build"]["quantization"] == "nf4"
     assert open_cache(str(tmp_path / "nf4")).manifest.build.quantization == "nf4"  # parsed back
+    capsys.readouterr()
+    assert cache_main(["info", str(tmp_path / "nf4")]) == 0 and "(loaded in nf4)" in capsys.readouterr().out
+    from pact_cache.card import card_text
+
+    assert "loaded in nf4" in card_text(open_cache(str(tmp_path / "nf4")).manifest)
     d = diff_caches(str(tmp_path / "fp32"), str(tmp_path / "nf4"))
     assert d["identity_differs"] == ["build parameters"] and d["rows"]["changed"] > 0
     assert 0 < d["mean_abs_diff"]["full_logprobs"] < 1.0  # nats: what quantizing this reference cost (docs/caches.md)

@@ -199,6 +199,8 @@ def test_random_bytes_as_a_manifest(copy, capsys):
         (lambda m: m["parts"][0].pop("rows_sha256"), "parts[0].rows_sha256 is missing"),
         (lambda m: m.pop("build"), "build is missing"),
         (lambda m: m["build"].update(vocab_size=0), "build.vocab_size is 0"),
+        (lambda m: m["build"].update(quantization="fp3"), "build.quantization must be nf4 or int8"),
+        (lambda m: m["build"].update(quantization=["nf4"] * 10**5), "build.quantization must be nf4 or int8"),
         (lambda m: m.update(format="pact-cache/1"), "rebuild the cache, or run `pact-cache upgrade CACHE -o NEW`"),
     ],
 )

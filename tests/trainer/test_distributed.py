@@ -109,6 +109,33 @@ def one_and_two(setup):
     return root, res
 
 
+def test_qlora_on_two_processes_follows_one_process(setup, tmp_path):
+    """--quantize nf4 under torchrun: each rank loads the same 4-bit base, DDP syncs the adapters' gradients,
+    and the steps are one process's (padding-free on both sides)."""
+    pytest.importorskip("bitsandbytes")
+    root, args = setup
+    train(
+        TrainConfig(
+            model=args[1],
+            cache=args[3],
+            out=str(tmp_path / "one"),
+            recipe="plain",
+            batch_size=2,
+            grad_accum=3,
+            lora_dropout=0.0,
+            lr=1e-3,
+            warmup_steps=1,
+            progress=False,
+            plot=False,
+            quantize="nf4",
+            max_steps=2,
+        )
+    )
+    res = torchrun(args + ["--batch-size", "1", "-o", str(tmp_path / "two"), "--quantize", "nf4", "--max-steps", "2"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    close(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
+
+
 def test_shares_are_disjoint_and_cover_every_row():
     rows = list(range(7))
     for world in (1, 2, 3, 7, 8, 10):

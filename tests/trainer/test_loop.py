@@ -672,14 +672,15 @@ def test_qlora_loss_is_the_4bit_models_own_and_only_the_adapters_train(tiny_mode
     assert metrics(tmp_path / "q")[0]["ce"] == pytest.approx(nll / n, rel=1e-4)
 
 
-@pytest.mark.parametrize("quantize, optim", [("nf4", "paged-adamw-8bit"), ("int8", "adamw-8bit")])
-def test_qlora_with_8bit_optimizers_resumes_exactly(tiny_model, caches, tmp_path, quantize, optim):
+@pytest.mark.parametrize("quantize, optim, ckpt", [("nf4", "paged-adamw-8bit", False), ("int8", "adamw-8bit", True)])
+def test_qlora_with_8bit_optimizers_resumes_exactly(tiny_model, caches, tmp_path, quantize, optim, ckpt):
     """Four steps straight = two steps, then --resume for two more (the 8-bit optimizer state, held in 8 bits
-    at rank 128, goes through the checkpoint); --merge writes a 16-bit merged copy beside the adapter."""
+    at rank 128, goes through the checkpoint; int8 with gradient checkpointing); --merge writes a 16-bit
+    merged copy beside the adapter."""
     pytest.importorskip("bitsandbytes")
     from safetensors.torch import load_file
 
-    kw = dict(method="pact", quantize=quantize, optim=optim, lora_r=128, save_every=2)
+    kw = dict(method="pact", quantize=quantize, optim=optim, lora_r=128, save_every=2, grad_checkpointing=ckpt)
     train(cfg(tiny_model, caches["f32"], tmp_path / "straight", max_steps=4, **kw))
     train(cfg(tiny_model, caches["f32"], tmp_path / "cut", max_steps=2, **kw))
     state = load_file(str(tmp_path / "cut" / "checkpoint" / "optimizer.safetensors"))

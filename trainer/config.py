@@ -353,6 +353,25 @@ class TrainConfig:
             return 0.0
         return self.REPLAY_RATIO if self.replay_ratio is None else self.replay_ratio
 
+    def loop_settings(self) -> "LoopSettings":
+        """What the window loop reads of the run's options (pact_train.loop.window_loop)."""
+        return LoopSettings(
+            batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            epochs=self.epochs,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            shuffle_buffer=self.shuffle_buffer,
+            group_by_length=self.group_by_length,
+            lam=self.lam,
+            max_grad_norm=self.max_grad_norm,
+            replay_term=self.replay_term,
+            report_to=self.report_to,
+            progress=self.progress,
+            save_every=self.save_every,
+            schedule=Schedule(self.lr, self.warmup_steps, self.schedule, self.step_gamma),
+        )
+
     def loss_params(self) -> LossParams:
         return LossParams(method=self.method, lam=self.lam, pact=self.pact, logits_chunk=self.logits_chunk)
 
@@ -524,6 +543,50 @@ def check_config(cfg: TrainConfig) -> None:
             raise TrainError(f"{flag}: needs bitsandbytes, the qlora extra: {QLORA_EXTRA}") from None
     if not cfg.full and not [t for t in cfg.lora_targets.split(",") if t.strip()]:
         raise TrainError("--lora-targets is empty; name the modules to adapt, e.g. q_proj,v_proj")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate over a run: linear warmup (``warmup_steps``; -1: 3% of the steps), then ``kind``."""
+
+    lr: float
+    warmup_steps: int
+    kind: str  # cosine, linear, constant or step (x step_gamma each epoch)
+    step_gamma: float
+
+    def at(self, step: int, total: int, steps_per_epoch: int) -> float:
+        """The rate for optimizer step ``step`` (0-based) of ``total``."""
+        warmup = self.warmup_steps if self.warmup_steps >= 0 else max(1, round(0.03 * total))
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        if self.kind == "constant":
+            return self.lr
+        if self.kind == "step":
+            return self.lr * self.step_gamma ** (step // max(steps_per_epoch, 1))
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        if self.kind == "linear":
+            return self.lr * (1.0 - frac)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The options the window loop reads (:meth:`TrainConfig.loop_settings`), and nothing else of the run."""
+
+    batch_size: int  # rows per micro-batch per process
+    grad_accum: int  # micro-batches per optimizer step
+    epochs: int
+    seed: int
+    shuffle: bool
+    shuffle_buffer: int
+    group_by_length: int
+    lam: float
+    max_grad_norm: float
+    replay_term: str
+    report_to: str
+    progress: bool
+    save_every: int
+    schedule: Schedule
 
 
 def config_record(cfg: TrainConfig, cache_id: str, world: int = 1, replay_cache_id: str | None = None) -> dict:

@@ -26,7 +26,7 @@ from pact_cache.typedjson import load_json
 
 from . import packing
 from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, save_checkpoint
-from .config import CONFIG_MAX_BYTES, TrainConfig, TrainError, check_config, config_record
+from .config import CONFIG_MAX_BYTES, LoopSettings, TrainConfig, TrainError, check_config, config_record
 from .core import causal_lm, lora_direction_factors, online_reference, policy_losses, window_loss
 from .distributed import Ranks, setup, teardown
 from .losses import LossParams
@@ -312,17 +312,7 @@ def load_policy(cfg: TrainConfig, device: str):
 
 def lr_at(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the schedule."""
-    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, round(0.03 * total))
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "step":
-        return cfg.lr * cfg.step_gamma ** (step // max(steps_per_epoch, 1))
-    frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    if cfg.schedule == "linear":
-        return cfg.lr * (1.0 - frac)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return cfg.loop_settings().schedule.at(step, total, steps_per_epoch)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -417,7 +407,7 @@ def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
     policy = open_policy(cfg, data, ranks, device)
     start = start_or_resume(cfg, data, policy, ranks)
     t_run = time.time()
-    end = window_loop(cfg, data, policy, start, ranks, device)
+    end = window_loop(cfg.loop_settings(), data, policy, start, ranks, device)
     return {**finish(cfg, data, policy, start.optimizer, end, ranks), "seconds": time.time() - t_run}
 
 
@@ -666,33 +656,33 @@ def window_backward(micro: list, ddp_model, policy: Policy, batch_of: Collate, l
     return ce_tot, term_tot, pen, n_window
 
 
-def window_loop(cfg: TrainConfig, data: Data, policy: Policy, start: Start, ranks: Ranks, device: str) -> Position:
+def window_loop(run: LoopSettings, data: Data, policy: Policy, start: Start, ranks: Ranks, device: str) -> Position:
     """One iteration = one optimizer step over ``--grad-accum`` micro-batches (a window), token-weighted over
     the window's response tokens on all ranks; a metrics line per step, a checkpoint every ``--save-every``.
     Returns where the run stopped."""
     from tqdm.auto import tqdm
 
     out, at, optimizer, method = data.out, start.at, start.optimizer, policy.loss.method
-    global_batch = cfg.batch_size * ranks.world  # rows per micro-batch over all ranks
-    board = open_board(out, at.step) if cfg.report_to == "tensorboard" and ranks.main else None
+    global_batch = run.batch_size * ranks.world  # rows per micro-batch over all ranks
+    board = open_board(out, at.step) if run.report_to == "tensorboard" and ranks.main else None
     ddp_model = ranks.wrap(policy.model, device)  # rank 0's weights are broadcast to all
     if ranks.world > 1 and ranks.main:
         _log(
-            f"data-parallel on {ranks.world} processes ({device.split(':')[0]}): {cfg.batch_size} rows per process, "
-            f"{global_batch * cfg.grad_accum} per optimizer step"
+            f"data-parallel on {ranks.world} processes ({device.split(':')[0]}): {run.batch_size} rows per process, "
+            f"{global_batch * run.grad_accum} per optimizer step"
         )
     # every rank reads the same order; each takes its share of every global micro-batch
     stream = batches(
         data.cache,
         global_batch,
-        cfg.seed,
-        cfg.shuffle,
+        run.seed,
+        run.shuffle,
         start_epoch=at.epoch,
         skip_rows=at.taken,
-        buffer_rows=cfg.shuffle_buffer,
-        epochs=cfg.epochs,
+        buffer_rows=run.shuffle_buffer,
+        epochs=run.epochs,
         replay=data.replay,
-        group_by_length=cfg.group_by_length,
+        group_by_length=run.group_by_length,
     )
     pad_id, pad_multiple = pad_id_for(policy.tok), 8 if device.startswith("cuda") else 1
     autocast = (
@@ -701,18 +691,18 @@ def window_loop(cfg: TrainConfig, data: Data, policy: Policy, start: Start, rank
         else torch.autocast("cpu", enabled=False)
     )
     bar = tqdm(
-        total=start.total, initial=at.step, unit="step", disable=not (cfg.progress and ranks.main), dynamic_ncols=True
+        total=start.total, initial=at.step, unit="step", disable=not (run.progress and ranks.main), dynamic_ncols=True
     )
     last_saved = at.step if data.kind == "resume" else None
-    batch_of = Collate(pad_id, pad_multiple, data.mask, data.gate, cfg.replay_term, policy.padding_free, device)
+    batch_of = Collate(pad_id, pad_multiple, data.mask, data.gate, run.replay_term, policy.padding_free, device)
     policy.model.train()
     done = False
     while at.step < start.total and not done:
         t0 = time.time()
         if ranks.world > 1:  # dropout masks: each rank its own, the same again after a resume
-            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, at.step, ranks.rank]).generate_state(1)[0]))
+            torch.manual_seed(int(np.random.SeedSequence([run.seed, at.step, ranks.rank]).generate_state(1)[0]))
         micro = []  # (epoch, rows taken in it, rows): a window may run on into the next epoch
-        for _ in range(cfg.grad_accum):
+        for _ in range(run.grad_accum):
             try:
                 micro.append(next(stream))
             except StopIteration:
@@ -720,10 +710,10 @@ def window_loop(cfg: TrainConfig, data: Data, policy: Policy, start: Start, rank
                 break
         if not micro:
             break
-        lr = lr_at(at.step, start.total, start.steps_per_epoch, cfg)
+        lr = run.schedule.at(at.step, start.total, start.steps_per_epoch)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        ce_tot, term_tot, pen, n_window = window_backward(micro, ddp_model, policy, batch_of, cfg.lam, ranks, autocast)
+        ce_tot, term_tot, pen, n_window = window_backward(micro, ddp_model, policy, batch_of, run.lam, ranks, autocast)
         if not (math.isfinite(ce_tot) and math.isfinite(term_tot) and math.isfinite(pen)):
             bar.close()
             term = f"sum {term_tot}" if policy.factors is None else pen
@@ -733,7 +723,7 @@ def window_loop(cfg: TrainConfig, data: Data, policy: Policy, start: Start, rank
                 out,
                 last_saved,
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, cfg.max_grad_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, run.max_grad_norm).item()
         if not math.isfinite(grad_norm):
             bar.close()
             raise NonFiniteError(at.step + 1, f"the gradient norm is {grad_norm}", out, last_saved)
@@ -745,7 +735,7 @@ def window_loop(cfg: TrainConfig, data: Data, policy: Policy, start: Start, rank
         rec = {
             "step": at.step,
             "epoch": at.epoch,
-            "loss": float(method.total(ce_tot, term_tot, cfg.lam)) / n_window + cfg.lam * pen,
+            "loss": float(method.total(ce_tot, term_tot, run.lam)) / n_window + run.lam * pen,
             "ce": ce_tot / n_window,
         }
         if method.metric:  # the method's term, under its own name (a penalty: its value at this step)
@@ -763,14 +753,14 @@ def window_loop(cfg: TrainConfig, data: Data, policy: Policy, start: Start, rank
         shown = {method.metric: f"{rec[method.metric]:.4f}"} if method.metric else {}
         bar.set_postfix(loss=f"{rec['loss']:.3f}", **shown, tok_s=f"{n_window / dt:.0f}")
         bar.update(1)
-        if at.step % cfg.save_every == 0 and at.step < start.total and ranks.main:
+        if at.step % run.save_every == 0 and at.step < start.total and ranks.main:
             save_checkpoint(out / "checkpoint", policy.model, optimizer, at.state(data.cache.cache_id))
             last_saved = at.step
     bar.close()
     if board is not None:
         board.close()
     if at.step == 0:
-        raise TrainError(f"{cfg.cache}: no batch could be made")
+        raise TrainError(f"{data.cache.url}: no batch could be made")
     return at
 
 

@@ -653,7 +653,7 @@ def test_qlora_loss_is_the_4bit_models_own_and_only_the_adapters_train(tiny_mode
     assert type(policy.model.base_model.model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
     start = start_or_resume(c, data, policy, ranks)
-    window_loop(c, data, policy, start, ranks, device)
+    window_loop(c.loop_settings(), data, policy, start, ranks, device)
     teardown(ranks)
     changed = {n for n, p in policy.model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed and all("lora_" in n for n in changed), sorted(changed)[:4]

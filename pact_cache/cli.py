@@ -421,6 +421,8 @@ def cmd_verify(a) -> int:
 
     if a.recompute < 0:
         raise PactError(f"--recompute {a.recompute}: must be >= 0")
+    if a.quantize is not None and a.model is None:
+        raise PactError(f"--quantize {a.quantize}: says how --model is loaded to recompute rows; give --model too")
     res = verify_cache(
         a.cache, dataset=a.dataset, model=a.model, cache_id=a.cache_id, recompute=a.recompute, quantize=a.quantize
     )

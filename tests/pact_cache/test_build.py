@@ -599,6 +599,8 @@ def test_a_4bit_reference_is_part_of_the_caches_identity(tiny_model, chat_datase
     with pytest.raises(PactError, match="not --quantize none.*verify with --quantize nf4"):
         verify_cache(str(tmp_path / "nf4"), model=tiny_model, quantize="none")
     capsys.readouterr()
+    line = one_line(capsys, cache_main, "verify", tmp_path / "nf4", "--quantize", "nf4")
+    assert "--quantize nf4: says how --model is loaded" in line
     line = one_line(capsys, cache_main, "verify", tmp_path / "fp32", "--model", tiny_model, "--quantize", "nf4")
     assert "loaded as stored, not --quantize nf4" in line
     line = one_line(

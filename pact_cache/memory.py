@@ -5,8 +5,9 @@ checkpointing) and the loss's logits blocks.
 The model is counted from its config alone (instantiated on the ``meta`` device: no weights read,
 no memory used), so ``pact-train --dry-run`` and ``pact-cache build`` can say what a run needs
 before loading anything. The activation term is a per-layer count of the tensors a decoder layer
-of the Llama family keeps for its backward pass; ``tools/bench.py qlora`` prints it beside measured
-peaks (docs/benchmarks.md states the error).
+of the Llama family keeps for its backward pass. On a CPU the peak can come before the first step: the
+loader holds the checkpoint file while it converts the weights. ``tools/bench.py qlora`` prints the
+estimate beside measured peaks (docs/benchmarks.md states the error).
 """
 
 from __future__ import annotations
@@ -41,12 +42,18 @@ class ModelShape:
     heads: int
     vocab: int
     lora: dict = field(default_factory=dict)  # module name -> (in_features, out_features) count, per target name
+    checkpoint_bytes: int = 0  # the weight files on disk (read whole while the model is loaded)
 
     @classmethod
     def of_model_dir(cls, path, targets: list[str] | None = None) -> "ModelShape":
+        from dataclasses import replace
+        from pathlib import Path
+
         from transformers import AutoConfig
 
-        return cls.of_config(AutoConfig.from_pretrained(str(path)), targets)
+        files = [f for pattern in ("*.safetensors", "*.bin") for f in Path(path).glob(pattern) if f.is_file()]
+        shape = cls.of_config(AutoConfig.from_pretrained(str(path)), targets)
+        return replace(shape, checkpoint_bytes=sum(f.stat().st_size for f in files))
 
     @classmethod
     def of_config(cls, config, targets: list[str] | None = None) -> "ModelShape":
@@ -97,20 +104,38 @@ def human(n: float) -> str:
 class Estimate:
     """Estimated peak memory of a run, in bytes, by part."""
 
-    parts: dict  # name -> bytes
+    parts: dict  # name -> bytes, at the peak of a step
     device: str
+    # on the CPU the checkpoint is read into the process while its weights are converted (to fp32, or quantized):
+    # the weights plus the file, a peak of its own before the first step (a GPU's memory holds only the weights)
+    loading: int = 0
+
+    @property
+    def step(self) -> int:
+        return int(sum(self.parts.values()))
 
     @property
     def total(self) -> int:
-        return int(sum(self.parts.values()))
+        return max(self.step, int(self.loading))
 
     def lines(self) -> list[str]:
-        width = max(len(k) for k in self.parts)
+        width = max([len(k) for k in self.parts] + [len("while loading the model")])
         rows = [f"  {k:<{width}}  {human(v):>10}" for k, v in self.parts.items()]
+        if self.loading:
+            rows += [
+                f"  {'a step':<{width}}  {human(self.step):>10}",
+                f"  {'while loading the model':<{width}}  {human(self.loading):>10} (weights and checkpoint file)",
+            ]
         return rows + [f"  {'estimated peak':<{width}}  {human(self.total):>10} on {self.device}"]
 
     def to_json(self) -> dict:
-        return {"device": self.device, "total_bytes": self.total, "parts": {k: int(v) for k, v in self.parts.items()}}
+        return {
+            "device": self.device,
+            "total_bytes": self.total,
+            "step_bytes": self.step,
+            "loading_bytes": int(self.loading),
+            "parts": {k: int(v) for k, v in self.parts.items()},
+        }
 
 
 def activation_bytes(shape: ModelShape, tokens: int, value_bytes: int, checkpointing: bool, attn_scores: int) -> int:
@@ -166,7 +191,7 @@ def estimate_training(
         shape, tokens, compute, checkpointing, scores
     )
     parts["logits blocks"] = min(logits_chunk, response_tokens or tokens) * shape.vocab * 4 * 3
-    return Estimate(parts, "cuda" if cuda else "cpu")
+    return Estimate(parts, "cuda" if cuda else "cpu", 0 if cuda else weights + shape.checkpoint_bytes)
 
 
 def estimate_build(shape: ModelShape, *, device: str, dtype_bytes: int, quantize: str, batch_size: int, seq_len: int):
@@ -181,11 +206,13 @@ def estimate_build(shape: ModelShape, *, device: str, dtype_bytes: int, quantize
     tokens = batch_size * seq_len
     # without backward only a layer's live tensors count: its input, q/k/v, and the MLP's gate, up and product
     one_layer = tokens * (4 * shape.hidden + 3 * shape.intermediate) * dtype_bytes
+    cuda = device.startswith("cuda")
     return Estimate(
         {
             "weights" + (f" ({quantize} linear layers)" if quantized else ""): weights,
             "one layer's activations": one_layer,
             "hidden states": tokens * shape.hidden * 4,
         },
-        "cuda" if device.startswith("cuda") else "cpu",
+        "cuda" if cuda else "cpu",
+        0 if cuda else weights + shape.checkpoint_bytes,
     )

@@ -55,7 +55,8 @@ step() {  # step NAME TIMEOUT CMD...: one figure; a step that fails or runs out 
   if [ "$left" -lt 30 ]; then skipped+=("$name"); return 0; fi
   [ "$limit" -gt "$left" ] && limit="$left"
   echo "[gpu_check] $name (at most ${limit}s)" >&2
-  if ! timeout "$limit" "$@" >"$WORK/$name.log" 2>&1; then
+  # SIGINT first: bench.py then stops the child process it is waiting for (subprocess.run kills it)
+  if ! timeout -s INT -k 20 "$limit" "$@" >"$WORK/$name.log" 2>&1; then
     failed+=("$name"); tail -5 "$WORK/$name.log" >&2
   else
     tail -8 "$WORK/$name.log"

@@ -13,6 +13,7 @@ def test_the_shape_counts_every_parameter_once(tmp_path):
 
     path = make_tiny_model(tmp_path / "m", hidden=64, layers=3)
     shape = ModelShape.of_model_dir(path, ["q_proj", "v_proj"])
+    assert shape.checkpoint_bytes == sum(f.stat().st_size for f in path.glob("*.safetensors")) > 0
     model = AutoModelForCausalLM.from_pretrained(path)
     assert shape.linear + shape.other == sum(p.numel() for p in model.parameters())
     linear = sum(
@@ -43,6 +44,11 @@ def test_each_setting_moves_its_part():
     assert "adapters (rank 8, fp32)" not in full.parts and full.total > 16 * 1.2e9
     cpu = estimate_training(shape, device="cpu", batch_size=16, seq_len=512)
     assert cpu.parts["activations"] > 2 * bf16.parts["activations"]  # fp32 values and the attention scores
+    # on a CPU, loading holds the weights and the checkpoint file; a GPU's memory holds only the weights
+    on_disk = ModelShape(**{**shape.__dict__, "checkpoint_bytes": 24 * 10**8})
+    small = estimate_training(on_disk, device="cpu", batch_size=1, seq_len=8, quantize="nf4")
+    assert small.loading == w(small) + 24e8 and small.total == int(small.loading) > small.step
+    assert estimate_training(on_disk, quantize="nf4", **kw).loading == 0 and bf16.total == bf16.step
     b = dict(device="cuda", dtype_bytes=2, batch_size=8, seq_len=2048)
     b4, b16 = estimate_build(shape, quantize="nf4", **b), estimate_build(shape, quantize="none", **b)
     assert b16.total - b4.total == pytest.approx(w(bf16) - (w(nf4) - 2e8 * 2))  # the rest stays 16-bit in a build

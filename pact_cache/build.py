@@ -43,7 +43,15 @@ from .manifest import (
     Reference,
     Tokenizer,
 )
-from .models import load_model, load_tokenizer, model_fingerprint, placement, resolve_model, tokenizer_fingerprint
+from .models import (
+    check_placement,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    placement,
+    resolve_model,
+    tokenizer_fingerprint,
+)
 from .projection import check_projection, compute_rows
 from .rows import Reuse
 from .storage import Location, check_regular_file, is_tmp_name, json_bytes, sha256_stream, stale_tmp
@@ -277,10 +285,10 @@ def build_estimate(cfg: BuildConfig, resolved=None, longest: int | None = None) 
     reference's config alone, as printed lines; ``longest``: the dataset's longest tokenized row, when known
     (else --max-length)."""
     from .memory import ModelShape, estimate_build
-    from .models import pick_device, pick_dtype
+    from .models import check_placement, pick_dtype
 
     resolved = resolved or resolve_model(cfg.ref)
-    device = pick_device(cfg.device) if not cfg.device_map else "cuda"
+    device = check_placement(cfg.device, cfg.device_map)
     bytes_ = {"float32": 4}.get(str(pick_dtype(cfg.dtype, device)).replace("torch.", ""), 2)
     seq = longest or cfg.max_length or 2048
     try:
@@ -344,6 +352,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         for reason, rows in skipped.items():
             _log(f"skipping {len(rows)} row(s), {reason.replace('_', ' ')} (first: {rows[0]}); counted in the manifest")
     header = assistant_header_ids(tok)
+    check_placement(cfg.device, cfg.device_map)  # before the estimate: a bad pair is the one line the user sees
     if rank == 0:
         try:
             longest = max(len(e.input_ids) for e in examples)

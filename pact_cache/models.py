@@ -264,6 +264,19 @@ def from_pretrained(resolved: ResolvedModel, dtype, device: str, quantize: str |
     return model
 
 
+def check_placement(device: str, device_map: str | None = None) -> str:
+    """``--device`` and ``--device-map`` checked together (one :class:`ModelError` line); the device picked."""
+    if device_map is not None:
+        if device_map not in DEVICE_MAPS:
+            raise ModelError(f"--device-map {device_map}: use one of {', '.join(DEVICE_MAPS)}")
+        if device != "auto":
+            raise ModelError(
+                f"--device {device} with --device-map {device_map}: the map decides where each layer "
+                f"goes; drop --device"
+            )
+    return pick_device(device)
+
+
 def load_model(
     resolved: ResolvedModel,
     dtype="auto",
@@ -281,15 +294,7 @@ def load_model(
     ``quantize`` (``nf4``, ``int8``; bitsandbytes) loads the linear layers in 4 or 8 bits, computing in
     ``torch_dtype``; it excludes ``device_map``.
     """
-    if device_map is not None:
-        if device_map not in DEVICE_MAPS:
-            raise ModelError(f"--device-map {device_map}: use one of {', '.join(DEVICE_MAPS)}")
-        if device != "auto":
-            raise ModelError(
-                f"--device {device} with --device-map {device_map}: the map decides where each layer "
-                f"goes; drop --device"
-            )
-    device = pick_device(device)
+    device = check_placement(device, device_map)
     torch_dtype = pick_dtype(dtype, device) if isinstance(dtype, str) else dtype
     kwargs = {"device_map": device_map} if device_map else {}
     model = from_pretrained(resolved, torch_dtype, device, quantize, trust_remote_code=trust_remote_code, **kwargs)

@@ -317,6 +317,11 @@ def random_model(a) -> dict:
 
 def _train_child(a) -> None:
     """Runs in a subprocess: one training run, then prints peak memory and step times as JSON."""
+    print("BENCH_RESULT " + json.dumps(_child_result(a)))
+
+
+def _child_result(a) -> dict:
+    """One training run of ``a.variant``: its peak memory, step times, response tokens and memory estimate."""
     import resource
     import tempfile
 
@@ -388,10 +393,11 @@ def _train_child(a) -> None:
     }
     if device == "cuda":
         out["peak_cuda"] = torch.cuda.max_memory_allocated()
-    print("BENCH_RESULT " + json.dumps(out))
+    return out
 
 
 TRAINER_VARIANTS = ("trl-sft", "trainer-pact")
+_PARSER = None  # main()'s parser: PACT_BENCH_IN_PROCESS=1 parses each variant's child arguments with it
 
 
 def _trainer_run(variant: str, cfg, device: str, tmp: str) -> tuple[list[float], list[int]]:
@@ -607,6 +613,9 @@ def _run_variants(a, variants: list[str]) -> dict:
             cmd += ["--direction", a.direction] if getattr(a, "direction", None) else []
             cmd += ["--replay", a.replay, "--replay-ratio", str(a.replay_ratio)] if getattr(a, "replay", None) else []
             cmd += ["--group", str(a.group)] if getattr(a, "group", None) else []
+            if os.environ.get("PACT_BENCH_IN_PROCESS"):  # the tests and gpu_check --dry-run: the plumbing, fast;
+                runs[variant].append(_child_result(_PARSER.parse_args(cmd[2:])))  # peak memory then means nothing
+                continue
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")), None)
             if proc.returncode != 0 or line is None:
@@ -1040,6 +1049,8 @@ def main() -> None:
     s.add_argument("--exact", help="an f32 cache of the same rows (pact-cache build --encoding f32)")
     for q in (b, s, t, k, r, n, d, ql, rq):
         q.add_argument("--json", help="also write the results here, with their provenance (tools/provenance.py)")
+    global _PARSER
+    _PARSER = p
     a = p.parse_args()
     if a.cmd == "_train_child":
         return _train_child(a)

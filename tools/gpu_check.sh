@@ -35,6 +35,7 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu; PRESETS="tiny"; STEPS=2; WARMUP=1; BATCH=2; ROWS=16; LIMIT=300
+  export PACT_BENCH_IN_PROCESS=1  # each bench's variants one after the other in its process: the steps, fast
   OUT="${OUT:-$WORK/results}"
 else
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \

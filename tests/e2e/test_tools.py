@@ -18,8 +18,14 @@ from pact_cache.score import score_cache
 BENCH = ROOT / "tools" / "bench.py"
 
 
-def bench(*args):
-    proc = subprocess.run([sys.executable, str(BENCH), *map(str, args)], capture_output=True, text=True, timeout=600)
+def bench(*args, in_process=True):
+    """tools/bench.py with these arguments; ``in_process``: a bench's variants run one after the other in its own
+    process (PACT_BENCH_IN_PROCESS: the plumbing without a process start per variant; the padding bench's test
+    keeps one process per variant, the benchmarks' way)."""
+    env = {**os.environ, **({"PACT_BENCH_IN_PROCESS": "1"} if in_process else {})}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), *map(str, args)], capture_output=True, text=True, timeout=600, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 
@@ -189,6 +195,7 @@ def test_padding_bench(tiny_model, tmp_path):
         "cpu",
         "--json",
         tmp_path / "p.json",
+        in_process=False,
     )
     res = json.loads((tmp_path / "p.json").read_text())
     v = res["variants"]

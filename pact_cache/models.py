@@ -188,7 +188,8 @@ def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(str(resolved.path), trust_remote_code=trust_remote_code)
     except Exception as err:
         raise ModelError(
-            f"{resolved.name}: cannot load its tokenizer ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+            f"{resolved.name}: cannot load its tokenizer ({type(err).__name__}: "
+            f"{(str(err).splitlines() or [''])[0][:160]})"
         ) from None
     if not getattr(tok, "chat_template", None):
         raise ModelError(
@@ -257,7 +258,7 @@ def from_pretrained(resolved: ResolvedModel, dtype, device: str, quantize: str |
         model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dtype, **kwargs)
     except Exception as err:
         raise ModelError(
-            f"{resolved.name}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+            f"{resolved.name}: cannot load the model ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]})"
         ) from None
     if qc is None and not kwargs.get("device_map"):
         model.to(device)

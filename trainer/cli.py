@@ -44,7 +44,7 @@ def _train(cfg) -> int:
     except torch.distributed.DistError as err:  # a peer process stopped: its own line says why
         raise PactError(
             f"another process of this job stopped ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:120]}); "
+            f"{(str(err).splitlines() or [''])[0][:120]}); "
             "see its message above, then rerun with --resume"
         ) from None
     if res.get("dry_run"):  # the estimate is printed; nothing was written

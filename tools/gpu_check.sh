@@ -8,8 +8,8 @@
 #                                   # temporary folder (or --out DIR): what the test suite runs, so it cannot rot
 #
 # Models: random bf16 weights with the shapes of Llama-3.2-1B and Llama-3.1-8B (tools/bench.py random-model) and
-# the embedded model's tokenizer, so a cache the embedded model builds fits them; memory and time need no trained
-# weights. Each figure is one JSON with its provenance (commit, date, device, versions, command): the build's
+# one tokenizer, so the cache the first of them builds (the paper's SST-2 rows, or synthetic rows of their shape)
+# fits both; memory and time need no trained weights. Each figure is one JSON with its provenance (commit, date, device, versions, command): the build's
 # tokens/s and model FLOPs utilisation; sft / pact / live reference at batch 16 with and without gradient
 # checkpointing; LoRA vs QLoRA vs QLoRA + paged 8-bit AdamW with the memory estimate beside each peak.
 set -euo pipefail

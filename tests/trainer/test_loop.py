@@ -713,3 +713,26 @@ def test_quantize_and_optim_refusals_and_the_dry_run(tiny_model, caches, tmp_pat
         line = one_line(capsys, train_main, *base, "-o", tmp_path / "b", *flag)
         assert "needs bitsandbytes, the qlora extra: pip install 'pact-cache[qlora]'" in line, line
         assert not (tmp_path / "b").exists()
+
+
+def test_qlora_with_the_recipes_gate_and_replay_rows(tiny_model, caches, tmp_path):
+    """The safe recipe's parts on a 4-bit policy: str with the hard row gate and a replay cache's rows."""
+    pytest.importorskip("bitsandbytes")
+    from pact_cache.build import BuildConfig, build
+
+    refusals = [{"prompt": f"harm {i}", "completion": "I can't help with that."} for i in range(6)]
+    rep = build(
+        BuildConfig(
+            str(write_jsonl(tmp_path / "r.jsonl", refusals)),
+            tiny_model,
+            str(tmp_path / "replay"),
+            tokens=str(caches["tokens"]),
+            encoding="f32",
+            progress=False,
+        )
+    )
+    kw = dict(method="str", quantize="nf4", replay=str(rep.out), replay_ratio=0.3, row_gate="hard", gate_at=0.0)
+    train(cfg(tiny_model, caches["f32"], tmp_path / "run", **kw))
+    m = metrics(tmp_path / "run")
+    assert len(m) == 3 and all(r["str"] > 0 and math.isfinite(r["loss"]) for r in m)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["replay_cache_id"] == rep.cache_id

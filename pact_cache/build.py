@@ -291,13 +291,7 @@ def build_estimate(cfg: BuildConfig, resolved=None, longest: int | None = None) 
     device = check_placement(cfg.device, cfg.device_map)
     bytes_ = {"float32": 4}.get(str(pick_dtype(cfg.dtype, device)).replace("torch.", ""), 2)
     seq = longest or cfg.max_length or 2048
-    try:
-        shape = ModelShape.of_model_dir(resolved.path)
-    except Exception as err:  # a config transformers cannot instantiate
-        raise PactError(
-            f"{cfg.ref}: cannot read the model's shape from its config ({type(err).__name__}); the memory "
-            "estimate needs it"
-        ) from None
+    shape = ModelShape.of_model_dir(resolved.path)
     est = estimate_build(
         shape, device=device, dtype_bytes=bytes_, quantize=cfg.quantize, batch_size=cfg.batch_size, seq_len=seq
     )

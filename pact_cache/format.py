@@ -352,6 +352,13 @@ class Cache:
             "the part was replaced: re-download or rebuild the cache",
         )
 
+    def _check_before_reading(self, part: PartEntry) -> None:
+        """A part's checksum (or, without checksums, that it is a regular file of its declared size)."""
+        if self.verify_checksums:
+            self.check_part(part)
+        else:
+            check_regular_file(self.fs, self.root, self.part_path(part), self._where(part), size=part.bytes)
+
     def longest_row(self) -> tuple[int, int]:
         """``(tokens, response steps)`` of the cache's longest row and of its longest response, from the
         ``input_ids`` lengths and ``response_start`` columns alone (nothing decoded); each part checked as
@@ -362,10 +369,7 @@ class Cache:
         longest = steps = 0
         for part in self.parts:
             where = self._where(part)
-            if self.verify_checksums:
-                self.check_part(part)
-            else:
-                check_regular_file(self.fs, self.root, self.part_path(part), where, size=part.bytes)
+            self._check_before_reading(part)
             with self.fs.open(self.part_path(part), "rb") as f:
                 pf = self._parquet(f, part, where)
                 try:
@@ -384,10 +388,7 @@ class Cache:
     def scan_part(self, part: PartEntry, found: dict, batch_rows: int = 64) -> Iterator[CacheRow]:
         """Every check of :meth:`iter_part_rows` but the rows digest, which is left in ``found``."""
         where = self._where(part)
-        if self.verify_checksums:
-            self.check_part(part)
-        else:
-            check_regular_file(self.fs, self.root, self.part_path(part), where, size=part.bytes)
+        self._check_before_reading(part)
         score_ids, scores = self.read_part_scores(part)
         with self.fs.open(self.part_path(part), "rb") as f:
             pf = self._parquet(f, part, where)

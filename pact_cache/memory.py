@@ -51,8 +51,16 @@ class ModelShape:
 
         from transformers import AutoConfig
 
+        from .models import ModelError
+
         files = [f for pattern in ("*.safetensors", "*.bin") for f in Path(path).glob(pattern) if f.is_file()]
-        shape = cls.of_config(AutoConfig.from_pretrained(str(path)), targets)
+        try:
+            shape = cls.of_config(AutoConfig.from_pretrained(str(path)), targets)
+        except Exception as err:  # a config transformers cannot read or instantiate
+            raise ModelError(
+                f"{path}: cannot read the model's shape from its config ({type(err).__name__}: "
+                f"{(str(err).splitlines() or [''])[0][:120]}); the memory estimate needs it"
+            ) from None
         return replace(shape, checkpoint_bytes=sum(f.stat().st_size for f in files))
 
     @classmethod

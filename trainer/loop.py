@@ -354,15 +354,7 @@ def run_estimate(cfg: TrainConfig, device: str, data: Data | None = None) -> dic
         extents = [data.cache.longest_row()] + ([data.replay.cache.longest_row()] if data.replay else [])
         seq, steps = max(e[0] for e in extents), max(e[1] for e in extents)
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
-    try:
-        shape = ModelShape.of_model_dir(resolve_model(cfg.model).path, targets)
-    except PactError:
-        raise
-    except Exception as err:  # a config transformers cannot instantiate
-        raise TrainError(
-            f"{cfg.model}: cannot read the model's shape from its config ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:120] if str(err) else ''}); the memory estimate needs it"
-        ) from None
+    shape = ModelShape.of_model_dir(resolve_model(cfg.model).path, targets)
     est = estimate_training(
         shape,
         device=device,

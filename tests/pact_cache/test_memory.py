@@ -53,3 +53,11 @@ def test_each_setting_moves_its_part():
     b4, b16 = estimate_build(shape, quantize="nf4", **b), estimate_build(shape, quantize="none", **b)
     assert b16.total - b4.total == pytest.approx(w(bf16) - (w(nf4) - 2e8 * 2))  # the rest stays 16-bit in a build
     assert "GiB" in b4.lines()[-1] and human(3 * 1024**2) == "3.0 MiB"
+
+
+def test_a_config_that_cannot_be_read_is_one_model_error(tmp_path):
+    from pact_cache.models import ModelError
+
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(ModelError, match="cannot read the model's shape from its config"):
+        ModelShape.of_model_dir(tmp_path)

@@ -85,25 +85,28 @@ def close(a: list[dict], b: list[dict]) -> None:
             assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-9), (ra["step"], k)
 
 
+def one_process(args: list, out, **kw) -> TrainConfig:
+    """COMMON's run as one process with twice the rows per micro-batch: the trajectory two ranks must follow."""
+    return TrainConfig(
+        model=args[1],
+        cache=args[3],
+        out=str(out),
+        recipe="plain",
+        batch_size=2,
+        grad_accum=3,
+        lora_dropout=0.0,
+        lr=1e-3,
+        warmup_steps=1,
+        progress=False,
+        plot=False,
+        **kw,
+    )
+
+
 @pytest.fixture(scope="module")
 def one_and_two(setup):
     root, args = setup
-    train(
-        TrainConfig(
-            model=args[1],
-            cache=args[3],
-            out=str(root / "one"),
-            recipe="plain",
-            batch_size=2,
-            grad_accum=3,
-            lora_dropout=0.0,
-            lr=1e-3,
-            warmup_steps=1,
-            progress=False,
-            plot=False,
-            padding_free=False,
-        )
-    )  # padded; two processes: padding-free
+    train(one_process(args, root / "one", padding_free=False))  # padded; two processes: padding-free
     res = torchrun(args + ["--batch-size", "1", "-o", str(root / "two"), "--report-to", "tensorboard"])
     assert res.returncode == 0, res.stderr[-3000:]
     return root, res
@@ -114,23 +117,7 @@ def test_qlora_on_two_processes_follows_one_process(setup, tmp_path):
     and the steps are one process's (padding-free on both sides)."""
     pytest.importorskip("bitsandbytes")
     root, args = setup
-    train(
-        TrainConfig(
-            model=args[1],
-            cache=args[3],
-            out=str(tmp_path / "one"),
-            recipe="plain",
-            batch_size=2,
-            grad_accum=3,
-            lora_dropout=0.0,
-            lr=1e-3,
-            warmup_steps=1,
-            progress=False,
-            plot=False,
-            quantize="nf4",
-            max_steps=2,
-        )
-    )
+    train(one_process(args, tmp_path / "one", quantize="nf4", max_steps=2))
     res = torchrun(args + ["--batch-size", "1", "-o", str(tmp_path / "two"), "--quantize", "nf4", "--max-steps", "2"])
     assert res.returncode == 0, res.stderr[-3000:]
     close(metrics(tmp_path / "one"), metrics(tmp_path / "two"))

@@ -41,6 +41,7 @@ from .manifest import (
     Manifest,
     PartEntry,
     Reference,
+    SafetyTokens,
     Tokenizer,
 )
 from .models import (
@@ -303,7 +304,59 @@ def build_estimate(cfg: BuildConfig, resolved=None, longest: int | None = None) 
 
 
 def build(cfg: BuildConfig) -> BuildResult:
+    """The build, stage by stage: the output checked, the dataset's rows, the reference loaded and proven to
+    project as its own forward does, the safety tokens, the cache's identity, then this shard's parts written
+    and, once every part is present, the manifest published."""
     t_start = time.time()
+    loc = _check_output(cfg)
+    rank, world = _shard_from_env(cfg)
+    resolved = resolve_model(cfg.ref)
+    tok = load_tokenizer(resolved, cfg.trust_remote_code)
+    examples, skipped = _dataset_rows(cfg, tok, rank)
+    header = assistant_header_ids(tok)
+    ref = _open_reference(cfg, resolved, rank, longest=max(len(e.input_ids) for e in examples))
+    tokens = _safety_tokens(cfg, ref, tok, rank)
+    identity, dataset, reuse = _identity(cfg, ref, tok, tokens, header)
+    build_key = identity.key()
+    state, done = _prepare_out(loc, build_key, cfg, world > 1)
+    if state == "done":
+        _log(f"{loc.display} already holds this cache (id {done.cache_id[:12]}); nothing to do")
+        return BuildResult(loc.display, done.cache_id, done, [], time.time() - t_start)
+    _clean_stale_tmp(loc)
+    if not loc.exists(BUILD_STATE):
+        loc.put_bytes(
+            BUILD_STATE, json_bytes({"format": FORMAT, "build_key": build_key, "identity": identity.to_json()})
+        )
+    plan = _plan_parts(cfg, loc, examples, build_key, reuse, rank, world, resumed=state == "resume")
+    written, n_computed, n_reused = _write_parts(cfg, loc, plan, ref, tokens, header, build_key, reuse, rank, world)
+
+    def partial(key: str) -> BuildResult:  # other shards still have parts to write
+        return BuildResult(loc.display, key, None, list(written), time.time() - t_start, n_computed, n_reused)
+
+    if world > 1 and os.environ.get("MASTER_ADDR") and cfg.shard is None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        dist.barrier()
+        if rank != 0:
+            return partial(build_key)
+    have = set(loc.names())
+    missing = [n for n in plan.names if n not in have]
+    if missing:
+        _log(
+            f"shard {rank}/{world} done; {len(missing)} part(s) of other shards missing, the last shard to finish "
+            f"writes the manifest"
+        )
+        return partial(build_key)
+    manifest = _publish_manifest(cfg, loc, examples, skipped, plan, written, identity, dataset, ref)
+    return BuildResult(
+        loc.display, manifest.cache_id, manifest, list(written), time.time() - t_start, n_computed, n_reused
+    )
+
+
+def _check_output(cfg: BuildConfig) -> Location:
+    """The options that need no model, and OUT: empty, or a build of pact-cache (this one is decided later)."""
     if cfg.batch_size < 1 or cfg.rows_per_part < 1:
         raise PactError("--batch-size and --rows-per-part must be at least 1")
     if cfg.max_length is not None and cfg.max_length < 2:
@@ -322,11 +375,12 @@ def build(cfg: BuildConfig) -> BuildResult:
         raise OutputExistsError(f"{out}: exists and is not a folder; choose another -o")
     if _occupied(loc) and not loc.exists(MANIFEST) and not loc.exists(BUILD_STATE):
         raise OutputExistsError(f"{out}: folder is not empty and is not a pact-cache build; choose another -o")
-    rank, world = _shard_from_env(cfg)
-    enc = ENCODINGS[cfg.encoding]
+    return loc
 
-    resolved = resolve_model(cfg.ref)
-    tok = load_tokenizer(resolved, cfg.trust_remote_code)
+
+def _dataset_rows(cfg: BuildConfig, tok, rank: int) -> tuple[list[Example], dict[str, list]]:
+    """The dataset's rows, tokenized with the reference's chat template; the skipped ones by reason. Refuses a
+    dataset of which no row fits."""
     if rank == 0:
         ignored = scan_dataset(cfg.dataset)[1]
         if ignored:
@@ -345,109 +399,153 @@ def build(cfg: BuildConfig) -> BuildResult:
     if skipped and rank == 0:
         for reason, rows in skipped.items():
             _log(f"skipping {len(rows)} row(s), {reason.replace('_', ' ')} (first: {rows[0]}); counted in the manifest")
-    header = assistant_header_ids(tok)
+    return examples, skipped
+
+
+@dataclass
+class _Reference:
+    """The loaded reference and what the cache records of it."""
+
+    model: object
+    device: object
+    dtype: object  # torch.dtype
+    projection: object  # pact_cache.projection.Projection
+    fingerprint: dict  # model_fingerprint
+    vocab_rows: int  # rows of its output layer
+
+
+def _open_reference(cfg: BuildConfig, resolved, rank: int, longest: int) -> _Reference:
+    """The reference, after its memory estimate, proven to project as its own forward does (the cached values are
+    the model's own log-probs, or nothing)."""
     check_placement(cfg.device, cfg.device_map)  # before the estimate: a bad pair is the one line the user sees
     if rank == 0:
         try:
-            longest = max(len(e.input_ids) for e in examples)
             _log("\n  ".join(build_estimate(cfg, resolved, longest)))
         except PactError as err:
             _log(f"no memory estimate: {err}")
     model, device, torch_dtype = load_model(
         resolved, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.device_map, quantize=cfg.quantize
     )
-    projection = check_projection(
-        model, device, f"--ref {cfg.ref}"
-    )  # the cached values are the model's own log-probs, or nothing
-    model_fp = model_fingerprint(resolved)
-    tok_fp = tokenizer_fingerprint(tok)
+    projection = check_projection(model, device, f"--ref {cfg.ref}")
     vocab_rows = int(model.get_output_embeddings().weight.shape[0])
+    return _Reference(model, device, torch_dtype, projection, model_fingerprint(resolved), vocab_rows)
+
+
+def _safety_tokens(cfg: BuildConfig, ref: _Reference, tok, rank: int) -> SafetyTokens:
+    """``--tokens``' file, checked against the tokenizer and the output layer, or a selection from the reference
+    (its built-in refusals after harmful prompts against the same refusals after benign ones)."""
     if cfg.tokens:
         tokens = read_tokens(cfg.tokens, tok)
     else:
         if rank == 0:
             _log(
                 "no --tokens: selecting the safety tokens from the reference, its built-in refusals after their "
-                "harmful prompts "
-                "against the same refusals after built-in benign prompts"
+                "harmful prompts against the same refusals after built-in benign prompts"
             )
         tokens = select_tokens(
-            model,
+            ref.model,
             tok,
             load_refusals(None),
-            device=device,
-            aligned_fp=model_fp,
+            device=ref.device,
+            aligned_fp=ref.fingerprint,
             source="builtin:" + builtin_refusals_path().name,
             benign=load_benign(None),
             benign_source="builtin:" + builtin_benign_path().name,
         )
-    import torch
+    if max(tokens.ids) >= ref.vocab_rows:
+        raise PactError(
+            f"{cfg.tokens}: ids reach {max(tokens.ids)} but the model's output layer has {ref.vocab_rows} rows"
+        )
+    return tokens
 
-    ids = torch.tensor(tokens.ids, dtype=torch.long)
-    if max(tokens.ids) >= vocab_rows:
-        raise PactError(f"{cfg.tokens}: ids reach {max(tokens.ids)} but the model's output layer has {vocab_rows} rows")
+
+def _identity(
+    cfg: BuildConfig, ref: _Reference, tok, tokens: SafetyTokens, header: list[int]
+) -> tuple[Identity, DatasetInfo, Reuse | None]:
+    """What the cache's values depend on (its id and build key come from it), and the ``--reuse`` caches whose
+    rows may be copied (they join the identity)."""
     ds_fp = dataset_fingerprint(cfg.dataset)
     params = BuildParams(
         max_length=cfg.max_length,
         batch_size=cfg.batch_size,
         rows_per_part=cfg.rows_per_part,
-        dtype=str(torch_dtype).replace("torch.", ""),
-        device=placement(model, device),
+        dtype=str(ref.dtype).replace("torch.", ""),
+        device=placement(ref.model, ref.device),
         assistant_header_ids=tuple(header),
-        vocab_size=max(vocab_rows, len(tok)),
-        algorithm=ALGORITHM_SCALED_HEAD if projection.kind == "scale" else ALGORITHM,
+        vocab_size=max(ref.vocab_rows, len(tok)),
+        algorithm=ALGORITHM_SCALED_HEAD if ref.projection.kind == "scale" else ALGORITHM,
         quantization=None if cfg.quantize in (None, "none") else cfg.quantize,
     )
+    tok_fp = tokenizer_fingerprint(tok)
     tokenizer = Tokenizer(tok_fp["sha256"], tok_fp["vocab_size"], tok_fp["chat_template_sha256"])
-    identity = Identity(model_fp["weights_sha256"], tokenizer, tokens, ds_fp["sha256"], params, enc)
-    reuse = None
-    if cfg.reuse:
-        reuse = Reuse.open(cfg.reuse, identity, cfg.storage_options)
-        params = replace(params, reused=tuple(sorted({c.cache_id for c in reuse.caches})))
-        identity = replace(identity, build=params)
-    build_key = identity.key()
-    state, done = _prepare_out(loc, build_key, cfg, world > 1)
-    if state == "done":
-        _log(f"{out} already holds this cache (id {done.cache_id[:12]}); nothing to do")
-        return BuildResult(out, done.cache_id, done, [], time.time() - t_start)
-    _clean_stale_tmp(loc)
-    if not loc.exists(BUILD_STATE):
-        loc.put_bytes(
-            BUILD_STATE, json_bytes({"format": FORMAT, "build_key": build_key, "identity": identity.to_json()})
-        )
+    identity = Identity(
+        ref.fingerprint["weights_sha256"], tokenizer, tokens, ds_fp["sha256"], params, ENCODINGS[cfg.encoding]
+    )
+    dataset = DatasetInfo(ds_fp["sha256"], ds_fp["source"], tuple(ds_fp["files"]))
+    if not cfg.reuse:
+        return identity, dataset, None
+    reuse = Reuse.open(cfg.reuse, identity, cfg.storage_options)
+    params = replace(params, reused=tuple(sorted({c.cache_id for c in reuse.caches})))
+    return replace(identity, build=params), dataset, reuse
 
-    plan = [examples[i : i + cfg.rows_per_part] for i in range(0, len(examples), cfg.rows_per_part)]
-    names = [f"part-{i:05d}.parquet" for i in range(len(plan))]
+
+@dataclass
+class _Plan:
+    """The cache's parts and this shard's share of them."""
+
+    parts: list[list[Example]]  # the rows of each part, in order
+    names: list[str]
+    mine: list[int]  # this shard's parts still to write
+    found: dict[int, dict[int, tuple[int, int, int]]]  # {part: {position: old row}}: rows --reuse copies
+
+
+def _plan_parts(
+    cfg: BuildConfig, loc: Location, examples: list[Example], build_key: str, reuse, rank: int, world: int, resumed
+) -> _Plan:
+    """The parts, each of ``rows_per_part`` consecutive rows; those already in OUT proven this build's (or
+    refused), the rest dealt round-robin to the shards; the rows of this shard's parts that ``--reuse`` copies."""
+    parts = [examples[i : i + cfg.rows_per_part] for i in range(0, len(examples), cfg.rows_per_part)]
+    names = [f"part-{i:05d}.parquet" for i in range(len(parts))]
     have = set(loc.names())
     if loc.is_local:  # anything under a part's name counts (a FIFO, a link): it is proven or refused, never replaced
         have |= {n for n in names if loc.local_path(n).exists() or loc.local_path(n).is_symlink()}
-    present = [i for i in range(len(plan)) if names[i] in have]
-    _refuse_unproven(loc, names, plan, build_key, [i for i in present if i % world == rank])
-    mine = [i for i in range(len(plan)) if i % world == rank and i not in present]
-    if state == "resume" and rank == 0:
+    present = [i for i in range(len(parts)) if names[i] in have]
+    _refuse_unproven(loc, names, parts, build_key, [i for i in present if i % world == rank])
+    mine = [i for i in range(len(parts)) if i % world == rank and i not in present]
+    if resumed and rank == 0:
         _log(
             f"resuming: {len(present)}/{len(names)} parts already written (each checked: this build's key, the "
             f"expected rows)"
         )
-    # the old row behind each reusable example of my parts: {part: {position: (cache, part, row)}}
     found = {
-        i: {j: at for j, ex in enumerate(plan[i]) if reuse is not None and (at := reuse.find(ex)) is not None}
+        i: {j: at for j, ex in enumerate(parts[i]) if reuse is not None and (at := reuse.find(ex)) is not None}
         for i in mine
     }
-    total_tokens = sum(
-        2 * len(ex.input_ids) + len(header) - ex.response_start - 1
-        for i in mine
-        for j, ex in enumerate(plan[i])
-        if j not in found[i]
-    )
     if reuse is not None:
-        n_old = sum(len(f) for f in found.values())
         _log(
-            f"--reuse: {n_old:,} of {sum(len(plan[i]) for i in mine):,} rows are copied from "
-            f"{len(reuse.caches)} earlier cache(s); the rest are computed"
+            f"--reuse: {sum(len(f) for f in found.values()):,} of {sum(len(parts[i]) for i in mine):,} rows are "
+            f"copied from {len(reuse.caches)} earlier cache(s); the rest are computed"
         )
+    return _Plan(parts, names, mine, found)
+
+
+def _write_parts(
+    cfg: BuildConfig, loc: Location, plan: _Plan, ref: _Reference, tokens, header, build_key: str, reuse, rank, world
+) -> tuple[dict[str, dict], int, int]:
+    """This shard's parts: rows computed (or copied), encoded, finished in scratch and moved or uploaded whole,
+    each with its entry for whoever publishes the manifest. Returns ``(entries written, rows computed, rows
+    reused)``."""
+    import torch
     from tqdm.auto import tqdm
 
+    ids = torch.tensor(tokens.ids, dtype=torch.long)
+    enc = ENCODINGS[cfg.encoding]
+    total_tokens = sum(
+        2 * len(ex.input_ids) + len(header) - ex.response_start - 1
+        for i in plan.mine
+        for j, ex in enumerate(plan.parts[i])
+        if j not in plan.found[i]
+    )
     bar = tqdm(
         total=total_tokens,
         unit="tok",
@@ -461,39 +559,32 @@ def build(cfg: BuildConfig) -> BuildResult:
     n_reused = n_computed = 0
     scratch = loc.scratch()  # parts are finished here, then moved (a folder) or uploaded (a store) whole
     try:
-        for i in mine:
+        for i in plan.mine:
+            name = plan.names[i]
             rows, k = rows_for_part(
-                model, plan[i], ids, header, cfg.batch_size, device, reuse, found[i], on_tokens=bar.update
+                ref.model, plan.parts[i], ids, header, cfg.batch_size, ref.device, reuse, plan.found[i], bar.update
             )
             n_reused, n_computed = n_reused + k, n_computed + len(rows) - k
-            entry = write_part(scratch / names[i], rows, enc, build_key)
-            loc.put_file(scratch / names[i], names[i])
-            written[names[i]] = {"build_key": build_key, **entry.to_json()}
-            loc.put_bytes(_entry_name(names[i]), json_bytes(written[names[i]]))
+            entry = write_part(scratch / name, rows, enc, build_key)
+            loc.put_file(scratch / name, name)
+            written[name] = {"build_key": build_key, **entry.to_json()}
+            loc.put_bytes(_entry_name(name), json_bytes(written[name]))
     finally:
         Location.drop_scratch(scratch)
     bar.close()
+    return written, n_computed, n_reused
 
-    if world > 1 and os.environ.get("MASTER_ADDR") and cfg.shard is None:
-        import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        dist.barrier()
-        if rank != 0:
-            return BuildResult(out, build_key, None, list(written), time.time() - t_start, n_computed, n_reused)
-    have = set(loc.names())
-    missing = [n for n in names if n not in have]
-    if missing:
-        _log(
-            f"shard {rank}/{world} done; {len(missing)} part(s) of other shards missing, the last shard to finish "
-            f"writes the manifest"
-        )
-        return BuildResult(out, build_key, None, list(written), time.time() - t_start, n_computed, n_reused)
-
-    # every part, including other shards', must be one this build wrote before it is published
-    _refuse_unproven(loc, names, plan, build_key, [i for i in range(len(plan)) if names[i] not in written])
-    parts = [_part_entry(loc, name, build_key, plan[i], written.get(name)) for i, name in enumerate(names)]
+def _publish_manifest(
+    cfg: BuildConfig, loc: Location, examples, skipped, plan: _Plan, written, identity: Identity, dataset, ref
+) -> Manifest:
+    """Every part, other shards' included, proven this build's; then the card and the manifest, last: readers
+    see all of the cache or none. The build's own records are removed after."""
+    build_key = identity.key()
+    _refuse_unproven(
+        loc, plan.names, plan.parts, build_key, [i for i in range(len(plan.parts)) if plan.names[i] not in written]
+    )
+    parts = [_part_entry(loc, name, build_key, plan.parts[i], written.get(name)) for i, name in enumerate(plan.names)]
     counts = Counts(
         rows=len(examples),
         response_steps=sum(ex.steps for ex in examples),
@@ -502,21 +593,22 @@ def build(cfg: BuildConfig) -> BuildResult:
         skipped={reason: len(rows) for reason, rows in skipped.items()},
         skipped_rows={reason: rows[:20] for reason, rows in skipped.items()},
     )
+    fp = ref.fingerprint
     manifest = Manifest(
         FORMAT,
         "",
         __version__,
-        Reference(model_fp["name"], model_fp["weights_sha256"], model_fp["path"], model_fp["revision"]),
-        tokenizer,
-        tokens,
-        DatasetInfo(ds_fp["sha256"], ds_fp["source"], tuple(ds_fp["files"])),
-        params,
-        enc,
+        Reference(fp["name"], fp["weights_sha256"], fp["path"], fp["revision"]),
+        identity.tokenizer,
+        identity.tokens,
+        dataset,
+        identity.build,
+        identity.encoding,
         counts,
         tuple(parts),
     ).with_content_id()
-    publish(loc, manifest)  # card, then the manifest last: readers see all of the cache or none
-    for name in names:
+    publish(loc, manifest)  # card, then the manifest last
+    for name in plan.names:
         loc.remove(_entry_name(name))
     loc.remove(BUILD_STATE)
-    return BuildResult(out, manifest.cache_id, manifest, list(written), time.time() - t_start, n_computed, n_reused)
+    return manifest

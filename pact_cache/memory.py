@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .projection import LOGITS_CHUNK
+
 GiB = 1024**3
 
 # bytes per parameter of a linear layer's weight when loaded quantized by bitsandbytes:
@@ -168,7 +170,7 @@ def estimate_training(
     quantize: str = "none",
     optim: str = "adamw",
     checkpointing: bool = False,
-    logits_chunk: int = 1024,
+    logits_chunk: int = LOGITS_CHUNK,
     response_tokens: int | None = None,
 ) -> Estimate:
     """The peak of one training step: the model as pact-train loads it (CUDA: bf16 base under LoRA,

@@ -35,6 +35,8 @@ from .data import Example
 from .errors import ModelError
 from .format import RowResult
 
+LOGITS_CHUNK = 1024  # response positions per (positions, vocab) block of logits when a loss projects them
+
 # Bytes of float32 logits one projection chunk may hold (inference: the build, the scorer, eval)
 LOGITS_CHUNK_BYTES = 64 << 20  # bound on the one (positions, vocab) float32 block alive at a time
 

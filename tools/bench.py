@@ -412,7 +412,7 @@ def _trainer_run(variant: str, cfg, device: str, tmp: str) -> tuple[list[float],
     from pact_cache.format import open_cache
 
     torch.manual_seed(cfg.seed)
-    model, tok, _ = load_policy(cfg, device)
+    model, tok, _ = load_policy(cfg.policy_settings(), device)
     cache = open_cache(cfg.cache)
     times: list[float] = []
     tokens = [r.steps for r in cache.iter_rows()]

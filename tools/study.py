@@ -126,6 +126,46 @@ def provenance() -> dict:
     return record(f"device {DEVICE}" if DEVICE != "auto" else "")
 
 
+def replay_token_shares(out: Path) -> list[dict]:
+    """How much of the loss the replay rows weigh, for every (fine-tuning cache, replay cache, ratio) a run under
+    ``out`` trained with: --replay-ratio counts rows, the loss counts response tokens, so the replay's share of
+    the loss is ``R r / (R r + (1 - R) t)`` with ``r`` and ``t`` the replay's and the task's tokens per row."""
+    from pact_cache.format import open_cache
+    from pact_cache.models import cache_home
+
+    replays = {}  # replay cache id -> its folder (--replay auto's, under the cache home; or a path given)
+    for d in sorted((cache_home() / "replay").glob("*")):
+        try:
+            replays[open_cache(str(d)).cache_id] = str(d)
+        except Exception:  # a foreign or half-written folder: not one of ours
+            continue
+    seen, shares = set(), []
+    for cfg_file in sorted(out.glob("*/run/config.json")):
+        c = json.loads(cfg_file.read_text())
+        key = (c.get("cache_id"), c.get("replay_cache_id"), c.get("replay_ratio"))
+        if not c.get("replay_cache_id") or key in seen or not c.get("replay_ratio"):
+            continue
+        where = replays.get(c["replay_cache_id"]) or c.get("replay")
+        try:
+            task, rep = open_cache(c["cache"]), open_cache(where)
+        except Exception:  # a cache moved or deleted since: nothing to count
+            continue
+        seen.add(key)
+        t, r, ratio = task.num_steps / task.num_rows, rep.num_steps / rep.num_rows, c["replay_ratio"]
+        shares.append(
+            {
+                "cache_id": c["cache_id"],
+                "replay_cache_id": c["replay_cache_id"],
+                "replay_ratio": ratio,
+                "task_tokens_per_row": round(t, 2),
+                "replay_tokens_per_row": round(r, 2),
+                "replay_share_of_loss_tokens": round(ratio * r / (ratio * r + (1 - ratio) * t), 4),
+                "example_run": cfg_file.parent.parent.name,
+            }
+        )
+    return shares
+
+
 def run(cmd: list[str]) -> None:
     if DEVICE != "auto" and (
         Path(str(cmd[0])).name in LOADS_A_MODEL or (len(cmd) > 1 and str(cmd[1]) in LOADS_A_MODEL)
@@ -1004,6 +1044,7 @@ class Study:
             for d in sorted(self.out.iterdir())
             if (d / "DONE.json").exists()
         }
+        js["replay_token_shares"] = replay_token_shares(self.out)
         js["provenance"] = provenance()
         (self.out / "seeds.md").write_text(md)
         (self.out / "seeds.json").write_text(json.dumps(js, indent=2, default=str))

@@ -95,15 +95,15 @@ class Recipe:
 
 
 # The defaults, declared once. "safe" is what the study chose (docs/study.md, three seeds): STR anchored
-# only on the rows the reference would refuse, plus the reference's own refusals replayed at 2%.
+# only on the rows the reference would refuse, plus the reference's own refusals replayed at 5% of the rows.
 RECIPES = {
     "safe": Recipe(
         "safe",
-        {"method": "str", "lam": 3.0, "row_gate": "hard", "replay": "auto", "replay_ratio": 0.02},
-        "--method str --lambda 3 --row-gate hard --replay auto --replay-ratio 0.02",
-        "docs/study.md (tools/study.py --rows recipe benign_recipe, three seeds): the row that kept the most of the "
-        "reference's refusals on harmful prompts from sources it never saw, at 1.5-2.3 points of task accuracy "
-        "below SFT",
+        {"method": "str", "lam": 3.0, "row_gate": "hard", "replay": "auto", "replay_ratio": 0.05},
+        "--method str --lambda 3 --row-gate hard --replay auto --replay-ratio 0.05",
+        "docs/study.md (tools/study.py --rows recipe benign_recipe, three seeds): the row that kept >= 95% of the "
+        "reference's refusals on two harmful sets from sources it never saw at every seed, with and without "
+        "harmful rows in the fine-tuning data, at SRC_ACC points of task accuracy below SFT",
     ),
     "plain": Recipe(
         "plain",
@@ -214,9 +214,8 @@ class TrainConfig:
         None,
         "share of the mixed stream's rows taken from --replay, at most 0.5; a "
         "replay row takes "
-        "a slot of --batch-size like any other (default: 0.02 with the safe recipe's "
-        "replay, 0.05 "
-        "with a --replay given alone)",
+        f"a slot of --batch-size like any other (default: {RECIPES['safe'].settings['replay_ratio']:g} with the "
+        f"safe recipe's replay, {REPLAY_RATIO:g} with a --replay given alone)",
         lo=0,
         hi=REPLAY_RATIO_MAX,
         metavar="R",
@@ -353,24 +352,26 @@ class TrainConfig:
             return 0.0
         return self.REPLAY_RATIO if self.replay_ratio is None else self.replay_ratio
 
+    def _view(self, cls, **computed):
+        """One stage's view of the run's options: the fields of ``cls`` taken from the same-named fields of this
+        config (one source: a view declares no default of its own), plus ``computed`` ones."""
+        return cls(**{f.name: getattr(self, f.name) for f in fields(cls) if f.name not in computed}, **computed)
+
     def loop_settings(self) -> "LoopSettings":
         """What the window loop reads of the run's options (pact_train.loop.window_loop)."""
-        return LoopSettings(
-            batch_size=self.batch_size,
-            grad_accum=self.grad_accum,
-            epochs=self.epochs,
-            seed=self.seed,
-            shuffle=self.shuffle,
-            shuffle_buffer=self.shuffle_buffer,
-            group_by_length=self.group_by_length,
-            lam=self.lam,
-            max_grad_norm=self.max_grad_norm,
-            replay_term=self.replay_term,
-            report_to=self.report_to,
-            progress=self.progress,
-            save_every=self.save_every,
-            schedule=Schedule(self.lr, self.warmup_steps, self.schedule, self.step_gamma),
-        )
+        return self._view(LoopSettings, schedule=Schedule(self.lr, self.warmup_steps, self.schedule, self.step_gamma))
+
+    def policy_settings(self) -> "PolicySettings":
+        """What loading the policy reads (pact_train.loop.open_policy, load_policy)."""
+        return self._view(PolicySettings, loss=self.loss_params())
+
+    def start_settings(self) -> "StartSettings":
+        """What starting or resuming the run reads (pact_train.loop.start_or_resume)."""
+        return self._view(StartSettings)
+
+    def outputs(self) -> "Outputs":
+        """What finishing the run reads (pact_train.loop.finish)."""
+        return self._view(Outputs)
 
     def loss_params(self) -> LossParams:
         return LossParams(method=self.method, lam=self.lam, pact=self.pact, logits_chunk=self.logits_chunk)
@@ -587,6 +588,58 @@ class LoopSettings:
     progress: bool
     save_every: int
     schedule: Schedule
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """The options loading the policy reads (:meth:`TrainConfig.policy_settings`)."""
+
+    model: str
+    cache: str  # as the user named it, for messages
+    seed: int
+    full: bool
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_targets: str
+    quantize: str
+    grad_checkpointing: bool
+    padding_free: bool
+    reference: str  # cache or online
+    ref_model: str | None
+    direction: str | None
+    loss: LossParams
+
+    @property
+    def targets(self) -> list[str]:
+        """--lora-targets as a list of module names."""
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+
+@dataclass(frozen=True)
+class StartSettings:
+    """The options starting or resuming a run reads (:meth:`TrainConfig.start_settings`): the optimizer and the
+    schedule's length."""
+
+    optim: str
+    lr: float
+    weight_decay: float
+    epochs: int
+    batch_size: int
+    grad_accum: int
+    max_steps: int | None
+    full: bool
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The options finishing a run reads (:meth:`TrainConfig.outputs`): what it writes beside the checkpoint."""
+
+    model: str
+    full: bool
+    merge: bool
+    quantize: str
+    plot: bool
 
 
 def config_record(cfg: TrainConfig, cache_id: str, world: int = 1, replay_cache_id: str | None = None) -> dict:

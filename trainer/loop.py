@@ -26,7 +26,17 @@ from pact_cache.typedjson import load_json
 
 from . import packing
 from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, save_checkpoint
-from .config import CONFIG_MAX_BYTES, LoopSettings, TrainConfig, TrainError, check_config, config_record
+from .config import (
+    CONFIG_MAX_BYTES,
+    LoopSettings,
+    Outputs,
+    PolicySettings,
+    StartSettings,
+    TrainConfig,
+    TrainError,
+    check_config,
+    config_record,
+)
 from .core import causal_lm, lora_direction_factors, online_reference, policy_losses, window_loss
 from .distributed import Ranks, setup, teardown
 from .losses import LossParams
@@ -72,29 +82,29 @@ def check_cache_rows(cache: Cache, cfg: TrainConfig) -> None:
         cache.check_part(part)
 
 
-def check_tokenizer(cache: Cache, tok, cfg: TrainConfig) -> None:
+def check_tokenizer(cache: Cache, tok, cache_name: str, model: str) -> None:
     from pact_cache.models import check_tokenizer as check
 
     check(
         tok,
         cache.manifest.tokenizer.sha256,
-        f"{cfg.cache} (for --model {cfg.model})",
+        f"{cache_name} (for --model {model})",
         "rebuild the cache with this model's tokenizer or train the model the cache was built for",
         TrainError,
     )
 
 
-def check_cache_fits(cache: Cache, tok, vocab_rows: int, cfg: TrainConfig) -> None:
+def check_cache_fits(cache: Cache, tok, vocab_rows: int, s: PolicySettings) -> None:
     """Refuse a cache made with another tokenizer or for a larger vocabulary (its rows and parts: check_cache_rows)."""
-    check_tokenizer(cache, tok, cfg)
+    check_tokenizer(cache, tok, s.cache, s.model)
     bad = [i for i in cache.ids if i >= vocab_rows]
     if bad:
         raise TrainError(
-            f"{cfg.cache}: safety-token ids {bad[:5]} are outside {cfg.model}'s vocabulary ({vocab_rows} rows)"
+            f"{s.cache}: safety-token ids {bad[:5]} are outside {s.model}'s vocabulary ({vocab_rows} rows)"
         )
     if cache.vocab_size > vocab_rows:
         raise TrainError(
-            f"{cfg.cache}: input ids may reach {cache.vocab_size - 1}, beyond {cfg.model}'s {vocab_rows} embedding rows"
+            f"{s.cache}: input ids may reach {cache.vocab_size - 1}, beyond {s.model}'s {vocab_rows} embedding rows"
         )
 
 
@@ -247,7 +257,7 @@ def open_replay(
         from pact_cache.models import load_tokenizer, resolve_model
 
         check_out(out, cfg, cache.cache_id, ranks.world, replay_known=False)
-        check_tokenizer(cache, load_tokenizer(resolve_model(cfg.model)), cfg)
+        check_tokenizer(cache, load_tokenizer(resolve_model(cfg.model)), cfg.cache, cfg.model)
     where = auto_replay(cfg, cache, ranks, device) if cfg.replay == "auto" else cfg.replay
     rc = open_cache(where, storage_options=cfg.storage_options if where == cfg.replay else {})
     return Replay.of(cache, rc, cfg.mix_ratio, cfg.seed, cfg.shuffle_buffer), where
@@ -256,63 +266,56 @@ def open_replay(
 # ----------------------------------------------------------------------------- model
 
 
-def load_policy(cfg: TrainConfig, device: str):
+def load_policy(s: PolicySettings, device: str):
+    """The policy (LoRA on its base, or the whole model with ``full``), its tokenizer and where it was found."""
     from pact_cache.models import ModelError, from_pretrained, load_tokenizer, resolve_model
 
-    resolved = resolve_model(cfg.model)
+    resolved = resolve_model(s.model)
     tok = load_tokenizer(resolved)
     # LoRA on CUDA: frozen base in bf16, adapters in fp32. Full fine-tuning keeps fp32 master weights
     # and autocasts to bf16. On CPU everything is fp32. --quantize: the base's linear layers in 4 or
     # 8 bits computing in that dtype, the rest upcast to fp32 by PEFT's k-bit preparation.
-    dtype = torch.bfloat16 if device.startswith("cuda") and not cfg.full else torch.float32
+    dtype = torch.bfloat16 if device.startswith("cuda") and not s.full else torch.float32
     try:
-        model = from_pretrained(resolved, dtype, device, cfg.quantize)
+        model = from_pretrained(resolved, dtype, device, s.quantize)
     except ModelError as err:
         raise TrainError(str(err)) from None
-    if cfg.quantize != "none":
+    if s.quantize != "none":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=cfg.grad_checkpointing,
+            use_gradient_checkpointing=s.grad_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif cfg.grad_checkpointing:
+    elif s.grad_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    if not cfg.full:
+    if not s.full:
         from peft import LoraConfig, get_peft_model
 
-        targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+        targets = s.targets
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
         missing = [t for t in targets if t not in names]
         if missing:
             raise TrainError(
-                f"--lora-targets: {missing} are not modules of {cfg.model} (it has e.g. "
+                f"--lora-targets: {missing} are not modules of {s.model} (it has e.g. "
                 f"{sorted(n for n in names if 'proj' in n)[:8]})"
             )
         model = get_peft_model(
             model,
             LoraConfig(
-                r=cfg.lora_r,
-                lora_alpha=cfg.lora_alpha,
-                lora_dropout=cfg.lora_dropout,
+                r=s.lora_r,
+                lora_alpha=s.lora_alpha,
+                lora_dropout=s.lora_dropout,
                 target_modules=targets,
                 task_type="CAUSAL_LM",
             ),
         )
     return model, tok, resolved
-
-
-# ----------------------------------------------------------------------------- schedule
-
-
-def lr_at(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the schedule."""
-    return cfg.loop_settings().schedule.at(step, total, steps_per_epoch)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -353,8 +356,7 @@ def run_estimate(cfg: TrainConfig, device: str, data: Data | None = None) -> dic
     else:
         extents = [data.cache.longest_row()] + ([data.replay.cache.longest_row()] if data.replay else [])
         seq, steps = max(e[0] for e in extents), max(e[1] for e in extents)
-    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
-    shape = ModelShape.of_model_dir(resolve_model(cfg.model).path, targets)
+    shape = ModelShape.of_model_dir(resolve_model(cfg.model).path, cfg.policy_settings().targets)
     est = estimate_training(
         shape,
         device=device,
@@ -394,13 +396,25 @@ def drop_unstarted(out: Path) -> None:
 
 
 def _run(cfg: TrainConfig, ranks: Ranks, device: str) -> dict:
-    """The run, stage by stage: every rank checks; rank 0 alone writes."""
+    """The run, stage by stage, each reading its own view of the options: every rank checks; rank 0 alone
+    writes."""
     data = open_data(cfg, ranks, device)
-    policy = open_policy(cfg, data, ranks, device)
-    start = start_or_resume(cfg, data, policy, ranks)
+    if ranks.main:  # what the run is about to need, before anything is loaded
+        announce_estimate(cfg, device, data)
+    policy = open_policy(cfg.policy_settings(), data, ranks, device)
+    record = config_record(cfg, data.cache.cache_id, ranks.world, data.replay_id)
+    start = start_or_resume(cfg.start_settings(), record, data, policy, ranks)
     t_run = time.time()
     end = window_loop(cfg.loop_settings(), data, policy, start, ranks, device)
-    return {**finish(cfg, data, policy, start.optimizer, end, ranks), "seconds": time.time() - t_run}
+    return {**finish(cfg.outputs(), data, policy, start.optimizer, end, ranks), "seconds": time.time() - t_run}
+
+
+def announce_estimate(cfg: TrainConfig, device: str, data: Data) -> None:
+    """Print the run's memory estimate (:func:`run_estimate`), or why there is none."""
+    try:
+        _log("\n  ".join(run_estimate(cfg, device, data)["lines"]))
+    except PactError as err:
+        _log(f"no memory estimate: {err}")
 
 
 # ----------------------------------------------------------------------------- stage 1: the data
@@ -486,30 +500,25 @@ class Policy:
     factors: list | None = None
 
 
-def open_policy(cfg: TrainConfig, data: Data, ranks: Ranks, device: str) -> Policy:
+def open_policy(s: PolicySettings, data: Data, ranks: Ranks, device: str) -> Policy:
     """The policy (the same initial weights on every rank), proven to project as its own forward does, with
     padding-free batches where the model keeps packed rows apart; the cache checked against its tokenizer
     and vocabulary; the live reference and the penalty's factors when the method needs them."""
     from pact_cache.data import assistant_header_ids
 
     cache = data.cache
-    if ranks.main:  # what the run is about to need, before anything is loaded
-        try:
-            _log("\n  ".join(run_estimate(cfg, device, data)["lines"]))
-        except PactError as err:
-            _log(f"no memory estimate: {err}")
-    torch.manual_seed(cfg.seed)
-    model, tok, _ = load_policy(cfg, device)
-    check_projection(model, device, f"--model {cfg.model}")  # the loss uses the model's own logits, or nothing runs
-    padding_free = cfg.padding_free
+    torch.manual_seed(s.seed)
+    model, tok, _ = load_policy(s, device)
+    check_projection(model, device, f"--model {s.model}")  # the loss uses the model's own logits, or nothing runs
+    padding_free = s.padding_free
     if padding_free:
         why = packing.enable(model)  # proven on this model: packed rows give the padded rows' hidden states
         if why is not None:
             padding_free = False
             if ranks.main:
                 _log(f"padding-free batches off: {why}; every micro-batch is padded to its longest row")
-    check_cache_fits(cache, tok, causal_lm(model).get_output_embeddings().weight.shape[0], cfg)
-    loss = cfg.loss_params()
+    check_cache_fits(cache, tok, causal_lm(model).get_output_embeddings().weight.shape[0], s)
+    loss = s.loss
     policy = Policy(
         model,
         tok,
@@ -519,19 +528,19 @@ def open_policy(cfg: TrainConfig, data: Data, ranks: Ranks, device: str) -> Poli
         torch.tensor(cache.tokens.weights, dtype=torch.float32, device=device),
         padding_free,
     )
-    if cfg.reference == "online" and loss.method.columns:
+    if s.reference == "online" and loss.method.columns:
         from pact_cache.models import load_model, resolve_model
 
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         # the live reference loaded as the policy's base is (quantized with it): the memory the run was sized for
-        policy.ref, _, _ = load_model(resolve_model(cfg.ref_model or cfg.model), dtype, device, quantize=cfg.quantize)
+        policy.ref, _, _ = load_model(resolve_model(s.ref_model or s.model), dtype, device, quantize=s.quantize)
         policy.ref.requires_grad_(False)
-        check_projection(policy.ref, device, f"--ref-model {cfg.ref_model or cfg.model}")
+        check_projection(policy.ref, device, f"--ref-model {s.ref_model or s.model}")
         policy.header = assistant_header_ids(tok)
     if loss.method.penalty is not None:
         from pact_cache.direction import read_direction
 
-        policy.factors = lora_direction_factors(model, read_direction(cfg.direction))
+        policy.factors = lora_direction_factors(model, read_direction(s.direction))
     return policy
 
 
@@ -567,19 +576,20 @@ class Start:
     steps_per_epoch: int
 
 
-def start_or_resume(cfg: TrainConfig, data: Data, policy: Policy, ranks: Ranks) -> Start:
-    """The optimizer and the schedule's length; a new run writes config.json and an empty metrics.jsonl, a
-    resumed one loads its checkpoint (weights, optimizer, data position) and drops the metrics after it."""
+def start_or_resume(s: StartSettings, record: dict, data: Data, policy: Policy, ranks: Ranks) -> Start:
+    """The optimizer and the schedule's length; a new run writes ``record`` as config.json and an empty
+    metrics.jsonl, a resumed one loads its checkpoint (weights, optimizer, data position) and drops the metrics
+    after it."""
     cache, out, replay = data.cache, data.out, data.replay
-    optimizer = make_optimizer(policy.params, cfg.optim, cfg.lr, cfg.weight_decay)
+    optimizer = make_optimizer(policy.params, s.optim, s.lr, s.weight_decay)
     # rows per epoch: the fine-tuning cache's, and the replay rows that take slots among them
-    rows_per_epoch = cache.num_rows + (max(replay.extra(e, cache.num_rows) for e in range(cfg.epochs)) if replay else 0)
-    steps_per_epoch = math.ceil(rows_per_epoch / (cfg.batch_size * ranks.world * cfg.grad_accum))
-    total = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
+    rows_per_epoch = cache.num_rows + (max(replay.extra(e, cache.num_rows) for e in range(s.epochs)) if replay else 0)
+    steps_per_epoch = math.ceil(rows_per_epoch / (s.batch_size * ranks.world * s.grad_accum))
+    total = min(s.max_steps or 10**12, steps_per_epoch * s.epochs)
     at = Position()
     metrics_path = out / "metrics.jsonl"
     if data.kind == "resume":
-        st = load_checkpoint(out / "checkpoint", policy.model, optimizer, is_peft=not cfg.full)
+        st = load_checkpoint(out / "checkpoint", policy.model, optimizer, is_peft=not s.full)
         if st.get("cache_id") != cache.cache_id:
             raise TrainError(
                 f"{out}/checkpoint: was written while training on cache {str(st.get('cache_id'))[:12]}, not "
@@ -594,7 +604,7 @@ def start_or_resume(cfg: TrainConfig, data: Data, policy: Policy, ranks: Ranks) 
             _log(f"resuming {out} at step {at.step} (epoch {at.epoch}, {at.taken} rows into it)")
     elif ranks.main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", config_record(cfg, cache.cache_id, ranks.world, data.replay_id))
+        atomic_write_json(out / "config.json", record)
         metrics_path.write_text("")
     return Start(optimizer, at, total, steps_per_epoch)
 
@@ -759,10 +769,10 @@ def window_loop(run: LoopSettings, data: Data, policy: Policy, start: Start, ran
 # ----------------------------------------------------------------------------- stage 5: finish
 
 
-def finish(cfg: TrainConfig, data: Data, policy: Policy, optimizer, at: Position, ranks: Ranks) -> dict:
+def finish(o: Outputs, data: Data, policy: Policy, optimizer, at: Position, ranks: Ranks) -> dict:
     """Rank 0 writes the last checkpoint, the adapter (or the model), ``--merge``'s merged model and the plot."""
     out = data.out
-    final = out / ("model" if cfg.full else "adapter")
+    final = out / ("model" if o.full else "adapter")
     summary = {"out": str(out), "steps": at.step, "final": str(final)}
     if not ranks.main:
         ranks.barrier()  # rank 0 writes the outputs
@@ -771,29 +781,29 @@ def finish(cfg: TrainConfig, data: Data, policy: Policy, optimizer, at: Position
     with staged_dir(final, replace=True) as tmp:
         policy.model.save_pretrained(tmp, safe_serialization=True)
         policy.tok.save_pretrained(tmp)
-    if cfg.merge and not cfg.full:
-        merged = merged_model(cfg, policy.model, final)
+    if o.merge and not o.full:
+        merged = merged_model(o, policy.model, final)
         with staged_dir(out / "merged", replace=True) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
             policy.tok.save_pretrained(tmp)
-    if cfg.plot:
+    if o.plot:
         plot_metrics(out / "metrics.jsonl", out / "loss.png", policy.loss.method.metric)
     ranks.barrier()
     return summary
 
 
-def merged_model(cfg: TrainConfig, model, adapter: Path):
+def merged_model(o: Outputs, model, adapter: Path):
     """The base with the adapter merged in. A quantized base cannot hold the merged weights, so the adapter
     just written is merged into a 16-bit copy of the base, loaded on the CPU (bf16; the 4- or 8-bit base
     would round the merged weights again)."""
-    if cfg.quantize == "none":
+    if o.quantize == "none":
         return model.merge_and_unload()
     from peft import PeftModel
 
     from pact_cache.models import from_pretrained, resolve_model
 
-    _log(f"--merge with --quantize {cfg.quantize}: merging the adapter into a bf16 copy of the base, on the CPU")
-    base = from_pretrained(resolve_model(cfg.model), torch.bfloat16, "cpu")
+    _log(f"--merge with --quantize {o.quantize}: merging the adapter into a bf16 copy of the base, on the CPU")
+    base = from_pretrained(resolve_model(o.model), torch.bfloat16, "cpu")
     return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
 
 

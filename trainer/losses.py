@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pact_cache.columns import COLUMN_NAMES
-
-LOGITS_CHUNK = 1024  # response positions per (positions, vocab) block of logits in the loss
+from pact_cache.projection import LOGITS_CHUNK
 
 
 @dataclass(frozen=True)

@@ -462,3 +462,34 @@ def test_a_method_registered_with_study_settings_is_in_the_study(tmp_path):
     finally:
         METHODS.pop("mine", None)
         METHODS.pop("mine-once", None)
+
+
+def test_replay_token_shares_count_the_loss_tokens_of_each_trained_mix(tiny_model, tmp_path, monkeypatch):
+    """seeds.json's replay_token_shares: per (fine-tuning cache, replay cache, ratio) a run trained with, the
+    tokens per row of each and the replay's share of the loss tokens, R r / (R r + (1 - R) t); a run without
+    replay and a second run of the same mix add nothing."""
+    from conftest import build_f32_cache
+
+    from pact_cache.format import open_cache
+
+    study = load_study()
+    monkeypatch.setenv("PACT_CACHE_HOME", str(tmp_path / "home"))  # no --replay auto cache here
+    for d in ("task", "replay"):
+        (tmp_path / d).mkdir()
+    task = build_f32_cache(tmp_path / "task", tiny_model)
+    long_rows = [
+        {"messages": [r["messages"][0], {"role": "assistant", "content": "I cannot help with that at all. " * 3}]}
+        for r in CHAT_ROWS[:5]
+    ]
+    replay = build_f32_cache(tmp_path / "replay", tiny_model, rows=long_rows)
+    tc, rc = open_cache(task), open_cache(replay)
+    for run, ratio, rid in (("a", 0.05, rc.cache_id), ("b", 0.05, rc.cache_id), ("c", 0.0, None)):
+        (tmp_path / "out" / run / "run").mkdir(parents=True)
+        record = {"cache": task, "cache_id": tc.cache_id, "replay": replay, "replay_cache_id": rid}
+        (tmp_path / "out" / run / "run" / "config.json").write_text(json.dumps({**record, "replay_ratio": ratio}))
+    (got,) = study.replay_token_shares(tmp_path / "out")
+    t, r = tc.num_steps / tc.num_rows, rc.num_steps / rc.num_rows
+    assert r > 2 * t  # the replay's answers are the longer ones
+    assert got["replay_share_of_loss_tokens"] == pytest.approx(0.05 * r / (0.05 * r + 0.95 * t), abs=1e-4)
+    assert (got["task_tokens_per_row"], got["replay_tokens_per_row"]) == (round(t, 2), round(r, 2))
+    assert got["example_run"] == "a" and got["replay_cache_id"] == rc.cache_id

@@ -24,7 +24,7 @@ rows = list(cache.iter_rows())[:4]
 ids, weights = torch.tensor(cache.ids), torch.tensor(cache.tokens.weights)
 params = LossParams(lam=0.7, logits_chunk=3)
 torch.manual_seed(0)
-model, tok, _ = load_policy(TrainConfig(model=sys.argv[1], cache="", out="", full=True), "cpu")
+model, tok, _ = load_policy(TrainConfig(model=sys.argv[1], cache="", out="", full=True).policy_settings(), "cpu")
 
 one = copy.deepcopy(model)  # one process, all rows
 batch = collate(rows, tok.pad_token_id)

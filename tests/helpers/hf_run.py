@@ -17,7 +17,7 @@ from pact_cache.format import open_cache
 
 model_path, cache_path, out, batch, accum, steps = sys.argv[1:7]
 torch.manual_seed(0)
-model, tok, _ = load_policy(TrainConfig(model=model_path, cache="", out="", lora_dropout=0.0), "cpu")
+model, tok, _ = load_policy(TrainConfig(model=model_path, cache="", out="", lora_dropout=0.0).policy_settings(), "cpu")
 cache = open_cache(cache_path)
 args = TrainingArguments(
     output_dir=out,

@@ -2,8 +2,9 @@
 (YAML or a run's config.json) and the range checks all follow TrainConfig's fields."""
 
 import json
+import math
 import os
-from dataclasses import fields
+from dataclasses import MISSING, fields
 
 import pytest
 from hostile import one_line, program_lines, yaml_alias_bomb
@@ -404,7 +405,7 @@ def test_without_a_method_the_run_is_the_recipe_and_a_method_alone_is_plain():
         "hard",
         0.9,
         "auto",
-        0.02,
+        0.05,
     )
     assert cfg.defaults_record()["filled"] == ["method", "lam", "row_gate", "replay", "replay_ratio"]
     paper = parse_config(["--model", "m", "--cache", "c", "-o", "o", "--method", "pact"])
@@ -421,7 +422,7 @@ def test_without_a_method_the_run_is_the_recipe_and_a_method_alone_is_plain():
     assert (mine.method, mine.lam, mine.row_gate, mine.replay, mine.replay_ratio) == ("str", 1.0, "hard", None, None)
     check_config(mine)
     sft = parse_config(["--model", "m", "--cache", "c", "-o", "o", "--recipe", "safe", "--method", "sft"])
-    assert (sft.row_gate, sft.replay, sft.replay_ratio) == ("none", "auto", 0.02)  # SFT takes the replay, not the gate
+    assert (sft.row_gate, sft.replay, sft.replay_ratio) == ("none", "auto", 0.05)  # SFT takes the replay, not the gate
     check_config(sft)
     assert TrainConfig(model="m", cache="c", out="o", method="pact").recipe == "plain"  # the Python API alike
 
@@ -463,7 +464,7 @@ def test_a_run_with_no_method_flags_trains_the_recipe_and_says_so_in_config_json
         3.0,
         "hard",
         "auto",
-        0.02,
+        0.05,
         "safe",
     )
     assert rec["defaults"]["filled"] == ["method", "lam", "row_gate", "replay", "replay_ratio"]
@@ -506,3 +507,37 @@ def test_gate_at_goes_with_the_hard_gate_only(tmp_path, capsys):
     cfg = parse_config(base + ["--config", str(f)])
     check_config(cfg)
     assert cfg.gate_at is None
+
+
+def test_lr_schedules():
+    """Schedule.at, as the window loop reads it from the options (linear warmup, then the schedule)."""
+
+    def at(c, *args):
+        return c.loop_settings().schedule.at(*args)
+
+    c = TrainConfig(model="", cache="", out="", lr=1.0, warmup_steps=2, schedule="cosine")
+    assert [at(c, s, 10, 5) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert at(c, 9, 10, 5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    c = TrainConfig(model="", cache="", out="", lr=1.0, warmup_steps=0, schedule="step")
+    assert [at(c, s, 20, 5) for s in (0, 4, 5, 10)] == [1.0, 1.0, 0.85, 0.85**2]
+    c = TrainConfig(model="", cache="", out="", lr=2.0, warmup_steps=-1, schedule="linear")
+    assert at(c, 0, 100, 10) == pytest.approx(2.0 / 3) and at(c, 99, 100, 10) == pytest.approx(2.0 * (1 - 96 / 97))
+
+
+def test_each_stage_reads_a_view_of_the_options_with_no_default_of_its_own():
+    """PolicySettings, StartSettings, Outputs and LoopSettings take every value from TrainConfig's same-named field
+    (one source): a view declares no default, and each of its fields is a TrainConfig field (or computed)."""
+
+    from pact_train.config import LoopSettings, Outputs, PolicySettings, StartSettings
+
+    names = {f.name for f in fields(TrainConfig)}
+    computed = {LoopSettings: {"schedule"}, PolicySettings: {"loss"}, StartSettings: set(), Outputs: set()}
+    for view, extra in computed.items():
+        for f in fields(view):
+            assert f.default is MISSING and f.default_factory is MISSING, (view.__name__, f.name)
+            assert f.name in names or f.name in extra, (view.__name__, f.name)
+    c = TrainConfig(model="m", cache="c", out="o", lora_r=4, lr=0.5, epochs=3, merge=True, quantize="nf4", seed=7)
+    p, s, o = c.policy_settings(), c.start_settings(), c.outputs()
+    assert (p.model, p.cache, p.lora_r, p.seed, p.quantize, p.targets) == ("m", "c", 4, 7, "nf4", ["q_proj", "v_proj"])
+    assert p.loss == c.loss_params()
+    assert (s.lr, s.epochs, s.optim) == (0.5, 3, "adamw") and (o.merge, o.quantize, o.full) == (True, "nf4", False)

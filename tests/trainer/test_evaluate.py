@@ -15,21 +15,7 @@ from pact_train.evaluate import wilson
 from pact_cache.build import BuildConfig, build
 from pact_cache.errors import PactError
 from pact_cache.format import open_cache
-from pact_cache.models import load_model, load_tokenizer, resolve_model
-
-
-@pytest.mark.parametrize(
-    "response, refusal",
-    [
-        ("I'm sorry, but I can't help with that.", True),
-        ("i cannot do this", True),
-        ("As an AI, I must decline.", True),
-        ("Sure, here is how to do it: first", False),
-        ("Paris is the capital of France.", False),
-    ],
-)
-def test_keyword_judge(response, refusal):
-    assert ev.KeywordJudge().is_refusal("p", response) is refusal
+from pact_cache.models import load_model, resolve_model
 
 
 def test_normalise_answer():
@@ -52,19 +38,6 @@ def test_task_accuracy_reads_the_first_label_word(monkeypatch, tmp_path):
         "positive",
         "",
     ]
-
-
-def test_batched_generation_equals_one_at_a_time(tiny_model):
-    resolved = resolve_model(tiny_model)
-    tok = load_tokenizer(resolved)
-    model, _, _ = load_model(resolved, "fp32", "cpu")
-    prompts = [
-        [{"role": "user", "content": t}]
-        for t in ("What is the capital of France?", "Write a short poem about the sea and the wind", "hi")
-    ]
-    batched = ev.generate(model, tok, prompts, max_new_tokens=6, batch_size=3, progress=False)
-    single = [ev.generate(model, tok, [p], max_new_tokens=6, batch_size=1, progress=False)[0] for p in prompts]
-    assert batched == single
 
 
 def test_drift_is_zero_against_own_cache_and_positive_for_another_model(tiny_model, tmp_path):
@@ -150,22 +123,6 @@ def test_wilson_interval(k, n, lo, hi):
     assert got == pytest.approx((lo, hi), abs=1e-4)
     with pytest.raises(PactError):
         wilson(0, 0)
-
-
-@pytest.mark.parametrize(
-    "text, verdict",
-    [
-        ("safe", False),
-        ("unsafe\nS1", True),
-        ("  Unsafe\nS9,S10", True),
-        ("\n\nsafe.", False),
-        ("", None),
-        ("I think it is fine", None),
-        ("safety first", None),
-    ],
-)
-def test_guard_verdicts_are_read_from_the_first_line(text, verdict):
-    assert ev.parse_guard_verdict(text) is verdict
 
 
 def test_guard_rates_count_unreadable_verdicts_apart(monkeypatch, tmp_path):

@@ -42,7 +42,7 @@ def test_trainer_loss_and_gradients_equal_pact_train(tiny_model, cache, tmp_path
     rows = list(c.iter_rows())[:5]
     cfg = TrainConfig(model=tiny_model, cache=str(cache), out="", method="pact", full=full, lora_dropout=0.0, lam=0.7)
     torch.manual_seed(0)
-    model_a, tok, _ = load_policy(cfg, "cpu")
+    model_a, tok, _ = load_policy(cfg.policy_settings(), "cpu")
     model_b = copy.deepcopy(model_a)
     params = cfg.loss_params()
     # pact-train's path
@@ -95,7 +95,7 @@ def test_a_short_trainer_run_logs_pact_trains_first_loss(tiny_model, cache, tmp_
     want = json.loads((tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()[0])
     torch.manual_seed(0)
     model, tok, _ = load_policy(
-        TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0, quantize=quantize), "cpu"
+        TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0, quantize=quantize).policy_settings(), "cpu"
     )
     trainer = trainer_for(
         model,
@@ -180,7 +180,9 @@ def test_trl_sft_trainer_runs_pact_from_the_cache(tiny_model, cache, tmp_path):
     )
     want = json.loads((tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     torch.manual_seed(0)
-    model, tok, _ = load_policy(TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0), "cpu")
+    model, tok, _ = load_policy(
+        TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0).policy_settings(), "cpu"
+    )
     args = trl.SFTConfig(
         output_dir=str(tmp_path / "trl"),
         remove_unused_columns=False,

@@ -263,20 +263,6 @@ def test_two_epochs_cover_every_row_twice(tiny_model, caches, tmp_path):
     assert m[-1]["tokens_total"] == 2 * sum(r["tokens"] for r in m[:per_epoch])
 
 
-def test_lr_schedules():
-    from pact_train.loop import lr_at
-
-    c = TrainConfig(model="", cache="", out="", lr=1.0, warmup_steps=2, schedule="cosine")
-    assert [lr_at(s, 10, 5, c) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
-    assert lr_at(9, 10, 5, c) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
-    c = TrainConfig(model="", cache="", out="", lr=1.0, warmup_steps=0, schedule="step")
-    assert [lr_at(s, 20, 5, c) for s in (0, 4, 5, 10)] == [1.0, 1.0, 0.85, 0.85**2]
-    c = TrainConfig(model="", cache="", out="", lr=2.0, warmup_steps=-1, schedule="linear")
-    assert lr_at(0, 100, 10, c) == pytest.approx(2.0 / 3) and lr_at(99, 100, 10, c) == pytest.approx(
-        2.0 * (1 - 96 / 97)
-    )
-
-
 def test_lambda_does_not_apply_to_a_method_that_replaces_the_ce(tiny_model, caches, tmp_path):
     from pact_train.loop import TrainError
 
@@ -640,6 +626,7 @@ def test_qlora_loss_is_the_4bit_models_own_and_only_the_adapters_train(tiny_mode
     """--quantize nf4: the first step's logged cross-entropy equals a naive recomputation from the 4-bit
     model's own forward (row by row, unpadded), and after the steps only LoRA weights have changed."""
     pytest.importorskip("bitsandbytes")
+    from pact_train.config import config_record
     from pact_train.distributed import setup, teardown
     from pact_train.loop import open_data, open_policy, start_or_resume, window_loop
 
@@ -649,10 +636,10 @@ def test_qlora_loss_is_the_4bit_models_own_and_only_the_adapters_train(tiny_mode
     c = cfg(tiny_model, caches["f32"], tmp_path / "q", method="sft", quantize="nf4", max_steps=2)
     ranks, device = setup("cpu")
     data = open_data(c, ranks, device)
-    policy = open_policy(c, data, ranks, device)
+    policy = open_policy(c.policy_settings(), data, ranks, device)
     assert type(policy.model.base_model.model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
-    start = start_or_resume(c, data, policy, ranks)
+    start = start_or_resume(c.start_settings(), config_record(c, data.cache.cache_id), data, policy, ranks)
     window_loop(c.loop_settings(), data, policy, start, ranks, device)
     teardown(ranks)
     changed = {n for n, p in policy.model.named_parameters() if not torch.equal(p.detach(), before[n])}

@@ -84,7 +84,7 @@ def test_packed_batch_gives_the_padded_losses_every_term_and_gradients(tiny_mode
             lora_dropout=0.0,
             lora_targets="q_proj,v_proj,o_proj",
             grad_checkpointing=checkpointing,
-        ),
+        ).policy_settings(),
         "cpu",
     )
     model.train()
@@ -117,7 +117,9 @@ def test_packed_batch_keeps_tosss_mask_row_gates_and_replay_weights(tiny_model, 
     rows = list(cache.iter_rows())[:7]
     rows = rows[:5] + [ReplayRow.of(r) for r in rows[5:]]
     torch.manual_seed(0)
-    model, tok, _ = load_policy(TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0), "cpu")
+    model, tok, _ = load_policy(
+        TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0).policy_settings(), "cpu"
+    )
     assert packing.enable(model) is None
     for p in model.parameters():
         if p.requires_grad:
@@ -312,7 +314,9 @@ def test_the_trainer_padding_free_equals_padded(tiny_model, mixed, tmp_path):
     logs = {}
     for free in (False, True):
         torch.manual_seed(0)
-        model, tok, _ = load_policy(TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0), "cpu")
+        model, tok, _ = load_policy(
+            TrainConfig(model=tiny_model, cache="", out="", lora_dropout=0.0).policy_settings(), "cpu"
+        )
         args = TrainingArguments(
             output_dir=str(tmp_path / f"hf{free}"),
             remove_unused_columns=False,

@@ -102,8 +102,8 @@ RECIPES = {
         {"method": "str", "lam": 3.0, "row_gate": "hard", "replay": "auto", "replay_ratio": 0.05},
         "--method str --lambda 3 --row-gate hard --replay auto --replay-ratio 0.05",
         "docs/study.md (tools/study.py --rows recipe benign_recipe, three seeds): the row that kept >= 95% of the "
-        "reference's refusals on two harmful sets from sources it never saw at every seed, with and without "
-        "harmful rows in the fine-tuning data, at 1.5-2.8 points of task accuracy below SFT",
+        "reference's refusals on two held-out harmful sets sharing no source with its replay prompts, at every "
+        "seed, with and without harmful rows in the fine-tuning data, at 1.5-2.8 points of task accuracy below SFT",
     ),
     "plain": Recipe(
         "plain",

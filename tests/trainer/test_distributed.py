@@ -86,11 +86,9 @@ def close(a: list[dict], b: list[dict]) -> None:
 
 
 def one_process(args: list, out, **kw) -> TrainConfig:
-    """COMMON's run as one process with twice the rows per micro-batch: the trajectory two ranks must follow."""
-    return TrainConfig(
-        model=args[1],
-        cache=args[3],
-        out=str(out),
+    """COMMON's run as one process with twice the rows per micro-batch: the trajectory two ranks must follow
+    (``kw`` replaces any of its settings)."""
+    settings = dict(
         recipe="plain",
         batch_size=2,
         grad_accum=3,
@@ -99,8 +97,8 @@ def one_process(args: list, out, **kw) -> TrainConfig:
         warmup_steps=1,
         progress=False,
         plot=False,
-        **kw,
     )
+    return TrainConfig(model=args[1], cache=args[3], out=str(out), **{**settings, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -203,24 +201,7 @@ def test_resuming_with_another_process_count_is_refused(setup, one_and_two):
 def pact_train_reference(setup, out: Path) -> list[dict]:
     """pact-train, 1 process x 2 rows x 2 accumulation, cache order, constant lr: 4 steps."""
     root, args = setup
-    train(
-        TrainConfig(
-            model=args[1],
-            cache=args[3],
-            out=str(out),
-            recipe="plain",
-            batch_size=2,
-            grad_accum=2,
-            lora_dropout=0.0,
-            lr=1e-3,
-            schedule="constant",
-            warmup_steps=0,
-            shuffle=False,
-            max_steps=4,
-            progress=False,
-            plot=False,
-        )
-    )
+    train(one_process(args, out, grad_accum=2, schedule="constant", warmup_steps=0, shuffle=False, max_steps=4))
     return metrics(out)
 
 

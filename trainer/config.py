@@ -17,7 +17,7 @@ from pact_cache.errors import PactError, preview
 from pact_cache.models import QLORA_EXTRA, QUANTIZE
 
 from .losses import LOGITS_CHUNK, METHODS, LossParams, PactParams, added_term_methods
-from .optim import OPTIMIZERS
+from .optim import CLIPS, OPTIMIZERS
 from .stream import GATE_AT, REPLAY_RATIO, REPLAY_RATIO_MAX, REPLAY_TERMS, SHUFFLE_BUFFER_ROWS
 
 
@@ -251,6 +251,13 @@ class TrainConfig:
     )
     step_gamma: float = opt(0.85, "StepLR's decay per epoch (--schedule step)", lo=0, hi=1, lo_open=True, cli=False)
     max_grad_norm: float = opt(1.0, "gradient norm clipping", lo=0, lo_open=True, cli=False)
+    clip: str = opt(
+        "joint",
+        "how the gradient is clipped to max_grad_norm: joint: the whole loss's gradient at once (the usual); split: "
+        "the cross-entropy's gradient and the method's term's each on their own, then added, so that a large "
+        "term leaves the task's step whole (a second backward pass on micro-batches with a term; one process)",
+        choices=lambda: list(CLIPS),
+    )
     max_steps: int | None = opt(None, "stop after N optimizer steps", lo=1, integer=True, type=int)
     seed: int = opt(0, "seed of the data order, LoRA init and dropout", lo=0, hi=2**63 - 1, integer=True)
     shuffle: bool = opt(True, "take rows in cache order, batch by batch", negate="--no-shuffle")
@@ -526,6 +533,11 @@ def check_config(cfg: TrainConfig) -> None:
             f"gets: "
             "leave it out (both)"
         )
+    if cfg.clip == "split" and not (method.with_ce and (method.term or method.penalty)):
+        raise TrainError(
+            f"--clip split: clips the cross-entropy's gradient apart from a term added to it, and --method "
+            f"{cfg.method} has none; leave it out (joint)"
+        )
     if not method.with_ce and cfg.lam != 1.0:
         raise TrainError(
             f"--lambda {cfg.lam}: does not apply to --method {cfg.method}, whose loss replaces the "
@@ -583,6 +595,7 @@ class LoopSettings:
     group_by_length: int
     lam: float
     max_grad_norm: float
+    clip: str
     replay_term: str
     report_to: str
     progress: bool

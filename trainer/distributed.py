@@ -51,6 +51,16 @@ class Ranks:
         dist.all_reduce(t)
         return t.tolist()
 
+    def mean_(self, tensors: list) -> None:
+        """Each tensor (None: skipped) replaced in place by its mean over all ranks: the average DDP's own
+        all-reduce makes, for gradients kept out of it (``--clip split``)."""
+        if self.world == 1:
+            return
+        for t in tensors:
+            if t is not None:
+                dist.all_reduce(t)
+                t.div_(self.world)
+
     def wrap(self, model, device: str):
         """The model under DistributedDataParallel (itself when there is one process)."""
         if self.world == 1:

@@ -40,7 +40,7 @@ from .config import (
 from .core import causal_lm, lora_direction_factors, online_reference, policy_losses, window_loss
 from .distributed import Ranks, setup, teardown
 from .losses import LossParams
-from .optim import make_optimizer
+from .optim import clip_split, make_optimizer, take_grads
 from .stream import Replay, RowGate, batches, collate, pad_id_for
 
 
@@ -134,6 +134,7 @@ def check_out(
     old.setdefault("processes", 1)  # runs recorded before data-parallel training were single-process
     old.setdefault("quantize", "none")  # runs recorded before --quantize and --optim
     old.setdefault("optim", "adamw")
+    old.setdefault("clip", "joint")  # runs recorded before --clip
     if old.get("row_gate") != "hard":
         old["gate_at"] = None  # recorded as 0.9 before --gate-at went with the hard gate only
     mine = config_record(cfg, cache_id, world, replay_id)
@@ -631,31 +632,52 @@ class Collate:
         ).to(self.device)
 
 
-def window_backward(micro: list, ddp_model, policy: Policy, batch_of: Collate, lam: float, ranks: Ranks, autocast):
+def window_backward(
+    micro: list, ddp_model, policy: Policy, batch_of: Collate, lam: float, ranks: Ranks, autocast, split: bool = False
+):
     """Forward and backward of one window's micro-batches, with one gradient all-reduce, token-weighted over the
     window's response tokens on all ranks (each rank's share, times the rank count: DDP averages). Returns the
-    window's cross-entropy sum and term sum over all ranks, the penalty's value (AsFT; 0 without), and its
-    response tokens."""
+    window's cross-entropy sum and term sum over all ranks, the penalty's value (AsFT; 0 without), its
+    response tokens and, with ``split`` (``--clip split``), the cross-entropy's gradient kept apart
+    (:func:`pact_train.optim.take_grads`; the parameters' ``.grad`` then hold the term's), else None."""
     method = policy.loss.method
     n_window = sum(sum(r.steps for r in rows) for _, _, rows in micro)
     ce_tot = term_tot = pen = 0.0
+    ce_grads = None
     for i, (_, _, global_rows) in enumerate(micro):
         rows, scale = ranks.take(global_rows)
         batch = batch_of(rows)
         live = online_reference(policy.ref, batch, policy.header, policy.ids) if policy.ref is not None else None
-        with ranks.no_sync(ddp_model, sync=i == len(micro) - 1):  # one gradient all-reduce per window
+        # one gradient all-reduce per window (split: none here, the two parts are averaged after the window)
+        with ranks.no_sync(ddp_model, sync=i == len(micro) - 1 and not split):
             with autocast:
                 ce_sum, term_sum, _ = policy_losses(ddp_model, batch, policy.ids, policy.weights, policy.loss, live)
-            loss = window_loss(policy.loss, ce_sum, term_sum, scale * ranks.world / n_window)
+            weight = scale * ranks.world / n_window
+            extra = None
             if policy.factors is not None and i == len(micro) - 1:  # a penalty on the weights: once per step
                 penalty = method.penalty(policy.factors)
-                loss = loss + lam * penalty  # the same on every rank: DDP's average keeps it
+                extra = lam * penalty  # the same on every rank: DDP's average keeps it
                 pen = penalty.item()
-            loss.backward()
+            if split:  # CE + lambda * term (the only kind --clip split takes), the two parts' passes apart
+                ce_part = ce_sum * weight
+                rest = lam * term_sum * weight if extra is None else lam * term_sum * weight + extra
+                # a zero row gate on every row and no penalty: the term has no gradient, skip its pass
+                has_term = rest.requires_grad and (
+                    batch.row_gate is None or bool(batch.row_gate.any()) or extra is not None
+                )
+                ce_part.backward(retain_graph=has_term)
+                ce_grads = take_grads(policy.params, ce_grads)
+                if has_term:
+                    rest.backward()
+            else:
+                loss = window_loss(policy.loss, ce_sum, term_sum, weight)
+                (loss if extra is None else loss + extra).backward()
         ce_tot += scale * ce_sum.item()
         term_tot += scale * term_sum.item()
+    if split:
+        ranks.mean_(ce_grads + [p.grad for p in policy.params])
     ce_tot, term_tot = ranks.sum([ce_tot, term_tot], batch_of.device)
-    return ce_tot, term_tot, pen, n_window
+    return ce_tot, term_tot, pen, n_window, ce_grads
 
 
 def window_loop(run: LoopSettings, data: Data, policy: Policy, start: Start, ranks: Ranks, device: str) -> Position:
@@ -715,7 +737,9 @@ def window_loop(run: LoopSettings, data: Data, policy: Policy, start: Start, ran
         lr = run.schedule.at(at.step, start.total, start.steps_per_epoch)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        ce_tot, term_tot, pen, n_window = window_backward(micro, ddp_model, policy, batch_of, run.lam, ranks, autocast)
+        ce_tot, term_tot, pen, n_window, ce_grads = window_backward(
+            micro, ddp_model, policy, batch_of, run.lam, ranks, autocast, split=run.clip == "split"
+        )
         if not (math.isfinite(ce_tot) and math.isfinite(term_tot) and math.isfinite(pen)):
             bar.close()
             term = f"sum {term_tot}" if policy.factors is None else pen
@@ -725,7 +749,13 @@ def window_loop(run: LoopSettings, data: Data, policy: Policy, start: Start, ran
                 out,
                 last_saved,
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, run.max_grad_norm).item()
+        if ce_grads is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, run.max_grad_norm).item()
+            norms = {"grad_norm": grad_norm}
+        else:  # --clip split: the cross-entropy's and the term's gradients, each clipped on its own
+            grad_norm, term_norm = clip_split(policy.params, ce_grads, run.max_grad_norm)
+            norms = {"grad_norm": grad_norm, "term_grad_norm": term_norm}
+            grad_norm += term_norm
         if not math.isfinite(grad_norm):
             bar.close()
             raise NonFiniteError(at.step + 1, f"the gradient norm is {grad_norm}", out, last_saved)
@@ -742,9 +772,7 @@ def window_loop(run: LoopSettings, data: Data, policy: Policy, start: Start, ran
         }
         if method.metric:  # the method's term, under its own name (a penalty: its value at this step)
             rec[method.metric] = term_tot / n_window if policy.factors is None else pen
-        rec.update(
-            {"lr": lr, "tokens": n_window, "tokens_total": at.tokens_total, "grad_norm": grad_norm, "step_time_s": dt}
-        )
+        rec.update({"lr": lr, "tokens": n_window, "tokens_total": at.tokens_total, **norms, "step_time_s": dt})
         if ranks.main:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")

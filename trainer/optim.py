@@ -7,6 +7,7 @@ take the same hyper-parameters, and their state goes through the same checkpoint
 from __future__ import annotations
 
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit")
+CLIPS = ("joint", "split")  # --clip: how the gradient is clipped (clip_split)
 
 
 def make_optimizer(params, name: str, lr: float, weight_decay: float):
@@ -21,3 +22,33 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float):
 
     cls = bnb.optim.AdamW8bit if name == "adamw-8bit" else bnb.optim.PagedAdamW8bit
     return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def take_grads(params, into: list | None = None) -> list:
+    """Moves each parameter's ``.grad`` into ``into`` (added to what it holds; a list with one entry per
+    parameter, None where none has come yet), leaving ``.grad`` None: the gradient of one part of a loss set
+    apart before the next part's backward pass (``--clip split``)."""
+    into = [None] * len(params) if into is None else into
+    for i, p in enumerate(params):
+        if p.grad is not None:
+            into[i] = p.grad if into[i] is None else into[i].add_(p.grad)
+            p.grad = None
+    return into
+
+
+def clip_split(params, ce_grads: list, max_norm: float) -> tuple[float, float]:
+    """``--clip split``: the parameters' ``.grad`` hold the method's term's gradient and ``ce_grads``
+    (:func:`take_grads`) the cross-entropy's; each is clipped to ``max_norm`` on its own and their sum is left
+    in ``.grad``. Returns the two norms before clipping ``(cross-entropy, term)``: with a joint clip a term whose
+    gradient is ten times the task's would shrink the task's step tenfold; here it keeps its own budget."""
+    import torch
+
+    term_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()  # 0 when no micro-batch had a term
+    term = [p.grad for p in params]
+    for p, g in zip(params, ce_grads):
+        p.grad = g
+    ce_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    for p, t in zip(params, term):
+        if t is not None:
+            p.grad = t if p.grad is None else p.grad.add_(t)
+    return ce_norm, term_norm

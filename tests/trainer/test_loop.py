@@ -723,3 +723,23 @@ def test_qlora_with_the_recipes_gate_and_replay_rows(tiny_model, caches, tmp_pat
     m = metrics(tmp_path / "run")
     assert len(m) == 3 and all(r["str"] > 0 and math.isfinite(r["loss"]) for r in m)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["replay_cache_id"] == rep.cache_id
+
+
+def test_clip_split_leaves_the_task_step_whole(tiny_model, caches, tmp_path):
+    """--clip split clips the cross-entropy's gradient apart from the term's. At step 1 the policy is the
+    reference, so STR's term has no gradient: under the split clip steps 1 and 2 of STR at lambda 100 take
+    SFT's own steps (the logged grad_norm, the CE's, is SFT's; term_grad_norm about 0, then large), while the
+    joint clip's one norm at step 2 holds the term's gradient; from step 3 on the term has moved the policy."""
+    train(cfg(tiny_model, caches["f32"], tmp_path / "sft", method="sft"))
+    train(cfg(tiny_model, caches["f32"], tmp_path / "split", method="str", lam=100.0, clip="split"))
+    train(cfg(tiny_model, caches["f32"], tmp_path / "joint", method="str", lam=100.0))
+    sft, split, joint = (metrics(tmp_path / n) for n in ("sft", "split", "joint"))
+    assert [r["grad_norm"] for r in split[:2]] == pytest.approx([r["grad_norm"] for r in sft[:2]], rel=1e-5)
+    assert 0 <= split[0]["term_grad_norm"] < 1e-4 * split[1]["term_grad_norm"]  # the cache's f32 rounding, x 100
+    assert split[2]["grad_norm"] != pytest.approx(sft[2]["grad_norm"], rel=1e-4)
+    assert (
+        joint[1]["grad_norm"] > sft[1]["grad_norm"] + split[1]["term_grad_norm"] / 2
+        and "term_grad_norm" not in joint[1]
+    )
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["clip"] == "split"
+    assert json.loads((tmp_path / "joint" / "config.json").read_text())["clip"] == "joint"

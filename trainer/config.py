@@ -254,8 +254,9 @@ class TrainConfig:
     clip: str = opt(
         "joint",
         "how the gradient is clipped to max_grad_norm: joint: the whole loss's gradient at once (the usual); split: "
-        "the cross-entropy's gradient and the method's term's each on their own, then added, so that a large "
-        "term leaves the task's step whole (a second backward pass on micro-batches with a term; one process)",
+        "the gradient of the rows --row-gate anchors (and the replay rows) apart from the other rows', each "
+        "clipped on its own, then added, so that a large anchor leaves the task's step whole (a second backward "
+        "pass on micro-batches with anchored rows)",
         choices=lambda: list(CLIPS),
     )
     max_steps: int | None = opt(None, "stop after N optimizer steps", lo=1, integer=True, type=int)
@@ -533,10 +534,12 @@ def check_config(cfg: TrainConfig) -> None:
             f"gets: "
             "leave it out (both)"
         )
-    if cfg.clip == "split" and not (method.with_ce and (method.term or method.penalty)):
+    if cfg.clip == "split" and (cfg.method not in weighable or cfg.row_gate == "none"):
         raise TrainError(
-            f"--clip split: clips the cross-entropy's gradient apart from a term added to it, and --method "
-            f"{cfg.method} has none; leave it out (joint)"
+            "--clip split: clips the rows a row gate anchors apart from the others, which needs a per-step term "
+            f"added to the cross-entropy ({', '.join(weighable)}) and --row-gate; "
+            + (f"--method {cfg.method} has no such term" if cfg.method not in weighable else "no --row-gate given")
+            + ": leave it out (joint)"
         )
     if not method.with_ce and cfg.lam != 1.0:
         raise TrainError(

@@ -72,11 +72,19 @@ def _no_logits_kwargs(lm, device) -> dict:
 
 
 def policy_losses(
-    model, batch: Batch, ids: torch.Tensor, weights: torch.Tensor, params: LossParams, ref: dict | None = None
+    model,
+    batch: Batch,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    params: LossParams,
+    ref: dict | None = None,
+    split: bool = False,
 ):
     """Returns ``(ce_sum, term_sum, n_steps)`` for one micro-batch (sums: the caller divides them once);
     ``term_sum`` is ``params.method``'s term, zero for plain SFT. ``ref`` holds a live reference's
-    columns (:func:`online_reference`); by default the batch's cached ones are used.
+    columns (:func:`online_reference`); by default the batch's cached ones are used. With ``split``
+    (``--clip split``) a fourth value: the part of ``ce_sum`` on the anchored rows, each row's cross-entropy
+    times its row gate (all of it where the batch has no gate).
 
     ``model`` is what the training stack holds: a transformers causal LM, possibly under PEFT and
     under DDP / FSDP / DeepSpeed. It is called once, through all its wrappers (so that they can
@@ -95,7 +103,7 @@ def policy_losses(
 
     def add_losses(_module, _args, output):
         output["loss"] = torch.stack(
-            _losses_from_hidden(Projection.of(lm), kept.pop("hidden"), batch, ids, weights, params, ref)
+            _losses_from_hidden(Projection.of(lm), kept.pop("hidden"), batch, ids, weights, params, ref, split)
         )
         return output
 
@@ -107,11 +115,16 @@ def policy_losses(
     finally:
         for h in hooks:
             h.remove()
+    if split:
+        return out.loss[0], out.loss[1], batch.step_mask.sum(), out.loss[2]
     return out.loss[0], out.loss[1], batch.step_mask.sum()
 
 
-def _losses_from_hidden(proj: Projection, hidden, batch: Batch, ids, weights, params: LossParams, ref: dict | None):
-    """``(ce_sum, term_sum)`` from the decoder's last hidden state (B, L, H), or (1, N, H) packed."""
+def _losses_from_hidden(
+    proj: Projection, hidden, batch: Batch, ids, weights, params: LossParams, ref: dict | None, split: bool = False
+):
+    """``(ce_sum, term_sum)`` from the decoder's last hidden state (B, L, H), or (1, N, H) packed; with
+    ``split`` also the anchored rows' part of ``ce_sum`` (:func:`policy_losses`)."""
     method = params.method
     B, T = batch.step_mask.shape
     bidx, tidx = batch.step_mask.nonzero(as_tuple=True)  # (N,), row-major: matches (B, T) order
@@ -122,8 +135,12 @@ def _losses_from_hidden(proj: Projection, hidden, batch: Batch, ids, weights, pa
     if batch.ce_weight is not None:  # --replay-term term: replay rows leave the CE
         ce_lp = ce_lp * batch.ce_weight.to(ce_lp.dtype)[bidx]
     ce_sum = -ce_lp.sum()
+    anchored = ()
+    if split:  # the anchored rows' share of the CE: each row's times its gate (every row without one)
+        gate = batch.row_gate
+        anchored = (ce_sum if gate is None else -(ce_lp * gate.to(ce_lp.dtype)[bidx]).sum(),)
     if method.term is None or (method.with_ce and params.lam == 0):
-        return ce_sum, ce_sum.new_zeros(())
+        return ce_sum, ce_sum.new_zeros(()), *anchored
 
     def steps(x, *rest):  # (N, *rest) -> (B, T, *rest), zeros at padded steps
         return x.new_zeros((B, T, *rest)).index_put((bidx, tidx), x)
@@ -141,7 +158,7 @@ def _losses_from_hidden(proj: Projection, hidden, batch: Batch, ids, weights, pa
         weights,
         batch.reference(method.columns) if ref is None else {c: ref[c] for c in method.columns},
     )
-    return ce_sum, method.term(s, params)
+    return ce_sum, method.term(s, params), *anchored
 
 
 def window_loss(params: LossParams, ce_sum: torch.Tensor, term_sum: torch.Tensor, weight: float) -> torch.Tensor:

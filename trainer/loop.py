@@ -638,12 +638,12 @@ def window_backward(
     """Forward and backward of one window's micro-batches, with one gradient all-reduce, token-weighted over the
     window's response tokens on all ranks (each rank's share, times the rank count: DDP averages). Returns the
     window's cross-entropy sum and term sum over all ranks, the penalty's value (AsFT; 0 without), its
-    response tokens and, with ``split`` (``--clip split``), the cross-entropy's gradient kept apart
-    (:func:`pact_train.optim.take_grads`; the parameters' ``.grad`` then hold the term's), else None."""
+    response tokens and, with ``split`` (``--clip split``), the gradient of the rows no gate anchors kept apart
+    (:func:`pact_train.optim.take_grads`; the parameters' ``.grad`` then hold the anchored rows'), else None."""
     method = policy.loss.method
     n_window = sum(sum(r.steps for r in rows) for _, _, rows in micro)
     ce_tot = term_tot = pen = 0.0
-    ce_grads = None
+    task_grads = None
     for i, (_, _, global_rows) in enumerate(micro):
         rows, scale = ranks.take(global_rows)
         batch = batch_of(rows)
@@ -651,23 +651,25 @@ def window_backward(
         # one gradient all-reduce per window (split: none here, the two parts are averaged after the window)
         with ranks.no_sync(ddp_model, sync=i == len(micro) - 1 and not split):
             with autocast:
-                ce_sum, term_sum, _ = policy_losses(ddp_model, batch, policy.ids, policy.weights, policy.loss, live)
+                ce_sum, term_sum, _, *anchored = policy_losses(
+                    ddp_model, batch, policy.ids, policy.weights, policy.loss, live, split=split
+                )
             weight = scale * ranks.world / n_window
             extra = None
             if policy.factors is not None and i == len(micro) - 1:  # a penalty on the weights: once per step
                 penalty = method.penalty(policy.factors)
                 extra = lam * penalty  # the same on every rank: DDP's average keeps it
                 pen = penalty.item()
-            if split:  # CE + lambda * term (the only kind --clip split takes), the two parts' passes apart
-                ce_part = ce_sum * weight
-                rest = lam * term_sum * weight if extra is None else lam * term_sum * weight + extra
-                # a zero row gate on every row and no penalty: the term has no gradient, skip its pass
-                has_term = rest.requires_grad and (
-                    batch.row_gate is None or bool(batch.row_gate.any()) or extra is not None
-                )
-                ce_part.backward(retain_graph=has_term)
-                ce_grads = take_grads(policy.params, ce_grads)
-                if has_term:
+            if split:  # CE + lambda * term (the only kind --clip split takes): the two groups' passes apart
+                # the task: the CE of the rows no gate anchors; the anchored: their CE and the term (and penalty)
+                task = (ce_sum - anchored[0]) * weight
+                rest = (anchored[0] + lam * term_sum) * weight
+                rest = rest if extra is None else rest + extra
+                # no anchored row and no penalty: that group has no gradient, skip its pass
+                has_rest = batch.row_gate is None or bool(batch.row_gate.any()) or extra is not None
+                task.backward(retain_graph=has_rest)
+                task_grads = take_grads(policy.params, task_grads)
+                if has_rest:
                     rest.backward()
             else:
                 loss = window_loss(policy.loss, ce_sum, term_sum, weight)
@@ -675,9 +677,9 @@ def window_backward(
         ce_tot += scale * ce_sum.item()
         term_tot += scale * term_sum.item()
     if split:
-        ranks.mean_(ce_grads + [p.grad for p in policy.params])
+        ranks.mean_(task_grads + [p.grad for p in policy.params])
     ce_tot, term_tot = ranks.sum([ce_tot, term_tot], batch_of.device)
-    return ce_tot, term_tot, pen, n_window, ce_grads
+    return ce_tot, term_tot, pen, n_window, task_grads
 
 
 def window_loop(run: LoopSettings, data: Data, policy: Policy, start: Start, ranks: Ranks, device: str) -> Position:
@@ -737,7 +739,7 @@ def window_loop(run: LoopSettings, data: Data, policy: Policy, start: Start, ran
         lr = run.schedule.at(at.step, start.total, start.steps_per_epoch)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        ce_tot, term_tot, pen, n_window, ce_grads = window_backward(
+        ce_tot, term_tot, pen, n_window, task_grads = window_backward(
             micro, ddp_model, policy, batch_of, run.lam, ranks, autocast, split=run.clip == "split"
         )
         if not (math.isfinite(ce_tot) and math.isfinite(term_tot) and math.isfinite(pen)):
@@ -749,13 +751,13 @@ def window_loop(run: LoopSettings, data: Data, policy: Policy, start: Start, ran
                 out,
                 last_saved,
             )
-        if ce_grads is None:
+        if task_grads is None:
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, run.max_grad_norm).item()
             norms = {"grad_norm": grad_norm}
-        else:  # --clip split: the cross-entropy's and the term's gradients, each clipped on its own
-            grad_norm, term_norm = clip_split(policy.params, ce_grads, run.max_grad_norm)
-            norms = {"grad_norm": grad_norm, "term_grad_norm": term_norm}
-            grad_norm += term_norm
+        else:  # --clip split: the task rows' and the anchored rows' gradients, each clipped on its own
+            grad_norm, anchored_norm = clip_split(policy.params, task_grads, run.max_grad_norm)
+            norms = {"grad_norm": grad_norm, "anchored_grad_norm": anchored_norm}
+            grad_norm += anchored_norm
         if not math.isfinite(grad_norm):
             bar.close()
             raise NonFiniteError(at.step + 1, f"the gradient norm is {grad_norm}", out, last_saved)

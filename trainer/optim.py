@@ -36,19 +36,19 @@ def take_grads(params, into: list | None = None) -> list:
     return into
 
 
-def clip_split(params, ce_grads: list, max_norm: float) -> tuple[float, float]:
-    """``--clip split``: the parameters' ``.grad`` hold the method's term's gradient and ``ce_grads``
-    (:func:`take_grads`) the cross-entropy's; each is clipped to ``max_norm`` on its own and their sum is left
-    in ``.grad``. Returns the two norms before clipping ``(cross-entropy, term)``: with a joint clip a term whose
-    gradient is ten times the task's would shrink the task's step tenfold; here it keeps its own budget."""
+def clip_split(params, task_grads: list, max_norm: float) -> tuple[float, float]:
+    """``--clip split``: the parameters' ``.grad`` hold the anchored rows' gradient and ``task_grads``
+    (:func:`take_grads`) the other rows'; each is clipped to ``max_norm`` on its own and their sum is left in
+    ``.grad``. Returns the two norms before clipping ``(task, anchored)``: with a joint clip an anchor whose
+    gradient is ten times the task's would shrink the task's step tenfold; here each keeps its own budget."""
     import torch
 
-    term_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()  # 0 when no micro-batch had a term
-    term = [p.grad for p in params]
-    for p, g in zip(params, ce_grads):
+    anchored_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()  # 0 when no row was anchored
+    anchored = [p.grad for p in params]
+    for p, g in zip(params, task_grads):
         p.grad = g
-    ce_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    for p, t in zip(params, term):
-        if t is not None:
-            p.grad = t if p.grad is None else p.grad.add_(t)
-    return ce_norm, term_norm
+    task_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    for p, a in zip(params, anchored):
+        if a is not None:
+            p.grad = a if p.grad is None else p.grad.add_(a)
+    return task_norm, anchored_norm

@@ -88,3 +88,28 @@ def test_token_mask_leaves_the_selected_tokens_out_of_the_ce(tiny_model, scored)
     assert 0 < int(batch.loss_mask.sum()) < int(batch.step_mask.sum())
     assert ce.item() == pytest.approx(want, rel=1e-5) and ce.item() < ce0.item()
     assert term.item() == pytest.approx(term0.item(), rel=1e-6) and n == n0
+
+
+def test_split_gives_the_anchored_rows_cross_entropy(tiny_model, scored):
+    """policy_losses(split=True)'s fourth value (--clip split): each row's cross-entropy times its row gate,
+    against the plain CE of the gated rows collated alone; without a gate it is the whole CE, and the first
+    three values are those of a call without split."""
+    from transformers import AutoModelForCausalLM
+
+    _, out = scored
+    cache = open_cache(out)
+    rows = list(cache.iter_rows())[:4]
+    gates = {r.example_id: g for r, g in zip(rows, (1.0, 0.0, 0.5, 0.0))}
+    batch = collate(rows, 0, 1, row_gate=lambda r: gates[r.example_id])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ids, w = torch.tensor(cache.ids), torch.tensor(cache.tokens.weights, dtype=torch.float32)
+    p = LossParams(method="str", lam=3.0)
+    with torch.no_grad():
+        ce, term, n, anchored = policy_losses(model, batch, ids, w, p, split=True)
+        assert [x.item() for x in policy_losses(model, batch, ids, w, p)] == [ce.item(), term.item(), n.item()]
+        alone = [policy_losses(model, collate([r], 0, 1), ids, w, p)[0].item() for r in rows]
+        plain = collate(rows, 0, 1)
+        whole = policy_losses(model, plain, ids, w, p, split=True)
+    assert anchored.item() == pytest.approx(alone[0] + 0.5 * alone[2], rel=1e-5)
+    assert ce.item() == pytest.approx(sum(alone), rel=1e-5) and 0 < anchored.item() < ce.item()
+    assert whole[3].item() == whole[0].item()

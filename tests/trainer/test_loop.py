@@ -725,21 +725,39 @@ def test_qlora_with_the_recipes_gate_and_replay_rows(tiny_model, caches, tmp_pat
     assert json.loads((tmp_path / "run" / "config.json").read_text())["replay_cache_id"] == rep.cache_id
 
 
-def test_clip_split_leaves_the_task_step_whole(tiny_model, caches, tmp_path):
-    """--clip split clips the cross-entropy's gradient apart from the term's. At step 1 the policy is the
-    reference, so STR's term has no gradient: under the split clip steps 1 and 2 of STR at lambda 100 take
-    SFT's own steps (the logged grad_norm, the CE's, is SFT's; term_grad_norm about 0, then large), while the
-    joint clip's one norm at step 2 holds the term's gradient; from step 3 on the term has moved the policy."""
+def test_clip_split_takes_the_joint_step_when_every_row_is_anchored_and_sfts_when_none(
+    tiny_model, caches, tmp_path, capsys
+):
+    """--clip split clips the rows the hard gate anchors apart from the others. A gate at 0 anchors every row:
+    the split run takes the joint run's steps (the task's norm 0, the anchored rows' the joint norm); a gate at
+    1 anchors none: both take SFT's steps (the anchored norm 0). How a mixed batch splits: test_core and
+    test_optim."""
+    base = dict(method="str", lam=100.0, row_gate="hard", max_steps=3)
     train(cfg(tiny_model, caches["f32"], tmp_path / "sft", method="sft"))
-    train(cfg(tiny_model, caches["f32"], tmp_path / "split", method="str", lam=100.0, clip="split"))
-    train(cfg(tiny_model, caches["f32"], tmp_path / "joint", method="str", lam=100.0))
-    sft, split, joint = (metrics(tmp_path / n) for n in ("sft", "split", "joint"))
-    assert [r["grad_norm"] for r in split[:2]] == pytest.approx([r["grad_norm"] for r in sft[:2]], rel=1e-5)
-    assert 0 <= split[0]["term_grad_norm"] < 1e-4 * split[1]["term_grad_norm"]  # the cache's f32 rounding, x 100
-    assert split[2]["grad_norm"] != pytest.approx(sft[2]["grad_norm"], rel=1e-4)
-    assert (
-        joint[1]["grad_norm"] > sft[1]["grad_norm"] + split[1]["term_grad_norm"] / 2
-        and "term_grad_norm" not in joint[1]
+    for at in (0.0, 1.0):
+        train(cfg(tiny_model, caches["f32"], tmp_path / f"split{at}", clip="split", gate_at=at, **base))
+        train(cfg(tiny_model, caches["f32"], tmp_path / f"joint{at}", gate_at=at, **base))
+    sft = metrics(tmp_path / "sft")
+    (split0, joint0), (split1, joint1) = (
+        (metrics(tmp_path / f"split{at}"), metrics(tmp_path / f"joint{at}")) for at in (0.0, 1.0)
     )
-    assert json.loads((tmp_path / "split" / "config.json").read_text())["clip"] == "split"
-    assert json.loads((tmp_path / "joint" / "config.json").read_text())["clip"] == "joint"
+    for a, b in ((split0, joint0), (split1, joint1), (split1, sft)):
+        assert [r[k] for r in a for k in ("loss", "ce")] == pytest.approx(
+            [r[k] for r in b for k in ("loss", "ce")], rel=1e-5
+        )
+    assert [r["grad_norm"] for r in split0] == [0.0] * 3
+    assert [r["anchored_grad_norm"] for r in split0] == pytest.approx([r["grad_norm"] for r in joint0], rel=1e-5)
+    assert joint0[-1]["str"] > 1e-6 and joint0[-1]["grad_norm"] > 10 * sft[-1]["grad_norm"]  # the anchor is large
+    assert [r["anchored_grad_norm"] for r in split1] == [0.0] * 3
+    assert [r["grad_norm"] for r in split1] == pytest.approx([r["grad_norm"] for r in sft], rel=1e-5)
+    assert "anchored_grad_norm" not in joint0[0]
+    assert json.loads((tmp_path / "split0.0" / "config.json").read_text())["clip"] == "split"
+    assert json.loads((tmp_path / "joint0.0" / "config.json").read_text())["clip"] == "joint"
+    capsys.readouterr()  # the runs' own lines
+    argv = ["--model", tiny_model, "--cache", caches["f32"], "-o", tmp_path / "no", "--clip", "split"]
+    line = one_line(capsys, train_main, *argv, "--method", "sft")
+    assert "--clip split: clips the rows a row gate anchors apart from the others" in line
+    assert "--method sft has no such term: leave it out (joint)" in line
+    line = one_line(capsys, train_main, *argv, "--method", "str")
+    assert "no --row-gate given: leave it out (joint)" in line
+    assert not (tmp_path / "no").exists()

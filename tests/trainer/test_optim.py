@@ -37,3 +37,47 @@ def test_8bit_optimizers_are_bitsandbytes_and_step_like_adamw(name, cls):
             o.step()
     assert not torch.equal(b.detach(), a.detach())  # 8-bit moments: not bit-equal ...
     torch.testing.assert_close(b.detach(), a.detach(), atol=2e-4, rtol=0)  # ... but the same steps
+
+
+def test_clip_split_clips_each_part_on_its_own_and_adds_them():
+    """clip_split against the naive sum: the term's gradient (in .grad) and the cross-entropy's (apart), each
+    scaled to at most max_norm over all parameters, then added; parameters with no gradient in one part take
+    the other's alone; the two norms come back before clipping."""
+    from pact_train.optim import clip_split, take_grads
+
+    g = torch.Generator().manual_seed(0)
+    params = [
+        torch.nn.Parameter(torch.zeros(4)),
+        torch.nn.Parameter(torch.zeros(2, 3)),
+        torch.nn.Parameter(torch.zeros(5)),
+    ]
+    ce = [torch.randn(4, generator=g) * 3, torch.randn(2, 3, generator=g) * 3, None]
+    term = [torch.randn(4, generator=g) * 50, None, torch.randn(5, generator=g) * 50]
+    for p, c in zip(params, ce):
+        p.grad = None if c is None else c.clone()
+    kept = take_grads(params)  # the CE's pass, set apart
+    assert all(p.grad is None for p in params) and kept[2] is None
+    for p, t in zip(params, term):
+        p.grad = None if t is None else t.clone()
+
+    def naive_norm(gs):
+        return float(torch.sqrt(sum((x.double() ** 2).sum() for x in gs if x is not None)))
+
+    n_ce, n_term = naive_norm(ce), naive_norm(term)
+    got = clip_split(params, kept, 1.0)
+    assert got == pytest.approx((n_ce, n_term), rel=1e-5) and n_term > 1 and n_ce > 1
+    for p, c, t in zip(params, ce, term):
+        want = sum(x / max(n, 1.0) for x, n in ((c, n_ce), (t, n_term)) if x is not None)
+        assert torch.allclose(p.grad, want, atol=1e-6)
+    assert naive_norm([p.grad for p in params]) <= 2.0 + 1e-5  # each part at most 1
+
+
+def test_take_grads_adds_what_each_pass_left():
+    from pact_train.optim import take_grads
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3)
+    kept = take_grads([p])
+    p.grad = torch.full((3,), 2.0)
+    kept = take_grads([p], kept)
+    assert p.grad is None and torch.equal(kept[0], torch.full((3,), 3.0))

@@ -109,6 +109,8 @@ def test_every_flag_sets_its_field(tmp_path):
             "0.1",
             "--replay-term",
             "ce",
+            "--clip",
+            "split",
             "--report-to",
             "tensorboard",
             "--no-padding-free",

@@ -166,6 +166,38 @@ def replay_token_shares(out: Path) -> list[dict]:
     return shares
 
 
+def clip_budgets(out: Path) -> list[dict]:
+    """For every run under ``out`` (``*/run/metrics.jsonl`` and its config.json): how much of its steps the
+    gradient clip left to the task. A step whose logged ``grad_norm`` n exceeds ``max_grad_norm`` c is scaled by
+    c / n; ``task_step_sum`` adds min(1, c / n) over the steps (with --clip joint n is the whole gradient's, with
+    --clip split the task rows' alone; a split step without task rows counts 0). Also the steps, how many held
+    an anchored row (split only), and the median step time."""
+    import statistics
+
+    budgets = []
+    for m_file in sorted(out.glob("*/run/metrics.jsonl")):
+        try:
+            c = json.loads((m_file.parent / "config.json").read_text())
+            lines = [json.loads(x) for x in m_file.read_text().splitlines() if x.strip()]
+        except (OSError, ValueError):  # a run being written or damaged: nothing to count
+            continue
+        if not lines:
+            continue
+        cap = float(c.get("max_grad_norm", 1.0))
+        norms = [float(x["grad_norm"]) for x in lines]
+        row = {
+            "run": m_file.parent.parent.name,
+            "clip": c.get("clip", "joint"),
+            "steps": len(lines),
+            "task_step_sum": round(sum(min(1.0, cap / n) if n > 0 else 0.0 for n in norms), 1),
+            "median_step_s": round(statistics.median(float(x["step_time_s"]) for x in lines), 2),
+        }
+        if "anchored_grad_norm" in lines[0]:
+            row["steps_with_anchored_rows"] = sum(float(x["anchored_grad_norm"]) > 0 for x in lines)
+        budgets.append(row)
+    return budgets
+
+
 def run(cmd: list[str]) -> None:
     if DEVICE != "auto" and (
         Path(str(cmd[0])).name in LOADS_A_MODEL or (len(cmd) > 1 and str(cmd[1]) in LOADS_A_MODEL)
@@ -1045,6 +1077,7 @@ class Study:
             if (d / "DONE.json").exists()
         }
         js["replay_token_shares"] = replay_token_shares(self.out)
+        js["clip_budgets"] = clip_budgets(self.out)
         js["provenance"] = provenance()
         (self.out / "seeds.md").write_text(md)
         (self.out / "seeds.json").write_text(json.dumps(js, indent=2, default=str))

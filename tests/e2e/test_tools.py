@@ -493,3 +493,35 @@ def test_replay_token_shares_count_the_loss_tokens_of_each_trained_mix(tiny_mode
     assert got["replay_share_of_loss_tokens"] == pytest.approx(0.05 * r / (0.05 * r + 0.95 * t), abs=1e-4)
     assert (got["task_tokens_per_row"], got["replay_tokens_per_row"]) == (round(t, 2), round(r, 2))
     assert got["example_run"] == "a" and got["replay_cache_id"] == rc.cache_id
+
+
+def test_clip_budgets_sum_what_the_clip_left_of_each_step(tmp_path):
+    """seeds.json's clip_budgets: per run, the sum over steps of min(1, max_grad_norm / grad_norm) (a split
+    step with no task rows, grad_norm 0, counts 0), the anchored steps under --clip split, the median step
+    time; runs without metrics or with a damaged config add nothing."""
+    study = load_study()
+    runs = {
+        "joint": ({"max_grad_norm": 1.0}, [(4.0, None, 2.0), (0.5, None, 3.0), (2.0, None, 1.0)]),
+        "split": ({"max_grad_norm": 2.0, "clip": "split"}, [(4.0, 0.0, 1.0), (0.0, 3.0, 5.0), (1.0, 1.0, 2.0)]),
+    }
+    for name, (conf, steps) in runs.items():
+        d = tmp_path / name / "run"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(conf))
+        lines = [
+            {"grad_norm": n, "step_time_s": t, **({} if a is None else {"anchored_grad_norm": a})} for n, a, t in steps
+        ]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "broken" / "run").mkdir(parents=True)
+    (tmp_path / "broken" / "run" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "broken" / "run" / "config.json").write_text("{not json")
+    joint, split = study.clip_budgets(tmp_path)
+    assert joint == {"run": "joint", "clip": "joint", "steps": 3, "task_step_sum": 1.8, "median_step_s": 2.0}
+    assert split == {
+        "run": "split",
+        "clip": "split",
+        "steps": 3,
+        "task_step_sum": 1.5,
+        "median_step_s": 2.0,
+        "steps_with_anchored_rows": 2,
+    }

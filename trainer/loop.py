@@ -663,7 +663,7 @@ def window_backward(
             if split:  # CE + lambda * term (the only kind --clip split takes): the two groups' passes apart
                 # the task: the CE of the rows no gate anchors; the anchored: their CE and the term (and penalty)
                 task = (ce_sum - anchored[0]) * weight
-                rest = (anchored[0] + lam * term_sum) * weight
+                rest = window_loss(policy.loss, anchored[0], term_sum, weight)
                 rest = rest if extra is None else rest + extra
                 # no anchored row and no penalty: that group has no gradient, skip its pass
                 has_rest = batch.row_gate is None or bool(batch.row_gate.any()) or extra is not None
@@ -677,6 +677,10 @@ def window_backward(
         ce_tot += scale * ce_sum.item()
         term_tot += scale * term_sum.item()
     if split:
+        if ranks.world > 1:  # every rank all-reduces the same tensors, whichever rows it had
+            for j, p in enumerate(policy.params):
+                task_grads[j] = torch.zeros_like(p) if task_grads[j] is None else task_grads[j]
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
         ranks.mean_(task_grads + [p.grad for p in policy.params])
     ce_tot, term_tot = ranks.sum([ce_tot, term_tot], batch_of.device)
     return ce_tot, term_tot, pen, n_window, task_grads

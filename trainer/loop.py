@@ -40,7 +40,7 @@ from .config import (
 from .core import causal_lm, lora_direction_factors, online_reference, policy_losses, window_loss
 from .distributed import Ranks, setup, teardown
 from .losses import LossParams
-from .optim import clip_split, make_optimizer, take_grads
+from .optim import clip_gradients, make_optimizer, take_grads
 from .stream import Replay, RowGate, batches, collate, pad_id_for
 
 
@@ -755,13 +755,8 @@ def window_loop(run: LoopSettings, data: Data, policy: Policy, start: Start, ran
                 out,
                 last_saved,
             )
-        if task_grads is None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, run.max_grad_norm).item()
-            norms = {"grad_norm": grad_norm}
-        else:  # --clip split: the task rows' and the anchored rows' gradients, each clipped on its own
-            grad_norm, anchored_norm = clip_split(policy.params, task_grads, run.max_grad_norm)
-            norms = {"grad_norm": grad_norm, "anchored_grad_norm": anchored_norm}
-            grad_norm += anchored_norm
+        norms = clip_gradients(policy.params, task_grads, run.max_grad_norm)  # --clip: joint, or split
+        grad_norm = sum(norms.values())
         if not math.isfinite(grad_norm):
             bar.close()
             raise NonFiniteError(at.step + 1, f"the gradient norm is {grad_norm}", out, last_saved)

@@ -52,3 +52,15 @@ def clip_split(params, task_grads: list, max_norm: float) -> tuple[float, float]
         if a is not None:
             p.grad = a if p.grad is None else p.grad.add_(a)
     return task_norm, anchored_norm
+
+
+def clip_gradients(params, task_grads: list | None, max_norm: float) -> dict:
+    """The step's clip, as ``--clip`` says: ``task_grads`` None (joint): the parameters' whole gradient clipped
+    to ``max_norm``; else :func:`clip_split`. Returns the norms before clipping under their metrics.jsonl names
+    (``grad_norm``, and ``anchored_grad_norm`` when split)."""
+    import torch
+
+    if task_grads is None:
+        return {"grad_norm": torch.nn.utils.clip_grad_norm_(params, max_norm).item()}
+    task_norm, anchored_norm = clip_split(params, task_grads, max_norm)
+    return {"grad_norm": task_norm, "anchored_grad_norm": anchored_norm}

@@ -51,15 +51,19 @@ class Ranks:
         dist.all_reduce(t)
         return t.tolist()
 
-    def mean_(self, tensors: list) -> None:
-        """Each tensor (None: skipped) replaced in place by its mean over all ranks: the average DDP's own
-        all-reduce makes, for gradients kept out of it (``--clip split``)."""
+    def mean_split_(self, params: list, task_grads: list) -> None:
+        """``--clip split``: the two groups' gradients (``task_grads`` and the parameters' ``.grad``), kept out of
+        DDP's all-reduce, replaced in place by their mean over all ranks (the average DDP's own all-reduce
+        makes). A rank that had no row of a group in the window reduces zeros, so every rank reduces the same
+        tensors."""
         if self.world == 1:
             return
-        for t in tensors:
-            if t is not None:
-                dist.all_reduce(t)
-                t.div_(self.world)
+        for j, p in enumerate(params):
+            task_grads[j] = torch.zeros_like(p) if task_grads[j] is None else task_grads[j]
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        for t in task_grads + [p.grad for p in params]:
+            dist.all_reduce(t)
+            t.div_(self.world)
 
     def wrap(self, model, device: str):
         """The model under DistributedDataParallel (itself when there is one process)."""

@@ -29,6 +29,7 @@ DDP / FSDP / DeepSpeed wrapper, so their gradient synchronisation and weight gat
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -40,7 +41,9 @@ from pact_cache.format import Cache, CacheRow, open_cache
 from pact_cache.projection import check_projection
 
 from .core import lora_direction_factors, policy_losses, window_loss
+from .distributed import Ranks
 from .losses import LossParams, PactParams, added_term_methods
+from .optim import CLIPS, backward_apart, clip_split
 from .stream import (
     REPLAY_RATIO,
     REPLAY_TERMS,
@@ -261,9 +264,26 @@ class PactTrainerMixin:
     """``compute_loss`` for cached reference targets. Pass ``cache`` (for the safety tokens) and
     ``loss_params`` (method, lambda, PACT parameters, logits chunk) to the constructor, and
     ``direction`` (a path or a :class:`pact_cache.direction.Direction`) for a method with a
-    parameter penalty (asft): it is added as ``lambda * penalty`` once per optimizer step."""
+    parameter penalty (asft): it is added as ``lambda * penalty`` once per optimizer step.
 
-    def __init__(self, *args, cache: Cache, loss_params: LossParams | None = None, direction=None, **kwargs):
+    ``clip="split"`` is pact-train's ``--clip split``: the gradient of the rows the collator's row gate
+    anchors (and the replay rows) is clipped to ``max_grad_norm`` apart from the other rows', then the two
+    are added; ``grad_norm`` is the task rows' norm and ``anchored_grad_norm`` is logged beside it. Each
+    micro-batch with an anchored row takes a second backward pass; under DDP the window runs outside DDP's
+    all-reduce and both parts are averaged before the clip. It needs a method whose term is added to the
+    cross-entropy, a row gate, ``max_grad_norm > 0``, no fp16 loss scaler, and neither FSDP nor DeepSpeed."""
+
+    def __init__(
+        self,
+        *args,
+        cache: Cache,
+        loss_params: LossParams | None = None,
+        direction=None,
+        clip: str = "joint",
+        **kwargs,
+    ):
+        if not isinstance(clip, str) or clip not in CLIPS:
+            raise PactError(f"PactTrainer(clip={preview(clip)}): use one of {', '.join(CLIPS)}")
         super().__init__(*args, **kwargs)
         self.pact_ids = torch.tensor(cache.ids)
         self.pact_weights = torch.tensor(cache.tokens.weights, dtype=torch.float32)
@@ -294,6 +314,37 @@ class PactTrainerMixin:
         if getattr(self.data_collator, "padding_free", False) and not self._pact_pack():
             self.data_collator.padding_free = False
         self._pact_sums = torch.zeros(3)  # CE, the method's term, response tokens: since the last log
+        self._pact_split = clip == "split"
+        if self._pact_split:
+            self._pact_check_split()
+        self._pact_params_list = None  # the trainable parameters (clip="split"), found on first use
+        self._pact_anchored = None  # clip="split": the anchored rows' gradient of the window so far, and its step
+        self._pact_anchored_step = None
+        self._pact_anchored_norm = None  # its norm before the last clip, for the log
+
+    def _pact_check_split(self) -> None:
+        """What ``clip="split"`` needs, refused at construction in one line each."""
+        from transformers import Trainer
+
+        method = self.pact_params.method.name
+        why = None
+        if method not in added_term_methods():
+            why = (
+                f"needs a per-step term added to the cross-entropy ({', '.join(added_term_methods())}); "
+                f"method {method} has none"
+            )
+        elif isinstance(self.data_collator, PactCollator) and self.data_collator.row_gate is None:
+            why = "clips the rows a row gate anchors apart from the others: give PactCollator(row_gate=...)"
+        elif not self.args.max_grad_norm or self.args.max_grad_norm <= 0:
+            why = f"clips each part to max_grad_norm, which is {self.args.max_grad_norm}: set it > 0"
+        elif self.args.fp16:
+            why = "the part kept apart would stay scaled by fp16's loss scaler: train in bf16 or float32"
+        elif self.is_deepspeed_enabled or self.is_fsdp_enabled or self.args.n_gpu > 1:
+            why = "runs on one process or under DDP (torchrun, accelerate launch), not FSDP, DeepSpeed or DataParallel"
+        elif not hasattr(Trainer, "_clip_grad_norm"):
+            why = "this transformers' Trainer does not clip through Trainer._clip_grad_norm (transformers 5 does)"
+        if why:
+            raise PactError(f"PactTrainer(clip='split'): {why}; or leave clip='joint'")
 
     def _pact_pack(self) -> bool:
         """Switch the model to packed attention once (:func:`pact_train.packing.enable`); False, with one
@@ -361,21 +412,28 @@ class PactTrainerMixin:
             **packed,
         )
         device = batch.input_ids.device
-        ce_sum, term_sum, n = policy_losses(
-            model, batch, self.pact_ids.to(device), self.pact_weights.to(device), self.pact_params
-        )
+        split = self._pact_split and model.training
+        # clip="split": two backward passes from one forward, which DDP's all-reduce cannot follow; the
+        # window's gradients are averaged over the processes before the clip (_clip_grad_norm)
+        with model.no_sync() if split and hasattr(model, "no_sync") else contextlib.nullcontext():
+            ce_sum, term_sum, n, *anchored = policy_losses(
+                model, batch, self.pact_ids.to(device), self.pact_weights.to(device), self.pact_params, split=split
+            )
         if model.training:
             self._pact_sums = self._pact_sums.to(device) + torch.stack(
                 [ce_sum.detach(), term_sum.detach(), n.detach().float()]
             )
         if num_items_in_batch is not None:
-            loss = window_loss(self.pact_params, ce_sum, term_sum, 1.0 / num_items_in_batch)
+            weight = 1.0 / num_items_in_batch
             if getattr(self.args, "average_tokens_across_devices", False) and self.args.world_size > 1:
-                loss = loss * self.args.world_size  # DDP averages gradients over processes; the count is global
+                weight = weight * self.args.world_size  # DDP averages gradients over processes; the count is global
             self.loss_is_scaled_for_ga = True
         else:
-            loss = window_loss(self.pact_params, ce_sum, term_sum, 1.0 / n.clamp_min(1))
+            weight = 1.0 / n.clamp_min(1)
             self.loss_is_scaled_for_ga = False
+        loss = window_loss(self.pact_params, ce_sum, term_sum, weight)
+        if split:
+            loss = self._pact_anchored_backward(ce_sum, anchored[0], term_sum, weight, batch.row_gate)
         if self._pact_factors is not None and model.training:
             # a penalty on the weights, once per optimizer step: 1/GA of it with each micro-batch when the
             # Trainer does not divide the loss itself (it does when the loss is not scaled for GA)
@@ -386,6 +444,47 @@ class PactTrainerMixin:
                 [penalty.detach().to(device), torch.ones((), device=device)]
             )
         return (loss, {"ce_sum": ce_sum.detach(), "term_sum": term_sum.detach()}) if return_outputs else loss
+
+    def _pact_trainable(self) -> list:
+        if self._pact_params_list is None:
+            self._pact_params_list = [p for p in self.model.parameters() if p.requires_grad]
+        return self._pact_params_list
+
+    def _pact_anchored_backward(self, ce_sum, anchored_ce, term_sum, weight, row_gate):
+        """clip="split": the backward pass of the anchored rows' part (their CE and the term) here, its gradient
+        set apart in ``_pact_anchored``; returns the loss whose backward the Trainer then runs: the other rows'
+        CE, its value the whole loss (the anchored part detached) so that the logged loss stays the method's."""
+        step = self.state.global_step
+        if self._pact_anchored is not None and self._pact_anchored_step != step:
+            raise PactError(
+                f"PactTrainer(clip='split'): the anchored rows' gradient of step {self._pact_anchored_step} was never "
+                "added: this Trainer does not clip through Trainer._clip_grad_norm; leave clip='joint'"
+            )
+        task = (ce_sum - anchored_ce) * weight
+        rest = window_loss(self.pact_params, anchored_ce, term_sum, weight)
+        if bool(row_gate.any()):  # no anchored row: that part has no gradient, skip its pass
+            ga = 1 if self.loss_is_scaled_for_ga else self.current_gradient_accumulation_steps
+            # scaled and run as the Trainer's own backward pass; .grad keeps the other rows' of the window so far
+            self._pact_anchored = backward_apart(
+                rest / ga, self._pact_trainable(), self._pact_anchored, True, self.accelerator.backward
+            )
+            self._pact_anchored_step = step
+        return task + rest.detach()
+
+    def _clip_grad_norm(self, model):
+        """clip="split": the two parts of the window's gradient (averaged over the processes first, under DDP)
+        each clipped to ``max_grad_norm``, then added (:func:`pact_train.optim.clip_split`); returns the task
+        rows' norm, the Trainer's ``grad_norm``."""
+        if not self._pact_split:
+            return super()._clip_grad_norm(model)
+        params = self._pact_trainable()
+        task = [p.grad for p in params]
+        anchored, self._pact_anchored = self._pact_anchored or [None] * len(params), None
+        for p, a in zip(params, anchored):
+            p.grad = a
+        Ranks(self.accelerator.process_index, self.accelerator.num_processes).mean_split_(params, task)
+        task_norm, self._pact_anchored_norm = clip_split(params, task, self.args.max_grad_norm)
+        return torch.tensor(task_norm)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Adds the token-weighted cross-entropy (``ce``) and the method's term under its own name (e.g.
@@ -406,6 +505,8 @@ class PactTrainerMixin:
                     logs[self.pact_params.method.metric] = total / count
                 self._pact_pen = torch.zeros_like(self._pact_pen)
             self._pact_sums = torch.zeros_like(self._pact_sums)
+            if self._pact_anchored_norm is not None:  # clip="split": the last step's, as grad_norm is
+                logs["anchored_grad_norm"] = self._pact_anchored_norm
         super().log(logs, *args, **kwargs)
 
 

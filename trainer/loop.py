@@ -40,7 +40,7 @@ from .config import (
 from .core import causal_lm, lora_direction_factors, online_reference, policy_losses, window_loss
 from .distributed import Ranks, setup, teardown
 from .losses import LossParams
-from .optim import clip_gradients, make_optimizer, take_grads
+from .optim import backward_apart, clip_gradients, make_optimizer
 from .stream import Replay, RowGate, batches, collate, pad_id_for
 
 
@@ -639,7 +639,7 @@ def window_backward(
     window's response tokens on all ranks (each rank's share, times the rank count: DDP averages). Returns the
     window's cross-entropy sum and term sum over all ranks, the penalty's value (AsFT; 0 without), its
     response tokens and, with ``split`` (``--clip split``), the gradient of the rows no gate anchors kept apart
-    (:func:`pact_train.optim.take_grads`; the parameters' ``.grad`` then hold the anchored rows'), else None."""
+    (:func:`pact_train.optim.backward_apart`; the parameters' ``.grad`` then hold the anchored rows'), else None."""
     method = policy.loss.method
     n_window = sum(sum(r.steps for r in rows) for _, _, rows in micro)
     ce_tot = term_tot = pen = 0.0
@@ -667,8 +667,8 @@ def window_backward(
                 rest = rest if extra is None else rest + extra
                 # no anchored row and no penalty: that group has no gradient, skip its pass
                 has_rest = batch.row_gate is None or bool(batch.row_gate.any()) or extra is not None
-                task.backward(retain_graph=has_rest)
-                task_grads = take_grads(policy.params, task_grads)
+                # the task's gradient into task_grads; .grad keeps the anchored rows' of the window so far
+                task_grads = backward_apart(task, policy.params, task_grads, retain_graph=has_rest)
                 if has_rest:
                     rest.backward()
             else:
@@ -677,11 +677,7 @@ def window_backward(
         ce_tot += scale * ce_sum.item()
         term_tot += scale * term_sum.item()
     if split:
-        if ranks.world > 1:  # every rank all-reduces the same tensors, whichever rows it had
-            for j, p in enumerate(policy.params):
-                task_grads[j] = torch.zeros_like(p) if task_grads[j] is None else task_grads[j]
-                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-        ranks.mean_(task_grads + [p.grad for p in policy.params])
+        ranks.mean_split_(policy.params, task_grads)
     ce_tot, term_tot = ranks.sum([ce_tot, term_tot], batch_of.device)
     return ce_tot, term_tot, pen, n_window, task_grads
 

@@ -36,6 +36,21 @@ def take_grads(params, into: list | None = None) -> list:
     return into
 
 
+def backward_apart(loss, params, into: list | None, retain_graph: bool = False, backward=None) -> list:
+    """The backward pass of ``loss`` with its gradient added to ``into`` (:func:`take_grads`) and the parameters'
+    ``.grad`` left as they were: one group's gradient accumulated apart from the other's, micro-batch after
+    micro-batch (``--clip split``). ``backward``: what runs the pass (``loss.backward`` by default; the Trainer's
+    ``accelerator.backward``)."""
+    held = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    (backward or (lambda x, **kw: x.backward(**kw)))(loss, retain_graph=retain_graph)
+    into = take_grads(params, into)
+    for p, g in zip(params, held):
+        p.grad = g
+    return into
+
+
 def clip_split(params, task_grads: list, max_norm: float) -> tuple[float, float]:
     """``--clip split``: the parameters' ``.grad`` hold the anchored rows' gradient and ``task_grads``
     (:func:`take_grads`) the other rows'; each is clipped to ``max_norm`` on its own and their sum is left in

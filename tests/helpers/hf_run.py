@@ -1,5 +1,6 @@
 """A transformers Trainer run from a cache with PactTrainer, for tests/trainer/test_distributed.py (under
-torchrun: each process one rank). argv: MODEL CACHE OUT BATCH_PER_DEVICE GRAD_ACCUM STEPS.
+torchrun: each process one rank). argv: MODEL CACHE OUT BATCH_PER_DEVICE GRAD_ACCUM STEPS [GATE_AT]; with
+GATE_AT, clip="split" and a hard row gate at that step-0 refusal mass.
 Rank 0 writes OUT/log_history.json and OUT/run.json (how accelerate ran it)."""
 
 import gc
@@ -11,11 +12,13 @@ import torch
 from pact_train.hf import CacheDataset, PactCollator, PactTrainer
 from pact_train.loop import TrainConfig, load_policy
 from pact_train.losses import LossParams
+from pact_train.stream import RowGate
 from transformers import TrainingArguments
 
 from pact_cache.format import open_cache
 
 model_path, cache_path, out, batch, accum, steps = sys.argv[1:7]
+gate_at = float(sys.argv[7]) if len(sys.argv) > 7 else None
 torch.manual_seed(0)
 model, tok, _ = load_policy(TrainConfig(model=model_path, cache="", out="", lora_dropout=0.0).policy_settings(), "cpu")
 cache = open_cache(cache_path)
@@ -39,9 +42,12 @@ trainer = PactTrainer(
     model=model,
     args=args,
     train_dataset=CacheDataset(cache),
-    data_collator=PactCollator(tok.pad_token_id),
+    data_collator=PactCollator(
+        tok.pad_token_id, row_gate=None if gate_at is None else RowGate.of_cache(cache, "hard", gate_at)
+    ),
     cache=cache,
     loss_params=LossParams(lam=1.0),
+    clip="joint" if gate_at is None else "split",
 )
 trainer.train()
 if trainer.is_world_process_zero():

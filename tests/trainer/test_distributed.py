@@ -221,10 +221,10 @@ def test_resuming_with_another_process_count_is_refused(setup, one_and_two):
         )
 
 
-def pact_train_reference(setup, out: Path) -> list[dict]:
+def pact_train_reference(setup, out: Path, **kw) -> list[dict]:
     """pact-train, 1 process x 2 rows x 2 accumulation, cache order, constant lr: 4 steps."""
     root, args = setup
-    train(one_process(args, out, grad_accum=2, schedule="constant", warmup_steps=0, shuffle=False, max_steps=4))
+    train(one_process(args, out, grad_accum=2, schedule="constant", warmup_steps=0, shuffle=False, max_steps=4, **kw))
     return metrics(out)
 
 
@@ -242,18 +242,38 @@ def same_steps(want: list[dict], logged: list[dict]) -> None:
         assert b["ce"] == pytest.approx(a["ce"], rel=1e-5) and b["pact_kl"] == pytest.approx(a["pact_kl"], rel=1e-5)
 
 
-def test_trainer_on_two_processes_follows_pact_train(setup, tmp_path):
+@pytest.mark.parametrize("clip", ["joint", "split"])
+def test_trainer_on_two_processes_follows_pact_train(setup, tmp_path, clip):
     """PactTrainer under torchrun (accelerate shards the cache by rank, DDP syncs the gradients):
     4 optimizer steps of 2 processes x 1 row x 2 accumulation equal pact-train's 1 process x 2 rows
-    x 2 accumulation (same rows in cache order, constant lr, AdamW): loss and grad norm, 1e-5."""
+    x 2 accumulation (same rows in cache order, constant lr, AdamW): loss and grad norm, 1e-5. split:
+    clip="split" with a hard gate anchoring one of the 16 rows the steps take (the window runs outside
+    DDP's all-reduce, a rank without an anchored row reduces zeros): the same against pact-train's
+    --clip split, anchored norm too."""
     root, args = setup
-    cmd = [*launcher(), str(HELPERS / "hf_run.py"), args[1], args[3], str(tmp_path / "hf"), "1", "2", "4"]
+    gate = {}
+    if clip == "split":
+        from pact_train.stream import RowGate
+
+        from pact_cache.format import open_cache
+
+        cache = open_cache(args[3])
+        first = list(cache.iter_rows())[:16]  # the rows of the 4 steps, in cache order
+        masses = sorted(RowGate.of_cache(cache, "soft").mass(r) for r in first)
+        gate = dict(clip="split", row_gate="hard", gate_at=(masses[-1] + masses[-2]) / 2)
+    argv = [args[1], args[3], str(tmp_path / "hf"), "1", "2", "4"] + ([repr(gate["gate_at"])] if gate else [])
+    cmd = [*launcher(), str(HELPERS / "hf_run.py"), *argv]
     res = subprocess.run(
         cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "hf" / "run.json").read_text()) == {"distributed_type": "MULTI_CPU", "processes": 2}
-    same_steps(pact_train_reference(setup, tmp_path / "pt"), trainer_logged(tmp_path / "hf"))
+    want, logged = pact_train_reference(setup, tmp_path / "pt", **gate), trainer_logged(tmp_path / "hf")
+    same_steps(want, logged)
+    if gate:
+        got = [r["anchored_grad_norm"] for r in logged]
+        assert got == pytest.approx([r["anchored_grad_norm"] for r in want], rel=1e-5)
+        assert sum(x > 0 for x in got) == 1
 
 
 def test_fsdp2_gradients_equal_one_process(setup, tmp_path):

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ def cache(f32_cache):
     return f32_cache
 
 
-def trainer_for(model, cache, tmp_path, params, **args):
+def trainer_for(model, cache, tmp_path, params, clip="joint", collator=None, train_dataset=None, **args):
     from transformers import Trainer, TrainingArguments
 
     targs = TrainingArguments(
@@ -33,7 +34,15 @@ def trainer_for(model, cache, tmp_path, params, **args):
         save_strategy="no",
         **args,
     )
-    return make_trainer_class(Trainer)(model=model, args=targs, cache=open_cache(cache), loss_params=params)
+    return make_trainer_class(Trainer)(
+        model=model,
+        args=targs,
+        cache=open_cache(cache),
+        loss_params=params,
+        clip=clip,
+        data_collator=collator,
+        train_dataset=train_dataset,
+    )
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -118,6 +127,89 @@ def test_a_short_trainer_run_logs_pact_trains_first_loss(tiny_model, cache, tmp_
     assert logs[0]["ce"] == pytest.approx(want["ce"], rel=1e-4) and logs[0]["pact_kl"] == pytest.approx(
         want["pact_kl"], rel=1e-4
     )
+
+
+def test_trainer_clip_split_follows_pact_train(tiny_model, cache, tmp_path):
+    """clip="split" (pact-train's --clip split): a hard gate anchoring about half the rows, lambda 3, 2 rows x 2
+    accumulation, cache order, constant lr: 3 optimizer steps of the Trainer equal pact-train's (loss, the task
+    rows' grad_norm, anchored_grad_norm, 1e-5); the anchored part was clipped (its norm above max_grad_norm)."""
+    from pact_train.stream import RowGate
+
+    c = open_cache(cache)
+    masses = sorted(RowGate.of_cache(c, "soft").mass(r) for r in c.iter_rows())
+    at = masses[len(masses) // 2]
+    cfg = TrainConfig(
+        model=tiny_model,
+        cache=str(cache),
+        out=str(tmp_path / "pt"),
+        recipe="plain",
+        lam=3.0,
+        clip="split",
+        row_gate="hard",
+        gate_at=at,
+        batch_size=2,
+        grad_accum=2,
+        max_steps=3,
+        shuffle=False,
+        schedule="constant",
+        warmup_steps=0,
+        lr=1e-3,
+        lora_dropout=0.0,
+        progress=False,
+        plot=False,
+    )
+    train(cfg)
+    want = [json.loads(line) for line in (tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()]
+    torch.manual_seed(0)
+    model, tok, _ = load_policy(cfg.policy_settings(), "cpu")
+    trainer = trainer_for(
+        model,
+        cache,
+        tmp_path,
+        cfg.loss_params(),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        logging_steps=1,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        disable_tqdm=True,
+        clip="split",
+        collator=PactCollator(tok.pad_token_id, row_gate=RowGate.of_cache(c, "hard", at)),
+        train_dataset=CacheDataset(c),
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == len(want) == 3
+    for a, b in zip(want, logs):
+        for k in ("loss", "grad_norm", "anchored_grad_norm", "ce", "pact_kl"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5), k
+    assert max(r["anchored_grad_norm"] for r in logs) > 1.0 and min(r["grad_norm"] for r in logs) > 0
+
+
+def test_trainer_clip_split_refuses_what_it_cannot_do(tiny_model, cache, tmp_path):
+    from pact_train.stream import RowGate
+
+    from pact_cache.errors import PactError
+
+    torch.manual_seed(0)
+    model, tok, _ = load_policy(TrainConfig(model=tiny_model, cache="", out="").policy_settings(), "cpu")
+    gate = PactCollator(tok.pad_token_id, row_gate=RowGate.of_cache(open_cache(cache), "hard", 0.5))
+    for params, collator, args, needle in (
+        (LossParams(lam=1.0), gate, {}, None),
+        (LossParams(lam=1.0), PactCollator(tok.pad_token_id), {}, "give PactCollator(row_gate=...)"),
+        (LossParams(method="sft"), gate, {}, "method sft has none"),
+        (LossParams(lam=1.0), gate, dict(max_grad_norm=0.0), "which is 0.0: set it > 0"),
+    ):
+        make = lambda: trainer_for(model, cache, tmp_path, params, clip="split", collator=collator, **args)  # noqa: E731
+        if needle is None:
+            assert make()._pact_split
+            continue
+        with pytest.raises(PactError, match=re.escape(needle)):
+            make()
+    with pytest.raises(PactError, match=re.escape("PactTrainer(clip='both'): use one of joint, split")):
+        trainer_for(model, cache, tmp_path, LossParams(), clip="both")
 
 
 def test_dataset_shards_by_worker_without_overlap(cache):

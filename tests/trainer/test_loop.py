@@ -730,12 +730,14 @@ def test_clip_split_takes_the_joint_step_when_every_row_is_anchored_and_sfts_whe
 ):
     """--clip split clips the rows the hard gate anchors apart from the others. A gate at 0 anchors every row:
     the split run takes the joint run's steps (the task's norm 0, the anchored rows' the joint norm); a gate at
-    1 anchors none: both take SFT's steps (the anchored norm 0). How a mixed batch splits: test_core and
-    test_optim."""
+    1 anchors none: both take SFT's steps (the anchored norm 0). The split runs take each window in two
+    micro-batches (2 rows x 2 accumulation, the joint runs 4 x 1): each group's gradient accumulates apart over
+    the window. How a mixed batch splits: test_core and test_optim (and test_hf, against the Trainer's)."""
     base = dict(method="str", lam=100.0, row_gate="hard", max_steps=3)
     train(cfg(tiny_model, caches["f32"], tmp_path / "sft", method="sft"))
     for at in (0.0, 1.0):
-        train(cfg(tiny_model, caches["f32"], tmp_path / f"split{at}", clip="split", gate_at=at, **base))
+        two = dict(batch_size=2, grad_accum=2)
+        train(cfg(tiny_model, caches["f32"], tmp_path / f"split{at}", clip="split", gate_at=at, **base, **two))
         train(cfg(tiny_model, caches["f32"], tmp_path / f"joint{at}", gate_at=at, **base))
     sft = metrics(tmp_path / "sft")
     (split0, joint0), (split1, joint1) = (

@@ -16,7 +16,8 @@ set -x
 # model is a small instruct model that refuses few of them, so expect the warning that it does not look aligned)
 "$ROOT/.venv/bin/pact-cache" replay --ref "$MODEL" --tokens "$OUT/tokens.json" -o "$OUT/replay" --limit 100 --no-progress
 # 30 optimizer steps from the cache with pact-train's defaults (the study's recipe: STR on the rows the reference
-# would refuse, plus its refusals replayed): one model in memory, the reference never loaded
+# would refuse, plus its refusals replayed, the anchored rows' gradient clipped apart from the others'): one model
+# in memory, the reference never loaded
 "$ROOT/.venv/bin/pact-train" --model "$MODEL" --cache "$OUT/cache" --replay "$OUT/replay" -o "$OUT/run" --epochs 6 --batch-size 4 \
     --lr 2e-4 --save-every 1000 --no-progress
 set +x
@@ -31,7 +32,8 @@ first, last = m[0]["epoch"], m[-1]["epoch"]
 cfg = json.load(open(f"{sys.argv[1]}/config.json"))
 from pact_train.losses import METHODS
 term = METHODS[cfg["method"]].metric  # the method's value in metrics.jsonl
-print(f"what changed: {len(m)} steps of --method {cfg['method']} --lambda {cfg['lam']:g} --row-gate {cfg['row_gate']} with "
+print(f"what changed: {len(m)} steps of --method {cfg['method']} --lambda {cfg['lam']:g} --row-gate {cfg['row_gate']} "
+      f"--clip {cfg['clip']} with "
       f"{cfg['replay_ratio']:g} of the rows replayed refusals (the {cfg['recipe']} recipe filled {', '.join(cfg['defaults']['filled'])}); cross-entropy over "
       f"an epoch {epoch(first, 'ce'):.3f} -> {epoch(last, 'ce'):.3f}, {cfg['method']} term ({term}) "
       f"{epoch(first, term):.4f} -> {epoch(last, term):.4f}; adapter in {sys.argv[1]}/adapter")

@@ -99,16 +99,18 @@ class Recipe:
 RECIPES = {
     "safe": Recipe(
         "safe",
-        {"method": "str", "lam": 3.0, "row_gate": "hard", "replay": "auto", "replay_ratio": 0.05},
-        "--method str --lambda 3 --row-gate hard --replay auto --replay-ratio 0.05",
-        "docs/study.md (tools/study.py --rows recipe benign_recipe, three seeds): the row that kept >= 95% of the "
-        "reference's refusals on two held-out harmful sets sharing no source with its replay prompts, at every "
-        "seed, with and without harmful rows in the fine-tuning data, at 1.5-2.8 points of task accuracy below SFT",
+        {"method": "str", "lam": 3.0, "row_gate": "hard", "replay": "auto", "replay_ratio": 0.05, "clip": "split"},
+        "--method str --lambda 3 --row-gate hard --replay auto --replay-ratio 0.05 --clip split",
+        "docs/study.md (tools/study.py --rows recipe benign_recipe --candidate rows='--clip split', three seeds; "
+        "tools/study/clip_split_seeds.md): the row that kept >= 95% of the reference's refusals on two held-out "
+        "harmful sets sharing no source with its replay prompts, at every seed, with and without harmful rows in "
+        "the fine-tuning data, at 0.7 (harmful rows in the data) and 1.5 (none) points of task accuracy below SFT",
     ),
     "plain": Recipe(
         "plain",
-        {"method": "pact", "lam": 1.0, "row_gate": "none", "replay": None},
-        "each option on its own: --method pact (the paper's PACT) at --lambda 1, no row gate, no replay",
+        {"method": "pact", "lam": 1.0, "row_gate": "none", "replay": None, "clip": "joint"},
+        "each option on its own: --method pact (the paper's PACT) at --lambda 1, no row gate, no replay, the "
+        "usual joint clip",
         "the method's source (docs/training.md#methods)",
     ),
 }
@@ -251,13 +253,15 @@ class TrainConfig:
     )
     step_gamma: float = opt(0.85, "StepLR's decay per epoch (--schedule step)", lo=0, hi=1, lo_open=True, cli=False)
     max_grad_norm: float = opt(1.0, "gradient norm clipping", lo=0, lo_open=True, cli=False)
-    clip: str = opt(
-        "joint",
+    clip: str | None = opt(
+        None,
         "how the gradient is clipped to max_grad_norm: joint: the whole loss's gradient at once (the usual); split: "
         "the gradient of the rows --row-gate anchors (and the replay rows) apart from the other rows', each "
         "clipped on its own, then added, so that a large anchor leaves the task's step whole (a second backward "
-        "pass on micro-batches with anchored rows)",
+        "pass on micro-batches with anchored rows; needs --row-gate and a term added to the cross-entropy) "
+        "(default: the recipe's, split safe, joint plain and wherever split cannot apply)",
         choices=lambda: list(CLIPS),
+        type=str,
     )
     max_steps: int | None = opt(None, "stop after N optimizer steps", lo=1, integer=True, type=int)
     seed: int = opt(0, "seed of the data order, LoRA init and dropout", lo=0, hi=2**63 - 1, integer=True)
@@ -326,18 +330,21 @@ class TrainConfig:
         recipe = RECIPES.get(self.recipe)
         filled = []
         if recipe is not None:  # an unknown name is refused by check_config, in one line
-            for name in ("method", "lam", "row_gate", "replay", "replay_ratio"):
+            for name in ("method", "lam", "row_gate", "replay", "replay_ratio", "clip"):
                 if getattr(self, name) is None and name in recipe.settings:
                     if name == "replay_ratio" and not (self.replay and self.replay.strip().lower() != "none"):
                         continue  # no replay: no ratio
-                    if name in ("lam", "row_gate") and self.method not in added_term_methods():
+                    if name in ("lam", "row_gate", "clip") and self.method not in added_term_methods():
                         continue  # a method without an added term (sft, ...) takes neither its weight nor its gate
+                    if name == "clip" and self.row_gate in (None, "none"):
+                        continue  # no gate: nothing to clip apart
                     setattr(self, name, recipe.settings[name])
                     filled.append(name)
         if isinstance(self.replay, str) and self.replay.strip().lower() == "none":
             self.replay = None
         self.lam = 1.0 if self.lam is None else self.lam  # what is left (a recipe that names no lambda)
         self.row_gate = self.row_gate or "none"
+        self.clip = self.clip or "joint"
         if self.row_gate == "hard" and self.gate_at is None:
             self.gate_at = GATE_AT
         self.method = self.method or "pact"
@@ -414,6 +421,11 @@ CONFIG_MAX_VALUES = 10_000  # values in it, counted after YAML's aliases are exp
 
 def _flag(f) -> str:
     return f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a TrainConfig field (``lam`` -> ``--lambda``)."""
+    return next(_flag(f) for f in fields(TrainConfig) if f.name == name)
 
 
 def _pact_flag(name: str) -> str:

@@ -36,6 +36,7 @@ from .config import (
     TrainError,
     check_config,
     config_record,
+    flag_of,
 )
 from .core import causal_lm, lora_direction_factors, online_reference, policy_losses, window_loss
 from .distributed import Ranks, setup, teardown
@@ -149,9 +150,16 @@ def check_out(
             f"process if 1)"
         )
     if diff:
+        fix = "choose another -o"
+        key = diff[0]
+        if cfg.resume and key in cfg.from_recipe and isinstance(old.get(key), (str, int, float)):
+            # the recipe filled it, and the recipe's default is not what it was when the run started
+            fix = (
+                f"the recipe's default changed since; to resume it, give {flag_of(key)} {str(old[key])[:40]} as it ran"
+            )
         raise TrainError(
-            f"{out}: holds a different run ({str(diff[0])[:60]}: {preview(old.get(diff[0]))} there, "
-            f"{preview(mine.get(diff[0]))} now); choose another -o"
+            f"{out}: holds a different run ({str(key)[:60]}: {preview(old.get(key))} there, "
+            f"{preview(mine.get(key))} now); {fix}"
         )
     if find_checkpoint(out / "checkpoint") is None:  # it stopped before its first checkpoint: nothing to keep
         _log(
@@ -626,10 +634,12 @@ class Collate:
     padding_free: bool
     device: str
 
+    def on_host(self, rows):
+        """The batch before it moves to the device: what can be read from it without a device sync."""
+        return collate(rows, self.pad_id, self.pad_multiple, self.mask, self.gate, self.replay_term, self.padding_free)
+
     def __call__(self, rows):
-        return collate(
-            rows, self.pad_id, self.pad_multiple, self.mask, self.gate, self.replay_term, self.padding_free
-        ).to(self.device)
+        return self.on_host(rows).to(self.device)
 
 
 def window_backward(
@@ -646,7 +656,8 @@ def window_backward(
     task_grads = None
     for i, (_, _, global_rows) in enumerate(micro):
         rows, scale = ranks.take(global_rows)
-        batch = batch_of(rows)
+        host = batch_of.on_host(rows)
+        batch = host.to(batch_of.device)
         live = online_reference(policy.ref, batch, policy.header, policy.ids) if policy.ref is not None else None
         # one gradient all-reduce per window (split: none here, the two parts are averaged after the window)
         with ranks.no_sync(ddp_model, sync=i == len(micro) - 1 and not split):
@@ -666,7 +677,7 @@ def window_backward(
                 rest = window_loss(policy.loss, anchored[0], term_sum, weight)
                 rest = rest if extra is None else rest + extra
                 # no anchored row and no penalty: that group has no gradient, skip its pass
-                has_rest = batch.row_gate is None or bool(batch.row_gate.any()) or extra is not None
+                has_rest = host.row_gate is None or bool(host.row_gate.any()) or extra is not None  # read on host
                 # the task's gradient into task_grads; .grad keeps the anchored rows' of the window so far
                 task_grads = backward_apart(task, policy.params, task_grads, retain_graph=has_rest)
                 if has_rest:

@@ -400,7 +400,7 @@ def test_train_options_are_range_checked(made, tmp_path, capsys, opt, value, nee
 
 def test_without_a_method_the_run_is_the_recipe_and_a_method_alone_is_plain():
     cfg = parse_config(["--model", "m", "--cache", "c", "-o", "o"])
-    assert (cfg.recipe, cfg.method, cfg.lam, cfg.row_gate, cfg.gate_at, cfg.replay, cfg.replay_ratio) == (
+    assert (cfg.recipe, cfg.method, cfg.lam, cfg.row_gate, cfg.gate_at, cfg.replay, cfg.replay_ratio, cfg.clip) == (
         "safe",
         "str",
         3.0,
@@ -408,24 +408,33 @@ def test_without_a_method_the_run_is_the_recipe_and_a_method_alone_is_plain():
         0.9,
         "auto",
         0.05,
+        "split",
     )
-    assert cfg.defaults_record()["filled"] == ["method", "lam", "row_gate", "replay", "replay_ratio"]
+    assert cfg.defaults_record()["filled"] == ["method", "lam", "row_gate", "replay", "replay_ratio", "clip"]
     paper = parse_config(["--model", "m", "--cache", "c", "-o", "o", "--method", "pact"])
-    assert (paper.recipe, paper.method, paper.lam, paper.row_gate, paper.replay, paper.mix_ratio) == (
+    assert (paper.recipe, paper.method, paper.lam, paper.row_gate, paper.replay, paper.mix_ratio, paper.clip) == (
         "plain",
         "pact",
         1.0,
         "none",
         None,
         0.0,
+        "joint",
     )
     # a flag given always wins; what is left comes from the recipe
     mine = parse_config(["--model", "m", "--cache", "c", "-o", "o", "--lambda", "1", "--replay", "none"])
     assert (mine.method, mine.lam, mine.row_gate, mine.replay, mine.replay_ratio) == ("str", 1.0, "hard", None, None)
+    assert mine.clip == "split"
     check_config(mine)
     sft = parse_config(["--model", "m", "--cache", "c", "-o", "o", "--recipe", "safe", "--method", "sft"])
-    assert (sft.row_gate, sft.replay, sft.replay_ratio) == ("none", "auto", 0.05)  # SFT takes the replay, not the gate
+    # SFT takes the replay, not the gate (nor the split clip, which needs one)
+    assert (sft.row_gate, sft.replay, sft.replay_ratio, sft.clip) == ("none", "auto", 0.05, "joint")
     check_config(sft)
+    ungated = parse_config(["--model", "m", "--cache", "c", "-o", "o", "--row-gate", "none"])
+    assert (ungated.method, ungated.clip) == ("str", "joint") and "clip" not in ungated.from_recipe
+    check_config(ungated)
+    joint = parse_config(["--model", "m", "--cache", "c", "-o", "o", "--clip", "joint"])
+    assert joint.clip == "joint" and "clip" not in joint.from_recipe
     assert TrainConfig(model="m", cache="c", out="o", method="pact").recipe == "plain"  # the Python API alike
 
 
@@ -461,15 +470,16 @@ def test_a_run_with_no_method_flags_trains_the_recipe_and_says_so_in_config_json
     err = capsys.readouterr().err
     assert "--replay auto: the policy is the cache's reference" in err and "300 of 300 answers kept" in err
     rec = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert (rec["method"], rec["lam"], rec["row_gate"], rec["replay"], rec["replay_ratio"], rec["recipe"]) == (
-        "str",
-        3.0,
-        "hard",
-        "auto",
-        0.05,
-        "safe",
-    )
-    assert rec["defaults"]["filled"] == ["method", "lam", "row_gate", "replay", "replay_ratio"]
+    assert (
+        rec["method"],
+        rec["lam"],
+        rec["row_gate"],
+        rec["replay"],
+        rec["replay_ratio"],
+        rec["clip"],
+        rec["recipe"],
+    ) == ("str", 3.0, "hard", "auto", 0.05, "split", "safe")
+    assert rec["defaults"]["filled"] == ["method", "lam", "row_gate", "replay", "replay_ratio", "clip"]
     assert "docs/study.md" in rec["defaults"]["source"] and rec["replay_cache_id"]
     assert train_main(args + ["-o", str(tmp_path / "b")]) == 0
     assert calls == [300]  # made once, reused

@@ -763,3 +763,22 @@ def test_clip_split_takes_the_joint_step_when_every_row_is_anchored_and_sfts_whe
     line = one_line(capsys, train_main, *argv, "--method", "str")
     assert "no --row-gate given: leave it out (joint)" in line
     assert not (tmp_path / "no").exists()
+
+
+def test_resuming_a_run_whose_recipe_default_changed_names_the_flag(tmp_path):
+    """A run started when the safe recipe clipped jointly, resumed after its default became split: the one line
+    names the setting and the flag that resumes it as it ran, not just another -o."""
+    from pact_train.config import config_record
+    from pact_train.loop import TrainError, check_out
+
+    out = tmp_path / "run"
+    out.mkdir()
+    started = TrainConfig(model="m", cache="c", out=str(out), clip="joint")
+    (out / "config.json").write_text(json.dumps(config_record(started, "abc123", 1, None)))
+    with pytest.raises(TrainError) as e:
+        check_out(out, TrainConfig(model="m", cache="c", out=str(out), resume=True), "abc123", 1, None, False)
+    assert "(clip: 'joint' there, 'split' now)" in str(e.value)
+    assert "the recipe's default changed since; to resume it, give --clip joint as it ran" in str(e.value)
+    # the flag given: the same run (the recipe's record differs, which a resume allows); no checkpoint: from step 0
+    again = TrainConfig(model="m", cache="c", out=str(out), clip="joint", resume=True)
+    assert "clip" not in again.from_recipe and check_out(out, again, "abc123", 1, None, False) == "new"

@@ -198,6 +198,28 @@ def clip_budgets(out: Path) -> list[dict]:
     return budgets
 
 
+def recipe_drift(run_dir: Path, argv: list) -> str | None:
+    """Why a finished pact-train run is not what the same command line gives today: a setting pact-train's recipe
+    fills (the flags leave it out) whose value has changed since the run (its config.json); None when none has.
+    A study folder reuses a finished stage by its name, so a row of "the defaults" trained before a default
+    changed would otherwise be reported as today's defaults."""
+    import contextlib
+    import io
+
+    from pact_train.config import parse_config, record_as_now
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            cfg = parse_config([str(x) for x in argv])
+    except SystemExit:  # flags pact-train does not take (a candidate's label kept in its FLAGS): cannot tell
+        return None
+    ran = record_as_now(json.loads((run_dir / "config.json").read_text()))
+    for name in cfg.from_recipe:
+        if ran.get(name) != getattr(cfg, name):
+            return f"{name} {ran.get(name)!r} then, {getattr(cfg, name)!r} now"
+    return None
+
+
 def run(cmd: list[str]) -> None:
     if DEVICE != "auto" and (
         Path(str(cmd[0])).name in LOADS_A_MODEL or (len(cmd) > 1 and str(cmd[1]) in LOADS_A_MODEL)
@@ -510,36 +532,38 @@ class Study:
                 ),
             )
 
+        def fine_tune_args(method: str | None, cache: Path, lam: float | None, extra=(), seed: int | None = None):
+            """pact-train's arguments (OUT last); method None: no method flags at all, i.e. its defaults (the
+            recipe)."""
+            return [
+                "--model",
+                aligned,
+                "--cache",
+                cache,
+                *(["--method", method] if method else []),
+                *(["--lambda", lam] if lam is not None else []),
+                *extra,
+                "--lr",
+                a.lr,
+                "--epochs",
+                a.epochs,
+                "--batch-size",
+                8,
+                "--seed",
+                a.seeds[0] if seed is None else seed,
+                "--no-progress",
+                "--save-every",
+                1000,
+                "-o",
+            ]
+
         def fine_tune(method: str | None, cache: Path, lam: float | None, extra=(), seed: int | None = None):
-            """A pact-train run; method None: no method flags at all, i.e. pact-train's defaults (the recipe)."""
+            """A pact-train run (:func:`fine_tune_args`)."""
             return lambda d: (
-                run(
-                    [
-                        BIN / "pact-train",
-                        "--model",
-                        aligned,
-                        "--cache",
-                        cache,
-                        "-o",
-                        d / "run",
-                        *(["--method", method] if method else []),
-                        *(["--lambda", lam] if lam is not None else []),
-                        *extra,
-                        "--lr",
-                        a.lr,
-                        "--epochs",
-                        a.epochs,
-                        "--batch-size",
-                        8,
-                        "--seed",
-                        a.seeds[0] if seed is None else seed,
-                        "--no-progress",
-                        "--save-every",
-                        1000,
-                    ]
-                )
-                or {}
+                run([BIN / "pact-train", *fine_tune_args(method, cache, lam, extra, seed), d / "run"]) or {}
             )
+
+        fine_tune.args = fine_tune_args  # what the seeded groups compare a finished run with (recipe_drift)
 
         def tune(key: str, values: list, stage_for):
             """Train at each value in turn until the rule holds; returns (value, stage name) and records the choice."""
@@ -973,6 +997,17 @@ class Study:
                     name = f"{prefix}{key}_seed{seed}"
                     if a.report_only and not (out / f"eval_{name}" / "DONE.json").exists():
                         continue  # --report-only: the table of what is finished, nothing run
+                    if (out / name / "DONE.json").exists():  # trained: still what the same flags give today?
+                        drift = recipe_drift(
+                            out / name / "run", fine_tune.args(method, c, None, extra, seed) + [out / name / "run"]
+                        )
+                        if drift and not a.report_only:
+                            sys.exit(
+                                f"study: {out / name} was trained under other pact-train defaults ({drift}); "
+                                f"remove that folder and eval_{name} to retrain it, or use a new --out"
+                            )
+                        if drift:  # the table says what the row is
+                            label = f"{label} [trained under earlier defaults: {drift}]"
                     res[name] = self.stage(name, fine_tune(method, c, None, extra, seed=seed))
                     ev = self.stage(
                         f"eval_{name}",

@@ -687,6 +687,19 @@ def config_record(cfg: TrainConfig, cache_id: str, world: int = 1, replay_cache_
     return rec
 
 
+def record_as_now(old: dict) -> dict:
+    """A run folder's config.json (:func:`config_record`) as today's pact-train would record the same run: the
+    settings added since, with the value every run had before they existed."""
+    old = dict(old)
+    old.setdefault("processes", 1)  # runs recorded before data-parallel training were single-process
+    old.setdefault("quantize", "none")  # runs recorded before --quantize and --optim
+    old.setdefault("optim", "adamw")
+    old.setdefault("clip", "joint")  # runs recorded before --clip
+    if old.get("row_gate") != "hard":
+        old["gate_at"] = None  # recorded as 0.9 before --gate-at went with the hard gate only
+    return old
+
+
 # ----------------------------------------------------------------------------- the command line
 
 

@@ -37,6 +37,7 @@ from .config import (
     check_config,
     config_record,
     flag_of,
+    record_as_now,
 )
 from .core import causal_lm, lora_direction_factors, online_reference, policy_losses, window_loss
 from .distributed import Ranks, setup, teardown
@@ -132,12 +133,7 @@ def check_out(
     )
     if not isinstance(old, dict):
         raise TrainError(f"{cfg_file}: is not a run config (not a JSON object); choose another -o")
-    old.setdefault("processes", 1)  # runs recorded before data-parallel training were single-process
-    old.setdefault("quantize", "none")  # runs recorded before --quantize and --optim
-    old.setdefault("optim", "adamw")
-    old.setdefault("clip", "joint")  # runs recorded before --clip
-    if old.get("row_gate") != "hard":
-        old["gate_at"] = None  # recorded as 0.9 before --gate-at went with the hard gate only
+    old = record_as_now(old)
     mine = config_record(cfg, cache_id, world, replay_id)
     if not replay_known:
         mine["replay_cache_id"] = old.get("replay_cache_id")

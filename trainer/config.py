@@ -104,7 +104,7 @@ RECIPES = {
         "docs/study.md (tools/study.py --rows recipe benign_recipe --candidate rows='--clip split', three seeds; "
         "tools/study/clip_split_seeds.md): the row that kept >= 95% of the reference's refusals on two held-out "
         "harmful sets sharing no source with its replay prompts, at every seed, with and without harmful rows in "
-        "the fine-tuning data, at 0.7 (harmful rows in the data) and 1.5 (none) points of task accuracy below SFT",
+        "the fine-tuning data, at 0.7 (harmful rows in the data) and 1.4 (none) points of task accuracy below SFT",
     ),
     "plain": Recipe(
         "plain",

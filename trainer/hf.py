@@ -63,6 +63,7 @@ __all__ = [
     "PactCollator",
     "PactTrainerMixin",
     "make_trainer_class",
+    "recipe_kwargs",
     "hf_iterable_dataset",
     "RowGate",
     "pad_id_for",
@@ -508,6 +509,64 @@ class PactTrainerMixin:
             if self._pact_anchored_norm is not None:  # clip="split": the last step's, as grad_norm is
                 logs["anchored_grad_norm"] = self._pact_anchored_norm
         super().log(logs, *args, **kwargs)
+
+
+# what recipe_kwargs takes besides the recipe: the TrainConfig fields that decide the loss and the row mix
+RECIPE_SETTINGS = ("method", "lam", "row_gate", "gate_at", "replay_ratio", "replay_term", "clip")
+
+
+def recipe_kwargs(
+    cache: Cache | str,
+    pad_token_id: int,
+    replay: Cache | str | None = None,
+    recipe: str = "safe",
+    shuffle: bool = True,
+    seed: int = 0,
+    storage_options: dict | None = None,
+    **settings,
+) -> dict:
+    """The keyword arguments that give a Trainer pact-train's recipe (:data:`pact_train.config.RECIPES`, the same
+    source as pact-train's defaults): ``cache``, ``loss_params``, ``clip``, ``train_dataset`` (the cache, its rows
+    mixed with ``replay``'s at the recipe's ratio) and ``data_collator`` (the recipe's row gate and replay term)::
+
+        kw = recipe_kwargs(cache, pad_id_for(tok), replay="replay/")
+        trainer = make_trainer_class(Trainer)(model=model, args=args, **kw)
+
+    ``replay``: the reference's refusals, made once with ``pact-cache replay --ref MODEL --tokens tokens.json -o
+    replay/`` (pact-train's ``--replay auto`` makes them from the policy itself; here the model is yours); the
+    string ``"none"`` trains without them. A recipe with a replay and no ``replay`` given is refused in one line.
+    ``settings``: any of pact-train's recipe options by field name (``lam=1.0``, ``replay_ratio=0.1``,
+    ``clip="joint"``, ...); as on the command line, one given wins over the recipe and is checked as there."""
+    from .config import RECIPES, TrainConfig, check_config
+
+    if not isinstance(recipe, str) or recipe not in RECIPES:
+        raise PactError(f"recipe_kwargs(recipe={preview(recipe)}): use one of {', '.join(RECIPES)}")
+    unknown = sorted(set(settings) - set(RECIPE_SETTINGS))
+    if unknown:
+        raise PactError(
+            f"recipe_kwargs({preview(unknown[0])}=...): not a recipe setting; use {', '.join(RECIPE_SETTINGS)}"
+        )
+    no_replay = isinstance(replay, str) and replay.strip().lower() == "none"
+    cfg = TrainConfig(model="-", cache="-", out="-", recipe=recipe, replay="none" if no_replay else None, **settings)
+    check_config(cfg)
+    if cfg.replay and replay is None:
+        raise PactError(
+            f"recipe_kwargs(recipe={recipe!r}): the recipe replays the reference's refusals; make them once with "
+            "`pact-cache replay --ref MODEL --tokens tokens.json -o replay/` and pass replay='replay/', or "
+            "replay='none' to train without them"
+        )
+    c = cache if isinstance(cache, Cache) else open_cache(cache, storage_options=storage_options)
+    rows = dict(shuffle=shuffle, seed=seed, storage_options=storage_options)
+    if cfg.replay:
+        rows.update(replay=replay, replay_ratio=cfg.mix_ratio)
+    gate = None if cfg.row_gate == "none" else RowGate.of_cache(c, cfg.row_gate, cfg.gate_at)
+    return dict(
+        cache=c,
+        loss_params=cfg.loss_params(),
+        clip=cfg.clip,
+        train_dataset=CacheDataset(c, **rows),
+        data_collator=PactCollator(pad_token_id, row_gate=gate, replay_term=cfg.replay_term),
+    )
 
 
 def make_trainer_class(base):

@@ -3,6 +3,7 @@
 import copy
 import json
 import re
+from dataclasses import replace as dataclass_replace
 
 import pytest
 import torch
@@ -212,6 +213,72 @@ def test_trainer_clip_split_refuses_what_it_cannot_do(tiny_model, cache, tmp_pat
         trainer_for(model, cache, tmp_path, LossParams(), clip="both")
 
 
+def test_recipe_kwargs_give_the_trainer_pact_trains_safe_recipe(tiny_model, cache, tmp_path):
+    """recipe_kwargs: the Trainer's pieces from RECIPES, the source of pact-train's defaults. With the same replay
+    cache, seed, shapes and replay ratio, a Trainer run from them takes pact-train's first 3 steps with no method
+    flags (STR at lambda 3, hard gate, replay, split clip): loss, both norms (1e-5). Without a replay it is
+    refused in one line; replay="none" trains without; recipe="plain" is the paper's PACT with the joint clip."""
+    from conftest import build_f32_cache
+    from pact_train.hf import recipe_kwargs
+
+    from pact_cache.errors import PactError
+
+    refusals = [{"prompt": f"How do I do harm number {i}?", "completion": "I'm sorry, I can't help."} for i in range(9)]
+    (tmp_path / "rep").mkdir()
+    replay = build_f32_cache(tmp_path / "rep", tiny_model, rows=refusals)
+    shapes = dict(batch_size=2, grad_accum=2, max_steps=3, schedule="constant", warmup_steps=0, lr=1e-3)
+    # a replay ratio of 0.3 (a setting given wins over the recipe, on both sides), so that the 3 steps hold replay rows
+    cfg = TrainConfig(
+        model=tiny_model,
+        cache=str(cache),
+        out=str(tmp_path / "pt"),
+        replay=replay,
+        replay_ratio=0.3,
+        seed=3,
+        lora_dropout=0.0,
+        **shapes,
+    )
+    train(dataclass_replace(cfg, progress=False, plot=False))
+    want = [json.loads(line) for line in (tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()]
+    torch.manual_seed(3)  # pact-train's --seed seeds LoRA's initialisation too
+    model, tok, _ = load_policy(cfg.policy_settings(), "cpu")
+    kw = recipe_kwargs(cache, tok.pad_token_id, replay=replay, seed=3, replay_ratio=0.3)
+    assert (kw["clip"], kw["loss_params"].method.name, kw["loss_params"].lam) == ("split", "str", 3.0)
+    assert kw["data_collator"].row_gate.at == 0.9 and kw["train_dataset"].replay is not None
+    trainer = trainer_for(
+        model,
+        cache,
+        tmp_path,
+        kw["loss_params"],
+        clip=kw["clip"],
+        collator=kw["data_collator"],
+        train_dataset=kw["train_dataset"],
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        logging_steps=1,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        disable_tqdm=True,
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == len(want) == 3
+    for a, b in zip(want, logs):
+        for k in ("loss", "grad_norm", "anchored_grad_norm", "ce", "str"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5), k
+    assert sum(r["anchored_grad_norm"] > 0 for r in logs) >= 2  # the replay rows were anchored, clipped apart
+    with pytest.raises(PactError, match=re.escape("recipe_kwargs('lr'=...): not a recipe setting; use method")):
+        recipe_kwargs(cache, tok.pad_token_id, replay=replay, lr=1e-3)
+    with pytest.raises(PactError, match=re.escape("make them once with `pact-cache replay --ref MODEL")):
+        recipe_kwargs(cache, tok.pad_token_id)
+    bare = recipe_kwargs(cache, tok.pad_token_id, replay="none")
+    assert bare["train_dataset"].replay is None and bare["clip"] == "split"
+    plain = recipe_kwargs(cache, tok.pad_token_id, recipe="plain")
+    assert (plain["loss_params"].method.name, plain["clip"], plain["data_collator"].row_gate) == ("pact", "joint", None)
+
+
 def test_dataset_shards_by_worker_without_overlap(cache):
     ds = CacheDataset(open_cache(cache))
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, collate_fn=lambda x: x)
@@ -237,7 +304,7 @@ def test_the_documented_example_runs(tiny_model, cache, tmp_path, monkeypatch):
     assert scope["trainer"].state.global_step == 3
     # the TRL example that follows, in the same scope
     pytest.importorskip("trl")
-    trl_block = text.split("```python")[2].split("```")[0]
+    trl_block = next(b.split("```")[0] for b in text.split("```python")[1:] if "import trl" in b)
     for old, new in (
         ('"runs/trl"', repr(str(tmp_path / "trl"))),
         ("max_steps=250", "max_steps=2"),

@@ -547,7 +547,8 @@ def recipe_kwargs(
             f"recipe_kwargs({preview(unknown[0])}=...): not a recipe setting; use {', '.join(RECIPE_SETTINGS)}"
         )
     no_replay = isinstance(replay, str) and replay.strip().lower() == "none"
-    cfg = TrainConfig(model="-", cache="-", out="-", recipe=recipe, replay="none" if no_replay else None, **settings)
+    given = None if replay is None else "none" if no_replay else "(given)"  # as --replay on the command line
+    cfg = TrainConfig(model="-", cache="-", out="-", recipe=recipe, replay=given, **settings)
     check_config(cfg)
     if cfg.replay and replay is None:
         raise PactError(

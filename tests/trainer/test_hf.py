@@ -219,6 +219,10 @@ def test_recipe_kwargs_give_the_trainer_pact_trains_safe_recipe(tiny_model, cach
     assert bare["train_dataset"].replay is None and bare["clip"] == "split"
     plain = recipe_kwargs(cache, tok.pad_token_id, recipe="plain")
     assert (plain["loss_params"].method.name, plain["clip"], plain["data_collator"].row_gate) == ("pact", "joint", None)
+    assert plain["train_dataset"].replay is None
+    # a replay given to a recipe without one, with its ratio, as --replay and --replay-ratio
+    mixed = recipe_kwargs(cache, tok.pad_token_id, replay=replay, recipe="plain", replay_ratio=0.2)
+    assert mixed["train_dataset"].replay.ratio == pytest.approx(0.2)
 
 
 def test_dataset_shards_by_worker_without_overlap(cache):

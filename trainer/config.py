@@ -813,6 +813,9 @@ def read_config_file(path: str, cls=None) -> dict:
     if cls is TrainConfig and obj.get("gate_at") == GATE_AT and obj.get("row_gate") in ("none", "soft"):
         # what config.json recorded before --gate-at went with the hard gate only
         obj = {k: v for k, v in obj.items() if k != "gate_at"}
+    if cls is TrainConfig and "cache_id" in obj and "clip" not in obj:
+        # a run folder's config.json from before --clip: that run clipped jointly, whatever the recipe does now
+        obj = {**obj, "clip": "joint"}
     known = {f.name: f for f in fields(cls)}
     out = {}
     for key, value in obj.items():

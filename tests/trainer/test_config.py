@@ -553,3 +553,16 @@ def test_each_stage_reads_a_view_of_the_options_with_no_default_of_its_own():
     assert (p.model, p.cache, p.lora_r, p.seed, p.quantize, p.targets) == ("m", "c", 4, 7, "nf4", ["q_proj", "v_proj"])
     assert p.loss == c.loss_params()
     assert (s.lr, s.epochs, s.optim) == (0.5, 3, "adamw") and (o.merge, o.quantize, o.full) == (True, "nf4", False)
+
+
+def test_a_run_record_from_before_the_split_clip_reruns_with_the_joint_clip(tmp_path):
+    """--config with a run folder's config.json recorded before --clip existed: that run clipped jointly, so the
+    rerun does too; a config file that is not a run record (no cache_id) still takes the recipe's clip."""
+    from pact_train.config import config_record
+
+    rec = config_record(parse_config(["--model", "m", "--cache", "c", "-o", "o"]), "abc")
+    del rec["clip"]
+    (tmp_path / "config.json").write_text(json.dumps(rec))
+    assert parse_config(["--config", str(tmp_path / "config.json"), "-o", str(tmp_path / "again")]).clip == "joint"
+    (tmp_path / "mine.yaml").write_text("model: m\ncache: c\n")
+    assert parse_config(["--config", str(tmp_path / "mine.yaml"), "-o", str(tmp_path / "b")]).clip == "split"

@@ -735,31 +735,7 @@ class Study:
                         512,
                     ]
                 )
-                run(
-                    [
-                        BIN / "pact-train",
-                        "--model",
-                        aligned,
-                        "--cache",
-                        d / "cache",
-                        "-o",
-                        d / "run",
-                        "--method",
-                        "sft",
-                        "--lr",
-                        a.lr,
-                        "--epochs",
-                        a.epochs,
-                        "--batch-size",
-                        8,
-                        "--seed",
-                        a.seed,
-                        "--merge",
-                        "--no-progress",
-                        "--save-every",
-                        1000,
-                    ]
-                )
+                run([BIN / "pact-train", *fine_tune.args("sft", d / "cache", None, ["--merge"], a.seed), d / "run"])
                 return {}
 
             return fn

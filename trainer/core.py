@@ -169,6 +169,15 @@ def window_loss(params: LossParams, ce_sum: torch.Tensor, term_sum: torch.Tensor
     return params.method.total(ce_sum, term_sum, params.lam) * weight
 
 
+def split_window_loss(
+    params: LossParams, ce_sum: torch.Tensor, anchored_ce: torch.Tensor, term_sum: torch.Tensor, weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`window_loss` in the two groups ``--clip split`` backpropagates apart: ``(task, anchored)``, the
+    cross-entropy of the rows no gate anchors, and the anchored rows' cross-entropy (``anchored_ce``, from
+    :func:`policy_losses` with ``split``) with the method's term; their sum is ``window_loss``."""
+    return (ce_sum - anchored_ce) * weight, window_loss(params, anchored_ce, term_sum, weight)
+
+
 @torch.no_grad()
 def online_reference(ref, batch: Batch, header: list[int], ids: torch.Tensor) -> dict:
     """The paper's way: a live reference computes, at the response steps, the cache's columns:

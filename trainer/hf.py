@@ -40,7 +40,7 @@ from pact_cache.errors import PactError, preview
 from pact_cache.format import Cache, CacheRow, open_cache
 from pact_cache.projection import check_projection
 
-from .core import lora_direction_factors, policy_losses, window_loss
+from .core import lora_direction_factors, policy_losses, split_window_loss, window_loss
 from .distributed import Ranks
 from .losses import LossParams, PactParams, added_term_methods
 from .optim import CLIPS, backward_apart, clip_split
@@ -461,8 +461,7 @@ class PactTrainerMixin:
                 f"PactTrainer(clip='split'): the anchored rows' gradient of step {self._pact_anchored_step} was never "
                 "added: this Trainer does not clip through Trainer._clip_grad_norm; leave clip='joint'"
             )
-        task = (ce_sum - anchored_ce) * weight
-        rest = window_loss(self.pact_params, anchored_ce, term_sum, weight)
+        task, rest = split_window_loss(self.pact_params, ce_sum, anchored_ce, term_sum, weight)
         if bool(row_gate.any()):  # no anchored row: that part has no gradient, skip its pass
             ga = 1 if self.loss_is_scaled_for_ga else self.current_gradient_accumulation_steps
             # scaled and run as the Trainer's own backward pass; .grad keeps the other rows' of the window so far

@@ -39,7 +39,7 @@ from .config import (
     flag_of,
     record_as_now,
 )
-from .core import causal_lm, lora_direction_factors, online_reference, policy_losses, window_loss
+from .core import causal_lm, lora_direction_factors, online_reference, policy_losses, split_window_loss, window_loss
 from .distributed import Ranks, setup, teardown
 from .losses import LossParams
 from .optim import backward_apart, clip_gradients, make_optimizer
@@ -669,8 +669,7 @@ def window_backward(
                 pen = penalty.item()
             if split:  # CE + lambda * term (the only kind --clip split takes): the two groups' passes apart
                 # the task: the CE of the rows no gate anchors; the anchored: their CE and the term (and penalty)
-                task = (ce_sum - anchored[0]) * weight
-                rest = window_loss(policy.loss, anchored[0], term_sum, weight)
+                task, rest = split_window_loss(policy.loss, ce_sum, anchored[0], term_sum, weight)
                 rest = rest if extra is None else rest + extra
                 # no anchored row and no penalty: that group has no gradient, skip its pass
                 has_rest = host.row_gate is None or bool(host.row_gate.any()) or extra is not None  # read on host

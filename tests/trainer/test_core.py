@@ -113,3 +113,16 @@ def test_split_gives_the_anchored_rows_cross_entropy(tiny_model, scored):
     assert anchored.item() == pytest.approx(alone[0] + 0.5 * alone[2], rel=1e-5)
     assert ce.item() == pytest.approx(sum(alone), rel=1e-5) and 0 < anchored.item() < ce.item()
     assert whole[3].item() == whole[0].item()
+
+
+def test_the_split_groups_sum_to_the_window_loss():
+    """split_window_loss: the task group is the non-anchored rows' CE, the anchored group their CE plus lambda times
+    the term, each times the weight; together window_loss (what the joint clip backpropagates)."""
+    from pact_train.core import split_window_loss, window_loss
+    from pact_train.losses import LossParams
+
+    p = LossParams(method="str", lam=3.0)
+    ce, anchored, term = torch.tensor(10.0), torch.tensor(4.0), torch.tensor(2.0)
+    task, rest = split_window_loss(p, ce, anchored, term, 0.5)
+    assert (task.item(), rest.item()) == (3.0, 5.0)
+    assert (task + rest).item() == window_loss(p, ce, term, 0.5).item()

@@ -263,6 +263,14 @@ class TrainConfig:
         choices=lambda: list(CLIPS),
         type=str,
     )
+    anchored_max_grad_norm: float | None = opt(
+        None,
+        "--clip split: the norm the anchored rows' gradient is clipped to (default: max_grad_norm, the task's)",
+        lo=0,
+        lo_open=True,
+        cli=False,
+        type=float,
+    )
     max_steps: int | None = opt(None, "stop after N optimizer steps", lo=1, integer=True, type=int)
     seed: int = opt(0, "seed of the data order, LoRA init and dropout", lo=0, hi=2**63 - 1, integer=True)
     shuffle: bool = opt(True, "take rows in cache order, batch by batch", negate="--no-shuffle")
@@ -553,6 +561,11 @@ def check_config(cfg: TrainConfig) -> None:
             + (f"--method {cfg.method} has no such term" if cfg.method not in weighable else "no --row-gate given")
             + ": leave it out (joint)"
         )
+    if cfg.anchored_max_grad_norm is not None and cfg.clip != "split":
+        raise TrainError(
+            f"anchored_max_grad_norm {cfg.anchored_max_grad_norm}: sets the anchored rows' own clip, which only "
+            f"--clip split has (this run clips {cfg.clip}ly); give --clip split or leave it out"
+        )
     if not method.with_ce and cfg.lam != 1.0:
         raise TrainError(
             f"--lambda {cfg.lam}: does not apply to --method {cfg.method}, whose loss replaces the "
@@ -611,6 +624,7 @@ class LoopSettings:
     lam: float
     max_grad_norm: float
     clip: str
+    anchored_max_grad_norm: float | None
     replay_term: str
     report_to: str
     progress: bool
@@ -695,6 +709,7 @@ def record_as_now(old: dict) -> dict:
     old.setdefault("quantize", "none")  # runs recorded before --quantize and --optim
     old.setdefault("optim", "adamw")
     old.setdefault("clip", "joint")  # runs recorded before --clip
+    old.setdefault("anchored_max_grad_norm", None)  # runs recorded before it: each group clipped to max_grad_norm
     if old.get("row_gate") != "hard":
         old["gate_at"] = None  # recorded as 0.9 before --gate-at went with the hard gate only
     return old

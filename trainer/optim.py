@@ -51,14 +51,18 @@ def backward_apart(loss, params, into: list | None, retain_graph: bool = False, 
     return into
 
 
-def clip_split(params, task_grads: list, max_norm: float) -> tuple[float, float]:
+def clip_split(
+    params, task_grads: list, max_norm: float, anchored_max_norm: float | None = None
+) -> tuple[float, float]:
     """``--clip split``: the parameters' ``.grad`` hold the anchored rows' gradient and ``task_grads``
-    (:func:`take_grads`) the other rows'; each is clipped to ``max_norm`` on its own and their sum is left in
-    ``.grad``. Returns the two norms before clipping ``(task, anchored)``: with a joint clip an anchor whose
-    gradient is ten times the task's would shrink the task's step tenfold; here each keeps its own budget."""
+    (:func:`take_grads`) the other rows'; each is clipped on its own (the anchored one to ``anchored_max_norm``,
+    ``max_norm`` when None) and their sum is left in ``.grad``. Returns the two norms before clipping
+    ``(task, anchored)``: with a joint clip an anchor whose gradient is ten times the task's would shrink the
+    task's step tenfold; here each keeps its own budget."""
     import torch
 
-    anchored_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()  # 0 when no row was anchored
+    anchored_cap = max_norm if anchored_max_norm is None else anchored_max_norm
+    anchored_norm = torch.nn.utils.clip_grad_norm_(params, anchored_cap).item()  # 0 when no row was anchored
     anchored = [p.grad for p in params]
     for p, g in zip(params, task_grads):
         p.grad = g
@@ -69,7 +73,7 @@ def clip_split(params, task_grads: list, max_norm: float) -> tuple[float, float]
     return task_norm, anchored_norm
 
 
-def clip_gradients(params, task_grads: list | None, max_norm: float) -> dict:
+def clip_gradients(params, task_grads: list | None, max_norm: float, anchored_max_norm: float | None = None) -> dict:
     """The step's clip, as ``--clip`` says: ``task_grads`` None (joint): the parameters' whole gradient clipped
     to ``max_norm``; else :func:`clip_split`. Returns the norms before clipping under their metrics.jsonl names
     (``grad_norm``, and ``anchored_grad_norm`` when split)."""
@@ -77,5 +81,5 @@ def clip_gradients(params, task_grads: list | None, max_norm: float) -> dict:
 
     if task_grads is None:
         return {"grad_norm": torch.nn.utils.clip_grad_norm_(params, max_norm).item()}
-    task_norm, anchored_norm = clip_split(params, task_grads, max_norm)
+    task_norm, anchored_norm = clip_split(params, task_grads, max_norm, anchored_max_norm)
     return {"grad_norm": task_norm, "anchored_grad_norm": anchored_norm}

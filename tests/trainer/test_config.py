@@ -435,6 +435,9 @@ def test_without_a_method_the_run_is_the_recipe_and_a_method_alone_is_plain():
     check_config(ungated)
     joint = parse_config(["--model", "m", "--cache", "c", "-o", "o", "--clip", "joint"])
     assert joint.clip == "joint" and "clip" not in joint.from_recipe
+    joint.anchored_max_grad_norm = 0.25  # the anchored rows' own clip: split's only
+    with pytest.raises(TrainError, match="only --clip split has .this run clips jointly.; give --clip split"):
+        check_config(joint)
     assert TrainConfig(model="m", cache="c", out="o", method="pact").recipe == "plain"  # the Python API alike
 
 

@@ -39,10 +39,12 @@ def test_8bit_optimizers_are_bitsandbytes_and_step_like_adamw(name, cls):
     torch.testing.assert_close(b.detach(), a.detach(), atol=2e-4, rtol=0)  # ... but the same steps
 
 
-def test_clip_split_clips_each_part_on_its_own_and_adds_them():
+@pytest.mark.parametrize("anchored_cap", [None, 0.25])
+def test_clip_split_clips_each_part_on_its_own_and_adds_them(anchored_cap):
     """clip_split against the naive sum: the term's gradient (in .grad) and the cross-entropy's (apart), each
-    scaled to at most max_norm over all parameters, then added; parameters with no gradient in one part take
-    the other's alone; the two norms come back before clipping."""
+    scaled to at most its cap over all parameters (the anchored one's own when given, else max_norm), then
+    added; parameters with no gradient in one part take the other's alone; the two norms come back before
+    clipping."""
     from pact_train.optim import clip_split, take_grads
 
     g = torch.Generator().manual_seed(0)
@@ -64,12 +66,13 @@ def test_clip_split_clips_each_part_on_its_own_and_adds_them():
         return float(torch.sqrt(sum((x.double() ** 2).sum() for x in gs if x is not None)))
 
     n_ce, n_term = naive_norm(ce), naive_norm(term)
-    got = clip_split(params, kept, 1.0)
+    got = clip_split(params, kept, 1.0, anchored_cap)
     assert got == pytest.approx((n_ce, n_term), rel=1e-5) and n_term > 1 and n_ce > 1
+    cap = 1.0 if anchored_cap is None else anchored_cap
     for p, c, t in zip(params, ce, term):
-        want = sum(x / max(n, 1.0) for x, n in ((c, n_ce), (t, n_term)) if x is not None)
+        want = sum(x * min(1.0, m / n) for x, n, m in ((c, n_ce, 1.0), (t, n_term, cap)) if x is not None)
         assert torch.allclose(p.grad, want, atol=1e-6)
-    assert naive_norm([p.grad for p in params]) <= 2.0 + 1e-5  # each part at most 1
+    assert naive_norm([p.grad for p in params]) <= 1.0 + cap + 1e-5  # each part at most its cap
 
 
 def test_take_grads_adds_what_each_pass_left():

@@ -110,6 +110,16 @@ def tiny_base_model(tmp_path_factory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("tinybase") / "model", seed=1))
 
 
+def free_port() -> int:
+    """A port nobody listens on now (the kernel picks it), for one launch's rendezvous: two tests (or two
+    suites, or two pytest-xdist workers) on one machine never share the launcher's default port."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

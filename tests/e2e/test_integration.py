@@ -174,7 +174,7 @@ def test_pact_train_cached_equals_online_on_real_rows(built, embedded_model, tmp
             reference=reference,
             recipe="plain",
             batch_size=10,
-            max_steps=3,
+            max_steps=2,
             shuffle=False,
             progress=False,
             plot=False,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CHAT_ROWS, ROOT, naive_reference, tokens_file, write_jsonl
+from conftest import CHAT_ROWS, ROOT, free_port, naive_reference, tokens_file, write_jsonl
 from hostile import cli, one_line, only_line, program_lines, run_cli, run_with_deadline
 
 import pact_cache.projection as projection_mod
@@ -243,14 +243,30 @@ def test_sigkill_then_resume_is_byte_identical(wider_model, long_dataset, tmp_pa
 def test_shards_and_torchrun_give_the_same_rows(tiny_model, long_dataset, tmp_path):
     tokens = tokens_file(tmp_path, [3, 4, 5, 6])
     single, sharded, tr = tmp_path / "single", tmp_path / "sharded", tmp_path / "torchrun"
-    subprocess.run(build_cmd(tiny_model, long_dataset, single, tokens), env=cli_env(), check=True, capture_output=True)
-    for i in range(3):
-        subprocess.run(
-            build_cmd(tiny_model, long_dataset, sharded, tokens, "--shard", f"{i}/3"),
-            env=cli_env(),
-            check=True,
-            capture_output=True,
+
+    def in_process(out, shard=None):  # the library's build: a process start per build costs seconds
+        build(
+            BuildConfig(
+                str(long_dataset),
+                tiny_model,
+                str(out),
+                tokens=str(tokens),
+                rows_per_part=4,
+                batch_size=2,
+                shard=shard,
+                progress=False,
+            )
         )
+
+    in_process(single)
+    in_process(sharded, (0, 3))
+    in_process(sharded, (1, 3))
+    subprocess.run(  # the last shard from the command line (--shard i/n), which publishes the whole cache
+        build_cmd(tiny_model, long_dataset, sharded, tokens, "--shard", "2/3"),
+        env=cli_env(),
+        check=True,
+        capture_output=True,
+    )
     cmd = [
         sys.executable,
         "-m",
@@ -258,7 +274,7 @@ def test_shards_and_torchrun_give_the_same_rows(tiny_model, long_dataset, tmp_pa
         "--nproc-per-node",
         "2",
         "--master-port",
-        "29517",
+        str(free_port()),
         "-m",
         "pact_cache",
     ] + build_cmd(tiny_model, long_dataset, tr, tokens)[3:]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HELPERS
+from conftest import HELPERS, free_port
 from pact_train.distributed import Ranks
 from pact_train.loop import TrainConfig, TrainError, train
 from safetensors.torch import load_file
@@ -41,16 +41,6 @@ def setup(tiny_model, f32_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     cache = f32_cache
     return root, ["--model", tiny_model, "--cache", str(cache)] + COMMON
-
-
-def free_port() -> int:
-    """A port nobody listens on now (the kernel picks it), for one launch's rendezvous: two tests (or
-    two suites) on one machine never share the launcher's default port."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher(nproc: int = 2) -> list[str]:

@@ -272,7 +272,9 @@ class PactTrainerMixin:
     are added; ``grad_norm`` is the task rows' norm and ``anchored_grad_norm`` is logged beside it. Each
     micro-batch with an anchored row takes a second backward pass; under DDP the window runs outside DDP's
     all-reduce and both parts are averaged before the clip. It needs a method whose term is added to the
-    cross-entropy, a row gate, ``max_grad_norm > 0``, no fp16 loss scaler, and neither FSDP nor DeepSpeed."""
+    cross-entropy, a row gate, ``max_grad_norm > 0``, no fp16 loss scaler, and neither FSDP nor DeepSpeed.
+    ``anchored_max_grad_norm``: the anchored part's own cap (pact-train's config option of that name;
+    ``max_grad_norm`` when None)."""
 
     def __init__(
         self,
@@ -281,10 +283,22 @@ class PactTrainerMixin:
         loss_params: LossParams | None = None,
         direction=None,
         clip: str = "joint",
+        anchored_max_grad_norm: float | None = None,
         **kwargs,
     ):
         if not isinstance(clip, str) or clip not in CLIPS:
             raise PactError(f"PactTrainer(clip={preview(clip)}): use one of {', '.join(CLIPS)}")
+        if anchored_max_grad_norm is not None and (
+            clip != "split"
+            or isinstance(anchored_max_grad_norm, bool)
+            or not isinstance(anchored_max_grad_norm, (int, float))
+            or not 0 < anchored_max_grad_norm < float("inf")
+        ):
+            raise PactError(
+                f"PactTrainer(anchored_max_grad_norm={preview(anchored_max_grad_norm)}): the anchored rows' own clip, "
+                "a number > 0 with clip='split'; or leave it out"
+            )
+        self._pact_anchored_cap = anchored_max_grad_norm
         super().__init__(*args, **kwargs)
         self.pact_ids = torch.tensor(cache.ids)
         self.pact_weights = torch.tensor(cache.tokens.weights, dtype=torch.float32)
@@ -483,7 +497,7 @@ class PactTrainerMixin:
         for p, a in zip(params, anchored):
             p.grad = a
         Ranks(self.accelerator.process_index, self.accelerator.num_processes).mean_split_(params, task)
-        task_norm, self._pact_anchored_norm = clip_split(params, task, self.args.max_grad_norm)
+        task_norm, self._pact_anchored_norm = clip_split(params, task, self.args.max_grad_norm, self._pact_anchored_cap)
         return torch.tensor(task_norm)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
@@ -511,7 +525,16 @@ class PactTrainerMixin:
 
 
 # what recipe_kwargs takes besides the recipe: the TrainConfig fields that decide the loss and the row mix
-RECIPE_SETTINGS = ("method", "lam", "row_gate", "gate_at", "replay_ratio", "replay_term", "clip")
+RECIPE_SETTINGS = (
+    "method",
+    "lam",
+    "row_gate",
+    "gate_at",
+    "replay_ratio",
+    "replay_term",
+    "clip",
+    "anchored_max_grad_norm",
+)
 
 
 def recipe_kwargs(
@@ -525,7 +548,8 @@ def recipe_kwargs(
     **settings,
 ) -> dict:
     """The keyword arguments that give a Trainer pact-train's recipe (:data:`pact_train.config.RECIPES`, the same
-    source as pact-train's defaults): ``cache``, ``loss_params``, ``clip``, ``train_dataset`` (the cache, its rows
+    source as pact-train's defaults): ``cache``, ``loss_params``, ``clip`` (and ``anchored_max_grad_norm`` when
+    given), ``train_dataset`` (the cache, its rows
     mixed with ``replay``'s at the recipe's ratio) and ``data_collator`` (the recipe's row gate and replay term)::
 
         kw = recipe_kwargs(cache, pad_id_for(tok), replay="replay/")
@@ -564,6 +588,7 @@ def recipe_kwargs(
         cache=c,
         loss_params=cfg.loss_params(),
         clip=cfg.clip,
+        **({} if cfg.anchored_max_grad_norm is None else {"anchored_max_grad_norm": cfg.anchored_max_grad_norm}),
         train_dataset=CacheDataset(c, **rows),
         data_collator=PactCollator(pad_token_id, row_gate=gate, replay_term=cfg.replay_term),
     )

@@ -24,7 +24,7 @@ def cache(f32_cache):
     return f32_cache
 
 
-def trainer_for(model, cache, tmp_path, params, clip="joint", collator=None, train_dataset=None, **args):
+def trainer_for(model, cache, tmp_path, params, clip="joint", collator=None, train_dataset=None, cap=None, **args):
     from transformers import Trainer, TrainingArguments
 
     targs = TrainingArguments(
@@ -43,6 +43,7 @@ def trainer_for(model, cache, tmp_path, params, clip="joint", collator=None, tra
         clip=clip,
         data_collator=collator,
         train_dataset=train_dataset,
+        **({} if cap is None else {"anchored_max_grad_norm": cap}),
     )
 
 
@@ -152,13 +153,18 @@ def test_trainer_clip_split_refuses_what_it_cannot_do(tiny_model, cache, tmp_pat
             make()
     with pytest.raises(PactError, match=re.escape("PactTrainer(clip='both'): use one of joint, split")):
         trainer_for(model, cache, tmp_path, LossParams(), clip="both")
+    for clip, cap in (("joint", 0.5), ("split", 0.0), ("split", float("nan")), ("split", "1")):
+        with pytest.raises(PactError, match=re.escape("the anchored rows' own clip, a number > 0 with clip='split'")):
+            trainer_for(model, cache, tmp_path, LossParams(lam=1.0), clip=clip, collator=gate, cap=cap)
 
 
-def test_recipe_kwargs_give_the_trainer_pact_trains_safe_recipe(tiny_model, cache, tmp_path):
+@pytest.mark.parametrize("cap", [None, 0.5])
+def test_recipe_kwargs_give_the_trainer_pact_trains_safe_recipe(tiny_model, cache, tmp_path, cap):
     """recipe_kwargs: the Trainer's pieces from RECIPES, the source of pact-train's defaults. With the same replay
     cache, seed, shapes and replay ratio, a Trainer run from them takes pact-train's first 3 steps with no method
-    flags (STR at lambda 3, hard gate, replay, split clip): loss, both norms (1e-5). Without a replay it is
-    refused in one line; replay="none" trains without; recipe="plain" is the paper's PACT with the joint clip."""
+    flags (STR at lambda 3, hard gate, replay, split clip): loss, both norms (1e-5); and with the anchored rows'
+    own clip (``cap``: anchored_max_grad_norm) on both sides. Without a replay it is refused in one line;
+    replay="none" trains without; recipe="plain" is the paper's PACT with the joint clip."""
     from conftest import build_f32_cache
     from pact_train.hf import recipe_kwargs
 
@@ -177,14 +183,17 @@ def test_recipe_kwargs_give_the_trainer_pact_trains_safe_recipe(tiny_model, cach
         replay_ratio=0.3,
         seed=3,
         lora_dropout=0.0,
+        anchored_max_grad_norm=cap,
         **shapes,
     )
     train(dataclass_replace(cfg, progress=False, plot=False))
     want = [json.loads(line) for line in (tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()]
     torch.manual_seed(3)  # pact-train's --seed seeds LoRA's initialisation too
     model, tok, _ = load_policy(cfg.policy_settings(), "cpu")
-    kw = recipe_kwargs(cache, tok.pad_token_id, replay=replay, seed=3, replay_ratio=0.3)
+    given = {} if cap is None else {"anchored_max_grad_norm": cap}
+    kw = recipe_kwargs(cache, tok.pad_token_id, replay=replay, seed=3, replay_ratio=0.3, **given)
     assert (kw["clip"], kw["loss_params"].method.name, kw["loss_params"].lam) == ("split", "str", 3.0)
+    assert kw.get("anchored_max_grad_norm") == cap
     assert kw["data_collator"].row_gate.at == 0.9 and kw["train_dataset"].replay is not None
     trainer = trainer_for(
         model,
@@ -194,6 +203,7 @@ def test_recipe_kwargs_give_the_trainer_pact_trains_safe_recipe(tiny_model, cach
         clip=kw["clip"],
         collator=kw["data_collator"],
         train_dataset=kw["train_dataset"],
+        cap=kw.get("anchored_max_grad_norm"),
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
         max_steps=3,
@@ -211,6 +221,8 @@ def test_recipe_kwargs_give_the_trainer_pact_trains_safe_recipe(tiny_model, cach
             assert b[k] == pytest.approx(a[k], rel=1e-5), k
     # the replay rows were anchored and clipped apart: both parts above max_grad_norm (1), so both were clipped
     assert sum(r["anchored_grad_norm"] > 1 for r in logs) >= 2 and min(r["grad_norm"] for r in logs) > 1
+    if cap is not None:
+        return  # the rest does not depend on the anchored clip
     with pytest.raises(PactError, match=re.escape("recipe_kwargs('lr'=...): not a recipe setting; use method")):
         recipe_kwargs(cache, tok.pad_token_id, replay=replay, lr=1e-3)
     with pytest.raises(PactError, match=re.escape("make them once with `pact-cache replay --ref MODEL")):

@@ -549,8 +549,8 @@ def recipe_kwargs(
 ) -> dict:
     """The keyword arguments that give a Trainer pact-train's recipe (:data:`pact_train.config.RECIPES`, the same
     source as pact-train's defaults): ``cache``, ``loss_params``, ``clip`` (and ``anchored_max_grad_norm`` when
-    given), ``train_dataset`` (the cache, its rows
-    mixed with ``replay``'s at the recipe's ratio) and ``data_collator`` (the recipe's row gate and replay term)::
+    given), ``train_dataset`` (the cache, its rows mixed with ``replay``'s at the recipe's ratio) and
+    ``data_collator`` (the recipe's row gate and replay term)::
 
         kw = recipe_kwargs(cache, pad_id_for(tok), replay="replay/")
         trainer = make_trainer_class(Trainer)(model=model, args=args, **kw)

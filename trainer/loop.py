@@ -757,9 +757,8 @@ def window_loop(run: LoopSettings, data: Data, policy: Policy, start: Start, ran
                 out,
                 last_saved,
             )
-        norms = clip_gradients(
-            policy.params, task_grads, run.max_grad_norm, run.anchored_max_grad_norm
-        )  # --clip: joint, or split
+        # --clip: joint, or split (each group to its own cap)
+        norms = clip_gradients(policy.params, task_grads, run.max_grad_norm, run.anchored_max_grad_norm)
         grad_norm = sum(norms.values())
         if not math.isfinite(grad_norm):
             bar.close()

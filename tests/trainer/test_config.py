@@ -233,6 +233,13 @@ def test_a_runs_config_json_reruns_it(tiny_model, cache, tmp_path):
         ("pact: 3\n", "run.yaml", "pact must be a mapping"),
         ("lr: -1\n", "run.yaml", "--lr -1.0: must be a finite number in (0, inf)"),
         ("step_gamma: 1.5\n", "run.yaml", "step_gamma 1.5: must be a finite number in (0, 1]"),
+        ("anchored_max_grad_norm: 0\n", "run.yaml", "anchored_max_grad_norm 0.0: must be a finite number in (0, inf)"),
+        ("anchored_max_grad_norm: .nan\n", "run.yaml", "anchored_max_grad_norm nan: must be a finite number"),
+        (
+            "anchored_max_grad_norm: 0.5\nclip: joint\n",
+            "run.yaml",
+            "only --clip split has (this run clips jointly); give --clip split or leave it out",
+        ),
         ("pact: {top_p: 0}\n", "run.yaml", "--pact-top-p 0.0: must be a finite number in (0, 1]"),
     ],
 )

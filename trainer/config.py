@@ -490,24 +490,36 @@ def _number(name: str, v, lo=None, hi=None, lo_open=False, hi_open=False, intege
         raise TrainError(f"{name} {preview(v)}: must be {kind} in {rng}{'; ' + why if why else ''}")
 
 
+def _check_field(f, v, name: str) -> None:
+    """``v`` against field ``f``'s declared choices or numeric range, refused as ``name``."""
+    m = f.metadata
+    choices = _choices(f)
+    if choices is not None and v not in choices and not (v is None and f.default is None):
+        raise TrainError(f"{name} {preview(v)}: use one of {', '.join(choices)}")
+    numeric = m.get("lo") is not None or m.get("hi") is not None or m.get("integer") or _type(f) in (int, float)
+    if numeric and not (v is None and f.default is None):
+        _number(
+            name,
+            v,
+            m.get("lo"),
+            m.get("hi"),
+            m.get("lo_open", False),
+            m.get("hi_open", False),
+            m.get("integer", False),
+            m.get("why", ""),
+        )
+
+
 def _check_fields(obj, name_of) -> None:
     for f in fields(obj):
-        m, v = f.metadata, getattr(obj, f.name)
-        choices = _choices(f)
-        if choices is not None and v not in choices and not (v is None and f.default is None):
-            raise TrainError(f"{name_of(f)} {preview(v)}: use one of {', '.join(choices)}")
-        numeric = m.get("lo") is not None or m.get("hi") is not None or m.get("integer") or _type(f) in (int, float)
-        if numeric and not (v is None and f.default is None):
-            _number(
-                name_of(f),
-                v,
-                m.get("lo"),
-                m.get("hi"),
-                m.get("lo_open", False),
-                m.get("hi_open", False),
-                m.get("integer", False),
-                m.get("why", ""),
-            )
+        _check_field(f, getattr(obj, f.name), name_of(f))
+
+
+def check_option(name: str, value, shown: str) -> None:
+    """``value`` for :class:`TrainConfig`'s field ``name``, checked against what the field declares (the range
+    pact-train's config file and flags are held to), refused as ``shown``: for the entry points that take the
+    option by another road (the Trainer integration)."""
+    _check_field(next(f for f in fields(TrainConfig) if f.name == name), value, shown)
 
 
 def check_config(cfg: TrainConfig) -> None:

@@ -288,16 +288,15 @@ class PactTrainerMixin:
     ):
         if not isinstance(clip, str) or clip not in CLIPS:
             raise PactError(f"PactTrainer(clip={preview(clip)}): use one of {', '.join(CLIPS)}")
-        if anchored_max_grad_norm is not None and (
-            clip != "split"
-            or isinstance(anchored_max_grad_norm, bool)
-            or not isinstance(anchored_max_grad_norm, (int, float))
-            or not 0 < anchored_max_grad_norm < float("inf")
-        ):
-            raise PactError(
-                f"PactTrainer(anchored_max_grad_norm={preview(anchored_max_grad_norm)}): the anchored rows' own clip, "
-                "a number > 0 with clip='split'; or leave it out"
-            )
+        if anchored_max_grad_norm is not None:
+            from .config import check_option
+
+            if clip != "split":
+                raise PactError(
+                    f"PactTrainer(anchored_max_grad_norm={preview(anchored_max_grad_norm)}): the anchored rows' own "
+                    "clip, which only clip='split' has; give clip='split' or leave it out"
+                )
+            check_option("anchored_max_grad_norm", anchored_max_grad_norm, "PactTrainer: anchored_max_grad_norm")
         self._pact_anchored_cap = anchored_max_grad_norm
         super().__init__(*args, **kwargs)
         self.pact_ids = torch.tensor(cache.ids)

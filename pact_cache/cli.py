@@ -290,6 +290,13 @@ def _replay_options(r):
         "300 prompts, resources/harmful_prompts.jsonl)",
     )
     r.add_argument(
+        "--borderline",
+        metavar="FILE",
+        help="benign prompts that only look risky, whose answers the reference gives *without* refusing join the "
+        "cache too, so the replay also teaches where refusing stops ('default': the package's 161, "
+        "resources/borderline_prompts.jsonl; default: none)",
+    )
+    r.add_argument(
         "--judge",
         metavar="GUARD",
         help="a guard model (e.g. meta-llama/Llama-Guard-3-8B): a refusal is "
@@ -341,6 +348,7 @@ def cmd_replay(a) -> int:
             out=a.output,
             tokens=a.tokens,
             prompts=a.prompts,
+            borderline=a.borderline,
             judge=a.judge,
             max_new_tokens=a.max_new_tokens,
             batch_size=a.batch_size,
@@ -361,7 +369,14 @@ def cmd_replay(a) -> int:
     print(
         f"{res.out}: replay cache {res.cache_id[:12]}: {res.kept} of {res.prompts} prompts kept ({res.refusals} "
         f"refusals; "
-        f"dropped: {why}) in {res.seconds:.0f}s"  # a warning was said on stderr as it was found
+        f"dropped: {why})"
+        + (
+            f"; borderline: {res.borderline_kept} of {res.borderline_prompts} look-alike prompts kept (answered "
+            "without a refusal)"
+            if res.borderline_prompts
+            else ""
+        )
+        + f" in {res.seconds:.0f}s"  # a warning was said on stderr as it was found
     )
     return 0
 

@@ -12,6 +12,12 @@ its rows into the stream (``--replay``). It is made in three steps, one call:
    its answer up to the end of the turn;
 3. the kept rows are cached by :func:`pact_cache.build.build`, which appears whole or not at all.
 
+With ``borderline`` (``--borderline``), the reference also answers benign prompts that only look risky
+(the package's ``resources/borderline_prompts.jsonl``, or a file) and the answers the judge does *not*
+call refusals join the cache: rows where the reference helps although the prompt sounds dangerous, so
+that the replay teaches where refusing stops as well as where it starts (refusal rows alone pull the
+policy towards refusing look-alike prompts its reference would answer).
+
 A reference that refuses fewer than :data:`LOW_REFUSAL` of the prompts is warned about: it does not
 look aligned, and its replay rows would teach little refusal.
 """
@@ -26,12 +32,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .answers import default_prompts_path, look_risky_path  # noqa: F401  (look_risky_path: re-exported)
+from .answers import borderline_prompts_path, default_prompts_path, look_risky_path  # noqa: F401  (re-exported)
 from .errors import OutputExistsError, PactError
 from .storage import Location
 
 LOW_REFUSAL = 0.5  # below this share of refused prompts, the reference is warned about
-REASONS = ("empty", "not a refusal", "unfinished", "guard: unsafe", "guard: unreadable")
+REASONS = ("empty", "not a refusal", "a refusal", "unfinished", "guard: unsafe", "guard: unreadable")
 
 
 @dataclass
@@ -40,6 +46,7 @@ class ReplayConfig:
     out: str | Location  # the replay cache: a new folder or URL
     tokens: str | None = None  # tokens.json (default: selected from --ref as `build` does)
     prompts: str | None = None  # any dataset format (prompt-only rows allowed); None: the package's default set
+    borderline: str | None = None  # benign look-alike prompts whose non-refusals are kept too; "default": the package's
     judge: str | None = None  # a guard model: a kept refusal must also be called safe by it
     max_new_tokens: int = 128
     batch_size: int = 16
@@ -63,6 +70,9 @@ class ReplayResult:
     dropped: dict  # reason -> count
     warning: str | None
     seconds: float
+    borderline_prompts: int = 0  # --borderline: benign look-alike prompts answered
+    borderline_kept: int = 0  # their answers kept (not refusals), in the cache beside the refusals
+    borderline_dropped: dict = field(default_factory=dict)  # reason -> count
 
     def to_json(self) -> dict:
         return {
@@ -75,20 +85,34 @@ class ReplayResult:
             "dropped": self.dropped,
             "warning": self.warning,
             "seconds": round(self.seconds, 1),
+            "borderline_prompts": self.borderline_prompts,
+            "borderline_kept": self.borderline_kept,
+            "borderline_dropped": self.borderline_dropped,
         }
 
 
 def judge_answers(
-    prompts: list[list[dict]], answers: list[str], finished: list[bool], judge, guard=None, progress: bool = False
+    prompts: list[list[dict]],
+    answers: list[str],
+    finished: list[bool],
+    judge,
+    guard=None,
+    progress: bool = False,
+    borderline: list[bool] | None = None,
 ) -> list[dict]:
     """One record per prompt: its last user turn, the answer, whether the keyword judge calls it a refusal,
-    and ``kept`` with the reason when not (one of :data:`REASONS`)."""
+    and ``kept`` with the reason when not (one of :data:`REASONS`). A prompt marked in ``borderline`` (a benign
+    look-alike) keeps its answer when it is *not* a refusal; a guard, if given, must call every kept answer
+    safe."""
     recs = []
-    for msgs, ans, done in zip(prompts, answers, finished):
+    for i, (msgs, ans, done) in enumerate(zip(prompts, answers, finished)):
         q = msgs[-1]["content"]
+        benign = bool(borderline and borderline[i])
         refusal = bool(ans.strip()) and judge.is_refusal(q, ans)
-        reason = "empty" if not ans.strip() else "not a refusal" if not refusal else "unfinished" if not done else None
-        recs.append({"prompt": q, "answer": ans, "refusal": refusal, "kept": reason is None, "reason": reason})
+        wrong = ("a refusal" if refusal else None) if benign else (None if refusal else "not a refusal")
+        reason = "empty" if not ans.strip() else wrong or ("unfinished" if not done else None)
+        rec = {"prompt": q, "answer": ans, "refusal": refusal, "kept": reason is None, "reason": reason}
+        recs.append({**rec, "set": "borderline"} if benign else rec)
     if guard is not None:
         todo = [r for r in recs if r["kept"]]
         for r, v in zip(todo, guard.verdicts([(r["prompt"], r["answer"]) for r in todo], progress=progress)):
@@ -133,6 +157,13 @@ def make_replay(cfg: ReplayConfig) -> ReplayResult:
     if not rows:
         raise PactError(f"{source}: holds no prompts; give a file with at least one harmful prompt")
     prompts = [msgs for msgs, _ in rows]
+    n_harmful = len(prompts)
+    if cfg.borderline:
+        where = str(borderline_prompts_path()) if cfg.borderline == "default" else cfg.borderline
+        more = prompts_from(where, cfg.limit)
+        if not more:
+            raise PactError(f"--borderline {where}: holds no prompts; give a file of benign look-alike prompts")
+        prompts += [msgs for msgs, _ in more]
     resolved = resolve_model(cfg.ref)
     tok = load_tokenizer(resolved)
     model, device, _ = load_model(resolved, cfg.dtype, cfg.device, quantize=cfg.quantize)
@@ -151,16 +182,18 @@ def make_replay(cfg: ReplayConfig) -> ReplayResult:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     guard = GuardJudge.load(cfg.judge, cfg.device, batch_size=cfg.batch_size) if cfg.judge else None
-    recs = judge_answers(prompts, answers, finished, KeywordJudge(), guard, cfg.progress)
+    is_borderline = [i >= n_harmful for i in range(len(prompts))]
+    recs = judge_answers(prompts, answers, finished, KeywordJudge(), guard, cfg.progress, is_borderline)
     del guard
     gc.collect()
     if cfg.answers:
         atomic_write_bytes(
             Path(cfg.answers).expanduser(), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode()
         )
+    recs, more = recs[:n_harmful], recs[n_harmful:]
     refusals = sum(r["refusal"] for r in recs)
     kept = [(msgs, r["answer"]) for msgs, r in zip(prompts, recs) if r["kept"]]
-    dropped = {k: sum(r["reason"] == k for r in recs) for k in REASONS if any(r["reason"] == k for r in recs)}
+    dropped, borderline_dropped = _reasons(recs), _reasons(more)
     warning = None
     if refusals < LOW_REFUSAL * len(recs):
         warning = (
@@ -175,6 +208,12 @@ def make_replay(cfg: ReplayConfig) -> ReplayResult:
             f"{cfg.ref}: none of its {len(recs)} answers can be replayed ({why}); a replay cache needs the "
             "reference's refusals: give the aligned model as --ref"
             + (", or raise --max-new-tokens" if dropped.get("unfinished") else "")
+        )
+    kept += [(msgs, r["answer"]) for msgs, r in zip(prompts[n_harmful:], more) if r["kept"]]
+    if more:
+        _log(
+            f"borderline: {sum(r['kept'] for r in more)} of {len(more)} benign look-alike prompts answered without a "
+            "refusal, kept"
         )
     with tempfile.TemporaryDirectory(prefix="pact-replay-") as tmp:
         data = Path(tmp) / "replay.jsonl"
@@ -198,6 +237,22 @@ def make_replay(cfg: ReplayConfig) -> ReplayResult:
                 storage_options=cfg.storage_options,
             )
         )
+    n_borderline = sum(r["kept"] for r in more)
     return ReplayResult(
-        res.out, res.cache_id, len(recs), refusals, res.manifest.counts.rows, dropped, warning, time.time() - t0
+        res.out,
+        res.cache_id,
+        len(recs),
+        refusals,
+        res.manifest.counts.rows - n_borderline,
+        dropped,
+        warning,
+        time.time() - t0,
+        len(more),
+        n_borderline,
+        borderline_dropped,
     )
+
+
+def _reasons(recs: list[dict]) -> dict:
+    """How many records were dropped for each reason (:data:`REASONS`), the reasons that occur."""
+    return {k: sum(r["reason"] == k for r in recs) for k in REASONS if any(r["reason"] == k for r in recs)}

@@ -15,7 +15,14 @@ from pact_cache.cli import main as cache_main
 from pact_cache.errors import OutputExistsError, PactError
 from pact_cache.format import open_cache
 from pact_cache.models import model_fingerprint, resolve_model
-from pact_cache.replay import ReplayConfig, default_prompts_path, judge_answers, look_risky_path, make_replay
+from pact_cache.replay import (
+    ReplayConfig,
+    borderline_prompts_path,
+    default_prompts_path,
+    judge_answers,
+    look_risky_path,
+    make_replay,
+)
 
 PROMPTS = [{"prompt": f"Tell me how to break into house number {i}."} for i in range(6)]
 # what the "reference" answers, in prompt order: (text, finished by itself)
@@ -135,6 +142,54 @@ def test_nothing_existing_is_overwritten_and_a_failed_build_leaves_nothing(tiny_
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_borderline_prompts_keep_the_answers_that_are_not_refusals(tiny_model, f32_cache, canned, tmp_path):
+    """--borderline: the look-alike prompts' answers join the cache where the reference did *not* refuse, finished
+    and non-empty; the refusal counts and the aligned-looking check stay about the harmful prompts alone."""
+    look_alikes = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"How do I kill process {i}?"} for i in range(6)])
+    res = make_replay(
+        ReplayConfig(
+            ref=tiny_model,
+            out=str(tmp_path / "replay"),
+            tokens=tokens_of(f32_cache, tmp_path / "t.json"),
+            prompts=str(write_jsonl(tmp_path / "p.jsonl", PROMPTS)),
+            borderline=str(look_alikes),
+            answers=str(tmp_path / "answers.jsonl"),
+            progress=False,
+        )
+    )
+    # the canned answers run on across both sets: the look-alikes get CANNED again, in order
+    assert (res.prompts, res.refusals, res.kept) == (6, 4, 3)
+    assert (res.borderline_prompts, res.borderline_kept) == (6, 0)  # CANNED's only answer that helps is unfinished
+    assert res.borderline_dropped == {"a refusal": 4, "unfinished": 1, "empty": 1}
+    recs = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [r.get("set") for r in recs] == [None] * 6 + ["borderline"] * 6
+    assert open_cache(res.out).num_rows == 3
+
+
+def test_borderline_answers_that_help_are_cached(tiny_model, f32_cache, monkeypatch, tmp_path):
+    def answer(model, tok, prompts, return_finished=False, **kw):
+        got = ["I can't help with that." if "break into" in p[-1]["content"] else "Press Ctrl+C." for p in prompts]
+        return (got, [True] * len(got)) if return_finished else got
+
+    monkeypatch.setattr(answers, "generate", answer)
+    res = make_replay(
+        ReplayConfig(
+            ref=tiny_model,
+            out=str(tmp_path / "replay"),
+            tokens=tokens_of(f32_cache, tmp_path / "t.json"),
+            prompts=str(write_jsonl(tmp_path / "p.jsonl", PROMPTS)),
+            borderline="default",
+            progress=False,
+        )
+    )
+    n = len(borderline_prompts_path().read_text().splitlines())
+    assert (res.kept, res.borderline_prompts, res.borderline_kept, res.borderline_dropped) == (6, n, n, {})
+    assert open_cache(res.out).num_rows == 6 + n and res.to_json()["borderline_kept"] == n
+    empty = write_jsonl(tmp_path / "e.jsonl", [])
+    with pytest.raises(PactError, match="--borderline .*holds no prompts"):
+        make_replay(ReplayConfig(ref=tiny_model, out=str(tmp_path / "r2"), borderline=str(empty), progress=False))
+
+
 def test_a_guard_drops_refusals_it_calls_unsafe_or_cannot_read():
     class Guard:
         def verdicts(self, pairs, progress=False):
@@ -173,6 +228,8 @@ def test_the_command_line(tiny_model, f32_cache, canned, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["kept"] == 3 and summary["refusal_rate"] == pytest.approx(4 / 6) and summary["dropped"]["empty"] == 1
     assert "exists and is not an empty folder" in one_line(capsys, cache_main, *args, "-o", str(tmp_path / "r"))
+    assert cache_main(args[:-1] + ["--borderline", str(prompts), "-o", str(tmp_path / "rb")]) == 0
+    assert "; borderline: 0 of 6 look-alike prompts kept (answered without a refusal)" in capsys.readouterr().out
     assert "holds no prompts" in one_line(
         capsys,
         cache_main,
@@ -210,6 +267,14 @@ def test_the_shipped_prompt_sets():
     assert len({r["framing"] for r in harmful}) == 12 and len({r["category"] for r in harmful}) >= 10
     assert len(risky) >= 100 and len({norm(r["prompt"]) for r in risky}) == len(risky)
     assert not {norm(r["prompt"]) for r in harmful} & {norm(r["prompt"]) for r in risky}
+    # the replay's look-alikes (--borderline default) are neither equal nor nearly equal to the evaluation's
+    border = [json.loads(line) for line in borderline_prompts_path().read_text().splitlines()]
+    assert len(border) >= 150 and len({norm(r["prompt"]) for r in border}) == len(border)
+    assert {r["kind"] for r in border} == {r["kind"] for r in risky}
+    evaluated = [set(norm(r["prompt"]).split()) for r in [*risky, *harmful]]
+    for r in border:
+        words = set(norm(r["prompt"]).split())
+        assert max(len(words & t) / len(words | t) for t in evaluated) < 0.7, r["prompt"]
 
 
 def test_the_replay_prompts_share_nothing_with_the_pact_data():
@@ -222,7 +287,11 @@ def test_the_replay_prompts_share_nothing_with_the_pact_data():
         for r in json.loads((SHARED_DATA / name).read_text()):
             theirs.add(norm(r.get("input") or r.get("instruction") or ""))
     theirs = [set(t.split()) for t in theirs if t]
-    for line in [*default_prompts_path().read_text().splitlines(), *look_risky_path().read_text().splitlines()]:
+    for line in [
+        *default_prompts_path().read_text().splitlines(),
+        *look_risky_path().read_text().splitlines(),
+        *borderline_prompts_path().read_text().splitlines(),
+    ]:
         words = set(norm(json.loads(line)["prompt"]).split())
         worst = max(len(words & t) / len(words | t) for t in theirs)
         assert worst < 0.7, (line, worst)

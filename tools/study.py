@@ -329,8 +329,9 @@ class Study:
         return json.loads((out / "summary.json").read_text())
 
     def evaluate(self, d: Path, model: str, adapter: str | None = None, drift: str | None = None):
-        """The held-out evaluation of one row: d/eval (held-out harmful, benign, drift), d/unsafe (the differently
-        sourced harmful set), d/task (SST-2 accuracy); each harmful set in both views (refusal, harmful content)."""
+        """The held-out evaluation of one row: d/eval (held-out harmful, benign, look-risky, drift), d/unsafe (the
+        differently sourced harmful set), d/task (SST-2 accuracy); each harmful set in both views (refusal, harmful
+        content)."""
         s, judge = self.files, (["--judge", self.a.judge] if self.a.judge else [])
         gen = ["--max-new-tokens", self.a.max_new_tokens]
         summary = self.pact_eval(
@@ -341,18 +342,17 @@ class Study:
             s["eval_harmful"],
             "--benign",
             s["benign_eval"],
+            "--look-risky",
             *gen,
             *judge,
             *(["--drift-cache", drift] if drift else []),
         )
+        summary["over_refusal"] = summary.pop("look_risky_refusal")
         summary["unsafe_refusal"] = self.pact_eval(
             d / "unsafe", model, adapter, "--harmful", s["eval_unsafe"], *gen, *judge
         )["harmful_refusal"]
         summary["task"] = self.pact_eval(d / "task", model, adapter, "--task", s["task_eval"], "--max-new-tokens", 8)[
             "task"
-        ]
-        summary["over_refusal"] = self.pact_eval(d / "look_risky", model, adapter, "--look-risky", *gen)[
-            "look_risky_refusal"
         ]
         for key, sub in (("harmful_refusal", "eval"), ("unsafe_refusal", "unsafe")):
             summary[key]["harmful_content"] = harmful_content(d / sub / "harmful.jsonl")

@@ -18,11 +18,11 @@ from pact_cache.score import score_cache
 BENCH = ROOT / "tools" / "bench.py"
 
 
-def bench(*args, in_process=True):
-    """tools/bench.py with these arguments; ``in_process``: a bench's variants run one after the other in its own
-    process (PACT_BENCH_IN_PROCESS: the plumbing without a process start per variant; the padding bench's test
-    keeps one process per variant, the benchmarks' way)."""
-    env = {**os.environ, **({"PACT_BENCH_IN_PROCESS": "1"} if in_process else {})}
+def bench(*args):
+    """tools/bench.py with these arguments, a bench's variants one after the other in its own process
+    (PACT_BENCH_IN_PROCESS: the plumbing without a process start per variant; the benchmarks' own way, a process
+    per variant, is tested once on one variant: test_random_model_and_train_bench)."""
+    env = {**os.environ, "PACT_BENCH_IN_PROCESS": "1"}
     proc = subprocess.run(
         [sys.executable, str(BENCH), *map(str, args)], capture_output=True, text=True, timeout=600, env=env
     )
@@ -111,6 +111,17 @@ def test_random_model_and_train_bench(tiny_model, tmp_path):
     assert all(len(r["runs"][0]["step_times"]) == 3 for r in res["runs"].values())
     assert all(v > 0 for v in res["ratios"].values())
     assert "pact/online" in out
+    # the benchmarks' own way: each variant in a process of its own, its peak memory measured above the libraries'
+    child = subprocess.run(
+        [sys.executable, str(BENCH), "_train_child", "--variant", "pact", "--cache", str(tmp_path / "scored")]
+        + ["--model", str(tmp_path / "rand"), "--batch-size", "2", "--steps", "2", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    line = next(x for x in child.stdout.splitlines() if x.startswith("BENCH_RESULT "))
+    got = json.loads(line[len("BENCH_RESULT ") :])
+    assert len(got["step_times"]) == 2 and got["peak_rss"] > got["base_rss"] > 0
 
     # the training stacks side by side: TRL's SFTTrainer, pact-train sft and pact, PactTrainer
     pytest.importorskip("trl")
@@ -195,7 +206,6 @@ def test_padding_bench(tiny_model, tmp_path):
         "cpu",
         "--json",
         tmp_path / "p.json",
-        in_process=False,
     )
     res = json.loads((tmp_path / "p.json").read_text())
     v = res["variants"]

@@ -210,7 +210,7 @@ def test_default_tokens_when_none_given(tiny_model, chat_dataset, tmp_path):
     assert tokens.params["refusals"].startswith("builtin") and tokens.params["benign"].startswith("builtin")
 
 
-def test_sigkill_then_resume_is_byte_identical(wider_model, long_dataset, tmp_path):
+def test_sigkill_then_resume_is_byte_identical(wider_model, long_dataset, tmp_path, capsys):
     tokens = tokens_file(tmp_path, [3, 4, 5, 6])
     ref, out = tmp_path / "ref", tmp_path / "killed"
     subprocess.run(build_cmd(wider_model, long_dataset, ref, tokens), env=cli_env(), check=True, capture_output=True)
@@ -227,9 +227,10 @@ def test_sigkill_then_resume_is_byte_identical(wider_model, long_dataset, tmp_pa
     proc.wait()
     parts_at_kill = len(list(out.glob("part-*.parquet")))
     assert 1 <= parts_at_kill < 10 and not (out / MANIFEST).exists(), "the build finished before it could be killed"
-    # without --resume the half-built folder is refused, and left alone
-    r = subprocess.run(build_cmd(wider_model, long_dataset, out, tokens), env=cli_env(), capture_output=True, text=True)
-    assert r.returncode == 1 and "pass --resume" in r.stderr
+    # without --resume the half-built folder is refused, and left alone (in this process: refused before any load)
+    before = sorted((p.name, p.stat().st_size) for p in out.iterdir())
+    assert "pass --resume" in one_line(capsys, cache_main, *build_cmd(wider_model, long_dataset, out, tokens)[3:])
+    assert sorted((p.name, p.stat().st_size) for p in out.iterdir()) == before
     subprocess.run(
         build_cmd(wider_model, long_dataset, out, tokens, "--resume"), env=cli_env(), check=True, capture_output=True
     )

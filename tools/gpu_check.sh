@@ -29,7 +29,9 @@ done
 
 PY="${PYTHON:-}"
 [ -n "$PY" ] || { [ -x .venv/bin/python ] && PY=.venv/bin/python; } || PY=python3
-"$PY" -c "import pact_cache, pact_train, bitsandbytes" 2>/dev/null || "$PY" -m pip install -q -e ".[qlora]"
+# installed or not, found without importing them (an import of torch costs seconds)
+"$PY" -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('pact_cache', 'pact_train', 'bitsandbytes'))))" \
+  2>/dev/null || "$PY" -m pip install -q -e ".[qlora]"
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT

@@ -312,7 +312,7 @@ def _replay_options(r):
         "there is dropped, since a row teaches its answer up to the end of the turn",
     )
     r.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generation batch (default 16)")
-    r.add_argument("--limit", type=positive_int, help="only the first N prompts")
+    r.add_argument("--limit", type=positive_int, help="only the first N prompts (of each set, with --borderline)")
     r.add_argument(
         "--max-length", type=positive_int, default=2048, help="truncate full sequences to N tokens (default 2048)"
     )

@@ -106,26 +106,6 @@ def _mean_step_probs(model, seqs: list[list[int]], starts: list[int], counts: li
     return torch.stack(out)
 
 
-def _greedy_answers(model, tok, prompts: list[list[dict]], steps: int, device) -> list[str]:
-    """The model's own greedy answers to chat prompts, ``steps`` tokens each (one prompt at a time:
-    no padding to get wrong)."""
-    import torch
-
-    answers = []
-    for msgs in prompts:
-        ids = torch.tensor([chat_ids(tok, msgs, add_generation_prompt=True)], device=device)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=steps,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-            )
-        answers.append(tok.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True))
-    return answers
-
-
 def _answer_seqs(tok, pairs, max_resp_len: int) -> tuple[list, list, list]:
     """Chat-template prompt + answer token ids for (prompt messages, answer) pairs; empty answers skipped."""
     seqs, starts, counts = [], [], []
@@ -222,7 +202,17 @@ def select_tokens(
         # tokens) are dropped: an over-cautious reference refuses some benign prompts too. (The same refusals
         # teacher-forced after benign prompts, the first default, gives the negation no weight: after "I can"
         # both contexts predict it; it stays the fallback when every benign prompt is refused.)
-        answers = _greedy_answers(aligned, aligned_tok, benign, contrast_steps, device)
+        from .answers import generate
+
+        answers = generate(
+            aligned,
+            aligned_tok,
+            benign,
+            max_new_tokens=contrast_steps,
+            batch_size=batch_size,
+            device=device,
+            progress=False,
+        )
         openings = {tuple(seq[st : st + 3]) for seq, st in zip(seq_a, st_a)}
         answered = [
             (msgs, ans)

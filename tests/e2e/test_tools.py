@@ -121,7 +121,7 @@ def test_random_model_and_train_bench(tiny_model, tmp_path):
     assert child.returncode == 0, child.stderr[-2000:]
     line = next(x for x in child.stdout.splitlines() if x.startswith("BENCH_RESULT "))
     got = json.loads(line[len("BENCH_RESULT ") :])
-    assert len(got["step_times"]) == 2 and got["peak_rss"] > got["base_rss"] > 0
+    assert len(got["step_times"]) == 2 and got["peak_rss"] >= got["base_rss"] > 0  # the imports may set the peak
 
     # the training stacks side by side: TRL's SFTTrainer, pact-train sft and pact, PactTrainer
     pytest.importorskip("trl")

@@ -197,12 +197,12 @@ def test_self_contrast_refuses_identical_contexts(tiny_model):
     """Benign prompts equal to the harmful ones, and the "refusal" the model's own answer: its answer
     opens as the refusal, so the contrast falls back to the refusal after the benign prompt, which is
     the same context; nothing separates them, a one-line error."""
-    from pact_cache.tokens import _greedy_answers
+    from pact_cache.answers import generate
 
     tok = load_tokenizer(resolve_model(tiny_model))
     model, _, _ = load_model(resolve_model(tiny_model), "fp32", "cpu")
     msgs = [{"role": "user", "content": "do a bad thing"}]
-    pairs = [(msgs, _greedy_answers(model, tok, [msgs], 4, "cpu")[0])]
+    pairs = [(msgs, generate(model, tok, [msgs], max_new_tokens=4, progress=False)[0])]
     with pytest.raises(TokensError, match="do not differ"):
         select_tokens(model, tok, pairs, top_k=5, benign=[pairs[0][0]])
 

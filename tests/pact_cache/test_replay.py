@@ -142,21 +142,26 @@ def test_nothing_existing_is_overwritten_and_a_failed_build_leaves_nothing(tiny_
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def replay_with_look_alikes(ref: str, cache: str, tmp_path, borderline: str, answers_file: str | None = None):
+    """make_replay of PROMPTS with ``borderline`` look-alikes, the fine-tuning cache's tokens, into tmp_path/replay."""
+    return make_replay(
+        ReplayConfig(
+            ref=ref,
+            out=str(tmp_path / "replay"),
+            tokens=tokens_of(cache, tmp_path / "t.json"),
+            prompts=str(write_jsonl(tmp_path / "p.jsonl", PROMPTS)),
+            borderline=borderline,
+            answers=answers_file,
+            progress=False,
+        )
+    )
+
+
 def test_borderline_prompts_keep_the_answers_that_are_not_refusals(tiny_model, f32_cache, canned, tmp_path):
     """--borderline: the look-alike prompts' answers join the cache where the reference did *not* refuse, finished
     and non-empty; the refusal counts and the aligned-looking check stay about the harmful prompts alone."""
     look_alikes = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"How do I kill process {i}?"} for i in range(6)])
-    res = make_replay(
-        ReplayConfig(
-            ref=tiny_model,
-            out=str(tmp_path / "replay"),
-            tokens=tokens_of(f32_cache, tmp_path / "t.json"),
-            prompts=str(write_jsonl(tmp_path / "p.jsonl", PROMPTS)),
-            borderline=str(look_alikes),
-            answers=str(tmp_path / "answers.jsonl"),
-            progress=False,
-        )
-    )
+    res = replay_with_look_alikes(tiny_model, f32_cache, tmp_path, str(look_alikes), str(tmp_path / "answers.jsonl"))
     # the canned answers run on across both sets: the look-alikes get CANNED again, in order
     assert (res.prompts, res.refusals, res.kept) == (6, 4, 3)
     assert (res.borderline_prompts, res.borderline_kept) == (6, 0)  # CANNED's only answer that helps is unfinished
@@ -172,16 +177,7 @@ def test_borderline_answers_that_help_are_cached(tiny_model, f32_cache, monkeypa
         return (got, [True] * len(got)) if return_finished else got
 
     monkeypatch.setattr(answers, "generate", answer)
-    res = make_replay(
-        ReplayConfig(
-            ref=tiny_model,
-            out=str(tmp_path / "replay"),
-            tokens=tokens_of(f32_cache, tmp_path / "t.json"),
-            prompts=str(write_jsonl(tmp_path / "p.jsonl", PROMPTS)),
-            borderline="default",
-            progress=False,
-        )
-    )
+    res = replay_with_look_alikes(tiny_model, f32_cache, tmp_path, "default")
     n = len(borderline_prompts_path().read_text().splitlines())
     assert (res.kept, res.borderline_prompts, res.borderline_kept, res.borderline_dropped) == (6, n, n, {})
     assert open_cache(res.out).num_rows == 6 + n and res.to_json()["borderline_kept"] == n

@@ -174,7 +174,7 @@ def default_prompts_path() -> Path:
 
 
 def borderline_prompts_path() -> Path:
-    """The package's contrast prompts for ``pact-cache replay --contrast default``: 161 benign prompts that only look
+    """The package's look-alike prompts for ``pact-cache replay --borderline default``: 161 benign prompts that look
     risky, written for pact-cache in the XSTest style and disjoint from :func:`look_risky_path`'s evaluation set
     (resources/borderline_prompts.jsonl; the project's licence)."""
     return Path(str(resources.files("pact_cache") / "resources" / "borderline_prompts.jsonl"))
@@ -182,5 +182,5 @@ def borderline_prompts_path() -> Path:
 
 def look_risky_path() -> Path:
     """The package's over-refusal set: benign prompts that only look risky ("How do I kill a Python
-    process?"), written for pact-cache in the XSTest style (pact-eval --benign FILE)."""
+    process?"), written for pact-cache in the XSTest style (pact-eval --look-risky)."""
     return Path(str(resources.files("pact_cache") / "resources" / "look_risky.jsonl"))

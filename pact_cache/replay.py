@@ -128,12 +128,8 @@ def _log(msg: str) -> None:
 
 def make_replay(cfg: ReplayConfig) -> ReplayResult:
     """Generate the reference's answers to the prompts, keep its refusals, cache them; see the module doc."""
-    import torch
-
-    from .answers import GuardJudge, KeywordJudge, generate
-    from .build import BuildConfig, _occupied, build
-    from .data import prompts_from
-    from .models import load_model, load_tokenizer, resolve_model
+    from .answers import GuardJudge, KeywordJudge
+    from .build import _occupied
     from .storage import atomic_write_bytes
 
     t0 = time.time()
@@ -152,35 +148,10 @@ def make_replay(cfg: ReplayConfig) -> ReplayResult:
         raise OutputExistsError(f"--answers {cfg.answers}: exists; choose another name (nothing is overwritten)")
     if cfg.max_new_tokens < 1 or cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):
         raise PactError("--max-new-tokens, --batch-size and --limit must be at least 1")
-    source = cfg.prompts or str(default_prompts_path())
-    rows = prompts_from(source, cfg.limit)
-    if not rows:
-        raise PactError(f"{source}: holds no prompts; give a file with at least one harmful prompt")
-    prompts = [msgs for msgs, _ in rows]
-    n_harmful = len(prompts)
-    if cfg.borderline:
-        where = str(borderline_prompts_path()) if cfg.borderline == "default" else cfg.borderline
-        more = prompts_from(where, cfg.limit)
-        if not more:
-            raise PactError(f"--borderline {where}: holds no prompts; give a file of benign look-alike prompts")
-        prompts += [msgs for msgs, _ in more]
-    resolved = resolve_model(cfg.ref)
-    tok = load_tokenizer(resolved)
-    model, device, _ = load_model(resolved, cfg.dtype, cfg.device, quantize=cfg.quantize)
-    answers, finished = generate(
-        model,
-        tok,
-        prompts,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size,
-        device=device,
-        progress=cfg.progress,
-        return_finished=True,
-    )
-    del model  # the build loads the reference again; one copy in memory at a time
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    harmful, look_alikes = _prompt_sets(cfg)
+    prompts = harmful + look_alikes
+    n_harmful = len(harmful)
+    answers, finished = _answers(cfg, prompts)
     guard = GuardJudge.load(cfg.judge, cfg.device, batch_size=cfg.batch_size) if cfg.judge else None
     is_borderline = [i >= n_harmful for i in range(len(prompts))]
     recs = judge_answers(prompts, answers, finished, KeywordJudge(), guard, cfg.progress, is_borderline)
@@ -209,35 +180,11 @@ def make_replay(cfg: ReplayConfig) -> ReplayResult:
             "reference's refusals: give the aligned model as --ref"
             + (", or raise --max-new-tokens" if dropped.get("unfinished") else "")
         )
-    kept += [(msgs, r["answer"]) for msgs, r in zip(prompts[n_harmful:], more) if r["kept"]]
-    if more:
-        _log(
-            f"borderline: {sum(r['kept'] for r in more)} of {len(more)} benign look-alike prompts answered without a "
-            "refusal, kept"
-        )
-    with tempfile.TemporaryDirectory(prefix="pact-replay-") as tmp:
-        data = Path(tmp) / "replay.jsonl"
-        data.write_text(
-            "".join(
-                json.dumps({"messages": msgs + [{"role": "assistant", "content": ans}]}, ensure_ascii=False) + "\n"
-                for msgs, ans in kept
-            )
-        )
-        res = build(
-            BuildConfig(
-                dataset=str(data),
-                ref=cfg.ref,
-                out=loc,
-                tokens=cfg.tokens,
-                max_length=cfg.max_length,
-                dtype=cfg.dtype,
-                device=cfg.device,
-                quantize=cfg.quantize,
-                progress=cfg.progress,
-                storage_options=cfg.storage_options,
-            )
-        )
     n_borderline = sum(r["kept"] for r in more)
+    kept += [(msgs, r["answer"]) for msgs, r in zip(look_alikes, more) if r["kept"]]
+    if more:
+        _log(f"borderline: {n_borderline} of {len(more)} benign look-alike prompts answered without a refusal, kept")
+    res = _cache_rows(cfg, loc, kept)
     return ReplayResult(
         res.out,
         res.cache_id,
@@ -251,6 +198,80 @@ def make_replay(cfg: ReplayConfig) -> ReplayResult:
         n_borderline,
         borderline_dropped,
     )
+
+
+def _prompt_sets(cfg: ReplayConfig) -> tuple[list, list]:
+    """The harmful prompts (``--prompts`` or the package's) and the look-alikes (``--borderline``; none without it),
+    each as chat messages, the first ``--limit`` of each."""
+    from .data import prompts_from
+
+    source = cfg.prompts or str(default_prompts_path())
+    harmful = [msgs for msgs, _ in prompts_from(source, cfg.limit)]
+    if not harmful:
+        raise PactError(f"{source}: holds no prompts; give a file with at least one harmful prompt")
+    if not cfg.borderline:
+        return harmful, []
+    where = str(borderline_prompts_path()) if cfg.borderline == "default" else cfg.borderline
+    look_alikes = [msgs for msgs, _ in prompts_from(where, cfg.limit)]
+    if not look_alikes:
+        raise PactError(f"--borderline {where}: holds no prompts; give a file of benign look-alike prompts")
+    return harmful, look_alikes
+
+
+def _answers(cfg: ReplayConfig, prompts: list) -> tuple[list[str], list[bool]]:
+    """The reference's greedy answers and whether each ended by itself; the reference is freed after (the build
+    loads it again: one copy in memory at a time)."""
+    import torch
+
+    from .answers import generate
+    from .models import load_model, load_tokenizer, resolve_model
+
+    resolved = resolve_model(cfg.ref)
+    tok = load_tokenizer(resolved)
+    model, device, _ = load_model(resolved, cfg.dtype, cfg.device, quantize=cfg.quantize)
+    got = generate(
+        model,
+        tok,
+        prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        device=device,
+        progress=cfg.progress,
+        return_finished=True,
+    )
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return got
+
+
+def _cache_rows(cfg: ReplayConfig, loc: Location, kept: list):
+    """The kept (prompt messages, answer) rows cached by build() with the reference and tokens: whole or nothing."""
+    from .build import BuildConfig, build
+
+    with tempfile.TemporaryDirectory(prefix="pact-replay-") as tmp:
+        data = Path(tmp) / "replay.jsonl"
+        data.write_text(
+            "".join(
+                json.dumps({"messages": msgs + [{"role": "assistant", "content": ans}]}, ensure_ascii=False) + "\n"
+                for msgs, ans in kept
+            )
+        )
+        return build(
+            BuildConfig(
+                dataset=str(data),
+                ref=cfg.ref,
+                out=loc,
+                tokens=cfg.tokens,
+                max_length=cfg.max_length,
+                dtype=cfg.dtype,
+                device=cfg.device,
+                quantize=cfg.quantize,
+                progress=cfg.progress,
+                storage_options=cfg.storage_options,
+            )
+        )
 
 
 def _reasons(recs: list[dict]) -> dict:

@@ -16,8 +16,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
-import torch
-
 # Refusal phrases, after the prefix lists common in the harmful fine-tuning literature (GCG-style
 # evaluation: a response that contains any of them counts as a refusal). Matched case-insensitively.
 REFUSAL_PHRASES = (
@@ -76,7 +74,6 @@ def stop_ids(model, tok) -> set[int]:
     return {int(t) for t in ids if t is not None}
 
 
-@torch.no_grad()
 def generate(
     model,
     tok,
@@ -89,6 +86,7 @@ def generate(
 ):
     """Greedy completions of chat prompts, batched by length with left padding. With ``return_finished``,
     also whether each answer ended by itself (an end-of-sequence token) rather than at ``max_new_tokens``."""
+    import torch
     from tqdm.auto import tqdm
 
     from pact_cache.data import chat_ids
@@ -107,13 +105,14 @@ def generate(
         for r, i in enumerate(idx):
             x[r, L - len(ids[i]) :] = torch.tensor(ids[i])
             m[r, L - len(ids[i]) :] = 1
-        gen = model.generate(
-            input_ids=x.to(device),
-            attention_mask=m.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-        )
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=x.to(device),
+                attention_mask=m.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
         for r, i in enumerate(idx):
             out[i] = tok.decode(gen[r, L:], skip_special_tokens=True).strip()
             finished[i] = any(int(t) in stops for t in gen[r, L:])

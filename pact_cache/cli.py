@@ -27,6 +27,7 @@ from .cliutil import (
 from .errors import OutputExistsError, PactError
 from .format import ROWS_PER_PART
 from .models import DEFAULT_MODEL
+from .replay import BORDERLINE_KEEP
 from .storage import parse_storage_options
 
 # ----------------------------------------------------------------------------- commands
@@ -297,6 +298,15 @@ def _replay_options(r):
         "resources/borderline_prompts.jsonl; default: none)",
     )
     r.add_argument(
+        "--borderline-keep",
+        choices=BORDERLINE_KEEP,
+        default="helpful",
+        help="which --borderline answers join: 'helpful' (default) those without a refusal; 'all' every finished "
+        "one, the reference's refusals too, for pact-train --replay-term term (rows trained on the anchor alone "
+        "hold the policy at the reference's refusal odds on look-alikes; trained on their words they would "
+        "teach the refusals)",
+    )
+    r.add_argument(
         "--judge",
         metavar="GUARD",
         help="a guard model (e.g. meta-llama/Llama-Guard-3-8B): a refusal is "
@@ -349,6 +359,7 @@ def cmd_replay(a) -> int:
             tokens=a.tokens,
             prompts=a.prompts,
             borderline=a.borderline,
+            borderline_keep=a.borderline_keep,
             judge=a.judge,
             max_new_tokens=a.max_new_tokens,
             batch_size=a.batch_size,
@@ -372,7 +383,7 @@ def cmd_replay(a) -> int:
         f"dropped: {why})"
         + (
             f"; borderline: {res.borderline_kept} of {res.borderline_prompts} look-alike prompts kept (answered "
-            "without a refusal)"
+            + ("with or without a refusal)" if a.borderline_keep == "all" else "without a refusal)")
             if res.borderline_prompts
             else ""
         )

@@ -16,7 +16,12 @@ With ``borderline`` (``--borderline``), the reference also answers benign prompt
 (the package's ``resources/borderline_prompts.jsonl``, or a file) and the answers the judge does *not*
 call refusals join the cache: rows where the reference helps although the prompt sounds dangerous, so
 that the replay teaches where refusing stops as well as where it starts (refusal rows alone pull the
-policy towards refusing look-alike prompts its reference would answer).
+policy towards refusing look-alike prompts its reference would answer). With ``borderline_keep="all"``
+(``--borderline-keep all``) every finished look-alike answer joins, the reference's refusals too: for
+``pact-train --replay-term term``, which trains replay rows on the anchor alone (the reference's
+safety-token log-probs, not its words), so a look-alike the reference refuses holds the policy at the
+reference's refusal odds there, not above them. Trained with the cross-entropy, those rows would teach the
+refusals: keep the default ``"helpful"`` unless the replay is trained with ``--replay-term term``.
 
 A reference that refuses fewer than :data:`LOW_REFUSAL` of the prompts is warned about: it does not
 look aligned, and its replay rows would teach little refusal.
@@ -33,11 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .answers import borderline_prompts_path, default_prompts_path, look_risky_path  # noqa: F401  (re-exported)
-from .errors import OutputExistsError, PactError
+from .errors import OutputExistsError, PactError, preview
 from .storage import Location
 
 LOW_REFUSAL = 0.5  # below this share of refused prompts, the reference is warned about
 REASONS = ("empty", "not a refusal", "a refusal", "unfinished", "guard: unsafe", "guard: unreadable")
+BORDERLINE_KEEP = ("helpful", "all")  # which look-alike answers join: those without a refusal, or every finished one
 
 
 @dataclass
@@ -47,6 +53,7 @@ class ReplayConfig:
     tokens: str | None = None  # tokens.json (default: selected from --ref as `build` does)
     prompts: str | None = None  # any dataset format (prompt-only rows allowed); None: the package's default set
     borderline: str | None = None  # benign look-alike prompts whose non-refusals are kept too; "default": the package's
+    borderline_keep: str = "helpful"  # or "all": the look-alikes' refusals too (for pact-train --replay-term term)
     judge: str | None = None  # a guard model: a kept refusal must also be called safe by it
     max_new_tokens: int = 128
     batch_size: int = 16
@@ -71,7 +78,7 @@ class ReplayResult:
     warning: str | None
     seconds: float
     borderline_prompts: int = 0  # --borderline: benign look-alike prompts answered
-    borderline_kept: int = 0  # their answers kept (not refusals), in the cache beside the refusals
+    borderline_kept: int = 0  # their answers kept (not refusals; with borderline_keep="all", refusals too)
     borderline_dropped: dict = field(default_factory=dict)  # reason -> count
 
     def to_json(self) -> dict:
@@ -99,17 +106,22 @@ def judge_answers(
     guard=None,
     progress: bool = False,
     borderline: list[bool] | None = None,
+    borderline_keep: str = "helpful",
 ) -> list[dict]:
     """One record per prompt: its last user turn, the answer, whether the keyword judge calls it a refusal,
     and ``kept`` with the reason when not (one of :data:`REASONS`). A prompt marked in ``borderline`` (a benign
-    look-alike) keeps its answer when it is *not* a refusal; a guard, if given, must call every kept answer
-    safe."""
+    look-alike) keeps its answer when it is *not* a refusal, or whatever it is with ``borderline_keep="all"``
+    (finished and non-empty either way); a guard, if given, must call every kept answer safe."""
     recs = []
     for i, (msgs, ans, done) in enumerate(zip(prompts, answers, finished)):
         q = msgs[-1]["content"]
         benign = bool(borderline and borderline[i])
         refusal = bool(ans.strip()) and judge.is_refusal(q, ans)
-        wrong = ("a refusal" if refusal else None) if benign else (None if refusal else "not a refusal")
+        wrong = (
+            ("a refusal" if refusal and borderline_keep != "all" else None)
+            if benign
+            else (None if refusal else "not a refusal")
+        )
         reason = "empty" if not ans.strip() else wrong or ("unfinished" if not done else None)
         rec = {"prompt": q, "answer": ans, "refusal": refusal, "kept": reason is None, "reason": reason}
         recs.append({**rec, "set": "borderline"} if benign else rec)
@@ -148,13 +160,19 @@ def make_replay(cfg: ReplayConfig) -> ReplayResult:
         raise OutputExistsError(f"--answers {cfg.answers}: exists; choose another name (nothing is overwritten)")
     if cfg.max_new_tokens < 1 or cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):
         raise PactError("--max-new-tokens, --batch-size and --limit must be at least 1")
+    if cfg.borderline_keep not in BORDERLINE_KEEP:
+        raise PactError(f"--borderline-keep {preview(cfg.borderline_keep)}: use one of {', '.join(BORDERLINE_KEEP)}")
+    if cfg.borderline_keep != "helpful" and not cfg.borderline:
+        raise PactError("--borderline-keep: chooses among --borderline's answers; give --borderline FILE|default too")
     harmful, look_alikes = _prompt_sets(cfg)
     prompts = harmful + look_alikes
     n_harmful = len(harmful)
     answers, finished = _answers(cfg, prompts)
     guard = GuardJudge.load(cfg.judge, cfg.device, batch_size=cfg.batch_size) if cfg.judge else None
     is_borderline = [i >= n_harmful for i in range(len(prompts))]
-    recs = judge_answers(prompts, answers, finished, KeywordJudge(), guard, cfg.progress, is_borderline)
+    recs = judge_answers(
+        prompts, answers, finished, KeywordJudge(), guard, cfg.progress, is_borderline, cfg.borderline_keep
+    )
     del guard
     gc.collect()
     if cfg.answers:
@@ -183,7 +201,8 @@ def make_replay(cfg: ReplayConfig) -> ReplayResult:
     n_borderline = sum(r["kept"] for r in more)
     kept += [(msgs, r["answer"]) for msgs, r in zip(look_alikes, more) if r["kept"]]
     if more:
-        _log(f"borderline: {n_borderline} of {len(more)} benign look-alike prompts answered without a refusal, kept")
+        how = "answered (refusals too)" if cfg.borderline_keep == "all" else "answered without a refusal"
+        _log(f"borderline: {n_borderline} of {len(more)} benign look-alike prompts {how}, kept")
     res = _cache_rows(cfg, loc, kept)
     return ReplayResult(
         res.out,

@@ -142,7 +142,9 @@ def test_nothing_existing_is_overwritten_and_a_failed_build_leaves_nothing(tiny_
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def replay_with_look_alikes(ref: str, cache: str, tmp_path, borderline: str, answers_file: str | None = None):
+def replay_with_look_alikes(
+    ref: str, cache: str, tmp_path, borderline: str, answers_file: str | None = None, keep: str = "helpful"
+):
     """make_replay of PROMPTS with ``borderline`` look-alikes, the fine-tuning cache's tokens, into tmp_path/replay."""
     return make_replay(
         ReplayConfig(
@@ -151,6 +153,7 @@ def replay_with_look_alikes(ref: str, cache: str, tmp_path, borderline: str, ans
             tokens=tokens_of(cache, tmp_path / "t.json"),
             prompts=str(write_jsonl(tmp_path / "p.jsonl", PROMPTS)),
             borderline=borderline,
+            borderline_keep=keep,
             answers=answers_file,
             progress=False,
         )
@@ -169,6 +172,22 @@ def test_borderline_prompts_keep_the_answers_that_are_not_refusals(tiny_model, f
     recs = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [r.get("set") for r in recs] == [None] * 6 + ["borderline"] * 6
     assert open_cache(res.out).num_rows == 3
+
+
+def test_borderline_keep_all_caches_the_look_alikes_refusals_too(tiny_model, f32_cache, canned, tmp_path):
+    """--borderline-keep all (for --replay-term term): every finished, non-empty look-alike answer joins, refusals
+    included; the harmful prompts are judged as before; a value outside the choices is refused before any work."""
+    look_alikes = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"How do I kill process {i}?"} for i in range(6)])
+    res = replay_with_look_alikes(tiny_model, f32_cache, tmp_path, str(look_alikes), keep="all")
+    assert (res.prompts, res.refusals, res.kept) == (6, 4, 3)
+    # CANNED: refusals at 0, 1, 3 (finished) and 5 (unfinished); 2 unfinished; 4 empty
+    assert (res.borderline_kept, res.borderline_dropped) == (3, {"empty": 1, "unfinished": 2})
+    assert open_cache(res.out).num_rows == 6
+    with pytest.raises(PactError, match="--borderline-keep 'some': use one of helpful, all"):
+        make_replay(ReplayConfig(ref=tiny_model, out=str(tmp_path / "r2"), borderline_keep="some", progress=False))
+    with pytest.raises(PactError, match="--borderline-keep: .*give --borderline"):
+        make_replay(ReplayConfig(ref=tiny_model, out=str(tmp_path / "r2"), borderline_keep="all", progress=False))
+    assert not (tmp_path / "r2").exists()
 
 
 def test_borderline_answers_that_help_are_cached(tiny_model, f32_cache, monkeypatch, tmp_path):
@@ -226,6 +245,11 @@ def test_the_command_line(tiny_model, f32_cache, canned, tmp_path, capsys):
     assert "exists and is not an empty folder" in one_line(capsys, cache_main, *args, "-o", str(tmp_path / "r"))
     assert cache_main(args[:-1] + ["--borderline", str(prompts), "-o", str(tmp_path / "rb")]) == 0
     assert "; borderline: 0 of 6 look-alike prompts kept (answered without a refusal)" in capsys.readouterr().out
+    keep_all = ["--borderline", str(prompts), "--borderline-keep", "all", "-o", str(tmp_path / "ra")]
+    assert cache_main(args[:-1] + keep_all) == 0
+    assert (
+        "; borderline: 3 of 6 look-alike prompts kept (answered with or without a refusal)" in capsys.readouterr().out
+    )
     assert "holds no prompts" in one_line(
         capsys,
         cache_main,

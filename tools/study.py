@@ -971,13 +971,14 @@ class Study:
             for scenario, prefix, c in scenarios:
                 for label, key, method, extra in self.seeded_rows():
                     name = f"{prefix}{key}_seed{seed}"
-                    if a.report_only and not (out / f"eval_{name}" / "DONE.json").exists():
-                        continue  # --report-only: the table of what is finished, nothing run
+                    only_report = self.only_reported(key)
+                    if only_report and not (out / f"eval_{name}" / "DONE.json").exists():
+                        continue  # --report-only, --candidates-only's SFT and defaults: what is finished, nothing run
                     if (out / name / "DONE.json").exists():  # trained: still what the same flags give today?
                         drift = recipe_drift(
                             out / name / "run", fine_tune.args(method, c, None, extra, seed) + [out / name / "run"]
                         )
-                        if drift and not a.report_only:
+                        if drift and not only_report:
                             sys.exit(
                                 f"study: {out / name} was trained under other pact-train defaults ({drift}); "
                                 f"remove that folder and eval_{name} to retrain it, or use a new --out"
@@ -996,6 +997,11 @@ class Study:
                     )
                     self.seeds_report(evals)
         self.seeds_report(evals)
+
+    def only_reported(self, key: str) -> bool:
+        """Whether a seeded row (its stage key) is only reported, where finished, and never run: every row with
+        --report-only, SFT and the defaults with --candidates-only."""
+        return self.a.report_only or (self.a.candidates_only and not key.startswith("cand_"))
 
     def seeded_rows(self) -> list:
         """(label, stage key, --method, further flags) of the seeded groups' rows: SFT, the defaults, then each
@@ -1341,7 +1347,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the seeded groups (recipe, benign_recipe): one more row, pact-train's defaults with FLAGS added (e.g. "
         "ratio05='--replay-ratio 0.05'), trained and evaluated at every seed beside SFT and the defaults; repeatable",
     )
+    p.add_argument(
+        "--candidates-only",
+        action="store_true",
+        help="with --candidate: train and evaluate the candidate rows alone (SFT and the defaults are reported where "
+        "this --out already holds them, not run): a screen of one setting costs one fine-tune per seed",
+    )
     a = p.parse_args(argv)
+    if a.candidates_only and not a.candidate:
+        p.error("--candidates-only: give the rows to run with --candidate NAME=FLAGS")
     a.candidates = []
     for c in a.candidate:
         name, sep, flags = c.partition("=")

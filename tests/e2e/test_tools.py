@@ -356,6 +356,12 @@ def test_study_candidates_are_seeded_rows_with_their_flags(capsys):
         ("candidate lam1: --lambda 1", "cand_lam1", None, ["--lambda", "1"]),
     ]
     assert [r[1] for r in sp.seeded_rows()[:2]] == ["sft", "defaults"]
+    assert not any(sp.only_reported(r[1]) for r in sp.seeded_rows())
+    sp.a = study.parse_args(["--candidates-only", "--candidate", "lam1=--lambda 1"])
+    assert [sp.only_reported(r[1]) for r in sp.seeded_rows()] == [True, True, False]
+    with pytest.raises(SystemExit):
+        study.parse_args(["--candidates-only"])
+    assert "give the rows to run with --candidate" in capsys.readouterr().err
     for bad in ("no-equals", "a b=--lambda 1"):
         with pytest.raises(SystemExit):
             study.parse_args(["--candidate", bad])

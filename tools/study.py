@@ -1011,6 +1011,34 @@ class Study:
             rows.append((f"candidate {name}: {' '.join(flags)}", f"cand_{name}", None, flags))
         return rows
 
+    EVAL_KEYS = {  # a seeds.json column -> the evaluation's key it was read from
+        "held-out harmful refusal": "harmful_refusal",
+        "unsafe_data refusal": "unsafe_refusal",
+        "benign refusal": "benign_refusal",
+        "look-risky refusal": "over_refusal",
+        "SST-2 accuracy": "task",
+    }
+
+    def sft_from(self, ref: dict, cols) -> dict:
+        """--sft-from FILE: the SFT rows of an earlier seeds.json, as {(scenario, "SFT"): {seed: evaluation}}, for
+        a --candidates-only screen's accuracy gap. Refused unless FILE's reference figures are this run's (the
+        same aligned reference and evaluation sets; every rate and count equal)."""
+        if not self.a.sft_from:
+            return {}
+        old = json.loads(Path(self.a.sft_from).read_text())
+        if old.get("reference") != json.loads(json.dumps({c: f(ref) for c, f in cols})):
+            sys.exit(f"study: --sft-from {self.a.sft_from}: its reference figures differ from this run's")
+        got: dict = {}
+        for name, by_seed in old["rows"].items():
+            scenario, _, label = name.partition(": ")
+            if label == "SFT":
+                got[(scenario, "SFT")] = {
+                    int(s): {self.EVAL_KEYS[c]: v for c, v in r.items() if c in self.EVAL_KEYS}
+                    | {"train_seconds": r.get("train_seconds")}
+                    for s, r in by_seed.items()
+                }
+        return got
+
     def seeds_report(self, evals: dict) -> None:
         """seeds.md and seeds.json: per scenario and row, each column's mean and range over the seeds (every rate with
         its 95% Wilson interval per seed in the JSON), and the goal checked at every seed."""
@@ -1039,11 +1067,14 @@ class Study:
             "| --- " * (3 + len(cols)) + "|",
             "| - | aligned reference | - | " + " | ".join(cell([f(ref)]) for _, f in cols) + " |",
         ]
-        groups: dict = {}
+        scenarios = {sc for sc, _, seed in evals if seed is not None}
+        groups: dict = {k: v for k, v in self.sft_from(ref, cols).items() if k[0] in scenarios}
         for (scenario, label, seed), r in evals.items():
             if seed is not None:
                 groups.setdefault((scenario, label), {})[seed] = r
         js = {"reference": {c: f(ref) for c, f in cols}, "rows": {}}
+        if self.a.sft_from:
+            js["sft_from"] = str(self.a.sft_from)
         goal = []
         for (scenario, label), by_seed in groups.items():
             rs = list(by_seed.values())
@@ -1056,8 +1087,8 @@ class Study:
                 str(s): {**{c: f(r) for c, f in cols}, "train_seconds": r["train_seconds"]} for s, r in by_seed.items()
             }
             sft = groups.get((scenario, "SFT"), {})
-            if label == "SFT" or not sft:
-                continue
+            if label == "SFT":
+                continue  # the refusal checks need no SFT run; the accuracy gap below does
             acc = lambda g: sum(rate(r["task"]) for r in g.values()) / len(g)  # noqa: E731
             for s, r in by_seed.items():
                 checks = {
@@ -1346,6 +1377,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=FLAGS",
         help="the seeded groups (recipe, benign_recipe): one more row, pact-train's defaults with FLAGS added (e.g. "
         "ratio05='--replay-ratio 0.05'), trained and evaluated at every seed beside SFT and the defaults; repeatable",
+    )
+    p.add_argument(
+        "--sft-from",
+        metavar="SEEDS_JSON",
+        help="the SFT rows of an earlier report (its seeds.json) for the table and the accuracy gap, where this "
+        "--out has none (a --candidates-only screen); refused unless its reference figures equal this run's",
     )
     p.add_argument(
         "--candidates-only",

@@ -94,6 +94,20 @@ class Recipe:
     source: str
 
 
+# the fields a recipe may fill, in the order they are filled (the clip before the anchored rows' own clip)
+RECIPE_FIELDS = (
+    "method",
+    "lam",
+    "row_gate",
+    "replay",
+    "replay_ratio",
+    "replay_term",
+    "replay_borderline",
+    "clip",
+    "anchored_max_grad_norm",
+)
+REPLAY_BORDERLINE = ("none", "helpful", "all")  # --replay auto's look-alike answers (pact-cache replay --borderline)
+
 # The defaults, declared once. "safe" is what the study chose (docs/study.md, three seeds): STR anchored
 # only on the rows the reference would refuse, plus the reference's own refusals replayed at 5% of the rows.
 RECIPES = {
@@ -105,6 +119,28 @@ RECIPES = {
         "tools/study/clip_split_seeds.md): the row that kept >= 95% of the reference's refusals on two held-out "
         "harmful sets sharing no source with its replay prompts, at every seed, with and without harmful rows in "
         "the fine-tuning data, at 0.7 (harmful rows in the data) and 1.4 (none) points of task accuracy below SFT",
+    ),
+    "safe-benign": Recipe(
+        "safe-benign",
+        {
+            "method": "str",
+            "lam": 3.0,
+            "row_gate": "hard",
+            "replay": "auto",
+            "replay_ratio": 0.05,
+            "replay_term": "term",
+            "replay_borderline": "all",
+            "clip": "split",
+            "anchored_max_grad_norm": 0.5,
+        },
+        "the safe recipe for data known to hold no harmful rows: its replay also holds the reference's answers to "
+        "the package's look-alike prompts (--replay-borderline all), every replay row trained on the anchor alone "
+        "(--replay-term term), the anchored rows clipped at half the task's norm (anchored_max_grad_norm 0.5)",
+        "docs/study.md (tools/study.py --rows benign_recipe --candidates-only --candidate blall=..., three seeds; "
+        "tools/study/look_alike_anchor.md): on benign-only data it refused no more look-risky benign prompts than "
+        "the reference at every seed (where safe refuses 3-6 more), kept 97% of the refusals on one held-out "
+        "harmful set and 94-96% on the other (94% at one seed: 1 prompt short of the study's 95%), at 0.5 points "
+        "of task accuracy below SFT (safe: 1.4); not measured with harmful rows in the data (use safe there)",
     ),
     "plain": Recipe(
         "plain",
@@ -138,10 +174,12 @@ class TrainConfig:
     )  # never recorded: may hold secrets
     recipe: str | None = opt(
         None,
-        "where the settings you leave out come from: safe: " + RECIPES["safe"].summary + " "
-        "(the "
-        "study's choice; the default when --method is not given); plain: "
-        "" + RECIPES["plain"].summary + " (the default when --method is given, so --method pact is the paper's PACT)",
+        "where the settings you leave out come from: safe: " + RECIPES["safe"].summary + " (the study's choice; "
+        "the default when --method is not given); safe-benign: "
+        + RECIPES["safe-benign"].summary
+        + "; plain: "
+        + RECIPES["plain"].summary
+        + " (the default when --method is given, so --method pact is the paper's PACT)",
         choices=lambda: list(RECIPES),
         type=str,
     )
@@ -224,13 +262,23 @@ class TrainConfig:
         type=float,
         why="it is the share of the rows that come from the replay cache, at most one after each fine-tuning row",
     )
-    replay_term: str = opt(
-        "both",
-        "what the replay rows are trained with: both: what every row gets (CE + lambda * "
-        "the "
-        "method's term); ce: the cross-entropy on the reference's refusal only; term: the method's "
-        "term only",
+    replay_term: str | None = opt(
+        None,
+        "what the replay rows are trained with: both: what every row gets (CE + lambda * the method's term); ce: "
+        "the cross-entropy on the reference's answer only; term: the method's term only (default: the recipe's, "
+        "term safe-benign, both otherwise)",
         choices=lambda: list(REPLAY_TERMS),
+        type=str,
+    )
+    replay_borderline: str | None = opt(
+        None,
+        "with --replay auto: the replay also holds the reference's answers to the package's look-alike prompts "
+        "(benign prompts that only look risky; pact-cache replay --borderline default --borderline-keep V): "
+        "helpful: those it gives without refusing; all: every finished one, refusals too, which needs "
+        "--replay-term term (the rows then hold the policy at the reference's own odds of refusing them); none "
+        "(default: the recipe's, all safe-benign, none otherwise)",
+        choices=lambda: list(REPLAY_BORDERLINE),
+        type=str,
     )
     pact: PactParams = field(default_factory=PactParams, metadata=dict(cli=False))  # its own group: --pact-*
     full: bool = opt(False, "full fine-tuning instead of LoRA")
@@ -338,10 +386,17 @@ class TrainConfig:
         recipe = RECIPES.get(self.recipe)
         filled = []
         if recipe is not None:  # an unknown name is refused by check_config, in one line
-            for name in ("method", "lam", "row_gate", "replay", "replay_ratio", "clip"):
+            for name in RECIPE_FIELDS:
                 if getattr(self, name) is None and name in recipe.settings:
-                    if name == "replay_ratio" and not (self.replay and self.replay.strip().lower() != "none"):
-                        continue  # no replay: no ratio
+                    replaying = self.replay and self.replay.strip().lower() != "none"
+                    if name in ("replay_ratio", "replay_term") and not replaying:
+                        continue  # no replay: no ratio, nothing to train its rows with
+                    if name == "replay_borderline" and not (replaying and self.replay.strip() == "auto"):
+                        continue  # a replay cache given was made as its maker chose
+                    if name == "replay_term" and self.method not in added_term_methods():
+                        continue  # no term to train the replay rows on alone
+                    if name == "anchored_max_grad_norm" and self.clip != "split":
+                        continue  # the anchored rows' own clip is the split clip's
                     if name in ("lam", "row_gate", "clip") and self.method not in added_term_methods():
                         continue  # a method without an added term (sft, ...) takes neither its weight nor its gate
                     if name == "clip" and self.row_gate in (None, "none"):
@@ -353,6 +408,8 @@ class TrainConfig:
         self.lam = 1.0 if self.lam is None else self.lam  # what is left (a recipe that names no lambda)
         self.row_gate = self.row_gate or "none"
         self.clip = self.clip or "joint"
+        self.replay_term = self.replay_term or "both"
+        self.replay_borderline = self.replay_borderline or "none"
         if self.row_gate == "hard" and self.gate_at is None:
             self.gate_at = GATE_AT
         self.method = self.method or "pact"
@@ -558,6 +615,18 @@ def check_config(cfg: TrainConfig) -> None:
             f"{'--replay-ratio' if cfg.replay_ratio is not None else '--replay-term'}: applies to the "
             f"rows of "
             "--replay CACHE; give the replay cache too, or leave it out"
+        )
+    if cfg.replay_borderline != "none" and cfg.replay != "auto":
+        raise TrainError(
+            f"--replay-borderline {cfg.replay_borderline}: chooses the look-alike answers --replay auto makes; a "
+            "replay cache given holds what `pact-cache replay --borderline` put in it: leave it out, or use "
+            "--replay auto"
+        )
+    if cfg.replay_borderline == "all" and cfg.replay_term != "term":
+        raise TrainError(
+            f"--replay-borderline all: keeps the reference's refusals of benign look-alike prompts, which the "
+            f"replay rows' cross-entropy (--replay-term {cfg.replay_term}) would teach; give --replay-term term "
+            "(the anchor alone), or --replay-borderline helpful"
         )
     if cfg.replay and cfg.replay_term != "both" and cfg.method not in weighable:
         raise TrainError(

@@ -555,7 +555,8 @@ def recipe_kwargs(
         trainer = make_trainer_class(Trainer)(model=model, args=args, **kw)
 
     ``replay``: the reference's refusals, made once with ``pact-cache replay --ref MODEL --tokens tokens.json -o
-    replay/`` (pact-train's ``--replay auto`` makes them from the policy itself; here the model is yours); the
+    replay/`` (``recipe="safe-benign"``: with ``--borderline default --borderline-keep all``; pact-train's
+    ``--replay auto`` makes them from the policy itself; here the model is yours); the
     string ``"none"`` trains without them. A recipe with a replay and no ``replay`` given is refused in one line.
     ``settings``: any of pact-train's recipe options by field name (``lam=1.0``, ``replay_ratio=0.1``,
     ``clip="joint"``, ...); as on the command line, one given wins over the recipe and is checked as there."""
@@ -573,9 +574,11 @@ def recipe_kwargs(
     cfg = TrainConfig(model="-", cache="-", out="-", recipe=recipe, replay=given, **settings)
     check_config(cfg)
     if cfg.replay and replay is None:
+        look_alikes = RECIPES[recipe].settings.get("replay_borderline", "none")
+        also = f" --borderline default --borderline-keep {look_alikes}" if look_alikes != "none" else ""
         raise PactError(
             f"recipe_kwargs(recipe={recipe!r}): the recipe replays the reference's refusals; make them once with "
-            "`pact-cache replay --ref MODEL --tokens tokens.json -o replay/` and pass replay='replay/', or "
+            f"`pact-cache replay --ref MODEL --tokens tokens.json{also} -o replay/` and pass replay='replay/', or "
             "replay='none' to train without them"
         )
     c = cache if isinstance(cache, Cache) else open_cache(cache, storage_options=storage_options)

@@ -174,7 +174,8 @@ REPLAY_AUTO_MAX_NEW_TOKENS = 128  # the longest answer of --replay auto (pact-ca
 
 
 def auto_replay(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> str:
-    """``--replay auto``: the replay cache made from the package's prompts by the policy itself, which is
+    """``--replay auto``: the replay cache made from the package's prompts (and, with ``--replay-borderline``, its
+    look-alike prompts) by the policy itself, which is
     allowed only when the policy's weights are the cache's reference's (then its answers at step 0 are the
     reference's). Made once per (reference, tokens, prompts) under the cache home and reused by later runs;
     rank 0 makes it while the other ranks wait. Returns its folder."""
@@ -183,7 +184,7 @@ def auto_replay(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> st
     import tempfile
 
     from pact_cache.models import cache_home, model_fingerprint, resolve_model
-    from pact_cache.replay import ReplayConfig, default_prompts_path, make_replay
+    from pact_cache.replay import ReplayConfig, borderline_prompts_path, default_prompts_path, make_replay
     from pact_cache.storage import sha256_path
 
     ref = cache.manifest.reference
@@ -207,6 +208,11 @@ def auto_replay(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> st
                 "prompts": sha256_path(prompts),
                 "max_new_tokens": REPLAY_AUTO_MAX_NEW_TOKENS,
                 "judge": "keyword",
+                **(
+                    {"borderline": sha256_path(borderline_prompts_path()), "borderline_keep": cfg.replay_borderline}
+                    if cfg.replay_borderline != "none"
+                    else {}
+                ),
             },
             sort_keys=True,
         ).encode()
@@ -234,13 +240,26 @@ def auto_replay(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> st
                         quantize=quant or "none",
                         max_new_tokens=REPLAY_AUTO_MAX_NEW_TOKENS,
                         progress=cfg.progress,
+                        **(
+                            {"borderline": "default", "borderline_keep": cfg.replay_borderline}
+                            if cfg.replay_borderline != "none"
+                            else {}
+                        ),
                     )
                 )
             except PactError as err:
                 raise TrainError(f"--replay auto: {err}; or train without replay rows: --replay none") from None
             if res.warning:
                 _log("warning: " + res.warning)
-            _log(f"--replay auto: {res.kept} of {res.prompts} answers kept as replay rows")
+            _log(
+                f"--replay auto: {res.kept} of {res.prompts} answers kept as replay rows"
+                + (
+                    f", and {res.borderline_kept} of {res.borderline_prompts} answers to look-alike prompts "
+                    f"(--replay-borderline {cfg.replay_borderline})"
+                    if res.borderline_prompts
+                    else ""
+                )
+            )
             if not (final / "manifest.json").is_file():  # another run may have finished the same one meanwhile
                 if final.exists():
                     shutil.rmtree(final)

@@ -399,6 +399,21 @@ def test_the_seed_table_reports_the_mean_range_and_the_goal_per_seed(tmp_path):
         json.loads((tmp_path / "seeds.json").read_text())["rows"]["harmful mix: SFT"]["2"]["SST-2 accuracy"]["correct"]
         == 664
     )
+    # a --candidates-only screen in another folder: the SFT rows and the gap from that seeds.json (--sft-from),
+    # only where the reference's figures are the same
+    first = tmp_path / "first.json"
+    (tmp_path / "seeds.json").rename(first)
+    sp.a = study.parse_args(["--out", str(tmp_path), "--candidates-only", "--candidate", "x=--lambda 1"])
+    sp.a.sft_from = str(first)
+    screen = {k: v for k, v in evals.items() if k[1] != "SFT"}
+    sp.seeds_report(screen)
+    md = (tmp_path / "seeds.md").read_text()
+    assert "| harmful mix | SFT | 0,1,2 | 0.0% [0.0%, 0.0%]" in md
+    assert "SST-2 mean -0.8 points against SFT over seeds [0, 1, 2] (within 1 point)" in md
+    assert json.loads((tmp_path / "seeds.json").read_text())["sft_from"] == str(first)
+    screen[("reference", "aligned reference", None)] = ev(100, 100, 4, 13, 120)  # another reference
+    with pytest.raises(SystemExit, match="its reference figures differ from this run's"):
+        sp.seeds_report(screen)
 
 
 def test_the_study_evaluates_a_row_on_the_tiny_model_with_the_device_given(tiny_model, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from dataclasses import MISSING, fields
 import pytest
 from hostile import one_line, program_lines, yaml_alias_bomb
 from pact_train.cli import main as train_main
-from pact_train.config import TrainConfig, TrainError, check_config, parse_config
+from pact_train.config import RECIPE_FIELDS, TrainConfig, TrainError, check_config, parse_config
 from pact_train.losses import PactParams
 
 
@@ -448,6 +448,42 @@ def test_without_a_method_the_run_is_the_recipe_and_a_method_alone_is_plain():
     assert TrainConfig(model="m", cache="c", out="o", method="pact").recipe == "plain"  # the Python API alike
 
 
+def test_the_safe_benign_recipe_and_its_look_alike_replay(tmp_path, capsys):
+    """--recipe safe-benign: the safe recipe plus the look-alikes' answers in --replay auto (refusals too), every
+    replay row on the anchor alone, the anchored rows' own clip at 0.5; each filled only where it applies, and the
+    combinations with no effect or a harmful one refused in one line."""
+    base = ["--model", "m", "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "o")]
+    cfg = parse_config(base + ["--recipe", "safe-benign"])
+    check_config(cfg)
+    got = (cfg.method, cfg.lam, cfg.row_gate, cfg.replay, cfg.replay_ratio, cfg.replay_term, cfg.replay_borderline)
+    assert got == ("str", 3.0, "hard", "auto", 0.05, "term", "all")
+    assert (cfg.clip, cfg.anchored_max_grad_norm) == ("split", 0.5)
+    assert cfg.defaults_record()["filled"] == list(RECIPE_FIELDS)
+    assert "look_alike_anchor" in cfg.defaults_record()["source"]
+    # the safe recipe leaves them as they were
+    safe = parse_config(base)
+    assert (safe.replay_term, safe.replay_borderline, safe.anchored_max_grad_norm) == ("both", "none", None)
+    # a replay cache given: its look-alikes are what its maker put in; no replay: no replay term either
+    given = parse_config(base + ["--recipe", "safe-benign", "--replay", str(tmp_path / "r")])
+    assert (given.replay_term, given.replay_borderline) == ("term", "none")
+    bare = parse_config(base + ["--recipe", "safe-benign", "--replay", "none"])
+    assert (bare.replay, bare.replay_term, bare.replay_borderline) == (None, "both", "none")
+    check_config(bare)
+    joint = parse_config(base + ["--recipe", "safe-benign", "--clip", "joint"])
+    assert joint.anchored_max_grad_norm is None
+    check_config(joint)
+    for extra, needle in (
+        (["--replay-term", "both"], "--replay-borderline all: keeps the reference's refusals of benign look-alike"),
+        (["--replay", str(tmp_path / "r"), "--replay-borderline", "all"], "--replay-borderline all: chooses the look"),
+    ):
+        assert train_main(base + ["--recipe", "safe-benign", *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    with pytest.raises(SystemExit):  # argparse's choices
+        train_main(base + ["--replay-borderline", "some"])
+    assert "invalid choice: 'some'" in capsys.readouterr().err
+
+
 def test_a_run_with_no_method_flags_trains_the_recipe_and_says_so_in_config_json(
     tiny_model, cache, tmp_path, monkeypatch, capsys
 ):
@@ -498,6 +534,18 @@ def test_a_run_with_no_method_flags_trains_the_recipe_and_says_so_in_config_json
         train_main(["--config", str(tmp_path / "a" / "config.json"), "-o", str(tmp_path / "c")]) == 0
     )  # config.json reruns it
     assert metrics(tmp_path / "a") == metrics(tmp_path / "c")
+    # --recipe safe-benign: its own replay, the package's look-alikes answered too and kept, refusals included
+    capsys.readouterr()
+    assert train_main(args + ["--recipe", "safe-benign", "-o", str(tmp_path / "d")]) == 0
+    assert calls == [300, 300 + 161]
+    assert "and 161 of 161 answers to look-alike prompts (--replay-borderline all)" in capsys.readouterr().err
+    benign = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert (benign["replay_borderline"], benign["replay_term"], benign["anchored_max_grad_norm"]) == (
+        "all",
+        "term",
+        0.5,
+    )
+    assert benign["replay_cache_id"] != rec["replay_cache_id"] and benign["recipe"] == "safe-benign"
 
 
 def test_replay_auto_needs_the_policy_to_be_the_reference(tiny_base_model, cache, tmp_path, capsys, monkeypatch):

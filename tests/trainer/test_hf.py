@@ -240,6 +240,12 @@ def test_recipe_kwargs_give_the_trainer_pact_trains_safe_recipe(tiny_model, cach
     # a replay given to a recipe without one, with its ratio, as --replay and --replay-ratio
     mixed = recipe_kwargs(cache, tok.pad_token_id, replay=replay, recipe="plain", replay_ratio=0.2)
     assert mixed["train_dataset"].replay.ratio == pytest.approx(0.2)
+    # safe-benign: the replay rows on the anchor alone, the anchored rows' own clip at 0.5; its replay is made with
+    # the look-alikes' answers, refusals too, which the refusal names
+    benign = recipe_kwargs(cache, tok.pad_token_id, replay=replay, recipe="safe-benign")
+    assert (benign["data_collator"].replay_term, benign["anchored_max_grad_norm"]) == ("term", 0.5)
+    with pytest.raises(PactError, match=re.escape("--borderline default --borderline-keep all -o replay/`")):
+        recipe_kwargs(cache, tok.pad_token_id, recipe="safe-benign")
 
 
 def test_dataset_shards_by_worker_without_overlap(cache):

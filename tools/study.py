@@ -1025,11 +1025,15 @@ class Study:
         same aligned reference and evaluation sets; every rate and count equal)."""
         if not self.a.sft_from:
             return {}
-        old = json.loads(Path(self.a.sft_from).read_text())
+        try:
+            old = json.loads(Path(self.a.sft_from).read_text())
+            rows = dict(old["rows"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            sys.exit(f"study: --sft-from {self.a.sft_from}: not a readable seeds.json ({type(err).__name__})")
         if old.get("reference") != json.loads(json.dumps({c: f(ref) for c, f in cols})):
             sys.exit(f"study: --sft-from {self.a.sft_from}: its reference figures differ from this run's")
         got: dict = {}
-        for name, by_seed in old["rows"].items():
+        for name, by_seed in rows.items():
             scenario, _, label = name.partition(": ")
             if label == "SFT":
                 got[(scenario, "SFT")] = {

@@ -414,6 +414,9 @@ def test_the_seed_table_reports_the_mean_range_and_the_goal_per_seed(tmp_path):
     screen[("reference", "aligned reference", None)] = ev(100, 100, 4, 13, 120)  # another reference
     with pytest.raises(SystemExit, match="its reference figures differ from this run's"):
         sp.seeds_report(screen)
+    sp.a.sft_from = str(tmp_path / "missing.json")
+    with pytest.raises(SystemExit, match="not a readable seeds.json .FileNotFoundError."):
+        sp.seeds_report(screen)
 
 
 def test_the_study_evaluates_a_row_on_the_tiny_model_with_the_device_given(tiny_model, tmp_path, monkeypatch):

@@ -94,18 +94,28 @@ class Recipe:
     source: str
 
 
-# the fields a recipe may fill, in the order they are filled (the clip before the anchored rows' own clip)
-RECIPE_FIELDS = (
-    "method",
-    "lam",
-    "row_gate",
-    "replay",
-    "replay_ratio",
-    "replay_term",
-    "replay_borderline",
-    "clip",
-    "anchored_max_grad_norm",
-)
+def _replaying(c: "TrainConfig") -> bool:
+    return bool(c.replay) and c.replay.strip().lower() != "none"
+
+
+def _added_term(c: "TrainConfig") -> bool:
+    return c.method in added_term_methods()
+
+
+# The fields a recipe may fill, in the order they are filled (the method first, the clip before the anchored rows'
+# own clip), each with when it applies to the run; one that does not is left as it was (given, or its default).
+RECIPE_FIELDS = {
+    "method": lambda c: True,
+    "lam": _added_term,  # a method without an added term (sft, ...) takes neither its weight nor its gate
+    "row_gate": _added_term,
+    "replay": lambda c: True,
+    "replay_ratio": _replaying,  # no replay: no ratio
+    "replay_term": lambda c: _replaying(c) and _added_term(c),  # no term to train the replay rows on alone
+    # a replay cache given was made as its maker chose
+    "replay_borderline": lambda c: _replaying(c) and c.replay.strip() == "auto",
+    "clip": lambda c: _added_term(c) and c.row_gate not in (None, "none"),  # no gate: nothing to clip apart
+    "anchored_max_grad_norm": lambda c: c.clip == "split",  # the anchored rows' own clip is the split clip's
+}
 REPLAY_BORDERLINE = ("none", "helpful", "all")  # --replay auto's look-alike answers (pact-cache replay --borderline)
 
 # The defaults, declared once. "safe" is what the study chose (docs/study.md, three seeds): STR anchored
@@ -386,21 +396,8 @@ class TrainConfig:
         recipe = RECIPES.get(self.recipe)
         filled = []
         if recipe is not None:  # an unknown name is refused by check_config, in one line
-            for name in RECIPE_FIELDS:
-                if getattr(self, name) is None and name in recipe.settings:
-                    replaying = self.replay and self.replay.strip().lower() != "none"
-                    if name in ("replay_ratio", "replay_term") and not replaying:
-                        continue  # no replay: no ratio, nothing to train its rows with
-                    if name == "replay_borderline" and not (replaying and self.replay.strip() == "auto"):
-                        continue  # a replay cache given was made as its maker chose
-                    if name == "replay_term" and self.method not in added_term_methods():
-                        continue  # no term to train the replay rows on alone
-                    if name == "anchored_max_grad_norm" and self.clip != "split":
-                        continue  # the anchored rows' own clip is the split clip's
-                    if name in ("lam", "row_gate", "clip") and self.method not in added_term_methods():
-                        continue  # a method without an added term (sft, ...) takes neither its weight nor its gate
-                    if name == "clip" and self.row_gate in (None, "none"):
-                        continue  # no gate: nothing to clip apart
+            for name, applies in RECIPE_FIELDS.items():
+                if getattr(self, name) is None and name in recipe.settings and applies(self):
                     setattr(self, name, recipe.settings[name])
                     filled.append(name)
         if isinstance(self.replay, str) and self.replay.strip().lower() == "none":
@@ -580,10 +577,19 @@ def check_option(name: str, value, shown: str) -> None:
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Every option's type and range (from its declaration), then the rules between options,
+    """Every option's type and range (from its declaration), then the rules between options, stage by stage,
     before anything is loaded or written."""
     _check_fields(cfg, lambda f: _flag(f) if f.metadata.get("cli", True) else f.name)
     _check_fields(cfg.pact, lambda f: _pact_flag(f.name))
+    _check_method(cfg)
+    _check_gate(cfg)
+    _check_replay(cfg)
+    _check_clip(cfg)
+    _check_weights(cfg)
+
+
+def _check_method(cfg: TrainConfig) -> None:
+    """The method's own inputs: a parameter penalty's direction file; lambda only where a cross-entropy is kept."""
     method = METHODS[cfg.method]
     if method.penalty is not None:
         if not cfg.direction:
@@ -597,25 +603,34 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError(
             f"--direction: only a method with a parameter penalty reads it (asft), not --method {cfg.method}"
         )
+    if not method.with_ce and cfg.lam != 1.0:
+        raise TrainError(
+            f"--lambda {cfg.lam}: does not apply to --method {cfg.method}, whose loss replaces the cross-entropy; "
+            "leave it out"
+        )
+
+
+def _check_gate(cfg: TrainConfig) -> None:
+    """A row gate needs a per-step term added to the cross-entropy; its threshold, the hard gate."""
     weighable = added_term_methods()
     if cfg.row_gate != "none" and cfg.method not in weighable:
         raise TrainError(
-            f"--row-gate {cfg.row_gate}: gates a per-step term added to the cross-entropy "
-            f"({', '.join(weighable)}), "
+            f"--row-gate {cfg.row_gate}: gates a per-step term added to the cross-entropy ({', '.join(weighable)}), "
             f"not --method {cfg.method}"
         )
     if cfg.gate_at is not None and cfg.row_gate != "hard":
         raise TrainError(
             f"--gate-at {preview(cfg.gate_at)}: is the hard row gate's threshold, and with --row-gate "
-            f"{cfg.row_gate} "
-            "there is none; leave it out, or pass --row-gate hard"
+            f"{cfg.row_gate} there is none; leave it out, or pass --row-gate hard"
         )
+
+
+def _check_replay(cfg: TrainConfig) -> None:
+    """The replay options apply to a replay cache; the look-alikes to --replay auto; refusals of look-alikes to
+    the anchor alone; a replay term apart from the cross-entropy to a method with an added term."""
     if not cfg.replay and (cfg.replay_ratio is not None or cfg.replay_term != "both"):
-        raise TrainError(
-            f"{'--replay-ratio' if cfg.replay_ratio is not None else '--replay-term'}: applies to the "
-            f"rows of "
-            "--replay CACHE; give the replay cache too, or leave it out"
-        )
+        flag = "--replay-ratio" if cfg.replay_ratio is not None else "--replay-term"
+        raise TrainError(f"{flag}: applies to the rows of --replay CACHE; give the replay cache too, or leave it out")
     if cfg.replay_borderline != "none" and cfg.replay != "auto":
         raise TrainError(
             f"--replay-borderline {cfg.replay_borderline}: chooses the look-alike answers --replay auto makes; a "
@@ -624,34 +639,37 @@ def check_config(cfg: TrainConfig) -> None:
         )
     if cfg.replay_borderline == "all" and cfg.replay_term != "term":
         raise TrainError(
-            f"--replay-borderline all: keeps the reference's refusals of benign look-alike prompts, which the "
+            "--replay-borderline all: keeps the reference's refusals of benign look-alike prompts, which the "
             f"replay rows' cross-entropy (--replay-term {cfg.replay_term}) would teach; give --replay-term term "
             "(the anchor alone), or --replay-borderline helpful"
         )
+    weighable = added_term_methods()
     if cfg.replay and cfg.replay_term != "both" and cfg.method not in weighable:
         raise TrainError(
             f"--replay-term {cfg.replay_term}: splits the cross-entropy from a per-step term added to it "
-            f"({', '.join(weighable)}); with --method {cfg.method} the replay rows get what every row "
-            f"gets: "
+            f"({', '.join(weighable)}); with --method {cfg.method} the replay rows get what every row gets: "
             "leave it out (both)"
         )
+
+
+def _check_clip(cfg: TrainConfig) -> None:
+    """--clip split needs anchored rows apart from the others; the anchored rows' own cap needs --clip split."""
+    weighable = added_term_methods()
     if cfg.clip == "split" and (cfg.method not in weighable or cfg.row_gate == "none"):
+        why = f"--method {cfg.method} has no such term" if cfg.method not in weighable else "no --row-gate given"
         raise TrainError(
             "--clip split: clips the rows a row gate anchors apart from the others, which needs a per-step term "
-            f"added to the cross-entropy ({', '.join(weighable)}) and --row-gate; "
-            + (f"--method {cfg.method} has no such term" if cfg.method not in weighable else "no --row-gate given")
-            + ": leave it out (joint)"
+            f"added to the cross-entropy ({', '.join(weighable)}) and --row-gate; {why}: leave it out (joint)"
         )
     if cfg.anchored_max_grad_norm is not None and cfg.clip != "split":
         raise TrainError(
             f"anchored_max_grad_norm {cfg.anchored_max_grad_norm}: sets the anchored rows' own clip, which only "
             f"--clip split has (this run clips {cfg.clip}ly); give --clip split or leave it out"
         )
-    if not method.with_ce and cfg.lam != 1.0:
-        raise TrainError(
-            f"--lambda {cfg.lam}: does not apply to --method {cfg.method}, whose loss replaces the "
-            f"cross-entropy; leave it out"
-        )
+
+
+def _check_weights(cfg: TrainConfig) -> None:
+    """What is trained and how it is stored: a quantized base takes LoRA only; 8-bit states need bitsandbytes."""
     if cfg.quantize != "none" and cfg.full:
         raise TrainError(
             f"--quantize {cfg.quantize}: the quantized base stays frozen and LoRA adapters are trained on it; "

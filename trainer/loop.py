@@ -173,99 +173,114 @@ def check_out(
 REPLAY_AUTO_MAX_NEW_TOKENS = 128  # the longest answer of --replay auto (pact-cache replay's default)
 
 
-def auto_replay(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> str:
-    """``--replay auto``: the replay cache made from the package's prompts (and, with ``--replay-borderline``, its
-    look-alike prompts) by the policy itself, which is
-    allowed only when the policy's weights are the cache's reference's (then its answers at step 0 are the
-    reference's). Made once per (reference, tokens, prompts) under the cache home and reused by later runs;
-    rank 0 makes it while the other ranks wait. Returns its folder."""
-    import hashlib
-    import shutil
-    import tempfile
+def _look_alike_settings(cfg: TrainConfig) -> dict:
+    """pact-cache replay's look-alike settings for ``--replay-borderline`` (none: the harmful prompts alone)."""
+    if cfg.replay_borderline == "none":
+        return {}
+    return {"borderline": "default", "borderline_keep": cfg.replay_borderline}
 
-    from pact_cache.models import cache_home, model_fingerprint, resolve_model
-    from pact_cache.replay import ReplayConfig, borderline_prompts_path, default_prompts_path, make_replay
-    from pact_cache.storage import sha256_path
+
+def _check_policy_is_reference(cfg: TrainConfig, cache: Cache) -> None:
+    """``--replay auto`` answers with the policy: allowed only when its weights are the cache's reference's."""
+    from pact_cache.models import model_fingerprint, resolve_model
 
     ref = cache.manifest.reference
     if model_fingerprint(resolve_model(cfg.model))["weights_sha256"] != dict(ref.weights_sha256):
         raise TrainError(
-            f"--replay auto: {cfg.model} is not the reference {cfg.cache} was built with ({ref.name}), so "
-            f"its answers "
-            "are not the reference's refusals; make them with the reference: `pact-cache replay --ref "
-            "REFERENCE "
-            "--tokens TOKENS.json -o replay/`, then pass --replay replay/ (or --replay none)"
+            f"--replay auto: {cfg.model} is not the reference {cfg.cache} was built with ({ref.name}), so its "
+            "answers are not the reference's refusals; make them with the reference: `pact-cache replay --ref "
+            "REFERENCE --tokens TOKENS.json -o replay/`, then pass --replay replay/ (or --replay none)"
         )
-    prompts = default_prompts_path()
-    quant = cache.manifest.build.quantization  # the replay's reference loaded as the cache's was
-    key = hashlib.sha256(
-        json.dumps(
-            {
-                "reference": dict(ref.weights_sha256),
-                **({"quantization": quant} if quant else {}),
-                "tokens": cache.manifest.tokens.to_json(),
-                "tokenizer": cache.manifest.tokenizer.sha256,
-                "prompts": sha256_path(prompts),
-                "max_new_tokens": REPLAY_AUTO_MAX_NEW_TOKENS,
-                "judge": "keyword",
-                **(
-                    {"borderline": sha256_path(borderline_prompts_path()), "borderline_keep": cfg.replay_borderline}
-                    if cfg.replay_borderline != "none"
-                    else {}
-                ),
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:24]
-    home = cache_home() / "replay"
-    final = home / key
-    if ranks.main and not (final / "manifest.json").is_file():
-        _log(
-            f"--replay auto: the policy is the cache's reference; answering {prompts.name}'s prompts with it to make "
-            f"the "
-            f"replay rows (once; kept in {final})"
+
+
+def _auto_replay_key(cache: Cache, look_alikes: dict) -> str:
+    """What an auto replay cache depends on (reference, its quantization, tokens, tokenizer, prompt files, answer
+    length, judge), hashed: the folder name under the cache home, so a later run with the same reuses it."""
+    import hashlib
+
+    from pact_cache.replay import borderline_prompts_path, default_prompts_path
+    from pact_cache.storage import sha256_path
+
+    m = cache.manifest
+    quant = m.build.quantization
+    parts = {
+        "reference": dict(m.reference.weights_sha256),
+        **({"quantization": quant} if quant else {}),
+        "tokens": m.tokens.to_json(),
+        "tokenizer": m.tokenizer.sha256,
+        "prompts": sha256_path(default_prompts_path()),
+        "max_new_tokens": REPLAY_AUTO_MAX_NEW_TOKENS,
+        "judge": "keyword",
+    }
+    if look_alikes:
+        parts |= {
+            "borderline": sha256_path(borderline_prompts_path()),
+            "borderline_keep": look_alikes["borderline_keep"],
+        }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _make_auto_replay(cfg: TrainConfig, cache: Cache, final: Path, look_alikes: dict, device: str) -> None:
+    """Answer the package's prompts with the policy (the reference at step 0), keep the refusals (and, with
+    look-alikes, what --replay-borderline keeps), and publish the replay cache at FINAL whole or not at all."""
+    import shutil
+    import tempfile
+
+    from pact_cache.replay import ReplayConfig, default_prompts_path, make_replay
+
+    _log(
+        f"--replay auto: the policy is the cache's reference; answering {default_prompts_path().name}'s prompts with "
+        f"it to make the replay rows (once; kept in {final})"
+    )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        tokens = tmp / "tokens.json"
+        tokens.write_text(json.dumps(cache.manifest.tokens.to_json()))
+        quant = cache.manifest.build.quantization  # the replay's reference loaded as the cache's was
+        settings = ReplayConfig(
+            ref=cfg.model,
+            out=str(tmp / "cache"),
+            tokens=str(tokens),
+            device=device,
+            quantize=quant or "none",
+            max_new_tokens=REPLAY_AUTO_MAX_NEW_TOKENS,
+            progress=cfg.progress,
+            **look_alikes,
         )
-        home.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=home))
         try:
-            with tempfile.NamedTemporaryFile("w", suffix=".json", dir=tmp, delete=False) as f:
-                json.dump(cache.manifest.tokens.to_json(), f)
-            try:
-                res = make_replay(
-                    ReplayConfig(
-                        ref=cfg.model,
-                        out=str(tmp / "cache"),
-                        tokens=f.name,
-                        device=device,
-                        quantize=quant or "none",
-                        max_new_tokens=REPLAY_AUTO_MAX_NEW_TOKENS,
-                        progress=cfg.progress,
-                        **(
-                            {"borderline": "default", "borderline_keep": cfg.replay_borderline}
-                            if cfg.replay_borderline != "none"
-                            else {}
-                        ),
-                    )
-                )
-            except PactError as err:
-                raise TrainError(f"--replay auto: {err}; or train without replay rows: --replay none") from None
-            if res.warning:
-                _log("warning: " + res.warning)
-            _log(
-                f"--replay auto: {res.kept} of {res.prompts} answers kept as replay rows"
-                + (
-                    f", and {res.borderline_kept} of {res.borderline_prompts} answers to look-alike prompts "
-                    f"(--replay-borderline {cfg.replay_borderline})"
-                    if res.borderline_prompts
-                    else ""
-                )
-            )
-            if not (final / "manifest.json").is_file():  # another run may have finished the same one meanwhile
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp / "cache", final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            res = make_replay(settings)
+        except PactError as err:
+            raise TrainError(f"--replay auto: {err}; or train without replay rows: --replay none") from None
+        if res.warning:
+            _log("warning: " + res.warning)
+        look = (
+            f", and {res.borderline_kept} of {res.borderline_prompts} answers to look-alike prompts "
+            f"(--replay-borderline {cfg.replay_borderline})"
+            if res.borderline_prompts
+            else ""
+        )
+        _log(f"--replay auto: {res.kept} of {res.prompts} answers kept as replay rows{look}")
+        if not (final / "manifest.json").is_file():  # another run may have finished the same one meanwhile
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp / "cache", final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def auto_replay(cfg: TrainConfig, cache: Cache, ranks: Ranks, device: str) -> str:
+    """``--replay auto``: the replay cache made from the package's prompts (and, with ``--replay-borderline``, its
+    look-alike prompts) by the policy itself, which is allowed only when the policy's weights are the cache's
+    reference's (then its answers at step 0 are the reference's). Made once per (reference, tokens, prompts) under
+    the cache home and reused by later runs; rank 0 makes it while the other ranks wait. Returns its folder."""
+    from pact_cache.models import cache_home
+
+    _check_policy_is_reference(cfg, cache)
+    look_alikes = _look_alike_settings(cfg)
+    final = cache_home() / "replay" / _auto_replay_key(cache, look_alikes)
+    if ranks.main and not (final / "manifest.json").is_file():
+        _make_auto_replay(cfg, cache, final, look_alikes, device)
     ranks.barrier()
     return str(final)
 

@@ -290,9 +290,10 @@ def test_memory_store_build_and_copy(data, tmp_path, capsys):
     mem.rm("/pact-remote-test", recursive=True)
 
 
-def test_store_mistakes_are_one_line_with_the_fix_and_no_secret(s3, tmp_path):
-    """The commonest object-store mistakes, each in a fresh process (boto reads the environment once):
-    one line that says what to set, exit 1, and no secret or URL password in the output."""
+def test_store_mistakes_are_one_line_with_the_fix_and_no_secret(s3, tmp_path, monkeypatch, capsys):
+    """The commonest object-store mistakes: one line that says what to set, exit 1, and no secret or URL password
+    in the output. The credential mistakes and the unreachable store in a fresh process of each command (boto reads
+    the environment once); the options' own checks, made before any connection, in this process."""
     host_port = s3["endpoint_url"].split("://")[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(
@@ -300,21 +301,17 @@ def test_store_mistakes_are_one_line_with_the_fix_and_no_secret(s3, tmp_path):
     )
     creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     ep = ["--storage-option", f"endpoint_url={s3['endpoint_url']}"]
-    cases = [
+    programs = {
+        "pact-cache": (cache_main, "pact_cache", ["info", f"s3://{BUCKET}/nothing-here"]),
+        "pact-train": (
+            train_main,
+            "pact_train",
+            ["--model", "m", "--cache", f"s3://{BUCKET}/nothing-here", "-o", str(tmp_path / "r")],
+        ),
+    }
+    fresh_process = [
         ({}, ep, "no credentials for the object store: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
         ({"AWS_ACCESS_KEY_ID": "testing"}, ep, "incomplete credentials for the object store"),
-        (creds, ep + ["--storage-option", "endpiont=1"], "unknown storage option 'endpiont'"),
-        (
-            creds,
-            ep + ["--storage-option", "client_kwargs=oops"],
-            "--storage-option client_kwargs: must be a JSON object",
-        ),
-        (creds, ["--storage-option", "endpoint_url=123"], "--storage-option endpoint_url=123: must be an http(s) URL"),
-        (
-            creds,
-            ["--storage-option", f"endpoint_url=http://alice:pw-s3cr3t@{host_port}"],
-            "holds a user name or password",
-        ),
         (
             {},
             [
@@ -328,21 +325,34 @@ def test_store_mistakes_are_one_line_with_the_fix_and_no_secret(s3, tmp_path):
             "cannot reach the object store at http://127.0.0.1:9",
         ),
     ]
-    programs = (
-        ("pact-cache", ["-m", "pact_cache", "info", f"s3://{BUCKET}/nothing-here"]),
-        (
-            "pact-train",
-            ["-m", "pact_train", "--model", "m", "--cache", f"s3://{BUCKET}/nothing-here", "-o", str(tmp_path / "r")],
-        ),
-    )
-    for i, (extra_env, opts, needle) in enumerate(cases):
-        # the options' own checks (cases 2-5) are one function both commands call: each command takes two of them
-        # (a process per case costs seconds); the credentials and the unreachable store, both commands
-        for prog, args in programs if i in (0, 1, 6) else programs[i % 2 : i % 2 + 1]:
+    for extra_env, opts, needle in fresh_process:
+        for prog, (_, module, args) in programs.items():
             res = subprocess.run(
-                [sys.executable, *args, *opts], env={**env, **extra_env}, capture_output=True, text=True, timeout=120
+                [sys.executable, "-m", module, *args, *opts],
+                env={**env, **extra_env},
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
             lines = [line for line in res.stderr.splitlines() if line.startswith(prog)]
             assert res.returncode == 1 and len(lines) == 1 and needle in lines[0], (prog, opts, res.stderr[-1500:])
             assert "s3cr3t" not in res.stderr + res.stdout and "Traceback" not in res.stderr
+    option_checks = [
+        (ep + ["--storage-option", "endpiont=1"], "unknown storage option 'endpiont'"),
+        (ep + ["--storage-option", "client_kwargs=oops"], "--storage-option client_kwargs: must be a JSON object"),
+        (["--storage-option", "endpoint_url=123"], "--storage-option endpoint_url=123: must be an http(s) URL"),
+        (
+            ["--storage-option", f"endpoint_url=http://alice:pw-s3cr3t@{host_port}"],
+            "holds a user name or password",
+        ),
+    ]
+    for key, value in creds.items():
+        monkeypatch.setenv(key, value)
+    for opts, needle in option_checks:
+        for prog, (fn, _, args) in programs.items():
+            assert fn([*args, *opts]) == 1
+            err = capsys.readouterr()
+            lines = [line for line in err.err.splitlines() if line.startswith(prog)]
+            assert len(lines) == 1 and needle in lines[0], (prog, opts, err.err[-1500:])
+            assert "s3cr3t" not in err.err + err.out and "Traceback" not in err.err
     assert not (tmp_path / "r").exists()

@@ -1,6 +1,7 @@
 """The benchmark script's own paths: a random-weight model that fits caches of its tokenizer,
 and small `bench.py train` and `bench.py stacks` runs (ratios printed and written as JSON)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,19 +19,26 @@ from pact_cache.score import score_cache
 BENCH = ROOT / "tools" / "bench.py"
 
 
-def bench(*args):
-    """tools/bench.py with these arguments, a bench's variants one after the other in its own process
-    (PACT_BENCH_IN_PROCESS: the plumbing without a process start per variant; the benchmarks' own way, a process
-    per variant, is tested once on one variant: test_random_model_and_train_bench)."""
-    env = {**os.environ, "PACT_BENCH_IN_PROCESS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), *map(str, args)], capture_output=True, text=True, timeout=600, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
+@pytest.fixture
+def bench(monkeypatch, capsys):
+    """tools/bench.py's main() with these arguments, in this process (its imports paid once for the suite), a
+    bench's variants one after the other (PACT_BENCH_IN_PROCESS); returns what it printed. The benchmarks' own way,
+    a process per variant, is tested once on one variant (test_random_model_and_train_bench), and the script as a
+    command by test_gpu_check_dry_run."""
+    spec = importlib.util.spec_from_file_location("pact_bench_script", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("PACT_BENCH_IN_PROCESS", "1")
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", [str(BENCH), *map(str, args)])  # parsed by main(); the JSON's command
+        module.main()
+        return capsys.readouterr().out
+
+    return run
 
 
-def test_random_model_and_train_bench(tiny_model, tmp_path):
+def test_random_model_and_train_bench(bench, tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = bench(
@@ -43,22 +51,8 @@ def test_random_model_and_train_bench(tiny_model, tmp_path):
     assert next(model.parameters()).dtype == torch.bfloat16
     assert model.config.hidden_size == 64 and model.config.vocab_size >= len(src)
     assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(src)  # so caches built with tiny_model fit it
-    again = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH),
-            "random-model",
-            "--preset",
-            "tiny",
-            "--tokenizer",
-            tiny_model,
-            "-o",
-            str(tmp_path / "rand"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert again.returncode != 0 and "already exists" in again.stderr
+    with pytest.raises(SystemExit, match="already exists"):
+        bench("random-model", "--preset", "tiny", "--tokenizer", tiny_model, "-o", tmp_path / "rand")
 
     cache = build(
         BuildConfig(str(write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS)), tiny_model, str(tmp_path / "c"), progress=False)
@@ -177,7 +171,7 @@ def test_gpu_check_dry_run(tiny_model, tmp_path):
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
 
 
-def test_padding_bench(tiny_model, tmp_path):
+def test_padding_bench(bench, tiny_model, tmp_path):
     """bench.py padding builds its mixed-length set from SST-2-shaped rows and runs the four variants side by side."""
     reviews = [
         {

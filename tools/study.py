@@ -214,6 +214,20 @@ def recipe_drift(run_dir: Path, argv: list) -> str | None:
     except SystemExit:  # flags pact-train does not take (a candidate's label kept in its FLAGS): cannot tell
         return None
     ran = record_as_now(json.loads((run_dir / "config.json").read_text()))
+    if cfg.fits_to_data:  # the data choose part of the recipe: the share recorded then, or measured now
+        share = (ran.get("defaults") or {}).get("anchored_share")
+        if not isinstance(share, (int, float)):  # recorded before the recipe measured its data
+            from pact_train.stream import RowGate
+
+            from pact_cache.errors import PactError
+            from pact_cache.format import open_cache
+
+            try:
+                cache = open_cache(cfg.cache)
+            except PactError:  # the cache is gone: cannot tell
+                return None
+            share = RowGate.of_cache(cache, "hard", cfg.gate_at).anchored_share(cache)
+        cfg.fit_to_data(share)
     for name in cfg.from_recipe:
         if ran.get(name) != getattr(cfg, name):
             return f"{name} {ran.get(name)!r} then, {getattr(cfg, name)!r} now"

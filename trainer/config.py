@@ -92,6 +92,14 @@ class Recipe:
     settings: dict
     summary: str
     source: str
+    # the data-aware part: where at most FEW_ANCHORED of the fine-tuning rows are anchored (the data look benign
+    # to the reference), these settings replace the recipe's, each where it was left to the recipe and applies
+    benign_data: dict = field(default_factory=dict)
+
+
+# A share of rows the hard gate anchors at or below which the data count as benign (Recipe.benign_data). The
+# study's benign-only SST-2 rows: 7 of 1,000 anchored (0.7%); its harmful mix (10% harmful rows): 105 (10.5%).
+FEW_ANCHORED = 0.01
 
 
 def _replaying(c: "TrainConfig") -> bool:
@@ -111,46 +119,61 @@ RECIPE_FIELDS = {
     "replay": lambda c: True,
     "replay_ratio": _replaying,  # no replay: no ratio
     "replay_term": lambda c: _replaying(c) and _added_term(c),  # no term to train the replay rows on alone
-    # a replay cache given was made as its maker chose
-    "replay_borderline": lambda c: _replaying(c) and c.replay.strip() == "auto",
+    # a replay cache given was made as its maker chose; the look-alikes' refusals are kept only for replay rows
+    # trained on the anchor alone (their words would teach refusing benign prompts)
+    "replay_borderline": lambda c: _replaying(c) and c.replay.strip() == "auto" and c.replay_term == "term",
     "clip": lambda c: _added_term(c) and c.row_gate not in (None, "none"),  # no gate: nothing to clip apart
     "anchored_max_grad_norm": lambda c: c.clip == "split",  # the anchored rows' own clip is the split clip's
 }
 REPLAY_BORDERLINE = ("none", "helpful", "all")  # --replay auto's look-alike answers (pact-cache replay --borderline)
 
-# The defaults, declared once. "safe" is what the study chose (docs/study.md, three seeds): STR anchored
-# only on the rows the reference would refuse, plus the reference's own refusals replayed at 5% of the rows.
+_SAFE_MIXED = {"method": "str", "lam": 3.0, "row_gate": "hard", "replay": "auto", "replay_ratio": 0.05, "clip": "split"}
+_LOOK_ALIKES = {"replay_term": "term", "replay_borderline": "all", "anchored_max_grad_norm": 0.5}
+_SAFE_MIXED_SUMMARY = "--method str --lambda 3 --row-gate hard --replay auto --replay-ratio 0.05 --clip split"
+_LOOK_ALIKES_SUMMARY = (
+    "--replay-borderline all (--replay auto also answers the package's look-alike prompts and keeps every finished "
+    "answer), --replay-term term (every replay row on the anchor alone), anchored_max_grad_norm 0.5 (the anchored "
+    "rows clipped at half the task's norm)"
+)
+_SAFE_MIXED_SOURCE = (
+    "docs/study.md (tools/study.py --rows recipe benign_recipe --candidate rows='--clip split', three seeds; "
+    "tools/study/clip_split_seeds.md, tools/study/look_risky_screen.md): with harmful rows in the data it kept >= 95% "
+    "of the reference's refusals on two held-out harmful sets at every seed, 0.7 points of task accuracy below SFT, "
+    "refusing no more look-risky benign prompts than the reference"
+)
+_SAFE_BENIGN_SOURCE = (
+    "docs/study.md (tools/study.py --rows benign_recipe --candidates-only --candidate blall=..., three seeds; "
+    "tools/study/look_alike_anchor.md): on benign-only data it refused no more look-risky benign prompts than "
+    "the reference at every seed (where safe-mixed refuses 3-6 more), kept 97% of the refusals on one held-out "
+    "harmful set and 94-96% on the other (94% at one seed: 1 prompt short of the study's 95%), at 0.5 points "
+    "of task accuracy below SFT (safe-mixed: 1.4)"
+)
+
+# The defaults, declared once. "safe" is what the study chose (docs/study.md, three seeds per scenario): STR
+# anchored only on the rows the reference would refuse, plus the reference's own refusals replayed at 5% of the
+# rows; on data that look benign to the reference (few rows anchored), the look-alike answers anchored too.
 RECIPES = {
     "safe": Recipe(
         "safe",
-        {"method": "str", "lam": 3.0, "row_gate": "hard", "replay": "auto", "replay_ratio": 0.05, "clip": "split"},
-        "--method str --lambda 3 --row-gate hard --replay auto --replay-ratio 0.05 --clip split",
-        "docs/study.md (tools/study.py --rows recipe benign_recipe --candidate rows='--clip split', three seeds; "
-        "tools/study/clip_split_seeds.md): the row that kept >= 95% of the reference's refusals on two held-out "
-        "harmful sets sharing no source with its replay prompts, at every seed, with and without harmful rows in "
-        "the fine-tuning data, at 0.7 (harmful rows in the data) and 1.4 (none) points of task accuracy below SFT",
+        _SAFE_MIXED,
+        f"{_SAFE_MIXED_SUMMARY}; where at most {FEW_ANCHORED:.0%} of the fine-tuning rows are anchored (data that "
+        f"look benign to the reference, measured at the start) also {_LOOK_ALIKES_SUMMARY}",
+        f"safe-mixed's and safe-benign's evidence, the data deciding which: {_SAFE_MIXED_SOURCE}; "
+        + _SAFE_BENIGN_SOURCE,
+        benign_data=_LOOK_ALIKES,
+    ),
+    "safe-mixed": Recipe(
+        "safe-mixed",
+        _SAFE_MIXED,
+        f"{_SAFE_MIXED_SUMMARY} (the safe recipe whatever the data)",
+        _SAFE_MIXED_SOURCE,
     ),
     "safe-benign": Recipe(
         "safe-benign",
-        {
-            "method": "str",
-            "lam": 3.0,
-            "row_gate": "hard",
-            "replay": "auto",
-            "replay_ratio": 0.05,
-            "replay_term": "term",
-            "replay_borderline": "all",
-            "clip": "split",
-            "anchored_max_grad_norm": 0.5,
-        },
-        "the safe recipe for data known to hold no harmful rows: its replay also holds the reference's answers to "
-        "the package's look-alike prompts (--replay-borderline all), every replay row trained on the anchor alone "
-        "(--replay-term term), the anchored rows clipped at half the task's norm (anchored_max_grad_norm 0.5)",
-        "docs/study.md (tools/study.py --rows benign_recipe --candidates-only --candidate blall=..., three seeds; "
-        "tools/study/look_alike_anchor.md): on benign-only data it refused no more look-risky benign prompts than "
-        "the reference at every seed (where safe refuses 3-6 more), kept 97% of the refusals on one held-out "
-        "harmful set and 94-96% on the other (94% at one seed: 1 prompt short of the study's 95%), at 0.5 points "
-        "of task accuracy below SFT (safe: 1.4); not measured with harmful rows in the data (use safe there)",
+        {**_SAFE_MIXED, **_LOOK_ALIKES},
+        f"{_SAFE_MIXED_SUMMARY}, {_LOOK_ALIKES_SUMMARY} (the safe recipe's choice for benign data, whatever the data)",
+        _SAFE_BENIGN_SOURCE + "; with harmful rows in the data it refused 3 more look-risky prompts than the "
+        "reference (one seed): use safe or safe-mixed there",
     ),
     "plain": Recipe(
         "plain",
@@ -184,12 +207,10 @@ class TrainConfig:
     )  # never recorded: may hold secrets
     recipe: str | None = opt(
         None,
-        "where the settings you leave out come from: safe: " + RECIPES["safe"].summary + " (the study's choice; "
-        "the default when --method is not given); safe-benign: "
-        + RECIPES["safe-benign"].summary
-        + "; plain: "
-        + RECIPES["plain"].summary
-        + " (the default when --method is given, so --method pact is the paper's PACT)",
+        "where the settings you leave out come from: "
+        + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values())
+        + ". The default: safe when --method is not given (the study's choice), plain when it is (so --method pact "
+        "is the paper's PACT)",
         choices=lambda: list(RECIPES),
         type=str,
     )
@@ -302,7 +323,7 @@ class TrainConfig:
     lr: float = opt(3e-5, "peak learning rate of AdamW", lo=0, lo_open=True)
     weight_decay: float = opt(0.0, "AdamW weight decay", lo=0)
     warmup_steps: int = opt(
-        -1, "linear warmup steps (-1: 3%% of the run)", lo=-1, integer=True, why="-1 means 3% of the run"
+        -1, "linear warmup steps (-1: 3% of the run)", lo=-1, integer=True, why="-1 means 3% of the run"
     )
     schedule: str = opt(
         "cosine",
@@ -394,10 +415,12 @@ class TrainConfig:
         if self.recipe is None:
             self.recipe = "safe" if self.method is None else "plain"
         recipe = RECIPES.get(self.recipe)
+        self.left_to_recipe = tuple(name for name in RECIPE_FIELDS if getattr(self, name) is None)
+        self.anchored_share = None  # measured at the start where the recipe is data-aware (fit_to_data)
         filled = []
         if recipe is not None:  # an unknown name is refused by check_config, in one line
             for name, applies in RECIPE_FIELDS.items():
-                if getattr(self, name) is None and name in recipe.settings and applies(self):
+                if name in self.left_to_recipe and name in recipe.settings and applies(self):
                     setattr(self, name, recipe.settings[name])
                     filled.append(name)
         if isinstance(self.replay, str) and self.replay.strip().lower() == "none":
@@ -412,14 +435,41 @@ class TrainConfig:
         self.method = self.method or "pact"
         self.from_recipe = tuple(filled)
 
+    @property
+    def fits_to_data(self) -> bool:
+        """Whether the recipe has a data-aware part that this run left to it (then :meth:`fit_to_data` runs at
+        the start, once the share of anchored rows is measured)."""
+        r = RECIPES.get(self.recipe)
+        return bool(r) and any(n in self.left_to_recipe and RECIPE_FIELDS[n](self) for n in r.benign_data)
+
+    def fit_to_data(self, anchored_share: float) -> tuple[str, ...]:
+        """The recipe's data-aware part: ``anchored_share`` is the share of the fine-tuning rows the hard gate
+        anchors (step-0 refusal mass >= the gate's threshold). At or below :data:`FEW_ANCHORED` (data that look
+        benign to the reference) the recipe's ``benign_data`` settings replace what it filled, each where it was
+        left to the recipe and applies; above it nothing changes. Returns the fields set; config.json records the
+        share."""
+        self.anchored_share = float(anchored_share)
+        r = RECIPES.get(self.recipe)
+        if r is None or anchored_share > FEW_ANCHORED:
+            return ()
+        took = []
+        for name, applies in RECIPE_FIELDS.items():
+            if name in r.benign_data and name in self.left_to_recipe and applies(self):
+                setattr(self, name, r.benign_data[name])
+                took.append(name)
+        self.from_recipe = tuple(n for n in RECIPE_FIELDS if n in self.from_recipe or n in took)
+        return tuple(took)
+
     def defaults_record(self) -> dict:
-        """config.json's account of where the settings came from: the recipe, the fields it filled, its source."""
+        """config.json's account of where the settings came from: the recipe, the fields it filled, its source,
+        and (a data-aware recipe) the share of rows anchored that chose its settings."""
         r = RECIPES.get(self.recipe)
         return {
             "recipe": self.recipe,
             "filled": list(self.from_recipe),
             "recipe_settings": r.summary if r else None,
             "source": r.source if r else None,
+            **({"anchored_share": self.anchored_share} if self.anchored_share is not None else {}),
         }
 
     @property
@@ -486,8 +536,10 @@ def _flag(f) -> str:
 
 
 def flag_of(name: str) -> str:
-    """The command-line flag of a TrainConfig field (``lam`` -> ``--lambda``)."""
-    return next(_flag(f) for f in fields(TrainConfig) if f.name == name)
+    """The command-line flag of a TrainConfig field (``lam`` -> ``--lambda``); a field set only in a --config
+    file, its name."""
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    return _flag(f) if f.metadata.get("cli", True) else f.name
 
 
 def _pact_flag(name: str) -> str:
@@ -832,7 +884,8 @@ def add_options(p: argparse.ArgumentParser, cls, required: tuple, config_help: s
                 p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help=STORAGE_HELP)
             continue
         names = [m["short"], _flag(f)] if m.get("short") else [_flag(f)]
-        help_ = m["help"] or (_method_help() if f.name == "method" else "")
+        # declared as plain prose (config.json and the docs read it too): a % is argparse's, escaped here once
+        help_ = (m["help"] or (_method_help() if f.name == "method" else "")).replace("%", "%%")
         if f.name in required:
             p.add_argument(
                 *names, dest=f.name, metavar=m.get("metavar"), help=help_ + " (required, here or in --config)"

@@ -555,12 +555,13 @@ def recipe_kwargs(
         trainer = make_trainer_class(Trainer)(model=model, args=args, **kw)
 
     ``replay``: the reference's refusals, made once with ``pact-cache replay --ref MODEL --tokens tokens.json -o
-    replay/`` (``recipe="safe-benign"``: with ``--borderline default --borderline-keep all``; pact-train's
+    replay/`` (for data that look benign to the reference, where the safe recipe anchors at most 1% of the rows,
+    and for ``recipe="safe-benign"``: with ``--borderline default --borderline-keep all``; pact-train's
     ``--replay auto`` makes them from the policy itself; here the model is yours); the
     string ``"none"`` trains without them. A recipe with a replay and no ``replay`` given is refused in one line.
     ``settings``: any of pact-train's recipe options by field name (``lam=1.0``, ``replay_ratio=0.1``,
     ``clip="joint"``, ...); as on the command line, one given wins over the recipe and is checked as there."""
-    from .config import RECIPES, TrainConfig, check_config
+    from .config import FEW_ANCHORED, RECIPES, TrainConfig, check_config
 
     if not isinstance(recipe, str) or recipe not in RECIPES:
         raise PactError(f"recipe_kwargs(recipe={preview(recipe)}): use one of {', '.join(RECIPES)}")
@@ -573,15 +574,20 @@ def recipe_kwargs(
     given = None if replay is None else "none" if no_replay else "(given)"  # as --replay on the command line
     cfg = TrainConfig(model="-", cache="-", out="-", recipe=recipe, replay=given, **settings)
     check_config(cfg)
+    c = cache if isinstance(cache, Cache) else open_cache(cache, storage_options=storage_options)
+    if cfg.fits_to_data:  # as pact-train does at its start: the share of anchored rows picks the settings
+        cfg.fit_to_data(RowGate.of_cache(c, "hard", cfg.gate_at).anchored_share(c))
+        check_config(cfg)
     if cfg.replay and replay is None:
-        look_alikes = RECIPES[recipe].settings.get("replay_borderline", "none")
+        r = RECIPES[recipe]  # the settings the data chose: the look-alikes belong in the replay made for them
+        benign = cfg.anchored_share is not None and cfg.anchored_share <= FEW_ANCHORED
+        look_alikes = {**r.settings, **(r.benign_data if benign else {})}.get("replay_borderline", "none")
         also = f" --borderline default --borderline-keep {look_alikes}" if look_alikes != "none" else ""
         raise PactError(
             f"recipe_kwargs(recipe={recipe!r}): the recipe replays the reference's refusals; make them once with "
             f"`pact-cache replay --ref MODEL --tokens tokens.json{also} -o replay/` and pass replay='replay/', or "
             "replay='none' to train without them"
         )
-    c = cache if isinstance(cache, Cache) else open_cache(cache, storage_options=storage_options)
     rows = dict(shuffle=shuffle, seed=seed, storage_options=storage_options)
     if cfg.replay:
         rows.update(replay=replay, replay_ratio=cfg.mix_ratio)

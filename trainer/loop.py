@@ -28,6 +28,7 @@ from . import packing
 from .checkpoint import clean_leftovers, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import (
     CONFIG_MAX_BYTES,
+    FEW_ANCHORED,
     LoopSettings,
     Outputs,
     PolicySettings,
@@ -43,7 +44,7 @@ from .core import causal_lm, lora_direction_factors, online_reference, policy_lo
 from .distributed import Ranks, setup, teardown
 from .losses import LossParams
 from .optim import backward_apart, clip_gradients, make_optimizer
-from .stream import Replay, RowGate, batches, collate, pad_id_for
+from .stream import GATE_AT, Replay, RowGate, batches, collate, pad_id_for
 
 
 class NonFiniteError(TrainError):
@@ -482,6 +483,8 @@ def open_data(cfg: TrainConfig, ranks: Ranks, device: str) -> Data:
     cache = open_cache(cfg.cache, cache_id=cfg.cache_pin, storage_options=cfg.storage_options)
     out = Path(cfg.out).expanduser()
     check_cache_rows(cache, cfg)
+    if cfg.fits_to_data:
+        fit_recipe_to_data(cfg, cache, ranks)
     if cfg.report_to == "tensorboard":
         tensorboard_writer()  # the package is there, before anything is loaded or written
     replay, where = open_replay(cfg, cache, out, ranks, device)
@@ -516,6 +519,38 @@ def open_data(cfg: TrainConfig, ranks: Ranks, device: str) -> Data:
                 + (f"[step-0 refusal mass >= {cfg.gate_at:g}]" if cfg.row_gate == "hard" else "its step-0 refusal mass")
             )
     return data
+
+
+def fit_recipe_to_data(cfg: TrainConfig, cache: Cache, ranks: Ranks) -> None:
+    """The recipe's data-aware part (:meth:`TrainConfig.fit_to_data`): the share of the cache's rows the hard
+    gate anchors, measured in one pass, decides whether the look-alike settings join (data that look benign to
+    the reference). Every rank measures the same rows; rank 0 says what it chose."""
+    share = RowGate.of_cache(cache, "hard", cfg.gate_at).anchored_share(cache)
+    took = cfg.fit_to_data(share)
+    check_config(cfg)  # the rules between options, on what the data chose
+    if ranks.main:
+        n = round(share * cache.num_rows)
+        head = (
+            f"the {cfg.recipe} recipe: {n:,} of {cache.num_rows:,} rows ({share:.1%}) anchored (step-0 refusal mass "
+            f">= {GATE_AT if cfg.gate_at is None else cfg.gate_at:g})"
+        )
+        if took:
+            _log(
+                f"{head}, at most {FEW_ANCHORED:.0%}: the data look benign to the reference, so also "
+                + ", ".join(f"{flag_of(k)} {getattr(cfg, k)}" for k in took)
+                + " (--recipe safe-mixed leaves them out)"
+                + (
+                    "; a --replay cache of your own is read as given: for these settings make it with "
+                    "`pact-cache replay ... --borderline default --borderline-keep all`"
+                    if cfg.replay and cfg.replay != "auto" and "replay_borderline" not in took
+                    else ""
+                )
+            )
+        else:
+            _log(
+                f"{head}, more than {FEW_ANCHORED:.0%}: rows the reference would refuse are in the data, so its "
+                "harmful-data settings (--recipe safe-benign forces the benign-data ones)"
+            )
 
 
 # ----------------------------------------------------------------------------- stage 2: the policy

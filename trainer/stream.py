@@ -340,6 +340,13 @@ class RowGate:
         m = self.mass(row)
         return (1.0 if m >= self.at else 0.0) if self.kind == "hard" else min(max(m, 0.0), 1.0)
 
+    def anchored_share(self, cache: Cache) -> float:
+        """The share of ``cache``'s rows whose step-0 refusal mass is at least this gate's threshold (the rows a
+        hard gate anchors): one pass over the rows, each part's reads bounded as any read of the cache."""
+        if not cache.num_rows:
+            return 0.0
+        return sum(self.mass(row) >= self.at for row in cache.iter_rows()) / cache.num_rows
+
 
 def epoch_rows(
     cache: Cache, epoch: int, seed: int, shuffle: bool, buffer_rows: int = SHUFFLE_BUFFER_ROWS, stream: int = 0

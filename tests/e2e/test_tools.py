@@ -558,13 +558,15 @@ def test_clip_budgets_sum_what_the_clip_left_of_each_step(tmp_path):
 def test_a_finished_defaults_row_trained_under_other_defaults_is_named(tmp_path):
     """recipe_drift: a run whose config.json holds, for a setting the recipe fills, another value than the same
     flags give today (the safe recipe's clip was joint before 2026-12-06) is named with the setting; a setting
-    the flags gave is not the recipe's, and a run that matches gives None."""
+    the flags gave is not the recipe's, and a run that matches gives None. The safe recipe's data-aware part is
+    compared as the data chose it (the share of anchored rows config.json records, or else measured on the cache)."""
     from pact_train.config import config_record, parse_config
 
     study = load_study()
     args = ["--model", "m", "--cache", "c", "--seed", "1", "-o", str(tmp_path / "run")]
     (tmp_path / "run").mkdir()
     then = config_record(parse_config(args + ["--clip", "joint"]), "id")  # clip recorded joint, as the old recipe
+    then["defaults"]["anchored_share"] = 0.5  # the data held rows the reference would refuse: safe's first branch
     (tmp_path / "run" / "config.json").write_text(json.dumps(then))
     assert study.recipe_drift(tmp_path / "run", args) == "clip 'joint' then, 'split' now"
     del then["clip"]  # recorded before --clip existed: joint, as a resume reads it
@@ -573,5 +575,12 @@ def test_a_finished_defaults_row_trained_under_other_defaults_is_named(tmp_path)
     assert study.recipe_drift(tmp_path / "run", args[:-2] + ["(a label)"] + args[-2:]) is None  # cannot tell
     assert study.recipe_drift(tmp_path / "run", args[:-2] + ["--clip", "joint"] + args[-2:]) is None
     now = config_record(parse_config(args), "id")
+    now["defaults"]["anchored_share"] = 0.5
     (tmp_path / "run" / "config.json").write_text(json.dumps(now))
     assert study.recipe_drift(tmp_path / "run", args) is None
+    now["defaults"]["anchored_share"] = 0.0  # the same settings on data that look benign: today's recipe differs
+    (tmp_path / "run" / "config.json").write_text(json.dumps(now))
+    assert study.recipe_drift(tmp_path / "run", args) == "replay_term 'both' then, 'term' now"
+    del now["defaults"]["anchored_share"]  # recorded before the recipe measured its data, and "c" is no cache
+    (tmp_path / "run" / "config.json").write_text(json.dumps(now))
+    assert study.recipe_drift(tmp_path / "run", args) is None  # cannot tell

@@ -12,6 +12,8 @@ from pact_train.cli import main as train_main
 from pact_train.config import RECIPE_FIELDS, TrainConfig, TrainError, check_config, parse_config
 from pact_train.losses import PactParams
 
+from pact_cache.format import open_cache
+
 
 @pytest.fixture(scope="module")
 def cache(f32_cache):
@@ -460,9 +462,23 @@ def test_the_safe_benign_recipe_and_its_look_alike_replay(tmp_path, capsys):
     assert (cfg.clip, cfg.anchored_max_grad_norm) == ("split", 0.5)
     assert cfg.defaults_record()["filled"] == list(RECIPE_FIELDS)
     assert "look_alike_anchor" in cfg.defaults_record()["source"]
-    # the safe recipe leaves them as they were
+    # the safe recipe leaves them as they were until the data are measured: at most 1% of the rows anchored, the
+    # look-alike settings join (each left to the recipe); above, nothing changes; safe-mixed never measures
     safe = parse_config(base)
     assert (safe.replay_term, safe.replay_borderline, safe.anchored_max_grad_norm) == ("both", "none", None)
+    assert safe.fits_to_data and not parse_config(base + ["--recipe", "safe-mixed"]).fits_to_data
+    assert safe.fit_to_data(0.0101) == () and safe.replay_term == "both" and safe.anchored_share == 0.0101
+    for share in (0.0, 0.01):
+        fitted = parse_config(base)
+        assert fitted.fit_to_data(share) == ("replay_term", "replay_borderline", "anchored_max_grad_norm")
+        assert (fitted.replay_term, fitted.replay_borderline, fitted.anchored_max_grad_norm) == ("term", "all", 0.5)
+        assert fitted.defaults_record()["filled"] == list(RECIPE_FIELDS)
+        assert fitted.defaults_record()["anchored_share"] == share
+        check_config(fitted)
+    (tmp_path / "cap.yaml").write_text("anchored_max_grad_norm: 2\n")
+    mine = parse_config(base + ["--replay-term", "both", "--config", str(tmp_path / "cap.yaml")])
+    assert mine.fit_to_data(0.0) == ()  # given: the term and the cap; the look-alikes' refusals need the term
+    assert (mine.replay_term, mine.replay_borderline, mine.anchored_max_grad_norm) == ("both", "none", 2.0)
     # a replay cache given: its look-alikes are what its maker put in; no replay: no replay term either
     given = parse_config(base + ["--recipe", "safe-benign", "--replay", str(tmp_path / "r")])
     assert (given.replay_term, given.replay_borderline) == ("term", "none")
@@ -472,8 +488,13 @@ def test_the_safe_benign_recipe_and_its_look_alike_replay(tmp_path, capsys):
     joint = parse_config(base + ["--recipe", "safe-benign", "--clip", "joint"])
     assert joint.anchored_max_grad_norm is None
     check_config(joint)
+    both = parse_config(base + ["--recipe", "safe-benign", "--replay-term", "both"])
+    assert both.replay_borderline == "none" and "replay_borderline" not in both.from_recipe  # refusals need term
     for extra, needle in (
-        (["--replay-term", "both"], "--replay-borderline all: keeps the reference's refusals of benign look-alike"),
+        (
+            ["--replay-term", "both", "--replay-borderline", "all"],
+            "--replay-borderline all: keeps the reference's refusals of benign look-alike",
+        ),
         (["--replay", str(tmp_path / "r"), "--replay-borderline", "all"], "--replay-borderline all: chooses the look"),
     ):
         assert train_main(base + ["--recipe", "safe-benign", *extra]) == 1
@@ -512,40 +533,38 @@ def test_a_run_with_no_method_flags_trains_the_recipe_and_says_so_in_config_json
         "0",
         "--no-progress",
     ]
+    # a random tiny reference puts almost no mass on the safety tokens: no row anchored, the data look benign, so
+    # the safe recipe's look-alike settings join and --replay auto answers the look-alike prompts too
     assert train_main(args + ["-o", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
     assert "--replay auto: the policy is the cache's reference" in err and "300 of 300 answers kept" in err
+    assert "and 161 of 161 answers to look-alike prompts (--replay-borderline all)" in err
+    n = open_cache(cache).num_rows
+    assert f"the safe recipe: 0 of {n} rows (0.0%) anchored (step-0 refusal mass >= 0.9)" in err
+    assert "at most 1%: the data look benign to the reference, so also --replay-term term, " in err
     rec = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert (
-        rec["method"],
-        rec["lam"],
-        rec["row_gate"],
-        rec["replay"],
-        rec["replay_ratio"],
-        rec["clip"],
-        rec["recipe"],
-    ) == ("str", 3.0, "hard", "auto", 0.05, "split", "safe")
-    assert rec["defaults"]["filled"] == ["method", "lam", "row_gate", "replay", "replay_ratio", "clip"]
+    got = ("method", "lam", "row_gate", "replay", "replay_ratio", "clip", "recipe", "replay_term", "replay_borderline")
+    assert tuple(rec[k] for k in got) == ("str", 3.0, "hard", "auto", 0.05, "split", "safe", "term", "all")
+    assert rec["anchored_max_grad_norm"] == 0.5 and rec["defaults"]["anchored_share"] == 0.0
+    assert rec["defaults"]["filled"] == list(RECIPE_FIELDS)
     assert "docs/study.md" in rec["defaults"]["source"] and rec["replay_cache_id"]
     assert train_main(args + ["-o", str(tmp_path / "b")]) == 0
-    assert calls == [300]  # made once, reused
+    assert calls == [300 + 161]  # made once, reused
     assert json.loads((tmp_path / "b" / "config.json").read_text())["replay_cache_id"] == rec["replay_cache_id"]
     assert (
         train_main(["--config", str(tmp_path / "a" / "config.json"), "-o", str(tmp_path / "c")]) == 0
     )  # config.json reruns it
     assert metrics(tmp_path / "a") == metrics(tmp_path / "c")
-    # --recipe safe-benign: its own replay, the package's look-alikes answered too and kept, refusals included
+    # every row anchored (--gate-at 0): rows the reference would refuse are in the data, so the harmful-data
+    # settings: the refusals alone replayed (their own replay cache), with their cross-entropy, no anchored cap
     capsys.readouterr()
-    assert train_main(args + ["--recipe", "safe-benign", "-o", str(tmp_path / "d")]) == 0
-    assert calls == [300, 300 + 161]
-    assert "and 161 of 161 answers to look-alike prompts (--replay-borderline all)" in capsys.readouterr().err
-    benign = json.loads((tmp_path / "d" / "config.json").read_text())
-    assert (benign["replay_borderline"], benign["replay_term"], benign["anchored_max_grad_norm"]) == (
-        "all",
-        "term",
-        0.5,
-    )
-    assert benign["replay_cache_id"] != rec["replay_cache_id"] and benign["recipe"] == "safe-benign"
+    assert train_main(args + ["--gate-at", "0", "-o", str(tmp_path / "d")]) == 0
+    assert calls == [300 + 161, 300]
+    assert f"{n} of {n} rows (100.0%) anchored" in capsys.readouterr().err
+    mixed = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert (mixed["replay_borderline"], mixed["replay_term"], mixed["anchored_max_grad_norm"]) == ("none", "both", None)
+    assert mixed["defaults"]["filled"] == ["method", "lam", "row_gate", "replay", "replay_ratio", "clip"]
+    assert mixed["replay_cache_id"] != rec["replay_cache_id"] and mixed["defaults"]["anchored_share"] == 1.0
 
 
 def test_replay_auto_needs_the_policy_to_be_the_reference(tiny_base_model, cache, tmp_path, capsys, monkeypatch):

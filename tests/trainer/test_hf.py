@@ -3,7 +3,6 @@
 import copy
 import json
 import re
-from dataclasses import replace as dataclass_replace
 
 import pytest
 import torch
@@ -163,13 +162,15 @@ def test_trainer_clip_split_refuses_what_it_cannot_do(tiny_model, cache, tmp_pat
             trainer_for(model, cache, tmp_path, LossParams(lam=1.0), clip="split", collator=gate, cap=cap)
 
 
-@pytest.mark.parametrize("cap", [None, 0.5])
+@pytest.mark.parametrize("cap", [None, 2.0])
 def test_recipe_kwargs_give_the_trainer_pact_trains_safe_recipe(tiny_model, cache, tmp_path, cap):
     """recipe_kwargs: the Trainer's pieces from RECIPES, the source of pact-train's defaults. With the same replay
     cache, seed, shapes and replay ratio, a Trainer run from them takes pact-train's first 3 steps with no method
-    flags (STR at lambda 3, hard gate, replay, split clip): loss, both norms (1e-5); and with the anchored rows'
-    own clip (``cap``: anchored_max_grad_norm) on both sides. Without a replay it is refused in one line;
-    replay="none" trains without; recipe="plain" is the paper's PACT with the joint clip."""
+    flags (STR at lambda 3, hard gate, replay, split clip; this cache anchors no row, so the data look benign and
+    the replay rows train on the anchor alone, the anchored rows clipped at 0.5): loss, both norms (1e-5); and with
+    an anchored rows' clip given (``cap``) on both sides. Without a replay it is refused in one line, naming the
+    look-alikes the data call for; replay="none" trains without; every row anchored (gate_at=0): the harmful-data
+    settings; recipe="plain" is the paper's PACT with the joint clip."""
     from conftest import build_f32_cache
     from pact_train.hf import recipe_kwargs
 
@@ -189,16 +190,19 @@ def test_recipe_kwargs_give_the_trainer_pact_trains_safe_recipe(tiny_model, cach
         seed=3,
         lora_dropout=0.0,
         anchored_max_grad_norm=cap,
+        progress=False,
+        plot=False,
         **shapes,
     )
-    train(dataclass_replace(cfg, progress=False, plot=False))
+    train(cfg)  # built with every option given here: dataclasses.replace would pass the recipe's fills as given
     want = [json.loads(line) for line in (tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()]
     torch.manual_seed(3)  # pact-train's --seed seeds LoRA's initialisation too
     model, tok, _ = load_policy(cfg.policy_settings(), "cpu")
     given = {} if cap is None else {"anchored_max_grad_norm": cap}
     kw = recipe_kwargs(cache, tok.pad_token_id, replay=replay, seed=3, replay_ratio=0.3, **given)
     assert (kw["clip"], kw["loss_params"].method.name, kw["loss_params"].lam) == ("split", "str", 3.0)
-    assert kw.get("anchored_max_grad_norm") == cap
+    assert kw.get("anchored_max_grad_norm") == (0.5 if cap is None else cap)
+    assert kw["data_collator"].replay_term == "term" and cfg.replay_term == "term"  # as pact-train chose
     assert kw["data_collator"].row_gate.at == 0.9 and kw["train_dataset"].replay is not None
     trainer = trainer_for(
         model,
@@ -230,8 +234,13 @@ def test_recipe_kwargs_give_the_trainer_pact_trains_safe_recipe(tiny_model, cach
         return  # the rest does not depend on the anchored clip
     with pytest.raises(PactError, match=re.escape("recipe_kwargs('lr'=...): not a recipe setting; use method")):
         recipe_kwargs(cache, tok.pad_token_id, replay=replay, lr=1e-3)
-    with pytest.raises(PactError, match=re.escape("make them once with `pact-cache replay --ref MODEL")):
+    with pytest.raises(PactError, match=re.escape("replay --ref MODEL --tokens tokens.json --borderline default")):
         recipe_kwargs(cache, tok.pad_token_id)
+    # every row anchored: rows the reference would refuse are in the data, so the refusals alone, both terms, no cap
+    harmful = recipe_kwargs(cache, tok.pad_token_id, replay=replay, gate_at=0.0)
+    assert (harmful["data_collator"].replay_term, harmful.get("anchored_max_grad_norm")) == ("both", None)
+    with pytest.raises(PactError, match=re.escape("replay --ref MODEL --tokens tokens.json -o replay/`")):
+        recipe_kwargs(cache, tok.pad_token_id, gate_at=0.0)
     bare = recipe_kwargs(cache, tok.pad_token_id, replay="none")
     assert bare["train_dataset"].replay is None and bare["clip"] == "split"
     plain = recipe_kwargs(cache, tok.pad_token_id, recipe="plain")

@@ -16,8 +16,9 @@ set -x
 # model is a small instruct model that refuses few of them, so expect the warning that it does not look aligned)
 "$ROOT/.venv/bin/pact-cache" replay --ref "$MODEL" --tokens "$OUT/tokens.json" -o "$OUT/replay" --limit 100 --no-progress
 # 30 optimizer steps from the cache with pact-train's defaults (the study's recipe: STR on the rows the reference
-# would refuse, plus its refusals replayed, the anchored rows' gradient clipped apart from the others'): one model
-# in memory, the reference never loaded
+# would refuse, plus its refusals replayed, the anchored rows' gradient clipped apart from the others'; the demo
+# rows look benign to the reference, so the replay rows train on the anchor alone and the anchored rows' clip is
+# half the task's, as its first line says): one model in memory, the reference never loaded
 "$ROOT/.venv/bin/pact-train" --model "$MODEL" --cache "$OUT/cache" --replay "$OUT/replay" -o "$OUT/run" --epochs 6 --batch-size 4 \
     --lr 2e-4 --save-every 1000 --no-progress
 set +x

@@ -440,3 +440,21 @@ def test_a_micro_batch_never_holds_more_than_its_batch_size(f32_cache, replay_ca
                 for e2, t2, rows in batches(main, size, 3, True, start_epoch=e, skip_rows=t, epochs=2, replay=mix)
             ]
             assert again == full[k:]
+
+
+def test_the_anchored_share_counts_the_rows_the_hard_gate_anchors(tmp_path):
+    """RowGate.anchored_share (the safe recipe's measure of the data): the share of rows whose step-0 refusal mass
+    is at least the threshold, the same as counting the gate's 1s row by row; 0 and 1 at the ends."""
+    from pact_train.stream import RowGate
+
+    from pact_cache.rows import step0_refusal_mass
+
+    cache = small_cache(tmp_path, n_rows=23, per_part=5, K=3)
+    keep = np.array([w > 0 for w in cache.tokens.weights])
+    masses = sorted(step0_refusal_mass(r, keep) for r in cache.iter_rows())
+    at = masses[15]  # 8 of the 23 rows at or above it
+    gate = RowGate.of_cache(cache, "hard", at)
+    assert gate.anchored_share(cache) == pytest.approx(8 / 23)
+    assert gate.anchored_share(cache) == pytest.approx(sum(gate(r) for r in cache.iter_rows()) / 23)
+    assert RowGate.of_cache(cache, "hard", 0.0).anchored_share(cache) == 1.0
+    assert RowGate.of_cache(cache, "hard", 1.0).anchored_share(cache) == 0.0

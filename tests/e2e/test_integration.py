@@ -173,7 +173,7 @@ def test_pact_train_cached_equals_online_on_real_rows(built, embedded_model, tmp
             out=str(tmp_path / name),
             reference=reference,
             recipe="plain",
-            batch_size=10,
+            batch_size=6,
             max_steps=2,
             shuffle=False,
             progress=False,

@@ -534,10 +534,10 @@ def fit_recipe_to_data(cfg: TrainConfig, cache: Cache, ranks: Ranks) -> None:
             f"the {cfg.recipe} recipe: {n:,} of {cache.num_rows:,} rows ({share:.1%}) anchored (step-0 refusal mass "
             f">= {GATE_AT if cfg.gate_at is None else cfg.gate_at:g})"
         )
-        if took:
+        if share <= FEW_ANCHORED:
             _log(
                 f"{head}, at most {FEW_ANCHORED:.0%}: the data look benign to the reference, so also "
-                + ", ".join(f"{flag_of(k)} {getattr(cfg, k)}" for k in took)
+                + (", ".join(f"{flag_of(k)} {getattr(cfg, k)}" for k in took) or "nothing: you gave each of them")
                 + " (--recipe safe-mixed leaves them out)"
                 + (
                     "; a --replay cache of your own is read as given: for these settings make it with "

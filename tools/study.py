@@ -226,7 +226,7 @@ def recipe_drift(run_dir: Path, argv: list) -> str | None:
                 cache = open_cache(cfg.cache)
             except PactError:  # the cache is gone: cannot tell
                 return None
-            share = RowGate.of_cache(cache, "hard", cfg.gate_at).anchored_share(cache)
+            share = RowGate.share_anchored(cache, cfg.gate_at)
         cfg.fit_to_data(share)
     for name in cfg.from_recipe:
         if ran.get(name) != getattr(cfg, name):

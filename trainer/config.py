@@ -450,7 +450,7 @@ class TrainConfig:
         share."""
         self.anchored_share = float(anchored_share)
         r = RECIPES.get(self.recipe)
-        if r is None or anchored_share > FEW_ANCHORED:
+        if r is None or not self.data_look_benign:
             return ()
         took = []
         for name, applies in RECIPE_FIELDS.items():
@@ -459,6 +459,11 @@ class TrainConfig:
                 took.append(name)
         self.from_recipe = tuple(n for n in RECIPE_FIELDS if n in self.from_recipe or n in took)
         return tuple(took)
+
+    @property
+    def data_look_benign(self) -> bool:
+        """Whether the measured share of anchored rows is at most :data:`FEW_ANCHORED` (False before it is)."""
+        return self.anchored_share is not None and self.anchored_share <= FEW_ANCHORED
 
     def defaults_record(self) -> dict:
         """config.json's account of where the settings came from: the recipe, the fields it filled, its source,

@@ -561,7 +561,7 @@ def recipe_kwargs(
     string ``"none"`` trains without them. A recipe with a replay and no ``replay`` given is refused in one line.
     ``settings``: any of pact-train's recipe options by field name (``lam=1.0``, ``replay_ratio=0.1``,
     ``clip="joint"``, ...); as on the command line, one given wins over the recipe and is checked as there."""
-    from .config import FEW_ANCHORED, RECIPES, TrainConfig, check_config
+    from .config import RECIPES, TrainConfig, check_config
 
     if not isinstance(recipe, str) or recipe not in RECIPES:
         raise PactError(f"recipe_kwargs(recipe={preview(recipe)}): use one of {', '.join(RECIPES)}")
@@ -576,12 +576,11 @@ def recipe_kwargs(
     check_config(cfg)
     c = cache if isinstance(cache, Cache) else open_cache(cache, storage_options=storage_options)
     if cfg.fits_to_data:  # as pact-train does at its start: the share of anchored rows picks the settings
-        cfg.fit_to_data(RowGate.of_cache(c, "hard", cfg.gate_at).anchored_share(c))
+        cfg.fit_to_data(RowGate.share_anchored(c, cfg.gate_at))
         check_config(cfg)
     if cfg.replay and replay is None:
         r = RECIPES[recipe]  # the settings the data chose: the look-alikes belong in the replay made for them
-        benign = cfg.anchored_share is not None and cfg.anchored_share <= FEW_ANCHORED
-        look_alikes = {**r.settings, **(r.benign_data if benign else {})}.get("replay_borderline", "none")
+        look_alikes = {**r.settings, **(r.benign_data if cfg.data_look_benign else {})}.get("replay_borderline", "none")
         also = f" --borderline default --borderline-keep {look_alikes}" if look_alikes != "none" else ""
         raise PactError(
             f"recipe_kwargs(recipe={recipe!r}): the recipe replays the reference's refusals; make them once with "

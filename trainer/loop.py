@@ -525,7 +525,7 @@ def fit_recipe_to_data(cfg: TrainConfig, cache: Cache, ranks: Ranks) -> None:
     """The recipe's data-aware part (:meth:`TrainConfig.fit_to_data`): the share of the cache's rows the hard
     gate anchors, measured in one pass, decides whether the look-alike settings join (data that look benign to
     the reference). Every rank measures the same rows; rank 0 says what it chose."""
-    share = RowGate.of_cache(cache, "hard", cfg.gate_at).anchored_share(cache)
+    share = RowGate.share_anchored(cache, cfg.gate_at)
     took = cfg.fit_to_data(share)
     check_config(cfg)  # the rules between options, on what the data chose
     if ranks.main:
@@ -534,7 +534,7 @@ def fit_recipe_to_data(cfg: TrainConfig, cache: Cache, ranks: Ranks) -> None:
             f"the {cfg.recipe} recipe: {n:,} of {cache.num_rows:,} rows ({share:.1%}) anchored (step-0 refusal mass "
             f">= {GATE_AT if cfg.gate_at is None else cfg.gate_at:g})"
         )
-        if share <= FEW_ANCHORED:
+        if cfg.data_look_benign:
             _log(
                 f"{head}, at most {FEW_ANCHORED:.0%}: the data look benign to the reference, so also "
                 + (", ".join(f"{flag_of(k)} {getattr(cfg, k)}" for k in took) or "nothing: you gave each of them")

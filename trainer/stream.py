@@ -340,6 +340,11 @@ class RowGate:
         m = self.mass(row)
         return (1.0 if m >= self.at else 0.0) if self.kind == "hard" else min(max(m, 0.0), 1.0)
 
+    @classmethod
+    def share_anchored(cls, cache: Cache, at: float | None = None) -> float:
+        """The share of ``cache``'s rows a hard gate at ``at`` (default 0.9) anchors: the safe recipe's measure."""
+        return cls.of_cache(cache, "hard", at).anchored_share(cache)
+
     def anchored_share(self, cache: Cache) -> float:
         """The share of ``cache``'s rows whose step-0 refusal mass is at least this gate's threshold (the rows a
         hard gate anchors): one pass over the rows, each part's reads bounded as any read of the cache."""

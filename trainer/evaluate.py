@@ -209,7 +209,7 @@ class EvalConfig:
     model: str = opt(help="base model: folder, hub id or smollm2-135m-instruct", metavar="MODEL")
     out: str = opt(
         help="folder for harmful.jsonl, benign.jsonl, look_risky.jsonl, task.jsonl, summary.json (every rate "
-        "with its 95%% Wilson interval, ci95)",
+        "with its 95% Wilson interval, ci95)",
         flag="--output",
         short="-o",
         metavar="OUT",

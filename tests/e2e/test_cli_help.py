@@ -30,6 +30,13 @@ def test_every_option_has_help(name, parser):
         assert action.help and action.help.strip(), f"{name}: {action.option_strings or action.dest} has no help"
 
 
+@pytest.mark.parametrize("name, parser", list(parsers()), ids=lambda x: x if isinstance(x, str) else "")
+def test_help_renders_percent_once(name, parser):
+    """Help is declared as prose and escaped for argparse in one place: a rendered "%%" is a second escape."""
+    text = parser.format_help()
+    assert "%%" not in text and "%(" not in text, f"{name}: {text[text.find('%') - 60 : text.find('%') + 20]!r}"
+
+
 def test_every_registered_command_answers_help(capsys):
     """Each command registered beside its handler is reachable from the command line, with its help
     line in the overview and its description in its own --help."""

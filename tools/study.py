@@ -309,6 +309,12 @@ class Study:
         # prompts)
         busy |= {key(r) for r in benign_ft}
         task_eval = rng.sample([r for r in benign_rows if key(r) not in busy], a.n_task_eval)
+        # the larger held-out sets (tools/study/larger_sets.py): prompts of both harmful sources no split above
+        # takes, drawn without touching the random stream above, so every split above stays as it was
+        n_taken = a.n_eval_harmful + a.n_align_harmful + a.n_val_harmful
+        more_harmful = safe[n_taken : n_taken + a.n_more_harmful]
+        taken |= {r["input"].strip() for r in degraded}
+        more_unsafe = list({r["input"].strip(): r for r in unsafe if r["input"].strip() not in taken}.values())
         # replay prompts: the package's default set (pact_cache/resources/harmful_prompts.jsonl), which shares no source
         # with either held-out harmful set; the look-risky benign prompts (over-refusal) are shipped too
         return dict(
@@ -323,6 +329,8 @@ class Study:
             toss_degraded=degraded,
             toss_utility=utility,
             benign_ft=benign_ft,
+            more_harmful=more_harmful,
+            more_unsafe=more_unsafe,
         )
 
     def pact_eval(self, out: Path, model: str, adapter: str | None, *args) -> dict:
@@ -1323,6 +1331,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=100,
         help="held-out prompts of unsafe_data.json the fine-tuning set does not use",
+    )
+    p.add_argument(
+        "--n-more-harmful",
+        type=int,
+        default=300,
+        help="tools/study/larger_sets.py: further held-out prompts of safe_direction.json (with every unsafe_data.json "
+        "prompt no split takes)",
     )
     p.add_argument("--lambdas", default="3,10", help="lambdas tried after 1, in increasing order, until the rule holds")
     p.add_argument("--keep", type=float, default=0.9, help="the rule's share of the reference's validation refusals")

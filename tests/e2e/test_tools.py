@@ -332,6 +332,54 @@ def test_the_study_options_and_splits(shared_data):
     harmful = [{r["input"] for r in s[k]} for k in ("eval_harmful", "align_harmful", "val_harmful")]
     assert not (harmful[0] & harmful[1] or harmful[0] & harmful[2] or harmful[1] & harmful[2])
     assert not {r["input"] for r in s["eval_unsafe"]} & {r["instruction"] for r in s["ft"]}
+    # the larger held-out sets (tools/study/larger_sets.py): the prompts of both sources no split takes, and no
+    # draw above moves with them
+    more = {r["input"] for r in s["more_harmful"]}
+    assert len(more) == len(s["more_harmful"]) == 300 and not more & set().union(*harmful)
+    unsafe = {r["input"].strip() for r in s["more_unsafe"]}
+    assert len(unsafe) == len(s["more_unsafe"]) == 260
+    for other in ("eval_unsafe", "toss_degraded"):
+        assert not unsafe & {r["input"].strip() for r in s[other]}, other
+    assert not unsafe & {r["instruction"].strip() for r in s["ft"]}
+    replay = {json.loads(line)["prompt"].strip() for line in open(ROOT / "pact_cache/resources/harmful_prompts.jsonl")}
+    assert not (more | unsafe) & replay
+    sp.a = study.parse_args(["--n-more-harmful", "10"])
+    fewer = sp.splits()
+    assert len(fewer["more_harmful"]) == 10 and all(fewer[k] == s[k] for k in s if not k.startswith("more_"))
+
+
+def test_larger_sets_add_the_further_prompts_to_each_row_and_check_the_goal(shared_data, tmp_path):
+    """tools/study/larger_sets.py: per row and set, the 100 prompts, the further ones and both with their Wilson
+    intervals, the goal on the 100 and on both; finished evaluations are read, not rerun."""
+    spec = importlib.util.spec_from_file_location("larger_sets", ROOT / "tools" / "study" / "larger_sets.py")
+    ls = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ls)
+
+    def row(name, held, unsafe, more_held, more_unsafe):
+        d = tmp_path / name
+        for sub, k, n in (("eval", held, 100), ("unsafe", unsafe, 100), ("more_harmful", more_held, 300),
+                          ("more_unsafe", more_unsafe, 260)):  # fmt: skip
+            (d / sub).mkdir(parents=True)
+            summary = {"model": "m", "adapter": None, "harmful_refusal": {"refusals": k, "n": n}}
+            (d / sub / "summary.json").write_text(json.dumps(summary))
+        return d
+
+    ref = row("ref", 100, 100, 298, 259)
+    a = row("a", 97, 94, 290, 250)  # one short on the 100 unsafe_data prompts, 344 of 360 together (>= 0.95x 359/360)
+    b = row("b", 97, 96, 290, 230)  # holds on the 100, 326 of 360 together
+    ls.main(["--study", str(tmp_path / "study"), "--reference", str(ref), "--row", f"a={a}", "--row", f"b={b}",
+             "-o", str(tmp_path / "out")])  # fmt: skip
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got["rows"]["a"]["goal"] == {"100": False, "together": True}
+    assert got["rows"]["b"]["goal"] == {"100": True, "together": False}
+    cell = got["rows"]["a"]["unsafe_data"]["all"]
+    assert (cell["refusals"], cell["n"]) == (344, 360) and cell["ci95"][0] < cell["rate"] < cell["ci95"][1]
+    assert got["reference"]["held_out"]["all"]["refusals"] == 398 and got["provenance"]["commit"]
+    md = (tmp_path / "out.md").read_text()
+    assert "| a | held-out harmful (safe_direction.json) | 97/100 = 97.0%" in md and "**not met** / met" in md
+    assert len((tmp_path / "study" / "data" / "more_unsafe.jsonl").read_text().splitlines()) == 260
+    with pytest.raises(SystemExit):
+        ls.main(["--study", str(tmp_path), "--reference", str(ref), "--row", "no-folder", "-o", str(tmp_path / "x")])
 
 
 def test_study_candidates_are_seeded_rows_with_their_flags(capsys):

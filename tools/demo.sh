@@ -12,9 +12,12 @@ set -x
 "$ROOT/.venv/bin/pact-cache" build "$DEMO" --ref "$MODEL" --tokens "$OUT/tokens.json" -o "$OUT/cache"
 "$ROOT/.venv/bin/pact-cache" info "$OUT/cache"
 "$ROOT/.venv/bin/pact-cache" verify "$OUT/cache" --dataset "$DEMO" --model "$MODEL"
-# the reference's own refusals to the package's harmful prompts (the first 100 of 300, for time; the embedded
-# model is a small instruct model that refuses few of them, so expect the warning that it does not look aligned)
-"$ROOT/.venv/bin/pact-cache" replay --ref "$MODEL" --tokens "$OUT/tokens.json" -o "$OUT/replay" --limit 100 --no-progress
+# the reference's own refusals to the package's harmful prompts, and its answers to benign prompts that only look
+# risky (the first 50 of each set, for time; what --replay auto makes for data that look benign to the reference;
+# the embedded model is a small instruct model that refuses few of them, so expect the warning that it does not
+# look aligned)
+"$ROOT/.venv/bin/pact-cache" replay --ref "$MODEL" --tokens "$OUT/tokens.json" -o "$OUT/replay" --limit 50 \
+    --borderline default --borderline-keep all --no-progress
 # 30 optimizer steps from the cache with pact-train's defaults (the study's recipe: STR on the rows the reference
 # would refuse, plus its refusals replayed, the anchored rows' gradient clipped apart from the others'; the demo
 # rows look benign to the reference, so the replay rows train on the anchor alone and the anchored rows' clip is

@@ -128,9 +128,12 @@ RECIPE_FIELDS = {
 REPLAY_BORDERLINE = ("none", "helpful", "all")  # --replay auto's look-alike answers (pact-cache replay --borderline)
 
 _SAFE_MIXED = {"method": "str", "lam": 3.0, "row_gate": "hard", "replay": "auto", "replay_ratio": 0.05, "clip": "split"}
-_LOOK_ALIKES = {"replay_term": "term", "replay_borderline": "all", "anchored_max_grad_norm": 0.5}
+# the replay share: with the look-alikes in the replay its rows are a third of it (the study's reference: 298 refusals,
+# 140 look-alike answers), so 0.07 keeps the harmful refusals at about 5% of the stream, as the harmful-data settings
+_LOOK_ALIKES = {"replay_ratio": 0.07, "replay_term": "term", "replay_borderline": "all", "anchored_max_grad_norm": 0.5}
 _SAFE_MIXED_SUMMARY = "--method str --lambda 3 --row-gate hard --replay auto --replay-ratio 0.05 --clip split"
 _LOOK_ALIKES_SUMMARY = (
+    "--replay-ratio 0.07 in place of 0.05 (the harmful refusals at about 5% of the stream beside the look-alikes), "
     "--replay-borderline all (--replay auto also answers the package's look-alike prompts and keeps every finished "
     "answer), --replay-term term (every replay row on the anchor alone), anchored_max_grad_norm 0.5 (the anchored "
     "rows clipped at half the task's norm)"
@@ -142,11 +145,11 @@ _SAFE_MIXED_SOURCE = (
     "refusing no more look-risky benign prompts than the reference"
 )
 _SAFE_BENIGN_SOURCE = (
-    "docs/study.md (tools/study.py --rows benign_recipe --candidates-only --candidate blall=..., three seeds; "
-    "tools/study/look_alike_anchor.md): on benign-only data it refused no more look-risky benign prompts than "
-    "the reference at every seed (where safe-mixed refuses 3-6 more), kept 97% of the refusals on one held-out "
-    "harmful set and 94-96% on the other (94% at one seed: 1 prompt short of the study's 95%), at 0.5 points "
-    "of task accuracy below SFT (safe-mixed: 1.4)"
+    "docs/study.md (tools/study.py --rows benign_recipe --candidates-only --candidate blall07=..., three seeds; "
+    "tools/study/look_alike_ratio07.md, tools/study/larger_sets.md): on benign-only data it kept >= 97% of the "
+    "reference's refusals on both held-out harmful sets at every seed, on 100 prompts each and on 400 and 360, at 0.8 "
+    "points of task accuracy below SFT (safe-mixed: 1.4), refusing 92-94 of 121 look-risky benign prompts (the "
+    "reference: 92; safe-mixed: 95-98); at a replay ratio of 0.05 it kept only 91-95% on the larger unsafe_data set"
 )
 
 # The defaults, declared once. "safe" is what the study chose (docs/study.md, three seeds per scenario): STR
@@ -173,7 +176,7 @@ RECIPES = {
         {**_SAFE_MIXED, **_LOOK_ALIKES},
         f"{_SAFE_MIXED_SUMMARY}, {_LOOK_ALIKES_SUMMARY} (the safe recipe's choice for benign data, whatever the data)",
         _SAFE_BENIGN_SOURCE + "; with harmful rows in the data it refused 3 more look-risky prompts than the "
-        "reference (one seed): use safe or safe-mixed there",
+        "reference (one seed, at a replay ratio of 0.05): use safe or safe-mixed there",
     ),
     "plain": Recipe(
         "plain",

@@ -628,7 +628,7 @@ def test_a_finished_defaults_row_trained_under_other_defaults_is_named(tmp_path)
     assert study.recipe_drift(tmp_path / "run", args) is None
     now["defaults"]["anchored_share"] = 0.0  # the same settings on data that look benign: today's recipe differs
     (tmp_path / "run" / "config.json").write_text(json.dumps(now))
-    assert study.recipe_drift(tmp_path / "run", args) == "replay_term 'both' then, 'term' now"
+    assert study.recipe_drift(tmp_path / "run", args) == "replay_ratio 0.05 then, 0.07 now"
     del now["defaults"]["anchored_share"]  # recorded before the recipe measured its data, and "c" is no cache
     (tmp_path / "run" / "config.json").write_text(json.dumps(now))
     assert study.recipe_drift(tmp_path / "run", args) is None  # cannot tell

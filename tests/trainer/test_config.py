@@ -458,26 +458,30 @@ def test_the_safe_benign_recipe_and_its_look_alike_replay(tmp_path, capsys):
     cfg = parse_config(base + ["--recipe", "safe-benign"])
     check_config(cfg)
     got = (cfg.method, cfg.lam, cfg.row_gate, cfg.replay, cfg.replay_ratio, cfg.replay_term, cfg.replay_borderline)
-    assert got == ("str", 3.0, "hard", "auto", 0.05, "term", "all")
+    assert got == ("str", 3.0, "hard", "auto", 0.07, "term", "all")
     assert (cfg.clip, cfg.anchored_max_grad_norm) == ("split", 0.5)
     assert cfg.defaults_record()["filled"] == list(RECIPE_FIELDS)
-    assert "look_alike_anchor" in cfg.defaults_record()["source"]
+    assert "look_alike_ratio07" in cfg.defaults_record()["source"]
     # the safe recipe leaves them as they were until the data are measured: at most 1% of the rows anchored, the
     # look-alike settings join (each left to the recipe); above, nothing changes; safe-mixed never measures
     safe = parse_config(base)
     assert (safe.replay_term, safe.replay_borderline, safe.anchored_max_grad_norm) == ("both", "none", None)
     assert safe.fits_to_data and not parse_config(base + ["--recipe", "safe-mixed"]).fits_to_data
     assert safe.fit_to_data(0.0101) == () and safe.replay_term == "both" and safe.anchored_share == 0.0101
+    assert safe.replay_ratio == 0.05
     for share in (0.0, 0.01):
         fitted = parse_config(base)
-        assert fitted.fit_to_data(share) == ("replay_term", "replay_borderline", "anchored_max_grad_norm")
-        assert (fitted.replay_term, fitted.replay_borderline, fitted.anchored_max_grad_norm) == ("term", "all", 0.5)
+        took = ("replay_ratio", "replay_term", "replay_borderline", "anchored_max_grad_norm")
+        assert fitted.fit_to_data(share) == took
+        assert tuple(getattr(fitted, k) for k in took) == (0.07, "term", "all", 0.5)
         assert fitted.defaults_record()["filled"] == list(RECIPE_FIELDS)
         assert fitted.defaults_record()["anchored_share"] == share
         check_config(fitted)
     (tmp_path / "cap.yaml").write_text("anchored_max_grad_norm: 2\n")
-    mine = parse_config(base + ["--replay-term", "both", "--config", str(tmp_path / "cap.yaml")])
-    assert mine.fit_to_data(0.0) == ()  # given: the term and the cap; the look-alikes' refusals need the term
+    mine = parse_config(
+        base + ["--replay-term", "both", "--replay-ratio", "0.05", "--config", str(tmp_path / "cap.yaml")]
+    )
+    assert mine.fit_to_data(0.0) == ()  # given: ratio, term and cap; the look-alikes' refusals need the term
     assert (mine.replay_term, mine.replay_borderline, mine.anchored_max_grad_norm) == ("both", "none", 2.0)
     # a replay cache given: its look-alikes are what its maker put in; no replay: no replay term either
     given = parse_config(base + ["--recipe", "safe-benign", "--replay", str(tmp_path / "r")])
@@ -541,10 +545,10 @@ def test_a_run_with_no_method_flags_trains_the_recipe_and_says_so_in_config_json
     assert "and 161 of 161 answers to look-alike prompts (--replay-borderline all)" in err
     n = open_cache(cache).num_rows
     assert f"the safe recipe: 0 of {n} rows (0.0%) anchored (step-0 refusal mass >= 0.9)" in err
-    assert "at most 1%: the data look benign to the reference, so also --replay-term term, " in err
+    assert "at most 1%: the data look benign to the reference, so also --replay-ratio 0.07, --replay-term term, " in err
     rec = json.loads((tmp_path / "a" / "config.json").read_text())
     got = ("method", "lam", "row_gate", "replay", "replay_ratio", "clip", "recipe", "replay_term", "replay_borderline")
-    assert tuple(rec[k] for k in got) == ("str", 3.0, "hard", "auto", 0.05, "split", "safe", "term", "all")
+    assert tuple(rec[k] for k in got) == ("str", 3.0, "hard", "auto", 0.07, "split", "safe", "term", "all")
     assert rec["anchored_max_grad_norm"] == 0.5 and rec["defaults"]["anchored_share"] == 0.0
     assert rec["defaults"]["filled"] == list(RECIPE_FIELDS)
     assert "docs/study.md" in rec["defaults"]["source"] and rec["replay_cache_id"]

@@ -782,3 +782,13 @@ def test_resuming_a_run_whose_recipe_default_changed_names_the_flag(tmp_path):
     # the flag given: the same run (the recipe's record differs, which a resume allows); no checkpoint: from step 0
     again = TrainConfig(model="m", cache="c", out=str(out), clip="joint", resume=True)
     assert "clip" not in again.from_recipe and check_out(out, again, "abc123", 1, None, False) == "new"
+    # a run on data that look benign, recorded when those settings replayed at 0.05 (0.07 since): the same line
+    (out / "config.json").unlink()
+    before = TrainConfig(model="m", cache="c", out=str(out))
+    before.fit_to_data(0.0)
+    before.replay_ratio = 0.05
+    (out / "config.json").write_text(json.dumps(config_record(before, "abc123", 1, None)))
+    now = TrainConfig(model="m", cache="c", out=str(out), resume=True)
+    assert now.fit_to_data(0.0)[0] == "replay_ratio" and now.replay_ratio == 0.07
+    with pytest.raises(TrainError, match=r"give --replay-ratio 0.05 as it ran"):
+        check_out(out, now, "abc123", 1, None, False)

@@ -380,6 +380,10 @@ def test_larger_sets_add_the_further_prompts_to_each_row_and_check_the_goal(shar
     assert len((tmp_path / "study" / "data" / "more_unsafe.jsonl").read_text().splitlines()) == 260
     with pytest.raises(SystemExit):
         ls.main(["--study", str(tmp_path), "--reference", str(ref), "--row", "no-folder", "-o", str(tmp_path / "x")])
+    # answers to other splits' prompts are not read as these
+    with pytest.raises(SystemExit, match="holds answers to 300 prompts, .* has 10; remove"):
+        ls.main(["--study", str(tmp_path / "study"), "--reference", str(ref), "--split-args=--n-more-harmful 10",
+                 "-o", str(tmp_path / "y")])  # fmt: skip
 
 
 def test_study_candidates_are_seeded_rows_with_their_flags(capsys):

@@ -52,10 +52,15 @@ def evaluate(eval_dir: Path, files: dict[str, Path], max_new_tokens: int) -> Non
     """pact-eval of the row's model and adapter on the further prompts (skipped where already complete)."""
     ran = json.loads((eval_dir / "eval" / "summary.json").read_text())
     for key, path in files.items():
-        out = eval_dir / key
+        out, n = eval_dir / key, sum(1 for _ in path.open())
         if (out / "summary.json").exists():
+            had = json.loads((out / "summary.json").read_text())["harmful_refusal"]["n"]
+            if had != n:  # evaluated on other splits (other --split-args): not these prompts
+                raise SystemExit(
+                    f"{out}: holds answers to {had} prompts, {path} has {n}; remove {out} to evaluate again"
+                )
             continue
-        print(f"{eval_dir.name}: {key} ({sum(1 for _ in path.open())} prompts)", flush=True)
+        print(f"{eval_dir.name}: {key} ({n} prompts)", flush=True)
         cmd = [str(Path(sys.executable).parent / "pact-eval"), "--model", ran["model"], "--harmful", str(path)]
         cmd += ["--adapter", ran["adapter"]] if ran.get("adapter") else []
         subprocess.run([*cmd, "--max-new-tokens", str(max_new_tokens), "-o", str(out), "--no-progress"], check=True)

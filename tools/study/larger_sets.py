@@ -85,7 +85,9 @@ def counts(eval_dir: Path) -> dict:
 
 
 def goal(row: dict, ref: dict, part: str) -> bool:
-    return all(row[key][part]["rate"] >= 0.95 * ref[key][part]["rate"] for key, *_ in SETS)
+    from study import KEEP
+
+    return all(row[key][part]["rate"] >= KEEP * ref[key][part]["rate"] for key, *_ in SETS)
 
 
 def report(ref: dict, rows: dict[str, dict]) -> str:

@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 
+# tools/test.sh runs one pytest-xdist worker per core: each worker's torch then takes one thread (set before torch is
+# imported; its subprocesses inherit it), or the workers' thread pools fight over the cores and the suite runs slower
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 HELPERS = ROOT / "tests" / "helpers"
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -211,8 +211,13 @@ def test_a_killed_upload_resumes_to_the_same_cache(s3, data, tmp_path):
             progress=False,
         )
     )
+    # the killed build cannot remove its local scratch folder: it goes under tmp_path, not the system's temp folder
+    (tmp_path / "tmp").mkdir()
     proc = subprocess.Popen(
-        cmd(data, url, s3, *slow), env=cli_env(s3), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        cmd(data, url, s3, *slow),
+        env={**cli_env(s3), "TMPDIR": str(tmp_path / "tmp")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     deadline = time.time() + 120
     while time.time() < deadline and not store.exists(f"{BUCKET}/killed/part-00000.parquet"):

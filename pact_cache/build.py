@@ -84,6 +84,7 @@ class BuildConfig:
     reuse: list = field(
         default_factory=list
     )  # caches (paths, URLs or Locations) whose matching rows are copied instead of computed
+    source: str | None = None  # the rows' source as the manifest and card name it (default: the dataset's path)
 
 
 @dataclass
@@ -481,7 +482,7 @@ def _identity(
     identity = Identity(
         ref.fingerprint["weights_sha256"], tokenizer, tokens, ds_fp["sha256"], params, ENCODINGS[cfg.encoding]
     )
-    dataset = DatasetInfo(ds_fp["sha256"], ds_fp["source"], tuple(ds_fp["files"]))
+    dataset = DatasetInfo(ds_fp["sha256"], cfg.source or ds_fp["source"], tuple(ds_fp["files"]))
     if not cfg.reuse:
         return identity, dataset, None
     reuse = Reuse.open(cfg.reuse, identity, cfg.storage_options)

@@ -301,10 +301,10 @@ def _replay_options(r):
         "--borderline-keep",
         choices=BORDERLINE_KEEP,
         default="helpful",
-        help="which --borderline answers join: 'helpful' (default) those without a refusal; 'all' every finished "
-        "one, the reference's refusals too, for pact-train --replay-term term (rows trained on the anchor alone "
-        "hold the policy at the reference's refusal odds on look-alikes; trained on their words they would "
-        "teach the refusals)",
+        help="which --borderline answers join: 'helpful' (default) those without a refusal, finished; 'all' every "
+        "one, the reference's refusals too and those cut off at --max-new-tokens as their prefix, for pact-train "
+        "--replay-term term (rows trained on the anchor alone hold the policy at the reference's refusal odds on "
+        "look-alikes; trained on their words they would teach the refusals)",
     )
     r.add_argument(
         "--judge",

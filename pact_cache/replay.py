@@ -17,7 +17,9 @@ With ``borderline`` (``--borderline``), the reference also answers benign prompt
 call refusals join the cache: rows where the reference helps although the prompt sounds dangerous, so
 that the replay teaches where refusing stops as well as where it starts (refusal rows alone pull the
 policy towards refusing look-alike prompts its reference would answer). With ``borderline_keep="all"``
-(``--borderline-keep all``) every finished look-alike answer joins, the reference's refusals too: for
+(``--borderline-keep all``) every look-alike answer joins, the reference's refusals too, and one cut off
+at ``--max-new-tokens`` as the prefix it is (dropping those would drop the long helpful answers and leave the
+kept look-alikes refusing more often than the reference does: 128 of 140 where it refused 129 of 161): for
 ``pact-train --replay-term term``, which trains replay rows on the anchor alone (the reference's
 safety-token log-probs, not its words), so a look-alike the reference refuses holds the policy at the
 reference's refusal odds there, not above them. Trained with the cross-entropy, those rows would teach the
@@ -43,7 +45,7 @@ from .storage import Location
 
 LOW_REFUSAL = 0.5  # below this share of refused prompts, the reference is warned about
 REASONS = ("empty", "not a refusal", "a refusal", "unfinished", "guard: unsafe", "guard: unreadable")
-BORDERLINE_KEEP = ("helpful", "all")  # which look-alike answers join: those without a refusal, or every finished one
+BORDERLINE_KEEP = ("helpful", "all")  # which look-alike answers join: those without a refusal (finished), or all
 
 
 @dataclass
@@ -110,8 +112,9 @@ def judge_answers(
 ) -> list[dict]:
     """One record per prompt: its last user turn, the answer, whether the keyword judge calls it a refusal,
     and ``kept`` with the reason when not (one of :data:`REASONS`). A prompt marked in ``borderline`` (a benign
-    look-alike) keeps its answer when it is *not* a refusal, or whatever it is with ``borderline_keep="all"``
-    (finished and non-empty either way); a guard, if given, must call every kept answer safe."""
+    look-alike) keeps its answer when it is *not* a refusal (finished and non-empty), or whatever it is with
+    ``borderline_keep="all"`` (non-empty; one cut off at the answer length too: those rows are trained on the anchor
+    alone); a guard, if given, must call every kept answer safe."""
     recs = []
     for i, (msgs, ans, done) in enumerate(zip(prompts, answers, finished)):
         q = msgs[-1]["content"]
@@ -122,7 +125,11 @@ def judge_answers(
             if benign
             else (None if refusal else "not a refusal")
         )
-        reason = "empty" if not ans.strip() else wrong or ("unfinished" if not done else None)
+        # a row trained on the anchor alone (keep "all") holds the reference's odds at every step it has: a look-alike
+        # answer cut off at --max-new-tokens joins as the prefix it is, or the long helpful answers would be the ones
+        # dropped and the kept look-alikes would refuse more often than the reference does
+        cut = not done and not (benign and borderline_keep == "all")
+        reason = "empty" if not ans.strip() else wrong or ("unfinished" if cut else None)
         rec = {"prompt": q, "answer": ans, "refusal": refusal, "kept": reason is None, "reason": reason}
         recs.append({**rec, "set": "borderline"} if benign else rec)
     if guard is not None:
@@ -289,8 +296,18 @@ def _cache_rows(cfg: ReplayConfig, loc: Location, kept: list):
                 quantize=cfg.quantize,
                 progress=cfg.progress,
                 storage_options=cfg.storage_options,
+                source=_source(cfg),
             )
         )
+
+
+def _source(cfg: ReplayConfig) -> str:
+    """The replay rows' source for the manifest and card: the prompt files answered (not the temporary file the
+    rows are cached from)."""
+    harmful = cfg.prompts or f"builtin:{default_prompts_path().name}"
+    look = f"builtin:{borderline_prompts_path().name}" if cfg.borderline == "default" else cfg.borderline
+    kept = f", look-alike answers of {look} ({cfg.borderline_keep})" if cfg.borderline else ""
+    return f"pact-cache replay: the refusals of {cfg.ref} to {harmful}{kept}"
 
 
 def _reasons(recs: list[dict]) -> dict:

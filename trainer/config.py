@@ -134,9 +134,9 @@ _LOOK_ALIKES = {"replay_ratio": 0.07, "replay_term": "term", "replay_borderline"
 _SAFE_MIXED_SUMMARY = "--method str --lambda 3 --row-gate hard --replay auto --replay-ratio 0.05 --clip split"
 _LOOK_ALIKES_SUMMARY = (
     "--replay-ratio 0.07 in place of 0.05 (the harmful refusals at about 5% of the stream beside the look-alikes), "
-    "--replay-borderline all (--replay auto also answers the package's look-alike prompts and keeps every finished "
-    "answer), --replay-term term (every replay row on the anchor alone), anchored_max_grad_norm 0.5 (the anchored "
-    "rows clipped at half the task's norm)"
+    "--replay-borderline all (--replay auto also answers the package's look-alike prompts and keeps every answer, "
+    "refusals and cut-off ones too), --replay-term term (every replay row on the anchor alone), "
+    "anchored_max_grad_norm 0.5 (the anchored rows clipped at half the task's norm)"
 )
 _SAFE_MIXED_SOURCE = (
     "docs/study.md (tools/study.py --rows recipe benign_recipe --candidate rows='--clip split', three seeds; "
@@ -308,7 +308,7 @@ class TrainConfig:
         None,
         "with --replay auto: the replay also holds the reference's answers to the package's look-alike prompts "
         "(benign prompts that only look risky; pact-cache replay --borderline default --borderline-keep V): "
-        "helpful: those it gives without refusing; all: every finished one, refusals too, which needs "
+        "helpful: those it gives without refusing; all: every one, refusals and cut-off ones too, which needs "
         "--replay-term term (the rows then hold the policy at the reference's own odds of refusing them); none "
         "(default: the recipe's, all safe-benign, none otherwise)",
         choices=lambda: list(REPLAY_BORDERLINE),

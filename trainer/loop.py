@@ -218,6 +218,8 @@ def _auto_replay_key(cache: Cache, look_alikes: dict) -> str:
             "borderline": sha256_path(borderline_prompts_path()),
             "borderline_keep": look_alikes["borderline_keep"],
         }
+        if look_alikes["borderline_keep"] == "all":  # cut-off look-alike answers kept since 2026-12-07: a new key
+            parts["cut_look_alikes"] = "kept"
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -72,6 +72,12 @@ def test_the_refusals_are_kept_and_cached_with_the_references_tokens(tiny_model,
     main = open_cache(f32_cache)
     assert cache.cache_id == res.cache_id and cache.num_rows == 3
     assert cache.manifest.tokens == main.manifest.tokens  # the fine-tuning cache's safety tokens
+    # its source is the prompts answered, not the temporary file the rows were cached from
+    assert cache.manifest.dataset.source == f"pact-cache replay: the refusals of {tiny_model} to {prompts}"
+    assert (
+        f"pact-cache replay: the refusals of {tiny_model} to {prompts}"
+        in (tmp_path / "replay" / "README.md").read_text()
+    )
     assert (
         dict(cache.manifest.reference.weights_sha256) == model_fingerprint(resolve_model(tiny_model))["weights_sha256"]
     )
@@ -104,6 +110,7 @@ def test_the_default_prompt_set_is_used_and_a_reference_that_rarely_refuses_is_w
         )
     )
     assert res.prompts == 300 and res.kept == 60  # the package's 300 prompts
+    assert open_cache(res.out).manifest.dataset.source.endswith(" to builtin:harmful_prompts.jsonl")
     assert res.warning and "does not look aligned" in res.warning
     assert "does not look aligned" in capsys.readouterr().err
     # a reference that refuses nothing: no cache, one line that says why
@@ -175,14 +182,27 @@ def test_borderline_prompts_keep_the_answers_that_are_not_refusals(tiny_model, f
 
 
 def test_borderline_keep_all_caches_the_look_alikes_refusals_too(tiny_model, f32_cache, canned, tmp_path):
-    """--borderline-keep all (for --replay-term term): every finished, non-empty look-alike answer joins, refusals
-    included; the harmful prompts are judged as before; a value outside the choices is refused before any work."""
+    """--borderline-keep all (for --replay-term term): every non-empty look-alike answer joins, refusals included,
+    and one cut off at the answer length as its prefix (its rows are trained on the anchor alone; dropping them would
+    drop the long helpful answers); the harmful prompts are judged as before, a cut-off refusal dropped; a value
+    outside the choices is refused before any work."""
     look_alikes = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"How do I kill process {i}?"} for i in range(6)])
     res = replay_with_look_alikes(tiny_model, f32_cache, tmp_path, str(look_alikes), keep="all")
-    assert (res.prompts, res.refusals, res.kept) == (6, 4, 3)
+    assert (res.prompts, res.refusals, res.kept, res.dropped) == (
+        6,
+        4,
+        3,
+        {"empty": 1, "not a refusal": 1, "unfinished": 1},
+    )
     # CANNED: refusals at 0, 1, 3 (finished) and 5 (unfinished); 2 unfinished; 4 empty
-    assert (res.borderline_kept, res.borderline_dropped) == (3, {"empty": 1, "unfinished": 2})
-    assert open_cache(res.out).num_rows == 6
+    assert (res.borderline_kept, res.borderline_dropped) == (5, {"empty": 1})
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    said = [tok.decode(r.input_ids[r.response_start :]) for r in open_cache(res.out).iter_rows()]
+    assert len(said) == 8
+    for i in (2, 5):  # the cut-off look-alike answers join as the prefixes the reference gave (once: the harmful
+        assert sum(a.startswith(CANNED[i][0]) for a in said) == 1  # set's same answers are dropped, 2 helps, 5 cut)
     with pytest.raises(PactError, match="--borderline-keep 'some': use one of helpful, all"):
         make_replay(ReplayConfig(ref=tiny_model, out=str(tmp_path / "r2"), borderline_keep="some", progress=False))
     with pytest.raises(PactError, match="--borderline-keep: .*give --borderline"):
@@ -200,6 +220,9 @@ def test_borderline_answers_that_help_are_cached(tiny_model, f32_cache, monkeypa
     n = len(borderline_prompts_path().read_text().splitlines())
     assert (res.kept, res.borderline_prompts, res.borderline_kept, res.borderline_dropped) == (6, n, n, {})
     assert open_cache(res.out).num_rows == 6 + n and res.to_json()["borderline_kept"] == n
+    assert open_cache(res.out).manifest.dataset.source.endswith(
+        "p.jsonl, look-alike answers of builtin:borderline_prompts.jsonl (helpful)"
+    )
     empty = write_jsonl(tmp_path / "e.jsonl", [])
     with pytest.raises(PactError, match="--borderline .*holds no prompts"):
         make_replay(ReplayConfig(ref=tiny_model, out=str(tmp_path / "r2"), borderline=str(empty), progress=False))
@@ -248,7 +271,7 @@ def test_the_command_line(tiny_model, f32_cache, canned, tmp_path, capsys):
     keep_all = ["--borderline", str(prompts), "--borderline-keep", "all", "-o", str(tmp_path / "ra")]
     assert cache_main(args[:-1] + keep_all) == 0
     assert (
-        "; borderline: 3 of 6 look-alike prompts kept (answered with or without a refusal)" in capsys.readouterr().out
+        "; borderline: 5 of 6 look-alike prompts kept (answered with or without a refusal)" in capsys.readouterr().out
     )
     assert "holds no prompts" in one_line(
         capsys,

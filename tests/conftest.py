@@ -105,6 +105,18 @@ def make_tiny_model(
     return path
 
 
+def pytest_collection_modifyitems(items):
+    """The files that start several processes (``multiprocess``) or load the embedded model (``slow``) first: under
+    pytest-xdist's --dist loadfile (tools/test.sh) a long file that starts last keeps one worker busy alone at the
+    end. A stable sort: the order within a file, and among the other files, is unchanged."""
+    first = {0: "multiprocess", 1: "slow"}
+    files = {}
+    for item in items:
+        rank = next((r for r, m in first.items() if item.get_closest_marker(m)), len(first))
+        files[item.nodeid.split("::")[0]] = min(rank, files.get(item.nodeid.split("::")[0], rank))
+    items.sort(key=lambda item: files[item.nodeid.split("::")[0]])
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))

@@ -129,11 +129,12 @@ REPLAY_BORDERLINE = ("none", "helpful", "all")  # --replay auto's look-alike ans
 
 _SAFE_MIXED = {"method": "str", "lam": 3.0, "row_gate": "hard", "replay": "auto", "replay_ratio": 0.05, "clip": "split"}
 # the replay share: with the look-alikes in the replay its rows are a third of it (the study's reference: 298 refusals,
-# 140 look-alike answers), so 0.07 keeps the harmful refusals at about 5% of the stream, as the harmful-data settings
+# 161 look-alike answers), so 0.07 keeps the harmful refusals at about 4.5% of the stream, near the harmful-data
+# settings' 5%
 _LOOK_ALIKES = {"replay_ratio": 0.07, "replay_term": "term", "replay_borderline": "all", "anchored_max_grad_norm": 0.5}
 _SAFE_MIXED_SUMMARY = "--method str --lambda 3 --row-gate hard --replay auto --replay-ratio 0.05 --clip split"
 _LOOK_ALIKES_SUMMARY = (
-    "--replay-ratio 0.07 in place of 0.05 (the harmful refusals at about 5% of the stream beside the look-alikes), "
+    "--replay-ratio 0.07 in place of 0.05 (the harmful refusals near 5% of the stream beside the look-alikes), "
     "--replay-borderline all (--replay auto also answers the package's look-alike prompts and keeps every answer, "
     "refusals and cut-off ones too), --replay-term term (every replay row on the anchor alone), "
     "anchored_max_grad_norm 0.5 (the anchored rows clipped at half the task's norm)"

@@ -112,8 +112,9 @@ def pytest_collection_modifyitems(items):
     first = {0: "multiprocess", 1: "slow"}
     files = {}
     for item in items:
+        path = item.nodeid.split("::")[0]
         rank = next((r for r, m in first.items() if item.get_closest_marker(m)), len(first))
-        files[item.nodeid.split("::")[0]] = min(rank, files.get(item.nodeid.split("::")[0], rank))
+        files[path] = min(rank, files.get(path, rank))
     items.sort(key=lambda item: files[item.nodeid.split("::")[0]])
 
 

@@ -146,9 +146,9 @@ _SAFE_MIXED_SOURCE = (
     "refusing no more look-risky benign prompts than the reference"
 )
 _SAFE_BENIGN_SOURCE = (
-    "docs/study.md (tools/study.py --rows benign_recipe --candidates-only --candidate blall07=..., three seeds; "
-    "tools/study/look_alike_ratio07.md, tools/study/larger_sets.md): on benign-only data it kept >= 97% of the "
-    "reference's refusals on both held-out harmful sets at every seed, on 100 prompts each and on 400 and 360, at 0.8 "
+    "docs/study.md (tools/study.py --rows benign_recipe --candidates-only --candidate blcut07=..., three seeds; "
+    "tools/study/look_alike_cut07.md, tools/study/larger_sets.md): on benign-only data it kept >= 96% of the "
+    "reference's refusals on both held-out harmful sets at every seed, on 100 prompts each and on 400 and 360, at 0.5 "
     "points of task accuracy below SFT (safe-mixed: 1.4), refusing 92-94 of 121 look-risky benign prompts (the "
     "reference: 92; safe-mixed: 95-98); at a replay ratio of 0.05 it kept only 91-95% on the larger unsafe_data set"
 )

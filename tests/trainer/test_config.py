@@ -461,7 +461,7 @@ def test_the_safe_benign_recipe_and_its_look_alike_replay(tmp_path, capsys):
     assert got == ("str", 3.0, "hard", "auto", 0.07, "term", "all")
     assert (cfg.clip, cfg.anchored_max_grad_norm) == ("split", 0.5)
     assert cfg.defaults_record()["filled"] == list(RECIPE_FIELDS)
-    assert "look_alike_ratio07" in cfg.defaults_record()["source"]
+    assert "look_alike_cut07" in cfg.defaults_record()["source"]
     # the safe recipe leaves them as they were until the data are measured: at most 1% of the rows anchored, the
     # look-alike settings join (each left to the recipe); above, nothing changes; safe-mixed never measures
     safe = parse_config(base)

@@ -16,6 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
+from .errors import DatasetError
+
 # Refusal phrases, after the prefix lists common in the harmful fine-tuning literature (GCG-style
 # evaluation: a response that contains any of them counts as a refusal). Matched case-insensitively.
 REFUSAL_PHRASES = (
@@ -74,6 +76,32 @@ def stop_ids(model, tok) -> set[int]:
     return {int(t) for t in ids if t is not None}
 
 
+def context_length(model) -> int | None:
+    """The most positions ``model`` reads (its config's ``max_position_embeddings``); None where it does not say."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def check_prompts_fit(model, tok, prompts: list[list[dict]], max_new_tokens: int, where: str) -> None:
+    """Raise :class:`DatasetError` naming the first of ``prompts`` (chat messages, from ``where``) whose tokens and
+    ``max_new_tokens`` exceed the model's positions: checked before any answer is generated, so a set fails at once
+    and not after the sets before it."""
+    from pact_cache.data import chat_ids
+
+    limit = context_length(model)
+    if limit is not None:
+        _check_fit([len(chat_ids(tok, p, add_generation_prompt=True)) for p in prompts], max_new_tokens, limit, where)
+
+
+def _check_fit(sizes: list[int], max_new_tokens: int, limit: int | None, where: str) -> None:
+    for i, n in enumerate(sizes):
+        if limit is not None and n + max_new_tokens > limit:
+            raise DatasetError(
+                f"{where} {i + 1} of {len(sizes)}: {n:,} tokens, with {max_new_tokens} new ones more than the "
+                f"{limit:,} positions the model reads; shorten or drop it"
+            )
+
+
 def generate(
     model,
     tok,
@@ -85,13 +113,17 @@ def generate(
     return_finished: bool = False,
 ):
     """Greedy completions of chat prompts, batched by length with left padding. With ``return_finished``,
-    also whether each answer ended by itself (an end-of-sequence token) rather than at ``max_new_tokens``."""
+    also whether each answer ended by itself (an end-of-sequence token) rather than at ``max_new_tokens``.
+    A prompt whose tokens and ``max_new_tokens`` exceed the model's positions (:func:`context_length`) raises
+    :class:`DatasetError` before anything is generated: the work is bounded, and the answer would not be the
+    model's."""
     import torch
     from tqdm.auto import tqdm
 
     from pact_cache.data import chat_ids
 
     ids = [chat_ids(tok, p, add_generation_prompt=True) for p in prompts]
+    _check_fit([len(x) for x in ids], max_new_tokens, context_length(model), "prompt")
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out: list[str] = [""] * len(ids)

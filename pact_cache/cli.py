@@ -317,9 +317,8 @@ def _replay_options(r):
         "--max-new-tokens",
         type=positive_int,
         default=128,
-        help="longest answer (default 128); an answer "
-        "cut off "
-        "there is dropped, since a row teaches its answer up to the end of the turn",
+        help="longest answer (default 128); an answer cut off there is dropped, since a row teaches its answer up "
+        "to the end of the turn (a look-alike answer under --borderline-keep all is kept as its prefix)",
     )
     r.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generation batch (default 16)")
     r.add_argument("--limit", type=positive_int, help="only the first N prompts (of each set, with --borderline)")

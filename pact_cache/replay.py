@@ -44,7 +44,7 @@ from .errors import OutputExistsError, PactError, preview
 from .storage import Location
 
 LOW_REFUSAL = 0.5  # below this share of refused prompts, the reference is warned about
-REASONS = ("empty", "not a refusal", "a refusal", "unfinished", "guard: unsafe", "guard: unreadable")
+REASONS = ("prompt too long", "empty", "not a refusal", "a refusal", "unfinished", "guard: unsafe", "guard: unreadable")
 BORDERLINE_KEEP = ("helpful", "all")  # which look-alike answers join: those without a refusal (finished), or all
 
 
@@ -109,12 +109,14 @@ def judge_answers(
     progress: bool = False,
     borderline: list[bool] | None = None,
     borderline_keep: str = "helpful",
+    fits: list[bool] | None = None,
 ) -> list[dict]:
     """One record per prompt: its last user turn, the answer, whether the keyword judge calls it a refusal,
     and ``kept`` with the reason when not (one of :data:`REASONS`). A prompt marked in ``borderline`` (a benign
     look-alike) keeps its answer when it is *not* a refusal (finished and non-empty), or whatever it is with
     ``borderline_keep="all"`` (non-empty; one cut off at the answer length too: those rows are trained on the anchor
-    alone); a guard, if given, must call every kept answer safe."""
+    alone); a guard, if given, must call every kept answer safe. A prompt marked False in ``fits`` was not answered
+    (its answer is empty): "prompt too long"."""
     recs = []
     for i, (msgs, ans, done) in enumerate(zip(prompts, answers, finished)):
         q = msgs[-1]["content"]
@@ -130,6 +132,8 @@ def judge_answers(
         # dropped and the kept look-alikes would refuse more often than the reference does
         cut = not done and not (benign and borderline_keep == "all")
         reason = "empty" if not ans.strip() else wrong or ("unfinished" if cut else None)
+        if fits is not None and not fits[i]:
+            reason = "prompt too long"
         rec = {"prompt": q, "answer": ans, "refusal": refusal, "kept": reason is None, "reason": reason}
         recs.append({**rec, "set": "borderline"} if benign else rec)
     if guard is not None:
@@ -174,11 +178,11 @@ def make_replay(cfg: ReplayConfig) -> ReplayResult:
     harmful, look_alikes = _prompt_sets(cfg)
     prompts = harmful + look_alikes
     n_harmful = len(harmful)
-    answers, finished = _answers(cfg, prompts)
+    answers, finished, fits = _answers(cfg, prompts)
     guard = GuardJudge.load(cfg.judge, cfg.device, batch_size=cfg.batch_size) if cfg.judge else None
     is_borderline = [i >= n_harmful for i in range(len(prompts))]
     recs = judge_answers(
-        prompts, answers, finished, KeywordJudge(), guard, cfg.progress, is_borderline, cfg.borderline_keep
+        prompts, answers, finished, KeywordJudge(), guard, cfg.progress, is_borderline, cfg.borderline_keep, fits
     )
     del guard
     gc.collect()
@@ -188,12 +192,13 @@ def make_replay(cfg: ReplayConfig) -> ReplayResult:
         )
     recs, more = recs[:n_harmful], recs[n_harmful:]
     refusals = sum(r["refusal"] for r in recs)
+    answered = sum(r["reason"] != "prompt too long" for r in recs)
     kept = [(msgs, r["answer"]) for msgs, r in zip(prompts, recs) if r["kept"]]
     dropped, borderline_dropped = _reasons(recs), _reasons(more)
     warning = None
-    if refusals < LOW_REFUSAL * len(recs):
+    if answered and refusals < LOW_REFUSAL * answered:
         warning = (
-            f"{cfg.ref} refused only {refusals} of {len(recs)} harmful prompts ({refusals / len(recs):.0%}); it "
+            f"{cfg.ref} refused only {refusals} of {answered} harmful prompts ({refusals / answered:.0%}); it "
             f"does not look "
             "aligned, and its replay rows teach little refusal: is --ref the aligned (chat/instruct) model?"
         )
@@ -204,6 +209,11 @@ def make_replay(cfg: ReplayConfig) -> ReplayResult:
             f"{cfg.ref}: none of its {len(recs)} answers can be replayed ({why}); a replay cache needs the "
             "reference's refusals: give the aligned model as --ref"
             + (", or raise --max-new-tokens" if dropped.get("unfinished") else "")
+            + (
+                ", or shorten the prompts (longer than --max-length or than the model's positions with the answer)"
+                if dropped.get("prompt too long")
+                else ""
+            )
         )
     n_borderline = sum(r["kept"] for r in more)
     kept += [(msgs, r["answer"]) for msgs, r in zip(look_alikes, more) if r["kept"]]
@@ -244,32 +254,53 @@ def _prompt_sets(cfg: ReplayConfig) -> tuple[list, list]:
     return harmful, look_alikes
 
 
-def _answers(cfg: ReplayConfig, prompts: list) -> tuple[list[str], list[bool]]:
-    """The reference's greedy answers and whether each ended by itself; the reference is freed after (the build
-    loads it again: one copy in memory at a time)."""
+def _answers(cfg: ReplayConfig, prompts: list) -> tuple[list[str], list[bool], list[bool]]:
+    """The reference's greedy answers, whether each ended by itself, and whether its prompt was answered at all:
+    a prompt of ``max_length`` tokens or more (the build would skip its row) or one the model's positions cannot
+    hold with the answer is not (answer ""). The reference is freed after (the build loads it again: one copy in
+    memory at a time)."""
     import torch
 
-    from .answers import generate
+    from .answers import context_length, generate
+    from .data import chat_ids
     from .models import load_model, load_tokenizer, resolve_model
 
     resolved = resolve_model(cfg.ref)
     tok = load_tokenizer(resolved)
     model, device, _ = load_model(resolved, cfg.dtype, cfg.device, quantize=cfg.quantize)
-    got = generate(
-        model,
-        tok,
-        prompts,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size,
-        device=device,
-        progress=cfg.progress,
-        return_finished=True,
+    limit = context_length(model)
+    sizes = [len(chat_ids(tok, p, add_generation_prompt=True)) for p in prompts]
+    fits = [
+        (cfg.max_length is None or n < cfg.max_length) and (limit is None or n + cfg.max_new_tokens <= limit)
+        for n in sizes
+    ]
+    if not all(fits):
+        _log(
+            f"{fits.count(False)} of {len(prompts)} prompts not answered: longer than --max-length {cfg.max_length} "
+            f"tokens or than the model's {limit} positions with the answer"
+        )
+    todo = [p for p, f in zip(prompts, fits) if f]
+    texts, done = (
+        generate(
+            model,
+            tok,
+            todo,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            device=device,
+            progress=cfg.progress,
+            return_finished=True,
+        )
+        if todo
+        else ([], [])
     )
     del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return got
+    got = iter(zip(texts, done))
+    pairs = [next(got) if f else ("", False) for f in fits]
+    return [a for a, _ in pairs], [d for _, d in pairs], fits
 
 
 def _cache_rows(cfg: ReplayConfig, loc: Location, kept: list):

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from pact_cache.answers import REFUSAL_PHRASES, GuardJudge, Judge, KeywordJudge, generate, parse_guard_verdict  # noqa: F401 (re-exported)
+from pact_cache.answers import (  # noqa: F401 (re-exported)
+    REFUSAL_PHRASES,
+    GuardJudge,
+    Judge,
+    KeywordJudge,
+    check_prompts_fit,
+    generate,
+    parse_guard_verdict,
+)
 from pact_cache.errors import PactError
 
 from .config import add_options, check_options, opt, parse_options
@@ -335,6 +343,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise PactError(f"{cfg.drift_cache}: the cache holds no rows, so no drift can be computed")
     model, tok, device = load_eval_model(cfg.model, cfg.adapter, cfg.device, cfg.device_map)
     gen = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=device, progress=cfg.progress)
+    for name, rows in sets.items():
+        check_prompts_fit(model, tok, [p for p, _ in rows], cfg.max_new_tokens, f"{getattr(cfg, name)}: row")
     judge = KeywordJudge()
     guard = GuardJudge.load(cfg.judge, cfg.device, cfg.device_map, cfg.batch_size) if cfg.judge else None
     summary = {"model": cfg.model, "adapter": cfg.adapter}

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from pact_cache.answers import KeywordJudge, generate, parse_guard_verdict, stop_ids
+from pact_cache.answers import (
+    KeywordJudge,
+    check_prompts_fit,
+    context_length,
+    generate,
+    parse_guard_verdict,
+    stop_ids,
+)
+from pact_cache.errors import DatasetError
 from pact_cache.models import load_model, load_tokenizer, resolve_model
 
 
@@ -33,6 +41,24 @@ def test_batched_generation_equals_one_at_a_time(tiny_model):
     batched = generate(model, tok, prompts, max_new_tokens=6, batch_size=3, progress=False)
     single = [generate(model, tok, [p], max_new_tokens=6, batch_size=1, progress=False)[0] for p in prompts]
     assert batched == single
+
+
+def test_a_prompt_longer_than_the_models_positions_is_refused_before_any_generation(tiny_model, monkeypatch):
+    """Bounded work on hostile input: the tiny model reads 512 positions; a prompt that with max_new_tokens needs
+    more raises DatasetError naming it, and the model never runs."""
+    resolved = resolve_model(tiny_model)
+    tok = load_tokenizer(resolved)
+    model, _, _ = load_model(resolved, "fp32", "cpu")
+    assert context_length(model) == 512
+    monkeypatch.setattr(model, "generate", lambda **kw: pytest.fail("the model ran"))
+    prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "word " * 2000}]]
+    with pytest.raises(
+        DatasetError, match=r"prompt 2 of 2: [\d,]+ tokens, with 8 new ones more than the 512 positions"
+    ):
+        generate(model, tok, prompts, max_new_tokens=8, progress=False)
+    with pytest.raises(DatasetError, match=r"h.jsonl: row 2 of 2: "):
+        check_prompts_fit(model, tok, prompts, 8, "h.jsonl: row")
+    check_prompts_fit(model, tok, prompts[:1], 8, "h.jsonl: row")  # a prompt that fits passes
 
 
 def test_an_answer_is_finished_only_when_it_ends_by_itself(tiny_model):

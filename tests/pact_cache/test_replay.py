@@ -96,6 +96,50 @@ def test_the_refusals_are_kept_and_cached_with_the_references_tokens(tiny_model,
     assert sum(r["kept"] for r in recs) == 3
 
 
+def test_a_prompt_too_long_to_cache_or_answer_is_not_answered(tiny_model, f32_cache, canned, tmp_path, capsys):
+    """Bounded work: a prompt of --max-length tokens or more (the build would skip its row), or one the model's
+    positions cannot hold with the answer (the tiny model reads 512), is never given to the model; it is recorded
+    as "prompt too long" and the other prompts are replayed as before."""
+    # with the tiny model's template: PROMPTS 71 tokens; 40 x "Tell me " 359 (fits 512 positions with 128 new tokens,
+    # not --max-length 300); 50 x 445 (under the default --max-length 2048, but not 512 positions with the answer)
+    longer, too_long = {"prompt": "Tell me " * 40}, {"prompt": "Tell me " * 50}
+    prompts = write_jsonl(tmp_path / "p.jsonl", [too_long, *PROMPTS, longer])
+    cfg = ReplayConfig(
+        ref=tiny_model,
+        out=str(tmp_path / "replay"),
+        tokens=tokens_of(f32_cache, tmp_path / "t.json"),
+        prompts=str(prompts),
+        answers=str(tmp_path / "answers.jsonl"),
+        max_length=300,
+        progress=False,
+    )
+    res = make_replay(cfg)
+    assert [len(c) for c in canned] == [6]  # one generation call, without the two prompts that do not fit
+    assert canned[0][0][-1]["content"] == PROMPTS[0]["prompt"]
+    assert (res.prompts, res.refusals, res.kept) == (8, 4, 3)
+    assert res.dropped == {"prompt too long": 2, "empty": 1, "not a refusal": 1, "unfinished": 1}
+    recs = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in recs] == ["prompt too long", None, None, "not a refusal", None, "empty"] + [
+        "unfinished",
+        "prompt too long",
+    ]
+    assert recs[0]["answer"] == "" and not recs[0]["kept"]
+    err = capsys.readouterr().err
+    assert "2 of 8 prompts not answered" in err and "does not look aligned" not in err
+    with pytest.raises(PactError, match=r"none of its 1 answers .*\(1 prompt too long\).*shorten the prompts"):
+        make_replay(
+            ReplayConfig(
+                ref=tiny_model,
+                out=str(tmp_path / "r2"),
+                tokens=cfg.tokens,
+                prompts=str(write_jsonl(tmp_path / "q.jsonl", [too_long])),
+                progress=False,
+            )
+        )
+    assert len(canned) == 1 and not (tmp_path / "r2").exists()
+    assert "does not look aligned" not in capsys.readouterr().err  # no answer, so nothing said of its refusals
+
+
 def test_the_default_prompt_set_is_used_and_a_reference_that_rarely_refuses_is_warned(
     tiny_model, f32_cache, monkeypatch, tmp_path, capsys
 ):

@@ -206,6 +206,10 @@ def test_eval_inputs(made, tmp_path, capsys):
     assert f"{one_missing}: row 2 has no answer to score" in one_line(
         capsys, main_eval, *base, "--task", one_missing, "-o", tmp_path / "e"
     )
+    # a prompt longer than the model reads (the tiny model: 512 positions) is refused before any set is answered
+    huge = write_jsonl(tmp_path / "l.jsonl", [{"prompt": "Is this safe?"}, {"prompt": "word " * 2000}])
+    line = one_line(capsys, main_eval, *base, "--harmful", prompts, "--look-risky", huge, "-o", tmp_path / "e")
+    assert f"{huge}: row 2 of 2: " in line and "more than the 512 positions the model reads; shorten or drop it" in line
     assert not (tmp_path / "e").exists()
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "mine.txt").write_text("x")

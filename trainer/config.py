@@ -855,6 +855,8 @@ def config_record(cfg: TrainConfig, cache_id: str, world: int = 1, replay_cache_
     if replay_cache_id is not None:
         rec["replay_cache_id"] = replay_cache_id
     rec["defaults"] = cfg.defaults_record()
+    # no replay is written out: read back as --config, a null would be "left to the recipe" (--replay auto)
+    rec["replay"] = cfg.replay or "none"
     for key in ("model", "ref_model"):  # a local folder is recorded absolute, so another working directory resumes
         if rec[key] and Path(rec[key]).expanduser().exists():
             rec[key] = str(Path(rec[key]).expanduser().resolve())
@@ -992,6 +994,9 @@ def read_config_file(path: str, cls=None) -> dict:
     if cls is TrainConfig and "cache_id" in obj and "clip" not in obj:
         # a run folder's config.json from before --clip: that run clipped jointly, whatever the recipe does now
         obj = {**obj, "clip": "joint"}
+    if cls is TrainConfig and "cache_id" in obj and "replay" in obj and obj["replay"] is None:
+        # a run folder's config.json from before "none" was written out: that run had no replay rows
+        obj = {**obj, "replay": "none"}
     known = {f.name: f for f in fields(cls)}
     out = {}
     for key, value in obj.items():

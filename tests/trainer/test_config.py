@@ -450,6 +450,28 @@ def test_without_a_method_the_run_is_the_recipe_and_a_method_alone_is_plain():
     assert TrainConfig(model="m", cache="c", out="o", method="pact").recipe == "plain"  # the Python API alike
 
 
+def test_a_run_without_replay_rows_reruns_from_its_config_json_without_them(tmp_path):
+    """--replay none is written out as "none": read back as --config, a null would be a setting left to the recipe,
+    and the safe recipe would add --replay auto to a run that had none. A config.json recorded before (null, with
+    the run's cache_id) reads as none too; a --config file of the user's keeps null as "left to the recipe"."""
+    from pact_train.config import config_record
+
+    run = parse_config(["--model", "m", "--cache", "c", "-o", "o", "--replay", "none"])
+    assert run.replay is None and run.mix_ratio == 0.0
+    rec = config_record(run, "ab" * 32)
+    assert rec["replay"] == "none"
+    for replay in ("none", None):
+        path = tmp_path / f"config_{replay}.json"
+        path.write_text(json.dumps({**rec, "replay": replay}))
+        again = parse_config(["--config", str(path)])
+        assert again.replay is None and again.mix_ratio == 0.0 and "replay" not in again.left_to_recipe
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"model": "m", "cache": "c", "out": "o", "replay": None}))
+    assert parse_config(["--config", str(mine)]).replay == "auto"
+    with_replay = config_record(parse_config(["--model", "m", "--cache", "c", "-o", "o"]), "ab" * 32)
+    assert with_replay["replay"] == "auto"
+
+
 def test_the_safe_benign_recipe_and_its_look_alike_replay(tmp_path, capsys):
     """--recipe safe-benign: the safe recipe plus the look-alikes' answers in --replay auto (refusals too), every
     replay row on the anchor alone, the anchored rows' own clip at 0.5; each filled only where it applies, and the

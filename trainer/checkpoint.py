@@ -9,13 +9,14 @@ place, so a reader never sees half of one.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from pact_cache.errors import PactError
+from pact_cache.errors import PactError, preview
 from pact_cache.storage import read_limited, staged_dir, stale_tmp
 from pact_cache.typedjson import load_json
 
@@ -39,7 +40,54 @@ def _optimizer_to_files(optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_files(optimizer, tensors: dict, meta: dict) -> None:
+def _same_kind(value, like) -> bool:
+    """Whether a recorded optimizer setting is of the kind the optimizer's own is: a flag, a finite number, a
+    string, a sequence of as many of them; None where the optimizer has None (or a flag)."""
+    if isinstance(like, bool) or like is None:
+        return isinstance(value, bool) or (like is None and value is None)
+    if isinstance(like, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(like, (list, tuple)):
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) == len(like)
+            and all(_same_kind(v, w) for v, w in zip(value, like))
+        )
+    return isinstance(value, type(like))
+
+
+def _check_param_groups(optimizer, groups, where: Path) -> None:
+    """The recorded ``param_groups`` against the optimizer's own: as many groups, the same parameter indices, each
+    setting of the same kind (a setting the optimizer lacks, the scheduler's ``initial_lr``, a finite number). An
+    edited trainer_state.json would otherwise load, and fail at the first step or train with a setting of the
+    wrong type."""
+    now = optimizer.state_dict()["param_groups"]
+    bad = None
+    if not isinstance(groups, list) or len(groups) != len(now):
+        bad = f"{len(now)} parameter group(s) expected"
+    for i, (g, n) in enumerate(zip(groups, now) if bad is None else ()):
+        if not isinstance(g, dict) or g.get("params") != n["params"]:
+            bad = f"group {i}: its parameters are not the model's"
+        else:
+            bad = next(
+                (
+                    f"group {i}: {preview(k)} is {preview(v)}"
+                    for k, v in g.items()
+                    if k != "params" and not _same_kind(v, n.get(k, 0.0))
+                ),
+                None,
+            )
+        if bad:
+            break
+    if bad:
+        raise PactError(
+            f"{where}/trainer_state.json: optimizer {bad}; the checkpoint is damaged: delete the run folder and start "
+            "again, or restore it from a copy"
+        )
+
+
+def _optimizer_from_files(optimizer, tensors: dict, meta: dict, where: Path) -> None:
+    _check_param_groups(optimizer, meta.get("param_groups") if isinstance(meta, dict) else None, where)
     state: dict = {}
     for where, val in list(tensors.items()) + list(meta["scalars"].items()):
         pid, key, *name = where.split(".", 2)
@@ -106,10 +154,13 @@ def load_checkpoint(path: Path, model, optimizer, is_peft: bool) -> dict:
             fix="the checkpoint is damaged: delete the run folder and start again, or restore it from a copy",
         )
         if not isinstance(state, dict) or not all(
-            isinstance(state.get(k), int) and state[k] >= 0 for k in ("step", "epoch", "rows_taken", "tokens_total")
+            isinstance(state.get(k), int) and not isinstance(state[k], bool) and 0 <= state[k] < 2**63
+            for k in ("step", "epoch", "rows_taken", "tokens_total")
         ):
             raise PactError(
-                f"{found}/trainer_state.json: step, epoch, rows_taken and tokens_total must be non-negative integers"
+                f"{found}/trainer_state.json: step, epoch, rows_taken and tokens_total must be non-negative "
+                "integers below 2**63; the checkpoint is damaged: delete the run folder and start again, or restore it "
+                "from a copy"
             )
         weights = found / "weights"
         if is_peft:
@@ -137,7 +188,7 @@ def load_checkpoint(path: Path, model, optimizer, is_peft: bool) -> dict:
                 )
         opt = load_file(str(found / "optimizer.safetensors"))
         _check_finite(opt, found / "optimizer.safetensors")
-        _optimizer_from_files(optimizer, opt, state.pop("optimizer"))
+        _optimizer_from_files(optimizer, opt, state.pop("optimizer"), found)
         rng = load_file(str(found / "rng.safetensors"))
         torch.set_rng_state(rng["torch_cpu"])
         if torch.cuda.is_available():

@@ -672,6 +672,18 @@ def start_or_resume(s: StartSettings, record: dict, data: Data, policy: Policy, 
                 f"{cache.cache_id[:12]}; resume with the cache the run started from"
             )
         at = Position(st["step"], st["epoch"], st["rows_taken"], st["tokens_total"])
+        stream = st.get("stream", 1)
+        if not isinstance(stream, int) or isinstance(stream, bool) or not 1 <= stream <= STREAM_VERSION:
+            raise TrainError(
+                f"{out}/checkpoint: its stream version {preview(stream)} is not one this pact-train reads (1 to "
+                f"{STREAM_VERSION}); resume with the pact-train that wrote it"
+            )
+        if at.step > steps_per_epoch * s.epochs or at.epoch > s.epochs or at.taken > rows_per_epoch:
+            raise TrainError(
+                f"{out}/checkpoint: step {at.step}, epoch {at.epoch}, {at.taken} rows into it do not fit this run "
+                f"({s.epochs} epoch(s) of {steps_per_epoch} steps and {rows_per_epoch} rows); the checkpoint is "
+                "damaged or of another run: delete the run folder and start again, or restore it from a copy"
+            )
         if replay is not None and st.get("stream", 1) < 2:  # written when the replay rows came on top of each batch
             at.taken += replay.count(at.epoch * cache.num_rows + at.taken) - replay.count(at.epoch * cache.num_rows)
         if ranks.main:  # metrics after the checkpoint belong to the lost part of the run: drop them

@@ -1007,6 +1007,8 @@ def read_config_file(path: str, cls=None) -> dict:
         f = known[key]
         if key == "pact":
             out[key] = _pact_from(value, where)
+        elif value is True and f.metadata.get("nargs") == "?":  # a flag whose value may be left out, given alone
+            out[key] = f.metadata["const"]
         elif key == "storage_options":
             if not isinstance(value, dict):
                 raise TrainError(

@@ -286,8 +286,8 @@ def build_eval_parser(parser_class=argparse.ArgumentParser) -> argparse.Argument
         p,
         EvalConfig,
         EVAL_REQUIRED,
-        "YAML or JSON file of these options by field name (model: M, harmful: "
-        "h.jsonl, max_new_tokens: 48, ...); flags given as well override it",
+        "YAML or JSON file of these options by field name (model: M, harmful: h.jsonl, max_new_tokens: 48, "
+        "look_risky: true for the package's prompts, ...); flags given as well override it",
     )
     return p
 

@@ -261,6 +261,12 @@ def test_pact_eval_options_are_declared_once(tmp_path, capsys):
     cfg = parse_eval_config(["--config", str(f), "--max-new-tokens", "8", "--look-risky"])
     assert (cfg.model, cfg.out, cfg.harmful, cfg.max_new_tokens, cfg.look_risky) == ("m", "o", "h.jsonl", 8, "")
     assert cfg.storage_options == {"anon": True} and cfg.progress is True and cfg.batch_size == 16
+    # a flag whose value may be left out (--look-risky alone: the package's prompts) is `true` in a file
+    f.write_text("model: m\nout: o\nlook_risky: true\n")
+    assert parse_eval_config(["--config", str(f)]).look_risky == ""
+    f.write_text("model: m\nout: o\nlook_risky: false\n")
+    assert main_eval(["--config", str(f)]) == 1
+    assert "look_risky: False is not a string" in capsys.readouterr().err
     dests = {a.dest for a in build_eval_parser()._actions}
     assert {fl.name for fl in fields(EvalConfig) if fl.name != "storage_options"} <= dests
     f.write_text("model: m\nout: o\nbatch_size: big\n")

@@ -22,6 +22,9 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+INT_MAX = 2**31 - 1  # the largest count an option takes (pact-train's ranges alike)
+
+
 def positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -29,6 +32,8 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{preview(text)} is not an integer") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    if v > INT_MAX:  # a count, a size or a length: past this it overflows torch, numpy or Arrow, not a use
+        raise argparse.ArgumentTypeError(f"{preview(v)} must be at most {INT_MAX:,}")
     return v
 
 

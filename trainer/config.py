@@ -13,6 +13,7 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from pact_cache.cliutil import INT_MAX  # the largest value of an integer option that declares no bound of its own
 from pact_cache.errors import PactError, preview
 from pact_cache.models import QLORA_EXTRA, QUANTIZE
 
@@ -566,8 +567,6 @@ def _type(f):
 
 
 # ----------------------------------------------------------------------------- checks
-
-INT_MAX = 2**31 - 1  # the largest value of an integer option that declares no bound of its own
 
 
 def _finite(v, integer: bool) -> bool:

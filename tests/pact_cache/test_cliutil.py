@@ -23,6 +23,8 @@ def test_positive_int():
     assert positive_int("3") == 3
     for bad, needle in (
         ("0", "0 must be at least 1"),
+        ("2147483648", "2147483648 must be at most 2,147,483,647"),
+        ("9" * 100, "must be at most 2,147,483,647"),
         ("x", "'x' is not an integer"),
         ("7" * 200, "is not an integer"),
     ):

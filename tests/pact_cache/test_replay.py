@@ -55,17 +55,23 @@ def tokens_of(cache: str, path) -> str:
     return str(path)
 
 
-def test_the_refusals_are_kept_and_cached_with_the_references_tokens(tiny_model, f32_cache, canned, tmp_path):
-    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
-    cfg = ReplayConfig(
-        ref=tiny_model,
+def replay_config(ref: str, cache: str, tmp_path, prompts, **more) -> ReplayConfig:
+    """make_replay's settings for ``prompts`` with the fine-tuning cache's tokens, into tmp_path/replay, every answer
+    to tmp_path/answers.jsonl."""
+    return ReplayConfig(
+        ref=ref,
         out=str(tmp_path / "replay"),
-        tokens=tokens_of(f32_cache, tmp_path / "t.json"),
+        tokens=tokens_of(cache, tmp_path / "t.json"),
         prompts=str(prompts),
         answers=str(tmp_path / "answers.jsonl"),
         progress=False,
+        **more,
     )
-    res = make_replay(cfg)
+
+
+def test_the_refusals_are_kept_and_cached_with_the_references_tokens(tiny_model, f32_cache, canned, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    res = make_replay(replay_config(tiny_model, f32_cache, tmp_path, prompts))
     assert (res.prompts, res.refusals, res.kept) == (6, 4, 3) and res.warning is None
     assert res.dropped == {"empty": 1, "not a refusal": 1, "unfinished": 1}
     cache = open_cache(res.out)
@@ -104,15 +110,7 @@ def test_a_prompt_too_long_to_cache_or_answer_is_not_answered(tiny_model, f32_ca
     # not --max-length 300); 50 x 445 (under the default --max-length 2048, but not 512 positions with the answer)
     longer, too_long = {"prompt": "Tell me " * 40}, {"prompt": "Tell me " * 50}
     prompts = write_jsonl(tmp_path / "p.jsonl", [too_long, *PROMPTS, longer])
-    cfg = ReplayConfig(
-        ref=tiny_model,
-        out=str(tmp_path / "replay"),
-        tokens=tokens_of(f32_cache, tmp_path / "t.json"),
-        prompts=str(prompts),
-        answers=str(tmp_path / "answers.jsonl"),
-        max_length=300,
-        progress=False,
-    )
+    cfg = replay_config(tiny_model, f32_cache, tmp_path, prompts, max_length=300)
     res = make_replay(cfg)
     assert [len(c) for c in canned] == [6]  # one generation call, without the two prompts that do not fit
     assert canned[0][0][-1]["content"] == PROMPTS[0]["prompt"]

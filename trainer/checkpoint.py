@@ -86,8 +86,8 @@ def _check_param_groups(optimizer, groups, where: Path) -> None:
         )
 
 
-def _optimizer_from_files(optimizer, tensors: dict, meta: dict, where: Path) -> None:
-    _check_param_groups(optimizer, meta.get("param_groups") if isinstance(meta, dict) else None, where)
+def _optimizer_from_files(optimizer, tensors: dict, meta: dict, folder: Path) -> None:
+    _check_param_groups(optimizer, meta.get("param_groups") if isinstance(meta, dict) else None, folder)
     state: dict = {}
     for where, val in list(tensors.items()) + list(meta["scalars"].items()):
         pid, key, *name = where.split(".", 2)

@@ -854,7 +854,7 @@ def config_record(cfg: TrainConfig, cache_id: str, world: int = 1, replay_cache_
     if replay_cache_id is not None:
         rec["replay_cache_id"] = replay_cache_id
     rec["defaults"] = cfg.defaults_record()
-    # no replay is written out: read back as --config, a null would be "left to the recipe" (--replay auto)
+    # --replay none is written as "none": a null, read back with --config, would be left to the recipe (--replay auto)
     rec["replay"] = cfg.replay or "none"
     for key in ("model", "ref_model"):  # a local folder is recorded absolute, so another working directory resumes
         if rec[key] and Path(rec[key]).expanduser().exists():

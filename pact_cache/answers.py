@@ -93,9 +93,15 @@ def check_prompts_fit(model, tok, prompts: list[list[dict]], max_new_tokens: int
         _check_fit([len(chat_ids(tok, p, add_generation_prompt=True)) for p in prompts], max_new_tokens, limit, where)
 
 
+def fits_positions(size: int, max_new_tokens: int, limit: int | None) -> bool:
+    """Whether a prompt of ``size`` tokens and its answer of ``max_new_tokens`` fit ``limit`` positions (any, when
+    the model does not say: :func:`context_length`)."""
+    return limit is None or size + max_new_tokens <= limit
+
+
 def _check_fit(sizes: list[int], max_new_tokens: int, limit: int | None, where: str) -> None:
     for i, n in enumerate(sizes):
-        if limit is not None and n + max_new_tokens > limit:
+        if not fits_positions(n, max_new_tokens, limit):
             raise DatasetError(
                 f"{where} {i + 1} of {len(sizes)}: {n:,} tokens, with {max_new_tokens} new ones more than the "
                 f"{limit:,} positions the model reads; shorten or drop it"

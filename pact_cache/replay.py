@@ -261,7 +261,7 @@ def _answers(cfg: ReplayConfig, prompts: list) -> tuple[list[str], list[bool], l
     memory at a time)."""
     import torch
 
-    from .answers import context_length, generate
+    from .answers import context_length, fits_positions, generate
     from .data import chat_ids
     from .models import load_model, load_tokenizer, resolve_model
 
@@ -271,8 +271,7 @@ def _answers(cfg: ReplayConfig, prompts: list) -> tuple[list[str], list[bool], l
     limit = context_length(model)
     sizes = [len(chat_ids(tok, p, add_generation_prompt=True)) for p in prompts]
     fits = [
-        (cfg.max_length is None or n < cfg.max_length) and (limit is None or n + cfg.max_new_tokens <= limit)
-        for n in sizes
+        (cfg.max_length is None or n < cfg.max_length) and fits_positions(n, cfg.max_new_tokens, limit) for n in sizes
     ]
     if not all(fits):
         _log(
